@@ -1,0 +1,37 @@
+"""Typed errors raised by llmapi: recoverable (one request failed) and fatal (the engine is dead)."""
+
+
+class LLMAPIError(Exception):
+    """Base class of every error llmapi raises on purpose."""
+
+
+class ModelNotFoundError(LLMAPIError, FileNotFoundError):
+    """The model source (hub id, directory, GGUF file or engine) cannot be found."""
+
+
+class UnsupportedModelError(LLMAPIError, ValueError):
+    """The model's architecture or layout is not one llmapi can convert."""
+
+
+class EngineCacheError(LLMAPIError):
+    """The engine cache cannot be read or written."""
+
+
+class CorruptEngineError(EngineCacheError):
+    """An engine directory fails its integrity check (missing, truncated or altered files)."""
+
+
+class RequestError(LLMAPIError, ValueError):
+    """One request is invalid (empty prompt, prompt too long, ...); the LLM stays usable."""
+
+
+class RequestAbortedError(LLMAPIError):
+    """The request was aborted before it finished."""
+
+
+class ExecutorError(LLMAPIError):
+    """The model runner failed the step that held this request; the LLM stays usable."""
+
+
+class ExecutorDeadError(LLMAPIError, RuntimeError):
+    """The executor stopped (shut down, or a fatal runner error); every later call raises this."""
