@@ -1,0 +1,1 @@
+"""llmapi: LLM inference from Hugging Face models through cached engines and a C++ executor."""
