@@ -1,1 +1,17 @@
 """llmapi: LLM inference from Hugging Face models through cached engines and a C++ executor."""
+
+from .config import KvCacheConfig, LlmArgs
+from .errors import (CorruptEngineError, EngineCacheError, ExecutorDeadError, ExecutorError,
+                     LLMAPIError, ModelNotFoundError, RequestAbortedError, RequestError,
+                     UnsupportedModelError)
+from .llm import LLM
+from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "LlmArgs",
+    "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
+    "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
+]

@@ -1,0 +1,138 @@
+"""Public configuration objects: the KV-cache settings and the LLM's constructor arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "dummy")
+
+
+def _check(ok: bool, name: str, value: Any, must: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {must}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def from_kwargs(cls, kwargs: dict, what: str):
+    """Build dataclass `cls` from kwargs, naming every unknown keyword in the ValueError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ValueError(f"{what} got unknown argument(s): {', '.join(unknown)}; "
+                         f"known arguments are: {', '.join(sorted(names))}")
+    return cls(**kwargs)
+
+
+@dataclass
+class KvCacheConfig:
+    """How much memory the paged KV cache gets, and whether its blocks are reused across requests."""
+
+    free_gpu_memory_fraction: float = 0.9
+    """On GPU: the fraction of the memory free after loading weights that the KV cache takes."""
+    max_tokens: Optional[int] = None
+    """Cap on the KV cache size in tokens. On CPU it sizes the cache (default 32768 tokens,
+    at most a quarter of the available RAM)."""
+    max_bytes: Optional[int] = None
+    """Cap on the KV cache size in bytes (CPU or GPU)."""
+    enable_block_reuse: bool = True
+    """Prefix caching: full KV blocks are kept by content hash and reused by later requests."""
+
+    def __post_init__(self):
+        f = self.free_gpu_memory_fraction
+        _check(isinstance(f, (int, float)) and 0 < f <= 1, "free_gpu_memory_fraction", f,
+               "must be a number in (0, 1]")
+        for name in ("max_tokens", "max_bytes"):
+            v = getattr(self, name)
+            _check(v is None or (_is_int(v) and v > 0), name, v, "must be a positive int or None")
+        _check(isinstance(self.enable_block_reuse, bool), "enable_block_reuse",
+               self.enable_block_reuse, "must be a bool")
+
+    @classmethod
+    def coerce(cls, value: Union["KvCacheConfig", dict, None]) -> "KvCacheConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return from_kwargs(cls, value, "KvCacheConfig")
+        raise ValueError(f"kv_cache_config={value!r} is invalid: must be a KvCacheConfig or a dict")
+
+
+@dataclass
+class LlmArgs:
+    """Every argument of `LLM(...)`; each is validated on construction."""
+
+    model: str
+    """A Hugging Face hub id, a local Hugging Face directory, a GGUF file, or a saved engine directory."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to use instead of the one stored with the engine (hub id or directory)."""
+    skip_tokenizer_init: bool = False
+    """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
+    dtype: str = "auto"
+    """Weight and activation dtype: auto (the checkpoint's on GPU, float32 on CPU), float32, bfloat16, float16."""
+    tensor_parallel_size: int = 1
+    """Number of tensor-parallel ranks."""
+    pipeline_parallel_size: int = 1
+    """Number of pipeline-parallel stages."""
+    max_batch_size: int = 2048
+    """Most requests in one step."""
+    max_num_tokens: int = 8192
+    """Most tokens (prefill chunks plus decodes) in one step."""
+    max_seq_len: Optional[int] = None
+    """Longest prompt plus output, in tokens; default: the model's max_position_embeddings."""
+    tokens_per_block: int = 32
+    """Tokens per paged KV block."""
+    kv_cache_config: Optional[KvCacheConfig] = None
+    """KV cache size and block reuse, see KvCacheConfig."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps so decodes keep running."""
+    load_format: str = "auto"
+    """auto: read the checkpoint; dummy: random weights from the config (for speed work)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit)."""
+    hf_token: Optional[str] = None
+    """Hub token for gated or private models (default: huggingface_hub's own login)."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+    cache_dir: Optional[str] = None
+    """Engine cache root (default $LLMAPI_CACHE_DIR, $XDG_CACHE_HOME/llmapi or ~/.cache/llmapi)."""
+    full_engine_check: bool = False
+    """Verify every engine file's checksum on load, not only sizes and headers."""
+
+    def __post_init__(self):
+        _check(isinstance(self.model, str) and self.model != "", "model", self.model,
+               "must be a non-empty string (hub id or path)")
+        _check(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
+        _check(self.load_format in _LOAD_FORMATS, "load_format", self.load_format,
+               f"must be one of {_LOAD_FORMATS}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",
+                     "max_num_tokens", "tokens_per_block"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, name, v, "must be an int >= 1")
+        _check(self.max_seq_len is None or (_is_int(self.max_seq_len) and self.max_seq_len >= 2),
+               "max_seq_len", self.max_seq_len, "must be an int >= 2 or None")
+        _check(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
+               "device", self.device, "must be auto, cpu, cuda or cuda:N")
+        self.kv_cache_config = KvCacheConfig.coerce(self.kv_cache_config)
+        if self.tensor_parallel_size * self.pipeline_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size="
+                f"{self.pipeline_parallel_size}: only a single rank (1 x 1) is supported in this version")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def validated_kwargs(kwargs: dict) -> LlmArgs:
+    """LlmArgs from LLM(...) keyword arguments; unknown names raise a ValueError naming them."""
+    return from_kwargs(LlmArgs, kwargs, "LLM()")
+
+
+__all__ = ["KvCacheConfig", "LlmArgs", "validated_kwargs", "from_kwargs"]

@@ -1,0 +1,326 @@
+"""LLM: resolve and cache the engine, start the executor, and serve generate / generate_async."""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import itertools
+import logging
+import secrets
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from . import _core
+from .config import validated_kwargs
+from .errors import ExecutorDeadError, ExecutorError, RequestError
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, Sequence[int], Dict[str, Any]]
+
+
+@dataclass
+class _Live:
+    """Python-side state of a request in flight: detokenizer and stop-string matcher."""
+
+    output: RequestOutput
+    params: SamplingParams
+    detok: Optional[IncrementalDetokenizer]
+    stops: Optional[StopStringMatcher]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} is invalid: no CUDA device is available")
+    return device
+
+
+class LLM:
+    """An LLM served from a cached engine. See `LlmArgs` for every argument.
+
+    >>> llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct")
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str, tokenizer: Optional[str] = None, **kwargs: Any):
+        self.args = validated_kwargs(dict(model=model, tokenizer=tokenizer, **kwargs))
+        self._executor = None
+        self._live: Dict[int, _Live] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().shutdown())
+
+    def _start(self) -> None:
+        from .engine import build_engine
+        from .runtime.model_runner import ModelRunner
+
+        args = self.args
+        self.device = _resolve_device(args.device)
+        info = build_engine(args.model, dtype=args.dtype, load_format=args.load_format,
+                            revision=args.revision, token=args.hf_token,
+                            device_type=self.device.type, cache_dir=args.cache_dir,
+                            full_check=args.full_engine_check)
+        self.engine_info = info
+        self.engine_built = info.built
+        cfg = info.config
+        max_pos = cfg["max_position_embeddings"]
+        if args.max_seq_len is not None and args.max_seq_len > max_pos:
+            raise ValueError(f"max_seq_len={args.max_seq_len} is invalid: the model supports at most "
+                             f"{max_pos} positions (max_position_embeddings)")
+        self.max_seq_len = args.max_seq_len or max_pos
+        self.tokenizer = None
+        if not args.skip_tokenizer_init:
+            self.tokenizer = load_tokenizer(args.tokenizer or info.path)
+        self.eos_token_ids = list(cfg.get("eos_token_id") or [])
+        self.vocab_size = cfg["vocab_size"]
+        runner = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
+                             args.tokens_per_block, load_format=args.load_format)
+        self._runner = runner
+        exec_config = _core.ExecutorConfig(
+            max_batch_size=args.max_batch_size,
+            max_num_tokens=args.max_num_tokens,
+            max_seq_len=self.max_seq_len,
+            tokens_per_block=args.tokens_per_block,
+            num_blocks=runner.num_blocks,
+            enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+        )
+        self._executor = _core.Executor(exec_config, runner)
+        self._thread = threading.Thread(target=self._response_loop, name="llmapi-responses",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ requests
+    def _prompt_ids(self, prompt: Prompt) -> tuple:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise RequestError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer (skip_tokenizer_init=True)")
+            if prompt == "":
+                raise RequestError("the prompt is empty")
+            return prompt, list(self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty (no token ids)")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
+               for t in ids):
+            raise RequestError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+        return None, ids
+
+    def _check_length(self, ids: List[int]) -> None:
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, "
+                               f"so a prompt may have at most {self.max_seq_len - 1}")
+
+    def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if params.detokenize and self.tokenizer is None:
+            if params.stop_strings:
+                raise RequestError("stop strings need a tokenizer (skip_tokenizer_init=True)")
+            params = dataclasses.replace(params, detokenize=False)
+        text, ids = self._prompt_ids(prompt)
+        self._check_length(ids)
+        return text, ids, params
+
+    def _enqueue(self, text, ids, params: SamplingParams, streaming: bool) -> RequestOutput:
+        self._check_alive()
+        eos = [params.end_id] if params.end_id is not None else self.eos_token_ids
+        room = self.max_seq_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        with self._lock:
+            rid = next(self._ids)
+            out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=streaming)
+            detok = stops = None
+            if params.detokenize:
+                detok = IncrementalDetokenizer(self.tokenizer, ids,
+                                               skip_special_tokens=params.skip_special_tokens,
+                                               spaces_between_special_tokens=params.spaces_between_special_tokens)
+                if params.stop_strings:
+                    stops = StopStringMatcher(params.stop_strings, params.include_stop_str_in_output)
+            self._live[rid] = _Live(out, params, detok, stops)
+            request = _core.Request(
+                request_id=rid, prompt_token_ids=ids, max_tokens=max_tokens,
+                min_tokens=params.min_tokens, eos_token_ids=eos,
+                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+                temperature=float(params.temperature), top_k=max(params.top_k, 0),
+                top_p=float(params.top_p), seed=params.effective_seed(secrets.randbits(63)))
+            try:
+                self._executor.enqueue(request)
+            except BaseException:
+                del self._live[rid]
+                raise
+        return out
+
+    def generate_async(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
+                       streaming: bool = False) -> RequestOutput:
+        """Enqueue one request and return its RequestOutput at once (await, .result() or iterate it)."""
+        text, ids, params = self._prepare(prompt, sampling_params)
+        return self._enqueue(text, ids, params, streaming)
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> Union[RequestOutput, List[RequestOutput]]:
+        """Generate for one prompt or a list of prompts (text, token-id lists or dicts); blocks."""
+        single = isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and len(prompts) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts))
+        batch = [prompts] if single else list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(batch):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(batch)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(batch)
+        # Validate every prompt before enqueueing any, so a bad one leaves nothing half-done.
+        prepared = [self._prepare(p, sp) for p, sp in zip(batch, params)]
+        outputs = [self._enqueue(t, i, sp, streaming=False) for t, i, sp in prepared]
+        bar = None
+        if use_tqdm and len(outputs) > 1:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(outputs), desc="Generating", unit="req")
+        try:
+            for out in outputs:
+                out.result()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return outputs[0] if single else outputs
+
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True, **template_kwargs):
+        """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
+        if self.tokenizer is None:
+            raise RequestError("chat() needs a tokenizer (skip_tokenizer_init=True)")
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else list(messages)
+        prompts = []
+        for conv in convs:
+            ids = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True, **template_kwargs)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return outs[0] if single else outs
+
+    def _abort(self, request_id: int) -> None:
+        if self._executor is not None and not self._closed:
+            self._executor.abort(request_id)
+
+    # ------------------------------------------------------------------ responses
+    def _response_loop(self) -> None:
+        executor = self._executor
+        while not self._closed:
+            try:
+                responses = executor.await_responses(0.05)
+            except ExecutorDeadError as e:
+                if not self._closed:  # shutdown() settles what is left itself
+                    self._fail_all(e)
+                return
+            for r in responses:
+                try:
+                    self._on_response(r)
+                except Exception as e:  # a bug here must not leave the request hanging
+                    logger.exception("failed to process a response")
+                    self._finish(r.request_id, "error", None, ExecutorError(str(e)))
+
+    def _on_response(self, r) -> None:
+        live = self._live.get(r.request_id)
+        if live is None:
+            return
+        text = ""
+        if live.detok is not None and r.token_ids:
+            text = live.detok.add(list(r.token_ids))
+        if live.stops is not None:
+            text, matched = live.stops.feed(text, final=r.finished)
+            if matched is not None:
+                live.output._add(list(r.token_ids), text)
+                self._finish(r.request_id, "stop", matched, None)
+                if not r.finished:
+                    self._abort(r.request_id)
+                return
+        if not r.finished:
+            live.output._add(list(r.token_ids), text)
+            return
+        error = ExecutorError(r.error) if r.finish_reason == "error" else None
+        stop_reason = r.stop_reason if r.stop_reason >= 0 else None
+        live.output._add(list(r.token_ids), text)
+        self._finish(r.request_id, r.finish_reason, stop_reason, error)
+
+    def _finish(self, rid: int, reason: str, stop_reason, error) -> None:
+        live = self._live.pop(rid, None)
+        if live is not None:
+            live.output._add([], "", finish_reason=reason, stop_reason=stop_reason, error=error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid in list(self._live):
+            self._finish(rid, "error", None, error)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _check_alive(self) -> None:
+        if self._closed or self._executor is None:
+            raise ExecutorDeadError("this LLM has been shut down")
+
+    def get_stats(self) -> dict:
+        """Executor counters: free/used/cached KV blocks, running/waiting requests, cache hits."""
+        self._check_alive()
+        return dict(self._executor.stats())
+
+    def save(self, engine_dir: str) -> None:
+        """Copy this LLM's engine to `engine_dir`; `LLM(engine_dir)` loads it without converting."""
+        from .engine import save_engine
+        save_engine(self.engine_info.path, engine_dir)
+
+    def shutdown(self) -> None:
+        """Stop the executor; unfinished requests finish with "abort". Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        for rid in list(self._live):
+            self._finish(rid, "abort", None, None)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass

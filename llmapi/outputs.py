@@ -1,0 +1,175 @@
+"""RequestOutput / CompletionOutput: a request's result, usable as a future and as a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Union
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    """None while running; then "stop", "length", "abort" or "error"."""
+    stop_reason: Optional[Union[int, str]] = None
+    """The stop token id or stop string that ended the sequence, if any."""
+    text_diff: str = ""
+    """Text added since the previous streamed update."""
+    token_ids_diff: List[int] = field(default_factory=list)
+    """Token ids added since the previous streamed update."""
+    cumulative_logprob: Optional[float] = None
+    logprobs: Optional[list] = None
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class _Update:
+    token_ids: List[int]
+    text: str
+
+
+class RequestOutput:
+    """The result of one request. `await` it, call `.result(timeout)`, or iterate it to stream:
+    `async for out in llm.generate_async(p, streaming=True)` (or a plain `for`) yields this object
+    after each update with `outputs[0].text_diff` / `token_ids_diff` set to what that update added."""
+
+    def __init__(self, request_id: int, prompt: Optional[str], prompt_token_ids: List[int],
+                 abort_fn: Optional[Callable[[int], None]] = None, streaming: bool = True):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.outputs = [CompletionOutput(index=0)]
+        self.finished = False
+        self.num_cached_tokens = 0
+        self.error: Optional[BaseException] = None
+        self._abort_fn = abort_fn
+        self._streaming = streaming  # False: iteration yields once, when the request finishes
+        self._cond = threading.Condition()
+        self._pending: deque = deque()  # updates not yet handed out by the stream
+        self._async_waiters: list = []  # (loop, future) pairs woken by the next update
+
+    # ---- called by the LLM's response thread ----
+    def _add(self, token_ids: List[int], text: str, finish_reason: Optional[str] = None,
+             stop_reason=None, error: Optional[BaseException] = None) -> None:
+        with self._cond:
+            if self.finished:
+                return
+            out = self.outputs[0]
+            out.token_ids.extend(token_ids)
+            out.text += text
+            if self._streaming and (token_ids or text):
+                self._pending.append(_Update(list(token_ids), text))
+            if finish_reason is not None:
+                if not self._streaming:
+                    self._pending.append(_Update(list(out.token_ids), out.text))
+                out.finish_reason = finish_reason
+                out.stop_reason = stop_reason
+                self.error = error
+                self.finished = True
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_set_done, fut)
+
+    # ---- the future ----
+    def abort(self) -> None:
+        """Stop this request; it finishes with finish_reason "abort" and keeps what it generated."""
+        if not self.finished and self._abort_fn is not None:
+            self._abort_fn(self.request_id)
+
+    def done(self) -> bool:
+        return self.finished
+
+    def result(self, timeout: Optional[float] = None) -> "RequestOutput":
+        """Block until the request finishes (raises TimeoutError after `timeout` seconds)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finished, timeout):
+                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+        return self._final()
+
+    async def aresult(self) -> "RequestOutput":
+        while not self.finished:
+            await self._next_event()
+        return self._final()
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+    def _final(self) -> "RequestOutput":
+        if self.error is not None:
+            raise self.error
+        out = self.outputs[0]
+        out.text_diff, out.token_ids_diff = out.text, list(out.token_ids)
+        return self
+
+    async def _next_event(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cond:
+            if self._pending or self.finished:
+                return
+            self._async_waiters.append((loop, fut))
+        await fut
+
+    # ---- streaming ----
+    def _take(self) -> Optional["RequestOutput"]:
+        """Merge the pending updates into the diff fields; None when the stream is over."""
+        with self._cond:
+            if not self._pending:
+                if self.finished:
+                    if self.error is not None:
+                        raise self.error
+                    return None
+                return self
+            ups = list(self._pending)
+            self._pending.clear()
+        out = self.outputs[0]
+        out.token_ids_diff = [t for u in ups for t in u.token_ids]
+        out.text_diff = "".join(u.text for u in ups)
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> "RequestOutput":
+        while True:
+            with self._cond:
+                ready = bool(self._pending) or self.finished
+            if ready:
+                item = self._take()
+                if item is None:
+                    raise StopAsyncIteration
+                return item
+            await self._next_event()
+
+    def __iter__(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._pending) or self.finished)
+            item = self._take()
+            if item is None:
+                return
+            yield item
+
+    def __repr__(self) -> str:
+        o = self.outputs[0]
+        return (f"RequestOutput(request_id={self.request_id}, finished={self.finished}, "
+                f"text={o.text!r}, token_ids={o.token_ids}, finish_reason={o.finish_reason!r})")
+
+
+def _set_done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+__all__ = ["CompletionOutput", "RequestOutput"]
