@@ -159,7 +159,7 @@ class LLM:
             out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=streaming)
             detok = stops = None
             if params.detokenize:
-                detok = IncrementalDetokenizer(self.tokenizer, ids,
+                detok = IncrementalDetokenizer(self.tokenizer,
                                                skip_special_tokens=params.skip_special_tokens,
                                                spaces_between_special_tokens=params.spaces_between_special_tokens)
                 if params.stop_strings:
@@ -258,8 +258,8 @@ class LLM:
         if live is None:
             return
         text = ""
-        if live.detok is not None and r.token_ids:
-            text = live.detok.add(list(r.token_ids))
+        if live.detok is not None and (r.token_ids or r.finished):
+            text = live.detok.add(list(r.token_ids), final=r.finished)
         if live.stops is not None:
             text, matched = live.stops.feed(text, final=r.finished)
             if matched is not None:
