@@ -1,0 +1,116 @@
+"""Plain-torch paged attention over a packed batch: the CPU path and the oracle for the GPU kernels."""
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_ref(
+    k: torch.Tensor,  # [T, nkv, hd]
+    v: torch.Tensor,  # [T, nkv, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd]
+    v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd]
+    slot_mapping: torch.Tensor,  # [T] int64: block * block_size + offset
+) -> None:
+    """Scatter this step's keys and values into their cache slots (in place).
+
+    A negative slot marks a padding token (e.g. a batch padded to a captured graph size): it is skipped.
+    """
+    num_blocks, block_size, nkv, hd = k_cache.shape
+    k_flat = k_cache.view(num_blocks * block_size, nkv, hd)  # [slots, nkv, hd], shares k_cache's storage
+    v_flat = v_cache.view(num_blocks * block_size, nkv, hd)
+    slots = slot_mapping.to(torch.int64)
+    if bool((slots < 0).any()):
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def _gather_kv(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block, nkv, hd], block_ids [..., nb] -> [..., nb * block, nkv, hd] (a copy)."""
+    blocks = cache[block_ids.to(torch.int64)]  # [..., nb, block, nkv, hd]
+    return blocks.flatten(-4, -3)
+
+
+def _decode_attention(q, k_cache, v_cache, rows, context_lens, block_tables, scale, out):
+    """All one-token queries of the batch in one call: each attends to its whole context."""
+    d, nh, hd = len(rows), q.shape[1], q.shape[2]
+    block_size, nkv = k_cache.shape[1], k_cache.shape[2]
+    ctx = context_lens.to(torch.int64)  # [D]
+    num_blocks = (int(ctx.max()) + block_size - 1) // block_size
+    k = _gather_kv(k_cache, block_tables[:, :num_blocks]).transpose(1, 2)  # [D, nkv, S, hd]
+    v = _gather_kv(v_cache, block_tables[:, :num_blocks]).transpose(1, 2)  # [D, nkv, S, hd]
+    # The q heads sharing one kv head (GQA) stand in for the query-length axis: no kv repeat needed.
+    qd = q[rows].view(d, nkv, nh // nkv, hd)  # [D, nkv, group, hd]
+    key_pos = torch.arange(k.shape[2], device=q.device)  # [S]
+    mask = (key_pos[None, :] < ctx[:, None])[:, None, None, :]  # [D, 1, 1, S]: padding blocks masked out
+    o = F.scaled_dot_product_attention(qd, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    out[rows] = o.reshape(d, nh, hd)
+
+
+def _chunk_attention(q, k, v, scale):
+    """q [L, nh, hd] are the last L of the S positions of k, v [S, nkv, hd]; causal. Returns [L, nh, hd]."""
+    seq_q, nh, hd = q.shape
+    seq_k, nkv = k.shape[0], k.shape[1]
+    group = nh // nkv
+    qg = q.view(seq_q, nkv, group, hd).permute(1, 2, 0, 3)  # [nkv, group, L, hd]
+    kg = k.permute(1, 0, 2)[:, None].expand(nkv, group, seq_k, hd)  # [nkv, group, S, hd], a view
+    vg = v.permute(1, 0, 2)[:, None].expand(nkv, group, seq_k, hd)
+    if seq_q == seq_k:
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+    else:
+        # SDPA's is_causal aligns the mask top-left; these queries sit at the end of the context.
+        q_pos = torch.arange(seq_k - seq_q, seq_k, device=q.device)  # [L] absolute positions
+        mask = torch.arange(seq_k, device=q.device)[None, :] <= q_pos[:, None]  # [L, S]
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    return o.permute(2, 0, 1, 3).reshape(seq_q, nh, hd)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [T, nh, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd]
+    v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd]
+    query_start_loc: torch.Tensor,  # [R+1] int32, cumsum of query lengths
+    context_lens: torch.Tensor,  # [R] int32, tokens with KV in the cache (this step's included)
+    block_tables: torch.Tensor,  # [R, max_blocks] int32, padded with any valid block id
+    scale: float,
+) -> torch.Tensor:  # [T, nh, hd]
+    """Attention of a packed batch of prefill chunks and decodes over the paged KV cache (GQA-aware).
+
+    Query j of request r sits at position context_lens[r] - query_len[r] + j and attends to every cached
+    position <= its own. This step's K/V must already be in the cache (write_kv_ref).
+    """
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    ctx_lens = context_lens.tolist()
+    block_size = k_cache.shape[1]
+    decodes = [r for r in range(len(ctx_lens)) if starts[r + 1] - starts[r] == 1]
+    if decodes:
+        idx = torch.tensor(decodes, device=q.device)
+        rows = query_start_loc[:-1].to(torch.int64)[idx]  # [D] token index of each decode
+        _decode_attention(q, k_cache, v_cache, rows, context_lens[idx], block_tables[idx], scale, out)
+    for r in range(len(ctx_lens)):
+        start, end = starts[r], starts[r + 1]
+        if end - start <= 1:
+            continue
+        num_blocks = (ctx_lens[r] + block_size - 1) // block_size
+        k = _gather_kv(k_cache, block_tables[r, :num_blocks])[: ctx_lens[r]]  # [S, nkv, hd]
+        v = _gather_kv(v_cache, block_tables[r, :num_blocks])[: ctx_lens[r]]
+        out[start:end] = _chunk_attention(q[start:end], k.to(q.dtype), v.to(q.dtype), scale)
+    return out
+
+
+def varlen_causal_attention_ref(
+    q: torch.Tensor,  # [T, nh, hd]
+    k: torch.Tensor,  # [T, nkv, hd]
+    v: torch.Tensor,  # [T, nkv, hd]
+    query_start_loc: torch.Tensor,  # [R+1] int32
+    scale: float,
+) -> torch.Tensor:  # [T, nh, hd]
+    """Causal attention of each request over its own new tokens only (no cache: whole prompts)."""
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for start, end in zip(starts[:-1], starts[1:]):
+        if end > start:
+            out[start:end] = _chunk_attention(q[start:end], k[start:end], v[start:end], scale)
+    return out

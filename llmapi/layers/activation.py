@@ -1,0 +1,37 @@
+"""Activations by their Hugging Face names (same formulas, so outputs match), and the gated act-and-mul."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llmapi.errors import UnsupportedModelError
+
+
+def _gelu_tanh_python(x: torch.Tensor) -> torch.Tensor:
+    # GPT-2's original formula; F.gelu(approximate="tanh") differs from it in the last bits.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh_python,
+    "gelu_python_tanh": _gelu_tanh_python,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def get_activation(name: str):
+    """The activation function named `name` in a Hugging Face config (hidden_act / activation_function)."""
+    if name not in ACTIVATIONS:
+        raise UnsupportedModelError(f"activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def act_and_mul(x: torch.Tensor, act) -> torch.Tensor:  # [T, 2*I] -> [T, I]
+    """Gated MLP input: act(gate) * up, where x holds gate then up along the last axis."""
+    gate, up = x.chunk(2, dim=-1)  # each [T, I]
+    return act(gate) * up

@@ -1,0 +1,92 @@
+"""Attention over the paged KV cache for a packed batch of prefill chunks and decodes (no padding)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmapi._kernels.paged_attention import paged_attention_ref, varlen_causal_attention_ref, write_kv_ref
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit in the paged KV cache; shared by every attention layer of a step.
+
+    Query token j of request r has absolute position context_lens[r] - query_lens[r] + j and attends
+    causally to positions <= its own (all earlier KV is in the paged cache).
+    """
+
+    slot_mapping: torch.Tensor
+    """[T] int64: block * tokens_per_block + offset, where each new token's K/V goes (negative: skip)."""
+    query_lens: torch.Tensor
+    """[R] int32: new tokens of each request in this step."""
+    context_lens: torch.Tensor
+    """[R] int32: tokens with KV after this step, this step's included."""
+    query_start_loc: torch.Tensor
+    """[R+1] int32: cumulative sum of query_lens, starting at 0."""
+    block_tables: torch.Tensor
+    """[R, max_blocks] int32: each request's block ids in order, padded with 0."""
+    max_query_len: int
+    """Largest query_lens entry."""
+    max_context_len: int
+    """Largest context_lens entry."""
+    tokens_per_block: int
+    """Tokens held by one KV block."""
+
+    @classmethod
+    def build(cls, query_lens, context_lens, block_tables, tokens_per_block: int, slot_mapping=None, device=None):
+        """Derive the cumulative and max fields (and slot_mapping when not given) from per-request lengths.
+
+        Arguments may be lists, numpy arrays or tensors; the result lives on `device`.
+        """
+        query_lens = torch.as_tensor(query_lens, dtype=torch.int32, device=device)  # [R]
+        context_lens = torch.as_tensor(context_lens, dtype=torch.int32, device=device)  # [R]
+        block_tables = torch.as_tensor(block_tables, dtype=torch.int32, device=device)  # [R, max_blocks]
+        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=device)  # [R+1]
+        query_start_loc[1:] = torch.cumsum(query_lens, 0)
+        if slot_mapping is None:
+            req = torch.repeat_interleave(torch.arange(len(query_lens), device=device), query_lens.long())  # [T]
+            index_in_query = torch.arange(len(req), device=device) - query_start_loc[req]  # [T]
+            positions = (context_lens - query_lens)[req] + index_in_query  # [T]
+            block_ids = block_tables[req, positions // tokens_per_block].long()  # [T]
+            slot_mapping = block_ids * tokens_per_block + positions % tokens_per_block
+        return cls(
+            slot_mapping=torch.as_tensor(slot_mapping, dtype=torch.int64, device=device),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            query_start_loc=query_start_loc,
+            block_tables=block_tables,
+            max_query_len=int(query_lens.max()) if len(query_lens) else 0,
+            max_context_len=int(context_lens.max()) if len(context_lens) else 0,
+            tokens_per_block=int(tokens_per_block),
+        )
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the layer's paged cache, then attends over it.
+
+    Head counts come from the tensors, so a tensor-parallel shard (fewer heads per rank) needs no change here.
+    """
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, nh, hd]
+        k: torch.Tensor,  # [T, nkv, hd]
+        v: torch.Tensor,  # [T, nkv, hd]
+        kv_cache: torch.Tensor | None,  # [2, num_blocks, tokens_per_block, nkv, hd]; 0 = K, 1 = V
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, nh, hd]
+        if kv_cache is None:
+            # No cache (e.g. a memory-profiling run): every request's query is its whole sequence.
+            return varlen_causal_attention_ref(q, k, v, attn.query_start_loc, self.scale)
+        write_kv_ref(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
+        return paged_attention_ref(
+            q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens, attn.block_tables, self.scale
+        )
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}"

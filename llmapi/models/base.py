@@ -1,0 +1,125 @@
+"""What every model family shares: strict weight loading, logits, dummy weights, HF-checkpoint reading."""
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmapi.errors import CorruptEngineError, UnsupportedModelError
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The engine config's name of a weight dtype."""
+    if dtype not in DTYPE_NAMES:
+        raise UnsupportedModelError(f"dtype {dtype} is not supported (supported: {sorted(DTYPE_NAMES.values())})")
+    return DTYPE_NAMES[dtype]
+
+
+def token_id_list(value) -> list[int]:
+    """An HF eos_token_id (int, list or None) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def require_positive(cfg: dict, *keys: str) -> None:
+    """Each cfg[key] must be a positive int; the message names the field."""
+    for key in keys:
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UnsupportedModelError(f"config field {key!r} must be a positive integer, got {value!r}")
+
+
+class HFTensors:
+    """Reads an HF state dict once, by name, with shape checks; reports missing and unknown names."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, ignore: Iterable[str]):
+        # Checkpoints saved from the bare model lack the "model."/"transformer." prefix: accept both.
+        self._names = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in state_dict.keys()}
+        self._state_dict = state_dict
+        self._dtype = dtype
+        self._ignore = [re.compile(p) for p in ignore]
+        self._used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor `name` (prefix stripped) cast to the engine dtype; UnsupportedModelError if absent or misshapen."""
+        if name not in self._names:
+            raise UnsupportedModelError(f"checkpoint lacks tensor {name!r}")
+        tensor = self._state_dict[self._names[name]]
+        if tuple(tensor.shape) != tuple(shape):
+            raise UnsupportedModelError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}"
+            )
+        self._used.add(name)
+        return tensor.to(self._dtype).contiguous()
+
+    def skip(self, name: str) -> None:
+        """Mark `name` as read on purpose without using it (e.g. the duplicate of a tied head)."""
+        self._used.add(name)
+
+    def check_all_used(self) -> None:
+        """Unknown tensors mean a layout we do not understand (quantized, another variant): refuse it."""
+        unknown = [n for n in self._names if n not in self._used and not any(p.search(n) for p in self._ignore)]
+        if unknown:
+            shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
+            raise UnsupportedModelError(f"checkpoint has {len(unknown)} tensors this converter does not know: {shown}")
+
+
+class CausalLM(nn.Module):
+    """Base of the model classes: parameters named as the engine's tensors, so loading is a strict copy."""
+
+    def _allocate(self, device, dtype: torch.dtype) -> None:
+        """Give the parameters (built on the meta device) uninitialized storage in `dtype` on `device`.
+
+        Random init of a large model would cost seconds and a float32 copy; load_weights fills every tensor.
+        """
+        self.to(dtype=dtype)  # still meta: free
+        self.to_empty(device=device)
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy engine tensors into the parameters; missing, unexpected or misshapen names raise CorruptEngineError."""
+        params = self.state_dict()
+        missing = sorted(set(params) - set(weights))
+        unexpected = sorted(set(weights) - set(params))
+        if missing or unexpected:
+            raise CorruptEngineError(f"engine weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name, param in params.items():
+                if tuple(weights[name].shape) != tuple(param.shape):
+                    raise CorruptEngineError(
+                        f"engine tensor {name!r} has shape {tuple(weights[name].shape)}, expected {tuple(param.shape)}"
+                    )
+                param.copy_(weights[name])
+
+    def output_embedding(self) -> torch.Tensor:  # [V, H]
+        """The head's weight: the input embedding itself when tied."""
+        head = getattr(self, "lm_head", None)
+        return head.weight if head is not None else self.transformer.vocab_embedding.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] float32
+        """Logits of the rows to sample: the head runs in the model dtype (as transformers), the result is float32."""
+        return F.linear(hidden, self.output_embedding()).float()
+
+    @classmethod
+    def dummy_weights(cls, engine_config: dict, dtype: torch.dtype, seed: int = 0, device="cpu") -> dict:
+        """Random engine weights (std 0.02; norm scales 1, biases 0) for benchmarks and tests."""
+        shapes = {name: p.shape for name, p in cls(engine_config, "meta", dtype).state_dict().items()}
+        generator = torch.Generator(device=device).manual_seed(seed)
+        weights = {}
+        for name, shape in shapes.items():
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            if "layernorm" in name or "ln_f" in name:
+                tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                tensor.zero_()
+            else:
+                tensor.normal_(0.0, 0.02, generator=generator)
+            weights[name] = tensor
+        return weights

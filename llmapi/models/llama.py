@@ -1,0 +1,207 @@
+"""Llama family (Llama 1-3, Mistral without sliding window): the torch model and its HF conversion."""
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from llmapi.errors import UnsupportedModelError
+from llmapi.layers.activation import act_and_mul, get_activation
+from llmapi.layers.attention import Attention, AttentionMetadata
+from llmapi.layers.norm import RMSNorm
+from llmapi.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from llmapi.models.base import CausalLM, HFTensors, dtype_name, require_positive, token_id_list
+
+
+class LlamaAttention(nn.Module):
+    """Fused qkv projection, rotary on q and k, attention over the paged cache, output projection."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        # Per-rank head counts: a tensor-parallel transform shards qkv/dense and divides these.
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"])
+        hidden, q_size, kv_size = cfg["hidden_size"], self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv = nn.Linear(hidden, q_size + 2 * kv_size, bias=cfg["attention_bias"])
+        self.dense = nn.Linear(q_size, hidden, bias=cfg["attention_bias"])
+        self.attn = Attention(scale=self.head_dim**-0.5)
+
+    def forward(self, x, cos, sin, kv_cache, attn: AttentionMetadata):  # x: [T, H] -> [T, H]
+        tokens, hd = x.shape[0], self.head_dim
+        q, k, v = self.qkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
+        q = apply_rotary(q.view(tokens, self.num_heads, hd), cos, sin)  # [T, nh, hd]
+        k = apply_rotary(k.view(tokens, self.num_kv_heads, hd), cos, sin)  # [T, nkv, hd]
+        v = v.view(tokens, self.num_kv_heads, hd)  # [T, nkv, hd]
+        o = self.attn(q, k, v, kv_cache, attn)  # [T, nh, hd]
+        return self.dense(o.reshape(tokens, self.num_heads * hd))
+
+
+class LlamaMLP(nn.Module):
+    """Gated MLP: proj(act(gate(x)) * up(x)), gate and up fused in one matmul."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=cfg["mlp_bias"])
+        self.proj = nn.Linear(inter, hidden, bias=cfg["mlp_bias"])
+        self.act = get_activation(cfg["hidden_act"])
+
+    def forward(self, x):  # [T, H] -> [T, H]
+        return self.proj(act_and_mul(self.gate_up(x), self.act))  # act_and_mul: [T, 2I] -> [T, I]
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
+        self.attention = LlamaAttention(cfg)
+        self.post_layernorm = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache, attn):  # [T, H] -> [T, H]
+        x = x + self.attention(self.input_layernorm(x), cos, sin, kv_cache, attn)
+        return x + self.mlp(self.post_layernorm(x))
+
+
+class LlamaTransformer(nn.Module):
+    """Token embedding, decoder layers, final norm: the `transformer.*` tensors."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.vocab_embedding = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
+        self.ln_f = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama decoder over a packed batch; parameter names are the engine's tensor names."""
+
+    def __init__(self, engine_config: dict, device="cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        cfg = engine_config
+        with torch.device("meta"):
+            self.transformer = LlamaTransformer(cfg)
+            tied = cfg["tie_word_embeddings"]
+            self.lm_head = None if tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        self._allocate(device, dtype)
+        # Built after _allocate: the frequencies must be computed, in float32, not left uninitialized.
+        self.rotary = RotaryEmbedding(
+            cfg["head_dim"], cfg["rotary_base"], cfg["rotary_scaling"], cfg["max_position_embeddings"], device
+        )
+
+    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches):  # [T], [T] -> [T, H]
+        x = self.transformer.vocab_embedding(input_ids)  # [T, H]
+        cos, sin = self.rotary(positions)  # [T, hd] float32
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the model dtype
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, cos, sin, None if kv_caches is None else kv_caches[i], attn)
+        return self.transformer.ln_f(x)
+
+
+def _rope_from_hf(hf_config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, scaling dict or None) from transformers 5 `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
+    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedModelError("per-layer-type rope parameters are not supported")
+    theta = float(params.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if float(params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor") or 1.0)) != 1.0:
+        raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+    params.pop("partial_rotary_factor", None)
+    if rope_type == "default":
+        return theta, None
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in params:
+        params["original_max_position_embeddings"] = hf_config.get(
+            "original_max_position_embeddings", hf_config["max_position_embeddings"])
+    return theta, {"rope_type": rope_type, **params}
+
+
+def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
+    """Engine config.json fields (all but mapping/quantization) from an HF Llama/Mistral config.json dict."""
+    require_positive(hf_config, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings")
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    head_dim = hf_config.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise UnsupportedModelError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if head_dim % 2:
+        raise UnsupportedModelError(f"head_dim {head_dim} must be even for rotary embeddings")
+    max_pos = hf_config["max_position_embeddings"]
+    window = hf_config.get("sliding_window")
+    if window is not None and hf_config.get("use_sliding_window", True) is not False and window < max_pos:
+        raise UnsupportedModelError(
+            f"sliding-window attention (sliding_window={window} < max_position_embeddings={max_pos}) is not supported")
+    theta, scaling = _rope_from_hf(hf_config)
+    get_activation(hf_config.get("hidden_act", "silu"))  # unknown activations fail at conversion, not at load
+    rope_inv_freq(head_dim, theta, scaling, max_pos, device="meta")  # likewise unknown rope types
+    return {
+        "architecture": "LlamaForCausalLM",
+        "dtype": dtype_name(dtype),
+        "vocab_size": hf_config["vocab_size"],
+        "hidden_size": hidden,
+        "num_hidden_layers": hf_config["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": hf_config.get("hidden_act", "silu"),
+        "intermediate_size": hf_config["intermediate_size"],
+        "norm_epsilon": float(hf_config.get("rms_norm_eps", 1e-6)),
+        "position_embedding_type": "rope_gpt_neox",
+        "max_position_embeddings": max_pos,
+        "rotary_base": theta,
+        "rotary_scaling": scaling,
+        "attention_bias": bool(hf_config.get("attention_bias", False)),
+        "mlp_bias": bool(hf_config.get("mlp_bias", False)),
+        "tie_word_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
+        "bos_token_id": hf_config.get("bos_token_id"),
+        "eos_token_id": token_id_list(hf_config.get("eos_token_id")),
+    }
+
+
+def _stacked(hf: HFTensors, parts: list[tuple[str, int]], kind: str, in_features: int) -> torch.Tensor:
+    """Rows of several HF linears (name, out_features) stacked in order: one fused engine linear."""
+    tensors = [hf.take(f"{name}.{kind}", (rows,) if kind == "bias" else (rows, in_features)) for name, rows in parts]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
+    """HF Llama checkpoint -> (engine config, engine weights): q/k/v fused into qkv, gate/up into gate_up."""
+    cfg = config_from_hf(hf_config, dtype)
+    hidden, inter, vocab, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
+    q_size, kv_size = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    attn_kinds = ("weight", "bias") if cfg["attention_bias"] else ("weight",)
+    mlp_kinds = ("weight", "bias") if cfg["mlp_bias"] else ("weight",)
+    hf = HFTensors(state_dict, "model.", dtype, ignore=[r"rotary_emb\.inv_freq$"])
+    w = {"transformer.vocab_embedding.weight": hf.take("embed_tokens.weight", (vocab, hidden))}
+    for i in range(cfg["num_hidden_layers"]):
+        src, dst = f"layers.{i}.", f"transformer.layers.{i}."
+        w[dst + "input_layernorm.weight"] = hf.take(src + "input_layernorm.weight", (hidden,))
+        qkv = [(src + "self_attn.q_proj", q_size), (src + "self_attn.k_proj", kv_size),
+               (src + "self_attn.v_proj", kv_size)]
+        gate_up = [(src + "mlp.gate_proj", inter), (src + "mlp.up_proj", inter)]
+        for kind in attn_kinds:
+            w[dst + "attention.qkv." + kind] = _stacked(hf, qkv, kind, hidden)
+            w[dst + "attention.dense." + kind] = _stacked(hf, [(src + "self_attn.o_proj", hidden)], kind, q_size)
+        w[dst + "post_layernorm.weight"] = hf.take(src + "post_attention_layernorm.weight", (hidden,))
+        for kind in mlp_kinds:
+            w[dst + "mlp.gate_up." + kind] = _stacked(hf, gate_up, kind, hidden)
+            w[dst + "mlp.proj." + kind] = _stacked(hf, [(src + "mlp.down_proj", hidden)], kind, inter)
+    w["transformer.ln_f.weight"] = hf.take("norm.weight", (hidden,))
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = hf.take("lm_head.weight", (vocab, hidden))
+    elif hf.has("lm_head.weight"):
+        hf.skip("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    hf.check_all_used()
+    return cfg, w
+
+
+LlamaForCausalLM.convert_hf = staticmethod(convert_hf)
+LlamaForCausalLM.config_from_hf = staticmethod(config_from_hf)

@@ -1,0 +1,107 @@
+"""Tiny seeded random-weight HF models, and a driver that runs our models over a paged KV cache like the runner."""
+
+import torch
+
+from llmapi.layers.attention import AttentionMetadata
+
+
+def _spread_weights(model, seed: int, std: float, embed_std: float) -> None:
+    """Re-draw weights wider than HF's init (std 0.02) so logits are far from uniform and argmax is stable."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+            elif "embed" in name or "wte" in name or "wpe" in name:
+                p.copy_(embed_std * torch.randn(p.shape, generator=generator))
+            elif "lm_head" in name:
+                p.copy_(2 * std * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=generator))
+
+
+def make_tiny_llama(path=None, seed: int = 0, **overrides):
+    """A tiny transformers LlamaForCausalLM (GQA, untied head by default) in float32; saved to `path` if given.
+
+    `overrides` are LlamaConfig fields, e.g. tie_word_embeddings=True, rope_theta=..., rope_scaling={...}.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    _spread_weights(model, seed, std=0.15, embed_std=1.0)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def make_tiny_gpt2(path=None, seed: int = 0, **overrides):
+    """A tiny transformers GPT2LMHeadModel (tied head, gelu_new) in float32; saved to `path` if given."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = dict(vocab_size=288, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**fields)).eval()
+    _spread_weights(model, seed, std=0.15, embed_std=0.5)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def to_engine_model(hf_model, dtype=torch.float32, device="cpu"):
+    """Convert a transformers model with llmapi's converter and load it into llmapi's model class."""
+    from llmapi.models import convert_hf, get_model_class
+
+    hf_config = hf_model.config.to_dict()
+    hf_config.setdefault("architectures", [type(hf_model).__name__])
+    engine_config, weights = convert_hf(hf_config, hf_model.state_dict(), dtype)
+    model = get_model_class(engine_config["architecture"])(engine_config, device, dtype)
+    model.load_weights(weights)
+    return model.eval(), engine_config
+
+
+class PagedDriver:
+    """Feeds requests' tokens to a model step by step over a paged KV cache with scattered block ids."""
+
+    def __init__(self, model, engine_config: dict, num_blocks: int = 96, tokens_per_block: int = 4,
+                 dtype=torch.float32, seed: int = 0, device="cpu"):
+        shape = (2, num_blocks, tokens_per_block, engine_config["num_key_value_heads"], engine_config["head_dim"])
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device)
+                          for _ in range(engine_config["num_hidden_layers"])]
+        self.device = device
+        # Hand out block ids in a shuffled order so that no request's blocks are contiguous.
+        self.free_blocks = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.model, self.tokens_per_block = model, tokens_per_block
+        self.blocks: dict[int, list[int]] = {}
+        self.num_computed: dict[int, int] = {}
+
+    def step(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        """Run one packed step: request id -> its next tokens. Returns request id -> logits [len, V] float32."""
+        ids, positions, query_lens, context_lens = [], [], [], []
+        for rid, tokens in chunks.items():
+            start = self.num_computed.get(rid, 0)
+            end = start + len(tokens)
+            table = self.blocks.setdefault(rid, [])
+            while len(table) * self.tokens_per_block < end:
+                table.append(self.free_blocks.pop())
+            ids += tokens
+            positions += range(start, end)
+            query_lens.append(len(tokens))
+            context_lens.append(end)
+            self.num_computed[rid] = end
+        width = max(len(self.blocks[rid]) for rid in chunks) + 1  # +1: padding the runner may leave
+        tables = [self.blocks[rid] + [0] * (width - len(self.blocks[rid])) for rid in chunks]
+        attn = AttentionMetadata.build(query_lens, context_lens, tables, self.tokens_per_block, device=self.device)
+        input_ids, positions = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
+        with torch.no_grad():
+            hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [T, H]
+            logits = self.model.compute_logits(hidden).cpu()  # [T, V]
+        return dict(zip(chunks, logits.split(query_lens)))
