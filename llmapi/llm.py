@@ -92,7 +92,8 @@ class LLM:
         self.eos_token_ids = list(cfg.get("eos_token_id") or [])
         self.vocab_size = cfg["vocab_size"]
         runner = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
-                             args.tokens_per_block, load_format=args.load_format)
+                             args.tokens_per_block,
+                             load_format=info.build_config.get("load_format", "auto"))
         self._runner = runner
         exec_config = _core.ExecutorConfig(
             max_batch_size=args.max_batch_size,

@@ -154,7 +154,6 @@ def test_dummy_weights_load_and_run(factory):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("factory", [make_tiny_llama, make_tiny_gpt2])
 def test_cuda_chunked_matches_transformers(factory):
     hf = factory()

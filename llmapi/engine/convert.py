@@ -1,0 +1,192 @@
+"""Convert a model source (HF directory or GGUF file) into an engine directory through its family's convert_hf."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from llmapi.engine import format as fmt
+from llmapi.errors import ModelNotFoundError
+from llmapi.hub import ModelSource, weight_files
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+                  "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device_type: str) -> str:
+    """The engine dtype for a requested `dtype` ("auto", a name, or a torch.dtype).
+
+    "auto" is float32 on CPU: CPU bf16/fp16 matmuls are many times slower than fp32 there, and the
+    CPU tier checks logits against transformers in fp32. On a GPU "auto" keeps the checkpoint's
+    torch_dtype; a checkpoint without one (GGUF holds quantized blocks) gets bfloat16, the native
+    half type of the GPUs this targets, with fp32's exponent range.
+    """
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str) or (dtype != "auto" and dtype.lower() not in _DTYPE_ALIASES):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    if dtype != "auto":
+        return _DTYPE_ALIASES[dtype.lower()]
+    if device_type == "cpu":
+        return "float32"
+    return _DTYPE_ALIASES.get(str(checkpoint_dtype).removeprefix("torch."), "bfloat16")
+
+
+def checkpoint_dtype(source: ModelSource) -> str | None:
+    """The torch_dtype an HF directory's config.json declares (None for GGUF or when absent)."""
+    if source.kind != "hf_dir":
+        return None
+    config = _read_hf_config(source.path)
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def family(hf_config: dict) -> str:
+    """The engine architecture of an HF config; UnsupportedModelError names an unsupported one."""
+    from llmapi import models
+
+    return models.SUPPORTED_HF_ARCHITECTURES[models.hf_architecture(hf_config)]
+
+
+def check_architecture(hf_config: dict) -> None:
+    """Raise UnsupportedModelError unless the HF config's architecture has a model family."""
+    family(hf_config)
+
+
+def _read_hf_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path} has no config.json") from None
+
+
+class LazyStateDict(Mapping):
+    """HF-named checkpoint tensors read on first access (safetensors via safe_open, .bin via torch.load).
+
+    convert_hf pulls tensors one by one, so a model is never held twice in memory; a tqdm bar counts
+    the tensors read.
+    """
+
+    def __init__(self, files: list[Path], desc: str = "Converting"):
+        from safetensors import safe_open
+        from tqdm.auto import tqdm
+
+        self._where: dict[str, object] = {}  # name -> open safetensors handle, or the loaded tensor (.bin)
+        self._handles = []
+        for path in files:
+            if path.suffix == ".safetensors":
+                handle = safe_open(str(path), framework="pt", device="cpu")
+                self._handles.append(handle)
+                self._where.update(dict.fromkeys(handle.keys(), handle))
+            else:
+                self._where.update(_load_bin(path))
+        self._seen: set[str] = set()
+        self._bar = tqdm(total=len(self._where), desc=desc, unit="tensor", leave=False)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        where = self._where[name]
+        tensor = where if isinstance(where, torch.Tensor) else where.get_tensor(name)
+        if name not in self._seen:
+            self._seen.add(name)
+            self._bar.update(1)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._handles.clear()
+        self._where.clear()
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a pickle from the internet must not run code. mmap avoids a second copy in RAM,
+    # but only the zip format supports it.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:
+    """Write a complete engine for `source` into the (empty) `out_dir`; returns its config.
+
+    load_format="dummy" reads the config only and writes no weights: the runner makes them with the
+    family's dummy_weights at load time (build_config.json says "load_format": "dummy"), so a benchmark
+    engine of a large model costs no disk and no checksum pass.
+    """
+    from llmapi import models
+    from llmapi.models.base import token_id_list
+
+    out_dir = Path(out_dir)
+    dtype = fmt.DTYPES[settings.dtype]
+    dummy = settings.load_format == "dummy"
+    state_dict = None
+    if source.kind == "gguf":
+        from llmapi.engine import gguf
+
+        if dummy:
+            hf_config, generation = gguf.load_gguf_config(source.path)
+            family(hf_config)
+        else:  # the architecture is checked before any tensor is dequantized
+            hf_config, state_dict, generation = gguf.load_gguf(source.path, check_config=family)
+        gguf.save_gguf_tokenizer(source.path, out_dir, generation)
+        fmt.write_json(out_dir / "generation_config.json", generation)
+    elif source.kind == "hf_dir":
+        hf_config = _read_hf_config(source.path)
+        family(hf_config)  # fail fast, before any weight is read
+        fmt.copy_tokenizer_files(source.path, out_dir)
+        gen_path = source.path / "generation_config.json"
+        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        if not dummy:
+            files = weight_files(source.path)
+            if not files:
+                raise ModelNotFoundError(
+                    f"{source.name or source.path}: no weights (*.safetensors or pytorch_model*.bin)")
+            state_dict = LazyStateDict(files, desc=f"Converting {source.path.name}")
+    else:
+        raise ValueError(f"cannot convert a source of kind {source.kind!r}")
+
+    engine_arch = family(hf_config)
+    weights = None
+    if dummy:
+        engine_config = models.config_from_hf(hf_config, dtype)
+    else:
+        try:
+            engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
+        finally:
+            if isinstance(state_dict, LazyStateDict):
+                state_dict.close()
+    engine_config = dict(engine_config)
+    engine_config.update(architecture=engine_arch, dtype=settings.dtype,
+                         mapping=dict(settings.mapping), quantization=dict(settings.quantization))
+    # Generation stops on generation_config.json's eos when there is one (chat models list their
+    # end-of-turn token there), else on config.json's.
+    if generation.get("eos_token_id") is not None:
+        engine_config["eos_token_id"] = token_id_list(generation["eos_token_id"])
+    else:
+        engine_config["eos_token_id"] = token_id_list(engine_config.get("eos_token_id"))
+
+    fmt.write_json(out_dir / fmt.CONFIG_FILE, engine_config)
+    if weights is not None:
+        fmt.save_rank_weights(out_dir, 0, weights)
+        del weights
+    fmt.write_json(out_dir / fmt.BUILD_CONFIG_FILE, {
+        "max_seq_len": engine_config.get("max_position_embeddings"),
+        "tokens_per_block": fmt.TOKENS_PER_BLOCK,
+        "load_format": settings.load_format,
+        "source": source.identity,
+        "library_version": fmt.library_version(),
+        "format_version": fmt.FORMAT_VERSION,
+    })
+    fmt.write_manifest(out_dir)
+    return engine_config

@@ -1,0 +1,216 @@
+"""The on-disk engine format: config, build config, per-rank safetensors, tokenizer files and a checked manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmapi.errors import CorruptEngineError, EngineCacheError
+
+FORMAT_VERSION = 1
+TOKENS_PER_BLOCK = 32
+CONFIG_FILE = "config.json"
+BUILD_CONFIG_FILE = "build_config.json"
+MANIFEST_FILE = "manifest.json"
+# Copied from the source when present; the engine is then self-contained for tokenization and chat.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.jinja", "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Bytes per element of safetensors dtypes; a dtype missing here (e.g. packed 4-bit) skips the size check.
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """The settings that change an engine's weights, and so its cache key (runtime limits are not here)."""
+
+    dtype: str = "float32"
+    """Weight dtype: "float32", "bfloat16" or "float16" (already resolved from "auto")."""
+    load_format: str = "auto"
+    """"auto" reads the checkpoint's weights; "dummy" makes random weights from the config alone."""
+    quantization: dict = field(default_factory=lambda: {"quant_algo": None, "kv_cache_quant_algo": None})
+    """TensorRT-LLM QuantAlgo names; only unquantized engines exist so far."""
+    mapping: dict = field(default_factory=lambda: {"world_size": 1, "tp_size": 1, "pp_size": 1})
+    """How the engine is split over ranks; one rank so far."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+
+
+def library_version() -> str:
+    """The installed llmapi version; part of the cache key so an upgrade never reuses an old conversion."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmapi")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_rank_weights(engine_dir: Path, rank: int, weights: dict[str, torch.Tensor]) -> None:
+    """Write one rank's tensors; safetensors wants contiguous, unshared CPU tensors."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in weights.items()}
+    save_file(tensors, str(Path(engine_dir) / rank_file(rank)), metadata={"format": "pt"})
+
+
+def load_rank_weights(engine_dir: Path, rank: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read one rank's tensors onto `device`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(engine_dir) / rank_file(rank)), device=str(device))
+
+
+def copy_tokenizer_files(src_dir: Path, engine_dir: Path) -> list[str]:
+    """Copy the tokenizer/generation files the source has; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copyfile(Path(src_dir) / name, Path(engine_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(engine_dir: Path) -> dict:
+    """Record size and sha256 of every file in the engine; written last, so its presence means complete."""
+    engine_dir = Path(engine_dir)
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+             for p in sorted(engine_dir.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    manifest = {"format_version": FORMAT_VERSION, "files": files}
+    write_json(engine_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptEngineError(f"engine {path.parent}: {path.name} is missing ({what})") from None
+    except (OSError, ValueError) as e:
+        raise CorruptEngineError(f"engine {path.parent}: {path.name} is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CorruptEngineError(f"engine {path.parent}: {path.name} is not a JSON object")
+    return obj
+
+
+def _check_safetensors(path: Path, size: int) -> None:
+    """Header parses, and every tensor's byte range lies inside the file and matches its shape."""
+    def bad(why: str):
+        return CorruptEngineError(f"engine {path.parent}: {path.name} has a damaged safetensors header: {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("file shorter than 8 bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise bad(f"header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shape, dtype = info["shape"], info["dtype"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise bad(f"entry {name!r} lacks dtype/shape/data_offsets") from e
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+            raise bad(f"tensor {name!r} byte range [{begin}, {end}) is outside the data section ({data_size} bytes)")
+        itemsize = _ST_ITEMSIZE.get(dtype)
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            need = math.prod(shape) * itemsize
+            raise bad(f"tensor {name!r} holds {end - begin} bytes, but {dtype}{shape} needs {need}")
+
+
+def check_engine(engine_dir: str | os.PathLike, full: bool = False) -> dict:
+    """Check an engine directory; returns its manifest. Raises CorruptEngineError naming the bad file.
+
+    Cheap check (always): every manifest file present with its recorded size, configs parse, safetensors
+    headers parse and their tensor byte ranges fit the file. full=True also compares every file's sha256,
+    which catches flipped bytes inside tensor data that sizes and headers cannot see.
+    """
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise CorruptEngineError(f"engine {engine_dir} does not exist or is not a directory")
+    manifest = _read_json(engine_dir / MANIFEST_FILE, "written last by a complete build")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or CONFIG_FILE not in files or BUILD_CONFIG_FILE not in files:
+        raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list config.json and build_config.json")
+    if rank_file(0) not in files and not is_dummy_engine(engine_dir):
+        raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list {rank_file(0)}")
+    for name, meta in files.items():
+        path = engine_dir / name
+        if not path.is_file():
+            raise CorruptEngineError(f"engine {engine_dir}: {name} is missing")
+        size = path.stat().st_size
+        if size != meta.get("size"):
+            raise CorruptEngineError(
+                f"engine {engine_dir}: {name} is {size} bytes, manifest says {meta.get('size')} (truncated or altered)")
+        if name.endswith(".safetensors"):
+            _check_safetensors(path, size)
+        elif name.endswith(".json"):
+            _read_json(path, "listed in the manifest")
+    if full:
+        for name, meta in files.items():
+            if _sha256_file(engine_dir / name) != meta.get("sha256"):
+                raise CorruptEngineError(f"engine {engine_dir}: {name} fails its sha256 check (content altered)")
+    return manifest
+
+
+def is_dummy_engine(engine_dir: str | os.PathLike) -> bool:
+    """True for a load_format="dummy" engine: config and tokenizer only, weights made at load time."""
+    return _read_json(Path(engine_dir) / BUILD_CONFIG_FILE, "build config").get("load_format") == "dummy"
+
+
+def read_engine(engine_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """Read (config, build_config) of a checked engine; a newer format than this library reads is refused."""
+    engine_dir = Path(engine_dir)
+    config = _read_json(engine_dir / CONFIG_FILE, "engine config")
+    build_config = _read_json(engine_dir / BUILD_CONFIG_FILE, "build config")
+    version = build_config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise EngineCacheError(
+            f"engine {engine_dir} has format version {version}; this llmapi ({library_version()}) reads version "
+            f"{FORMAT_VERSION}: rebuild it from its model")
+    if "architecture" not in config:
+        raise CorruptEngineError(f"engine {engine_dir}: config.json has no 'architecture'")
+    return config, build_config
