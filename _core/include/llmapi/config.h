@@ -1,0 +1,24 @@
+// ExecutorConfig: the limits and policies the scheduler and block manager run under.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace llmapi {
+
+struct ExecutorConfig {
+  int32_t max_batch_size = 0;   // most requests admitted (running) at once, so at most this many per step
+  int32_t max_num_tokens = 0;   // token budget of one step (all requests' new tokens together)
+  int32_t max_seq_len = 0;      // prompt + generated tokens of one request; reaching it finishes "length"
+  int32_t tokens_per_block = 0; // KV cache block size in tokens
+  int32_t num_blocks = 0;       // KV cache size in blocks
+  bool enable_prefix_caching = true;   // reuse full blocks across requests by chained content hash
+  bool enable_chunked_prefill = true;  // a prompt may be split over several steps
+  int32_t max_inflight_batches = 1;    // batches submitted to the runner and not yet collected
+
+  // Throws std::invalid_argument naming the field and the bad value.
+  void validate() const;
+  std::string repr() const;
+};
+
+}  // namespace llmapi

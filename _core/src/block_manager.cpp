@@ -1,0 +1,152 @@
+// BlockManager: reference-counted KV blocks with a chained-hash prefix cache and LRU eviction.
+#include "llmapi/block_manager.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace llmapi {
+
+namespace {
+
+// splitmix64's finalizer: cheap, well mixed, and the same on every platform and run (unlike
+// std::hash), so hashes are reproducible in tests.
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+uint64_t BlockManager::hash_block_tokens(uint64_t parent_hash, const int32_t* tokens,
+                                         int32_t count) {
+  uint64_t h = mix(parent_hash);
+  for (int32_t i = 0; i < count; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
+  return mix(h ^ static_cast<uint64_t>(count));
+}
+
+BlockManager::BlockManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_prefix_caching)
+    : num_blocks_(num_blocks),
+      tokens_per_block_(tokens_per_block),
+      prefix_caching_(enable_prefix_caching),
+      blocks_(std::max(num_blocks, 0)),
+      free_queue_(std::max(num_blocks, 0)) {
+  if (num_blocks < 1) throw std::invalid_argument("num_blocks=" + std::to_string(num_blocks) +
+                                                  " is invalid: must be >= 1");
+  if (tokens_per_block < 1) {
+    throw std::invalid_argument("tokens_per_block=" + std::to_string(tokens_per_block) +
+                                " is invalid: must be >= 1");
+  }
+}
+
+void BlockManager::check_block_id(int32_t block_id) const {
+  if (block_id < 0 || block_id >= num_blocks_) {
+    throw std::invalid_argument("block id " + std::to_string(block_id) + " is out of range [0, " +
+                                std::to_string(num_blocks_) + ")");
+  }
+}
+
+std::optional<uint64_t> BlockManager::block_hash(int32_t block_id) const {
+  check_block_id(block_id);
+  const Block& b = blocks_[block_id];
+  return b.hashed ? std::optional<uint64_t>(b.hash) : std::nullopt;
+}
+
+std::vector<int32_t> BlockManager::lookup(const std::vector<int32_t>& tokens) const {
+  std::vector<int32_t> hits;
+  if (!prefix_caching_ || tokens.empty()) return hits;
+  const int32_t B = tokens_per_block_;
+  const int32_t max_blocks = (static_cast<int32_t>(tokens.size()) - 1) / B;
+  uint64_t parent = kRootHash;
+  for (int32_t i = 0; i < max_blocks; ++i) {
+    const int32_t* seg = tokens.data() + static_cast<size_t>(i) * B;
+    const uint64_t h = hash_block_tokens(parent, seg, B);
+    auto it = cached_.find(h);
+    if (it == cached_.end()) break;
+    const Block& b = blocks_[it->second];
+    if (b.parent_hash != parent || !std::equal(b.tokens.begin(), b.tokens.end(), seg)) break;
+    hits.push_back(it->second);
+    parent = h;
+  }
+  return hits;
+}
+
+bool BlockManager::allocate(std::vector<int32_t>& block_ids, int32_t num_tokens,
+                            const std::vector<int32_t>& cached_prefix) {
+  if (!cached_prefix.empty() && !block_ids.empty()) {
+    throw std::invalid_argument("a cached prefix can only start an empty block table");
+  }
+  for (int32_t id : cached_prefix) check_block_id(id);
+  const int32_t have = static_cast<int32_t>(block_ids.size() + cached_prefix.size());
+  const int32_t need_new = std::max(0, blocks_for(num_tokens) - have);
+  // Prefix blocks nobody references sit in the free queue: taking them uses up free blocks too.
+  int32_t prefix_in_free_queue = 0;
+  for (int32_t id : cached_prefix) prefix_in_free_queue += blocks_[id].ref_count == 0;
+  if (need_new > free_queue_.size() - prefix_in_free_queue) return false;
+
+  for (int32_t id : cached_prefix) {
+    Block& b = blocks_[id];
+    if (b.ref_count == 0) free_queue_.remove(id);
+    ++b.ref_count;
+    block_ids.push_back(id);
+  }
+  for (int32_t i = 0; i < need_new; ++i) {
+    const int32_t id = free_queue_.pop_front();
+    evict(id);
+    blocks_[id].ref_count = 1;
+    block_ids.push_back(id);
+  }
+  return true;
+}
+
+void BlockManager::evict(int32_t block_id) {
+  Block& b = blocks_[block_id];
+  if (!b.hashed) return;
+  auto it = cached_.find(b.hash);
+  if (it != cached_.end() && it->second == block_id) cached_.erase(it);
+  b.hashed = false;
+  b.tokens.clear();
+}
+
+void BlockManager::free(std::vector<int32_t>& block_ids) {
+  for (int32_t id : block_ids) check_block_id(id);
+  for (auto it = block_ids.rbegin(); it != block_ids.rend(); ++it) {
+    Block& b = blocks_[*it];
+    if (b.ref_count <= 0) {
+      throw std::invalid_argument("block " + std::to_string(*it) + " is freed but not in use");
+    }
+    if (--b.ref_count == 0) free_queue_.push_back(*it);
+  }
+  block_ids.clear();
+}
+
+void BlockManager::cache_full_blocks(const std::vector<int32_t>& block_ids,
+                                     const std::vector<int32_t>& tokens,
+                                     int32_t num_computed_tokens) {
+  if (!prefix_caching_) return;
+  const int32_t B = tokens_per_block_;
+  const int32_t computed = std::min(num_computed_tokens, static_cast<int32_t>(tokens.size()));
+  const int32_t num_full = std::min(computed / B, static_cast<int32_t>(block_ids.size()));
+  uint64_t parent = kRootHash;
+  // Hashed blocks form a prefix of the table, so this walks the already-hashed ones for their
+  // chain and hashes the rest: O(table length), a few hundred steps at most.
+  for (int32_t i = 0; i < num_full; ++i) {
+    check_block_id(block_ids[i]);
+    Block& b = blocks_[block_ids[i]];
+    if (b.hashed) {
+      parent = b.hash;
+      continue;
+    }
+    const int32_t* seg = tokens.data() + static_cast<size_t>(i) * B;
+    b.hashed = true;
+    b.parent_hash = parent;
+    b.hash = hash_block_tokens(parent, seg, B);
+    b.tokens.assign(seg, seg + B);
+    cached_.emplace(b.hash, block_ids[i]);  // keeps the first block registered for this prefix
+    parent = b.hash;
+  }
+}
+
+}  // namespace llmapi

@@ -1,0 +1,48 @@
+// ExecutorConfig validation.
+#include "llmapi/config.h"
+
+#include <sstream>
+#include <stdexcept>
+
+namespace llmapi {
+
+namespace {
+
+void require_positive(const char* name, int32_t value) {
+  if (value < 1) {
+    throw std::invalid_argument(std::string(name) + "=" + std::to_string(value) +
+                                " is invalid: must be >= 1");
+  }
+}
+
+}  // namespace
+
+void ExecutorConfig::validate() const {
+  require_positive("max_batch_size", max_batch_size);
+  require_positive("max_num_tokens", max_num_tokens);
+  require_positive("max_seq_len", max_seq_len);
+  require_positive("tokens_per_block", tokens_per_block);
+  require_positive("num_blocks", num_blocks);
+  require_positive("max_inflight_batches", max_inflight_batches);
+  // Without chunking a prompt (or a preempted request's recompute) runs in one step, so the step
+  // budget must hold the longest sequence, or such a request could never be scheduled.
+  if (!enable_chunked_prefill && max_num_tokens < max_seq_len) {
+    throw std::invalid_argument(
+        "max_num_tokens=" + std::to_string(max_num_tokens) +
+        " is invalid: without chunked prefill it must be >= max_seq_len (" +
+        std::to_string(max_seq_len) + ")");
+  }
+}
+
+std::string ExecutorConfig::repr() const {
+  std::ostringstream s;
+  s << "ExecutorConfig(max_batch_size=" << max_batch_size << ", max_num_tokens=" << max_num_tokens
+    << ", max_seq_len=" << max_seq_len << ", tokens_per_block=" << tokens_per_block
+    << ", num_blocks=" << num_blocks
+    << ", enable_prefix_caching=" << (enable_prefix_caching ? "True" : "False")
+    << ", enable_chunked_prefill=" << (enable_chunked_prefill ? "True" : "False")
+    << ", max_inflight_batches=" << max_inflight_batches << ")";
+  return s.str();
+}
+
+}  // namespace llmapi
