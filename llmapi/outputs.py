@@ -98,8 +98,7 @@ class RequestOutput:
         return self._final()
 
     async def aresult(self) -> "RequestOutput":
-        while not self.finished:
-            await self._next_event()
+        await self._wait_async(lambda: self.finished)
         return self._final()
 
     def __await__(self):
@@ -112,14 +111,16 @@ class RequestOutput:
         out.text_diff, out.token_ids_diff = out.text, list(out.token_ids)
         return self
 
-    async def _next_event(self) -> None:
+    async def _wait_async(self, ready: Callable[[], bool]) -> None:
+        """Wait without blocking the event loop until `ready()` holds (checked under the lock)."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        with self._cond:
-            if self._pending or self.finished:
-                return
-            self._async_waiters.append((loop, fut))
-        await fut
+        while True:
+            fut = loop.create_future()
+            with self._cond:
+                if ready():
+                    return
+                self._async_waiters.append((loop, fut))
+            await fut
 
     # ---- streaming ----
     def _take(self) -> Optional["RequestOutput"]:
@@ -142,15 +143,11 @@ class RequestOutput:
         return self
 
     async def __anext__(self) -> "RequestOutput":
-        while True:
-            with self._cond:
-                ready = bool(self._pending) or self.finished
-            if ready:
-                item = self._take()
-                if item is None:
-                    raise StopAsyncIteration
-                return item
-            await self._next_event()
+        await self._wait_async(lambda: bool(self._pending) or self.finished)
+        item = self._take()
+        if item is None:
+            raise StopAsyncIteration
+        return item
 
     def __iter__(self):
         while True:

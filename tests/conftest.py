@@ -36,8 +36,8 @@ def _tiny_model_dir(tmp_path_factory, name, make):
     from tiny_tokenizer import save_tiny_tokenizer
 
     path = tmp_path_factory.mktemp(name)
-    make(path)
-    save_tiny_tokenizer(path)
+    model = make(path)
+    save_tiny_tokenizer(path, vocab_size=model.config.vocab_size)
     return path
 
 

@@ -4,6 +4,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 
 import pytest
 
@@ -20,9 +21,17 @@ def llm(tiny_llama_dir):
         yield llm
 
 
-def _all_blocks_free(llm):
-    s = llm.get_stats()
-    return s["num_used_blocks"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0
+def _all_blocks_free(llm, timeout=5.0):
+    """Every KV block is free or only held by the prefix cache. A stop string aborts its request
+    in the executor asynchronously, so the executor may take a moment to release it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = llm.get_stats()
+        if s["num_used_blocks"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
 
 
 def test_text_prompt_round_trip(llm):
@@ -109,7 +118,7 @@ def test_seeded_sampling_same_alone_and_in_a_batch(llm):
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
     alone = llm.generate("hello my name is", params).outputs[0].token_ids
     others = [SamplingParams(max_tokens=20, temperature=0.7, seed=s, ignore_eos=True) for s in range(6)]
-    batch = llm.generate(["the lazy dog"] * 3 + ["hello my name is"] + ["a small"] * 3,
+    batch = llm.generate(["the lazy dog"] * 3 + ["hello my name is"] + ["a small"] * 3 + ["once upon"],
                          others[:3] + [params] + others[3:] + [others[0]], use_tqdm=False)
     assert batch[3].outputs[0].token_ids == alone
     assert llm.generate("hello my name is", SamplingParams(
