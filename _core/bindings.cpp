@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -21,6 +22,7 @@
 #include "llmapi/runner.h"
 #include "llmapi/scheduler.h"
 #include "llmapi/stats.h"
+#include "llmapi/step_result.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -57,6 +59,52 @@ void def_view(py::class_<Batch, std::shared_ptr<Batch>>& cls, const char* name,
   });
 }
 
+template <typename T>
+std::vector<T> flat(const py::object& value, int32_t rows, int32_t cols, const char* name) {
+  using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+  Array a = Array::ensure(value);
+  if (!a || a.ndim() != 2 || a.shape(0) != rows || (cols >= 0 && a.shape(1) != cols)) {
+    throw std::invalid_argument(std::string("step result field ") + name + " must be a [" +
+                                std::to_string(rows) + ", " +
+                                (cols >= 0 ? std::to_string(cols) : std::string("L")) +
+                                "] array, got " + std::string(py::str(py::repr(value))));
+  }
+  return std::vector<T>(a.data(), a.data() + a.size());
+}
+
+// A runner's answer: a 1-D integer array (one token per row), or an object whose `tokens` is
+// [R, K] with optional `scores`, `logprobs`, `ranks` ([R, K]) and `top_ids`, `top_logprobs` ([R, L]).
+StepResult to_step_result(const py::object& out) {
+  if (!py::hasattr(out, "tokens")) {
+    using Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+    Array tokens = Array::ensure(out);
+    if (!tokens || tokens.ndim() != 1) {
+      throw std::invalid_argument("runner.collect must return a 1-D integer array, got " +
+                                  std::string(py::str(py::repr(out))));
+    }
+    return StepResult::of_tokens(std::vector<int32_t>(tokens.data(), tokens.data() + tokens.size()));
+  }
+  using Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+  Array tokens = Array::ensure(out.attr("tokens"));
+  if (!tokens || tokens.ndim() != 2) {
+    throw std::invalid_argument("step result field tokens must be a 2-D integer array");
+  }
+  StepResult s;
+  s.num_rows = static_cast<int32_t>(tokens.shape(0));
+  s.num_candidates = static_cast<int32_t>(tokens.shape(1));
+  s.tokens.assign(tokens.data(), tokens.data() + tokens.size());
+  auto get = [&](const char* name) { return py::getattr(out, name, py::none()); };
+  if (!get("scores").is_none()) s.scores = flat<float>(get("scores"), s.num_rows, s.num_candidates, "scores");
+  if (!get("logprobs").is_none()) s.logprobs = flat<float>(get("logprobs"), s.num_rows, s.num_candidates, "logprobs");
+  if (!get("ranks").is_none()) s.ranks = flat<int32_t>(get("ranks"), s.num_rows, s.num_candidates, "ranks");
+  if (!get("top_ids").is_none()) {
+    s.top_ids = flat<int32_t>(get("top_ids"), s.num_rows, -1, "top_ids");
+    s.num_top = s.num_rows > 0 ? static_cast<int32_t>(s.top_ids.size() / s.num_rows) : 0;
+    s.top_logprobs = flat<float>(get("top_logprobs"), s.num_rows, s.num_top, "top_logprobs");
+  }
+  return s;
+}
+
 // Adapts a Python runner (submit(batch) -> handle, collect(handle) -> int array [R]). Called from
 // the executor's loop thread: the GIL is taken for each call only.
 class PyRunner final : public Runner {
@@ -79,7 +127,7 @@ class PyRunner final : public Runner {
     }
   }
 
-  std::vector<int32_t> collect(uint64_t ticket) override {
+  StepResult collect(uint64_t ticket) override {
     py::gil_scoped_acquire gil;
     auto it = handles_.find(ticket);
     if (it == handles_.end()) throw RunnerError("collect of an unknown batch", true);
@@ -87,13 +135,11 @@ class PyRunner final : public Runner {
     handles_.erase(it);
     try {
       py::object out = runner_.attr("collect")(handle);
-      using Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-      Array tokens = Array::ensure(out);
-      if (!tokens || tokens.ndim() != 1) {
-        throw RunnerError("runner.collect must return a 1-D integer array, got " +
-                          std::string(py::str(py::repr(out))), false);
+      try {
+        return to_step_result(out);
+      } catch (const std::invalid_argument& e) {
+        throw RunnerError(e.what(), false);
       }
-      return std::vector<int32_t>(tokens.data(), tokens.data() + tokens.size());
     } catch (py::error_already_set& e) {
       throw to_runner_error(e, "collect");
     }
@@ -217,16 +263,55 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](uint64_t request_id, std::vector<int32_t> prompt_token_ids,
                        int32_t max_tokens, int32_t min_tokens, std::vector<int32_t> eos_token_ids,
                        std::vector<int32_t> stop_token_ids, bool ignore_eos, float temperature,
-                       int32_t top_k, float top_p, int64_t seed) {
+                       int32_t top_k, float top_p, int64_t seed, float min_p,
+                       float repetition_penalty, float presence_penalty, float frequency_penalty,
+                       std::vector<std::vector<int32_t>> bad_words,
+                       std::map<int32_t, float> logit_bias, int32_t num_sequences,
+                       bool beam_search, float length_penalty, int32_t early_stopping,
+                       int32_t num_returned, int32_t logprobs, int32_t prompt_logprobs,
+                       bool context_logits, bool generation_logits, bool token_history) {
              StopConfig stop{max_tokens, min_tokens, std::move(eos_token_ids),
                              std::move(stop_token_ids), ignore_eos};
-             return Request(request_id, std::move(prompt_token_ids), std::move(stop),
-                            SamplingConfig{temperature, top_k, top_p, seed});
+             if (early_stopping < 0 || early_stopping > 2) {
+               throw RequestError("early_stopping=" + std::to_string(early_stopping) +
+                                  " is invalid: must be 0 (heuristic), 1 (true) or 2 (never)");
+             }
+             SamplingConfig c;
+             c.temperature = temperature;
+             c.top_k = top_k;
+             c.top_p = top_p;
+             c.min_p = min_p;
+             c.seed = seed;
+             c.repetition_penalty = repetition_penalty;
+             c.presence_penalty = presence_penalty;
+             c.frequency_penalty = frequency_penalty;
+             c.bad_words = std::move(bad_words);
+             for (const auto& [id, bias] : logit_bias) {
+               c.logit_bias_ids.push_back(id);
+               c.logit_bias_values.push_back(bias);
+             }
+             c.num_sequences = num_sequences;
+             c.beam_search = beam_search;
+             c.length_penalty = length_penalty;
+             c.early_stopping = static_cast<EarlyStopping>(early_stopping);
+             c.num_returned = num_returned;
+             c.logprobs = logprobs;
+             c.prompt_logprobs = prompt_logprobs;
+             c.context_logits = context_logits;
+             c.generation_logits = generation_logits;
+             c.token_history = token_history;
+             return Request(request_id, std::move(prompt_token_ids), std::move(stop), std::move(c));
            }),
            "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a = 0,
            "eos_token_ids"_a = std::vector<int32_t>{}, "stop_token_ids"_a = std::vector<int32_t>{},
            "ignore_eos"_a = false, "temperature"_a = 1.0f, "top_k"_a = 0, "top_p"_a = 1.0f,
-           "seed"_a = 0)
+           "seed"_a = 0, "min_p"_a = 0.0f, "repetition_penalty"_a = 1.0f,
+           "presence_penalty"_a = 0.0f, "frequency_penalty"_a = 0.0f,
+           "bad_words"_a = std::vector<std::vector<int32_t>>{},
+           "logit_bias"_a = std::map<int32_t, float>{}, "num_sequences"_a = 1,
+           "beam_search"_a = false, "length_penalty"_a = 1.0f, "early_stopping"_a = 0,
+           "num_returned"_a = 1, "logprobs"_a = -1, "prompt_logprobs"_a = -1,
+           "context_logits"_a = false, "generation_logits"_a = false, "token_history"_a = false)
       .def_readonly("request_id", &Request::request_id)
       .def_property_readonly("prompt_token_ids", &Request::prompt_token_ids)
       .def_property_readonly("output_token_ids", &Request::output_token_ids)
@@ -240,6 +325,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("top_k", [](const Request& r) { return r.sampling.top_k; })
       .def_property_readonly("top_p", [](const Request& r) { return r.sampling.top_p; })
       .def_property_readonly("seed", [](const Request& r) { return r.sampling.seed; })
+      .def_property_readonly("num_sequences", [](const Request& r) { return r.sampling.num_sequences; })
+      .def_property_readonly("beam_search", [](const Request& r) { return r.sampling.beam_search; })
+      .def_readonly("user_id", &Request::user_id)
+      .def_readonly("seq_index", &Request::seq_index)
+      .def_readonly("slot", &Request::slot)
       .def_property_readonly("status", [](const Request& r) { return to_string(r.status); })
       .def_readonly("num_computed_tokens", &Request::num_computed_tokens)
       .def_readonly("block_ids", &Request::block_ids)
@@ -253,15 +343,24 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Response>(m, "Response")
       .def_readonly("request_id", &Response::request_id)
+      .def_readonly("seq_index", &Response::seq_index)
       .def_readonly("token_ids", &Response::token_ids)
       .def_readonly("finished", &Response::finished)
+      .def_readonly("request_finished", &Response::request_finished)
+      .def_readonly("num_top_logprobs", &Response::num_top_logprobs)
+      .def_readonly("logprobs", &Response::logprobs)
+      .def_readonly("ranks", &Response::ranks)
+      .def_readonly("top_ids", &Response::top_ids)
+      .def_readonly("top_logprobs", &Response::top_logprobs)
+      .def_readonly("cumulative_logprob", &Response::cumulative_logprob)
       .def_readonly("finish_reason", &Response::finish_reason)
       .def_readonly("stop_reason", &Response::stop_reason)
       .def_readonly("error", &Response::error)
       .def_readonly("num_prompt_tokens", &Response::num_prompt_tokens)
       .def_readonly("num_cached_tokens", &Response::num_cached_tokens)
       .def("__repr__", [](const Response& r) {
-        return "Response(request_id=" + std::to_string(r.request_id) + ", token_ids=" +
+        return "Response(request_id=" + std::to_string(r.request_id) + ", seq_index=" +
+               std::to_string(r.seq_index) + ", token_ids=" +
                std::string(py::str(py::cast(r.token_ids))) + ", finished=" +
                (r.finished ? "True" : "False") + ", finish_reason='" + r.finish_reason +
                "', stop_reason=" + std::to_string(r.stop_reason) + ", error='" + r.error + "')";
@@ -274,6 +373,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("block_tables", [](const py::object& self) {
         const Batch& b = self.cast<const Batch&>();
         return view(self, b.block_tables, {b.num_requests, b.max_blocks});
+      })
+      .def_property_readonly("block_copies", [](const py::object& self) {
+        const Batch& b = self.cast<const Batch&>();
+        return view(self, b.block_copies, {static_cast<py::ssize_t>(b.block_copies.size() / 2), 2});
       });
   def_view(batch, "request_ids", &Batch::request_ids);
   def_view(batch, "input_ids", &Batch::input_ids);
@@ -289,6 +392,28 @@ PYBIND11_MODULE(_core, m) {
   def_view(batch, "output_index", &Batch::output_index);
   def_view(batch, "suppress_offsets", &Batch::suppress_offsets);
   def_view(batch, "suppress_ids", &Batch::suppress_ids);
+  def_view(batch, "seq_index", &Batch::seq_index);
+  def_view(batch, "num_candidates", &Batch::num_candidates);
+  def_view(batch, "beam", &Batch::beam);
+  def_view(batch, "min_p", &Batch::min_p);
+  def_view(batch, "repetition_penalty", &Batch::repetition_penalty);
+  def_view(batch, "presence_penalty", &Batch::presence_penalty);
+  def_view(batch, "frequency_penalty", &Batch::frequency_penalty);
+  def_view(batch, "bias_offsets", &Batch::bias_offsets);
+  def_view(batch, "bias_ids", &Batch::bias_ids);
+  def_view(batch, "bias_values", &Batch::bias_values);
+  def_view(batch, "logprobs", &Batch::logprobs);
+  def_view(batch, "prompt_logprobs", &Batch::prompt_logprobs);
+  def_view(batch, "context_logits", &Batch::context_logits);
+  def_view(batch, "generation_logits", &Batch::generation_logits);
+  def_view(batch, "prompt_lens", &Batch::prompt_lens);
+  def_view(batch, "next_token_ids", &Batch::next_token_ids);
+  def_view(batch, "slots", &Batch::slots);
+  def_view(batch, "slot_copy_from", &Batch::slot_copy_from);
+  def_view(batch, "slot_reset", &Batch::slot_reset);
+  def_view(batch, "state_start", &Batch::state_start);
+  def_view(batch, "state_offsets", &Batch::state_offsets);
+  def_view(batch, "state_ids", &Batch::state_ids);
 
   py::class_<BlockManager> block_manager(m, "BlockManager");
   block_manager.attr("ROOT_HASH") = BlockManager::kRootHash;
@@ -302,6 +427,14 @@ PYBIND11_MODULE(_core, m) {
                         static_cast<int32_t>(tokens.size()));
                   }, "parent_hash"_a, "tokens"_a)
       .def("lookup", &BlockManager::lookup, "tokens"_a)
+      .def("fork", &BlockManager::fork, "block_ids"_a)
+      .def("allocate_for_write",
+           [](BlockManager& bm, std::vector<int32_t> block_ids, int32_t write_from,
+              int32_t num_tokens) -> std::optional<py::tuple> {
+             std::vector<int32_t> copies;
+             if (!bm.allocate_for_write(block_ids, write_from, num_tokens, copies)) return std::nullopt;
+             return py::make_tuple(block_ids, copies);
+           }, "block_ids"_a, "write_from"_a, "num_tokens"_a)
       .def("allocate",
            [](BlockManager& bm, std::vector<int32_t> block_ids, int32_t num_tokens,
               const std::vector<int32_t>& cached_prefix) -> std::optional<std::vector<int32_t>> {
@@ -331,6 +464,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("scheduled", &SchedulerOutput::scheduled)
       .def_readonly("preempted", &SchedulerOutput::preempted)
       .def_readonly("num_tokens", &SchedulerOutput::num_tokens)
+      .def_readonly("block_copies", &SchedulerOutput::block_copies)
       .def_property_readonly("num_scheduled_tokens", [](const SchedulerOutput& o) {
         py::dict d;  // request id -> tokens this step, in schedule order
         for (const ScheduledRequest& s : o.scheduled) d[py::int_(s.request_id)] = s.num_new_tokens;
@@ -341,9 +475,11 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const ExecutorConfig&>(), "config"_a)
       .def("add", [](Scheduler& s, const Request& r) { s.add(r); }, "request"_a)
       .def("schedule", &Scheduler::schedule)
-      .def("update", &Scheduler::update, "output"_a, "sampled_token_ids"_a)
+      .def("update", [](Scheduler& s, const SchedulerOutput& o, const py::object& result) {
+        return s.update(o, to_step_result(result));
+      }, "output"_a, "result"_a)
       .def("fail", &Scheduler::fail, "output"_a, "error"_a)
-      .def("abort", &Scheduler::abort, "request_id"_a)
+      .def("abort", &Scheduler::abort, "request_id"_a, "seq_index"_a = -1)
       .def("finish_all", &Scheduler::finish_all, "finish_reason"_a, "error"_a = "")
       .def("make_batch", [](const Scheduler& s, const SchedulerOutput& o) {
         return std::make_shared<Batch>(s.make_batch(o));
@@ -364,7 +500,8 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const ExecutorConfig&, py::object>(), "config"_a, "runner"_a)
       .def("enqueue", [](PyExecutor& e, const Request& r) { return e.get().enqueue(r); },
            "request"_a)
-      .def("abort", [](PyExecutor& e, uint64_t id) { e.get().abort(id); }, "request_id"_a)
+      .def("abort", [](PyExecutor& e, uint64_t id, int32_t seq_index) { e.get().abort(id, seq_index); },
+           "request_id"_a, "seq_index"_a = -1)
       .def("await_responses",
            [](PyExecutor& e, std::optional<double> timeout_s) {
              return e.get().await_responses(timeout_s);

@@ -208,18 +208,18 @@ def test_abort_waiting_running_and_in_flight_requests():
     s = make_scheduler(max_batch_size=1)
     s.add(Request(1, [1, 2, 3], max_tokens=5))
     s.add(Request(2, [4, 5], max_tokens=5))
-    r = s.abort(2)  # waiting
+    (r,) = s.abort(2)  # waiting
     assert (r.request_id, r.finished, r.finish_reason, r.token_ids) == (2, True, "abort", [])
     out = s.schedule()
-    assert s.abort(1) is None  # in flight: its blocks may still be written until collected
+    assert s.abort(1) == []  # in flight: its blocks may still be written until collected
     assert s.block_manager.num_used_blocks == 1
     (r,) = s.update(out, [7])
     assert (r.request_id, r.token_ids, r.finish_reason) == (1, [], "abort")
     assert s.block_manager.num_used_blocks == 0
-    assert s.abort(1) is None and s.abort(99) is None
+    assert s.abort(1) == [] and s.abort(99) == []
     s.add(Request(3, [1], max_tokens=5))
     s.update(s.schedule(), [2])
-    r = s.abort(3)  # running, between steps
+    (r,) = s.abort(3)  # running, between steps
     assert (r.finish_reason, s.has_unfinished, s.block_manager.num_used_blocks) == ("abort", False, 0)
 
 

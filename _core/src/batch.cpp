@@ -3,24 +3,37 @@
 
 #include <algorithm>
 
+#include "llmapi/beam_search.h"
+
 namespace llmapi {
 
 namespace {
 
-// The ids masked while a request is still under min_tokens: everything that would stop it.
+// The ids a sampling row masks: everything that would stop it while it is under min_tokens,
+// and the last token of each bad word whose other tokens end the sequence.
 void append_suppressed(const Request& r, std::vector<int32_t>& out) {
   const size_t start = out.size();
   auto add = [&](int32_t id) {
     if (std::find(out.begin() + start, out.end(), id) == out.end()) out.push_back(id);
   };
-  if (!r.stop.ignore_eos) for (int32_t id : r.stop.eos_token_ids) add(id);
-  for (int32_t id : r.stop.stop_token_ids) add(id);
+  if (r.num_output_tokens() < r.stop.min_tokens) {
+    if (!r.stop.ignore_eos) for (int32_t id : r.stop.eos_token_ids) add(id);
+    for (int32_t id : r.stop.stop_token_ids) add(id);
+  }
+  const auto& tokens = r.token_ids;
+  for (const auto& word : r.sampling.bad_words) {
+    const size_t head = word.size() - 1;
+    if (head <= tokens.size() && std::equal(word.begin(), word.end() - 1, tokens.end() - head)) {
+      add(word.back());
+    }
+  }
 }
 
 }  // namespace
 
-Batch make_batch(const std::vector<const Request*>& requests,
-                 const std::vector<ScheduledRequest>& scheduled, int32_t tokens_per_block) {
+Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOutput& output,
+                 int32_t tokens_per_block) {
+  const std::vector<ScheduledRequest>& scheduled = output.scheduled;
   const int32_t B = tokens_per_block;
   Batch b;
   b.num_requests = static_cast<int32_t>(scheduled.size());
@@ -31,29 +44,70 @@ Batch make_batch(const std::vector<const Request*>& requests,
   }
   const size_t R = scheduled.size();
   b.block_tables.assign(R * b.max_blocks, 0);
-  b.suppress_offsets.reserve(R + 1);
+  b.block_copies = output.block_copies;
   b.suppress_offsets.push_back(0);
+  b.bias_offsets.push_back(0);
+  b.state_offsets.push_back(0);
 
   for (size_t i = 0; i < R; ++i) {
     const Request& r = *requests[i];
     const ScheduledRequest& s = scheduled[i];
-    b.request_ids.push_back(r.request_id);
+    const SamplingConfig& sc = r.sampling;
+    const int32_t end = s.num_computed_tokens + s.num_new_tokens;
+    b.request_ids.push_back(r.user_id);
+    b.seq_index.push_back(r.seq_index);
     b.query_lens.push_back(s.num_new_tokens);
-    b.context_lens.push_back(s.num_computed_tokens + s.num_new_tokens);
-    for (int32_t p = s.num_computed_tokens; p < s.num_computed_tokens + s.num_new_tokens; ++p) {
+    b.context_lens.push_back(end);
+    for (int32_t p = s.num_computed_tokens; p < end; ++p) {
       b.input_ids.push_back(r.token_ids[p]);
       b.positions.push_back(p);
       b.slot_mapping.push_back(static_cast<int64_t>(r.block_ids[p / B]) * B + p % B);
     }
     std::copy(r.block_ids.begin(), r.block_ids.end(), b.block_tables.begin() + i * b.max_blocks);
+
     b.do_sample.push_back(s.do_sample ? 1 : 0);
-    b.temperature.push_back(r.sampling.temperature);
-    b.top_k.push_back(r.sampling.top_k);
-    b.top_p.push_back(r.sampling.top_p);
-    b.seeds.push_back(r.sampling.seed);
+    int32_t candidates = 1;
+    if (s.do_sample && r.is_beam()) candidates = beam_candidates(r);
+    else if (s.do_sample && r.forks()) candidates = sc.num_sequences;
+    b.num_candidates.push_back(candidates);
+    b.beam.push_back(r.is_beam() ? 1 : 0);
+    b.temperature.push_back(sc.temperature);
+    b.top_k.push_back(sc.top_k);
+    b.top_p.push_back(sc.top_p);
+    b.min_p.push_back(sc.min_p);
+    b.repetition_penalty.push_back(sc.repetition_penalty);
+    b.presence_penalty.push_back(sc.presence_penalty);
+    b.frequency_penalty.push_back(sc.frequency_penalty);
+    b.seeds.push_back(sc.seed);
     b.output_index.push_back(r.num_output_tokens());
-    if (s.do_sample && r.num_output_tokens() < r.stop.min_tokens) append_suppressed(r, b.suppress_ids);
+    if (s.do_sample) {
+      append_suppressed(r, b.suppress_ids);
+      b.bias_ids.insert(b.bias_ids.end(), sc.logit_bias_ids.begin(), sc.logit_bias_ids.end());
+      b.bias_values.insert(b.bias_values.end(), sc.logit_bias_values.begin(),
+                           sc.logit_bias_values.end());
+    }
     b.suppress_offsets.push_back(static_cast<int32_t>(b.suppress_ids.size()));
+    b.bias_offsets.push_back(static_cast<int32_t>(b.bias_ids.size()));
+
+    // Sampled samples of one request are ranked by cumulative logprob: they need their logprob.
+    int32_t logprobs = sc.logprobs;
+    if (logprobs < 0 && r.group && !r.is_beam()) logprobs = 0;
+    b.logprobs.push_back(s.do_sample ? logprobs : -1);
+    const bool prompt_step = s.num_computed_tokens < r.num_prompt_tokens;
+    b.prompt_logprobs.push_back(prompt_step ? sc.prompt_logprobs : -1);
+    b.context_logits.push_back(prompt_step && sc.context_logits ? 1 : 0);
+    b.generation_logits.push_back(s.do_sample && sc.generation_logits ? 1 : 0);
+    b.prompt_lens.push_back(r.num_prompt_tokens);
+    b.next_token_ids.push_back(end < r.num_tokens() ? r.token_ids[end] : -1);
+
+    b.slots.push_back(s.slot);
+    b.slot_copy_from.push_back(s.slot_copy_from);
+    b.slot_reset.push_back(s.slot_reset ? 1 : 0);
+    b.state_start.push_back(s.state_from);
+    if (s.slot >= 0) {
+      b.state_ids.insert(b.state_ids.end(), r.token_ids.begin() + s.state_from, r.token_ids.end());
+    }
+    b.state_offsets.push_back(static_cast<int32_t>(b.state_ids.size()));
   }
   b.num_tokens = static_cast<int32_t>(b.input_ids.size());
   return b;

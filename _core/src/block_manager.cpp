@@ -101,6 +101,37 @@ bool BlockManager::allocate(std::vector<int32_t>& block_ids, int32_t num_tokens,
   return true;
 }
 
+bool BlockManager::allocate_for_write(std::vector<int32_t>& block_ids, int32_t write_from,
+                                      int32_t num_tokens, std::vector<int32_t>& copies) {
+  const size_t index = static_cast<size_t>(write_from / tokens_per_block_);
+  const bool copy = write_from >= 0 && index < block_ids.size() &&
+                    blocks_[block_ids[index]].ref_count > 1;
+  if (!copy) return allocate(block_ids, num_tokens);
+  const int32_t need_new = std::max(0, blocks_for(num_tokens) - static_cast<int32_t>(block_ids.size()));
+  if (need_new + 1 > free_queue_.size()) return false;
+  const int32_t fresh = free_queue_.pop_front();
+  evict(fresh);
+  blocks_[fresh].ref_count = 1;
+  --blocks_[block_ids[index]].ref_count;  // was > 1: still referenced, stays out of the free queue
+  copies.push_back(block_ids[index]);
+  copies.push_back(fresh);
+  block_ids[index] = fresh;
+  const bool grown = allocate(block_ids, num_tokens);
+  (void)grown;  // checked above: need_new blocks are free
+  return true;
+}
+
+std::vector<int32_t> BlockManager::fork(const std::vector<int32_t>& block_ids) {
+  for (int32_t id : block_ids) {
+    check_block_id(id);
+    if (blocks_[id].ref_count <= 0) {
+      throw std::invalid_argument("block " + std::to_string(id) + " is forked but not in use");
+    }
+  }
+  for (int32_t id : block_ids) ++blocks_[id].ref_count;
+  return block_ids;
+}
+
 void BlockManager::evict(int32_t block_id) {
   Block& b = blocks_[block_id];
   if (!b.hashed) return;

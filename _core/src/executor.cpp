@@ -36,11 +36,11 @@ uint64_t Executor::enqueue(Request request) {
   return id;
 }
 
-void Executor::abort(uint64_t request_id) {
+void Executor::abort(uint64_t request_id, int32_t seq_index) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (dead_) return;
-    aborts_.push_back(request_id);
+    aborts_.emplace_back(request_id, seq_index);
   }
   work_cv_.notify_one();
 }
@@ -95,7 +95,7 @@ void Executor::loop() {
   try {
     while (!loop_dead_) {
       std::deque<Request> incoming;
-      std::vector<uint64_t> aborts;
+      std::vector<std::pair<uint64_t, int32_t>> aborts;
       {
         std::unique_lock<std::mutex> lock(mu_);
         work_cv_.wait(lock, [this] {
@@ -114,11 +114,11 @@ void Executor::loop() {
           request.status = RequestStatus::kFinished;
           request.finish_reason = "error";
           request.error = e.what();
-          responses.push_back(Response::of(request, {}));
+          responses.push_back(Response::of(request));
         }
       }
-      for (uint64_t id : aborts) {
-        if (auto response = scheduler_.abort(id)) responses.push_back(std::move(*response));
+      for (const auto& [id, seq_index] : aborts) {
+        for (Response& r : scheduler_.abort(id, seq_index)) responses.push_back(std::move(r));
       }
       publish(std::move(responses));
       run_steps();
@@ -156,22 +156,22 @@ void Executor::run_steps() {
   }
   InflightStep step = std::move(inflight_.front());
   inflight_.pop_front();
-  std::vector<int32_t> tokens;
+  StepResult result;
   try {
-    tokens = runner_->collect(step.ticket);
+    result = runner_->collect(step.ticket);
   } catch (const RunnerError& e) {
     on_runner_error(step.output, e.what(), e.fatal());
     return;
   }
-  if (tokens.size() != step.output.scheduled.size()) {
+  if (static_cast<size_t>(result.num_rows) != step.output.scheduled.size()) {
     on_runner_error(step.output,
-                    "runner.collect returned " + std::to_string(tokens.size()) +
+                    "runner.collect returned " + std::to_string(result.num_rows) +
                         " tokens for a batch of " + std::to_string(step.output.scheduled.size()) +
                         " requests",
                     false);
     return;
   }
-  publish(scheduler_.update(step.output, tokens));
+  publish(scheduler_.update(step.output, result));
 }
 
 void Executor::on_runner_error(const SchedulerOutput& output, const std::string& message,
@@ -197,7 +197,7 @@ void Executor::finish_loop(const std::string& reason, const std::string& error,
       request.status = RequestStatus::kFinished;
       request.finish_reason = reason;
       request.error = error;
-      responses.push_back(Response::of(request, {}));
+      responses.push_back(Response::of(request));
     }
     incoming_.clear();
     aborts_.clear();
@@ -219,7 +219,7 @@ void Executor::publish(std::vector<Response> responses) {
     std::lock_guard<std::mutex> lock(mu_);
     stats_ = stats;
     for (Response& r : responses) {
-      if (r.finished) live_ids_.erase(r.request_id);
+      if (r.request_finished) live_ids_.erase(r.request_id);
       responses_.push_back(std::move(r));
     }
   }

@@ -1,12 +1,14 @@
-// Scheduler: token-budget scheduling with chunked prefill, prefix reuse and preemption by recompute.
+// Scheduler: token-budget scheduling with chunked prefill, prefix reuse, preemption by recompute,
+// and the lock-step of beam groups.
 #include "llmapi/scheduler.h"
 
 #include <algorithm>
+#include <functional>
 #include <stdexcept>
 #include <string>
+#include <unordered_set>
 
 #include "llmapi/errors.h"
-#include "llmapi/stop_rules.h"
 
 namespace llmapi {
 
@@ -35,13 +37,29 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
                        std::to_string(config.tokens_per_block) + " tokens; the cache has " +
                        std::to_string(config.num_blocks));
   }
+  if (request.sampling.num_sequences > config.max_batch_size) {
+    throw RequestError("num_sequences=" + std::to_string(request.sampling.num_sequences) +
+                       " is invalid: a request's sequences must fit max_batch_size=" +
+                       std::to_string(config.max_batch_size));
+  }
 }
 
 void Scheduler::add(Request request) {
   check_request(config_, request);
   const uint64_t id = request.request_id;
-  if (requests_.count(id)) throw RequestError("duplicate request id " + std::to_string(id));
+  if (requests_.count(id) || groups_.count(id)) {
+    throw RequestError("duplicate request id " + std::to_string(id));
+  }
   auto owned = std::make_unique<Request>(std::move(request));
+  if (owned->sampling.num_sequences > 1) {
+    auto group = std::make_shared<SequenceGroup>();
+    group->user_id = id;
+    group->members.push_back(id);
+    group->num_sequences = owned->sampling.num_sequences;
+    if (owned->is_beam()) group->hypotheses.resize(owned->sampling.num_sequences);
+    owned->group = group;
+    groups_.emplace(id, std::move(group));
+  }
   waiting_.push_back(owned.get());
   requests_.emplace(id, std::move(owned));
 }
@@ -53,59 +71,204 @@ Request* Scheduler::get(uint64_t request_id) const {
 
 const Request* Scheduler::find(uint64_t request_id) const { return get(request_id); }
 
+std::vector<Request*> Scheduler::members(const SequenceGroup& group) const {
+  std::vector<Request*> out;
+  for (uint64_t id : group.members) {
+    if (Request* r = get(id)) out.push_back(r);
+  }
+  return out;
+}
+
+int32_t Scheduler::seats(const Request* r) const { return r->forks() ? r->sampling.num_sequences : 1; }
+
+int32_t Scheduler::take_slot() {
+  if (free_slots_.empty()) return num_slots_++;
+  std::pop_heap(free_slots_.begin(), free_slots_.end(), std::greater<int32_t>());
+  const int32_t slot = free_slots_.back();
+  free_slots_.pop_back();
+  return slot;
+}
+
+void Scheduler::release_slot(Request* r) {
+  if (r->slot >= 0) {
+    free_slots_.push_back(r->slot);
+    std::push_heap(free_slots_.begin(), free_slots_.end(), std::greater<int32_t>());
+  }
+  r->slot = -1;
+  r->slot_copy_from = -1;
+  r->num_state_tokens = 0;
+}
+
 SchedulerOutput Scheduler::schedule() {
   SchedulerOutput out;
   int32_t budget = config_.max_num_tokens;
   // A step that had to preempt is short of blocks: admitting new requests would only preempt again.
-  if (!schedule_running(out, budget)) schedule_waiting(out, budget);
+  if (!schedule_running(out, budget)) {
+    schedule_waiting(out, budget);
+    const bool in_flight = std::any_of(running_.begin(), running_.end(),
+                                       [](const Request* r) { return r->in_flight; });
+    if (out.scheduled.empty() && !in_flight && release_stalled_beams()) {
+      schedule_waiting(out, budget);
+    }
+  }
   out.num_tokens = config_.max_num_tokens - budget;
   return out;
 }
 
 bool Scheduler::schedule_running(SchedulerOutput& out, int32_t& budget) {
   bool preempted = false;
+  std::unordered_set<const SequenceGroup*> stepped;  // beam groups considered this step
   size_t i = 0;
   while (i < running_.size() && budget > 0) {
     Request* r = running_[i];
-    const int32_t n = std::min(r->num_tokens() - r->num_computed_tokens, budget);
-    if (r->in_flight || n <= 0) {
+    const int32_t left = r->num_tokens() - r->num_computed_tokens;
+    if (r->in_flight || left <= 0) {
       ++i;
       continue;
     }
-    bool got_blocks = false;
-    for (;;) {
-      if (blocks_.allocate(r->block_ids, r->num_computed_tokens + n)) {
-        got_blocks = true;
-        break;
+    std::vector<Request*> unit{r};
+    int32_t n = std::min(left, budget);
+    if (r->is_beam() && r->group && r->group->forked) {
+      if (left > 1) {
+        n = std::min(left - 1, budget);  // catching up after a preemption: never the last token
+      } else {
+        // The last token of every beam goes in one step, or none does.
+        if (!stepped.insert(r->group.get()).second) {
+          ++i;
+          continue;
+        }
+        unit = members(*r->group);
+        const bool ready = std::all_of(unit.begin(), unit.end(), [](const Request* m) {
+          return m->status == RequestStatus::kRunning && !m->in_flight &&
+                 m->num_tokens() - m->num_computed_tokens == 1;
+        });
+        if (!ready || static_cast<int32_t>(unit.size()) > budget) {
+          ++i;
+          continue;
+        }
+        n = 1;
       }
-      // Requests after i are not scheduled yet; the latest admitted one not in flight goes.
-      // r itself (index i, not in flight) is the last resort.
-      size_t v = running_.size();
-      while (v > i + 1 && running_[v - 1]->in_flight) --v;
-      Request* victim = running_[v - 1];
-      running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(v - 1));
-      preempt(victim);
-      out.preempted.push_back(victim->request_id);
+    }
+    const size_t before = running_.size();
+    if (!allocate_step(unit, n, i, out)) {
       preempted = true;
-      if (victim == r) break;  // running_[i] is now the next request
+      continue;  // running_[i] is now the next request
     }
-    if (got_blocks) {
-      push_scheduled(out, r, n);
+    preempted = preempted || running_.size() != before;
+    for (Request* m : unit) {
+      push_scheduled(out, m, n);
       budget -= n;
-      ++i;
     }
+    ++i;
   }
   return preempted;
 }
 
+bool Scheduler::try_allocate(const std::vector<Request*>& unit, int32_t n,
+                             std::vector<int32_t>& copies) {
+  if (unit.size() == 1) {
+    Request* r = unit.front();
+    return blocks_.allocate_for_write(r->block_ids, r->num_computed_tokens,
+                                      r->num_computed_tokens + n, copies);
+  }
+  // Count exactly what the members need, copy-on-writes included: a block shared by several
+  // members is copied until one reference is left.
+  const int32_t B = config_.tokens_per_block;
+  std::unordered_map<int32_t, int32_t> refs;
+  int32_t need = 0;
+  for (const Request* m : unit) {
+    const size_t index = static_cast<size_t>(m->num_computed_tokens / B);
+    if (index < m->block_ids.size()) {
+      auto it = refs.emplace(m->block_ids[index], blocks_.ref_count(m->block_ids[index])).first;
+      if (it->second > 1) {
+        ++need;
+        --it->second;
+      }
+    }
+    need += std::max(0, blocks_.blocks_for(m->num_computed_tokens + n) -
+                            static_cast<int32_t>(m->block_ids.size()));
+  }
+  if (need > blocks_.num_free_blocks()) return false;
+  for (Request* m : unit) {
+    const bool ok = blocks_.allocate_for_write(m->block_ids, m->num_computed_tokens,
+                                               m->num_computed_tokens + n, copies);
+    if (!ok) throw std::logic_error("a beam group's blocks were counted short");
+  }
+  return true;
+}
+
+bool Scheduler::allocate_step(const std::vector<Request*>& unit, int32_t n, size_t& index,
+                              SchedulerOutput& out) {
+  const std::unordered_set<const Request*> own(unit.begin(), unit.end());
+  for (;;) {
+    if (try_allocate(unit, n, out.block_copies)) return true;
+    // Preempt the latest admitted request after `index` that is not in flight; the unit itself
+    // is the last resort.
+    size_t v = running_.size();
+    while (v > index + 1 && (running_[v - 1]->in_flight || own.count(running_[v - 1]))) --v;
+    Request* victim = v > index + 1 ? running_[v - 1] : unit.front();
+    const bool self = own.count(victim) > 0 ||
+                      (victim->group != nullptr && victim->group == unit.front()->group);
+    for (const auto& [position, id] : preempt_unit(victim)) {
+      out.preempted.push_back(id);
+      if (position < index) --index;
+    }
+    if (self) return false;
+  }
+}
+
+std::vector<std::pair<size_t, uint64_t>> Scheduler::preempt_unit(Request* victim) {
+  std::vector<Request*> unit{victim};
+  if (victim->is_beam() && victim->group && victim->group->forked) {
+    unit.clear();
+    for (Request* m : members(*victim->group)) {
+      if (m->status == RequestStatus::kRunning && !m->in_flight) unit.push_back(m);
+    }
+  }
+  std::vector<std::pair<size_t, uint64_t>> removed;
+  // Latest first, so that push_front leaves the group in admission order at the queue's head.
+  for (size_t k = running_.size(); k-- > 0;) {
+    Request* r = running_[k];
+    if (std::find(unit.begin(), unit.end(), r) == unit.end()) continue;
+    removed.emplace_back(k, r->request_id);
+    running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(k));
+    preempt(r);
+  }
+  return removed;
+}
+
+bool Scheduler::release_stalled_beams() {
+  std::unordered_set<const SequenceGroup*> waiting_groups;
+  for (const Request* r : waiting_) {
+    if (r->is_beam() && r->group) waiting_groups.insert(r->group.get());
+  }
+  bool any = false;
+  for (size_t k = running_.size(); k-- > 0;) {
+    Request* r = running_[k];
+    if (r->group && waiting_groups.count(r->group.get()) && !r->in_flight) {
+      running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(k));
+      preempt(r);
+      any = true;
+    }
+  }
+  return any;
+}
+
 void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
   const int32_t B = config_.tokens_per_block;
-  while (!waiting_.empty() && budget > 0 &&
-         static_cast<int32_t>(running_.size()) < config_.max_batch_size) {
+  int32_t seats_used = 0;
+  for (const Request* r : running_) seats_used += seats(r);
+  while (!waiting_.empty() && budget > 0) {
     Request* r = waiting_.front();
-    const std::vector<int32_t> prefix = blocks_.lookup(r->token_ids);
+    if (seats_used + seats(r) > config_.max_batch_size) break;
+    // Prompt logits need every prompt position computed, so such requests skip the prefix cache.
+    const std::vector<int32_t> prefix =
+        r->sampling.needs_prompt_logits() ? std::vector<int32_t>{} : blocks_.lookup(r->token_ids);
     const int32_t cached = static_cast<int32_t>(prefix.size()) * B;
     int32_t n = r->num_tokens() - cached;
+    // A beam catching up computes all but its last token alone (see schedule_running).
+    const bool beam_member = r->is_beam() && r->group && r->group->forked;
+    if (beam_member) n -= 1;
     if (!config_.enable_chunked_prefill && n > budget) break;
     n = std::min(n, budget);
     if (!blocks_.allocate(r->block_ids, cached + n, prefix)) break;
@@ -114,14 +277,19 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
     num_prefix_hit_tokens_ += cached;
     r->num_computed_tokens = cached;
     r->status = RequestStatus::kRunning;
+    if (r->sampling.needs_state()) r->slot = take_slot();
     running_.push_back(r);
-    push_scheduled(out, r, n);
-    budget -= n;
+    seats_used += seats(r);
+    if (n > 0) {
+      push_scheduled(out, r, n);
+      budget -= n;
+    }
   }
 }
 
 void Scheduler::preempt(Request* r) {
   blocks_.free(r->block_ids);  // its full blocks stay cached: the recompute can reuse them
+  release_slot(r);
   r->num_computed_tokens = 0;
   r->status = RequestStatus::kWaiting;
   ++r->num_preemptions;
@@ -135,107 +303,16 @@ void Scheduler::push_scheduled(SchedulerOutput& out, Request* r, int32_t n) {
   s.num_computed_tokens = r->num_computed_tokens;
   s.num_new_tokens = n;
   s.do_sample = r->num_computed_tokens + n == r->num_tokens();
+  if (r->slot >= 0) {
+    s.slot = r->slot;
+    s.slot_copy_from = r->slot_copy_from;
+    s.slot_reset = r->num_state_tokens == 0 && r->slot_copy_from < 0;
+    s.state_from = r->num_state_tokens;
+    r->num_state_tokens = r->num_tokens();
+    r->slot_copy_from = -1;
+  }
   out.scheduled.push_back(s);
   r->in_flight = true;
-}
-
-std::vector<Response> Scheduler::update(const SchedulerOutput& output,
-                                        const std::vector<int32_t>& sampled) {
-  if (sampled.size() != output.scheduled.size()) {
-    throw std::invalid_argument("got " + std::to_string(sampled.size()) + " sampled tokens for " +
-                                std::to_string(output.scheduled.size()) + " scheduled requests");
-  }
-  ++num_steps_;
-  std::vector<Response> responses;
-  for (size_t i = 0; i < output.scheduled.size(); ++i) {
-    const ScheduledRequest& s = output.scheduled[i];
-    Request* r = get(s.request_id);
-    if (r == nullptr || !r->in_flight) continue;  // settled already (finish_all)
-    r->in_flight = false;
-    if (r->abort_requested) {
-      responses.push_back(finish(r, "abort", ""));
-      continue;
-    }
-    r->num_computed_tokens = s.num_computed_tokens + s.num_new_tokens;
-    blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens);
-    if (!s.do_sample) continue;  // a prefill chunk before the last: nothing to report
-    const int32_t token = sampled[i];
-    if (token < 0) {
-      responses.push_back(finish(r, "error", "the runner sampled token id " + std::to_string(token)));
-      continue;
-    }
-    r->token_ids.push_back(token);
-    if (apply_stop_rules(*r, config_.max_seq_len)) {
-      responses.push_back(finish(r, r->finish_reason, "", {token}));
-    } else if (blocks_.blocks_for(r->num_tokens()) > blocks_.num_blocks()) {
-      // Its next step needs more blocks than exist: fail now rather than preempt forever.
-      responses.push_back(finish(
-          r, "error",
-          "request " + std::to_string(r->request_id) + " needs " +
-              std::to_string(blocks_.blocks_for(r->num_tokens())) + " KV blocks; the cache has " +
-              std::to_string(blocks_.num_blocks()),
-          {token}));
-    } else {
-      responses.push_back(Response::of(*r, {token}));
-    }
-  }
-  return responses;
-}
-
-std::vector<Response> Scheduler::fail(const SchedulerOutput& output, const std::string& error) {
-  ++num_steps_;
-  std::vector<Response> responses;
-  for (const ScheduledRequest& s : output.scheduled) {
-    Request* r = get(s.request_id);
-    if (r == nullptr || !r->in_flight) continue;
-    r->in_flight = false;
-    responses.push_back(r->abort_requested ? finish(r, "abort", "") : finish(r, "error", error));
-  }
-  return responses;
-}
-
-std::optional<Response> Scheduler::abort(uint64_t request_id) {
-  Request* r = get(request_id);
-  if (r == nullptr) return std::nullopt;
-  if (r->in_flight) {
-    r->abort_requested = true;  // its blocks may still be written: free them at collect
-    return std::nullopt;
-  }
-  return finish(r, "abort", "");
-}
-
-std::vector<Response> Scheduler::finish_all(const std::string& finish_reason,
-                                            const std::string& error) {
-  // Emptied first so that finishing N requests costs O(N), not O(N^2) unlinking.
-  std::vector<Request*> all;
-  all.swap(running_);
-  all.insert(all.end(), waiting_.begin(), waiting_.end());
-  waiting_.clear();
-  std::vector<Response> responses;
-  for (Request* r : all) {
-    r->in_flight = false;
-    responses.push_back(finish(r, finish_reason, error));
-  }
-  return responses;
-}
-
-Response Scheduler::finish(Request* r, const std::string& reason, const std::string& error,
-                           std::vector<int32_t> new_tokens) {
-  // Unlink from the one queue that holds it (a stop rule may have marked it finished already:
-  // it was running then). Aborting a waiting request is the only O(waiting) case.
-  if (r->status == RequestStatus::kWaiting) {
-    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), r), waiting_.end());
-  } else {
-    running_.erase(std::remove(running_.begin(), running_.end(), r), running_.end());
-  }
-  r->status = RequestStatus::kFinished;
-  r->finish_reason = reason;
-  r->error = error;
-  Response response = Response::of(*r, std::move(new_tokens));
-  const uint64_t id = r->request_id;  // erase() below destroys r
-  blocks_.free(r->block_ids);
-  requests_.erase(id);
-  return response;
 }
 
 Batch Scheduler::make_batch(const SchedulerOutput& output) const {
@@ -249,7 +326,7 @@ Batch Scheduler::make_batch(const SchedulerOutput& output) const {
     }
     requests.push_back(r);
   }
-  return llmapi::make_batch(requests, output.scheduled, config_.tokens_per_block);
+  return llmapi::make_batch(requests, output, config_.tokens_per_block);
 }
 
 std::vector<uint64_t> Scheduler::waiting_ids() const {

@@ -43,6 +43,16 @@ class BlockManager {
   bool allocate(std::vector<int32_t>& block_ids, int32_t num_tokens,
                 const std::vector<int32_t>& cached_prefix = {});
 
+  // As allocate, for a step that writes positions from `write_from` on: if the block holding
+  // that position is shared (a forked sequence's last, partly filled block), it is replaced by a
+  // new block and (source, destination) is appended to `copies`, for the runner to copy its KV
+  // before the step (copy-on-write). All or nothing: false when the blocks are not there.
+  bool allocate_for_write(std::vector<int32_t>& block_ids, int32_t write_from, int32_t num_tokens,
+                          std::vector<int32_t>& copies);
+
+  // Shares a block table with a forked sequence: each block's reference count + 1; returns it.
+  std::vector<int32_t> fork(const std::vector<int32_t>& block_ids);
+
   // Releases a block table, last block first, and clears it.
   void free(std::vector<int32_t>& block_ids);
 

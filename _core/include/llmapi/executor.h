@@ -39,8 +39,9 @@ class Executor {
 
   // Throws RequestError (invalid / duplicate id) or ExecutorDeadError.
   uint64_t enqueue(Request request);
-  // Finishes the request "abort"; unknown or finished ids and a dead executor are ignored.
-  void abort(uint64_t request_id);
+  // Finishes the request (or only its sequence `seq_index` if >= 0) "abort"; unknown or
+  // finished ids and a dead executor are ignored.
+  void abort(uint64_t request_id, int32_t seq_index = -1);
   // Waits up to `timeout_s` (forever if nullopt) for responses and takes all queued ones; [] on
   // timeout. Once the executor is dead and drained, throws ExecutorDeadError.
   std::vector<Response> await_responses(std::optional<double> timeout_s);
@@ -71,7 +72,7 @@ class Executor {
   std::condition_variable work_cv_;      // the loop thread waits for requests / aborts / stop
   std::condition_variable response_cv_;  // await_responses waits for responses / the end
   std::deque<Request> incoming_;
-  std::vector<uint64_t> aborts_;
+  std::vector<std::pair<uint64_t, int32_t>> aborts_;  // (request id, sequence or -1)
   std::unordered_set<uint64_t> live_ids_;  // enqueued and not finished: duplicate check
   std::deque<Response> responses_;
   Stats stats_;                           // published by the loop thread after each iteration

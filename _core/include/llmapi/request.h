@@ -2,19 +2,52 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace llmapi {
 
+// Ids of sequences forked from a request have this bit set; users' ids must not.
+constexpr uint64_t kForkedIdBit = 1ULL << 63;
+
 enum class RequestStatus { kWaiting, kRunning, kFinished };
 const char* to_string(RequestStatus status);
+
+// How beam search ends (transformers' early_stopping): kHeuristic stops once no running beam can
+// beat the worst finished one at its current length, kFirst as soon as beam-width hypotheses are
+// finished, kNever only when the best possible score at the longest length cannot win.
+enum class EarlyStopping : int32_t { kHeuristic = 0, kFirst = 1, kNever = 2 };
 
 struct SamplingConfig {
   float temperature = 1.0f;  // 0 = greedy
   int32_t top_k = 0;         // 0 = off
   float top_p = 1.0f;        // 1 = off
+  float min_p = 0.0f;        // 0 = off
   int64_t seed = 0;          // uint63: keys the sampler's counter-based noise
+  float repetition_penalty = 1.0f;  // 1 = off; on prompt and output tokens
+  float presence_penalty = 0.0f;    // on output tokens
+  float frequency_penalty = 0.0f;   // on output tokens
+  std::vector<std::vector<int32_t>> bad_words;  // the last token of each is masked after the rest
+  std::vector<int32_t> logit_bias_ids;          // added to the logits of these ids ...
+  std::vector<float> logit_bias_values;         // ... by these amounts
+  int32_t num_sequences = 1;  // sequences forked from the prompt: best_of samples or the beam width
+  bool beam_search = false;
+  float length_penalty = 1.0f;  // beam search: a finished beam scores sum_logprobs / length**this
+  EarlyStopping early_stopping = EarlyStopping::kHeuristic;
+  int32_t num_returned = 1;     // beam search: hypotheses returned (n <= beam width)
+  int32_t logprobs = -1;        // -1: none; k >= 0: each token's logprob and rank, plus the top k
+  int32_t prompt_logprobs = -1; // -1: none; k >= 0: the same for each prompt token
+  bool context_logits = false;     // the runner keeps the logits of every prompt position
+  bool generation_logits = false;  // the runner keeps the logits of every sampled token
+  bool token_history = false;      // the runner's per-request state holds the token ids (a Python
+                                   // logits processor reads them)
+
+  bool needs_state() const {
+    return repetition_penalty != 1.0f || presence_penalty != 0.0f || frequency_penalty != 0.0f ||
+           token_history;
+  }
+  bool needs_prompt_logits() const { return prompt_logprobs >= 0 || context_logits; }
 };
 
 struct StopConfig {
@@ -25,12 +58,20 @@ struct StopConfig {
   bool ignore_eos = false;
 };
 
+struct SequenceGroup;
+
 struct Request {
   // Validates the settings; throws RequestError naming the bad field.
   Request(uint64_t request_id, std::vector<int32_t> prompt_token_ids, StopConfig stop,
           SamplingConfig sampling);
 
+  // The scheduler's key: the user's id for a request's first sequence, an internal id (top bit
+  // set) for the sequences forked from it.
   uint64_t request_id;
+  uint64_t user_id;          // the id the user enqueued (responses carry it)
+  int32_t seq_index = 0;     // which of the user request's sequences this is; keys its sampling noise
+  std::shared_ptr<SequenceGroup> group;  // set once forked (num_sequences > 1)
+
   // Prompt followed by generated tokens: one vector so KV positions index it directly.
   std::vector<int32_t> token_ids;
   int32_t num_prompt_tokens;
@@ -45,14 +86,53 @@ struct Request {
   bool in_flight = false;            // in a batch submitted and not collected: not schedulable
   bool abort_requested = false;      // abort arrived while in flight: settle it at collect
 
+  // The runner's per-request state row (penalty counts, token history), if sampling needs one.
+  int32_t slot = -1;
+  int32_t slot_copy_from = -1;  // next step: the row starts as a copy of this one (a fork)
+  int32_t num_state_tokens = 0; // tokens the row holds; the next step sends the rest
+
+  // Per generated token, when sampling.logprobs >= 0: its logprob and rank, and the top k.
+  std::vector<float> logprobs;
+  std::vector<int32_t> ranks;
+  std::vector<int32_t> top_ids;       // [tokens, k]
+  std::vector<float> top_logprobs;    // [tokens, k]
+  double cumulative_logprob = 0.0;    // sum of the generated tokens' logprobs
+  float beam_score = 0.0f;            // beam search: the running beam's accumulated score
+
   std::string finish_reason;         // "" | "stop" | "length" | "abort" | "error"
   int32_t stop_reason = -1;          // the stop / eos token id that finished it
   std::string error;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
+  bool forks() const;        // its next sampled token forks it into num_sequences sequences
+  bool is_beam() const { return sampling.beam_search; }
   std::vector<int32_t> prompt_token_ids() const;
   std::vector<int32_t> output_token_ids() const;
+};
+
+// A finished beam-search hypothesis.
+struct BeamHypothesis {
+  float score = -1.0e9f;        // length-penalised; -1e9 marks an empty place
+  bool finished = false;
+  float sum_logprobs = 0.0f;
+  std::vector<int32_t> token_ids;  // generated tokens
+  std::vector<float> logprobs;
+  std::vector<int32_t> ranks;
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_logprobs;
+  int32_t stop_reason = -1;
+};
+
+// The sequences forked from one user request: best_of samples, or the beams of a beam search.
+struct SequenceGroup {
+  uint64_t user_id = 0;
+  bool forked = false;               // the first sequence has sampled and forked the others
+  std::vector<uint64_t> members;     // scheduler ids of the unfinished sequences, by seq_index
+  int32_t num_sequences = 0;
+  // Beam search only.
+  std::vector<BeamHypothesis> hypotheses;  // beam-width places, best first
+  bool improvable = true;  // a running beam may still beat a finished one
 };
 
 }  // namespace llmapi

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "llmapi/batch.h"
+#include "llmapi/step_result.h"
 
 namespace llmapi {
 
@@ -16,8 +17,9 @@ class Runner {
   virtual ~Runner() = default;
   // Starts running `batch`; returns a ticket for collect().
   virtual uint64_t submit(std::shared_ptr<Batch> batch) = 0;
-  // Waits for the batch of `ticket`; returns its sampled token per request ([R]).
-  virtual std::vector<int32_t> collect(uint64_t ticket) = 0;
+  // Waits for the batch of `ticket`; returns its rows' candidates (one sampled token per row
+  // unless the batch asked for more).
+  virtual StepResult collect(uint64_t ticket) = 0;
   // Forgets a ticket that will never be collected (shutdown or death with batches in flight).
   virtual void discard(uint64_t ticket) { (void)ticket; }
 };

@@ -16,6 +16,7 @@
 #include "llmapi/response.h"
 #include "llmapi/scheduler_output.h"
 #include "llmapi/stats.h"
+#include "llmapi/step_result.h"
 
 namespace llmapi {
 
@@ -38,6 +39,16 @@ namespace llmapi {
 // A request never needs more blocks than the cache holds: add() rejects such prompts and update()
 // fails a request (finish "error") as soon as its tokens outgrow the cache, so scheduling always
 // makes progress when nothing is in flight.
+//
+// Sequences (n / best_of samples, beams): a request with num_sequences > 1 runs as one sequence
+// until it samples; that step's row offers several candidates and the request forks into
+// num_sequences requests (internal ids) that share its blocks by reference count. A block a
+// sequence writes into while another still references it is copied first (copy-on-write, listed
+// in SchedulerOutput.block_copies). A request with n sequences takes n of the max_batch_size
+// places from its admission on. Samples then run independently. Beams step together: a beam
+// computes its tokens but the last on its own (after a preemption), and the last tokens of all
+// beams go in one step, whose candidates the beam search turns into the next beams (forking
+// their parents' blocks again) and finished hypotheses; preempting a beam preempts its group.
 class Scheduler {
  public:
   explicit Scheduler(const ExecutorConfig& config);
@@ -49,19 +60,22 @@ class Scheduler {
   // Queues a request at the tail of the waiting queue. Throws RequestError (duplicate id too).
   void add(Request request);
   SchedulerOutput schedule();
-  // The step `output` ran; sampled[i] is the token of output.scheduled[i] (used where do_sample).
-  // Advances computed tokens, caches newly full blocks, appends tokens, applies the stop rules and
-  // frees finished requests. Returns one response per request that got a token or finished.
-  std::vector<Response> update(const SchedulerOutput& output, const std::vector<int32_t>& sampled);
+  // The step `output` ran; `result` holds the candidates of output.scheduled[i] in row i (used
+  // where do_sample). Advances computed tokens, caches newly full blocks, appends tokens (forking
+  // and stepping beam searches), applies the stop rules and frees finished requests. Returns one
+  // response per sequence that got a token or finished.
+  std::vector<Response> update(const SchedulerOutput& output, const StepResult& result);
   // The step `output` failed: its requests finish "error" with `error`.
   std::vector<Response> fail(const SchedulerOutput& output, const std::string& error);
-  // Finishes the request "abort" (freeing its blocks) and returns its response; if it is in
-  // flight, it is finished when its step is collected instead. Unknown ids are ignored.
-  std::optional<Response> abort(uint64_t request_id);
+  // Finishes the user's request (every sequence, or only sequence `seq_index` if >= 0) "abort",
+  // freeing its blocks, and returns the responses; what is in flight is finished when its step
+  // is collected instead. Unknown ids are ignored.
+  std::vector<Response> abort(uint64_t request_id, int32_t seq_index = -1);
   // Finishes every request (in flight or not) with `finish_reason` and `error`.
   std::vector<Response> finish_all(const std::string& finish_reason, const std::string& error);
 
   Batch make_batch(const SchedulerOutput& output) const;
+  int32_t num_slots() const { return num_slots_; }  // state slots ever handed out
 
   bool has_unfinished() const { return !requests_.empty(); }
   const Request* find(uint64_t request_id) const;
@@ -76,17 +90,56 @@ class Scheduler {
   // Schedules the running requests; returns whether anyone was preempted.
   bool schedule_running(SchedulerOutput& out, int32_t& budget);
   void schedule_waiting(SchedulerOutput& out, int32_t& budget);
+  // Preempts the running requests that hold back waiting beams of their group (all of which
+  // must step together) when nothing else can run; returns whether it preempted any.
+  bool release_stalled_beams();
+  // Allocates `units` (running_[index] first) their next step's blocks, all or nothing,
+  // preempting the most recently admitted others as needed. False: `units` themselves were
+  // preempted. Adjusts `index` for requests removed before it.
+  bool allocate_step(const std::vector<Request*>& units, int32_t num_new_tokens, size_t& index,
+                     SchedulerOutput& out);
+  // The blocks of one step of `unit` (copy-on-write included), all or nothing.
+  bool try_allocate(const std::vector<Request*>& unit, int32_t num_new_tokens,
+                    std::vector<int32_t>& copies);
   void preempt(Request* request);
+  // Preempts `victim` and, for a beam, its whole group; returns (running_ index, id) of each.
+  std::vector<std::pair<size_t, uint64_t>> preempt_unit(Request* victim);
   void push_scheduled(SchedulerOutput& out, Request* request, int32_t num_new_tokens);
-  // Marks `request` finished, frees its blocks, forgets it; returns its final response.
+  int32_t seats(const Request* request) const;
+  int32_t take_slot();
+  void release_slot(Request* request);
+  // A copy of `parent` as sequence `seq_index` (a new internal id), sharing its blocks.
+  Request* fork(Request* parent, int32_t seq_index);
+  // Appends candidate `column` of result row `row` to `request` with its logprobs.
+  void append_candidate(Request* request, const StepResult& result, int32_t row, int32_t column);
+  // The token appended last settles `request`: a response, or its finish.
+  Response settle(Request* request);
+  void fork_samples(Request* request, const StepResult& result, int32_t row,
+                    std::vector<Response>& responses);
+  void step_beams(SequenceGroup& group, const std::vector<std::pair<Request*, int32_t>>& rows,
+                  const StepResult& result, std::vector<Response>& responses);
+  // Marks `request` finished, frees its blocks, forgets it; returns its final response (with
+  // the token appended last if `last_token`).
   Response finish(Request* request, const std::string& reason, const std::string& error,
-                  std::vector<int32_t> new_tokens = {});
+                  bool last_token);
+  // Ends a beam search: frees every beam, returns the best hypotheses (or, with an abort or
+  // error reason, the reason alone).
+  std::vector<Response> finish_beams(SequenceGroup& group, const std::string& reason,
+                                     const std::string& error);
+  // finish() for a plain or sampled sequence, finish_beams() for a beam.
+  std::vector<Response> finish_any(Request* request, const std::string& reason,
+                                   const std::string& error);
+  std::vector<Request*> members(const SequenceGroup& group) const;
 
   ExecutorConfig config_;
   BlockManager blocks_;
   std::unordered_map<uint64_t, std::unique_ptr<Request>> requests_;  // every unfinished request
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;  // admission order: the tail is preempted first
+  std::unordered_map<uint64_t, std::shared_ptr<SequenceGroup>> groups_;  // by user id
+  uint64_t next_fork_id_ = kForkedIdBit;
+  std::vector<int32_t> free_slots_;  // a min-heap: low slots are reused first
+  int32_t num_slots_ = 0;
   int64_t num_prefix_hit_tokens_ = 0;
   int64_t num_preemptions_ = 0;
   int64_t num_steps_ = 0;

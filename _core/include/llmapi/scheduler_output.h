@@ -11,11 +11,18 @@ struct ScheduledRequest {
   int32_t num_computed_tokens = 0;  // before this step: the first new token's position
   int32_t num_new_tokens = 0;       // tokens computed this step
   bool do_sample = false;           // this step reaches the request's last known token
+  // The runner's state row: a fresh slot is cleared, a forked one starts as a copy of another;
+  // then the request's tokens from state_from on are appended to it.
+  int32_t slot = -1;
+  bool slot_reset = false;
+  int32_t slot_copy_from = -1;
+  int32_t state_from = 0;
 };
 
 struct SchedulerOutput {
   std::vector<ScheduledRequest> scheduled;  // running requests first (admission order), then new
   std::vector<uint64_t> preempted;          // in preemption order
+  std::vector<int32_t> block_copies;        // [C, 2] (source, destination), copy-on-write
   int32_t num_tokens = 0;
 };
 

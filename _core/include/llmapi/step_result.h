@@ -1,0 +1,36 @@
+// StepResult: what the runner returns for one batch (candidate tokens and their logprobs).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace llmapi {
+
+// Row r of the batch offers num_candidates[r] candidates (the batch's field), best first:
+// 1 sampled token; a forking sampler row's samples 0..n-1; a beam row's top-K tokens. Arrays
+// are row-major with K columns (the widest row); unused places hold token -1.
+struct StepResult {
+  int32_t num_rows = 0;        // R
+  int32_t num_candidates = 1;  // K
+  int32_t num_top = 0;         // L
+  std::vector<int32_t> tokens;        // [R, K]
+  std::vector<float> scores;          // [R, K] beam rows: the processed logprob that ranks beams; or empty
+  std::vector<float> logprobs;        // [R, K] raw logprob of each candidate (rows that asked); or empty
+  std::vector<int32_t> ranks;         // [R, K] 1 + tokens with a higher raw logprob; or empty
+  std::vector<int32_t> top_ids;       // [R, L] the row's most likely tokens, most likely first
+  std::vector<float> top_logprobs;    // [R, L]
+
+  // A result of one token per row and nothing else (the simplest runner's answer).
+  static StepResult of_tokens(std::vector<int32_t> tokens) {
+    StepResult s;
+    s.num_rows = static_cast<int32_t>(tokens.size());
+    s.tokens = std::move(tokens);
+    return s;
+  }
+  int32_t token(int32_t row, int32_t c) const { return tokens[static_cast<size_t>(row) * num_candidates + c]; }
+  float score(int32_t row, int32_t c) const {
+    return scores.empty() ? 0.0f : scores[static_cast<size_t>(row) * num_candidates + c];
+  }
+};
+
+}  // namespace llmapi

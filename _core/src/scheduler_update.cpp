@@ -1,0 +1,390 @@
+// Scheduler: settling a step (tokens, forks, beam steps, stop rules) and finishing requests.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+
+#include "llmapi/beam_search.h"
+#include "llmapi/scheduler.h"
+#include "llmapi/stop_rules.h"
+
+namespace llmapi {
+
+namespace {
+
+// Appends candidate (row, column)'s logprob, rank and the row's top-k to the output vectors.
+template <typename Seq>
+void append_logprobs(Seq& seq, int32_t k, const StepResult& result, int32_t row, int32_t column) {
+  const size_t at = static_cast<size_t>(row) * result.num_candidates + column;
+  const float logprob = result.logprobs.empty() ? 0.0f : result.logprobs[at];
+  seq.logprobs.push_back(logprob);
+  seq.ranks.push_back(result.ranks.empty() ? 0 : result.ranks[at]);
+  for (int32_t j = 0; j < k; ++j) {
+    const bool have = j < result.num_top;
+    const size_t t = static_cast<size_t>(row) * result.num_top + j;
+    seq.top_ids.push_back(have ? result.top_ids[t] : -1);
+    seq.top_logprobs.push_back(have ? result.top_logprobs[t] : 0.0f);
+  }
+}
+
+}  // namespace
+
+std::vector<Response> Scheduler::update(const SchedulerOutput& output, const StepResult& result) {
+  if (static_cast<size_t>(result.num_rows) != output.scheduled.size()) {
+    throw std::invalid_argument("got " + std::to_string(result.num_rows) + " result rows for " +
+                                std::to_string(output.scheduled.size()) + " scheduled requests");
+  }
+  ++num_steps_;
+  std::vector<Response> responses;
+  std::vector<std::shared_ptr<SequenceGroup>> beam_groups;  // in order of their first row
+  std::unordered_map<const SequenceGroup*, std::vector<std::pair<Request*, int32_t>>> beam_rows;
+  for (size_t i = 0; i < output.scheduled.size(); ++i) {
+    const ScheduledRequest& s = output.scheduled[i];
+    Request* r = get(s.request_id);
+    if (r == nullptr || !r->in_flight) continue;  // settled already (finish_all, a beam abort)
+    r->in_flight = false;
+    if (r->abort_requested) {
+      for (Response& x : finish_any(r, "abort", "")) responses.push_back(std::move(x));
+      continue;
+    }
+    r->num_computed_tokens = s.num_computed_tokens + s.num_new_tokens;
+    blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens);
+    if (!s.do_sample) continue;  // a prefill chunk before the last: nothing to report
+    if (r->is_beam()) {
+      auto& rows = beam_rows[r->group.get()];
+      if (rows.empty()) beam_groups.push_back(r->group);
+      rows.emplace_back(r, static_cast<int32_t>(i));
+    } else if (r->forks()) {
+      fork_samples(r, result, static_cast<int32_t>(i), responses);
+    } else {
+      append_candidate(r, result, static_cast<int32_t>(i), 0);
+      responses.push_back(settle(r));
+    }
+  }
+  for (const auto& group : beam_groups) {
+    if (groups_.count(group->user_id)) step_beams(*group, beam_rows[group.get()], result, responses);
+  }
+  return responses;
+}
+
+void Scheduler::append_candidate(Request* r, const StepResult& result, int32_t row, int32_t column) {
+  const int32_t token = result.token(row, column);
+  r->token_ids.push_back(token);
+  if (result.logprobs.empty()) return;
+  const float logprob = result.logprobs[static_cast<size_t>(row) * result.num_candidates + column];
+  r->cumulative_logprob += logprob;
+  if (r->sampling.logprobs >= 0) append_logprobs(*r, r->sampling.logprobs, result, row, column);
+}
+
+Response Scheduler::settle(Request* r) {
+  const int32_t first = r->num_output_tokens() - 1;
+  if (r->token_ids.back() < 0) {
+    r->token_ids.pop_back();
+    return finish(r, "error", "the runner sampled token id -1", false);
+  }
+  if (apply_stop_rules(*r, config_.max_seq_len)) return finish(r, r->finish_reason, "", true);
+  if (blocks_.blocks_for(r->num_tokens()) > blocks_.num_blocks()) {
+    // Its next step needs more blocks than exist: fail now rather than preempt forever.
+    return finish(r, "error",
+                  "request " + std::to_string(r->user_id) + " needs " +
+                      std::to_string(blocks_.blocks_for(r->num_tokens())) +
+                      " KV blocks; the cache has " + std::to_string(blocks_.num_blocks()),
+                  true);
+  }
+  Response response = Response::of(*r, first);
+  response.request_finished = false;
+  return response;
+}
+
+Request* Scheduler::fork(Request* parent, int32_t seq_index) {
+  auto child = std::make_unique<Request>(*parent);
+  child->request_id = next_fork_id_++;
+  child->seq_index = seq_index;
+  child->in_flight = false;
+  child->abort_requested = false;
+  child->block_ids = blocks_.fork(parent->block_ids);
+  child->slot = -1;
+  if (parent->slot >= 0) {
+    child->slot = take_slot();
+    child->slot_copy_from = parent->slot;
+    child->num_state_tokens = parent->num_state_tokens;
+  }
+  Request* raw = child.get();
+  parent->group->members.push_back(raw->request_id);
+  // Right after its parent's other sequences: preemption goes by admission order.
+  auto at = std::find(running_.begin(), running_.end(), parent);
+  while (at != running_.end() && (*at)->group == parent->group) ++at;
+  running_.insert(at, raw);
+  requests_.emplace(raw->request_id, std::move(child));
+  return raw;
+}
+
+void Scheduler::fork_samples(Request* r, const StepResult& result, int32_t row,
+                             std::vector<Response>& responses) {
+  const int32_t n = r->sampling.num_sequences;
+  r->group->forked = true;
+  std::vector<Request*> seqs{r};
+  for (int32_t c = 1; c < n; ++c) seqs.push_back(fork(r, c));
+  for (int32_t c = 0; c < n; ++c) {
+    append_candidate(seqs[c], result, row, std::min(c, result.num_candidates - 1));
+  }
+  for (Request* seq : seqs) responses.push_back(settle(seq));
+}
+
+void Scheduler::step_beams(SequenceGroup& group, const std::vector<std::pair<Request*, int32_t>>& rows,
+                           const StepResult& result, std::vector<Response>& responses) {
+  std::vector<Request*> beams = members(group);
+  std::unordered_map<const Request*, int32_t> row_of(rows.begin(), rows.end());
+  if (row_of.size() != beams.size()) {  // cannot happen: beams step together
+    for (Response& x : finish_beams(group, "error", "a beam step lacked some beams")) {
+      responses.push_back(std::move(x));
+    }
+    return;
+  }
+  std::vector<float> scores;
+  std::vector<std::vector<std::pair<int32_t, float>>> candidates;
+  for (const Request* b : beams) {
+    const int32_t row = row_of.at(b);
+    scores.push_back(b->beam_score);
+    candidates.emplace_back();
+    for (int32_t c = 0; c < result.num_candidates; ++c) {
+      candidates.back().emplace_back(result.token(row, c), result.score(row, c));
+    }
+  }
+  Request& first = *beams.front();
+  const int32_t k = first.sampling.logprobs;
+  const BeamStep step = beam_search_step(first, scores, candidates, first.num_output_tokens(),
+                                         group.hypotheses, group.improvable);
+  for (const BeamCandidate& x : step.finished) {
+    const Request& parent = *beams[x.beam];
+    BeamHypothesis h;
+    h.score = x.score;
+    h.finished = true;
+    h.sum_logprobs = scores[x.beam] + result.score(row_of.at(&parent), x.column);
+    h.token_ids = parent.output_token_ids();
+    h.token_ids.push_back(x.token);
+    h.logprobs = parent.logprobs;
+    h.ranks = parent.ranks;
+    h.top_ids = parent.top_ids;
+    h.top_logprobs = parent.top_logprobs;
+    if (k >= 0) append_logprobs(h, k, result, row_of.at(&parent), x.column);
+    const auto& eos = first.stop.eos_token_ids;
+    const auto& stops = first.stop.stop_token_ids;
+    const bool stop_id = std::find(stops.begin(), stops.end(), x.token) != stops.end() ||
+                         (!first.stop.ignore_eos && std::find(eos.begin(), eos.end(), x.token) != eos.end());
+    h.stop_reason = stop_id ? x.token : -1;
+    add_hypothesis(group.hypotheses, std::move(h));
+  }
+  const int32_t width = first.sampling.num_sequences;
+  if (step.done || static_cast<int32_t>(step.running.size()) < width) {
+    for (Response& x : finish_beams(group, "", "")) responses.push_back(std::move(x));
+    return;
+  }
+  group.forked = true;
+  while (static_cast<int32_t>(beams.size()) < width) {
+    beams.push_back(fork(beams.front(), static_cast<int32_t>(beams.size())));
+  }
+  // New beam j continues running[j]'s parent: build every new state before freeing the old ones.
+  struct State {
+    std::vector<int32_t> token_ids, block_ids, ranks, top_ids;
+    std::vector<float> logprobs, top_logprobs;
+    int32_t num_computed, slot, num_state_tokens;
+  };
+  std::vector<State> next;
+  for (const BeamCandidate& x : step.running) {
+    Request& parent = *beams[x.beam];
+    State s{parent.token_ids, blocks_.fork(parent.block_ids), parent.ranks, parent.top_ids,
+            parent.logprobs, parent.top_logprobs, parent.num_computed_tokens, parent.slot,
+            parent.num_state_tokens};
+    s.token_ids.push_back(x.token);
+    if (k >= 0) append_logprobs(s, k, result, row_of.at(&parent), x.column);
+    next.push_back(std::move(s));
+  }
+  int32_t blocks_needed = 0;
+  for (int32_t j = 0; j < width; ++j) {
+    Request& b = *beams[j];
+    State& s = next[j];
+    blocks_.free(b.block_ids);
+    b.token_ids = std::move(s.token_ids);
+    b.block_ids = std::move(s.block_ids);
+    b.logprobs = std::move(s.logprobs);
+    b.ranks = std::move(s.ranks);
+    b.top_ids = std::move(s.top_ids);
+    b.top_logprobs = std::move(s.top_logprobs);
+    b.num_computed_tokens = s.num_computed;
+    b.beam_score = step.running[j].score;
+    if (b.slot >= 0) {
+      b.slot_copy_from = s.slot != b.slot ? s.slot : -1;
+      b.num_state_tokens = s.num_state_tokens;
+    }
+    blocks_needed += blocks_.blocks_for(b.num_tokens());
+  }
+  // Beams share at most the prompt's full blocks; beyond that each needs its own.
+  const int32_t shared = first.num_prompt_tokens / config_.tokens_per_block;
+  if (blocks_needed - (width - 1) * shared > blocks_.num_blocks()) {
+    for (Response& x : finish_beams(group, "error",
+                                    "the beams of request " + std::to_string(group.user_id) +
+                                        " need more KV blocks than the cache has")) {
+      responses.push_back(std::move(x));
+    }
+  }
+}
+
+std::vector<Response> Scheduler::fail(const SchedulerOutput& output, const std::string& error) {
+  ++num_steps_;
+  std::vector<Response> responses;
+  for (const ScheduledRequest& s : output.scheduled) {
+    Request* r = get(s.request_id);
+    if (r == nullptr || !r->in_flight) continue;
+    r->in_flight = false;
+    const bool aborted = r->abort_requested;
+    for (Response& x : finish_any(r, aborted ? "abort" : "error", aborted ? "" : error)) {
+      responses.push_back(std::move(x));
+    }
+  }
+  return responses;
+}
+
+std::vector<Response> Scheduler::abort(uint64_t request_id, int32_t seq_index) {
+  std::vector<Request*> targets;
+  auto g = groups_.find(request_id);
+  if (g != groups_.end()) {
+    for (Request* m : members(*g->second)) {
+      if (seq_index < 0 || m->seq_index == seq_index) targets.push_back(m);
+    }
+    // A beam is only ever aborted with its group.
+    if (!targets.empty() && targets.front()->is_beam() && seq_index >= 0) return {};
+  } else if (Request* r = get(request_id)) {
+    targets.push_back(r);
+  }
+  std::vector<Response> responses;
+  const bool any_in_flight = std::any_of(targets.begin(), targets.end(),
+                                         [](const Request* r) { return r->in_flight; });
+  for (Request* r : targets) {
+    // What is in flight may still be written by the runner: free it at collect. A beam group
+    // with a member in flight waits for it as a whole.
+    if (r->in_flight || (r->is_beam() && any_in_flight)) {
+      r->abort_requested = true;
+      continue;
+    }
+    if (get(r->request_id) != r) continue;  // gone with its beam group
+    for (Response& x : finish_any(r, "abort", "")) responses.push_back(std::move(x));
+  }
+  return responses;
+}
+
+std::vector<Response> Scheduler::finish_all(const std::string& finish_reason,
+                                            const std::string& error) {
+  // Emptied first so that finishing N requests costs O(N), not O(N^2) unlinking.
+  std::vector<Request*> all;
+  all.swap(running_);
+  all.insert(all.end(), waiting_.begin(), waiting_.end());
+  waiting_.clear();
+  std::vector<uint64_t> ids;
+  for (Request* r : all) ids.push_back(r->request_id);
+  std::vector<Response> responses;
+  for (uint64_t id : ids) {
+    Request* r = get(id);
+    if (r == nullptr) continue;  // finished with its beam group
+    r->in_flight = false;
+    for (Response& x : finish_any(r, finish_reason, error)) responses.push_back(std::move(x));
+  }
+  return responses;
+}
+
+std::vector<Response> Scheduler::finish_any(Request* r, const std::string& reason,
+                                            const std::string& error) {
+  if (r->is_beam() && r->group) return finish_beams(*r->group, reason, error);
+  return {finish(r, reason, error, false)};
+}
+
+Response Scheduler::finish(Request* r, const std::string& reason, const std::string& error,
+                           bool last_token) {
+  // Unlink from the one queue that holds it (a stop rule may have marked it finished already:
+  // it was running then). Aborting a waiting request is the only O(waiting) case.
+  if (r->status == RequestStatus::kWaiting) {
+    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), r), waiting_.end());
+  } else {
+    running_.erase(std::remove(running_.begin(), running_.end(), r), running_.end());
+  }
+  r->status = RequestStatus::kFinished;
+  r->finish_reason = reason;
+  r->error = error;
+  Response response = Response::of(*r, r->num_output_tokens() - (last_token ? 1 : 0));
+  if (r->group) {
+    auto& m = r->group->members;
+    m.erase(std::remove(m.begin(), m.end(), r->request_id), m.end());
+    response.request_finished = m.empty();
+    if (m.empty()) groups_.erase(r->group->user_id);
+  }
+  const uint64_t id = r->request_id;  // erase() below destroys r
+  blocks_.free(r->block_ids);
+  release_slot(r);
+  requests_.erase(id);
+  return response;
+}
+
+std::vector<Response> Scheduler::finish_beams(SequenceGroup& group, const std::string& reason,
+                                              const std::string& error) {
+  std::vector<Request*> beams = members(group);
+  if (beams.empty()) return {};
+  const std::shared_ptr<SequenceGroup> alive = beams.front()->group;  // finish() drops the last hold
+  Request& first = *beams.front();
+  std::vector<Response> responses;
+  if (reason.empty()) {
+    // The best finished hypotheses; running beams fill any place none finished into.
+    std::vector<BeamHypothesis> best;
+    for (const BeamHypothesis& h : group.hypotheses) {
+      if (h.finished) best.push_back(h);
+    }
+    for (const Request* b : beams) {
+      if (static_cast<int32_t>(best.size()) >= first.sampling.num_returned) break;
+      BeamHypothesis h;
+      h.token_ids = b->output_token_ids();
+      h.sum_logprobs = b->beam_score;
+      h.logprobs = b->logprobs;
+      h.ranks = b->ranks;
+      h.top_ids = b->top_ids;
+      h.top_logprobs = b->top_logprobs;
+      best.push_back(std::move(h));
+    }
+    best.resize(std::min<size_t>(best.size(), first.sampling.num_returned));
+    for (size_t i = 0; i < best.size(); ++i) {
+      BeamHypothesis& h = best[i];
+      Response x;
+      x.request_id = group.user_id;
+      x.seq_index = static_cast<int32_t>(i);
+      x.token_ids = std::move(h.token_ids);
+      x.finished = true;
+      x.finish_reason = h.stop_reason >= 0 ? "stop" : "length";
+      x.stop_reason = h.stop_reason;
+      x.num_prompt_tokens = first.num_prompt_tokens;
+      x.num_cached_tokens = first.num_cached_tokens;
+      x.num_top_logprobs = first.sampling.logprobs;
+      x.logprobs = std::move(h.logprobs);
+      x.ranks = std::move(h.ranks);
+      x.top_ids = std::move(h.top_ids);
+      x.top_logprobs = std::move(h.top_logprobs);
+      x.cumulative_logprob = h.sum_logprobs;
+      responses.push_back(std::move(x));
+    }
+  }
+  for (Request* b : beams) {
+    b->in_flight = false;
+    Response x = finish(b, reason.empty() ? "length" : reason, error, false);
+    if (!reason.empty() && responses.empty()) {
+      x.token_ids.clear();
+      x.logprobs.clear();
+      x.ranks.clear();
+      x.top_ids.clear();
+      x.top_logprobs.clear();
+      x.seq_index = 0;
+      responses.push_back(std::move(x));
+    }
+  }
+  for (Response& x : responses) x.request_finished = false;
+  responses.back().request_finished = true;
+  return responses;
+}
+
+}  // namespace llmapi
