@@ -5,13 +5,13 @@ from .errors import (CorruptEngineError, EngineCacheError, ExecutorDeadError, Ex
                      LLMAPIError, ModelNotFoundError, RequestAbortedError, RequestError,
                      UnsupportedModelError)
 from .llm import LLM
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "LlmArgs",
+    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "KvCacheConfig", "LlmArgs",
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
     "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
 ]

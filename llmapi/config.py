@@ -104,6 +104,8 @@ class LlmArgs:
     """Engine cache root (default $LLMAPI_CACHE_DIR, $XDG_CACHE_HOME/llmapi or ~/.cache/llmapi)."""
     full_engine_check: bool = False
     """Verify every engine file's checksum on load, not only sizes and headers."""
+    max_logprobs: int = 20
+    """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and self.model != "", "model", self.model,
@@ -111,6 +113,8 @@ class LlmArgs:
         _check(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
         _check(self.load_format in _LOAD_FORMATS, "load_format", self.load_format,
                f"must be one of {_LOAD_FORMATS}")
+        _check(_is_int(self.max_logprobs) and self.max_logprobs >= 0, "max_logprobs", self.max_logprobs,
+               "must be an int >= 0")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",
                      "max_num_tokens", "tokens_per_block"):
             v = getattr(self, name)

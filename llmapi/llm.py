@@ -5,11 +5,11 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import itertools
+import json
 import logging
 import secrets
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -17,23 +17,20 @@ import torch
 from . import _core
 from .config import validated_kwargs
 from .errors import ExecutorDeadError, ExecutorError, RequestError
+from .live_request import LiveRequest
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
-from .tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
+from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[int], Dict[str, Any]]
 
 
-@dataclass
-class _Live:
-    """Python-side state of a request in flight: detokenizer and stop-string matcher."""
-
-    output: RequestOutput
-    params: SamplingParams
-    detok: Optional[IncrementalDetokenizer]
-    stops: Optional[StopStringMatcher]
+# generation_config.json fields that become default sampling settings (as vLLM reads them).
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+_EARLY_STOPPING = {False: 0, True: 1, "never": 2}
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -55,7 +52,7 @@ class LLM:
     def __init__(self, model: str, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args = validated_kwargs(dict(model=model, tokenizer=tokenizer, **kwargs))
         self._executor = None
-        self._live: Dict[int, _Live] = {}
+        self._live: Dict[int, LiveRequest] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
@@ -137,45 +134,92 @@ class LLM:
             raise RequestError(f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, "
                                f"so a prompt may have at most {self.max_seq_len - 1}")
 
-    def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
-        if params is None:
-            params = SamplingParams()
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json settings (temperature, top_k, top_p,
+        min_p, repetition_penalty, max_new_tokens), as vLLM; used when a call gets no params."""
+        path = self.engine_info.path / "generation_config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        fields = {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items()
+                  if config.get(theirs) is not None}
+        return SamplingParams(**fields)
+
+    def _check_params(self, params: SamplingParams) -> SamplingParams:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        limit = self.args.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > limit:
+                raise ValueError(f"SamplingParams.{name}={v} is invalid: must be <= max_logprobs={limit} "
+                                 f"(LLM(max_logprobs=...))")
+        if params.num_sequences > self.args.max_batch_size:
+            raise ValueError(f"SamplingParams.best_of={params.num_sequences} is invalid: a request's "
+                             f"sequences must fit max_batch_size={self.args.max_batch_size}")
+        ids = [t for w in params.bad_word_ids for t in w] + list(params.logit_bias or {})
+        if any(t >= self.vocab_size for t in ids):
+            bad = "bad_token_ids" if any(t >= self.vocab_size for w in params.bad_word_ids for t in w) else "logit_bias"
+            raise ValueError(f"SamplingParams.{bad} is invalid: token ids must be < vocab_size={self.vocab_size}")
+        if params.bad_strings and self.tokenizer is None:
+            raise RequestError("bad strings need a tokenizer (skip_tokenizer_init=True)")
         if params.detokenize and self.tokenizer is None:
             if params.stop_strings:
                 raise RequestError("stop strings need a tokenizer (skip_tokenizer_init=True)")
             params = dataclasses.replace(params, detokenize=False)
+        return params
+
+    def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
+        params = self._check_params(self.get_default_sampling_params() if params is None else params)
         text, ids = self._prompt_ids(prompt)
         self._check_length(ids)
         return text, ids, params
+
+    def _bad_words(self, params: SamplingParams) -> List[List[int]]:
+        words = [list(w) for w in params.bad_word_ids]
+        for s in params.bad_strings:
+            words.append(list(self.tokenizer.encode(s, add_special_tokens=False)))
+        return [w for w in words if w]
 
     def _enqueue(self, text, ids, params: SamplingParams, streaming: bool) -> RequestOutput:
         self._check_alive()
         eos = [params.end_id] if params.end_id is not None else self.eos_token_ids
         room = self.max_seq_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        beam = params.use_beam_search
+        # Sequences that may be dropped (best_of > n) or reordered (beams) are reported at the end.
+        streaming = streaming and not beam and params.num_sequences == params.n
+        processor = params.combined_logits_processor()
         with self._lock:
             rid = next(self._ids)
-            out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=streaming)
-            detok = stops = None
-            if params.detokenize:
-                detok = IncrementalDetokenizer(self.tokenizer,
-                                               skip_special_tokens=params.skip_special_tokens,
-                                               spaces_between_special_tokens=params.spaces_between_special_tokens)
-                if params.stop_strings:
-                    stops = StopStringMatcher(params.stop_strings, params.include_stop_str_in_output)
-            self._live[rid] = _Live(out, params, detok, stops)
+            out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=streaming,
+                                num_sequences=params.n if beam else params.num_sequences)
+            self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
+                                          abort_seq=lambda seq, rid=rid: self._abort(rid, seq))
+            if processor is not None:
+                self._runner.logits_processors[rid] = processor
             request = _core.Request(
                 request_id=rid, prompt_token_ids=ids, max_tokens=max_tokens,
                 min_tokens=params.min_tokens, eos_token_ids=eos,
                 stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
                 temperature=float(params.temperature), top_k=max(params.top_k, 0),
-                top_p=float(params.top_p), seed=params.effective_seed(secrets.randbits(63)))
+                top_p=float(params.top_p), seed=params.effective_seed(secrets.randbits(63)),
+                min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
+                presence_penalty=float(params.presence_penalty),
+                frequency_penalty=float(params.frequency_penalty),
+                bad_words=self._bad_words(params),
+                logit_bias={int(k): float(v) for k, v in (params.logit_bias or {}).items()},
+                num_sequences=params.num_sequences, beam_search=beam,
+                length_penalty=float(params.length_penalty),
+                early_stopping=_EARLY_STOPPING[params.early_stopping], num_returned=params.n,
+                logprobs=-1 if params.logprobs is None else params.logprobs,
+                prompt_logprobs=-1 if params.prompt_logprobs is None else params.prompt_logprobs,
+                context_logits=params.return_context_logits,
+                generation_logits=params.return_generation_logits,
+                token_history=processor is not None)
             try:
                 self._executor.enqueue(request)
             except BaseException:
                 del self._live[rid]
+                self._runner.logits_processors.pop(rid, None)
                 raise
         return out
 
@@ -223,19 +267,26 @@ class LLM:
             raise RequestError("chat() needs a tokenizer (skip_tokenizer_init=True)")
         single = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if single else list(messages)
-        prompts = []
-        for conv in convs:
-            ids = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True, **template_kwargs)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+        if not convs or any(not isinstance(c, (list, tuple)) or not c or
+                            not all(isinstance(m, dict) for m in c) for c in convs):
+            raise RequestError("messages must be a conversation (a non-empty list of message dicts) "
+                               "or a list of conversations")
+        prompts = [{"prompt_token_ids": self.chat_token_ids(c, add_generation_prompt, **template_kwargs)}
+                   for c in convs]
         outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         return outs[0] if single else outs
 
-    def _abort(self, request_id: int) -> None:
+    def chat_token_ids(self, conversation, add_generation_prompt: bool = True, **template_kwargs) -> List[int]:
+        """The prompt ids chat() sends: tokenizer.apply_chat_template(conversation, tokenize=True, ...)."""
+        ids = self.tokenizer.apply_chat_template(list(conversation), add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, **template_kwargs)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding (transformers >= 5)
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def _abort(self, request_id: int, seq_index: int = -1) -> None:
         if self._executor is not None and not self._closed:
-            self._executor.abort(request_id)
+            self._executor.abort(request_id, seq_index)
 
     # ------------------------------------------------------------------ responses
     def _response_loop(self) -> None:
@@ -258,29 +309,19 @@ class LLM:
         live = self._live.get(r.request_id)
         if live is None:
             return
-        text = ""
-        if live.detok is not None and (r.token_ids or r.finished):
-            text = live.detok.add(list(r.token_ids), final=r.finished)
-        if live.stops is not None:
-            text, matched = live.stops.feed(text, final=r.finished)
-            if matched is not None:
-                live.output._add(list(r.token_ids), text)
-                self._finish(r.request_id, "stop", matched, None)
-                if not r.finished:
-                    self._abort(r.request_id)
-                return
-        if not r.finished:
-            live.output._add(list(r.token_ids), text)
-            return
-        error = ExecutorError(r.error) if r.finish_reason == "error" else None
-        stop_reason = r.stop_reason if r.stop_reason >= 0 else None
-        live.output._add(list(r.token_ids), text)
-        self._finish(r.request_id, r.finish_reason, stop_reason, error)
+        if live.on_response(r):
+            error = ExecutorError(r.error) if r.finish_reason == "error" else None
+            self._finish(r.request_id, r.finish_reason or None, None, error)
 
-    def _finish(self, rid: int, reason: str, stop_reason, error) -> None:
+    def _finish(self, rid: int, reason, stop_reason, error) -> None:
         live = self._live.pop(rid, None)
+        self._runner.logits_processors.pop(rid, None)
+        record, generation = self._runner.records.pop(rid)
         if live is not None:
-            live.output._add([], "", finish_reason=reason, stop_reason=stop_reason, error=error)
+            try:
+                live.attach_records(record, generation, self._runner.records.prompt_logprobs(record))
+            finally:
+                live.finish(reason, error)
 
     def _fail_all(self, error: BaseException) -> None:
         for rid in list(self._live):

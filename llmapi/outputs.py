@@ -6,7 +6,21 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
+
+
+@dataclass
+class Logprob:
+    """A token's log-probability under the model (raw log-softmax of its logits) and its rank
+    (1 = most likely), as vLLM reports them."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+TokenLogprobs = Dict[int, Logprob]
+"""The top-k tokens of one position, plus the token actually there (if not among them)."""
 
 
 @dataclass
@@ -25,7 +39,12 @@ class CompletionOutput:
     token_ids_diff: List[int] = field(default_factory=list)
     """Token ids added since the previous streamed update."""
     cumulative_logprob: Optional[float] = None
-    logprobs: Optional[list] = None
+    """Sum of the generated tokens' logprobs (beam search: of the processed ones that rank beams);
+    set when logprobs were asked for, for n / best_of > 1, and for beam search."""
+    logprobs: Optional[List[TokenLogprobs]] = None
+    """With SamplingParams.logprobs: one entry per generated token."""
+    generation_logits: Optional[Any] = None
+    """With return_generation_logits: [tokens, vocab] float32 tensor of the raw logits sampled from."""
 
     @property
     def length(self) -> int:
@@ -34,6 +53,7 @@ class CompletionOutput:
 
 @dataclass
 class _Update:
+    seq_index: int
     token_ids: List[int]
     text: str
 
@@ -41,14 +61,22 @@ class _Update:
 class RequestOutput:
     """The result of one request. `await` it, call `.result(timeout)`, or iterate it to stream:
     `async for out in llm.generate_async(p, streaming=True)` (or a plain `for`) yields this object
-    after each update with `outputs[0].text_diff` / `token_ids_diff` set to what that update added."""
+    after each update with each output's `text_diff` / `token_ids_diff` set to what that update added.
+
+    `outputs` holds one CompletionOutput per sequence (n of them; best_of > n and beam search
+    report only at the end); once finished, they are ordered best first by cumulative logprob."""
 
     def __init__(self, request_id: int, prompt: Optional[str], prompt_token_ids: List[int],
-                 abort_fn: Optional[Callable[[int], None]] = None, streaming: bool = True):
+                 abort_fn: Optional[Callable[[int], None]] = None, streaming: bool = True,
+                 num_sequences: int = 1):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
-        self.outputs = [CompletionOutput(index=0)]
+        self.outputs = [CompletionOutput(index=i) for i in range(num_sequences)]
+        self.prompt_logprobs: Optional[List[Optional[TokenLogprobs]]] = None
+        """With SamplingParams.prompt_logprobs: None for the first prompt token, then one entry each."""
+        self.context_logits: Optional[Any] = None
+        """With return_context_logits: [prompt, vocab] float32 tensor, the logits at each prompt position."""
         self.finished = False
         self.num_cached_tokens = 0
         self.error: Optional[BaseException] = None
@@ -60,26 +88,52 @@ class RequestOutput:
 
     # ---- called by the LLM's response thread ----
     def _add(self, token_ids: List[int], text: str, finish_reason: Optional[str] = None,
-             stop_reason=None, error: Optional[BaseException] = None) -> None:
+             stop_reason=None, error: Optional[BaseException] = None, seq_index: int = 0,
+             logprobs: Optional[List[TokenLogprobs]] = None, cumulative_logprob: Optional[float] = None,
+             request_finished: Optional[bool] = None) -> None:
+        """Append to sequence `seq_index`; finish it with `finish_reason` (the whole request too,
+        unless request_finished says otherwise)."""
+        if request_finished is None:
+            request_finished = finish_reason is not None
         with self._cond:
             if self.finished:
                 return
-            out = self.outputs[0]
+            out = self.outputs[seq_index]
             out.token_ids.extend(token_ids)
             out.text += text
+            if logprobs is not None:
+                out.logprobs = (out.logprobs or []) + list(logprobs)
+            if cumulative_logprob is not None:
+                out.cumulative_logprob = cumulative_logprob
             if self._streaming and (token_ids or text):
-                self._pending.append(_Update(list(token_ids), text))
-            if finish_reason is not None:
-                if not self._streaming:
-                    self._pending.append(_Update(list(out.token_ids), out.text))
+                self._pending.append(_Update(seq_index, list(token_ids), text))
+            if finish_reason is not None and out.finish_reason is None:
                 out.finish_reason = finish_reason
                 out.stop_reason = stop_reason
+            if error is not None:
                 self.error = error
-                self.finished = True
+            if request_finished:
+                self._finish_locked(finish_reason)
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, fut in waiters:
             loop.call_soon_threadsafe(_set_done, fut)
+
+    def _finish_locked(self, finish_reason: Optional[str]) -> None:
+        for out in self.outputs:
+            if out.finish_reason is None:
+                out.finish_reason = finish_reason
+        if not self._streaming:
+            for out in self.outputs:
+                self._pending.append(_Update(out.index, list(out.token_ids), out.text))
+        self.finished = True
+
+    def _rank_outputs(self, keep: int) -> None:
+        """Order the outputs best first by cumulative logprob and keep `keep` of them."""
+        with self._cond:
+            ranked = sorted(self.outputs, key=lambda o: -(o.cumulative_logprob if o.cumulative_logprob
+                                                          is not None else float("-inf")))
+            self.outputs = ranked[:keep]
 
     # ---- the future ----
     def abort(self) -> None:
@@ -107,8 +161,8 @@ class RequestOutput:
     def _final(self) -> "RequestOutput":
         if self.error is not None:
             raise self.error
-        out = self.outputs[0]
-        out.text_diff, out.token_ids_diff = out.text, list(out.token_ids)
+        for out in self.outputs:
+            out.text_diff, out.token_ids_diff = out.text, list(out.token_ids)
         return self
 
     async def _wait_async(self, ready: Callable[[], bool]) -> None:
@@ -134,9 +188,14 @@ class RequestOutput:
                 return self
             ups = list(self._pending)
             self._pending.clear()
-        out = self.outputs[0]
-        out.token_ids_diff = [t for u in ups for t in u.token_ids]
-        out.text_diff = "".join(u.text for u in ups)
+        by_index = {out.index: out for out in self.outputs}
+        for out in self.outputs:
+            out.token_ids_diff, out.text_diff = [], ""
+        for u in ups:
+            out = by_index.get(u.seq_index)
+            if out is not None:
+                out.token_ids_diff = out.token_ids_diff + u.token_ids
+                out.text_diff += u.text
         return self
 
     def __aiter__(self):
@@ -169,4 +228,4 @@ def _set_done(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-__all__ = ["CompletionOutput", "RequestOutput"]
+__all__ = ["CompletionOutput", "Logprob", "RequestOutput", "TokenLogprobs"]

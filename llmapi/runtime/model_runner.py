@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -12,8 +12,10 @@ import torch
 from ..config import KvCacheConfig
 from ..layers.attention import AttentionMetadata
 from ..models import get_model_class
+from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
-from .sampler import sample
+from .logits_records import LogitsRecords
+from .request_state import RequestState
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +34,10 @@ def _tensor(array, device, dtype=None) -> torch.Tensor:
 class ModelRunner:
     """The executor calls `submit(batch)` then `collect(handle)` from its loop thread.
 
-    This runner is synchronous: `submit` runs the forward and the sampler and returns the sampled
-    ids still on the device; `collect` makes the one device-to-host copy of the step."""
+    This runner is synchronous: `submit` runs the forward and the decoding step and returns its
+    results still on the device; `collect` copies them to the host. `logits_processors` maps a
+    request id to its Python logits processor (set by the LLM before it enqueues the request);
+    `records` holds the prompt logprobs and context / generation logits of requests that asked."""
 
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto"):
@@ -56,10 +60,23 @@ class ModelRunner:
                                         tokens_per_block, num_layers)
         self.kv_caches: List[torch.Tensor] = allocate_kv_caches(
             engine_config, num_layers, self.num_blocks, tokens_per_block, device, self.dtype)
+        self.state = RequestState(engine_config["vocab_size"], device)
+        self.logits_processors: Dict[int, Callable] = {}
+        self.records = LogitsRecords()
+
+    def _copy_blocks(self, copies: np.ndarray) -> None:
+        """Copy-on-write of shared blocks: every layer's K and V of block src -> dst ([C, 2])."""
+        if len(copies) == 0:
+            return
+        src = torch.as_tensor(copies[:, 0], dtype=torch.long, device=self.device)
+        dst = torch.as_tensor(copies[:, 1], dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:  # [2, num_blocks, block, kv_heads, head_dim]
+            cache[:, dst] = cache[:, src]
 
     @torch.inference_mode()
-    def submit(self, batch) -> torch.Tensor:
+    def submit(self, batch) -> dict:
         dev = self.device
+        self._copy_blocks(np.asarray(batch.block_copies))
         input_ids = _tensor(batch.input_ids, dev, torch.long)          # [T]
         positions = _tensor(batch.positions, dev, torch.long)          # [T]
         query_lens = _tensor(batch.query_lens, dev, torch.int32)       # [R]
@@ -79,18 +96,13 @@ class ModelRunner:
             tokens_per_block=self.tokens_per_block,
         )
         hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [T, H]
+        query_start = np.concatenate([[0], np.cumsum(q_host)])
+        self.records.record_prompt(batch, hidden, query_start, self.model.compute_logits)
         last = query_start_loc[1:].long() - 1                              # [R]
         logits = self.model.compute_logits(hidden[last])                    # [R, V] fp32
-        return sample(
-            logits,
-            temperature=_tensor(batch.temperature, dev, torch.float32),
-            top_k=_tensor(batch.top_k, dev, torch.int32),
-            top_p=_tensor(batch.top_p, dev, torch.float32),
-            seeds=_tensor(batch.seeds, dev, torch.long),
-            output_index=_tensor(batch.output_index, dev, torch.int32),
-            suppress_offsets=_tensor(batch.suppress_offsets, dev, torch.int32),
-            suppress_ids=_tensor(batch.suppress_ids, dev, torch.long),
-        )
+        self.records.record_generation(batch, logits)  # copies: decoding writes into logits
+        return decode(logits, batch, self.state, self.logits_processors)
 
-    def collect(self, handle: torch.Tensor) -> np.ndarray:
-        return handle.to("cpu").numpy().astype(np.int32)
+    def collect(self, handle: dict) -> StepOutput:
+        host = {name: (t.to("cpu").numpy() if t is not None else None) for name, t in handle.items()}
+        return StepOutput(**host)

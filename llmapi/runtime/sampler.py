@@ -1,4 +1,4 @@
-"""Batched next-token sampling on the device: suppression, temperature, top-k/top-p, seeded Gumbel-max."""
+"""Batched next-token sampling on the device: suppression, temperature, top-k/top-p/min-p, seeded Gumbel-max."""
 
 from __future__ import annotations
 
@@ -72,13 +72,41 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return u.log_().neg_().log_().neg_()
 
 
+def apply_min_p_(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf (in place) the tokens whose probability is below min_p times the row's top one.
+
+    logits: [R, V] float32 in any column order; min_p: [R] float (0 = off). The float ops mirror
+    transformers' MinPLogitsWarper (min_tokens_to_keep=1: the most likely token always stays).
+    """
+    probs = logits.softmax(dim=-1)  # [R, V]
+    top = probs.amax(dim=-1, keepdim=True)  # [R, 1]
+    remove = probs < min_p.to(torch.float32).unsqueeze(1) * top  # [R, V]
+    del probs
+    remove.scatter_(1, logits.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill_(remove, float("-inf"))
+
+
+def suppress_(logits: torch.Tensor, suppress_offsets: torch.Tensor, suppress_ids: torch.Tensor) -> torch.Tensor:
+    """Set to -inf (in place) the ids of each row's CSR entries: suppress_ids[off[r]:off[r+1]] in row r."""
+    num_suppressed = suppress_ids.shape[0]
+    if num_suppressed > 0:  # a shape, known on the host: no sync
+        entries = torch.arange(num_suppressed, device=logits.device)  # [S]
+        # Row of each CSR entry: the number of row ends (offsets[1:]) at or before it.
+        rows = torch.searchsorted(suppress_offsets[1:].to(torch.int64).contiguous(), entries, right=True)  # [S]
+        # new_full fills on the device: no host-to-device copy, so CUDA graphs can capture this.
+        logits.index_put_((rows, suppress_ids.to(torch.int64)), logits.new_full((), float("-inf")))
+    return logits
+
+
 def _sorted_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each row ascending (once) and mask what top-k then top-p remove, in sorted order.
+    """Sort each row ascending (once) and mask what top-k, top-p then min-p remove, in sorted order.
 
     Returns (sorted_logits [R, V] float32 with removed entries at -inf, sorted_ids [R, V] int64).
-    Ascending order and the float ops mirror transformers' TopKLogitsWarper and TopPLogitsWarper.
+    Ascending order and the float ops mirror transformers' TopKLogitsWarper, TopPLogitsWarper and
+    MinPLogitsWarper, applied in that order.
     """
     vocab_size = logits.shape[1]
     sorted_logits, sorted_ids = logits.sort(dim=-1)  # [R, V] ascending
@@ -98,6 +126,8 @@ def _sorted_top_k_top_p(
         # whose probability underflows to 0 would be removed.
         remove &= (top_p < 1.0).unsqueeze(1)
         sorted_logits.masked_fill_(remove, float("-inf"))
+    if min_p is not None:
+        apply_min_p_(sorted_logits, min_p)
     return sorted_logits, sorted_ids
 
 
@@ -133,6 +163,7 @@ def sample(
     suppress_offsets: torch.Tensor,
     suppress_ids: torch.Tensor,
     sample_index: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
     *,
     all_greedy: bool = False,
     any_top_k_top_p: bool = True,
@@ -144,6 +175,7 @@ def sample(
     sampled in its request's output). suppress_offsets: [R+1] int CSR offsets into suppress_ids: [S]
     token ids set to -inf for that row (EOS and stop ids while under min_tokens).
     sample_index: [R] int, which of a request's parallel samples this is (default 0).
+    min_p: [R] float (0 = off), applied after top-k and top-p; None: off for every row.
     all_greedy / any_top_k_top_p: optional hints the caller knows from host-side settings; they
     only skip work (hashing, the sort) and never change the result when true to the batch.
     Returns [R] int64 token ids.
@@ -158,6 +190,7 @@ def sample(
     _check_shapes(
         logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
         output_index=output_index, sample_index=sample_index,
+        **({} if min_p is None else {"min_p": min_p}),
     )
     if tuple(suppress_offsets.shape) != (num_rows + 1,):
         raise ValueError(f"suppress_offsets must have shape [{num_rows + 1}], got {tuple(suppress_offsets.shape)}")
@@ -166,13 +199,7 @@ def sample(
     # The division makes the one private [R, V] copy that suppression may then write into.
     scaled = logits.to(torch.float32) / temperature.to(torch.float32).masked_fill(greedy, 1.0).unsqueeze(1)
 
-    num_suppressed = suppress_ids.shape[0]
-    if num_suppressed > 0:  # a shape, known on the host: no sync
-        entries = torch.arange(num_suppressed, device=logits.device)  # [S]
-        # Row of each CSR entry: the number of row ends (offsets[1:]) at or before it.
-        rows = torch.searchsorted(suppress_offsets[1:].to(torch.int64).contiguous(), entries, right=True)  # [S]
-        # new_full fills on the device: no host-to-device copy, so CUDA graphs can capture this.
-        scaled.index_put_((rows, suppress_ids.to(torch.int64)), scaled.new_full((), float("-inf")))
+    suppress_(scaled, suppress_offsets, suppress_ids)
 
     greedy_ids = scaled.argmax(dim=-1)  # [R] int64
     if all_greedy:
@@ -182,11 +209,13 @@ def sample(
     if any_top_k_top_p:
         # Sample in sorted order: the noise follows the token id, so the argmax is the same as in
         # vocabulary order, and no scatter back is needed.
-        sorted_logits, sorted_ids = _sorted_top_k_top_p(scaled, top_k, top_p)  # [R, V] each
+        sorted_logits, sorted_ids = _sorted_top_k_top_p(scaled, top_k, top_p, min_p)  # [R, V] each
         del scaled
         best = sorted_logits.add_(gumbel_noise(keys, sorted_ids)).argmax(dim=-1, keepdim=True)  # [R, 1]
         sampled_ids = sorted_ids.gather(1, best).squeeze(1)  # [R]
     else:
+        if min_p is not None:
+            apply_min_p_(scaled, min_p)
         vocab_ids = torch.arange(vocab_size, device=logits.device).unsqueeze(0)  # [1, V]
         sampled_ids = scaled.add_(gumbel_noise(keys, vocab_ids)).argmax(dim=-1)  # [R]
     return torch.where(greedy, greedy_ids, sampled_ids)

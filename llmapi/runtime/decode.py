@@ -1,0 +1,141 @@
+"""One step's decoding on the device: logits processors, then sampling or beam candidates, then logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .logits_processing import apply_logit_bias_, apply_penalties_
+from .request_state import RequestState
+from .sampler import GREEDY_TEMPERATURE_EPS, sample, suppress_
+
+
+@dataclass
+class StepOutput:
+    """The runner's answer for one batch (R rows, K candidates, L top logprobs); the C++ core reads
+    these names. Row r's candidates are its sampled token (or n samples of a forking row, or a
+    beam row's top K), best first; -1 pads."""
+
+    tokens: np.ndarray  # [R, K] int32
+    scores: Optional[np.ndarray] = None  # [R, K] float32: beam rows' processed logprobs
+    logprobs: Optional[np.ndarray] = None  # [R, K] float32: raw logprob of each candidate
+    ranks: Optional[np.ndarray] = None  # [R, K] int32
+    top_ids: Optional[np.ndarray] = None  # [R, L] int32
+    top_logprobs: Optional[np.ndarray] = None  # [R, L] float32
+
+
+def _t(array, device, dtype=None) -> torch.Tensor:
+    return torch.tensor(np.asarray(array), device=device, dtype=dtype)
+
+
+def _apply_processors(logits: torch.Tensor, batch, rows: np.ndarray, processors: Dict[int, Callable],
+                      state: RequestState) -> None:
+    """Per-request Python callables (only rows that have one): processor(prompt_ids, output_ids, logits[V])."""
+    slots = np.asarray(batch.slots)
+    prompt_lens = np.asarray(batch.prompt_lens)
+    request_ids = np.asarray(batch.request_ids)
+    for r in rows:
+        fn = processors[int(request_ids[r])]
+        history = state.histories.get(int(slots[r]), [])
+        prompt, output = history[:prompt_lens[r]], history[prompt_lens[r]:]
+        out = fn(prompt, output, logits[r])
+        if out is not None:
+            logits[r] = out
+
+
+def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[int, Callable]) -> dict:
+    """Process `logits` [R, V] float32 (one row per batch row, in place) and pick each row's candidates.
+
+    Returns device tensors named as StepOutput's fields. Index sets come from the batch's host
+    arrays, so nothing here waits for the device; a Python loop runs only over rows whose
+    request has a Python logits processor.
+    """
+    dev = logits.device
+    num_rows, vocab = logits.shape
+    do_sample = np.asarray(batch.do_sample) != 0
+    num_candidates = np.asarray(batch.num_candidates)
+    beam = (np.asarray(batch.beam) != 0) & do_sample
+    want_logprobs = np.asarray(batch.logprobs)
+    processor_rows = np.zeros(num_rows, dtype=bool)
+    if processors:
+        processor_rows = np.isin(np.asarray(batch.request_ids), np.fromiter(processors, np.uint64)) & (
+            np.asarray(batch.slots) >= 0)
+    state.update(batch, processor_rows)
+
+    lp_rows = np.nonzero(want_logprobs >= 0)[0]
+    raw_logprobs = logits[_t(lp_rows, dev, torch.long)].log_softmax(dim=-1) if len(lp_rows) else None  # [r, V]
+    beam_rows = np.nonzero(beam)[0]
+    beam_idx = _t(beam_rows, dev, torch.long)
+    if len(beam_rows):
+        # Beam search ranks by log-probabilities, and its processors act on those (as transformers').
+        logits[beam_idx] = logits[beam_idx].log_softmax(dim=-1)
+
+    if processor_rows.any():
+        _apply_processors(logits, batch, np.nonzero(processor_rows & do_sample)[0], processors, state)
+    apply_logit_bias_(logits, _t(batch.bias_offsets, dev), _t(batch.bias_ids, dev, torch.long),
+                      _t(batch.bias_values, dev, torch.float32))
+    suppress_(logits, _t(batch.suppress_offsets, dev), _t(batch.suppress_ids, dev, torch.long))
+    rep, pres, freq = (np.asarray(batch.repetition_penalty), np.asarray(batch.presence_penalty),
+                       np.asarray(batch.frequency_penalty))
+    slots = np.asarray(batch.slots)
+    pen_rows = np.nonzero(do_sample & (slots >= 0) & ((rep != 1) | (pres != 0) | (freq != 0)))[0]
+    if len(pen_rows):
+        idx = _t(pen_rows, dev, torch.long)
+        counts, in_prompt = state.rows(slots[pen_rows])
+        logits[idx] = apply_penalties_(logits[idx], counts, in_prompt, _t(rep[pen_rows], dev),
+                                       _t(pres[pen_rows], dev), _t(freq[pen_rows], dev))
+
+    width = int(num_candidates[do_sample].max()) if do_sample.any() else 1
+    tokens = torch.full((num_rows, width), -1, dtype=torch.int64, device=dev)  # [R, K]
+    scores = None
+    if len(beam_rows):
+        k = int(num_candidates[beam_rows].max())
+        values, ids = logits[beam_idx].topk(k, dim=-1)  # [b, k] best first
+        # Rows of narrower beams (another request's width) keep only their own K.
+        narrower = _t(np.arange(k)[None, :] >= num_candidates[beam_rows][:, None], dev)
+        tokens[beam_idx, :k] = ids.masked_fill(narrower, -1)
+        scores = torch.zeros(num_rows, width, dtype=torch.float32, device=dev)
+        scores[beam_idx, :k] = values
+
+    sample_rows = np.nonzero(do_sample & ~beam)[0]
+    if len(sample_rows):
+        counts = num_candidates[sample_rows]
+        expand = np.repeat(sample_rows, counts)  # [N]: a forking row once per sample
+        column = np.arange(len(expand)) - np.repeat(np.cumsum(counts) - counts, counts)
+        sample_index = np.where(num_candidates[expand] > 1, column, np.asarray(batch.seq_index)[expand])
+        temperature = np.asarray(batch.temperature)[expand]
+        top_k, top_p, min_p = (np.asarray(batch.top_k)[expand], np.asarray(batch.top_p)[expand],
+                               np.asarray(batch.min_p)[expand])
+        e = _t(expand, dev, torch.long)
+        no_suppress = torch.zeros(len(expand) + 1, dtype=torch.int32, device=dev)
+        sampled = sample(
+            logits[e], temperature=_t(temperature, dev, torch.float32), top_k=_t(top_k, dev, torch.int32),
+            top_p=_t(top_p, dev, torch.float32), seeds=_t(np.asarray(batch.seeds)[expand], dev, torch.long),
+            output_index=_t(np.asarray(batch.output_index)[expand], dev, torch.int32),
+            suppress_offsets=no_suppress, suppress_ids=torch.zeros(0, dtype=torch.long, device=dev),
+            sample_index=_t(sample_index, dev, torch.long),
+            min_p=_t(min_p, dev, torch.float32) if (min_p > 0).any() else None,
+            all_greedy=bool((temperature < GREEDY_TEMPERATURE_EPS).all()),
+            any_top_k_top_p=bool(((top_k > 0) & (top_k < vocab)).any() or (top_p < 1).any()),
+        )
+        tokens[e, _t(column, dev, torch.long)] = sampled
+
+    out = {"tokens": tokens.to(torch.int32), "scores": scores}
+    if raw_logprobs is not None:
+        idx = _t(lp_rows, dev, torch.long)
+        candidates = tokens[idx]  # [r, K]
+        chosen = raw_logprobs.gather(1, candidates.clamp(min=0))  # [r, K]
+        ranks = (raw_logprobs.unsqueeze(1) > chosen.unsqueeze(2)).sum(dim=-1) + 1  # [r, K]
+        out["logprobs"] = torch.full((num_rows, width), float("nan"), device=dev).index_copy_(0, idx, chosen)
+        out["ranks"] = torch.zeros(num_rows, width, dtype=torch.int32, device=dev).index_copy_(
+            0, idx, ranks.to(torch.int32))
+        top = int(want_logprobs[lp_rows].max())
+        if top > 0:
+            values, ids = raw_logprobs.topk(min(top, vocab), dim=-1)  # [r, L]
+            out["top_ids"] = torch.full((num_rows, values.shape[1]), -1, dtype=torch.int32,
+                                        device=dev).index_copy_(0, idx, ids.to(torch.int32))
+            out["top_logprobs"] = torch.zeros(num_rows, values.shape[1], device=dev).index_copy_(0, idx, values)
+    return out
