@@ -68,8 +68,8 @@ class ModelRunner:
         """Copy-on-write of shared blocks: every layer's K and V of block src -> dst ([C, 2])."""
         if len(copies) == 0:
             return
-        src = torch.as_tensor(copies[:, 0], dtype=torch.long, device=self.device)
-        dst = torch.as_tensor(copies[:, 1], dtype=torch.long, device=self.device)
+        src = torch.tensor(copies[:, 0], dtype=torch.long, device=self.device)
+        dst = torch.tensor(copies[:, 1], dtype=torch.long, device=self.device)
         for cache in self.kv_caches:  # [2, num_blocks, block, kv_heads, head_dim]
             cache[:, dst] = cache[:, src]
 
