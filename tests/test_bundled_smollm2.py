@@ -56,3 +56,21 @@ def test_quickstart_notebook_runs(llm):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Paris" in printed
     assert "loaded from the engine cache" in printed  # the module's LLM built it; the notebook reused it
+
+
+def test_chat_batch_sends_the_chat_template_ids(llm, smollm2_gguf):
+    from transformers import AutoTokenizer
+
+    # The reference tokenizer comes straight from the GGUF through transformers, not from our engine.
+    ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    convs = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}]]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    outs = llm.chat(convs, params)
+    for conv, out in zip(convs, outs):
+        want = ref.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert out.prompt_token_ids == list(want)
+        assert ref.decode(want).endswith("<|im_start|>assistant\n")
+        alone = llm.generate(list(want), params, use_tqdm=False)
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
