@@ -1,6 +1,6 @@
 """Type stubs of llmapi._core, the C++ core: requests, paged-KV block manager, scheduler, executor."""
 
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -22,13 +22,34 @@ class ExecutorConfig:
 
 class Request:
     """One request (invalid settings raise llmapi.errors.RequestError). Scheduler.request()
-    returns snapshots of the same class with the scheduling state filled in."""
+    returns snapshots of the same class with the scheduling state filled in.
+
+    num_sequences > 1 forks the request when it first samples: into num_sequences samples, or
+    (beam_search) beams of which num_returned hypotheses come back. early_stopping: 0 heuristic
+    (transformers' False), 1 (True), 2 ("never"). logprobs / prompt_logprobs: -1 none, else the
+    top-k width. token_history: the runner keeps the request's token ids (a logits processor)."""
 
     def __init__(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
                  min_tokens: int = 0, eos_token_ids: Sequence[int] = ...,
                  stop_token_ids: Sequence[int] = ..., ignore_eos: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0) -> None: ...
+                 seed: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 bad_words: Sequence[Sequence[int]] = ..., logit_bias: Dict[int, float] = ...,
+                 num_sequences: int = 1, beam_search: bool = False, length_penalty: float = 1.0,
+                 early_stopping: int = 0, num_returned: int = 1, logprobs: int = -1,
+                 prompt_logprobs: int = -1, context_logits: bool = False,
+                 generation_logits: bool = False, token_history: bool = False) -> None: ...
+    @property
+    def user_id(self) -> int: ...  # the enqueued id; request_id differs for forked sequences
+    @property
+    def seq_index(self) -> int: ...
+    @property
+    def slot(self) -> int: ...  # the runner's state row, -1 for none
+    @property
+    def num_sequences(self) -> int: ...
+    @property
+    def beam_search(self) -> bool: ...
     @property
     def request_id(self) -> int: ...
     @property
@@ -67,14 +88,30 @@ class Request:
     def num_preemptions(self) -> int: ...
 
 class Response:
-    """Tokens generated since the request's previous response, and its finish state."""
+    """Tokens generated since the sequence's previous response, and its finish state."""
 
     @property
     def request_id(self) -> int: ...
     @property
+    def seq_index(self) -> int: ...  # which of the request's sequences (n / best_of / beam hypotheses)
+    @property
     def token_ids(self) -> List[int]: ...
     @property
-    def finished(self) -> bool: ...
+    def finished(self) -> bool: ...  # this sequence
+    @property
+    def request_finished(self) -> bool: ...  # every sequence of the request
+    @property
+    def num_top_logprobs(self) -> int: ...  # k, or -1 when the request asked for no logprobs
+    @property
+    def logprobs(self) -> List[float]: ...  # per token in token_ids
+    @property
+    def ranks(self) -> List[int]: ...
+    @property
+    def top_ids(self) -> List[int]: ...  # [tokens * k]
+    @property
+    def top_logprobs(self) -> List[float]: ...
+    @property
+    def cumulative_logprob(self) -> float: ...
     @property
     def finish_reason(self) -> str: ...  # "" | "stop" | "length" | "abort" | "error"
     @property
@@ -121,7 +158,53 @@ class Batch:
     @property
     def suppress_offsets(self) -> npt.NDArray[np.int32]: ...  # [R+1]
     @property
-    def suppress_ids(self) -> npt.NDArray[np.int32]: ...  # [S]
+    def suppress_ids(self) -> npt.NDArray[np.int32]: ...  # [S] min_tokens stops and bad words
+    @property
+    def seq_index(self) -> npt.NDArray[np.int32]: ...  # [R] keys a sequence's sampling noise
+    @property
+    def block_copies(self) -> npt.NDArray[np.int32]: ...  # [C, 2] (source, destination) to copy first
+    @property
+    def num_candidates(self) -> npt.NDArray[np.int32]: ...  # [R] 1, n (a forking row), beam top-K
+    @property
+    def beam(self) -> npt.NDArray[np.int8]: ...  # [R]
+    @property
+    def min_p(self) -> npt.NDArray[np.float32]: ...  # [R]
+    @property
+    def repetition_penalty(self) -> npt.NDArray[np.float32]: ...  # [R]
+    @property
+    def presence_penalty(self) -> npt.NDArray[np.float32]: ...  # [R]
+    @property
+    def frequency_penalty(self) -> npt.NDArray[np.float32]: ...  # [R]
+    @property
+    def bias_offsets(self) -> npt.NDArray[np.int32]: ...  # [R+1]
+    @property
+    def bias_ids(self) -> npt.NDArray[np.int32]: ...  # [Bn]
+    @property
+    def bias_values(self) -> npt.NDArray[np.float32]: ...  # [Bn]
+    @property
+    def logprobs(self) -> npt.NDArray[np.int32]: ...  # [R] -1 or the top-k width
+    @property
+    def prompt_logprobs(self) -> npt.NDArray[np.int32]: ...  # [R] -1 or k, on steps with prompt tokens
+    @property
+    def context_logits(self) -> npt.NDArray[np.int8]: ...  # [R]
+    @property
+    def generation_logits(self) -> npt.NDArray[np.int8]: ...  # [R]
+    @property
+    def prompt_lens(self) -> npt.NDArray[np.int32]: ...  # [R]
+    @property
+    def next_token_ids(self) -> npt.NDArray[np.int32]: ...  # [R] token after this step's last, or -1
+    @property
+    def slots(self) -> npt.NDArray[np.int32]: ...  # [R] the runner's state row, -1 for none
+    @property
+    def slot_copy_from(self) -> npt.NDArray[np.int32]: ...  # [R] copy this row first (a fork), -1
+    @property
+    def slot_reset(self) -> npt.NDArray[np.int8]: ...  # [R] a new slot: clear it first
+    @property
+    def state_start(self) -> npt.NDArray[np.int32]: ...  # [R] position of the first appended token
+    @property
+    def state_offsets(self) -> npt.NDArray[np.int32]: ...  # [R+1]
+    @property
+    def state_ids(self) -> npt.NDArray[np.int32]: ...  # [H] tokens appended to the state rows
 
 class BlockManager:
     """Paged KV blocks with reference counts and a chained-hash prefix cache (see block_manager.h
@@ -133,6 +216,9 @@ class BlockManager:
     @staticmethod
     def hash_block_tokens(parent_hash: Optional[int], tokens: Sequence[int]) -> int: ...
     def lookup(self, tokens: Sequence[int]) -> List[int]: ...
+    def fork(self, block_ids: Sequence[int]) -> List[int]: ...  # reference counts + 1
+    def allocate_for_write(self, block_ids: Sequence[int], write_from: int,
+                           num_tokens: int) -> Optional[Tuple[List[int], List[int]]]: ...  # (table, copies)
     def allocate(self, block_ids: Sequence[int], num_tokens: int,
                  cached_prefix: Sequence[int] = ...) -> Optional[List[int]]: ...
     def free(self, block_ids: Sequence[int]) -> None: ...
@@ -171,6 +257,8 @@ class SchedulerOutput:
     def num_tokens(self) -> int: ...
     @property
     def num_scheduled_tokens(self) -> Dict[int, int]: ...
+    @property
+    def block_copies(self) -> List[int]: ...  # flat (source, destination) pairs
 
 class Scheduler:
     """The executor's scheduler, standalone (no runner, no thread) for tests and tools."""
@@ -178,9 +266,9 @@ class Scheduler:
     def __init__(self, config: ExecutorConfig) -> None: ...
     def add(self, request: Request) -> None: ...
     def schedule(self) -> SchedulerOutput: ...
-    def update(self, output: SchedulerOutput, sampled_token_ids: Sequence[int]) -> List[Response]: ...
+    def update(self, output: SchedulerOutput, result: Any) -> List[Response]: ...  # see Runner.collect
     def fail(self, output: SchedulerOutput, error: str) -> List[Response]: ...
-    def abort(self, request_id: int) -> Optional[Response]: ...
+    def abort(self, request_id: int, seq_index: int = -1) -> List[Response]: ...
     def finish_all(self, finish_reason: str, error: str = "") -> List[Response]: ...
     def make_batch(self, output: SchedulerOutput) -> Batch: ...
     def request(self, request_id: int) -> Request: ...
@@ -196,14 +284,16 @@ class Scheduler:
 
 class Runner(Protocol):
     def submit(self, batch: Batch) -> Any: ...
-    def collect(self, handle: Any) -> npt.ArrayLike: ...  # int [R]
+    # int [R] (one token per row), or an object with tokens [R, K] and optional scores, logprobs,
+    # ranks [R, K], top_ids, top_logprobs [R, L] (llmapi.runtime.decode.StepOutput).
+    def collect(self, handle: Any) -> Any: ...
 
 class Executor:
     """Owns the loop thread; see executor.h for the threading and failure model."""
 
     def __init__(self, config: ExecutorConfig, runner: Runner) -> None: ...
     def enqueue(self, request: Request) -> int: ...
-    def abort(self, request_id: int) -> None: ...
+    def abort(self, request_id: int, seq_index: int = -1) -> None: ...
     def await_responses(self, timeout_s: Optional[float] = None) -> List[Response]: ...
     def stats(self) -> Dict[str, int]: ...
     def shutdown(self) -> None: ...

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import itertools
-import json
 import logging
 import secrets
 import threading
@@ -16,6 +14,7 @@ import torch
 
 from . import _core
 from .config import validated_kwargs
+from .core_request import check_params, core_request, generation_defaults
 from .errors import ExecutorDeadError, ExecutorError, RequestError
 from .live_request import LiveRequest
 from .outputs import RequestOutput
@@ -25,12 +24,6 @@ from .tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[int], Dict[str, Any]]
-
-
-# generation_config.json fields that become default sampling settings (as vLLM reads them).
-_GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-_EARLY_STOPPING = {False: 0, True: 1, "never": 2}
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -88,6 +81,7 @@ class LLM:
             self.tokenizer = load_tokenizer(args.tokenizer or info.path)
         self.eos_token_ids = list(cfg.get("eos_token_id") or [])
         self.vocab_size = cfg["vocab_size"]
+        self._generation_defaults = generation_defaults(info.path)
         runner = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
                              args.tokens_per_block,
                              load_format=info.build_config.get("load_format", "auto"))
@@ -137,84 +131,33 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json settings (temperature, top_k, top_p,
         min_p, repetition_penalty, max_new_tokens), as vLLM; used when a call gets no params."""
-        path = self.engine_info.path / "generation_config.json"
-        config = json.loads(path.read_text()) if path.is_file() else {}
-        fields = {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items()
-                  if config.get(theirs) is not None}
-        return SamplingParams(**fields)
-
-    def _check_params(self, params: SamplingParams) -> SamplingParams:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        limit = self.args.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(params, name)
-            if v is not None and v > limit:
-                raise ValueError(f"SamplingParams.{name}={v} is invalid: must be <= max_logprobs={limit} "
-                                 f"(LLM(max_logprobs=...))")
-        if params.num_sequences > self.args.max_batch_size:
-            raise ValueError(f"SamplingParams.best_of={params.num_sequences} is invalid: a request's "
-                             f"sequences must fit max_batch_size={self.args.max_batch_size}")
-        ids = [t for w in params.bad_word_ids for t in w] + list(params.logit_bias or {})
-        if any(t >= self.vocab_size for t in ids):
-            bad = "bad_token_ids" if any(t >= self.vocab_size for w in params.bad_word_ids for t in w) else "logit_bias"
-            raise ValueError(f"SamplingParams.{bad} is invalid: token ids must be < vocab_size={self.vocab_size}")
-        if params.bad_strings and self.tokenizer is None:
-            raise RequestError("bad strings need a tokenizer (skip_tokenizer_init=True)")
-        if params.detokenize and self.tokenizer is None:
-            if params.stop_strings:
-                raise RequestError("stop strings need a tokenizer (skip_tokenizer_init=True)")
-            params = dataclasses.replace(params, detokenize=False)
-        return params
+        return SamplingParams(**self._generation_defaults)
 
     def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
-        params = self._check_params(self.get_default_sampling_params() if params is None else params)
+        params = check_params(self.get_default_sampling_params() if params is None else params,
+                              vocab_size=self.vocab_size, max_logprobs=self.args.max_logprobs,
+                              max_batch_size=self.args.max_batch_size, tokenizer=self.tokenizer)
         text, ids = self._prompt_ids(prompt)
         self._check_length(ids)
         return text, ids, params
 
-    def _bad_words(self, params: SamplingParams) -> List[List[int]]:
-        words = [list(w) for w in params.bad_word_ids]
-        for s in params.bad_strings:
-            words.append(list(self.tokenizer.encode(s, add_special_tokens=False)))
-        return [w for w in words if w]
-
     def _enqueue(self, text, ids, params: SamplingParams, streaming: bool) -> RequestOutput:
         self._check_alive()
-        eos = [params.end_id] if params.end_id is not None else self.eos_token_ids
-        room = self.max_seq_len - len(ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         beam = params.use_beam_search
         # Sequences that may be dropped (best_of > n) or reordered (beams) are reported at the end.
         streaming = streaming and not beam and params.num_sequences == params.n
         processor = params.combined_logits_processor()
         with self._lock:
             rid = next(self._ids)
+            request = core_request(rid, ids, params, eos_token_ids=self.eos_token_ids,
+                                   max_seq_len=self.max_seq_len, seed=params.effective_seed(secrets.randbits(63)),
+                                   tokenizer=self.tokenizer, token_history=processor is not None)
             out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=streaming,
                                 num_sequences=params.n if beam else params.num_sequences)
             self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
                                           abort_seq=lambda seq, rid=rid: self._abort(rid, seq))
             if processor is not None:
                 self._runner.logits_processors[rid] = processor
-            request = _core.Request(
-                request_id=rid, prompt_token_ids=ids, max_tokens=max_tokens,
-                min_tokens=params.min_tokens, eos_token_ids=eos,
-                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-                temperature=float(params.temperature), top_k=max(params.top_k, 0),
-                top_p=float(params.top_p), seed=params.effective_seed(secrets.randbits(63)),
-                min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
-                presence_penalty=float(params.presence_penalty),
-                frequency_penalty=float(params.frequency_penalty),
-                bad_words=self._bad_words(params),
-                logit_bias={int(k): float(v) for k, v in (params.logit_bias or {}).items()},
-                num_sequences=params.num_sequences, beam_search=beam,
-                length_penalty=float(params.length_penalty),
-                early_stopping=_EARLY_STOPPING[params.early_stopping], num_returned=params.n,
-                logprobs=-1 if params.logprobs is None else params.logprobs,
-                prompt_logprobs=-1 if params.prompt_logprobs is None else params.prompt_logprobs,
-                context_logits=params.return_context_logits,
-                generation_logits=params.return_generation_logits,
-                token_history=processor is not None)
             try:
                 self._executor.enqueue(request)
             except BaseException:

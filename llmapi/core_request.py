@@ -1,0 +1,83 @@
+"""From SamplingParams to the C++ core's Request: the model's defaults and limits, and the field mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from . import _core
+from .errors import RequestError
+from .sampling_params import SamplingParams
+
+# generation_config.json fields that become default sampling settings (as vLLM reads them).
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+_EARLY_STOPPING = {False: 0, True: 1, "never": 2}
+
+
+def generation_defaults(engine_dir: Path) -> dict:
+    """SamplingParams fields from the engine's generation_config.json (those it sets)."""
+    path = Path(engine_dir) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
+
+
+def check_params(params: SamplingParams, *, vocab_size: int, max_logprobs: int, max_batch_size: int,
+                 tokenizer) -> SamplingParams:
+    """What the params ask of this model and LLM: ValueError naming the field when it cannot be had."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(params, name)
+        if v is not None and v > max_logprobs:
+            raise ValueError(f"SamplingParams.{name}={v} is invalid: must be <= max_logprobs={max_logprobs} "
+                             f"(LLM(max_logprobs=...))")
+    if params.num_sequences > max_batch_size:
+        raise ValueError(f"SamplingParams.best_of={params.num_sequences} is invalid: a request's sequences "
+                         f"must fit max_batch_size={max_batch_size}")
+    for name, ids in (("bad_token_ids", [t for w in params.bad_word_ids for t in w]),
+                      ("logit_bias", list(params.logit_bias or {}))):
+        if any(t >= vocab_size for t in ids):
+            raise ValueError(f"SamplingParams.{name} is invalid: token ids must be < vocab_size={vocab_size}")
+    if tokenizer is None:
+        if params.bad_strings:
+            raise RequestError("bad strings need a tokenizer (skip_tokenizer_init=True)")
+        if params.stop_strings:
+            raise RequestError("stop strings need a tokenizer (skip_tokenizer_init=True)")
+        if params.detokenize:
+            params = dataclasses.replace(params, detokenize=False)
+    return params
+
+
+def _bad_words(params: SamplingParams, tokenizer) -> List[List[int]]:
+    words = [list(w) for w in params.bad_word_ids]
+    words += [list(tokenizer.encode(s, add_special_tokens=False)) for s in params.bad_strings]
+    return [w for w in words if w]
+
+
+def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams, *, eos_token_ids: List[int],
+                 max_seq_len: int, seed: int, tokenizer, token_history: bool) -> "_core.Request":
+    """The core's Request for a checked prompt and params (max_tokens capped by max_seq_len)."""
+    room = max_seq_len - len(prompt_ids)
+    max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+    optional = (lambda v: -1 if v is None else v)
+    return _core.Request(
+        request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
+        min_tokens=params.min_tokens,
+        eos_token_ids=[params.end_id] if params.end_id is not None else eos_token_ids,
+        stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+        temperature=float(params.temperature), top_k=max(params.top_k, 0), top_p=float(params.top_p),
+        seed=seed, min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
+        presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
+        bad_words=_bad_words(params, tokenizer),
+        logit_bias={int(k): float(v) for k, v in (params.logit_bias or {}).items()},
+        num_sequences=params.num_sequences, beam_search=params.use_beam_search,
+        length_penalty=float(params.length_penalty), early_stopping=_EARLY_STOPPING[params.early_stopping],
+        num_returned=params.n, logprobs=optional(params.logprobs),
+        prompt_logprobs=optional(params.prompt_logprobs), context_logits=params.return_context_logits,
+        generation_logits=params.return_generation_logits, token_history=token_history)
+
+
+__all__ = ["generation_defaults", "check_params", "core_request"]
