@@ -158,11 +158,15 @@ class LLM:
                                           abort_seq=lambda seq, rid=rid: self._abort(rid, seq))
             if processor is not None:
                 self._runner.logits_processors[rid] = processor
+            if (params.prompt_logprobs is not None or params.return_context_logits
+                    or params.return_generation_logits):
+                self._runner.records.open(rid)
             try:
                 self._executor.enqueue(request)
             except BaseException:
                 del self._live[rid]
                 self._runner.logits_processors.pop(rid, None)
+                self._runner.records.pop(rid)
                 raise
         return out
 

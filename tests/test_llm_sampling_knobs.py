@@ -135,3 +135,12 @@ def test_presence_and_frequency_penalties_match_a_plain_greedy_loop(setup):
             want.append(out)
     assert got == want
     assert got != plain and neighbours == plain
+
+
+def test_bad_strings_are_tokenized_bad_words(setup):
+    llm, hf, prompts, plain, _ = setup
+    text = llm.tokenizer.decode(plain[0][2:4])  # two words the first prompt generates greedily
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    assert ids == plain[0][2:4]
+    got = _generate(llm, prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, bad=text))
+    assert got == _hf(hf, prompts, bad_words_ids=[ids]) and got[0] != plain[0]

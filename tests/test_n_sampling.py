@@ -77,3 +77,30 @@ def test_n_sequences_stream(tiny_gpt2_dir):
         final = stream.result()
     assert {o.index: o.token_ids for o in final.outputs} == pieces
     assert all(len(p) == 6 for p in pieces.values())
+
+
+def test_stop_strings_end_each_sequence_on_its_own(tiny_llama_dir):
+    base = SamplingParams(n=4, seed=21, max_tokens=12, ignore_eos=True)
+    with LLM(str(tiny_llama_dir)) as llm:
+        free = {o.index: o.text for o in llm.generate(PROMPT, base, use_tqdm=False).outputs}
+        word = free[0].split()[3]  # appears in sample 0 (maybe in others): each stops at its own
+        stopped = llm.generate(PROMPT, SamplingParams(n=4, seed=21, max_tokens=12, ignore_eos=True, stop=word),
+                               use_tqdm=False)
+        assert llm.get_stats()["num_used_blocks"] == 0
+    for o in stopped.outputs:
+        at = free[o.index].find(word)
+        if at >= 0:
+            assert (o.text, o.finish_reason, o.stop_reason) == (free[o.index][:at], "stop", word)
+        else:
+            assert (o.text, o.finish_reason) == (free[o.index], "length")
+    assert next(o for o in stopped.outputs if o.index == 0).finish_reason == "stop"
+
+
+def test_abort_ends_every_sequence(tiny_gpt2_dir):
+    with LLM(str(tiny_gpt2_dir)) as llm:
+        out = llm.generate_async(PROMPT, SamplingParams(n=3, max_tokens=200, ignore_eos=True), streaming=True)
+        next(iter(out))  # the first tokens arrived
+        out.abort()
+        final = out.result(timeout=10)
+        assert all(o.finish_reason == "abort" for o in final.outputs)
+        assert llm.get_stats()["num_used_blocks"] == 0

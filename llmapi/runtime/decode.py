@@ -38,7 +38,9 @@ def _apply_processors(logits: torch.Tensor, batch, rows: np.ndarray, processors:
     prompt_lens = np.asarray(batch.prompt_lens)
     request_ids = np.asarray(batch.request_ids)
     for r in rows:
-        fn = processors[int(request_ids[r])]
+        fn = processors.get(int(request_ids[r]))
+        if fn is None:  # the request finished on the Python side (a stop string) meanwhile
+            continue
         history = state.histories.get(int(slots[r]), [])
         prompt, output = history[:prompt_lens[r]], history[prompt_lens[r]:]
         out = fn(prompt, output, logits[r])
@@ -61,8 +63,9 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
     want_logprobs = np.asarray(batch.logprobs)
     processor_rows = np.zeros(num_rows, dtype=bool)
     if processors:
-        processor_rows = np.isin(np.asarray(batch.request_ids), np.fromiter(processors, np.uint64)) & (
-            np.asarray(batch.slots) >= 0)
+        # list() copies the keys in one step: the LLM adds and removes entries from other threads.
+        ids = np.array(list(processors), dtype=np.uint64)
+        processor_rows = np.isin(np.asarray(batch.request_ids), ids) & (np.asarray(batch.slots) >= 0)
     state.update(batch, processor_rows)
 
     lp_rows = np.nonzero(want_logprobs >= 0)[0]

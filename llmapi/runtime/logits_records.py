@@ -24,12 +24,19 @@ class PromptRecord:
 
 
 class LogitsRecords:
-    """Written by the runner on the executor's thread, taken by the LLM's response thread."""
+    """Written by the runner on the executor's thread, taken by the LLM's response thread. Only
+    requests opened (by the LLM, before it enqueues them) and not yet popped are recorded: a
+    request finished early on the Python side may still run one more step."""
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._open: set = set()
         self._prompt: Dict[int, PromptRecord] = {}
         self._generation: Dict[int, Dict[int, Dict[int, torch.Tensor]]] = {}  # id -> seq -> index -> [V]
+
+    def open(self, request_id: int) -> None:
+        with self._lock:
+            self._open.add(request_id)
 
     def record_prompt(self, batch, hidden: torch.Tensor, query_start: np.ndarray,
                       compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -44,6 +51,8 @@ class LogitsRecords:
         for r in rows:
             rid, start = int(batch.request_ids[r]), int(context_lens[r] - query_lens[r])
             with self._lock:
+                if rid not in self._open:
+                    continue
                 rec = self._prompt.setdefault(rid, PromptRecord())
             first = max(rec.num_positions, start)  # positions before it are recorded already
             end = min(int(context_lens[r]), int(prompt_lens[r]))
@@ -79,6 +88,8 @@ class LogitsRecords:
             seqs = range(int(num_candidates[r])) if num_candidates[r] > 1 else [int(batch.seq_index[r])]
             row = logits[r].clone()  # [V]: the decoding step then processes logits in place
             with self._lock:
+                if rid not in self._open:
+                    continue
                 per_seq = self._generation.setdefault(rid, {})
                 for seq in seqs:
                     per_seq.setdefault(seq, {})[index] = row
@@ -86,6 +97,7 @@ class LogitsRecords:
     def pop(self, request_id: int):
         """(PromptRecord or None, {seq: {output index: logits [V]}}) of a finished request."""
         with self._lock:
+            self._open.discard(request_id)
             return self._prompt.pop(request_id, None), self._generation.pop(request_id, {})
 
     def prompt_logprobs(self, record: Optional[PromptRecord]):
