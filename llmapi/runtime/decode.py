@@ -113,9 +113,11 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
         top_k, top_p, min_p = (np.asarray(batch.top_k)[expand], np.asarray(batch.top_p)[expand],
                                np.asarray(batch.min_p)[expand])
         e = _t(expand, dev, torch.long)
+        # Every row sampling once, in order (the common decode step): no gathered copy of the logits.
+        rows_logits = logits if len(expand) == num_rows and num_rows == len(sample_rows) else logits[e]
         no_suppress = torch.zeros(len(expand) + 1, dtype=torch.int32, device=dev)
         sampled = sample(
-            logits[e], temperature=_t(temperature, dev, torch.float32), top_k=_t(top_k, dev, torch.int32),
+            rows_logits, temperature=_t(temperature, dev, torch.float32), top_k=_t(top_k, dev, torch.int32),
             top_p=_t(top_p, dev, torch.float32), seeds=_t(np.asarray(batch.seeds)[expand], dev, torch.long),
             output_index=_t(np.asarray(batch.output_index)[expand], dev, torch.int32),
             suppress_offsets=no_suppress, suppress_ids=torch.zeros(0, dtype=torch.long, device=dev),
