@@ -237,23 +237,6 @@ std::vector<std::pair<size_t, uint64_t>> Scheduler::preempt_unit(Request* victim
   return removed;
 }
 
-bool Scheduler::release_stalled_beams() {
-  std::unordered_set<const SequenceGroup*> waiting_groups;
-  for (const Request* r : waiting_) {
-    if (r->is_beam() && r->group) waiting_groups.insert(r->group.get());
-  }
-  bool any = false;
-  for (size_t k = running_.size(); k-- > 0;) {
-    Request* r = running_[k];
-    if (r->group && waiting_groups.count(r->group.get()) && !r->in_flight) {
-      running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(k));
-      preempt(r);
-      any = true;
-    }
-  }
-  return any;
-}
-
 void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
   const int32_t B = config_.tokens_per_block;
   int32_t seats_used = 0;

@@ -33,4 +33,20 @@ struct StepResult {
   }
 };
 
+// Appends candidate (row, column)'s logprob, rank and the row's top-k to a sequence's per-token
+// vectors (logprobs, ranks, top_ids, top_logprobs: a Request, a BeamHypothesis, ...).
+template <typename Seq>
+inline void append_logprobs(Seq& seq, int32_t k, const StepResult& result, int32_t row, int32_t column) {
+  const size_t at = static_cast<size_t>(row) * result.num_candidates + column;
+  const float logprob = result.logprobs.empty() ? 0.0f : result.logprobs[at];
+  seq.logprobs.push_back(logprob);
+  seq.ranks.push_back(result.ranks.empty() ? 0 : result.ranks[at]);
+  for (int32_t j = 0; j < k; ++j) {
+    const bool have = j < result.num_top;
+    const size_t t = static_cast<size_t>(row) * result.num_top + j;
+    seq.top_ids.push_back(have ? result.top_ids[t] : -1);
+    seq.top_logprobs.push_back(have ? result.top_logprobs[t] : 0.0f);
+  }
+}
+
 }  // namespace llmapi
