@@ -25,7 +25,7 @@ def generation_defaults(engine_dir: Path) -> dict:
 
 
 def check_params(params: SamplingParams, *, vocab_size: int, max_logprobs: int, max_batch_size: int,
-                 tokenizer) -> SamplingParams:
+                 max_num_tokens: int, tokenizer) -> SamplingParams:
     """What the params ask of this model and LLM: ValueError naming the field when it cannot be had."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -37,6 +37,9 @@ def check_params(params: SamplingParams, *, vocab_size: int, max_logprobs: int, 
     if params.num_sequences > max_batch_size:
         raise ValueError(f"SamplingParams.best_of={params.num_sequences} is invalid: a request's sequences "
                          f"must fit max_batch_size={max_batch_size}")
+    if params.use_beam_search and params.num_sequences > max_num_tokens:
+        raise ValueError(f"SamplingParams.best_of={params.num_sequences} is invalid: the beams step together, "
+                         f"so the beam width must fit max_num_tokens={max_num_tokens}")
     for name, ids in (("bad_token_ids", [t for w in params.bad_word_ids for t in w]),
                       ("logit_bias", list(params.logit_bias or {}))):
         if any(t >= vocab_size for t in ids):

@@ -136,7 +136,8 @@ class LLM:
     def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
         params = check_params(self.get_default_sampling_params() if params is None else params,
                               vocab_size=self.vocab_size, max_logprobs=self.args.max_logprobs,
-                              max_batch_size=self.args.max_batch_size, tokenizer=self.tokenizer)
+                              max_batch_size=self.args.max_batch_size,
+                              max_num_tokens=self.args.max_num_tokens, tokenizer=self.tokenizer)
         text, ids = self._prompt_ids(prompt)
         self._check_length(ids)
         return text, ids, params

@@ -46,12 +46,13 @@ def test_beam_width_defaults_to_n():
 
 
 def test_llm_rejects_what_the_model_cannot_take(tiny_llama_dir):
-    with LLM(str(tiny_llama_dir), max_logprobs=4, max_batch_size=8) as llm:
+    with LLM(str(tiny_llama_dir), max_logprobs=4, max_batch_size=8, max_num_tokens=6) as llm:
         for params, field in [(SamplingParams(logprobs=5), "logprobs"),
                               (SamplingParams(prompt_logprobs=7), "prompt_logprobs"),
                               (SamplingParams(logit_bias={320: 1.0}), "logit_bias"),
                               (SamplingParams(bad_token_ids=[[4, 320]]), "bad_token_ids"),
-                              (SamplingParams(n=2, best_of=9), "best_of")]:
+                              (SamplingParams(n=2, best_of=9), "best_of"),
+                              (SamplingParams(use_beam_search=True, best_of=7), "best_of")]:
             with pytest.raises(ValueError, match=rf"SamplingParams\.{field}"):
                 llm.generate([[5, 6], [7, 8]], [SamplingParams(max_tokens=2), params])
         assert llm.get_stats()["num_waiting"] == 0  # the valid first prompt was not enqueued either

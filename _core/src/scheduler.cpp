@@ -42,6 +42,11 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
                        " is invalid: a request's sequences must fit max_batch_size=" +
                        std::to_string(config.max_batch_size));
   }
+  if (request.sampling.beam_search && request.sampling.num_sequences > config.max_num_tokens) {
+    throw RequestError("num_sequences=" + std::to_string(request.sampling.num_sequences) +
+                       " is invalid: the beams step together, so the beam width must fit "
+                       "max_num_tokens=" + std::to_string(config.max_num_tokens));
+  }
 }
 
 void Scheduler::add(Request request) {

@@ -75,7 +75,6 @@ class Scheduler {
   std::vector<Response> finish_all(const std::string& finish_reason, const std::string& error);
 
   Batch make_batch(const SchedulerOutput& output) const;
-  int32_t num_slots() const { return num_slots_; }  // state slots ever handed out
 
   bool has_unfinished() const { return !requests_.empty(); }
   const Request* find(uint64_t request_id) const;
