@@ -68,7 +68,7 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
     optional = (lambda v: -1 if v is None else v)
     return _core.Request(
         request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
-        min_tokens=params.min_tokens,
+        min_tokens=min(params.min_tokens, max_tokens),
         eos_token_ids=[params.end_id] if params.end_id is not None else eos_token_ids,
         stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
         temperature=float(params.temperature), top_k=max(params.top_k, 0), top_p=float(params.top_p),
