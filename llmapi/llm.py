@@ -16,7 +16,8 @@ import torch
 
 from . import _core
 from .config import validated_kwargs
-from .errors import ExecutorDeadError, ExecutorError, RequestError
+from .errors import (ExecutorDeadError, ExecutorError, LaunchError, RequestError, WorkerDiedError,
+                     runner_error)
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
@@ -45,6 +46,18 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _refuse_plain_mpirun() -> None:
+    """Under a bare mpirun every rank would run the whole script and spawn a job of its own: point to the launcher."""
+    import os
+
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):  # set by Open MPI and by MPICH's Hydra in every rank
+        size = os.environ.get(name, "")
+        if size.isdigit() and int(size) > 1:
+            raise LaunchError(f"this script runs as one of {size} MPI ranks ({name}={size}); start it with "
+                              "`mpirun -n N llmapi-launch script.py` so that rank 0 runs it and the other "
+                              "ranks serve the model")
+
+
 class LLM:
     """An LLM served from a cached engine. See `LlmArgs` for every argument.
 
@@ -55,6 +68,7 @@ class LLM:
     def __init__(self, model: str, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args = validated_kwargs(dict(model=model, tokenizer=tokenizer, **kwargs))
         self._executor = None
+        self._runner = None
         self._live: Dict[int, _Live] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -69,19 +83,74 @@ class LLM:
         atexit.register(lambda: ref() is not None and ref().shutdown())
 
     def _start(self) -> None:
+        from .distributed import session as sessions
+        from .distributed.mapping import Mapping
+
+        args = self.args
+        mapping = Mapping(args.tensor_parallel_size, args.pipeline_parallel_size)
+        launched = sessions.current()
+        remote = None
+        if mapping.world_size > 1 and launched is None:
+            _refuse_plain_mpirun()
+            from .distributed.remote import RemoteExecutor
+
+            # Started first: the ranks import torch while this process converts the engine.
+            remote = self._executor = RemoteExecutor(mapping.world_size)
+        elif launched is not None and mapping.world_size != launched.world_size:
+            raise ValueError(f"tensor_parallel_size * pipeline_parallel_size = {mapping.world_size}, but this "
+                             f"script was launched on {launched.world_size} MPI ranks")
+        info = self._build_engine(mapping)
+        cfg = info.config
+        self.eos_token_ids = list(cfg.get("eos_token_id") or [])
+        self.vocab_size = cfg["vocab_size"]
+        executor_kwargs = dict(
+            max_batch_size=args.max_batch_size,
+            max_num_tokens=args.max_num_tokens,
+            max_seq_len=self.max_seq_len,
+            tokens_per_block=args.tokens_per_block,
+            enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+            # Pipeline stages overlap when the next step starts before the last stage ends this one.
+            max_inflight_batches=mapping.pp_size,
+        )
+        load_format = info.build_config.get("load_format", "auto")
+        if mapping.world_size == 1:
+            from .runtime.model_runner import ModelRunner
+
+            runner = ModelRunner(info.path, cfg, self.device, args.kv_cache_config, args.tokens_per_block,
+                                 load_format=load_format)
+        else:
+            init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
+                        device_type=self.device.type, kv_cache_config=dataclasses.asdict(args.kv_cache_config),
+                        tokens_per_block=args.tokens_per_block, load_format=load_format)
+            if remote is not None:
+                remote.start(init, executor_kwargs)
+                self.num_kv_blocks = remote.num_blocks
+                self._start_responses()
+                return
+            from .distributed.runner import DistributedRunner
+
+            runner = DistributedRunner(launched, init)
+            ref = weakref.ref(self)
+            launched.shutdown_hooks.append(lambda: ref() is not None and ref().shutdown())
+        self._runner = runner
+        self.num_kv_blocks = runner.num_blocks
+        self._executor = _core.Executor(_core.ExecutorConfig(num_blocks=runner.num_blocks, **executor_kwargs), runner)
+        self._start_responses()
+
+    def _build_engine(self, mapping):
         from .engine import build_engine
-        from .runtime.model_runner import ModelRunner
 
         args = self.args
         self.device = _resolve_device(args.device)
         info = build_engine(args.model, dtype=args.dtype, load_format=args.load_format,
                             revision=args.revision, token=args.hf_token,
                             device_type=self.device.type, cache_dir=args.cache_dir,
-                            full_check=args.full_engine_check)
+                            full_check=args.full_engine_check, mapping=mapping.to_dict(),
+                            embedding_sharding_dim=args.embedding_sharding_dim)
         self.engine_info = info
         self.engine_built = info.built
-        cfg = info.config
-        max_pos = cfg["max_position_embeddings"]
+        max_pos = info.config["max_position_embeddings"]
         if args.max_seq_len is not None and args.max_seq_len > max_pos:
             raise ValueError(f"max_seq_len={args.max_seq_len} is invalid: the model supports at most "
                              f"{max_pos} positions (max_position_embeddings)")
@@ -89,24 +158,10 @@ class LLM:
         self.tokenizer = None
         if not args.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(args.tokenizer or info.path)
-        self.eos_token_ids = list(cfg.get("eos_token_id") or [])
-        self.vocab_size = cfg["vocab_size"]
-        runner = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
-                             args.tokens_per_block,
-                             load_format=info.build_config.get("load_format", "auto"))
-        self._runner = runner
-        exec_config = _core.ExecutorConfig(
-            max_batch_size=args.max_batch_size,
-            max_num_tokens=args.max_num_tokens,
-            max_seq_len=self.max_seq_len,
-            tokens_per_block=args.tokens_per_block,
-            num_blocks=runner.num_blocks,
-            enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
-            enable_chunked_prefill=args.enable_chunked_prefill,
-        )
-        self._executor = _core.Executor(exec_config, runner)
-        self._thread = threading.Thread(target=self._response_loop, name="llmapi-responses",
-                                        daemon=True)
+        return info
+
+    def _start_responses(self) -> None:
+        self._thread = threading.Thread(target=self._response_loop, name="llmapi-responses", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ requests
@@ -246,6 +301,8 @@ class LLM:
             except ExecutorDeadError as e:
                 if not self._closed:  # shutdown() settles what is left itself
                     self._fail_all(e)
+                    if isinstance(e, WorkerDiedError):
+                        self.shutdown()  # a multi-rank LLM cannot go on without a rank: stop the rest
                 return
             for r in responses:
                 try:
@@ -272,7 +329,7 @@ class LLM:
         if not r.finished:
             live.output._add(list(r.token_ids), text)
             return
-        error = ExecutorError(r.error) if r.finish_reason == "error" else None
+        error = runner_error(r.error) if r.finish_reason == "error" else None
         stop_reason = r.stop_reason if r.stop_reason >= 0 else None
         live.output._add(list(r.token_ids), text)
         self._finish(r.request_id, r.finish_reason, stop_reason, error)
@@ -309,6 +366,9 @@ class LLM:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown()
+        runner, self._runner = getattr(self, "_runner", None), None
+        if runner is not None and hasattr(runner, "close"):
+            runner.close()  # launched mode: the other ranks drop this model and wait for the next one
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         for rid in list(self._live):

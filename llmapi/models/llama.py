@@ -85,14 +85,19 @@ class LlamaForCausalLM(CausalLM):
             self.transformer = LlamaTransformer(cfg)
             tied = cfg["tie_word_embeddings"]
             self.lm_head = None if tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        self._allocate(device, dtype)
-        # Built after _allocate: the frequencies must be computed, in float32, not left uninitialized.
+        self.config = cfg
+        self.materialize(device, dtype)
+
+    def init_buffers(self, device) -> None:
+        # Built after the parameters: the frequencies must be computed, in float32, not left uninitialized.
+        cfg = self.config
         self.rotary = RotaryEmbedding(
             cfg["head_dim"], cfg["rotary_base"], cfg["rotary_scaling"], cfg["max_position_embeddings"], device
         )
 
-    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches):  # [T], [T] -> [T, H]
-        x = self.transformer.vocab_embedding(input_ids)  # [T, H]
+    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches, hidden=None):  # [T], [T] -> [T, H]
+        """hidden: [T, H], the previous pipeline stage's output, which replaces the embedding."""
+        x = self.transformer.vocab_embedding(input_ids) if hidden is None else hidden  # [T, H]
         cos, sin = self.rotary(positions)  # [T, hd] float32
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the model dtype
         for i, layer in enumerate(self.transformer.layers):
