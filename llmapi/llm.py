@@ -69,6 +69,7 @@ class LLM:
         self.args = validated_kwargs(dict(model=model, tokenizer=tokenizer, **kwargs))
         self._executor = None
         self._runner = None
+        self._death: Optional[WorkerDiedError] = None
         self._live: Dict[int, _Live] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -302,6 +303,7 @@ class LLM:
                 if not self._closed:  # shutdown() settles what is left itself
                     self._fail_all(e)
                     if isinstance(e, WorkerDiedError):
+                        self._death = e
                         self.shutdown()  # a multi-rank LLM cannot go on without a rank: stop the rest
                 return
             for r in responses:
@@ -345,6 +347,8 @@ class LLM:
 
     # ------------------------------------------------------------------ lifecycle
     def _check_alive(self) -> None:
+        if self._death is not None:
+            raise WorkerDiedError(f"this LLM was shut down: {self._death}")
         if self._closed or self._executor is None:
             raise ExecutorDeadError("this LLM has been shut down")
 

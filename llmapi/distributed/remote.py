@@ -220,7 +220,8 @@ class RemoteExecutor:
             except OSError:
                 pass
         clean = self._dead is None
-        self.job.stop(grace=10.0)
+        # A job that never connected (the engine failed to build) has nothing to finish: stop it now.
+        self.job.stop(grace=10.0 if self._conn is not None else 0.0)
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
         self._die(ExecutorDeadError("the executor was shut down"))
