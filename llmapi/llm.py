@@ -16,8 +16,7 @@ import torch
 
 from . import _core
 from .config import validated_kwargs
-from .errors import (ExecutorDeadError, ExecutorError, LaunchError, RequestError, WorkerDiedError,
-                     runner_error)
+from .errors import ExecutorDeadError, ExecutorError, RequestError, WorkerDiedError, runner_error
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
@@ -44,18 +43,6 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} is invalid: no CUDA device is available")
     return device
-
-
-def _refuse_plain_mpirun() -> None:
-    """Under a bare mpirun every rank would run the whole script and spawn a job of its own: point to the launcher."""
-    import os
-
-    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):  # set by Open MPI and by MPICH's Hydra in every rank
-        size = os.environ.get(name, "")
-        if size.isdigit() and int(size) > 1:
-            raise LaunchError(f"this script runs as one of {size} MPI ranks ({name}={size}); start it with "
-                              "`mpirun -n N llmapi-launch script.py` so that rank 0 runs it and the other "
-                              "ranks serve the model")
 
 
 class LLM:
@@ -92,8 +79,10 @@ class LLM:
         launched = sessions.current()
         remote = None
         if mapping.world_size > 1 and launched is None:
-            _refuse_plain_mpirun()
             from .distributed.remote import RemoteExecutor
+            from .distributed.spawn import refuse_bare_mpirun
+
+            refuse_bare_mpirun()
 
             # Started first: the ranks import torch while this process converts the engine.
             remote = self._executor = RemoteExecutor(mapping.world_size)

@@ -173,20 +173,33 @@ def test_launcher_under_mpiexec(tiny_llama_dir, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import json, sys
         from llmapi import LLM, SamplingParams
-        with LLM({str(tiny_llama_dir)!r}, tensor_parallel_size=int(sys.argv[1])) as llm:
+
+        def greedy(llm):
             outs = llm.generate({prompts!r}, SamplingParams(max_tokens={MAX_TOKENS}, temperature=0), use_tqdm=False)
             print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
+
+        with LLM({str(tiny_llama_dir)!r}, tensor_parallel_size=int(sys.argv[1])) as llm:
+            greedy(llm)
+        # The same ranks, split another way; shut down with a pipeline step in flight: a small token budget
+        # puts two prompts in one step and two in the next, and the two groups then alternate.
+        with LLM({str(tiny_llama_dir)!r}, pipeline_parallel_size=2, max_num_tokens=16) as llm:
+            long = [llm.generate_async([9 + j] * 12, SamplingParams(max_tokens=200, ignore_eos=True), streaming=True)
+                    for j in range(4)]
+            next(iter(long[0]))
+        with LLM({str(tiny_llama_dir)!r}, pipeline_parallel_size=2) as llm:
+            greedy(llm)
     """))
     mpiexec = str(find_mpiexec())
     env = dict(os.environ, PATH=os.path.dirname(mpiexec) + os.pathsep + os.environ.get("PATH", ""))
     launched = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "llmapi.launch", str(script), "2"],
-                              capture_output=True, text=True, timeout=180, env=env)
+                              capture_output=True, text=True, timeout=90, env=env)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     got = [json.loads(line[len("TOKENS "):]) for line in launched.stdout.splitlines() if line.startswith("TOKENS")]
-    assert len(got) == 1  # only rank 0 ran the script
+    assert len(got) == 2  # only rank 0 ran the script
     with LLM(str(tiny_llama_dir)) as llm:
-        assert got[0] == _greedy(llm, prompts)
+        want = _greedy(llm, prompts)
+    assert got == [want, want]
 
     bare = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), "2"], capture_output=True, text=True,
-                          timeout=180, env=env)
+                          timeout=90, env=env)
     assert bare.returncode != 0 and "llmapi-launch" in bare.stdout + bare.stderr

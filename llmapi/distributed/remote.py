@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Optional
 
 from llmapi import errors
 from llmapi.distributed import channel
+from llmapi.distributed.session import MASTER_ADDR_ENV
 from llmapi.distributed.spawn import MpiJob
 from llmapi.errors import ExecutorDeadError, LaunchError, WorkerDiedError
 
@@ -36,6 +38,9 @@ class RemoteExecutor:
     def __init__(self, world_size: int):
         self.world_size = world_size
         self._listener, env = channel.listen()
+        env[MASTER_ADDR_ENV] = "127.0.0.1"  # one host: the rendezvous store listens on loopback only
+        if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+            env["GLOO_SOCKET_IFNAME"] = "lo"  # and so do the ranks' gloo connections
         try:
             self.job = MpiJob(world_size, env)
         except BaseException:

@@ -29,15 +29,19 @@ class DistributedRunner:
         self.worker = RankWorker(session, init)
         self.num_blocks = self.worker.num_blocks
         self._closed = False
+        self._inflight: dict[int, StepHandle] = {}  # submitted, not collected: drained before a release
 
     def submit(self, batch) -> StepHandle:
         try:
             self.channel.send(STEP, encode_batch(batch))
-            return self.worker.start(batch)
+            handle = self.worker.start(batch)
         except Exception as e:
             raise _rank_failure("submit", e) from e
+        self._inflight[id(handle)] = handle
+        return handle
 
     def collect(self, handle: StepHandle) -> np.ndarray:
+        self._inflight.pop(id(handle), None)
         try:
             return self.worker.finish(handle)
         except Exception as e:
@@ -49,6 +53,11 @@ class DistributedRunner:
             return
         self._closed = True
         try:
+            # A shut-down executor drops its steps in flight; their tokens are on the way all the same,
+            # and must not be taken for the next model's.
+            for handle in self._inflight.values():
+                self.worker.finish(handle)
+            self._inflight.clear()
             self.channel.send(RELEASE)
             self.worker.release()
             self.channel.flush()

@@ -39,9 +39,19 @@ def _master_addr() -> str:
     if addr:
         return addr
     try:
-        return socket.gethostbyname(socket.gethostname())
+        addr = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        addr = "127.0.0.1"
+    if addr.startswith("127."):
+        # Some hosts map their name to loopback; other nodes need the address of the outbound interface
+        # (a UDP "connect" only picks the route, it sends nothing).
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect(("10.255.255.255", 1))
+                addr = s.getsockname()[0]
+        except OSError:
+            pass
+    return addr
 
 
 class Session:

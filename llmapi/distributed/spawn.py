@@ -21,6 +21,16 @@ MPIEXEC_ENV = "LLMAPI_MPIEXEC"
 WORKER_MODULE = "llmapi.distributed.worker"
 
 
+def refuse_bare_mpirun() -> None:
+    """Under a bare mpirun every rank would run the whole script and start a job of its own: point to the launcher."""
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):  # set in every rank by Open MPI and by MPICH's Hydra
+        size = os.environ.get(name, "")
+        if size.isdigit() and int(size) > 1:
+            raise LaunchError(f"this script runs as one of {size} MPI ranks ({name}={size}); start it with "
+                              "`mpirun -n N llmapi-launch script.py` so that rank 0 runs it and the other "
+                              "ranks serve the model")
+
+
 def find_mpiexec() -> Path:
     """$LLMAPI_MPIEXEC, else the mpiexec beside this Python (a venv with the mpich wheel), else one on PATH."""
     if os.environ.get(MPIEXEC_ENV):
