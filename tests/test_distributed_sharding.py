@@ -193,3 +193,30 @@ def test_slice_batch_keeps_each_request_whole():
     assert mb.input_ids.tolist() == [2, 3, 4, 5] and mb.positions.tolist() == [4, 0, 1, 2]
     assert mb.suppress_offsets.tolist() == [0, 0, 2] and mb.suppress_ids.tolist() == [8, 9]
     assert mb.block_tables.tolist() == [[1, 2], [3, 0]] and mb.num_tokens == 4 and mb.num_requests == 2
+
+
+def test_engine_has_one_file_per_rank_and_a_saved_engine_keeps_its_split(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmapi import LLM
+    from llmapi.engine import build_engine, save_engine
+
+    mapping = {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    info = build_engine(str(tiny_llama_dir), mapping=mapping)
+    assert info.config["mapping"] == mapping
+    shards = [load_file(str(info.path / f"rank{r}.safetensors")) for r in range(2)]
+    full = load_file(str(build_engine(str(tiny_llama_dir)).path / "rank0.safetensors"))
+    name = "transformer.layers.0.mlp.gate_up.weight"  # each rank: its half of gate, then its half of up
+    inter = full[name].shape[0] // 2
+    gate, up = full[name][:inter], full[name][inter:]
+    assert torch.equal(shards[1][name], torch.cat([gate[inter // 2:], up[inter // 2:]]))
+    saved = save_engine(info.path, tmp_path / "saved")
+    with pytest.raises(ValueError, match="split as .*'tp_size': 2"):
+        LLM(str(saved))  # one rank asked, two-rank engine given
+
+
+def test_embedding_sharding_dim_is_validated(tiny_llama_dir):
+    from llmapi import LLM
+
+    with pytest.raises(ValueError, match="embedding_sharding_dim=2"):
+        LLM(str(tiny_llama_dir), tensor_parallel_size=2, embedding_sharding_dim=2)
