@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from llmapi._kernels.paged_attention import paged_attention_ref, varlen_causal_attention_ref, write_kv_ref
+from llmapi.layers.dispatch import use_triton
 
 
 @dataclass
@@ -32,6 +33,8 @@ class AttentionMetadata:
     """Largest context_lens entry."""
     tokens_per_block: int
     """Tokens held by one KV block."""
+    num_kv_splits: int = 0
+    """CUDA decode steps: context splits per request (split-K); 0 picks a number from the batch."""
 
     @classmethod
     def build(cls, query_lens, context_lens, block_tables, tokens_per_block: int, slot_mapping=None, device=None):
@@ -83,6 +86,8 @@ class Attention(nn.Module):
         if kv_cache is None:
             # No cache (e.g. a memory-profiling run): every request's query is its whole sequence.
             return varlen_causal_attention_ref(q, k, v, attn.query_start_loc, self.scale)
+        if use_triton(q):
+            return _attention_triton(q, k, v, kv_cache, attn, self.scale)
         write_kv_ref(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
         return paged_attention_ref(
             q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens, attn.block_tables, self.scale
@@ -90,3 +95,18 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}"
+
+
+def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The Triton kernels: KV write, then split-K decode attention or packed attention for mixed batches."""
+    from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention
+    from llmapi._kernels.kv_write import write_kv
+    from llmapi._kernels.prefill_attention import paged_packed_attention
+
+    write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
+    if attn.max_query_len == 1:  # decodes only: request r's token is row r
+        splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], attn.max_context_len)
+        return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,
+                                      splits)
+    return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
+                                  attn.block_tables, scale)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from llmapi.errors import UnsupportedModelError
+from llmapi.layers.dispatch import use_triton
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -97,3 +98,18 @@ def apply_rotary(
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, n, hd]
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rotate_qk(
+    q: torch.Tensor,  # [T, nh, hd]
+    k: torch.Tensor,  # [T, nkv, hd]
+    cos: torch.Tensor,  # [T, hd] in the model dtype
+    sin: torch.Tensor,  # [T, hd]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary to q and k; on CUDA one fused kernel rotates both in place."""
+    if use_triton(q):
+        from llmapi._kernels.rotary import rotary_qk_
+
+        rotary_qk_(q, k, cos, sin)
+        return q, k
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ..config import KvCacheConfig
-from ..layers.attention import AttentionMetadata
 from ..models import get_model_class
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .sampler import sample
+from .step_inputs import InputStager
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +24,24 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _tensor(array, device, dtype=None) -> torch.Tensor:
-    # The executor's arrays are read-only views; copy them so torch owns the memory.
-    return torch.tensor(np.asarray(array), device=device, dtype=dtype)
+class _Step:
+    """A submitted step: its sampled ids on the way to a host buffer, and the event that marks their arrival."""
+
+    def __init__(self, host_ids: torch.Tensor, event):
+        self.host_ids, self.event = host_ids, event
 
 
 class ModelRunner:
     """The executor calls `submit(batch)` then `collect(handle)` from its loop thread.
 
-    This runner is synchronous: `submit` runs the forward and the sampler and returns the sampled
-    ids still on the device; `collect` makes the one device-to-host copy of the step."""
+    `submit` stages the inputs (one host-to-device copy per buffer), runs the forward (a captured
+    CUDA graph for decode batches on CUDA) and the sampler, and starts the one device-to-host copy
+    of the sampled ids; `collect` waits for that copy.
+    """
 
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
-                 kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto"):
+                 kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
+                 max_batch_size: int = 512, cuda_graphs: bool = True):
         self.config = engine_config
         self.device = device
         self.dtype = torch_dtype(engine_config["dtype"])
@@ -45,52 +50,55 @@ class ModelRunner:
         self.model = model_cls(engine_config, device=device, dtype=self.dtype)
         weights_path = os.path.join(engine_dir, "rank0.safetensors")
         if load_format == "dummy" and not os.path.exists(weights_path):
-            weights = model_cls.dummy_weights(engine_config, self.dtype, seed=0)
+            # Drawn where they are used: an 8B model's weights take minutes to draw on a CPU.
+            weights = model_cls.dummy_weights(engine_config, self.dtype, seed=0, device=device)
         else:
             from safetensors.torch import load_file
             weights = load_file(weights_path, device=str(device))
         self.model.load_weights(weights)
         del weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
         num_layers = engine_config["num_hidden_layers"]
         self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.dtype,
                                         tokens_per_block, num_layers)
         self.kv_caches: List[torch.Tensor] = allocate_kv_caches(
             engine_config, num_layers, self.num_blocks, tokens_per_block, device, self.dtype)
+        self.stager = InputStager(device, tokens_per_block)
+        self.graphs = None
+        if device.type == "cuda":
+            self._ids_host = torch.empty(0, dtype=torch.int32, pin_memory=True)
+            if cuda_graphs:
+                from .cuda_graph import DecodeGraphs
+
+                max_blocks = -(-engine_config["max_position_embeddings"] // tokens_per_block)
+                with torch.inference_mode():
+                    self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size,
+                                               max_blocks, engine_config["num_key_value_heads"])
 
     @torch.inference_mode()
-    def submit(self, batch) -> torch.Tensor:
-        dev = self.device
-        input_ids = _tensor(batch.input_ids, dev, torch.long)          # [T]
-        positions = _tensor(batch.positions, dev, torch.long)          # [T]
-        query_lens = _tensor(batch.query_lens, dev, torch.int32)       # [R]
-        context_lens = _tensor(batch.context_lens, dev, torch.int32)   # [R]
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=dev)
-        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
-        q_host = np.asarray(batch.query_lens)
-        c_host = np.asarray(batch.context_lens)
-        attn = AttentionMetadata(
-            slot_mapping=_tensor(batch.slot_mapping, dev, torch.long),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            query_start_loc=query_start_loc,
-            block_tables=_tensor(batch.block_tables, dev, torch.int32),
-            max_query_len=int(q_host.max()),
-            max_context_len=int(c_host.max()),
-            tokens_per_block=self.tokens_per_block,
-        )
-        hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [T, H]
-        last = query_start_loc[1:].long() - 1                              # [R]
-        logits = self.model.compute_logits(hidden[last])                    # [R, V] fp32
-        return sample(
-            logits,
-            temperature=_tensor(batch.temperature, dev, torch.float32),
-            top_k=_tensor(batch.top_k, dev, torch.int32),
-            top_p=_tensor(batch.top_p, dev, torch.float32),
-            seeds=_tensor(batch.seeds, dev, torch.long),
-            output_index=_tensor(batch.output_index, dev, torch.int32),
-            suppress_offsets=_tensor(batch.suppress_offsets, dev, torch.int32),
-            suppress_ids=_tensor(batch.suppress_ids, dev, torch.long),
-        )
+    def submit(self, batch) -> _Step:
+        size = self.graphs.size_for(batch) if self.graphs is not None else 0
+        if size:
+            logits, inputs = self.graphs.run(batch, size)  # [R, V] float32
+        else:
+            inputs = self.stager.stage(batch)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)  # [T, H]
+            logits = self.model.compute_logits(hidden[inputs.last_rows])  # [R, V] float32
+        ids = sample(logits, **inputs.sampling, all_greedy=inputs.all_greedy,
+                     any_top_k_top_p=inputs.any_top_k_top_p)  # [R] int64
+        if self.device.type != "cuda":
+            return _Step(ids.to(torch.int32), None)
+        r = ids.shape[0]
+        if self._ids_host.numel() < r:
+            self._ids_host = torch.empty(max(r, 2 * self._ids_host.numel()), dtype=torch.int32, pin_memory=True)
+        host = self._ids_host[:r]
+        host.copy_(ids.to(torch.int32), non_blocking=True)  # the step's one device-to-host copy
+        event = torch.cuda.Event()
+        event.record()
+        return _Step(host, event)
 
-    def collect(self, handle: torch.Tensor) -> np.ndarray:
-        return handle.to("cpu").numpy().astype(np.int32)
+    def collect(self, handle: _Step) -> np.ndarray:
+        if handle.event is not None:
+            handle.event.synchronize()
+        return handle.host_ids.numpy().copy()
