@@ -1,4 +1,4 @@
-"""CUDA graphs of the decode step (forward and logits) for a ladder of batch sizes, replayed on padded inputs."""
+"""CUDA graphs of the decode step (forward, logits, greedy ids) for a ladder of batch sizes, on padded inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from ..layers.attention import AttentionMetadata
-from .step_inputs import InputStager, StepInputs
+from .step_inputs import InputStager
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class DecodeGraphs:
         self.ints = torch.zeros(5 * largest + 1 + largest * max_blocks, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        self.graphs, self.logits, self.attn = {}, {}, {}
+        self.graphs, self.logits, self.greedy_ids, self.attn = {}, {}, {}, {}
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
             splits = num_splits_for(size, num_kv_heads, max_blocks * stager.tokens_per_block, num_sms)
@@ -44,6 +44,8 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[size] = self._forward(size)
+                # What sample() returns for greedy rows without suppressed ids: the argmax.
+                self.greedy_ids[size] = self.logits[size].argmax(dim=-1)
             self.graphs[size] = graph
         torch.cuda.synchronize(device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
@@ -79,13 +81,12 @@ class DecodeGraphs:
             return 0
         return next(s for s in self.sizes if s >= r)
 
-    def run(self, batch, size: int) -> tuple[torch.Tensor, StepInputs]:
-        """Stage the batch into the static inputs, replay; returns (logits [R, V], the step's sampling inputs)."""
+    def run(self, batch, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage the batch into the static inputs and replay; returns (logits [R, V] float32, argmax ids [R])."""
         r = int(batch.num_requests)
         host, n, m, width = self.stager.pack_ints(batch, pad_to=size)
         dev = self.stager.copy_ints(host, self.ints)
         start = 3 * n + 2 * m + 1
         self.block_tables[:r, :width].copy_(dev[start:start + r * width].view(r, width))
         self.graphs[size].replay()
-        sampling, all_greedy, any_filter = self.stager.sampling(batch)
-        return self.logits[size][:r], StepInputs(None, None, self.attn[size], None, sampling, all_greedy, any_filter)
+        return self.logits[size][:r], self.greedy_ids[size][:r]

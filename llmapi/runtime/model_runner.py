@@ -80,13 +80,18 @@ class ModelRunner:
     def submit(self, batch) -> _Step:
         size = self.graphs.size_for(batch) if self.graphs is not None else 0
         if size:
-            logits, inputs = self.graphs.run(batch, size)  # [R, V] float32
+            logits, greedy_ids = self.graphs.run(batch, size)  # [R, V] float32, [R]
+            if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
+                ids = greedy_ids  # exactly what sample() gives these rows, computed inside the graph
+            else:
+                sampling, all_greedy, any_filter = self.stager.sampling(batch)
+                ids = sample(logits, **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
         else:
             inputs = self.stager.stage(batch)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)  # [T, H]
             logits = self.model.compute_logits(hidden[inputs.last_rows])  # [R, V] float32
-        ids = sample(logits, **inputs.sampling, all_greedy=inputs.all_greedy,
-                     any_top_k_top_p=inputs.any_top_k_top_p)  # [R] int64
+            ids = sample(logits, **inputs.sampling, all_greedy=inputs.all_greedy,
+                         any_top_k_top_p=inputs.any_top_k_top_p)  # [R] int64
         if self.device.type != "cuda":
             return _Step(ids.to(torch.int32), None)
         r = ids.shape[0]

@@ -79,6 +79,10 @@ class InputStager:
         dev.copy_(torch.from_numpy(host), non_blocking=True)
         return dev
 
+    @staticmethod
+    def all_greedy(batch) -> bool:
+        return bool((np.asarray(batch.temperature) < GREEDY_TEMPERATURE_EPS).all())
+
     def sampling(self, batch) -> tuple[dict, bool, bool]:
         """The sampler's per-row tensors (two copies), and the all_greedy / any_top_k_top_p hints."""
         r = int(batch.num_requests)
