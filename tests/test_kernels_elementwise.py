@@ -16,7 +16,8 @@ triton = pytest.importorskip("triton")
 
 from llmapi._kernels.activation import silu_and_mul  # noqa: E402
 from llmapi._kernels.rms_norm import rms_norm  # noqa: E402
-from llmapi._kernels.rotary import rotary_qk_  # noqa: E402
+from llmapi._kernels.paged_attention import write_kv_ref  # noqa: E402
+from llmapi._kernels.rotary import rotary_qk_, rotary_write_kv_  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU these kernels run compiled: pytest -m gpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -51,12 +52,25 @@ def check_rotary(tokens, nh, nkv, hd, dtype, seed):
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, 131072)
     cos, sin = (t.to(dtype) for t in rope(positions))
     q_ref, k_ref = apply_rotary(qkv[:, :nh], cos, sin), apply_rotary(qkv[:, nh:nh + nkv], cos, sin)
-    qkv_dev = qkv.to(DEVICE)
+    qkv_dev = qkv.clone().to(DEVICE)  # a copy: the kernels work in place
     rotary_qk_(qkv_dev[:, :nh], qkv_dev[:, nh:nh + nkv], cos.to(DEVICE), sin.to(DEVICE))
     qkv_out = qkv_dev.cpu()
     assert rel_error(qkv_out[:, :nh], q_ref) < REL_ERROR[dtype]
     assert rel_error(qkv_out[:, nh:nh + nkv], k_ref) < REL_ERROR[dtype]
     assert torch.equal(qkv_out[:, nh + nkv:], qkv[:, nh + nkv:])  # v untouched
+    # Fused with the KV write: q rotated in place, rotated k and v in their slots (some tokens padding).
+    block, num_blocks = 4, tokens // 4 + 3
+    slots = torch.randperm(num_blocks * block, generator=g)[:tokens]
+    slots[::3] = -1
+    cache = torch.randn(2, num_blocks, block, nkv, hd, generator=g).to(dtype)
+    expected = cache.clone()
+    write_kv_ref(k_ref, qkv[:, nh + nkv:], expected[0], expected[1], slots)
+    qkv_dev, cache_dev = qkv.clone().to(DEVICE), cache.clone().to(DEVICE)
+    rotary_write_kv_(qkv_dev[:, :nh], qkv_dev[:, nh:nh + nkv], qkv_dev[:, nh + nkv:], cos.to(DEVICE), sin.to(DEVICE),
+                     cache_dev[0], cache_dev[1], slots.to(DEVICE))
+    assert rel_error(qkv_dev[:, :nh].cpu(), q_ref) < REL_ERROR[dtype]
+    assert rel_error(cache_dev.cpu(), expected) < REL_ERROR[dtype]
+    assert torch.equal(cache_dev[1].cpu(), expected[1])  # v: a copy
 
 
 def check_silu_and_mul(rows, inter, dtype, seed):

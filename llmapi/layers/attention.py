@@ -7,6 +7,7 @@ from torch import nn
 
 from llmapi._kernels.paged_attention import paged_attention_ref, varlen_causal_attention_ref, write_kv_ref
 from llmapi.layers.dispatch import use_triton
+from llmapi.layers.rotary import rotate_qk
 
 
 @dataclass
@@ -82,12 +83,15 @@ class Attention(nn.Module):
         v: torch.Tensor,  # [T, nkv, hd]
         kv_cache: torch.Tensor | None,  # [2, num_blocks, tokens_per_block, nkv, hd]; 0 = K, 1 = V
         attn: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, sin) [T, hd] to apply to q and k first
     ) -> torch.Tensor:  # [T, nh, hd]
+        if kv_cache is not None and use_triton(q):
+            return _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary)
+        if rotary is not None:
+            q, k = rotate_qk(q, k, *rotary)
         if kv_cache is None:
             # No cache (e.g. a memory-profiling run): every request's query is its whole sequence.
             return varlen_causal_attention_ref(q, k, v, attn.query_start_loc, self.scale)
-        if use_triton(q):
-            return _attention_triton(q, k, v, kv_cache, attn, self.scale)
         write_kv_ref(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
         return paged_attention_ref(
             q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens, attn.block_tables, self.scale
@@ -97,13 +101,17 @@ class Attention(nn.Module):
         return f"scale={self.scale:.4g}"
 
 
-def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The Triton kernels: KV write, then split-K decode attention or packed attention for mixed batches."""
+def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary) -> torch.Tensor:
+    """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention."""
     from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
     from llmapi._kernels.prefill_attention import paged_packed_attention
+    from llmapi._kernels.rotary import rotary_write_kv_
 
-    write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
+    if rotary is not None:
+        rotary_write_kv_(q, k, v, *rotary, kv_cache[0], kv_cache[1], attn.slot_mapping)
+    else:
+        write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
     if attn.max_query_len == 1:  # decodes only: request r's token is row r
         splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], attn.max_context_len)
         return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,

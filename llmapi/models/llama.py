@@ -9,7 +9,7 @@ from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import act_and_mul, get_activation
 from llmapi.layers.attention import Attention, AttentionMetadata
 from llmapi.layers.norm import RMSNorm
-from llmapi.layers.rotary import RotaryEmbedding, rope_inv_freq, rotate_qk
+from llmapi.layers.rotary import RotaryEmbedding, rope_inv_freq
 from llmapi.models.base import CausalLM, HFTensors, dtype_name, require_positive, token_id_list
 
 
@@ -29,9 +29,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, kv_cache, attn: AttentionMetadata):  # x: [T, H] -> [T, H]
         tokens, hd = x.shape[0], self.head_dim
         q, k, v = self.qkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
-        q, k = rotate_qk(q.view(tokens, self.num_heads, hd), k.view(tokens, self.num_kv_heads, hd), cos, sin)
-        v = v.view(tokens, self.num_kv_heads, hd)  # [T, nkv, hd]
-        o = self.attn(q, k, v, kv_cache, attn)  # [T, nh, hd]
+        q = q.view(tokens, self.num_heads, hd)  # [T, nh, hd]
+        k, v = k.view(tokens, self.num_kv_heads, hd), v.view(tokens, self.num_kv_heads, hd)  # [T, nkv, hd]
+        o = self.attn(q, k, v, kv_cache, attn, rotary=(cos, sin))  # rotary on q, k, then attention: [T, nh, hd]
         return self.dense(o.reshape(tokens, self.num_heads * hd))
 
 

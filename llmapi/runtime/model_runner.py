@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import List
 
 import numpy as np
@@ -42,6 +43,7 @@ class ModelRunner:
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
                  max_batch_size: int = 512, cuda_graphs: bool = True):
+        started = time.perf_counter()
         self.config = engine_config
         self.device = device
         self.dtype = torch_dtype(engine_config["dtype"])
@@ -59,6 +61,7 @@ class ModelRunner:
         del weights
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
+        logger.info("weights loaded in %.2f s", time.perf_counter() - started)
         num_layers = engine_config["num_hidden_layers"]
         self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.dtype,
                                         tokens_per_block, num_layers)
@@ -72,9 +75,11 @@ class ModelRunner:
                 from .cuda_graph import DecodeGraphs
 
                 max_blocks = -(-engine_config["max_position_embeddings"] // tokens_per_block)
+                captured = time.perf_counter()
                 with torch.inference_mode():
                     self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size,
                                                max_blocks, engine_config["num_key_value_heads"])
+                logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     @torch.inference_mode()
     def submit(self, batch) -> _Step:
