@@ -213,7 +213,7 @@ class LLM:
             self._live[rid] = _Live(out, params, detok, stops)
             request = _core.Request(
                 request_id=rid, prompt_token_ids=ids, max_tokens=max_tokens,
-                min_tokens=params.min_tokens, eos_token_ids=eos,
+                min_tokens=min(params.min_tokens, max_tokens), eos_token_ids=eos,
                 stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
                 temperature=float(params.temperature), top_k=max(params.top_k, 0),
                 top_p=float(params.top_p), seed=params.effective_seed(secrets.randbits(63)))

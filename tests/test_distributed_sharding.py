@@ -53,9 +53,9 @@ def _attn(lengths):
 
 
 def _caches(cfg, mapping, num_blocks, kv_heads):
-    layers = mapping.stage_layers(cfg["num_hidden_layers"])
+    """The KV cache of the stage's layers only."""
     shape = (2, num_blocks, 8, kv_heads, cfg["head_dim"])
-    return [torch.zeros(shape) if i in layers else None for i in range(cfg["num_hidden_layers"])]
+    return [torch.zeros(shape) for _ in mapping.stage_layers(cfg["num_hidden_layers"])]
 
 
 def _sharded_logits(cfg, full_weights, tp, pp, ids, positions, lengths):

@@ -15,11 +15,34 @@ REQUEST_FIELDS = ("query_lens", "context_lens", "do_sample", "temperature", "top
 TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping")
 
 
-class PipelineSkip(nn.Module):
-    """A layer that another pipeline stage holds: the hidden state passes through untouched."""
+class StageLayers(nn.Module):
+    """One stage's layers under their global indices (so their tensors keep the engine's names); it
+    iterates like the ModuleList it replaces, so a model's layer loop runs just these."""
 
-    def forward(self, x, *args, **kwargs):
-        return x
+    def __init__(self, layers: dict):
+        super().__init__()
+        for index, layer in layers.items():
+            self.add_module(str(index), layer)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+class StageEnd(nn.Module):
+    """Stands in for the final norm before the last stage: hands on the residual stream un-normalized.
+
+    Called as the norms are: norm(x) -> x, and norm(x, residual) -> (x + residual, x + residual), the sum in
+    the model dtype as the next stage's first norm would form it.
+    """
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return x
+        x = x + residual
+        return x, x
 
 
 def apply_pipeline_stage(model: nn.Module, cfg: dict, mapping: Mapping) -> None:
@@ -29,17 +52,14 @@ def apply_pipeline_stage(model: nn.Module, cfg: dict, mapping: Mapping) -> None:
     if mapping.pp_size == 1:
         return
     t = model.transformer
-    keep = mapping.stage_layers(len(t.layers))
-    for i in range(len(t.layers)):
-        if i not in keep:
-            t.layers[i] = PipelineSkip()
+    t.layers = StageLayers({i: t.layers[i] for i in mapping.stage_layers(cfg["num_hidden_layers"])})
     if not mapping.is_first_stage:
         if getattr(t, "position_embedding", None) is not None:
             t.position_embedding = None
         if not (mapping.is_last_stage and cfg["tie_word_embeddings"]):
             t.vocab_embedding = None
     if not mapping.is_last_stage:
-        t.ln_f = nn.Identity()
+        t.ln_f = StageEnd()
         model.lm_head = None
 
 

@@ -144,9 +144,7 @@ def apply_tensor_parallel(model: nn.Module, cfg: dict, mapping: Mapping, comm, e
     q_rows = [(r * nh_l * hd, nh_l * hd)]
     qkv_rows = q_rows + [((nh + kv_first) * hd, nkv_l * hd), ((nh + nkv + kv_first) * hd, nkv_l * hd)]
     inter_rows = [(r * inter_l, inter_l)]
-    for layer in model.transformer.layers:
-        if not hasattr(layer, "attention"):
-            continue  # held by another pipeline stage
+    for layer in model.transformer.layers:  # this pipeline stage's
         attn, mlp = layer.attention, layer.mlp
         attn.qkv = ColumnParallelLinear(attn.qkv, qkv_rows)
         attn.dense = RowParallelLinear(attn.dense, q_rows, comm)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -56,11 +56,9 @@ def num_kv_blocks(engine_config: dict, cfg: KvCacheConfig, device: torch.device,
 
 
 def allocate_kv_caches(engine_config: dict, layers: range, num_blocks: int, tokens_per_block: int,
-                       device: torch.device, dtype: torch.dtype,
-                       num_kv_heads: int | None = None) -> List[Optional[torch.Tensor]]:
-    """One tensor per layer in `layers`, None for the other layers (another pipeline stage's):
+                       device: torch.device, dtype: torch.dtype, num_kv_heads: int | None = None) -> List[torch.Tensor]:
+    """One tensor per layer of `layers` (this pipeline stage's, in order), `num_kv_heads` heads (this TP rank's):
     [2 (K, V), num_blocks, tokens_per_block, kv_heads, head_dim]."""
     heads = engine_config["num_key_value_heads"] if num_kv_heads is None else num_kv_heads
     shape = (2, num_blocks, tokens_per_block, heads, engine_config["head_dim"])
-    return [torch.zeros(shape, dtype=dtype, device=device) if i in layers else None
-            for i in range(engine_config["num_hidden_layers"])]
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
