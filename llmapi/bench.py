@@ -162,11 +162,13 @@ def main(a) -> int:
     started = time.perf_counter()
     llm = LLM(model, dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=True,
               max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, kv_cache_config=kv,
-              max_seq_len=a.isl + a.osl + 1)
+              max_seq_len=a.isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
+              pipeline_parallel_size=a.pipeline_parallel_size)
     from .sampling_params import SamplingParams
     llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
     results = {"startup_s": time.perf_counter() - started, "model": a.model, "dtype": llm.engine_info.config["dtype"],
-               "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency}
+               "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
+               "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size}
     vocab = llm.vocab_size
     if a.warmup:
         run_workload(llm, Workload(a.isl, a.osl, a.warmup, a.concurrency, seed=a.seed + 1), vocab)
@@ -213,6 +215,8 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", type=int, default=0, help="requests in flight; 0: all at once")
     p.add_argument("--warmup", type=int, default=0, help="requests run (and not timed) before the workload")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=2048)
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
