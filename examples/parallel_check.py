@@ -22,15 +22,8 @@ from pathlib import Path
 import torch
 
 from llmapi import LLM, SamplingParams
+from llmapi.bench import resolve_bench_model
 
-LLAMA_31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
-    "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
-}
 SPLITS = {"TP=1": (1, 1), "TP=2": (2, 1), "PP=2": (1, 2)}
 
 
@@ -93,9 +86,12 @@ def main() -> None:
     ap.add_argument("--check-prompts", type=int, default=8, help="prompts of the token agreement checks")
     a = ap.parse_args()
 
-    config = json.loads(Path(a.config).read_text()) if a.config else LLAMA_31_8B
-    model_dir = tempfile.mkdtemp(prefix="llmapi-parallel-check-")
-    (Path(model_dir) / "config.json").write_text(json.dumps(config))
+    if a.config:
+        model_dir = tempfile.mkdtemp(prefix="llmapi-parallel-check-")
+        (Path(model_dir) / "config.json").write_text(Path(a.config).read_text())
+    else:
+        model_dir = resolve_bench_model("llama-3.1-8b")  # the config shipped with llmapi bench
+    config = json.loads((Path(model_dir) / "config.json").read_text())
     rng = random.Random(0)
     prompts = [[rng.randrange(10, config["vocab_size"]) for _ in range(a.input_len)] for _ in range(a.num_prompts)]
     check = prompts[:a.check_prompts]
