@@ -2,8 +2,8 @@
 
 from .config import KvCacheConfig, LlmArgs
 from .errors import (CorruptEngineError, EngineCacheError, ExecutorDeadError, ExecutorError,
-                     LLMAPIError, ModelNotFoundError, RequestAbortedError, RequestError,
-                     UnsupportedModelError)
+                     LaunchError, LLMAPIError, ModelNotFoundError, RequestAbortedError, RequestError,
+                     UnsupportedModelError, WorkerDiedError)
 from .llm import LLM
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
@@ -14,4 +14,5 @@ __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "KvCacheConfig", "LlmArgs",
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
     "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
+    "WorkerDiedError", "LaunchError",
 ]

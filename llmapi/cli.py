@@ -1,4 +1,4 @@
-"""The `llmapi` command: `llmapi generate` and `llmapi build`."""
+"""The `llmapi` command: `llmapi generate`, `llmapi build` and `llmapi bench`."""
 
 from __future__ import annotations
 
@@ -80,6 +80,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_model_args(b)
     b.add_argument("--output", default=None, help="also save the engine to this directory")
     b.set_defaults(func=_build)
+
+    from .bench import add_arguments as add_bench_arguments
+    from .bench import main as bench_main
+
+    c = sub.add_parser("bench", help="throughput and latency on a synthetic fixed-length workload")
+    add_bench_arguments(c)
+    c.set_defaults(func=bench_main)
 
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,

@@ -77,9 +77,11 @@ class LlmArgs:
     dtype: str = "auto"
     """Weight and activation dtype: auto (the checkpoint's on GPU, float32 on CPU), float32, bfloat16, float16."""
     tensor_parallel_size: int = 1
-    """Number of tensor-parallel ranks."""
+    """Number of tensor-parallel ranks (per pipeline stage)."""
     pipeline_parallel_size: int = 1
-    """Number of pipeline-parallel stages."""
+    """Number of pipeline-parallel stages. With tp x pp > 1 the ranks run as an MPI job (see README)."""
+    embedding_sharding_dim: int = 0
+    """With tensor parallelism, split the embedding along the vocabulary (0) or the hidden size (1)."""
     max_batch_size: int = 2048
     """Most requests in one step."""
     max_num_tokens: int = 8192
@@ -123,11 +125,9 @@ class LlmArgs:
                "max_seq_len", self.max_seq_len, "must be an int >= 2 or None")
         _check(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
                "device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _check(self.embedding_sharding_dim in (0, 1) and _is_int(self.embedding_sharding_dim),
+               "embedding_sharding_dim", self.embedding_sharding_dim, "must be 0 (vocabulary) or 1 (hidden size)")
         self.kv_cache_config = KvCacheConfig.coerce(self.kv_cache_config)
-        if self.tensor_parallel_size * self.pipeline_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size="
-                f"{self.pipeline_parallel_size}: only a single rank (1 x 1) is supported in this version")
 
     @property
     def world_size(self) -> int:

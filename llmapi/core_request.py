@@ -54,6 +54,31 @@ def check_params(params: SamplingParams, *, vocab_size: int, max_logprobs: int, 
     return params
 
 
+# Settings the multi-rank runners do not carry yet: each needs per-request state or outputs that only
+# the in-process runner keeps. Refused by name rather than silently ignored.
+_SINGLE_RANK_ONLY = (
+    ("n", lambda p: p.n != 1), ("best_of", lambda p: p.num_sequences != p.n),
+    ("use_beam_search", lambda p: p.use_beam_search), ("logprobs", lambda p: p.logprobs is not None),
+    ("prompt_logprobs", lambda p: p.prompt_logprobs is not None),
+    ("return_context_logits", lambda p: p.return_context_logits),
+    ("return_generation_logits", lambda p: p.return_generation_logits),
+    ("presence_penalty", lambda p: p.presence_penalty != 0),
+    ("frequency_penalty", lambda p: p.frequency_penalty != 0),
+    ("repetition_penalty", lambda p: p.repetition_penalty != 1), ("min_p", lambda p: p.min_p != 0),
+    ("bad", lambda p: bool(p.bad_strings)), ("bad_token_ids", lambda p: bool(p.bad_word_ids)),
+    ("logit_bias", lambda p: bool(p.logit_bias)),
+    ("logits_processor", lambda p: p.combined_logits_processor() is not None),
+)
+
+
+def check_multi_rank(params: SamplingParams) -> None:
+    """ValueError naming each setting that tensor / pipeline parallel runs cannot honour yet."""
+    used = [name for name, is_set in _SINGLE_RANK_ONLY if is_set(params)]
+    if used:
+        raise ValueError(f"SamplingParams {', '.join(used)}: not supported yet with tensor_parallel_size * "
+                         "pipeline_parallel_size > 1 (a single rank supports them)")
+
+
 def _bad_words(params: SamplingParams, tokenizer) -> List[List[int]]:
     words = [list(w) for w in params.bad_word_ids]
     words += [list(tokenizer.encode(s, add_special_tokens=False)) for s in params.bad_strings]
@@ -83,4 +108,4 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
         generation_logits=params.return_generation_logits, token_history=token_history)
 
 
-__all__ = ["generation_defaults", "check_params", "core_request"]
+__all__ = ["generation_defaults", "check_params", "check_multi_rank", "core_request"]

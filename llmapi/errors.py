@@ -1,5 +1,7 @@
 """Typed errors raised by llmapi: recoverable (one request failed) and fatal (the engine is dead)."""
 
+from __future__ import annotations
+
 
 class LLMAPIError(Exception):
     """Base class of every error llmapi raises on purpose."""
@@ -35,3 +37,18 @@ class ExecutorError(LLMAPIError):
 
 class ExecutorDeadError(LLMAPIError, RuntimeError):
     """The executor stopped (shut down, or a fatal runner error); every later call raises this."""
+
+
+class WorkerDiedError(ExecutorDeadError):
+    """A rank of a multi-rank LLM died or lost its peers; every pending request fails with this and the LLM shuts down."""
+
+    fatal = True  # raised by a runner, it kills the executor (see _core's runner contract)
+
+
+class LaunchError(LLMAPIError, RuntimeError):
+    """The ranks of a multi-rank LLM could not be started (no MPI launcher, a rank failed at startup)."""
+
+
+def runner_error(message: str) -> ExecutorError | WorkerDiedError:
+    """The error of a request its step failed: the runner's exception type leads the message ("Type: ...")."""
+    return WorkerDiedError(message) if message.startswith(f"{WorkerDiedError.__name__}:") else ExecutorError(message)

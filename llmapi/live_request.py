@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .errors import ExecutorError
+from .errors import runner_error
 from .outputs import Logprob, RequestOutput, TokenLogprobs
 from .sampling_params import SamplingParams
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -88,7 +88,7 @@ class LiveRequest:
                                            r.num_top_logprobs)
         wants_cumulative = p.logprobs is not None or p.num_sequences > 1 or p.use_beam_search
         cumulative = r.cumulative_logprob if wants_cumulative else None
-        error = ExecutorError(r.error) if finish_reason == "error" else None
+        error = runner_error(r.error) if finish_reason == "error" else None
         seq.finished = finish_reason is not None
         self.output._add(tokens, text, finish_reason=finish_reason, stop_reason=stop_reason, error=error,
                          seq_index=min(r.seq_index, len(self.output.outputs) - 1), logprobs=logprobs,

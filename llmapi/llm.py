@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -14,8 +15,8 @@ import torch
 
 from . import _core
 from .config import validated_kwargs
-from .core_request import check_params, core_request, generation_defaults
-from .errors import ExecutorDeadError, ExecutorError, RequestError
+from .core_request import check_multi_rank, check_params, core_request, generation_defaults
+from .errors import ExecutorDeadError, RequestError, WorkerDiedError, runner_error
 from .live_request import LiveRequest
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -45,6 +46,9 @@ class LLM:
     def __init__(self, model: str, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args = validated_kwargs(dict(model=model, tokenizer=tokenizer, **kwargs))
         self._executor = None
+        self._runner = None
+        self._local = None  # the in-process ModelRunner (world_size 1): logits processors and records
+        self._death: Optional[WorkerDiedError] = None
         self._live: Dict[int, LiveRequest] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -59,19 +63,78 @@ class LLM:
         atexit.register(lambda: ref() is not None and ref().shutdown())
 
     def _start(self) -> None:
+        from .distributed import session as sessions
+        from .distributed.mapping import Mapping
+
+        args = self.args
+        mapping = Mapping(args.tensor_parallel_size, args.pipeline_parallel_size)
+        self.world_size = mapping.world_size
+        launched = sessions.current()
+        remote = None
+        if mapping.world_size > 1 and launched is None:
+            from .distributed.remote import RemoteExecutor
+            from .distributed.spawn import refuse_bare_mpirun
+
+            refuse_bare_mpirun()
+
+            # Started first: the ranks import torch while this process converts the engine.
+            remote = self._executor = RemoteExecutor(mapping.world_size)
+        elif launched is not None and mapping.world_size != launched.world_size:
+            raise ValueError(f"tensor_parallel_size * pipeline_parallel_size = {mapping.world_size}, but this "
+                             f"script was launched on {launched.world_size} MPI ranks")
+        info = self._build_engine(mapping)
+        cfg = info.config
+        self.eos_token_ids = list(cfg.get("eos_token_id") or [])
+        self.vocab_size = cfg["vocab_size"]
+        self._generation_defaults = generation_defaults(info.path)
+        executor_kwargs = dict(
+            max_batch_size=args.max_batch_size,
+            max_num_tokens=args.max_num_tokens,
+            max_seq_len=self.max_seq_len,
+            tokens_per_block=args.tokens_per_block,
+            enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+            # Pipeline stages overlap when the next step starts before the last stage ends this one.
+            max_inflight_batches=mapping.pp_size,
+        )
+        load_format = info.build_config.get("load_format", "auto")
+        if mapping.world_size == 1:
+            from .runtime.model_runner import ModelRunner
+
+            runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
+                                               args.tokens_per_block, load_format=load_format)
+        else:
+            init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
+                        device_type=self.device.type, kv_cache_config=dataclasses.asdict(args.kv_cache_config),
+                        tokens_per_block=args.tokens_per_block, load_format=load_format)
+            if remote is not None:
+                remote.start(init, executor_kwargs)
+                self.num_kv_blocks = remote.num_blocks
+                self._start_responses()
+                return
+            from .distributed.runner import DistributedRunner
+
+            runner = DistributedRunner(launched, init)
+            ref = weakref.ref(self)
+            launched.shutdown_hooks.append(lambda: ref() is not None and ref().shutdown())
+        self._runner = runner
+        self.num_kv_blocks = runner.num_blocks
+        self._executor = _core.Executor(_core.ExecutorConfig(num_blocks=runner.num_blocks, **executor_kwargs), runner)
+        self._start_responses()
+
+    def _build_engine(self, mapping):
         from .engine import build_engine
-        from .runtime.model_runner import ModelRunner
 
         args = self.args
         self.device = _resolve_device(args.device)
         info = build_engine(args.model, dtype=args.dtype, load_format=args.load_format,
                             revision=args.revision, token=args.hf_token,
                             device_type=self.device.type, cache_dir=args.cache_dir,
-                            full_check=args.full_engine_check)
+                            full_check=args.full_engine_check, mapping=mapping.to_dict(),
+                            embedding_sharding_dim=args.embedding_sharding_dim)
         self.engine_info = info
         self.engine_built = info.built
-        cfg = info.config
-        max_pos = cfg["max_position_embeddings"]
+        max_pos = info.config["max_position_embeddings"]
         if args.max_seq_len is not None and args.max_seq_len > max_pos:
             raise ValueError(f"max_seq_len={args.max_seq_len} is invalid: the model supports at most "
                              f"{max_pos} positions (max_position_embeddings)")
@@ -79,25 +142,10 @@ class LLM:
         self.tokenizer = None
         if not args.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(args.tokenizer or info.path)
-        self.eos_token_ids = list(cfg.get("eos_token_id") or [])
-        self.vocab_size = cfg["vocab_size"]
-        self._generation_defaults = generation_defaults(info.path)
-        runner = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
-                             args.tokens_per_block,
-                             load_format=info.build_config.get("load_format", "auto"))
-        self._runner = runner
-        exec_config = _core.ExecutorConfig(
-            max_batch_size=args.max_batch_size,
-            max_num_tokens=args.max_num_tokens,
-            max_seq_len=self.max_seq_len,
-            tokens_per_block=args.tokens_per_block,
-            num_blocks=runner.num_blocks,
-            enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
-            enable_chunked_prefill=args.enable_chunked_prefill,
-        )
-        self._executor = _core.Executor(exec_config, runner)
-        self._thread = threading.Thread(target=self._response_loop, name="llmapi-responses",
-                                        daemon=True)
+        return info
+
+    def _start_responses(self) -> None:
+        self._thread = threading.Thread(target=self._response_loop, name="llmapi-responses", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ requests
@@ -138,6 +186,8 @@ class LLM:
                               vocab_size=self.vocab_size, max_logprobs=self.args.max_logprobs,
                               max_batch_size=self.args.max_batch_size,
                               max_num_tokens=self.args.max_num_tokens, tokenizer=self.tokenizer)
+        if self.world_size > 1:
+            check_multi_rank(params)
         text, ids = self._prompt_ids(prompt)
         self._check_length(ids)
         return text, ids, params
@@ -157,17 +207,19 @@ class LLM:
                                 num_sequences=params.n if beam else params.num_sequences)
             self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
                                           abort_seq=lambda seq, rid=rid: self._abort(rid, seq))
+            local = self._local  # None at world_size > 1, where check_multi_rank refused these settings
             if processor is not None:
-                self._runner.logits_processors[rid] = processor
+                local.logits_processors[rid] = processor
             if (params.prompt_logprobs is not None or params.return_context_logits
                     or params.return_generation_logits):
-                self._runner.records.open(rid)
+                local.records.open(rid)
             try:
                 self._executor.enqueue(request)
             except BaseException:
                 del self._live[rid]
-                self._runner.logits_processors.pop(rid, None)
-                self._runner.records.pop(rid)
+                if local is not None:
+                    local.logits_processors.pop(rid, None)
+                    local.records.pop(rid)
                 raise
         return out
 
@@ -245,29 +297,35 @@ class LLM:
             except ExecutorDeadError as e:
                 if not self._closed:  # shutdown() settles what is left itself
                     self._fail_all(e)
+                    if isinstance(e, WorkerDiedError):
+                        self._death = e
+                        self.shutdown()  # a multi-rank LLM cannot go on without a rank: stop the rest
                 return
             for r in responses:
                 try:
                     self._on_response(r)
                 except Exception as e:  # a bug here must not leave the request hanging
                     logger.exception("failed to process a response")
-                    self._finish(r.request_id, "error", None, ExecutorError(str(e)))
+                    self._finish(r.request_id, "error", None, runner_error(str(e)))
 
     def _on_response(self, r) -> None:
         live = self._live.get(r.request_id)
         if live is None:
             return
         if live.on_response(r):
-            error = ExecutorError(r.error) if r.finish_reason == "error" else None
+            error = runner_error(r.error) if r.finish_reason == "error" else None
             self._finish(r.request_id, r.finish_reason or None, None, error)
 
     def _finish(self, rid: int, reason, stop_reason, error) -> None:
         live = self._live.pop(rid, None)
-        self._runner.logits_processors.pop(rid, None)
-        record, generation = self._runner.records.pop(rid)
+        local = self._local
+        if local is not None:
+            local.logits_processors.pop(rid, None)
+            record, generation = local.records.pop(rid)
         if live is not None:
             try:
-                live.attach_records(record, generation, self._runner.records.prompt_logprobs(record))
+                if local is not None:
+                    live.attach_records(record, generation, local.records.prompt_logprobs(record))
             finally:
                 live.finish(reason, error)
 
@@ -277,6 +335,8 @@ class LLM:
 
     # ------------------------------------------------------------------ lifecycle
     def _check_alive(self) -> None:
+        if self._death is not None:
+            raise WorkerDiedError(f"this LLM was shut down: {self._death}")
         if self._closed or self._executor is None:
             raise ExecutorDeadError("this LLM has been shut down")
 
@@ -298,6 +358,9 @@ class LLM:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown()
+        runner, self._runner = self._runner, None
+        if runner is not None and hasattr(runner, "close"):
+            runner.close()  # launched mode: the other ranks drop this model and wait for the next one
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         for rid in list(self._live):

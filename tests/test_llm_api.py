@@ -209,3 +209,12 @@ def test_save_and_cli(tmp_path, tiny_llama_dir, capsys):
     assert (tmp_path / "cli-engine" / "manifest.json").is_file()
     assert cli_main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_dummy_weights_generate_from_the_config_alone(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), load_format="dummy") as dummy, LLM(str(tiny_llama_dir)) as real:
+        assert dummy.engine_info.path != real.engine_info.path
+        assert not (dummy.engine_info.path / "rank0.safetensors").exists()
+        a = dummy.generate("hello my name is", GREEDY).outputs[0].token_ids
+        b = real.generate("hello my name is", GREEDY).outputs[0].token_ids
+    assert len(a) > 0 and a != b

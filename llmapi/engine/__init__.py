@@ -50,6 +50,8 @@ def build_engine(
     device_type: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     full_check: bool = False,
+    mapping: dict | None = None,
+    embedding_sharding_dim: int = 0,
 ) -> EngineInfo:
     """Resolve `model` (hub id, HF directory, .gguf file or saved engine) and return its engine, building it if needed.
 
@@ -57,7 +59,8 @@ def build_engine(
     load_format: "auto" reads the weights; "dummy" builds random weights from the config alone.
     revision, token: for hub ids (HF_HOME / HF_HUB_OFFLINE are honoured). device_type: "cpu" or "cuda"
     (default: cuda when available), used only to resolve dtype="auto". full_check: verify every file's
-    sha256 instead of the cheap size/header check.
+    sha256 instead of the cheap size/header check. mapping: {world_size, tp_size, pp_size} (default one rank)
+    and embedding_sharding_dim: how the engine is split into rank{r}.safetensors (a saved engine's must match).
     Raises ModelNotFoundError, UnsupportedModelError, CorruptEngineError (a saved engine that fails its check).
     """
     from llmapi.engine.convert import check_architecture, checkpoint_dtype, resolve_dtype
@@ -80,9 +83,15 @@ def build_engine(
                              "rebuild it from the model with that dtype")
         if load_format == "dummy":
             raise ValueError(f"load_format='dummy' needs a model checkpoint, but {model!s} is a saved engine")
+        wanted = BuildSettings(mapping=mapping or BuildSettings().mapping).mapping
+        if config.get("mapping", BuildSettings().mapping) != wanted:
+            raise ValueError(f"the saved engine {model!s} is split as {config.get('mapping')}, but "
+                             f"tensor_parallel_size={wanted['tp_size']}, pipeline_parallel_size={wanted['pp_size']} "
+                             "was asked; pass its sizes or rebuild it from the model")
         return EngineInfo(path, config, build_config, built, source)
 
-    settings = BuildSettings(dtype=resolve_dtype(dtype, checkpoint_dtype(source), device_type), load_format=load_format)
+    settings = BuildSettings(dtype=resolve_dtype(dtype, checkpoint_dtype(source), device_type), load_format=load_format,
+                             mapping=mapping or BuildSettings().mapping, embedding_sharding_dim=embedding_sharding_dim)
     path, built = get_or_build(source, settings, full_check=full_check, cache_dir=cache_dir)
     config, build_config = read_engine(path)
     return EngineInfo(path, config, build_config, built, source)

@@ -58,6 +58,7 @@ def cache_key(identity: dict, settings: fmt.BuildSettings) -> str:
         "dtype": settings.dtype,
         "quantization": settings.quantization,
         "mapping": settings.mapping,
+        "embedding_sharding_dim": settings.embedding_sharding_dim,
         "load_format": settings.load_format,
         "library_version": fmt.library_version(),
         "format_version": fmt.FORMAT_VERSION,

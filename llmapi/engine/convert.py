@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from llmapi.distributed.mapping import Mapping as RankMapping
+from llmapi.distributed.mapping import check_mapping
 from llmapi.engine import format as fmt
 from llmapi.errors import ModelNotFoundError
 from llmapi.hub import ModelSource, weight_files
@@ -117,6 +119,18 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_sharded(out_dir: Path, engine_config: dict, mapping: RankMapping, weights: dict) -> None:
+    """Write rank{r}.safetensors for every rank: the full weights on one rank, else each rank's cut."""
+    if mapping.world_size == 1:
+        fmt.save_rank_weights(out_dir, 0, weights)
+        return
+    from llmapi.distributed.sharding import build_rank_model, shard_weights
+
+    for rank in range(mapping.world_size):
+        model = build_rank_model(engine_config, mapping.for_rank(rank), "meta", fmt.DTYPES[engine_config["dtype"]])
+        fmt.save_rank_weights(out_dir, rank, shard_weights(model, weights))
+
+
 def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:
     """Write a complete engine for `source` into the (empty) `out_dir`; returns its config.
 
@@ -131,19 +145,26 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
     dtype = fmt.DTYPES[settings.dtype]
     dummy = settings.load_format == "dummy"
     state_dict = None
+    mapping = RankMapping.from_dict(settings.mapping)
+
+    def check(hf_config: dict) -> None:
+        """A supported architecture whose shapes this mapping can split (before any weight is read)."""
+        family(hf_config)
+        check_mapping(models.config_from_hf(hf_config, dtype), mapping, settings.embedding_sharding_dim)
+
     if source.kind == "gguf":
         from llmapi.engine import gguf
 
         if dummy:
             hf_config, generation = gguf.load_gguf_config(source.path)
-            family(hf_config)
+            check(hf_config)
         else:  # the architecture is checked before any tensor is dequantized
-            hf_config, state_dict, generation = gguf.load_gguf(source.path, check_config=family)
+            hf_config, state_dict, generation = gguf.load_gguf(source.path, check_config=check)
         gguf.save_gguf_tokenizer(source.path, out_dir, generation)
         fmt.write_json(out_dir / "generation_config.json", generation)
     elif source.kind == "hf_dir":
         hf_config = _read_hf_config(source.path)
-        family(hf_config)  # fail fast, before any weight is read
+        check(hf_config)  # fail fast, before any weight is read
         fmt.copy_tokenizer_files(source.path, out_dir)
         gen_path = source.path / "generation_config.json"
         generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -168,7 +189,9 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
                 state_dict.close()
     engine_config = dict(engine_config)
     engine_config.update(architecture=engine_arch, dtype=settings.dtype,
-                         mapping=dict(settings.mapping), quantization=dict(settings.quantization))
+                         mapping=dict(settings.mapping), embedding_sharding_dim=settings.embedding_sharding_dim,
+                         quantization=dict(settings.quantization))
+
     # Generation stops on generation_config.json's eos when there is one (chat models list their
     # end-of-turn token there), else on config.json's.
     if generation.get("eos_token_id") is not None:
@@ -178,7 +201,7 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
 
     fmt.write_json(out_dir / fmt.CONFIG_FILE, engine_config)
     if weights is not None:
-        fmt.save_rank_weights(out_dir, 0, weights)
+        save_sharded(out_dir, engine_config, mapping, weights)
         del weights
     fmt.write_json(out_dir / fmt.BUILD_CONFIG_FILE, {
         "max_seq_len": engine_config.get("max_position_embeddings"),

@@ -44,13 +44,28 @@ class BuildSettings:
     quantization: dict = field(default_factory=lambda: {"quant_algo": None, "kv_cache_quant_algo": None})
     """TensorRT-LLM QuantAlgo names; only unquantized engines exist so far."""
     mapping: dict = field(default_factory=lambda: {"world_size": 1, "tp_size": 1, "pp_size": 1})
-    """How the engine is split over ranks; one rank so far."""
+    """How the engine is split over ranks: {world_size, tp_size, pp_size}; one rank{r}.safetensors each."""
+    embedding_sharding_dim: int = 0
+    """With tp_size > 1: the embedding is split along the vocabulary (0) or the hidden size (1)."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        from llmapi.distributed.mapping import Mapping
+
+        mapping = Mapping.from_dict(self.mapping)  # validates the sizes
+        if self.mapping != mapping.to_dict():
+            raise ValueError(f"mapping={self.mapping!r} is invalid: expected {mapping.to_dict()}")
+        if self.embedding_sharding_dim not in (0, 1):
+            raise ValueError(f"embedding_sharding_dim must be 0 or 1, got {self.embedding_sharding_dim!r}")
+        if mapping.tp_size == 1:
+            object.__setattr__(self, "embedding_sharding_dim", 0)  # meaningless on one rank: one cache entry
+
+    @property
+    def world_size(self) -> int:
+        return self.mapping["world_size"]
 
 
 def library_version() -> str:
@@ -175,8 +190,12 @@ def check_engine(engine_dir: str | os.PathLike, full: bool = False) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or CONFIG_FILE not in files or BUILD_CONFIG_FILE not in files:
         raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list config.json and build_config.json")
-    if rank_file(0) not in files and not is_dummy_engine(engine_dir):
-        raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list {rank_file(0)}")
+    if not is_dummy_engine(engine_dir):
+        config = _read_json(engine_dir / CONFIG_FILE, "engine config")
+        world_size = int((config.get("mapping") or {}).get("world_size", 1))
+        for rank in range(world_size):
+            if rank_file(rank) not in files:
+                raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list {rank_file(rank)}")
     for name, meta in files.items():
         path = engine_dir / name
         if not path.is_file():

@@ -3,7 +3,7 @@
 from llmapi.layers.activation import act_and_mul, get_activation
 from llmapi.layers.attention import Attention, AttentionMetadata
 from llmapi.layers.norm import LayerNorm, RMSNorm
-from llmapi.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from llmapi.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq, rotate_qk
 
 __all__ = [
     "Attention",
@@ -15,4 +15,5 @@ __all__ = [
     "apply_rotary",
     "get_activation",
     "rope_inv_freq",
+    "rotate_qk",
 ]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llmapi.errors import UnsupportedModelError
+from llmapi.layers.dispatch import use_triton
 
 
 def _gelu_tanh_python(x: torch.Tensor) -> torch.Tensor:
@@ -33,5 +34,9 @@ def get_activation(name: str):
 
 def act_and_mul(x: torch.Tensor, act) -> torch.Tensor:  # [T, 2*I] -> [T, I]
     """Gated MLP input: act(gate) * up, where x holds gate then up along the last axis."""
+    if use_triton(x) and act is F.silu:
+        from llmapi._kernels.activation import silu_and_mul
+
+        return silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)  # each [T, I]
     return act(gate) * up

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from llmapi._kernels.paged_attention import paged_attention_ref, varlen_causal_attention_ref, write_kv_ref
+from llmapi.layers.dispatch import use_triton
+from llmapi.layers.rotary import rotate_qk
 
 
 @dataclass
@@ -32,6 +34,8 @@ class AttentionMetadata:
     """Largest context_lens entry."""
     tokens_per_block: int
     """Tokens held by one KV block."""
+    num_kv_splits: int = 0
+    """CUDA decode steps: context splits per request (split-K); 0 picks a number from the batch."""
 
     @classmethod
     def build(cls, query_lens, context_lens, block_tables, tokens_per_block: int, slot_mapping=None, device=None):
@@ -79,7 +83,12 @@ class Attention(nn.Module):
         v: torch.Tensor,  # [T, nkv, hd]
         kv_cache: torch.Tensor | None,  # [2, num_blocks, tokens_per_block, nkv, hd]; 0 = K, 1 = V
         attn: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, sin) [T, hd] to apply to q and k first
     ) -> torch.Tensor:  # [T, nh, hd]
+        if kv_cache is not None and use_triton(q):
+            return _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary)
+        if rotary is not None:
+            q, k = rotate_qk(q, k, *rotary)
         if kv_cache is None:
             # No cache (e.g. a memory-profiling run): every request's query is its whole sequence.
             return varlen_causal_attention_ref(q, k, v, attn.query_start_loc, self.scale)
@@ -90,3 +99,22 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}"
+
+
+def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary) -> torch.Tensor:
+    """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention."""
+    from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention
+    from llmapi._kernels.kv_write import write_kv
+    from llmapi._kernels.prefill_attention import paged_packed_attention
+    from llmapi._kernels.rotary import rotary_write_kv_
+
+    if rotary is not None:
+        rotary_write_kv_(q, k, v, *rotary, kv_cache[0], kv_cache[1], attn.slot_mapping)
+    else:
+        write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
+    if attn.max_query_len == 1:  # decodes only: request r's token is row r
+        splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], attn.max_context_len)
+        return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,
+                                      splits)
+    return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
+                                  attn.block_tables, scale)

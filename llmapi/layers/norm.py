@@ -1,8 +1,10 @@
-"""Normalization layers: RMSNorm (Llama) and LayerNorm (GPT-2), numerically as transformers computes them."""
+"""Normalization layers: RMSNorm (Llama, fused with the residual add on CUDA) and LayerNorm (GPT-2)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmapi.layers.dispatch import use_triton
 
 
 class RMSNorm(nn.Module):
@@ -13,7 +15,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))  # [H]
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x) [T, H]; with a residual [T, H], (norm(x + residual), x + residual), fused on CUDA.
+
+        On CUDA the residual tensor is updated in place: callers rebind it to the returned one.
+        """
+        if use_triton(x):
+            from llmapi._kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual  # the model dtype's rounding of the sum, as transformers adds the residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)

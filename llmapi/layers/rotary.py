@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from llmapi.errors import UnsupportedModelError
+from llmapi.layers.dispatch import use_triton
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -85,6 +86,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # each [T, hd] float32
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
+        if self.attention_scaling == 1.0:  # two kernels fewer per step
+            return emb.cos(), emb.sin()
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
@@ -97,3 +100,18 @@ def apply_rotary(
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, n, hd]
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rotate_qk(
+    q: torch.Tensor,  # [T, nh, hd]
+    k: torch.Tensor,  # [T, nkv, hd]
+    cos: torch.Tensor,  # [T, hd] in the model dtype
+    sin: torch.Tensor,  # [T, hd]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary to q and k; on CUDA one fused kernel rotates both in place."""
+    if use_triton(q):
+        from llmapi._kernels.rotary import rotary_qk_
+
+        rotary_qk_(q, k, cos, sin)
+        return q, k
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -1,6 +1,7 @@
 """What every model family shares: strict weight loading, logits, dummy weights, HF-checkpoint reading."""
 
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -75,13 +76,19 @@ class HFTensors:
 class CausalLM(nn.Module):
     """Base of the model classes: parameters named as the engine's tensors, so loading is a strict copy."""
 
-    def _allocate(self, device, dtype: torch.dtype) -> None:
+    def materialize(self, device, dtype: torch.dtype) -> None:
         """Give the parameters (built on the meta device) uninitialized storage in `dtype` on `device`.
 
         Random init of a large model would cost seconds and a float32 copy; load_weights fills every tensor.
+        Called again after a parallel transform swapped modules (on "meta" the first time), so a family's
+        computed buffers are (re)built here by `init_buffers`.
         """
         self.to(dtype=dtype)  # still meta: free
         self.to_empty(device=device)
+        self.init_buffers(device)
+
+    def init_buffers(self, device) -> None:
+        """Build the buffers computed from the config (not loaded), e.g. rotary frequencies."""
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Copy engine tensors into the parameters; missing, unexpected or misshapen names raise CorruptEngineError."""
@@ -98,28 +105,30 @@ class CausalLM(nn.Module):
                     )
                 param.copy_(weights[name])
 
-    def output_embedding(self) -> torch.Tensor:  # [V, H]
-        """The head's weight: the input embedding itself when tied."""
-        head = getattr(self, "lm_head", None)
-        return head.weight if head is not None else self.transformer.vocab_embedding.weight
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] float32
-        """Logits of the rows to sample: the head runs in the model dtype (as transformers), the result is float32."""
-        return F.linear(hidden, self.output_embedding()).float()
+        """Logits of the rows to sample: the head runs in the model dtype (as transformers), the result is float32.
+
+        A tied head is the input embedding itself; a tensor-parallel transform swaps `lm_head` for a
+        vocab-parallel head that gathers the full rows.
+        """
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.transformer.vocab_embedding.weight).float()
 
     @classmethod
     def dummy_weights(cls, engine_config: dict, dtype: torch.dtype, seed: int = 0, device="cpu") -> dict:
         """Random engine weights (std 0.02; norm scales 1, biases 0) for benchmarks and tests."""
         shapes = {name: p.shape for name, p in cls(engine_config, "meta", dtype).state_dict().items()}
-        generator = torch.Generator(device=device).manual_seed(seed)
-        weights = {}
-        for name, shape in shapes.items():
-            tensor = torch.empty(shape, dtype=dtype, device=device)
-            if "layernorm" in name or "ln_f" in name:
-                tensor.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                tensor.zero_()
-            else:
-                tensor.normal_(0.0, 0.02, generator=generator)
-            weights[name] = tensor
-        return weights
+        return {name: dummy_tensor(name, shape, dtype, seed, device) for name, shape in shapes.items()}
+
+
+def dummy_tensor(name: str, shape, dtype: torch.dtype, seed: int = 0, device="cpu") -> torch.Tensor:
+    """The dummy value of engine tensor `name`: drawn from its own seed, so every rank that holds a shard of
+    it cuts the same full tensor, whatever the mapping (dummy TP=2 equals dummy TP=1)."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if "layernorm" in name or "ln_f" in name:
+        return tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+    if name.endswith("bias"):
+        return tensor.zero_()
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return tensor.normal_(0.0, 0.02, generator=generator)

@@ -80,11 +80,15 @@ class GPT2LMHeadModel(CausalLM):
             self.transformer = GPT2Transformer(cfg)
             tied = cfg["tie_word_embeddings"]
             self.lm_head = None if tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        self._allocate(device, dtype)
+        self.materialize(device, dtype)
 
-    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches):  # [T], [T] -> [T, H]
+    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches, hidden=None):  # [T], [T] -> [T, H]
+        """hidden: [T, H], the previous pipeline stage's output, which replaces the embeddings."""
         t = self.transformer
-        x = t.vocab_embedding(input_ids) + t.position_embedding(positions)  # [T, H]
+        if hidden is None:
+            x = t.vocab_embedding(input_ids) + t.position_embedding(positions)  # [T, H]
+        else:
+            x = hidden
         for i, layer in enumerate(t.layers):
             x = layer(x, None if kv_caches is None else kv_caches[i], attn)
         return t.ln_f(x)

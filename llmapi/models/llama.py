@@ -9,7 +9,7 @@ from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import act_and_mul, get_activation
 from llmapi.layers.attention import Attention, AttentionMetadata
 from llmapi.layers.norm import RMSNorm
-from llmapi.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from llmapi.layers.rotary import RotaryEmbedding, rope_inv_freq
 from llmapi.models.base import CausalLM, HFTensors, dtype_name, require_positive, token_id_list
 
 
@@ -29,10 +29,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, kv_cache, attn: AttentionMetadata):  # x: [T, H] -> [T, H]
         tokens, hd = x.shape[0], self.head_dim
         q, k, v = self.qkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
-        q = apply_rotary(q.view(tokens, self.num_heads, hd), cos, sin)  # [T, nh, hd]
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, hd), cos, sin)  # [T, nkv, hd]
-        v = v.view(tokens, self.num_kv_heads, hd)  # [T, nkv, hd]
-        o = self.attn(q, k, v, kv_cache, attn)  # [T, nh, hd]
+        q = q.view(tokens, self.num_heads, hd)  # [T, nh, hd]
+        k, v = k.view(tokens, self.num_kv_heads, hd), v.view(tokens, self.num_kv_heads, hd)  # [T, nkv, hd]
+        o = self.attn(q, k, v, kv_cache, attn, rotary=(cos, sin))  # rotary on q, k, then attention: [T, nh, hd]
         return self.dense(o.reshape(tokens, self.num_heads * hd))
 
 
@@ -51,7 +50,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); each residual add fused into the next norm."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -60,9 +59,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_layernorm = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, attn):  # [T, H] -> [T, H]
-        x = x + self.attention(self.input_layernorm(x), cos, sin, kv_cache, attn)
-        return x + self.mlp(self.post_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, attn):  # x, residual: [T, H] -> (out, residual)
+        """The residual stream is residual + x (x alone on the first layer, where residual is None)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.attention(h, cos, sin, kv_cache, attn)
+        h, residual = self.post_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaTransformer(nn.Module):
@@ -85,19 +90,25 @@ class LlamaForCausalLM(CausalLM):
             self.transformer = LlamaTransformer(cfg)
             tied = cfg["tie_word_embeddings"]
             self.lm_head = None if tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        self._allocate(device, dtype)
-        # Built after _allocate: the frequencies must be computed, in float32, not left uninitialized.
+        self.config = cfg
+        self.materialize(device, dtype)
+
+    def init_buffers(self, device) -> None:
+        # Built after the parameters: the frequencies must be computed, in float32, not left uninitialized.
+        cfg = self.config
         self.rotary = RotaryEmbedding(
             cfg["head_dim"], cfg["rotary_base"], cfg["rotary_scaling"], cfg["max_position_embeddings"], device
         )
 
-    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches):  # [T], [T] -> [T, H]
-        x = self.transformer.vocab_embedding(input_ids)  # [T, H]
+    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches, hidden=None):  # [T], [T] -> [T, H]
+        """hidden: [T, H], the previous pipeline stage's output, which replaces the embedding."""
+        x = self.transformer.vocab_embedding(input_ids) if hidden is None else hidden  # [T, H]
         cos, sin = self.rotary(positions)  # [T, hd] float32
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the model dtype
+        residual = None
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, cos, sin, None if kv_caches is None else kv_caches[i], attn)
-        return self.transformer.ln_f(x)
+            x, residual = layer(x, residual, cos, sin, None if kv_caches is None else kv_caches[i], attn)
+        return self.transformer.ln_f(x, residual)[0]
 
 
 def _rope_from_hf(hf_config: dict) -> tuple[float, dict | None]:

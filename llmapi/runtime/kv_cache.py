@@ -16,10 +16,11 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_TOKENS = 32768
 
 
-def bytes_per_token(engine_config: dict, dtype: torch.dtype, num_layers: int) -> int:
-    """K and V of one token over `num_layers` layers."""
+def bytes_per_token(engine_config: dict, dtype: torch.dtype, num_layers: int, num_kv_heads: int | None = None) -> int:
+    """K and V of one token over `num_layers` layers (`num_kv_heads` per layer: this rank's, default all)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * engine_config["num_key_value_heads"] * engine_config["head_dim"] * elem
+    heads = engine_config["num_key_value_heads"] if num_kv_heads is None else num_kv_heads
+    return 2 * num_layers * heads * engine_config["head_dim"] * elem
 
 
 def _available_ram() -> int:
@@ -30,9 +31,9 @@ def _available_ram() -> int:
 
 
 def num_kv_blocks(engine_config: dict, cfg: KvCacheConfig, device: torch.device, dtype: torch.dtype,
-                  tokens_per_block: int, num_layers: int) -> int:
+                  tokens_per_block: int, num_layers: int, num_kv_heads: int | None = None) -> int:
     """Blocks the cache gets: a fraction of free GPU memory, or a token count / byte size on CPU."""
-    per_block = bytes_per_token(engine_config, dtype, num_layers) * tokens_per_block
+    per_block = bytes_per_token(engine_config, dtype, num_layers, num_kv_heads) * tokens_per_block
     per_token = per_block // tokens_per_block
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -54,9 +55,10 @@ def num_kv_blocks(engine_config: dict, cfg: KvCacheConfig, device: torch.device,
     return int(blocks)
 
 
-def allocate_kv_caches(engine_config: dict, num_layers: int, num_blocks: int, tokens_per_block: int,
-                       device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
-    """One tensor per layer: [2 (K, V), num_blocks, tokens_per_block, kv_heads, head_dim]."""
-    shape = (2, num_blocks, tokens_per_block, engine_config["num_key_value_heads"],
-             engine_config["head_dim"])
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+def allocate_kv_caches(engine_config: dict, layers: range, num_blocks: int, tokens_per_block: int,
+                       device: torch.device, dtype: torch.dtype, num_kv_heads: int | None = None) -> List[torch.Tensor]:
+    """One tensor per layer of `layers` (this pipeline stage's, in order), `num_kv_heads` heads (this TP rank's):
+    [2 (K, V), num_blocks, tokens_per_block, kv_heads, head_dim]."""
+    heads = engine_config["num_key_value_heads"] if num_kv_heads is None else num_kv_heads
+    shape = (2, num_blocks, tokens_per_block, heads, engine_config["head_dim"])
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]

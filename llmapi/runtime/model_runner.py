@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from ..config import KvCacheConfig
+from ..distributed.mapping import Mapping, local_kv_heads
+from ..distributed.sharding import build_rank_model, load_rank_model
+from ..engine.format import rank_file
 from ..layers.attention import AttentionMetadata
-from ..models import get_model_class
 from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .logits_records import LogitsRecords
 from .request_state import RequestState
+from .sampler import GREEDY_TEMPERATURE_EPS, sample
+from .step_inputs import InputStager, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -27,42 +32,79 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def _tensor(array, device, dtype=None) -> torch.Tensor:
-    # The executor's arrays are read-only views; copy them so torch owns the memory.
+    # A fresh, synchronous copy: the executor's arrays are read-only views, and a rank stages several
+    # micro-batches before any has run, so no host buffer may be reused under a pending copy.
     return torch.tensor(np.asarray(array), device=device, dtype=dtype)
+
+
+class _Step:
+    """A submitted step: its sampled ids on the way to a host buffer, and the event that marks their arrival."""
+
+    def __init__(self, host_ids: torch.Tensor, event):
+        self.host_ids, self.event = host_ids, event
 
 
 class ModelRunner:
     """The executor calls `submit(batch)` then `collect(handle)` from its loop thread.
 
-    This runner is synchronous: `submit` runs the forward and the decoding step and returns its
-    results still on the device; `collect` copies them to the host. `logits_processors` maps a
-    request id to its Python logits processor (set by the LLM before it enqueues the request);
-    `records` holds the prompt logprobs and context / generation logits of requests that asked."""
+    `submit` stages the inputs (one host-to-device copy per buffer), runs the forward (a captured
+    CUDA graph for decode batches on CUDA) and the sampler, and starts the one device-to-host copy
+    of the sampled ids; `collect` waits for that copy. A batch that uses a decoding feature beyond
+    sampling (n / best_of forks, beams, logprobs, penalties, min_p, logit bias, Python logits
+    processors, prompt logprobs or logits outputs) runs eagerly through `decode`, and `collect` then
+    returns a StepOutput. `logits_processors` maps a request id to its Python logits processor (set by
+    the LLM before it enqueues the request); `records` keeps the prompt logprobs and logits outputs.
+
+    With several ranks (`mapping`, `comm`: see llmapi.distributed) each rank holds its shard, and the
+    rank's driver calls prepare / forward / logits / sample itself, eagerly (no CUDA graphs yet).
+    """
 
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
-                 kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto"):
+                 kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
+                 max_batch_size: int = 512, cuda_graphs: bool = True,
+                 mapping: Optional[Mapping] = None, comm=None):
+        started = time.perf_counter()
         self.config = engine_config
         self.device = device
         self.dtype = torch_dtype(engine_config["dtype"])
         self.tokens_per_block = tokens_per_block
-        model_cls = get_model_class(engine_config["architecture"])
-        self.model = model_cls(engine_config, device=device, dtype=self.dtype)
-        weights_path = os.path.join(engine_dir, "rank0.safetensors")
-        if load_format == "dummy" and not os.path.exists(weights_path):
-            weights = model_cls.dummy_weights(engine_config, self.dtype, seed=0)
-        else:
-            from safetensors.torch import load_file
-            weights = load_file(weights_path, device=str(device))
-        self.model.load_weights(weights)
-        del weights
-        num_layers = engine_config["num_hidden_layers"]
+        self.mapping = mapping or Mapping()
+        self.model = build_rank_model(engine_config, self.mapping, device, self.dtype, comm)
+        # Dummy weights are drawn where they are used: an 8B model's weights take minutes to draw on a CPU.
+        dummy = load_format == "dummy" and not os.path.exists(os.path.join(engine_dir, rank_file(self.mapping.rank)))
+        load_rank_model(self.model, engine_dir, self.mapping.rank, dummy, engine_config, self.dtype, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
+        logger.info("weights loaded in %.2f s", time.perf_counter() - started)
+        self.layers = self.mapping.stage_layers(engine_config["num_hidden_layers"])
+        self.kv_heads = local_kv_heads(engine_config["num_key_value_heads"], self.mapping.tp_size)
         self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.dtype,
-                                        tokens_per_block, num_layers)
-        self.kv_caches: List[torch.Tensor] = allocate_kv_caches(
-            engine_config, num_layers, self.num_blocks, tokens_per_block, device, self.dtype)
+                                        tokens_per_block, len(self.layers), self.kv_heads)
+        self.kv_caches: List[torch.Tensor] = []
+        self.allocate_kv_caches(self.num_blocks)
+        self.stager = InputStager(device, tokens_per_block)
         self.state = RequestState(engine_config["vocab_size"], device)
         self.logits_processors: Dict[int, Callable] = {}
         self.records = LogitsRecords()
+        self.graphs = None
+        if device.type == "cuda":
+            self._ids_host = torch.empty(0, dtype=torch.int32, pin_memory=True)
+            if cuda_graphs and self.mapping.world_size == 1:
+                from .cuda_graph import DecodeGraphs
+
+                max_blocks = -(-engine_config["max_position_embeddings"] // tokens_per_block)
+                captured = time.perf_counter()
+                with torch.inference_mode():
+                    self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size,
+                                               max_blocks, self.kv_heads)
+                logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
+
+    def allocate_kv_caches(self, num_blocks: int) -> None:
+        """(Re)allocate the cache of this rank's layers with `num_blocks` blocks (ranks agree on the smallest)."""
+        self.num_blocks = num_blocks
+        self.kv_caches = []  # the old cache goes first
+        self.kv_caches = allocate_kv_caches(self.config, self.layers, num_blocks, self.tokens_per_block,
+                                            self.device, self.dtype, self.kv_heads)
 
     def _copy_blocks(self, copies: np.ndarray) -> None:
         """Copy-on-write of shared blocks: every layer's K and V of block src -> dst ([C, 2])."""
@@ -73,36 +115,92 @@ class ModelRunner:
         for cache in self.kv_caches:  # [2, num_blocks, block, kv_heads, head_dim]
             cache[:, dst] = cache[:, src]
 
-    @torch.inference_mode()
-    def submit(self, batch) -> dict:
-        dev = self.device
-        self._copy_blocks(np.asarray(batch.block_copies))
-        input_ids = _tensor(batch.input_ids, dev, torch.long)          # [T]
-        positions = _tensor(batch.positions, dev, torch.long)          # [T]
-        query_lens = _tensor(batch.query_lens, dev, torch.int32)       # [R]
-        context_lens = _tensor(batch.context_lens, dev, torch.int32)   # [R]
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=dev)
-        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
-        q_host = np.asarray(batch.query_lens)
-        c_host = np.asarray(batch.context_lens)
-        attn = AttentionMetadata(
-            slot_mapping=_tensor(batch.slot_mapping, dev, torch.long),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            query_start_loc=query_start_loc,
-            block_tables=_tensor(batch.block_tables, dev, torch.int32),
-            max_query_len=int(q_host.max()),
-            max_context_len=int(c_host.max()),
-            tokens_per_block=self.tokens_per_block,
-        )
-        hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [T, H]
-        query_start = np.concatenate([[0], np.cumsum(q_host)])
-        self.records.record_prompt(batch, hidden, query_start, self.model.compute_logits)
-        last = query_start_loc[1:].long() - 1                              # [R]
-        logits = self.model.compute_logits(hidden[last])                    # [R, V] fp32
-        self.records.record_generation(batch, logits)  # copies: decoding writes into logits
-        return decode(logits, batch, self.state, self.logits_processors)
+    @staticmethod
+    def _needs_decode(batch) -> bool:
+        """Whether the batch uses a decoding feature beyond sample() (all host arrays: no device sync)."""
+        def any_(name, test):
+            return bool(test(np.asarray(getattr(batch, name))).any())
+        return (len(batch.bias_ids) > 0 or any_("slots", lambda a: a >= 0)
+                or any_("num_candidates", lambda a: a > 1) or any_("beam", lambda a: a != 0)
+                or any_("logprobs", lambda a: a >= 0) or any_("min_p", lambda a: a > 0)
+                or any_("prompt_logprobs", lambda a: a >= 0) or any_("context_logits", lambda a: a != 0)
+                or any_("generation_logits", lambda a: a != 0))
 
-    def collect(self, handle: dict) -> StepOutput:
-        host = {name: (t.to("cpu").numpy() if t is not None else None) for name, t in handle.items()}
-        return StepOutput(**host)
+    @torch.inference_mode()
+    def submit(self, batch):
+        self._copy_blocks(np.asarray(batch.block_copies))
+        if self._needs_decode(batch):
+            inputs = self.stager.stage(batch)
+            hidden = self.forward(inputs)  # [T, H]
+            query_start = np.concatenate([[0], np.cumsum(np.asarray(batch.query_lens))])
+            self.records.record_prompt(batch, hidden, query_start, self.model.compute_logits)
+            logits = self.logits(inputs, hidden)  # [R, V] float32
+            self.records.record_generation(batch, logits)  # copies: decoding writes into logits
+            return decode(logits, batch, self.state, self.logits_processors)
+        size = self.graphs.size_for(batch) if self.graphs is not None else 0
+        if size:
+            logits, greedy_ids = self.graphs.run(batch, size)  # [R, V] float32, [R]
+            if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
+                ids = greedy_ids  # exactly what sample() gives these rows, computed inside the graph
+            else:
+                sampling, all_greedy, any_filter = self.stager.sampling(batch)
+                ids = sample(logits, **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
+        else:
+            inputs = self.stager.stage(batch)
+            ids = self.sample(inputs, self.logits(inputs, self.forward(inputs)))  # [R]
+        if self.device.type != "cuda":
+            return _Step(ids.to(torch.int32), None)
+        r = ids.shape[0]
+        if self._ids_host.numel() < r:
+            self._ids_host = torch.empty(max(r, 2 * self._ids_host.numel()), dtype=torch.int32, pin_memory=True)
+        host = self._ids_host[:r]
+        host.copy_(ids.to(torch.int32), non_blocking=True)  # the step's one device-to-host copy
+        event = torch.cuda.Event()
+        event.record()
+        return _Step(host, event)
+
+    def collect(self, handle):
+        if isinstance(handle, dict):  # a decode() step
+            host = {name: (t.to("cpu").numpy() if t is not None else None) for name, t in handle.items()}
+            return StepOutput(**host)
+        if handle.event is not None:
+            handle.event.synchronize()
+        return handle.host_ids.numpy().copy()
+
+    # ---------------------------------------------------------------- the parts, for a rank's driver
+    def prepare(self, batch) -> StepInputs:
+        """A (micro-)batch's inputs in fresh device memory."""
+        dev = self.device
+        query_lens = _tensor(batch.query_lens, dev, torch.int32)  # [R]
+        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=dev)  # [R+1]
+        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
+        attn = AttentionMetadata(
+            slot_mapping=_tensor(batch.slot_mapping, dev, torch.long), query_lens=query_lens,
+            context_lens=_tensor(batch.context_lens, dev, torch.int32), query_start_loc=query_start_loc,
+            block_tables=_tensor(batch.block_tables, dev, torch.int32),
+            max_query_len=int(np.asarray(batch.query_lens).max()),
+            max_context_len=int(np.asarray(batch.context_lens).max()), tokens_per_block=self.tokens_per_block)
+        temperature, top_k, top_p = (np.asarray(batch.temperature), np.asarray(batch.top_k), np.asarray(batch.top_p))
+        sampling = dict(temperature=_tensor(temperature, dev, torch.float32), top_k=_tensor(top_k, dev, torch.long),
+                        top_p=_tensor(top_p, dev, torch.float32), seeds=_tensor(batch.seeds, dev, torch.long),
+                        output_index=_tensor(batch.output_index, dev, torch.long),
+                        suppress_offsets=_tensor(batch.suppress_offsets, dev, torch.long),
+                        suppress_ids=_tensor(batch.suppress_ids, dev, torch.long))
+        return StepInputs(_tensor(batch.input_ids, dev, torch.int32), _tensor(batch.positions, dev, torch.int32),
+                          attn, query_start_loc[1:].long() - 1, sampling,
+                          bool((temperature < GREEDY_TEMPERATURE_EPS).all()),
+                          bool((top_k > 0).any() or (top_p < 1.0).any()))
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:  # [T, H]
+        """This rank's layers; `hidden` [T, H] is the previous pipeline stage's output."""
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches, hidden=hidden)
+
+    @torch.inference_mode()
+    def logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [R, V] float32
+        return self.model.compute_logits(hidden[inputs.last_rows])
+
+    @torch.inference_mode()
+    def sample(self, inputs: StepInputs, logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R]
+        return sample(logits, **inputs.sampling, all_greedy=inputs.all_greedy,
+                      any_top_k_top_p=inputs.any_top_k_top_p)

@@ -1,0 +1,125 @@
+"""Triton paged decode attention: one query token per request, GQA-aware, split-K over the context.
+
+Reference: paged_attention_ref with every query length 1. Each program takes one (request, kv head,
+split): the GROUP query heads that share the kv head form the rows of one tile, so each K/V tile is
+read once per kv head. A second kernel merges the splits by their log-sum-exp.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_args
+
+BLOCK_N = 64  # keys per tile
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
+                         part_lse_ptr, q_stride_t, q_stride_h, bt_stride, cache_stride_block, scale_log2,
+                         NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                         HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + r)
+    num_tiles = tl.cdiv(ctx, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+
+    g = tl.arange(0, GROUP_P)
+    d = tl.arange(0, BLOCK_D)
+    head = kvh * GROUP + g  # [GROUP_P]
+    row_ok = g < GROUP
+    d_ok = d < HD
+    q = tl.load(q_ptr + r * q_stride_t + head[:, None] * q_stride_h + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # [GROUP_P, BLOCK_D]
+    m = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for tile in range(tile_begin, tile_end):
+        pos = tile * BLOCK_N + n  # [BLOCK_N]
+        key_ok = pos < ctx
+        block = tl.load(block_tables_ptr + r * bt_stride + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+        row = block * cache_stride_block + (pos % PAGE) * (NKV * HD) + kvh * HD  # [BLOCK_N]
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale_log2  # [GROUP_P, BLOCK_N]
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        m = m_new
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
+    base = (r * NH + head) * NUM_SPLITS + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
+    tl.store(part_out_ptr + base[:, None] * HD + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + base, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, out_stride_t, out_stride_h,
+                         NH: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    base = (r * NH + h) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))  # [BLOCK_S]
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # an empty context (padding row): all weights 0
+    w = tl.exp2(lse - top)  # [BLOCK_S]
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * HD + d[None, :],
+                    mask=(s < NUM_SPLITS)[:, None] & (d < HD)[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + r * out_stride_t + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < HD)
+
+
+def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132) -> int:
+    """Splits that give about four programs per multiprocessor, never a split shorter than two tiles."""
+    want = triton.cdiv(4 * num_sms, max(1, num_requests * num_kv_heads))
+    return int(max(1, min(want, triton.cdiv(max_context_len, 2 * BLOCK_N), 32)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [R, nh, hd]: one query token per request (request r's token is row r)
+    k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    context_lens: torch.Tensor,  # [R] int32, this step's token included; 0 = padding row (output 0)
+    block_tables: torch.Tensor,  # [R, max_blocks] int32
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor | None = None,  # [R, nh, hd]
+) -> torch.Tensor:
+    """Attention of each request's single query over its whole cached context."""
+    num_requests, nh, hd = q.shape
+    page, nkv = k_cache.shape[1], k_cache.shape[2]
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
+    out = torch.empty_like(q) if out is None else out
+    if num_requests == 0:
+        return out
+    group = nh // nkv
+    part_out = torch.empty((num_requests, nh, num_splits, hd), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((num_requests, nh, num_splits), dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(hd)
+    _decode_split_kernel[(num_requests, nkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, q.stride(0), q.stride(1),
+        block_tables.stride(0), k_cache.stride(0), scale * 1.4426950408889634,
+        NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
+        **dot_args(q.dtype), num_warps=4, num_stages=3,
+    )
+    _merge_splits_kernel[(num_requests, nh)](
+        part_out, part_lse, out, out.stride(0), out.stride(1), NH=nh, HD=hd, BLOCK_D=block_d,
+        NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
+    )
+    return out

@@ -1,0 +1,120 @@
+"""Triton packed attention over the paged KV cache, flash-style: prefill chunks and decodes in one launch.
+
+Reference: paged_attention_ref. A program takes BLOCK_Q query tokens of one request and one kv head;
+its tile rows are (token, query head of the kv head's group) pairs, so K/V tiles are read once per
+kv head (GQA). Programs find their request by binary search over query_start_loc, so the grid is
+sized from the token and request counts alone, with no host sync.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_args
+
+BLOCK_M = 64  # tile rows: BLOCK_Q tokens x GROUP_P heads
+BLOCK_N = 64  # keys per tile
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q: tl.constexpr):
+    """Largest r with query_start_loc[r] // BLOCK_Q + r <= q_block: request r's q blocks start there."""
+    left: tl.int32 = 0
+    right = num_requests
+    while left < right:
+        mid = (left + right) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= q_block:
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+@triton.jit
+def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, context_lens_ptr,
+                             block_tables_ptr, num_requests, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+                             bt_stride, cache_stride_block, scale_log2,
+                             NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                             HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                             BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    q_block = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + r)
+    q_len = tl.load(query_start_loc_ptr + r + 1) - q_start
+    local = q_block - (q_start // BLOCK_Q + r)
+    if local * BLOCK_Q < q_len:
+        ctx = tl.load(context_lens_ptr + r)
+        first_pos = ctx - q_len  # absolute position of the request's first query token
+        m_idx = tl.arange(0, BLOCK_M)
+        tok = local * BLOCK_Q + m_idx // GROUP_P  # [BLOCK_M] token index within the request
+        g = m_idx % GROUP_P
+        row_ok = (tok < q_len) & (g < GROUP)
+        head = kvh * GROUP + g
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HD
+        t_row = (q_start + tok).to(tl.int64)
+        q = tl.load(q_ptr + t_row[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_D]
+        q_pos = first_pos + tok  # [BLOCK_M]
+        kv_end = first_pos + tl.minimum(q_len, (local + 1) * BLOCK_Q)  # keys past the block's last query: unused
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        bt_row = block_tables_ptr + r * bt_stride
+        for start in range(0, kv_end, BLOCK_N):
+            pos = start + n  # [BLOCK_N]
+            key_ok = pos < kv_end
+            block = tl.load(bt_row + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+            kv_row = block * cache_stride_block + (pos % PAGE) * (NKV * HD) + kvh * HD
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+            s = tl.where(key_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+            m = m_new
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(out_ptr + t_row[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_packed_attention(
+    q: torch.Tensor,  # [T, nh, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    query_start_loc: torch.Tensor,  # [R+1] int32
+    context_lens: torch.Tensor,  # [R] int32, this step's tokens included
+    block_tables: torch.Tensor,  # [R, max_blocks] int32
+    scale: float,
+    out: torch.Tensor | None = None,  # [T, nh, hd]
+) -> torch.Tensor:
+    """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref."""
+    num_tokens, nh, hd = q.shape
+    num_requests = context_lens.shape[0]
+    page, nkv = k_cache.shape[1], k_cache.shape[2]
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
+    out = torch.empty_like(q) if out is None else out
+    if num_tokens == 0:
+        return out
+    group = nh // nkv
+    group_p = triton.next_power_of_2(group)
+    block_m = max(BLOCK_M, group_p)
+    block_q = block_m // group_p
+    # An upper bound on the q blocks: each request adds at most one partly filled block.
+    grid = (num_tokens // block_q + num_requests, nkv)
+    _packed_attention_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, context_lens, block_tables, num_requests,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
+        scale * 1.4426950408889634, NKV=nkv, GROUP=group, GROUP_P=group_p, HD=hd,
+        BLOCK_D=triton.next_power_of_2(hd), PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        **dot_args(q.dtype), num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,0 +1,94 @@
+"""Triton rotary embedding (rotate-half) of q and k in place, optionally fused with the KV-cache write."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate(src, dst, src_stride_h, dst_stride_h, c, s, num_heads, enabled,
+            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate the heads of one token row at `src` and store them at `dst` (where `enabled`)."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < num_heads) & (j < HALF)
+    x1 = tl.load(src + h * src_stride_h + j, mask=mask).to(tl.float32)  # [BLOCK_H, BLOCK_HALF] first halves
+    x2 = tl.load(src + h * src_stride_h + HALF + j, mask=mask).to(tl.float32)
+    dtype = src.dtype.element_ty
+    # Each product is rounded to the model dtype before the sum, as the reference computes it.
+    x1c = (x1 * c).to(dtype).to(tl.float32)
+    x2s = (x2 * s).to(dtype).to(tl.float32)
+    x2c = (x2 * c).to(dtype).to(tl.float32)
+    x1s = (x1 * s).to(dtype).to(tl.float32)
+    out_ty = dst.dtype.element_ty
+    tl.store(dst + h * dst_stride_h + j, (x1c - x2s).to(dtype).to(out_ty), mask=mask & enabled)
+    tl.store(dst + h * dst_stride_h + HALF + j, (x2c + x1s).to(dtype).to(out_ty), mask=mask & enabled)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                   q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride_t,
+                   NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   BLOCK_D: tl.constexpr, WRITE_KV: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    # cos/sin repeat their first half (cat(freqs, freqs)): the first half is all a head needs.
+    c = tl.load(cos_ptr + t * cs_stride_t + j, mask=j < HALF).to(tl.float32)  # [1, BLOCK_HALF]
+    s = tl.load(sin_ptr + t * cs_stride_t + j, mask=j < HALF).to(tl.float32)
+    q_row = q_ptr + t * q_stride_t
+    _rotate(q_row, q_row, q_stride_h, q_stride_h, c, s, NH, t >= 0, HALF, BLOCK_QH, BLOCK_HALF)
+    k_row = k_ptr + t * k_stride_t
+    if WRITE_KV:
+        # Rotated k goes straight to its cache slot (k itself is not needed after); v is copied beside it.
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        ok = slot >= 0  # negative: a padding token
+        row = tl.where(ok, slot, 0) * (NKV * HD)
+        _rotate(k_row, k_cache_ptr + row, k_stride_h, HD, c, s, NKV, ok, HALF, BLOCK_KH, BLOCK_HALF)
+        h = tl.arange(0, BLOCK_KH)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < NKV) & (d < HD)
+        v = tl.load(v_ptr + t * v_stride_t + h * v_stride_h + d, mask=mask)
+        tl.store(v_cache_ptr + row + h * HD + d, v.to(v_cache_ptr.dtype.element_ty), mask=mask & ok)
+    else:
+        _rotate(k_row, k_row, k_stride_h, k_stride_h, c, s, NKV, t >= 0, HALF, BLOCK_KH, BLOCK_HALF)
+
+
+def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, write_kv: bool) -> None:
+    num_tokens, nh, hd = q.shape
+    nkv = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
+    if num_tokens == 0:
+        return
+    half = hd // 2
+    _rotary_kernel[(num_tokens,)](
+        q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), cos.stride(0), NH=nh, NKV=nkv, HD=hd, HALF=half,
+        BLOCK_QH=triton.next_power_of_2(nh), BLOCK_KH=triton.next_power_of_2(nkv),
+        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(hd), WRITE_KV=write_kv,
+    )
+
+
+def rotary_qk_(
+    q: torch.Tensor,  # [T, nh, hd], last axis contiguous; rotated in place
+    k: torch.Tensor,  # [T, nkv, hd], last axis contiguous; rotated in place
+    cos: torch.Tensor,  # [T, hd] in the model dtype (as the reference gets it)
+    sin: torch.Tensor,  # [T, hd]
+) -> None:
+    """q, k <- apply_rotary(q, cos, sin), apply_rotary(k, cos, sin): one program per token for both."""
+    _launch(q, k, k, cos, sin, q, q, q, write_kv=False)
+
+
+def rotary_write_kv_(
+    q: torch.Tensor,  # [T, nh, hd]; rotated in place
+    k: torch.Tensor,  # [T, nkv, hd]; left as it is
+    v: torch.Tensor,  # [T, nkv, hd]
+    cos: torch.Tensor,  # [T, hd]
+    sin: torch.Tensor,  # [T, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    slot_mapping: torch.Tensor,  # [T] int; negative = skip
+) -> None:
+    """q <- apply_rotary(q); the cache slots get apply_rotary(k) and v (write_kv_ref): one launch."""
+    assert v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, write_kv=True)

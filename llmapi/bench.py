@@ -1,0 +1,227 @@
+"""`llmapi bench`: a fixed-length synthetic workload through LLM: output tok/s, TTFT/TPOT, decode vs bandwidth."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelNotFoundError
+
+KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
+
+
+def known_config_names() -> list[str]:
+    return sorted(p.stem for p in KNOWN_CONFIGS.glob("*.json"))
+
+
+def resolve_bench_model(model: str) -> str:
+    """A known config name (e.g. llama-3.1-8b) becomes a directory holding its config.json alone
+    (for load_format="dummy": no hub access needed); anything else is passed on unchanged."""
+    if model not in known_config_names():
+        return model
+    from .engine.cache import cache_root
+
+    text = (KNOWN_CONFIGS / f"{model}.json").read_text()
+    target = cache_root() / "known_configs" / model
+    target.mkdir(parents=True, exist_ok=True)
+    config = target / "config.json"
+    if not config.is_file() or config.read_text() != text:
+        tmp = target / "config.json.tmp"
+        tmp.write_text(text)
+        tmp.replace(config)
+    return str(target)
+
+
+@dataclass
+class Workload:
+    """Fixed input and output lengths (no spread), like trtllm-bench's token-norm-dist with stdev 0."""
+
+    isl: int
+    osl: int
+    num_requests: int
+    concurrency: int = 0
+    """Most requests in flight; 0 = all at once (an infinite request rate)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("isl", "osl", "num_requests"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be an int >= 1")
+        if self.concurrency < 0:
+            raise ValueError(f"concurrency={self.concurrency!r} is invalid: must be >= 0 (0: all at once)")
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        rng = np.random.default_rng(self.seed)
+        return rng.integers(0, vocab_size, size=(self.num_requests, self.isl)).tolist()
+
+
+@dataclass
+class Timing:
+    start: float
+    first: float
+    end: float
+    num_tokens: int
+
+
+def _drive(llm, prompts, params, concurrency: int) -> list[Timing]:
+    """Keep up to `concurrency` requests in flight; stamp each one's first token and end by polling.
+
+    Polling (every 1 ms, 5 ms with many requests in flight) keeps the measuring off the serving
+    path: streaming every token of a thousand requests through asyncio would cost the engine time.
+    """
+    limit = concurrency or len(prompts)
+    waiting = list(reversed(prompts))
+    live: dict = {}  # RequestOutput -> [start, first]
+    done: list[Timing] = []
+    while waiting or live:
+        while waiting and len(live) < limit:
+            live[llm.generate_async(waiting.pop(), params)] = [time.perf_counter(), None]
+        time.sleep(0.001 if len(live) <= 64 else 0.005)
+        now = time.perf_counter()
+        for out, stamps in list(live.items()):
+            if stamps[1] is None and out.outputs[0].token_ids:
+                stamps[1] = now
+            if out.finished:
+                out.result()  # raises the request's error, if any
+                done.append(Timing(stamps[0], stamps[1] or now, now, len(out.outputs[0].token_ids)))
+                del live[out]
+    return done
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
+
+
+def summarize(timings: list[Timing], wall: float) -> dict:
+    """Output tok/s over the whole run; TTFT and TPOT (time per output token after the first) in ms,
+    to within the polling interval."""
+    tokens = sum(t.num_tokens for t in timings)
+    ttft = [1e3 * (t.first - t.start) for t in timings]
+    tpot = [1e3 * (t.end - t.first) / (t.num_tokens - 1) for t in timings if t.num_tokens > 1]
+    return {"requests": len(timings), "output_tokens": tokens, "wall_s": wall,
+            "output_tok_s": tokens / wall, "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p99": _pct(ttft, 99),
+            "tpot_ms_p50": _pct(tpot, 50), "tpot_ms_p99": _pct(tpot, 99)}
+
+
+def run_workload(llm, workload: Workload, vocab_size: int) -> dict:
+    from .sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=workload.osl, temperature=0.0, ignore_eos=True, detokenize=False)
+    prompts = workload.prompts(vocab_size)
+    start = time.perf_counter()
+    timings = _drive(llm, prompts, params, workload.concurrency)
+    return summarize(timings, time.perf_counter() - start)
+
+
+def measure_bandwidth(device) -> float:
+    """Device memory bandwidth in bytes/s: a 2 GiB device-to-device copy, bytes read plus written, median of 10."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * src.element_size() / float(np.median(times[2:]))
+
+
+def decode_floor_s(model, config: dict, batch: int, context: float, bandwidth: float) -> float:
+    """Fewest seconds a decode step can take: every weight read once (the input embedding only per
+    token row) plus each request's K/V, over the measured bandwidth."""
+    embed = model.transformer.vocab_embedding.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+    weights += batch * embed.shape[1] * embed.element_size()
+    elem = embed.element_size()
+    kv = batch * context * 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * elem
+    return (weights + kv) / bandwidth
+
+
+def format_report(name: str, r: dict) -> str:
+    return (f"{name:>12}: {r['output_tok_s']:10.1f} output tok/s  TTFT p50 {r.get('ttft_ms_p50', float('nan')):8.1f}"
+            f" p99 {r.get('ttft_ms_p99', float('nan')):8.1f} ms  TPOT p50 {r['tpot_ms_p50']:7.2f}"
+            f" p99 {r.get('tpot_ms_p99', float('nan')):7.2f} ms")
+
+
+def main(a) -> int:
+    import torch
+
+    from . import LLM
+
+    model = resolve_bench_model(a.model)
+    workload = Workload(a.isl, a.osl, a.num_requests, a.concurrency, a.seed)
+    kv = {"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction}
+    started = time.perf_counter()
+    llm = LLM(model, dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=True,
+              max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, kv_cache_config=kv,
+              max_seq_len=a.isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
+              pipeline_parallel_size=a.pipeline_parallel_size)
+    from .sampling_params import SamplingParams
+    llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
+    results = {"startup_s": time.perf_counter() - started, "model": a.model, "dtype": llm.engine_info.config["dtype"],
+               "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
+               "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size}
+    vocab = llm.vocab_size
+    if a.warmup:
+        run_workload(llm, Workload(a.isl, a.osl, a.warmup, a.concurrency, seed=a.seed + 1), vocab)
+    ours = run_workload(llm, workload, vocab)
+    results["llmapi"] = ours
+    print(f"startup (LLM() to first token): {results['startup_s']:.1f} s")
+    print(format_report("llmapi", ours))
+    if llm.device.type == "cuda":
+        bandwidth = measure_bandwidth(llm.device)
+        batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)
+        floor = decode_floor_s(llm._runner.model, llm.engine_info.config, batch, a.isl + a.osl / 2, bandwidth)
+        ours["bandwidth_GBps"] = bandwidth / 1e9
+        ours["decode_floor_ms"] = 1e3 * floor
+        ours["decode_bandwidth_fraction"] = 1e3 * floor / ours["tpot_ms_p50"]
+        print(f"decode: TPOT p50 {ours['tpot_ms_p50']:.2f} ms vs bandwidth floor {1e3 * floor:.2f} ms at batch {batch} "
+              f"({bandwidth / 1e12:.2f} TB/s measured): {100 * ours['decode_bandwidth_fraction']:.0f}% of the bound")
+    llm.shutdown()
+    del llm
+    if a.compare == "hf":
+        from .bench_hf import run_hf
+
+        hf_batch = a.hf_batch_size or min(a.concurrency or a.num_requests, a.num_requests)
+        hf = run_hf(model, a.load_format, results["dtype"], a.device, workload, hf_batch, compile=not a.hf_no_compile)
+        results["hf"] = hf
+        print(format_report(f"hf bs={hf_batch}", hf))
+        results["speedup_vs_hf"] = ours["output_tok_s"] / hf["output_tok_s"]
+        print(f"llmapi / transformers output tok/s: {results['speedup_vs_hf']:.2f}x")
+    if torch.cuda.is_available():
+        results["device"] = torch.cuda.get_device_name()
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="hub id, directory, or a known config name: "
+                   + ", ".join(known_config_names()) + " (with --load-format dummy)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--isl", type=int, default=128, help="input tokens per request")
+    p.add_argument("--osl", type=int, default=128, help="output tokens per request (ignore_eos)")
+    p.add_argument("--num-requests", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=0, help="requests in flight; 0: all at once")
+    p.add_argument("--warmup", type=int, default=0, help="requests run (and not timed) before the workload")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=2048)
+    p.add_argument("--max-num-tokens", type=int, default=8192)
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
+    p.add_argument("--compare", choices=["hf"], default=None,
+                   help="hf: also run the workload through transformers (static cache + torch.compile)")
+    p.add_argument("--hf-batch-size", type=int, default=0, help="transformers' batch (default: the concurrency)")
+    p.add_argument("--hf-no-compile", action="store_true", help="transformers without torch.compile")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")

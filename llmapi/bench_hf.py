@@ -1,0 +1,68 @@
+"""The bench's transformers baseline: the same workload through generate() with a static cache and torch.compile."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(model_dir: str, load_format: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if load_format == "dummy":
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return model.eval()
+
+
+def _timed_generate(model, ids: torch.Tensor, new_tokens: int, compile: bool) -> float:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              cache_implementation="static", disable_compile=not compile,
+                              pad_token_id=0, eos_token_id=None)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(ids, generation_config=config, attention_mask=torch.ones_like(ids))
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens, "transformers stopped early"
+    return elapsed
+
+
+def run_hf(model_dir: str, load_format: str, dtype_name: str, device: str, workload, batch_size: int,
+           compile: bool = True, timed_batches: int = 1) -> dict:
+    """Output tok/s of transformers' generate at `batch_size` (the first batch, which compiles, is not timed).
+
+    TPOT is (time of the whole generate - time of a one-token generate) / (osl - 1) at the same batch.
+    """
+    gc.collect()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    model = _load(model_dir, load_format, _DTYPES[dtype_name], dev)
+    prompts = workload.prompts(model.config.vocab_size)
+    ids = torch.tensor(prompts[:batch_size], device=dev)  # [B, isl]
+    if ids.shape[0] < batch_size:  # fewer requests than the batch: repeat them
+        ids = ids.repeat(-(-batch_size // ids.shape[0]), 1)[:batch_size]
+    with torch.inference_mode():
+        _timed_generate(model, ids, workload.osl, compile)  # warm-up: compiles
+        full = [_timed_generate(model, ids, workload.osl, compile) for _ in range(timed_batches)]
+        first = [_timed_generate(model, ids, 1, compile) for _ in range(timed_batches)]
+    wall, prefill = float(np.median(full)), float(np.median(first))
+    del model
+    gc.collect()
+    return {"batch_size": batch_size, "output_tok_s": batch_size * workload.osl / wall, "wall_s": wall,
+            "ttft_ms_p50": 1e3 * prefill,
+            "tpot_ms_p50": 1e3 * (wall - prefill) / max(1, workload.osl - 1), "compiled": compile}

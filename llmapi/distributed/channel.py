@@ -1,0 +1,52 @@
+"""The channel between the user's process and rank 0: multiprocessing.connection with a per-session key.
+
+Both ends prove they hold the key (HMAC challenge and answer) before any message is unpickled, so a
+process that merely reaches the port cannot make either side unpickle anything.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections import namedtuple
+from multiprocessing.connection import Client, Connection, Listener
+
+ADDRESS_ENV = "LLMAPI_SESSION_ADDRESS"
+KEY_ENV = "LLMAPI_SESSION_KEY"
+
+# What rank 0 sends for each _core.Response: plain values only.
+RemoteResponse = namedtuple("RemoteResponse", [
+    "request_id", "seq_index", "token_ids", "finished", "request_finished", "finish_reason", "stop_reason",
+    "error", "num_prompt_tokens", "num_cached_tokens", "num_top_logprobs", "logprobs", "ranks", "top_ids",
+    "top_logprobs", "cumulative_logprob"])
+
+REQUEST_FIELDS = ("request_id", "prompt_token_ids", "max_tokens", "min_tokens", "eos_token_ids", "stop_token_ids",
+                  "ignore_eos", "temperature", "top_k", "top_p", "seed")
+"""The _core.Request constructor's arguments, as the user's process sends them."""
+
+
+def listen() -> tuple[Listener, dict]:
+    """A listener on the loopback interface with a fresh key, and the environment that lets rank 0 connect."""
+    key = secrets.token_bytes(32)
+    listener = Listener(("127.0.0.1", 0), family="AF_INET", authkey=key)
+    host, port = listener.address
+    return listener, {ADDRESS_ENV: f"{host}:{port}", KEY_ENV: key.hex()}
+
+
+def connect_from_env() -> Connection:
+    """Rank 0: connect to the user's process named by the environment the spawner set."""
+    host, port = os.environ[ADDRESS_ENV].rsplit(":", 1)
+    key = bytes.fromhex(os.environ.pop(KEY_ENV))  # not inherited by anything this rank starts
+    return Client((host, int(port)), family="AF_INET", authkey=key)
+
+
+def response_tuple(r) -> RemoteResponse:
+    return RemoteResponse(*(getattr(r, name) for name in RemoteResponse._fields))
+
+
+def request_fields(request) -> dict:
+    """A _core.Request's constructor arguments."""
+    fields = {name: getattr(request, name) for name in REQUEST_FIELDS}
+    for name in ("prompt_token_ids", "eos_token_ids", "stop_token_ids"):
+        fields[name] = list(fields[name])
+    return fields

@@ -1,0 +1,127 @@
+"""One rank's share of every step (its shard, its pipeline traffic), and the call loop of ranks other than 0."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from llmapi.config import KvCacheConfig
+from llmapi.distributed.comm import EXIT, INIT, RELEASE, STEP, ControlChannel, GroupComm, decode_batch
+from llmapi.distributed.mapping import Mapping
+from llmapi.distributed.pipeline import micro_batches, slice_batch
+from llmapi.distributed.session import Session
+from llmapi.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepHandle:
+    """Rank 0's view of a step in flight: its micro-batches' request ranges and, when it samples, their tokens."""
+
+    ranges: list
+    tokens: list = field(default_factory=list)  # [R_mb] device tensors, when this rank samples
+
+
+class RankWorker:
+    """Runs this rank's layers on each step's micro-batches; receives and sends hidden states between stages.
+
+    init: the INIT call's settings (engine_dir, engine_config, mapping, device_type, kv_cache_config,
+    tokens_per_block, load_format). Every rank builds one; the cache size is the smallest any rank can hold.
+    """
+
+    def __init__(self, session: Session, init: dict):
+        self.session = session
+        mapping = Mapping.from_dict(init["mapping"], session.rank)
+        session.configure(mapping)
+        self.mapping = mapping
+        self.device = session.device(init["device_type"])
+        self.runner = ModelRunner(init["engine_dir"], init["engine_config"], self.device,
+                                  KvCacheConfig(**init["kv_cache_config"]), init["tokens_per_block"],
+                                  load_format=init["load_format"], mapping=mapping,
+                                  comm=GroupComm(session.tp_group, mapping.tp_size))
+        blocks = torch.tensor([self.runner.num_blocks], dtype=torch.int64)
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=session.control)
+        if int(blocks) != self.runner.num_blocks:
+            self.runner.allocate_kv_caches(int(blocks))
+        self.num_blocks = int(blocks)
+        self.hidden_size = init["engine_config"]["hidden_size"]
+        self._sends = []  # (work, tensor): isends in flight; the tensor must live until they complete
+
+    def _isend(self, tensor: torch.Tensor, dst: int, group=None) -> None:
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        self._sends.append((dist.isend(tensor, dst, group=group), tensor))
+
+    def start(self, batch) -> StepHandle:
+        """Run this rank's part of a step. Stages overlap: a stage sends micro-batch i on while it runs i + 1."""
+        m, runner = self.mapping, self.runner
+        ranges = micro_batches(np.asarray(batch.query_lens), m.pp_size)
+        handle = StepHandle(ranges)
+        for start, stop in ranges:
+            mb = batch if len(ranges) == 1 else slice_batch(batch, start, stop)
+            inputs = runner.prepare(mb)
+            hidden = None
+            if not m.is_first_stage:
+                hidden = torch.empty(int(mb.num_tokens), self.hidden_size, dtype=runner.dtype, device=self.device)
+                dist.recv(hidden, m.peer(m.pp_rank - 1))
+            hidden = runner.forward(inputs, hidden)  # [T_mb, H]
+            if not m.is_last_stage:
+                self._isend(hidden, m.peer(m.pp_rank + 1))
+                continue
+            logits = runner.logits(inputs, hidden)  # every TP rank: the head all-gathers
+            if self.session.rank == m.sampler_rank:
+                tokens = runner.sample(inputs, logits).to(torch.int32)  # [R_mb]
+                if self.session.rank == 0:
+                    handle.tokens.append(tokens)
+                else:
+                    self._isend(tokens.cpu(), 0, group=self.session.tokens)
+        return handle
+
+    def finish(self, handle: StepHandle) -> np.ndarray:
+        """Rank 0: the step's sampled tokens [R], from itself or from the last stage."""
+        if self.session.rank == self.mapping.sampler_rank:
+            return torch.cat(handle.tokens).cpu().numpy()
+        parts = []
+        for start, stop in handle.ranges:
+            tokens = torch.empty(stop - start, dtype=torch.int32)
+            dist.recv(tokens, self.mapping.sampler_rank, group=self.session.tokens)
+            parts.append(tokens)
+        return torch.cat(parts).numpy()
+
+    def release(self) -> None:
+        """Wait for the sends in flight, then drop the model and cache."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+        self.runner = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def serve(session: Session) -> None:
+    """The loop of ranks other than 0: run rank 0's calls until it says EXIT."""
+    channel = ControlChannel(session.control)
+    worker = None
+    while True:
+        method, payload = channel.recv()
+        if method == STEP:
+            worker.start(decode_batch(payload))
+        elif method == INIT:
+            worker = RankWorker(session, json.loads(payload))
+        elif method == RELEASE:
+            if worker is not None:
+                worker.release()
+            worker = None
+        elif method == EXIT:
+            if worker is not None:
+                worker.release()
+            return
+        else:
+            raise RuntimeError(f"unknown call {method} from rank 0")

@@ -1,0 +1,240 @@
+"""RemoteExecutor: the executor of a spawned MPI job, seen from the user's process (the _core.Executor interface)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+from llmapi import errors
+from llmapi.distributed import channel
+from llmapi.distributed.session import MASTER_ADDR_ENV
+from llmapi.distributed.spawn import MpiJob
+from llmapi.errors import ExecutorDeadError, LaunchError, WorkerDiedError
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 600.0  # importing torch and loading a large shard on every rank
+
+
+class _Call:
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = None
+        self.error: Optional[BaseException] = None
+
+
+class RemoteExecutor:
+    """Spawns the ranks at once (they import torch while the engine converts), then `start` hands them the engine.
+
+    A reader thread takes rank 0's messages: responses, replies to calls, and the job's end. If the job
+    dies (a rank killed, rank 0 reporting a failed collective, mpiexec gone) every later call and
+    await_responses raise WorkerDiedError, and the job's processes are stopped.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self._listener, env = channel.listen()
+        env[MASTER_ADDR_ENV] = "127.0.0.1"  # one host: the rendezvous store listens on loopback only
+        if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+            env["GLOO_SOCKET_IFNAME"] = "lo"  # and so do the ranks' gloo connections
+        try:
+            self.job = MpiJob(world_size, env)
+        except BaseException:
+            self._listener.close()
+            raise
+        self._conn = None
+        self._send_lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._responses: list = []
+        self._calls: dict[int, _Call] = {}
+        self._ids = itertools.count()
+        self._dead: Optional[BaseException] = None
+        self._closing = False
+        self._reader: Optional[threading.Thread] = None
+        self.num_blocks = 0
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """The pids of the ranks (rank 0 first), and mpiexec's as `job.proc.pid`."""
+        return list(self.job.rank_pids)
+
+    # ------------------------------------------------------------------ startup
+    def start(self, init: dict, executor_kwargs: dict, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait for rank 0, send it the engine and executor settings, wait until every rank is ready."""
+        self._conn = self._accept(timeout)
+        self._conn.send(("init", init, executor_kwargs))
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.1):
+            if not self.job.alive() or time.monotonic() > deadline:
+                raise LaunchError(f"the ranks did not load the engine: {self.job.describe_exit()}")
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            raise LaunchError(f"the ranks did not load the engine: {self._wait_describe()}") from None
+        if msg[0] != "ready":
+            raise LaunchError(f"the ranks did not load the engine: {msg[1]}\n{self._wait_describe()}")
+        _, self.num_blocks, pids = msg
+        self.job.rank_pids = list(pids)
+        self._reader = threading.Thread(target=self._read, name="llmapi-rank0-reader", daemon=True)
+        self._reader.start()
+
+    def _accept(self, timeout: float):
+        result: dict = {}
+
+        def accept():
+            try:
+                result["conn"] = self._listener.accept()  # HMAC challenge both ways before returning
+            except BaseException as e:  # closed below, or a peer without the key
+                result["error"] = e
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while thread.is_alive() and self.job.alive() and time.monotonic() < deadline:
+            thread.join(0.1)
+        if "conn" not in result:
+            self._listener.close()  # ends a pending accept()
+            thread.join(5)
+            raise LaunchError(f"rank 0 did not connect: {result.get('error') or self._wait_describe()}")
+        self._listener.close()  # one connection per session
+        return result["conn"]
+
+    def _wait_describe(self, wait: float = 1.0) -> str:
+        """The job's end, once mpiexec had `wait` seconds to exit (its exit code and log say what happened)."""
+        try:
+            self.job.proc.wait(wait)
+        except Exception:
+            pass
+        return self.job.describe_exit()
+
+    # ------------------------------------------------------------------ messages from rank 0
+    def _read(self) -> None:
+        reason = None
+        try:
+            while True:
+                if not self._conn.poll(0.2):
+                    if not self.job.alive():
+                        raise EOFError
+                    continue
+                msg = self._conn.recv()
+                kind = msg[0]
+                if kind == "responses":
+                    with self._cv:
+                        self._responses.extend(channel.RemoteResponse(*t) for t in msg[1])
+                        self._cv.notify_all()
+                elif kind == "reply":
+                    self._settle(msg[1], msg[2], msg[3])
+                elif kind == "dead":
+                    reason = f"rank 0 reports: {msg[1]}"
+                    break
+                elif kind == "bye":
+                    break
+        except (EOFError, OSError):
+            reason = "the connection to rank 0 closed"
+        if reason is not None and not self._closing:
+            self._die(WorkerDiedError(f"{reason}; {self._wait_describe()}"))
+            self.job.stop(grace=2.0)  # nothing may outlive a dead job
+        else:
+            self._die(ExecutorDeadError("the executor was shut down"))
+
+    def _settle(self, call_id: int, error, value) -> None:
+        with self._cv:
+            call = self._calls.pop(call_id, None)
+        if call is None:
+            return
+        if error is not None:
+            kind, message = error
+            call.error = getattr(errors, kind, None)
+            call.error = (call.error if isinstance(call.error, type) and issubclass(call.error, errors.LLMAPIError)
+                          else errors.ExecutorError)(message)
+        call.value = value
+        call.done.set()
+
+    def _die(self, error: BaseException) -> None:
+        with self._cv:
+            if self._dead is not None:
+                return
+            self._dead = error
+            calls, self._calls = list(self._calls.values()), {}
+            self._cv.notify_all()
+        if isinstance(error, WorkerDiedError):
+            logger.error("%s", error)
+        for call in calls:
+            call.error = error
+            call.done.set()
+
+    def _raise_dead(self):
+        error = self._dead
+        raise type(error)(str(error))
+
+    # ------------------------------------------------------------------ the executor interface
+    def _call(self, kind: str, *args):
+        with self._cv:
+            if self._dead is not None:
+                self._raise_dead()
+            call_id = next(self._ids)
+            call = self._calls[call_id] = _Call()
+        try:
+            with self._send_lock:
+                self._conn.send((kind, call_id) + args)
+        except OSError:
+            pass  # the reader sees the closed connection and settles the call
+        call.done.wait()
+        if call.error is not None:
+            raise type(call.error)(str(call.error))
+        return call.value
+
+    def enqueue(self, request) -> int:
+        return self._call("enqueue", channel.request_fields(request))
+
+    def abort(self, request_id: int, seq_index: int = -1) -> None:
+        if self._dead is not None:
+            return
+        try:
+            with self._send_lock:
+                self._conn.send(("abort", request_id, seq_index))
+        except OSError:
+            pass
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+    def await_responses(self, timeout_s: Optional[float] = None) -> list:
+        with self._cv:
+            self._cv.wait_for(lambda: self._responses or self._dead is not None, timeout_s)
+            if self._responses:
+                out, self._responses = self._responses, []
+                return out
+            if self._dead is not None:
+                self._raise_dead()
+            return []
+
+    def shutdown(self) -> None:
+        """Ask rank 0 to stop every rank, wait for the job to end, and kill whatever is left. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._conn is not None and self._dead is None:
+            try:
+                with self._send_lock:
+                    self._conn.send(("shutdown",))
+            except OSError:
+                pass
+        clean = self._dead is None
+        # A job that never connected (the engine failed to build) has nothing to finish: stop it now.
+        self.job.stop(grace=10.0 if self._conn is not None else 0.0)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        self._die(ExecutorDeadError("the executor was shut down"))
+        for closeable in (self._conn, self._listener):
+            try:
+                if closeable is not None:
+                    closeable.close()
+            except OSError:
+                pass
+        if clean and self.job.proc.returncode == 0:
+            self.job.remove_log()

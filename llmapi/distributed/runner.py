@@ -1,0 +1,70 @@
+"""DistributedRunner: rank 0's runner for the executor; each step is broadcast, then every rank runs its shard."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from llmapi.distributed.comm import INIT, RELEASE, STEP, ControlChannel, encode_batch
+from llmapi.distributed.rank_worker import RankWorker, StepHandle
+from llmapi.distributed.session import Session
+from llmapi.errors import WorkerDiedError
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedRunner:
+    """The executor's runner on rank 0 (submit / collect), driving every rank through call(method, payload).
+
+    More than one step may be in flight (ExecutorConfig.max_inflight_batches = pp_size): while the last
+    stage finishes step k, stage 0 already runs step k + 1. A failed collective means a rank is gone: the
+    error is fatal (WorkerDiedError), so the executor fails every request at once.
+    """
+
+    def __init__(self, session: Session, init: dict):
+        self.session = session
+        self.channel = ControlChannel(session.control)
+        self.channel.send_json(INIT, init)
+        self.worker = RankWorker(session, init)
+        self.num_blocks = self.worker.num_blocks
+        self._closed = False
+        self._inflight: dict[int, StepHandle] = {}  # submitted, not collected: drained before a release
+
+    def submit(self, batch) -> StepHandle:
+        try:
+            self.channel.send(STEP, encode_batch(batch))
+            handle = self.worker.start(batch)
+        except Exception as e:
+            raise _rank_failure("submit", e) from e
+        self._inflight[id(handle)] = handle
+        return handle
+
+    def collect(self, handle: StepHandle) -> np.ndarray:
+        self._inflight.pop(id(handle), None)
+        try:
+            return self.worker.finish(handle)
+        except Exception as e:
+            raise _rank_failure("collect", e) from e
+
+    def close(self) -> None:
+        """Tell every rank to drop this model (the job stays up for the next LLM)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # A shut-down executor drops its steps in flight; their tokens are on the way all the same,
+            # and must not be taken for the next model's.
+            for handle in self._inflight.values():
+                self.worker.finish(handle)
+            self._inflight.clear()
+            self.channel.send(RELEASE)
+            self.worker.release()
+            self.channel.flush()
+        except Exception:
+            logger.warning("a rank did not take the release call", exc_info=True)
+
+
+def _rank_failure(call: str, error: Exception) -> WorkerDiedError:
+    logger.error("runner.%s failed on rank 0", call, exc_info=error)
+    return WorkerDiedError(f"a rank of the MPI job failed or died during a step ({type(error).__name__}: {error})")

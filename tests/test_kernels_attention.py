@@ -1,0 +1,108 @@
+"""Triton paged attention kernels (decode split-K, packed prefill, KV write) vs the plain-torch references."""
+
+import pytest
+import torch
+from kernel_cases import DEVICE, REL_ERROR, paged_case, rel_error
+
+from llmapi._kernels.paged_attention import paged_attention_ref, write_kv_ref
+
+triton = pytest.importorskip("triton")
+
+from llmapi._kernels.decode_attention import paged_decode_attention  # noqa: E402
+from llmapi._kernels.kv_write import write_kv  # noqa: E402
+from llmapi._kernels.prefill_attention import paged_packed_attention  # noqa: E402
+
+interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU these kernels run compiled: pytest -m gpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _reference(q, k_cache, v_cache, qsl, ctx, tables, scale):
+    """paged_attention_ref in float64 on the CPU: the oracle for every dtype."""
+    return paged_attention_ref(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), qsl.cpu(),
+                               ctx.cpu(), tables.cpu(), scale)
+
+
+def check_decode(ctx_lens, nh, nkv, hd, block, dtype, num_splits, seed):
+    q, kc, vc, qsl, ctx, tables = paged_case([1] * len(ctx_lens), ctx_lens, nh, nkv, hd, block, dtype, seed)
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    paged_decode_attention(q, kc, vc, ctx, tables, hd**-0.5, num_splits, out=out)
+    err = rel_error(out.cpu(), _reference(q, kc, vc, qsl, ctx, tables, hd**-0.5))
+    assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
+
+
+def check_packed(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed):
+    q, kc, vc, qsl, ctx, tables = paged_case(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed)
+    out = torch.full_like(q, float("nan"))
+    paged_packed_attention(q, kc, vc, qsl, ctx, tables, hd**-0.5, out=out)
+    err = rel_error(out.cpu(), _reference(q, kc, vc, qsl, ctx, tables, hd**-0.5))
+    assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
+
+
+def check_write_kv(num_tokens, nkv, hd, block, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = num_tokens // block + 4
+    slots = torch.randperm(num_blocks * block, generator=g)[:num_tokens]
+    slots[torch.randperm(num_tokens, generator=g)[: num_tokens // 4]] = -1  # padding tokens: skipped
+    qkv = torch.randn(num_tokens, 3 * nkv, hd, generator=g).to(dtype)  # k, v as strided views, as in a model
+    cache = torch.randn(2, num_blocks, block, nkv, hd, generator=g).to(dtype)
+    expected = cache.clone()
+    write_kv_ref(qkv[:, nkv:2 * nkv], qkv[:, 2 * nkv:], expected[0], expected[1], slots)
+    qkv, cache = qkv.to(DEVICE), cache.to(DEVICE)
+    write_kv(qkv[:, nkv:2 * nkv], qkv[:, 2 * nkv:], cache[0], cache[1], slots.to(DEVICE))
+    assert torch.equal(cache.cpu(), expected)  # a copy: exact
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_interpreted(dtype):
+    # GQA group 2, a context inside one tile, one over several tiles and blocks; two splits (one may be empty).
+    check_decode([1, 37, 130], nh=4, nkv=2, hd=16, block=4, dtype=dtype, num_splits=2, seed=1)
+
+
+@interpreted
+def test_decode_attention_interpreted_odd_head_dim_mha():
+    check_decode([5, 70], nh=3, nkv=3, hd=24, block=8, dtype=torch.float32, num_splits=3, seed=2)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_attention_interpreted(dtype):
+    # A whole prompt, a later chunk ending mid-block, decodes: one launch.
+    check_packed([9, 5, 1, 1], [9, 14, 7, 33], nh=4, nkv=2, hd=16, block=4, dtype=dtype, seed=3)
+
+
+@interpreted
+def test_packed_attention_interpreted_group3():
+    check_packed([20, 1, 3], [20, 6, 11], nh=6, nkv=2, hd=8, block=4, dtype=torch.float32, seed=4)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_interpreted(dtype):
+    check_write_kv(12, nkv=2, hd=8, block=4, dtype=dtype, seed=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nh,nkv,hd", [(32, 8, 128), (9, 3, 64), (16, 16, 96)])
+def test_decode_attention_gpu(dtype, nh, nkv, hd):
+    g = torch.Generator().manual_seed(hd)
+    ctx_lens = torch.randint(1, 3000, (24,), generator=g).tolist() + [1, 32, 33, 64, 65]
+    for num_splits in (1, 4, 13):
+        check_decode(ctx_lens, nh, nkv, hd, block=32, dtype=dtype, num_splits=num_splits, seed=num_splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nh,nkv,hd", [(32, 8, 128), (9, 3, 64), (16, 16, 96)])
+def test_packed_attention_gpu(dtype, nh, nkv, hd):
+    g = torch.Generator().manual_seed(hd + 1)
+    query_lens = [1000, 1, 17, 1, 300, 64, 1, 129]
+    ctx_lens = [q + int(torch.randint(0, 900, (1,), generator=g)) for q in query_lens]
+    check_packed(query_lens, ctx_lens, nh, nkv, hd, block=32, dtype=dtype, seed=hd)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_gpu(dtype):
+    check_write_kv(3000, nkv=8, hd=128, block=32, dtype=dtype, seed=6)
