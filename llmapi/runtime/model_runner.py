@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import mmap
 import os
+import struct
 import time
 from typing import List
 
@@ -11,6 +14,7 @@ import numpy as np
 import torch
 
 from ..config import KvCacheConfig
+from ..errors import CorruptEngineError
 from ..models import get_model_class
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .sampler import sample
@@ -19,10 +23,40 @@ from .step_inputs import InputStager
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+                       "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
+
+
+def mapped_safetensors(path: str) -> dict:
+    """A safetensors file's tensors as CPU views of one private memory map: no copy until they are used.
+
+    Copying views straight into the model's parameters reads the file once; the mapping is populated
+    up front, which on a file in the page cache is much faster than faulting it in page by page.
+    """
+    with open(path, "rb") as f:
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        (header_len,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(mapped[8:8 + header_len])
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            elem = torch.empty((), dtype=dtype).element_size()
+            if end == begin:
+                tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            else:
+                tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // elem,
+                                                 offset=8 + header_len + begin).view(info["shape"])
+        return tensors
+    except (struct.error, ValueError, KeyError, RuntimeError) as e:
+        raise CorruptEngineError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 class _Step:
@@ -30,6 +64,17 @@ class _Step:
 
     def __init__(self, host_ids: torch.Tensor, event):
         self.host_ids, self.event = host_ids, event
+
+
+class StepStats:
+    """Where the runner's time goes: steps (captured or eager), host time in submit, waits in collect."""
+
+    def __init__(self):
+        self.steps = self.graph_steps = self.tokens = 0
+        self.submit_s = self.wait_s = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
 
 
 class ModelRunner:
@@ -42,7 +87,7 @@ class ModelRunner:
 
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
-                 max_batch_size: int = 512, cuda_graphs: bool = True):
+                 max_batch_size: int = 1024, cuda_graphs: bool = True):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -55,8 +100,7 @@ class ModelRunner:
             # Drawn where they are used: an 8B model's weights take minutes to draw on a CPU.
             weights = model_cls.dummy_weights(engine_config, self.dtype, seed=0, device=device)
         else:
-            from safetensors.torch import load_file
-            weights = load_file(weights_path, device=str(device))
+            weights = mapped_safetensors(weights_path)
         self.model.load_weights(weights)
         del weights
         if device.type == "cuda":
@@ -68,6 +112,7 @@ class ModelRunner:
         self.kv_caches: List[torch.Tensor] = allocate_kv_caches(
             engine_config, num_layers, self.num_blocks, tokens_per_block, device, self.dtype)
         self.stager = InputStager(device, tokens_per_block)
+        self.stats = StepStats()
         self.graphs = None
         if device.type == "cuda":
             self._ids_host = torch.empty(0, dtype=torch.int32, pin_memory=True)
@@ -83,7 +128,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def submit(self, batch) -> _Step:
+        started = time.perf_counter()
+        step = self._submit(batch)
+        stats = self.stats
+        stats.steps, stats.tokens = stats.steps + 1, stats.tokens + int(batch.num_tokens)
+        stats.submit_s += time.perf_counter() - started
+        return step
+
+    def _submit(self, batch) -> _Step:
         size = self.graphs.size_for(batch) if self.graphs is not None else 0
+        self.stats.graph_steps += bool(size)
         if size:
             logits, greedy_ids = self.graphs.run(batch, size)  # [R, V] float32, [R]
             if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
@@ -110,5 +164,7 @@ class ModelRunner:
 
     def collect(self, handle: _Step) -> np.ndarray:
         if handle.event is not None:
+            started = time.perf_counter()
             handle.event.synchronize()
+            self.stats.wait_s += time.perf_counter() - started
         return handle.host_ids.numpy().copy()
