@@ -193,7 +193,7 @@ def main(a) -> int:
         print(f"decode: TPOT p50 {ours['tpot_ms_p50']:.2f} ms vs bandwidth floor {1e3 * floor:.2f} ms at batch {batch} "
               f"({bandwidth / 1e12:.2f} TB/s measured): {100 * ours['decode_bandwidth_fraction']:.0f}% of the bound")
     llm.shutdown()
-    del llm
+    del llm, runner  # the KV cache and graphs go before transformers loads its copy of the model
     if a.compare == "hf":
         from .bench_hf import run_hf
 

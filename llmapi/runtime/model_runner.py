@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import mmap
 import os
-import struct
 import time
 from typing import List
 
@@ -14,7 +11,6 @@ import numpy as np
 import torch
 
 from ..config import KvCacheConfig
-from ..errors import CorruptEngineError
 from ..models import get_model_class
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .sampler import sample
@@ -23,40 +19,10 @@ from .step_inputs import InputStager
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
-                       "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
-
-
-def mapped_safetensors(path: str) -> dict:
-    """A safetensors file's tensors as CPU views of one private memory map: no copy until they are used.
-
-    Copying views straight into the model's parameters reads the file once; the mapping is populated
-    up front, which on a file in the page cache is much faster than faulting it in page by page.
-    """
-    with open(path, "rb") as f:
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    try:
-        (header_len,) = struct.unpack("<Q", mapped[:8])
-        header = json.loads(mapped[8:8 + header_len])
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            elem = torch.empty((), dtype=dtype).element_size()
-            if end == begin:
-                tensors[name] = torch.empty(info["shape"], dtype=dtype)
-            else:
-                tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // elem,
-                                                 offset=8 + header_len + begin).view(info["shape"])
-        return tensors
-    except (struct.error, ValueError, KeyError, RuntimeError) as e:
-        raise CorruptEngineError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 class _Step:
@@ -100,7 +66,9 @@ class ModelRunner:
             # Drawn where they are used: an 8B model's weights take minutes to draw on a CPU.
             weights = model_cls.dummy_weights(engine_config, self.dtype, seed=0, device=device)
         else:
-            weights = mapped_safetensors(weights_path)
+            # Measured on an H100 machine: faster than copying from a memory map of the file (10.8 s vs 15.3 s for 8B).
+            from safetensors.torch import load_file
+            weights = load_file(weights_path, device=str(device))
         self.model.load_weights(weights)
         del weights
         if device.type == "cuda":
