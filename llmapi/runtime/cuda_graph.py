@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 # Batch sizes with a graph: a decode batch of R requests runs in the smallest one >= R.
 # Decode steps are bound by reading the weights: a few padded rows cost little, and fewer graphs capture faster.
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 class DecodeGraphs:

@@ -44,6 +44,17 @@ class _Step:
         self.host_ids, self.event = host_ids, event
 
 
+class StepStats:
+    """Where the runner's time goes: steps (captured or eager), host time in submit, waits in collect."""
+
+    def __init__(self):
+        self.steps = self.graph_steps = self.tokens = 0
+        self.submit_s = self.wait_s = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
 class ModelRunner:
     """The executor calls `submit(batch)` then `collect(handle)` from its loop thread.
 
@@ -61,7 +72,7 @@ class ModelRunner:
 
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
-                 max_batch_size: int = 512, cuda_graphs: bool = True,
+                 max_batch_size: int = 1024, cuda_graphs: bool = True,
                  mapping: Optional[Mapping] = None, comm=None):
         started = time.perf_counter()
         self.config = engine_config
@@ -86,6 +97,7 @@ class ModelRunner:
         self.state = RequestState(engine_config["vocab_size"], device)
         self.logits_processors: Dict[int, Callable] = {}
         self.records = LogitsRecords()
+        self.stats = StepStats()
         self.graphs = None
         if device.type == "cuda":
             self._ids_host = torch.empty(0, dtype=torch.int32, pin_memory=True)
@@ -128,6 +140,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def submit(self, batch):
+        started = time.perf_counter()
+        step = self._submit(batch)
+        stats = self.stats
+        stats.steps, stats.tokens = stats.steps + 1, stats.tokens + int(batch.num_tokens)
+        stats.submit_s += time.perf_counter() - started
+        return step
+
+    def _submit(self, batch):
         self._copy_blocks(np.asarray(batch.block_copies))
         if self._needs_decode(batch):
             inputs = self.stager.stage(batch)
@@ -138,6 +158,7 @@ class ModelRunner:
             self.records.record_generation(batch, logits)  # copies: decoding writes into logits
             return decode(logits, batch, self.state, self.logits_processors)
         size = self.graphs.size_for(batch) if self.graphs is not None else 0
+        self.stats.graph_steps += bool(size)
         if size:
             logits, greedy_ids = self.graphs.run(batch, size)  # [R, V] float32, [R]
             if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
@@ -164,7 +185,9 @@ class ModelRunner:
             host = {name: (t.to("cpu").numpy() if t is not None else None) for name, t in handle.items()}
             return StepOutput(**host)
         if handle.event is not None:
+            started = time.perf_counter()
             handle.event.synchronize()
+            self.stats.wait_s += time.perf_counter() - started
         return handle.host_ids.numpy().copy()
 
     # ---------------------------------------------------------------- the parts, for a rank's driver
