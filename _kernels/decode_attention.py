@@ -1,9 +1,8 @@
-"""Triton paged decode attention: one query token per request, GQA-aware, split-K over the context.
+"""Triton paged decode attention: one query token per request, GQA-aware, split-K over the context."""
 
-Reference: paged_attention_ref with every query length 1. Each program takes one (request, kv head,
-split): the GROUP query heads that share the kv head form the rows of one tile, so each K/V tile is
-read once per kv head. A second kernel merges the splits by their log-sum-exp.
-"""
+# Reference: paged_attention_ref with every query length 1. Each program takes one (request, kv head,
+# split): the GROUP query heads that share the kv head form the rows of one tile, so each K/V tile is
+# read once per kv head. A second kernel merges the splits by their log-sum-exp.
 
 import torch
 import triton

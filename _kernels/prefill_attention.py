@@ -1,10 +1,9 @@
-"""Triton packed attention over the paged KV cache, flash-style: prefill chunks and decodes in one launch.
+"""Triton packed attention over the paged KV cache, flash-style: prefill chunks and decodes in one launch."""
 
-Reference: paged_attention_ref. A program takes BLOCK_Q query tokens of one request and one kv head;
-its tile rows are (token, query head of the kv head's group) pairs, so K/V tiles are read once per
-kv head (GQA). Programs find their request by binary search over query_start_loc, so the grid is
-sized from the token and request counts alone, with no host sync.
-"""
+# Reference: paged_attention_ref. A program takes BLOCK_Q query tokens of one request and one kv head;
+# its tile rows are (token, query head of the kv head's group) pairs, so K/V tiles are read once per
+# kv head (GQA). Programs find their request by binary search over query_start_loc, so the grid is
+# sized from the token and request counts alone, with no host sync.
 
 import torch
 import triton

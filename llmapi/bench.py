@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelNotFoundError
-
 KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
 
 

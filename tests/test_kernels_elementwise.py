@@ -1,8 +1,7 @@
-"""Triton RMSNorm (+ residual), rotary and SiLU-and-mul kernels vs the layers' plain-torch paths.
+"""Triton RMSNorm (+ residual), rotary (+ KV write) and SiLU-and-mul kernels vs the layers' plain-torch paths."""
 
-Bounds are the attention tests' per-dtype ones: Triton's interpreter truncates float32 -> bfloat16
-(the GPU rounds to nearest), which costs up to one bfloat16 step per element there.
-"""
+# Bounds are the attention tests' per-dtype ones: Triton's interpreter truncates float32 -> bfloat16
+# (the GPU rounds to nearest), which costs up to one bfloat16 step per element there.
 
 import pytest
 import torch
