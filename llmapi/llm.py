@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import itertools
 import logging
 import secrets
@@ -102,7 +103,8 @@ class LLM:
             from .runtime.model_runner import ModelRunner
 
             runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
-                                               args.tokens_per_block, load_format=load_format)
+                                               args.tokens_per_block, load_format=load_format,
+                                               max_batch_size=args.max_batch_size)
         else:
             init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                         device_type=self.device.type, kv_cache_config=dataclasses.asdict(args.kv_cache_config),
@@ -365,6 +367,12 @@ class LLM:
             self._thread.join(timeout=10)
         for rid in list(self._live):
             self._finish(rid, "abort", None, None)
+        # Outputs keep a bound abort method, so this object may outlive shutdown: let go of the
+        # model and KV cache now, and hand their GPU memory back for the next LLM or other processes.
+        self._local = None
+        if getattr(self, "device", None) is not None and self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> "LLM":
         return self
