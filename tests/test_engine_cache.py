@@ -89,10 +89,6 @@ def test_weight_settings_are_in_the_key(tmp_path, llama_dir):
 
 def test_runtime_limits_do_not_rebuild(tmp_path, llama_dir):
     """LLM(...) with other max_batch_size / max_num_tokens / KV size reuses the engine."""
-    from llmapi import _core
-
-    if not hasattr(_core, "ExecutorConfig"):
-        pytest.skip("the C++ executor is not built")
     from llmapi import LLM, KvCacheConfig
 
     llm = LLM(str(llama_dir), cache_dir=str(tmp_path / "cache"), max_batch_size=4, max_num_tokens=64)

