@@ -32,7 +32,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _tiny_model_dir(tmp_path_factory, name, make):
-    from tiny_models import make_tiny_gpt2, make_tiny_llama  # noqa: F401  (tests/ is on sys.path)
     from tiny_tokenizer import save_tiny_tokenizer
 
     path = tmp_path_factory.mktemp(name)

@@ -2,8 +2,6 @@
 (repetition penalty, bad words, sequence bias, min-p) or the OpenAI formula (presence, frequency).
 Token histories go through the executor's batch (C++) and the runner's per-request state rows."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
