@@ -5,13 +5,14 @@ from .errors import (CorruptEngineError, EngineCacheError, ExecutorDeadError, Ex
                      LaunchError, LLMAPIError, ModelNotFoundError, RequestAbortedError, RequestError,
                      UnsupportedModelError, WorkerDiedError)
 from .llm import LLM
+from .quantization import QuantConfig
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "KvCacheConfig", "LlmArgs",
+    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "KvCacheConfig", "LlmArgs", "QuantConfig",
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
     "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
     "WorkerDiedError", "LaunchError",

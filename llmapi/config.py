@@ -108,6 +108,8 @@ class LlmArgs:
     """Verify every engine file's checksum on load, not only sizes and headers."""
     max_logprobs: int = 20
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
+    quant: Any = None
+    """Weight quantization: None, "int8_weight_only", "int4_weight_only", or a QuantConfig (see llmapi.quantization)."""
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and self.model != "", "model", self.model,
@@ -128,6 +130,11 @@ class LlmArgs:
         _check(self.embedding_sharding_dim in (0, 1) and _is_int(self.embedding_sharding_dim),
                "embedding_sharding_dim", self.embedding_sharding_dim, "must be 0 (vocabulary) or 1 (hidden size)")
         self.kv_cache_config = KvCacheConfig.coerce(self.kv_cache_config)
+        from .quantization.config import resolve_quant
+
+        self.quant = resolve_quant(self.quant)  # None or a QuantConfig; bad values raise ValueError naming quant
+        _check(self.quant is None or self.world_size == 1, "quant", self.quant,
+               "quantization with more than one rank is not supported yet")
 
     @property
     def world_size(self) -> int:

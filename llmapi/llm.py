@@ -133,7 +133,8 @@ class LLM:
                             revision=args.revision, token=args.hf_token,
                             device_type=self.device.type, cache_dir=args.cache_dir,
                             full_check=args.full_engine_check, mapping=mapping.to_dict(),
-                            embedding_sharding_dim=args.embedding_sharding_dim)
+                            embedding_sharding_dim=args.embedding_sharding_dim,
+                            quantization=None if args.quant is None else args.quant.to_dict())
         self.engine_info = info
         self.engine_built = info.built
         max_pos = info.config["max_position_embeddings"]

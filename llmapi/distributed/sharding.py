@@ -12,6 +12,8 @@ from llmapi.distributed.pipeline import apply_pipeline_stage
 from llmapi.distributed.tensor_parallel import apply_tensor_parallel
 from llmapi.models import get_model_class
 from llmapi.models.base import dummy_tensor
+from llmapi.quantization.config import QuantConfig
+from llmapi.quantization.weight_only import apply_weight_only, quantize_weights
 
 
 def build_rank_model(engine_config: dict, mapping: Mapping, device, dtype: torch.dtype, comm=None) -> nn.Module:
@@ -25,6 +27,7 @@ def build_rank_model(engine_config: dict, mapping: Mapping, device, dtype: torch
     model = get_model_class(cfg["architecture"])(cfg, device="meta", dtype=dtype)
     apply_pipeline_stage(model, cfg, mapping)
     apply_tensor_parallel(model, cfg, mapping, comm, dim)
+    apply_weight_only(model, QuantConfig.from_dict(cfg.get("quantization")))
     if str(device) != "meta":
         model.materialize(device, dtype)
     return model
@@ -68,7 +71,9 @@ def load_rank_model(model: nn.Module, engine_dir, rank: int, dummy: bool, engine
                     dtype: torch.dtype, device) -> None:
     """Fill `model` with rank `rank`'s weights: its engine file, or its shard of the dummy weights."""
     if dummy:
-        weights = shard_weights(model, DummyWeights(engine_config, dtype, seed=0, device=device))
+        full = DummyWeights(engine_config, dtype, seed=0, device=device)
+        quant = QuantConfig.from_dict(engine_config.get("quantization"))
+        weights = shard_weights(model, full if quant is None else quantize_weights(full, quant))
     else:
         from llmapi.engine.format import load_rank_weights
 

@@ -52,6 +52,7 @@ def build_engine(
     full_check: bool = False,
     mapping: dict | None = None,
     embedding_sharding_dim: int = 0,
+    quantization: dict | None = None,
 ) -> EngineInfo:
     """Resolve `model` (hub id, HF directory, .gguf file or saved engine) and return its engine, building it if needed.
 
@@ -61,6 +62,7 @@ def build_engine(
     (default: cuda when available), used only to resolve dtype="auto". full_check: verify every file's
     sha256 instead of the cheap size/header check. mapping: {world_size, tp_size, pp_size} (default one rank)
     and embedding_sharding_dim: how the engine is split into rank{r}.safetensors (a saved engine's must match).
+    quantization: a QuantConfig.to_dict() section (default unquantized; a saved engine's must match when given).
     Raises ModelNotFoundError, UnsupportedModelError, CorruptEngineError (a saved engine that fails its check).
     """
     from llmapi.engine.convert import check_architecture, checkpoint_dtype, resolve_dtype
@@ -88,9 +90,15 @@ def build_engine(
             raise ValueError(f"the saved engine {model!s} is split as {config.get('mapping')}, but "
                              f"tensor_parallel_size={wanted['tp_size']}, pipeline_parallel_size={wanted['pp_size']} "
                              "was asked; pass its sizes or rebuild it from the model")
+        if quantization is not None:
+            wanted_quant = BuildSettings(quantization=quantization).quantization
+            if config.get("quantization", BuildSettings().quantization) != wanted_quant:
+                raise ValueError(f"the saved engine {model!s} has quantization {config.get('quantization')}, but "
+                                 f"{wanted_quant} was asked; rebuild it from the model with that quant")
         return EngineInfo(path, config, build_config, built, source)
 
-    settings = BuildSettings(dtype=resolve_dtype(dtype, checkpoint_dtype(source), device_type), load_format=load_format,
+    settings = BuildSettings(quantization=quantization or BuildSettings().quantization,
+                             dtype=resolve_dtype(dtype, checkpoint_dtype(source), device_type), load_format=load_format,
                              mapping=mapping or BuildSettings().mapping, embedding_sharding_dim=embedding_sharding_dim)
     path, built = get_or_build(source, settings, full_check=full_check, cache_dir=cache_dir)
     config, build_config = read_engine(path)

@@ -14,6 +14,8 @@ from llmapi.distributed.mapping import check_mapping
 from llmapi.engine import format as fmt
 from llmapi.errors import ModelNotFoundError
 from llmapi.hub import ModelSource, weight_files
+from llmapi.quantization.config import QuantConfig
+from llmapi.quantization.weight_only import quantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,7 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
     else:
         try:
             engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
+            weights = quantize_weights(weights, QuantConfig.from_dict(settings.quantization))
         finally:
             if isinstance(state_dict, LazyStateDict):
                 state_dict.close()

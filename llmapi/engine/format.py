@@ -42,7 +42,7 @@ class BuildSettings:
     load_format: str = "auto"
     """"auto" reads the checkpoint's weights; "dummy" makes random weights from the config alone."""
     quantization: dict = field(default_factory=lambda: {"quant_algo": None, "kv_cache_quant_algo": None})
-    """TensorRT-LLM QuantAlgo names; only unquantized engines exist so far."""
+    """QuantConfig.to_dict() (TensorRT-LLM QuantAlgo names), or all None for an unquantized engine."""
     mapping: dict = field(default_factory=lambda: {"world_size": 1, "tp_size": 1, "pp_size": 1})
     """How the engine is split over ranks: {world_size, tp_size, pp_size}; one rank{r}.safetensors each."""
     embedding_sharding_dim: int = 0
@@ -58,6 +58,12 @@ class BuildSettings:
         mapping = Mapping.from_dict(self.mapping)  # validates the sizes
         if self.mapping != mapping.to_dict():
             raise ValueError(f"mapping={self.mapping!r} is invalid: expected {mapping.to_dict()}")
+        from llmapi.quantization.config import UNQUANTIZED, QuantConfig
+
+        quant = QuantConfig.from_dict(self.quantization)  # validates the section
+        object.__setattr__(self, "quantization", dict(UNQUANTIZED) if quant is None else quant.to_dict())
+        if quant is not None and mapping.world_size > 1:
+            raise ValueError(f"quantization={quant.to_dict()} with more than one rank is not supported yet")
         if self.embedding_sharding_dim not in (0, 1):
             raise ValueError(f"embedding_sharding_dim must be 0 or 1, got {self.embedding_sharding_dim!r}")
         if mapping.tp_size == 1:
