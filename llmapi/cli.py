@@ -16,6 +16,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quant", default=None, help="int8_weight_only or int4_weight_only (default: none)")
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def _generate(a: argparse.Namespace) -> int:
                             top_p=a.top_p, seed=a.seed, stop=a.stop or None,
                             ignore_eos=a.ignore_eos)
     with LLM(a.model, dtype=a.dtype, load_format=a.load_format, revision=a.revision,
-             device=a.device, max_seq_len=a.max_seq_len) as llm:
+             device=a.device, max_seq_len=a.max_seq_len, quant=a.quant) as llm:
         if a.chat:
             convs = [[{"role": "user", "content": p}] for p in a.prompt]
             outs = llm.chat(convs, params, use_tqdm=False)
@@ -45,10 +46,13 @@ def _build(a: argparse.Namespace) -> int:
     import torch
 
     from .engine import build_engine, save_engine
+    from .quantization.config import resolve_quant
 
     device_type = "cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu"
+    quant = resolve_quant(a.quant)
     info = build_engine(a.model, dtype=a.dtype, load_format=a.load_format, revision=a.revision,
-                        token=None, device_type=device_type)
+                        token=None, device_type=device_type,
+                        quantization=None if quant is None else quant.to_dict())
     print(f"engine {'built' if info.built else 'found in the cache'}: {info.path}")
     if a.output:
         save_engine(info.path, a.output)

@@ -218,3 +218,16 @@ def test_dummy_weights_generate_from_the_config_alone(tiny_llama_dir):
         a = dummy.generate("hello my name is", GREEDY).outputs[0].token_ids
         b = real.generate("hello my name is", GREEDY).outputs[0].token_ids
     assert len(a) > 0 and a != b
+
+
+def test_cli_build_with_quant_matches_llm(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "int8-engine"
+    assert cli_main(["build", "--model", str(tiny_llama_dir), "--device", "cpu", "--quant", "int8_weight_only",
+                     "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W8A16"
+    builds = cache.stats.builds
+    with LLM(str(tiny_llama_dir), quant="int8_weight_only") as llm:  # the engine the CLI built
+        assert not llm.engine_built and cache.stats.builds == builds
+    assert cli_main(["build", "--model", str(tiny_llama_dir), "--quant", "int3"]) == 2
+    assert "int3" in capsys.readouterr().err
