@@ -220,7 +220,13 @@ def test_dummy_weights_generate_from_the_config_alone(tiny_llama_dir):
     assert len(a) > 0 and a != b
 
 
-def test_cli_build_with_quant_matches_llm(tmp_path, tiny_llama_dir, capsys):
+def test_cli_build_with_quant_matches_llm(tmp_path, capsys):
+    from tiny_models import make_tiny_llama
+    from tiny_tokenizer import save_tiny_tokenizer
+
+    # A model of its own, so the engines built here stay out of other tests' cache expectations.
+    tiny_llama_dir = tmp_path / "model"
+    save_tiny_tokenizer(tiny_llama_dir, vocab_size=make_tiny_llama(tiny_llama_dir, seed=7).config.vocab_size)
     out = tmp_path / "int8-engine"
     assert cli_main(["build", "--model", str(tiny_llama_dir), "--device", "cpu", "--quant", "int8_weight_only",
                      "--output", str(out)]) == 0
