@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping as MappingABC
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,8 +75,9 @@ def load_rank_model(model: nn.Module, engine_dir, rank: int, dummy: bool, engine
         full = DummyWeights(engine_config, dtype, seed=0, device=device)
         quant = QuantConfig.from_dict(engine_config.get("quantization"))
         weights = shard_weights(model, full if quant is None else quantize_weights(full, quant))
-    else:
-        from llmapi.engine.format import load_rank_weights
+        model.load_weights(weights)
+        return
+    from llmapi.engine.format import rank_file
+    from llmapi.engine.loader import load_into
 
-        weights = load_rank_weights(engine_dir, rank, device)
-    model.load_weights(weights)
+    load_into(Path(engine_dir) / rank_file(rank), model.state_dict())

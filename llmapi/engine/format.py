@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from llmapi.engine.loader import read_header
 from llmapi.errors import CorruptEngineError, EngineCacheError
 
 FORMAT_VERSION = 1
@@ -26,12 +25,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja", "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Bytes per element of safetensors dtypes; a dtype missing here (e.g. packed 4-bit) skips the size check.
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
-_MAX_HEADER = 100 << 20  # safetensors' own limit
-
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -101,7 +94,7 @@ def save_rank_weights(engine_dir: Path, rank: int, weights: dict[str, torch.Tens
 
 
 def load_rank_weights(engine_dir: Path, rank: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read one rank's tensors onto `device`."""
+    """Read one rank's tensors onto `device` as a dict (a model loads its own with loader.load_into)."""
     from safetensors.torch import load_file
 
     return load_file(str(Path(engine_dir) / rank_file(rank)), device=str(device))
@@ -149,37 +142,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 def _check_safetensors(path: Path, size: int) -> None:
     """Header parses, and every tensor's byte range lies inside the file and matches its shape."""
-    def bad(why: str):
-        return CorruptEngineError(f"engine {path.parent}: {path.name} has a damaged safetensors header: {why}")
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise bad("file shorter than 8 bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise bad(f"header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise bad(f"not JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    data_size = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            shape, dtype = info["shape"], info["dtype"]
-        except (TypeError, KeyError, ValueError) as e:
-            raise bad(f"entry {name!r} lacks dtype/shape/data_offsets") from e
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
-            raise bad(f"tensor {name!r} byte range [{begin}, {end}) is outside the data section ({data_size} bytes)")
-        itemsize = _ST_ITEMSIZE.get(dtype)
-        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
-            need = math.prod(shape) * itemsize
-            raise bad(f"tensor {name!r} holds {end - begin} bytes, but {dtype}{shape} needs {need}")
+    read_header(path, size)
 
 
 def check_engine(engine_dir: str | os.PathLike, full: bool = False) -> dict:

@@ -1,0 +1,144 @@
+"""Stream a rank's safetensors file straight into a model's parameters: no intermediate copy of the weights.
+
+Reading the file into a dict of tensors first (safetensors.torch.load_file) and then copying each
+into its parameter costs a second pass over every byte and, on CUDA, a second copy of the weights in
+device memory. Here each tensor's bytes are read with readinto() into the parameter itself (CPU), or
+into one of two page-locked staging buffers whose asynchronous host-to-device copy overlaps the read
+of the next chunk (CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from llmapi.errors import CorruptEngineError
+
+# safetensors dtype names, as the format's specification lists them.
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+             "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+MAX_HEADER = 100 << 20  # safetensors' own limit
+CHUNK_BYTES = 64 << 20  # one staging buffer; two are used in turn
+
+
+def read_header(path: Path, size: int | None = None) -> tuple[dict, int]:
+    """(tensor entries by name, byte offset of the data section); CorruptEngineError if the header is damaged.
+
+    Every entry's byte range lies inside the data section and matches its dtype and shape.
+    """
+    path = Path(path)
+    size = path.stat().st_size if size is None else size
+
+    def bad(why: str):
+        return CorruptEngineError(f"engine {path.parent}: {path.name} has a damaged safetensors header: {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("file shorter than 8 bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise bad(f"header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            shape, dtype = info["shape"], info["dtype"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise bad(f"entry {name!r} lacks dtype/shape/data_offsets") from e
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+            raise bad(f"tensor {name!r} byte range [{begin}, {end}) is outside the data section ({data_size} bytes)")
+        if dtype not in ST_DTYPES:
+            raise bad(f"tensor {name!r} has dtype {dtype!r}, which this library does not read")
+        need = math.prod(shape) * ST_DTYPES[dtype].itemsize
+        if end - begin != need:
+            raise bad(f"tensor {name!r} holds {end - begin} bytes, but {dtype}{shape} needs {need}")
+    return header, 8 + n
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:  # any contiguous tensor -> [nbytes] uint8 over its storage
+    return t.reshape(-1).view(torch.uint8)
+
+
+class _Staging:
+    """Two page-locked buffers used in turn; a buffer is refilled only after its last copy has finished."""
+
+    def __init__(self, chunk: int):
+        self.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.events = [None, None]
+        self.turn = 0
+
+    def copy(self, f, dst: torch.Tensor) -> None:  # dst: [n] uint8 on the device, n <= chunk
+        i, self.turn = self.turn, 1 - self.turn
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        buf = self.buffers[i][:dst.numel()]
+        _read_exactly(f, buf)
+        dst.copy_(buf, non_blocking=True)
+        self.events[i] = torch.cuda.Event()
+        self.events[i].record()
+
+    def finish(self) -> None:
+        for event in self.events:
+            if event is not None:
+                event.synchronize()
+
+
+def _read_exactly(f, dst: torch.Tensor) -> None:  # dst: [n] uint8 on the CPU
+    view = memoryview(dst.numpy())
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise CorruptEngineError(f"{f.name} ended early: the file is shorter than its header says")
+        done += got
+
+
+def load_into(path: Path, params: Mapping[str, torch.Tensor], chunk: int = CHUNK_BYTES) -> None:
+    """Read every tensor of the safetensors file `path` into the tensor of the same name in `params`.
+
+    The names must match exactly and the shapes agree (CorruptEngineError otherwise, naming them). A tensor
+    stored in another dtype than its parameter's is converted, as Tensor.copy_ would.
+    """
+    path = Path(path)
+    header, data_start = read_header(path)
+    missing, unexpected = sorted(set(params) - set(header)), sorted(set(header) - set(params))
+    if missing or unexpected:
+        raise CorruptEngineError(f"engine weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    for name, info in header.items():
+        if tuple(info["shape"]) != tuple(params[name].shape):
+            raise CorruptEngineError(f"engine tensor {name!r} has shape {tuple(info['shape'])}, "
+                                     f"expected {tuple(params[name].shape)}")
+    devices = {p.device.type for p in params.values()}
+    staging = _Staging(chunk) if "cuda" in devices else None
+    with open(path, "rb", buffering=0) as f, torch.no_grad():
+        # In file order: one sequential pass over the file.
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            param, dtype = params[name], ST_DTYPES[info["dtype"]]
+            f.seek(data_start + info["data_offsets"][0])
+            direct = param.dtype == dtype and param.is_contiguous()
+            target = param if direct else torch.empty(param.shape, dtype=dtype, device=param.device)
+            dst = _byte_view(target)
+            if target.device.type == "cpu":
+                _read_exactly(f, dst)
+            else:
+                for begin in range(0, dst.numel(), chunk):
+                    staging.copy(f, dst[begin:begin + chunk])
+            if not direct:
+                param.copy_(target)
+    if staging is not None:
+        staging.finish()
