@@ -327,6 +327,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("seed", [](const Request& r) { return r.sampling.seed; })
       .def_property_readonly("num_sequences", [](const Request& r) { return r.sampling.num_sequences; })
       .def_property_readonly("beam_search", [](const Request& r) { return r.sampling.beam_search; })
+      .def_property_readonly("requested_logprobs", [](const Request& r) { return r.sampling.logprobs; })
       .def_readonly("user_id", &Request::user_id)
       .def_readonly("seq_index", &Request::seq_index)
       .def_readonly("slot", &Request::slot)

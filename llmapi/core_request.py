@@ -58,7 +58,7 @@ def check_params(params: SamplingParams, *, vocab_size: int, max_logprobs: int, 
 # the in-process runner keeps. Refused by name rather than silently ignored.
 _SINGLE_RANK_ONLY = (
     ("n", lambda p: p.n != 1), ("best_of", lambda p: p.num_sequences != p.n),
-    ("use_beam_search", lambda p: p.use_beam_search), ("logprobs", lambda p: p.logprobs is not None),
+    ("use_beam_search", lambda p: p.use_beam_search),
     ("prompt_logprobs", lambda p: p.prompt_logprobs is not None),
     ("return_context_logits", lambda p: p.return_context_logits),
     ("return_generation_logits", lambda p: p.return_generation_logits),

@@ -74,6 +74,31 @@ def test_two_ranks_greedy_equal_one_rank(model, tp, pp, tiny_llama_dir, tiny_gpt
     assert not any(_running(p) for p in pids)  # shutdown() leaves no process
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_two_ranks_logprobs_equal_one_rank(tp, pp, tiny_llama_dir):
+    """Logprobs (the sampled token's, its rank, the top 3) cross from the sampling rank to rank 0; rows that
+    asked for none share the step (PP=2 cuts it into micro-batches with and without logprobs)."""
+    prompts = _prompts(tiny_llama_dir, seed=5)[:6]
+    params = [SamplingParams(max_tokens=8, temperature=0, logprobs=3 if i % 3 else None) for i in range(6)]
+    params[4] = SamplingParams(max_tokens=8, temperature=0, logprobs=0)
+
+    def run(**kw):
+        with LLM(str(tiny_llama_dir), **kw) as llm:
+            return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    want, got = run(), run(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    for w, g, p in zip(want, got, params):
+        assert g.token_ids == w.token_ids
+        if p.logprobs is None:
+            assert g.logprobs is None or g.logprobs == []
+            continue
+        assert len(g.logprobs) == len(w.logprobs) == len(w.token_ids)
+        for wd, gd in zip(w.logprobs, g.logprobs):
+            assert list(gd) == list(wd)  # the same token ids (chosen first, then the top), in order
+            for token in wd:
+                assert gd[token].rank == wd[token].rank
+                assert gd[token].logprob == pytest.approx(wd[token].logprob, abs=1e-4)
+
+
 def test_tp2_streaming_async_abort_and_hidden_split_embedding(tiny_gpt2_dir):
     """The API of one rank at two: streaming, awaiting, abort, stats; GPT-2's tied embedding split by hidden size."""
     prompts = _prompts(tiny_gpt2_dir, seed=3)[:4]

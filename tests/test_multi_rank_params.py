@@ -8,7 +8,7 @@ from llmapi.core_request import check_multi_rank
 
 @pytest.mark.parametrize("kwargs, name", [
     ({"n": 2, "seed": 1}, "n"), ({"best_of": 3}, "best_of"), ({"use_beam_search": True, "best_of": 2}, "use_beam_search"),
-    ({"logprobs": 1}, "logprobs"), ({"prompt_logprobs": 0}, "prompt_logprobs"),
+    ({"prompt_logprobs": 0}, "prompt_logprobs"),
     ({"return_context_logits": True}, "return_context_logits"),
     ({"return_generation_logits": True}, "return_generation_logits"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 0.5}, "frequency_penalty"),
@@ -23,4 +23,4 @@ def test_single_rank_settings_are_refused_by_name(kwargs, name):
 
 def test_plain_sampling_passes():
     check_multi_rank(SamplingParams(max_tokens=8, temperature=0.7, top_k=5, top_p=0.9, seed=3, stop="x",
-                                    stop_token_ids=[4], min_tokens=2))
+                                    stop_token_ids=[4], min_tokens=2, logprobs=3))

@@ -49,4 +49,5 @@ def request_fields(request) -> dict:
     fields = {name: getattr(request, name) for name in REQUEST_FIELDS}
     for name in ("prompt_token_ids", "eos_token_ids", "stop_token_ids"):
         fields[name] = list(fields[name])
+    fields["logprobs"] = request.requested_logprobs
     return fields

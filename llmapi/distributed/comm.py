@@ -19,7 +19,7 @@ _BATCH_FIELDS = (
     ("query_lens", np.int32, "R"), ("context_lens", np.int32, "R"), ("block_tables", np.int32, "RB"),
     ("do_sample", np.int8, "R"), ("temperature", np.float32, "R"), ("top_k", np.int32, "R"),
     ("top_p", np.float32, "R"), ("seeds", np.int64, "R"), ("output_index", np.int32, "R"),
-    ("suppress_offsets", np.int32, "R+1"), ("suppress_ids", np.int32, "S"),
+    ("suppress_offsets", np.int32, "R+1"), ("suppress_ids", np.int32, "S"), ("logprobs", np.int32, "R"),
 )
 
 
@@ -108,3 +108,35 @@ class ControlChannel:
         body = torch.empty(size, dtype=torch.uint8)
         dist.broadcast(body, 0, group=self.group)
         return method, body.numpy().tobytes()
+
+
+def sampled_width(top: int) -> int:
+    """Int32 columns per row of a step's answer: the token alone, or with logprobs and `top` top logprobs."""
+    return 1 if top < 0 else 3 + 2 * top
+
+
+def pack_sampled(tokens: torch.Tensor, logprobs: dict | None, top: int) -> torch.Tensor:  # -> [R, W] int32
+    """A step's sampled tokens [R] and (top >= 0) their logprob outputs (see decode.logprob_outputs) as one
+    int32 tensor: [token | rank | logprob | top_ids L | top_logprobs L], floats bit-cast."""
+    if top < 0:
+        return tokens.to(torch.int32)[:, None]
+    as_int = (lambda t: t.float().contiguous().view(torch.int32))
+    cols = [tokens.to(torch.int32)[:, None], logprobs["ranks"], as_int(logprobs["logprobs"])]
+    if top > 0:
+        cols += [logprobs["top_ids"], as_int(logprobs["top_logprobs"])]
+    return torch.cat(cols, dim=1)
+
+
+def unpack_sampled(packed: np.ndarray, top: int):
+    """pack_sampled's [R, W] array -> the tokens [R], or a StepOutput when the step wanted logprobs."""
+    from llmapi.runtime.decode import StepOutput
+
+    if top < 0:
+        return np.ascontiguousarray(packed[:, 0])
+    as_float = (lambda a: np.ascontiguousarray(a).view(np.float32))
+    out = StepOutput(tokens=np.ascontiguousarray(packed[:, :1]), ranks=np.ascontiguousarray(packed[:, 1:2]),
+                     logprobs=as_float(packed[:, 2:3]))
+    if top > 0:
+        out.top_ids = np.ascontiguousarray(packed[:, 3:3 + top])
+        out.top_logprobs = as_float(packed[:, 3 + top:])
+    return out

@@ -11,7 +11,7 @@ from llmapi.distributed.mapping import Mapping
 
 # Batch arrays indexed by request ([R]) and by token ([T]); see _core.Batch.
 REQUEST_FIELDS = ("query_lens", "context_lens", "do_sample", "temperature", "top_k", "top_p", "seeds",
-                  "output_index")
+                  "output_index", "logprobs")
 TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping")
 
 

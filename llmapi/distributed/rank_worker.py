@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 
 from llmapi.config import KvCacheConfig
-from llmapi.distributed.comm import EXIT, INIT, RELEASE, STEP, ControlChannel, GroupComm, decode_batch
+from llmapi.distributed.comm import (EXIT, INIT, RELEASE, STEP, ControlChannel, GroupComm, decode_batch,
+                                     pack_sampled, sampled_width, unpack_sampled)
 from llmapi.distributed.mapping import Mapping
 from llmapi.distributed.pipeline import micro_batches, slice_batch
 from llmapi.distributed.session import Session
+from llmapi.runtime.decode import logprob_outputs
 from llmapi.runtime.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,8 @@ class StepHandle:
     """Rank 0's view of a step in flight: its micro-batches' request ranges and, when it samples, their tokens."""
 
     ranges: list
-    tokens: list = field(default_factory=list)  # [R_mb] device tensors, when this rank samples
+    top: int = -1  # the step's top logprobs per row; -1: nobody asked for logprobs
+    tokens: list = field(default_factory=list)  # [R_mb, W] device tensors (pack_sampled), when this rank samples
 
 
 class RankWorker:
@@ -62,7 +65,7 @@ class RankWorker:
         """Run this rank's part of a step. Stages overlap: a stage sends micro-batch i on while it runs i + 1."""
         m, runner = self.mapping, self.runner
         ranges = micro_batches(np.asarray(batch.query_lens), m.pp_size)
-        handle = StepHandle(ranges)
+        handle = StepHandle(ranges, top=int(np.asarray(batch.logprobs).max(initial=-1)))
         for start, stop in ranges:
             mb = batch if len(ranges) == 1 else slice_batch(batch, start, stop)
             inputs = runner.prepare(mb)
@@ -76,23 +79,36 @@ class RankWorker:
                 continue
             logits = runner.logits(inputs, hidden)  # every TP rank: the head all-gathers
             if self.session.rank == m.sampler_rank:
-                tokens = runner.sample(inputs, logits).to(torch.int32)  # [R_mb]
+                packed = self._sample(runner, inputs, logits, np.asarray(mb.logprobs), handle.top)  # [R_mb, W]
                 if self.session.rank == 0:
-                    handle.tokens.append(tokens)
+                    handle.tokens.append(packed)
                 else:
-                    self._isend(tokens.cpu(), 0, group=self.session.tokens)
+                    self._isend(packed.cpu(), 0, group=self.session.tokens)
         return handle
 
+    @staticmethod
+    def _sample(runner, inputs, logits: torch.Tensor, want: np.ndarray, top: int) -> torch.Tensor:
+        """The sampled tokens, with the logprob outputs of the rows that asked (from the raw logits, taken
+        before sampling processes them), packed for rank 0."""
+        lp_rows = np.nonzero(want >= 0)[0]
+        raw = logits[torch.as_tensor(lp_rows, device=logits.device)].log_softmax(dim=-1) if len(lp_rows) else None
+        tokens = runner.sample(inputs, logits)  # [R_mb]
+        outputs = None
+        if top >= 0:
+            outputs = (logprob_outputs(raw, lp_rows, want, tokens[:, None], top=top) if raw is not None else
+                       _no_logprobs(len(want), top, logits.device))
+        return pack_sampled(tokens, outputs, top)
+
     def finish(self, handle: StepHandle) -> np.ndarray:
-        """Rank 0: the step's sampled tokens [R], from itself or from the last stage."""
+        """Rank 0: the step's sampled tokens [R] (or a StepOutput with logprobs), from itself or the last stage."""
         if self.session.rank == self.mapping.sampler_rank:
-            return torch.cat(handle.tokens).cpu().numpy()
+            return unpack_sampled(torch.cat(handle.tokens).cpu().numpy(), handle.top)
         parts = []
         for start, stop in handle.ranges:
-            tokens = torch.empty(stop - start, dtype=torch.int32)
-            dist.recv(tokens, self.mapping.sampler_rank, group=self.session.tokens)
-            parts.append(tokens)
-        return torch.cat(parts).numpy()
+            packed = torch.empty(stop - start, sampled_width(handle.top), dtype=torch.int32)
+            dist.recv(packed, self.mapping.sampler_rank, group=self.session.tokens)
+            parts.append(packed)
+        return unpack_sampled(torch.cat(parts).numpy(), handle.top)
 
     def release(self) -> None:
         """Wait for the sends in flight, then drop the model and cache."""
@@ -103,6 +119,16 @@ class RankWorker:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _no_logprobs(num_rows: int, top: int, device) -> dict:
+    """logprob_outputs' answer for a micro-batch none of whose rows asked (another micro-batch's did)."""
+    out = {"logprobs": torch.full((num_rows, 1), float("nan"), device=device),
+           "ranks": torch.zeros(num_rows, 1, dtype=torch.int32, device=device)}
+    if top > 0:
+        out["top_ids"] = torch.full((num_rows, top), -1, dtype=torch.int32, device=device)
+        out["top_logprobs"] = torch.zeros(num_rows, top, device=device)
+    return out
 
 
 def serve(session: Session) -> None:

@@ -130,17 +130,32 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
 
     out = {"tokens": tokens.to(torch.int32), "scores": scores}
     if raw_logprobs is not None:
-        idx = _t(lp_rows, dev, torch.long)
-        candidates = tokens[idx]  # [r, K]
-        chosen = raw_logprobs.gather(1, candidates.clamp(min=0))  # [r, K]
-        ranks = (raw_logprobs.unsqueeze(1) > chosen.unsqueeze(2)).sum(dim=-1) + 1  # [r, K]
-        out["logprobs"] = torch.full((num_rows, width), float("nan"), device=dev).index_copy_(0, idx, chosen)
-        out["ranks"] = torch.zeros(num_rows, width, dtype=torch.int32, device=dev).index_copy_(
-            0, idx, ranks.to(torch.int32))
-        top = int(want_logprobs[lp_rows].max())
-        if top > 0:
-            values, ids = raw_logprobs.topk(min(top, vocab), dim=-1)  # [r, L]
-            out["top_ids"] = torch.full((num_rows, values.shape[1]), -1, dtype=torch.int32,
-                                        device=dev).index_copy_(0, idx, ids.to(torch.int32))
-            out["top_logprobs"] = torch.zeros(num_rows, values.shape[1], device=dev).index_copy_(0, idx, values)
+        out.update(logprob_outputs(raw_logprobs, lp_rows, want_logprobs, tokens))
+    return out
+
+
+def logprob_outputs(raw_logprobs: torch.Tensor, lp_rows: np.ndarray, want_logprobs: np.ndarray,
+                    tokens: torch.Tensor, top: Optional[int] = None) -> dict:
+    """StepOutput's logprobs, ranks, top_ids and top_logprobs for the rows `lp_rows` that asked.
+
+    raw_logprobs [r, V]: those rows' log_softmax of the unprocessed logits; tokens [R, K]: every row's
+    candidates (-1 pads); want_logprobs [R]: each row's number of top logprobs (-1: none). `top` fixes
+    the top width L (default: the most any row asked). Rows that did not ask get NaN, rank 0, id -1.
+    """
+    dev = raw_logprobs.device
+    num_rows, width = tokens.shape
+    vocab = raw_logprobs.shape[1]
+    idx = _t(lp_rows, dev, torch.long)
+    candidates = tokens[idx]  # [r, K]
+    chosen = raw_logprobs.gather(1, candidates.clamp(min=0).long())  # [r, K]
+    ranks = (raw_logprobs.unsqueeze(1) > chosen.unsqueeze(2)).sum(dim=-1) + 1  # [r, K]
+    out = {"logprobs": torch.full((num_rows, width), float("nan"), device=dev).index_copy_(0, idx, chosen),
+           "ranks": torch.zeros(num_rows, width, dtype=torch.int32, device=dev).index_copy_(
+               0, idx, ranks.to(torch.int32))}
+    top = int(want_logprobs[lp_rows].max()) if top is None else top
+    if top > 0:
+        values, ids = raw_logprobs.topk(min(top, vocab), dim=-1)  # [r, L]
+        out["top_ids"] = torch.full((num_rows, values.shape[1]), -1, dtype=torch.int32,
+                                    device=dev).index_copy_(0, idx, ids.to(torch.int32))
+        out["top_logprobs"] = torch.zeros(num_rows, values.shape[1], device=dev).index_copy_(0, idx, values)
     return out
