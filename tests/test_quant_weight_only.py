@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import PagedDriver
 
-from _kernels.weight_only import (dequantize_ref, pack_int4, quantize_weight_ref, unpack_int4,
+from llmapi._kernels.weight_only import (dequantize_ref, pack_int4, quantize_weight_ref, unpack_int4,
                                   weight_only_linear_ref)
 from llmapi import LLM, QuantConfig, SamplingParams
 from llmapi.distributed.mapping import Mapping
