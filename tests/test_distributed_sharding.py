@@ -186,13 +186,14 @@ def test_slice_batch_keeps_each_request_whole():
     batch = SimpleNamespace(
         query_lens=np.array([2, 1, 3]), context_lens=np.array([2, 5, 3]), do_sample=np.array([1, 1, 1]),
         temperature=np.zeros(3), top_k=np.zeros(3), top_p=np.ones(3), seeds=np.arange(3), output_index=np.zeros(3),
-        input_ids=np.arange(6), positions=np.array([0, 1, 4, 0, 1, 2]), slot_mapping=np.arange(6),
+        logprobs=np.array([-1, 3, 0]), input_ids=np.arange(6), positions=np.array([0, 1, 4, 0, 1, 2]), slot_mapping=np.arange(6),
         suppress_offsets=np.array([0, 1, 1, 3]), suppress_ids=np.array([7, 8, 9]),
         block_tables=np.array([[0, 0], [1, 2], [3, 0]]))
     mb = slice_batch(batch, 1, 3)
     assert mb.input_ids.tolist() == [2, 3, 4, 5] and mb.positions.tolist() == [4, 0, 1, 2]
     assert mb.suppress_offsets.tolist() == [0, 0, 2] and mb.suppress_ids.tolist() == [8, 9]
     assert mb.block_tables.tolist() == [[1, 2], [3, 0]] and mb.num_tokens == 4 and mb.num_requests == 2
+    assert mb.logprobs.tolist() == [3, 0]
 
 
 def test_engine_has_one_file_per_rank_and_a_saved_engine_keeps_its_split(tiny_llama_dir, tmp_path):

@@ -73,6 +73,12 @@ class HFTensors:
             raise UnsupportedModelError(f"checkpoint has {len(unknown)} tensors this converter does not know: {shown}")
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding built under the meta device without its random init: on meta, normal_ goes through
+    torch's reference ops, whose first use imports seconds of modules (the weights are loaded anyway)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class CausalLM(nn.Module):
     """Base of the model classes: parameters named as the engine's tensors, so loading is a strict copy."""
 
@@ -85,7 +91,8 @@ class CausalLM(nn.Module):
         """
         self.to(dtype=dtype)  # still meta: free
         self.to_empty(device=device)
-        self.init_buffers(device)
+        if torch.device(device).type != "meta":  # computing on meta imports torch._dynamo: seconds
+            self.init_buffers(device)
 
     def init_buffers(self, device) -> None:
         """Build the buffers computed from the config (not loaded), e.g. rotary frequencies."""

@@ -9,7 +9,7 @@ from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
 from llmapi.layers.attention import Attention, AttentionMetadata
 from llmapi.layers.norm import LayerNorm
-from llmapi.models.base import CausalLM, HFTensors, dtype_name, require_positive, token_id_list
+from llmapi.models.base import CausalLM, HFTensors, dtype_name, embedding, require_positive, token_id_list
 
 
 class GPT2Attention(nn.Module):
@@ -64,8 +64,8 @@ class GPT2Transformer(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        self.vocab_embedding = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.position_embedding = nn.Embedding(cfg["max_position_embeddings"], cfg["hidden_size"])
+        self.vocab_embedding = embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.position_embedding = embedding(cfg["max_position_embeddings"], cfg["hidden_size"])
         self.layers = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg["num_hidden_layers"]))
         self.ln_f = LayerNorm(cfg["hidden_size"], cfg["norm_epsilon"])
 

@@ -10,7 +10,7 @@ from llmapi.layers.activation import act_and_mul, get_activation
 from llmapi.layers.attention import Attention, AttentionMetadata
 from llmapi.layers.norm import RMSNorm
 from llmapi.layers.rotary import RotaryEmbedding, rope_inv_freq
-from llmapi.models.base import CausalLM, HFTensors, dtype_name, require_positive, token_id_list
+from llmapi.models.base import CausalLM, HFTensors, dtype_name, embedding, require_positive, token_id_list
 
 
 class LlamaAttention(nn.Module):
@@ -75,7 +75,7 @@ class LlamaTransformer(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        self.vocab_embedding = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.vocab_embedding = embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
         self.ln_f = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
 
