@@ -10,10 +10,11 @@ from safetensors.torch import save_file
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import save_tiny_tokenizer
 
-from _kernels.weight_only import dequantize_ref
+from _kernels.weight_only import dequantize_ref, quantize_weight_ref
 from llmapi import LLM, QuantConfig, SamplingParams
 from llmapi.errors import UnsupportedModelError
 from llmapi.quantization.gptq import unpack_gptq
+from llmapi.quantization.weight_only import quantize_weights
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -121,6 +122,18 @@ def test_gptq_checkpoint_loads_exactly(tmp_path, bits, group):
         prompts = [[5, 9, 17, 33, 4], [3, 60, 61, 100, 7, 250, 12]]
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == _reference_greedy(hf, prompts, 12)
+    with LLM(str(tmp_path / "gptq"), device="cpu") as again:  # the detected quantization is in the cache key
+        assert not again.engine_built and again.engine_info.path == llm.engine_info.path
+
+
+def test_dummy_gptq_weights_are_symmetric_rtn():
+    """A dummy-weight GPTQ engine (benchmarks) rounds the float weights symmetrically, with zero points 0."""
+    w = {"transformer.layers.0.mlp.proj.weight": torch.randn(48, 128, generator=torch.Generator().manual_seed(0))}
+    out = quantize_weights(w, QuantConfig("W4A16_GPTQ", group_size=32))
+    q, scale = quantize_weight_ref(w["transformer.layers.0.mlp.proj.weight"], 4, 32)
+    assert torch.equal(out["transformer.layers.0.mlp.proj.weight"], q)
+    assert torch.equal(out["transformer.layers.0.mlp.proj.weights_scaling_factor"], scale)
+    assert torch.equal(out["transformer.layers.0.mlp.proj.weights_zero_point"], torch.zeros(48, 4))
 
 
 def _break(key_suffix, fn):
