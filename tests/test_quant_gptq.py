@@ -191,3 +191,13 @@ def test_quant_mismatch_errors(tmp_path, tiny_llama_dir):
     with pytest.raises(ValueError, match="detected from the checkpoint"):
         LLM(str(tiny_llama_dir), device="cpu", quant="gptq")
     shutil.rmtree(tmp_path / "gptq")
+
+
+def test_gptq_gpt2_is_refused(tmp_path, tiny_gpt2_dir):
+    path = tmp_path / "gpt2"
+    shutil.copytree(tiny_gpt2_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="GPTQ checkpoints of GPT2LMHeadModel"):
+        LLM(str(path), device="cpu")

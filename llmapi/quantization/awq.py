@@ -71,8 +71,10 @@ def awq_quantize(weight: torch.Tensor, samples: torch.Tensor | None, group_size:
     else:
         device = "cuda" if torch.cuda.is_available() else weight.device
         s = awq_search(weight.to(device), samples.to(device), group_size).scales.to(weight.device)
+    prequant = (1.0 / s).to(weight.dtype)  # [K]
+    s = 1.0 / prequant.float()  # the scales the engine will apply, rounded to its dtype, so W * s matches them
     q, scale = quantize_weight_ref((weight.float() * s).to(weight.dtype), 4, group_size)
-    return q, scale, (1.0 / s).to(weight.dtype)
+    return q, scale, prequant
 
 
 def calibration_input_samples(engine_config: dict, weights: Mapping[str, torch.Tensor],
