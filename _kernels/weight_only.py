@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 GEMM references: symmetric quantize, dequantize, and dequantize-then-matmul."""
+"""Weight-only int8/int4 GEMM references: symmetric quantize, dequantize (optional zero points), dequantize-then-matmul."""
 
 from __future__ import annotations
 
@@ -49,17 +49,29 @@ def quantize_weight_ref(weight: torch.Tensor, bits: int, group_size: int | None 
 
 
 def dequantize_ref(qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:  # -> [N, K]
-    """The float weight [N, K] that (qweight, scale) stand for, in `dtype` (default: the scale's)."""
+                   dtype: torch.dtype | None = None, zero_point: torch.Tensor | None = None) -> torch.Tensor:  # -> [N, K]
+    """The float weight [N, K] that (qweight, scale[, zero_point]) stand for, in `dtype` (default: the scale's).
+
+    w = (q - zero_point) * scale, with zero_point (shaped as scale, integer values in a float dtype) in the
+    same signed code domain as q; without zero points w = q * scale (symmetric).
+    """
     q = unpack_int4(qweight) if bits == 4 else qweight  # [N, K] int8
     n, k = q.shape
     _check(bits, group_size, k)
     groups = q.float().reshape(n, -1, group_size or k)  # [N, G, g]
+    if zero_point is not None:
+        groups = groups - zero_point.float().reshape(n, -1, 1)  # integers: exact in float32
     w = groups * scale.float().reshape(n, -1, 1)  # [N, G, g]
     return w.reshape(n, k).to(dtype or scale.dtype)
 
 
 def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                           bits: int, group_size: int | None = None) -> torch.Tensor:  # [T, K] -> [T, N]
-    """x @ dequantize(qweight, scale).T + bias, in x's dtype."""
-    return F.linear(x, dequantize_ref(qweight, scale, bits, group_size, x.dtype), bias)
+                           bits: int, group_size: int | None = None, zero_point: torch.Tensor | None = None,
+                           prequant_scale: torch.Tensor | None = None) -> torch.Tensor:  # [T, K] -> [T, N]
+    """(x * prequant_scale) @ dequantize(qweight, scale, zero_point).T + bias, in x's dtype.
+
+    prequant_scale [K] is AWQ's per-input-channel 1/s: the weight was quantized as W * s.
+    """
+    if prequant_scale is not None:
+        x = x * prequant_scale.to(x.dtype)
+    return F.linear(x, dequantize_ref(qweight, scale, bits, group_size, x.dtype, zero_point), bias)

@@ -129,7 +129,7 @@ def test_quantized_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
 def test_quant_errors():
     with pytest.raises(ValueError, match="unknown.*int8_weight_only"):
         LLM("unused", quant="int3_magic")
-    for planned in ("fp8", "int4_awq", "smoothquant"):
+    for planned in ("fp8", "smoothquant"):
         with pytest.raises(ValueError, match="not supported yet"):
             LLM("unused", quant=planned)
     with pytest.raises(ValueError, match="group_size"):

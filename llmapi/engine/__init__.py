@@ -62,10 +62,11 @@ def build_engine(
     (default: cuda when available), used only to resolve dtype="auto". full_check: verify every file's
     sha256 instead of the cheap size/header check. mapping: {world_size, tp_size, pp_size} (default one rank)
     and embedding_sharding_dim: how the engine is split into rank{r}.safetensors (a saved engine's must match).
-    quantization: a QuantConfig.to_dict() section (default unquantized; a saved engine's must match when given).
+    quantization: a QuantConfig.to_dict() section (default unquantized, or a GPTQ checkpoint's own; a saved
+    engine's must match when given).
     Raises ModelNotFoundError, UnsupportedModelError, CorruptEngineError (a saved engine that fails its check).
     """
-    from llmapi.engine.convert import check_architecture, checkpoint_dtype, resolve_dtype
+    from llmapi.engine.convert import check_architecture, checkpoint_dtype, checkpoint_quantization, resolve_dtype
 
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
@@ -97,6 +98,7 @@ def build_engine(
                                  f"{wanted_quant} was asked; rebuild it from the model with that quant")
         return EngineInfo(path, config, build_config, built, source)
 
+    quantization = checkpoint_quantization(source, quantization, load_format)  # a GPTQ checkpoint sets its own
     settings = BuildSettings(quantization=quantization or BuildSettings().quantization,
                              dtype=resolve_dtype(dtype, checkpoint_dtype(source), device_type), load_format=load_format,
                              mapping=mapping or BuildSettings().mapping, embedding_sharding_dim=embedding_sharding_dim)

@@ -50,6 +50,27 @@ def checkpoint_dtype(source: ModelSource) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
+def checkpoint_quantization(source: ModelSource, requested: dict | None, load_format: str) -> dict | None:
+    """The quantization section to build: a GPTQ checkpoint's own (detected from its quantization_config; any
+    other quantized layout is refused), else the `requested` one. W*_GPTQ on a float checkpoint is refused
+    unless its weights are dummy (a benchmark of the quantized shapes)."""
+    from llmapi.quantization.config import GPTQ_ALGOS
+    from llmapi.quantization.gptq import gptq_quant_config
+
+    found = gptq_quant_config(_read_hf_config(source.path)) if source.kind == "hf_dir" else None
+    wanted = QuantConfig.from_dict(requested)
+    if found is not None:
+        if wanted is not None and wanted != found:
+            raise ValueError(f"quant={wanted.to_dict()} was asked, but {source.name or source.path} is a GPTQ "
+                             f"checkpoint ({found.to_dict()}): load it with quant=None")
+        return found.to_dict()
+    if wanted is not None and wanted.quant_algo in GPTQ_ALGOS and load_format != "dummy":
+        raise ValueError(f"quant_algo={wanted.quant_algo!r} needs a GPTQ checkpoint (config.json "
+                         "quantization_config with quant_method 'gptq'); quantize a float model with "
+                         "'int4_weight_only' or 'int4_awq'")
+    return requested
+
+
 def family(hf_config: dict) -> str:
     """The engine architecture of an HF config; UnsupportedModelError names an unsupported one."""
     from llmapi import models
@@ -181,12 +202,23 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
 
     engine_arch = family(hf_config)
     weights = None
+    quant = QuantConfig.from_dict(settings.quantization)
     if dummy:
         engine_config = models.config_from_hf(hf_config, dtype)
     else:
         try:
-            engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
-            weights = quantize_weights(weights, QuantConfig.from_dict(settings.quantization))
+            if quant is not None and quant.has_zero_point:  # GPTQ: the checkpoint's own integer weights
+                from llmapi.quantization.gptq import convert_gptq
+
+                engine_config, weights = convert_gptq(hf_config, state_dict, dtype, quant)
+            else:
+                engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
+                samples = None
+                if quant is not None and quant.pre_quant_scale:  # AWQ searches its scales on calibration text
+                    from llmapi.quantization.awq import calibration_input_samples
+
+                    samples = calibration_input_samples(engine_config, weights, out_dir)
+                weights = quantize_weights(weights, quant, samples)
         finally:
             if isinstance(state_dict, LazyStateDict):
                 state_dict.close()

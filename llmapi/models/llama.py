@@ -177,34 +177,46 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     }
 
 
-def _stacked(hf: HFTensors, parts: list[tuple[str, int]], kind: str, in_features: int) -> torch.Tensor:
+def _stacked(hf: HFTensors, parts: list[tuple[str, int]], in_features: int, kind: str) -> torch.Tensor:
     """Rows of several HF linears (name, out_features) stacked in order: one fused engine linear."""
     tensors = [hf.take(f"{name}.{kind}", (rows,) if kind == "bias" else (rows, in_features)) for name, rows in parts]
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears stacked into it: (name without "model.", out rows), in_features)."""
+    hidden, inter, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q_size, kv_size = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    out = {}
+    for i in range(cfg["num_hidden_layers"]):
+        src, dst = f"layers.{i}.", f"transformer.layers.{i}."
+        out[dst + "attention.qkv"] = ([(src + "self_attn.q_proj", q_size), (src + "self_attn.k_proj", kv_size),
+                                       (src + "self_attn.v_proj", kv_size)], hidden)
+        out[dst + "attention.dense"] = ([(src + "self_attn.o_proj", hidden)], q_size)
+        out[dst + "mlp.gate_up"] = ([(src + "mlp.gate_proj", inter), (src + "mlp.up_proj", inter)], hidden)
+        out[dst + "mlp.proj"] = ([(src + "mlp.down_proj", hidden)], inter)
+    return out
+
+
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
     """HF Llama checkpoint -> (engine config, engine weights): q/k/v fused into qkv, gate/up into gate_up."""
     cfg = config_from_hf(hf_config, dtype)
-    hidden, inter, vocab, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    q_size, kv_size = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
     attn_kinds = ("weight", "bias") if cfg["attention_bias"] else ("weight",)
     mlp_kinds = ("weight", "bias") if cfg["mlp_bias"] else ("weight",)
+    linears = fused_linears(cfg)
     hf = HFTensors(state_dict, "model.", dtype, ignore=[r"rotary_emb\.inv_freq$"])
     w = {"transformer.vocab_embedding.weight": hf.take("embed_tokens.weight", (vocab, hidden))}
     for i in range(cfg["num_hidden_layers"]):
         src, dst = f"layers.{i}.", f"transformer.layers.{i}."
         w[dst + "input_layernorm.weight"] = hf.take(src + "input_layernorm.weight", (hidden,))
-        qkv = [(src + "self_attn.q_proj", q_size), (src + "self_attn.k_proj", kv_size),
-               (src + "self_attn.v_proj", kv_size)]
-        gate_up = [(src + "mlp.gate_proj", inter), (src + "mlp.up_proj", inter)]
         for kind in attn_kinds:
-            w[dst + "attention.qkv." + kind] = _stacked(hf, qkv, kind, hidden)
-            w[dst + "attention.dense." + kind] = _stacked(hf, [(src + "self_attn.o_proj", hidden)], kind, q_size)
+            for name in ("attention.qkv", "attention.dense"):
+                w[dst + name + "." + kind] = _stacked(hf, *linears[dst + name], kind)
         w[dst + "post_layernorm.weight"] = hf.take(src + "post_attention_layernorm.weight", (hidden,))
         for kind in mlp_kinds:
-            w[dst + "mlp.gate_up." + kind] = _stacked(hf, gate_up, kind, hidden)
-            w[dst + "mlp.proj." + kind] = _stacked(hf, [(src + "mlp.down_proj", hidden)], kind, inter)
+            for name in ("mlp.gate_up", "mlp.proj"):
+                w[dst + name + "." + kind] = _stacked(hf, *linears[dst + name], kind)
     w["transformer.ln_f.weight"] = hf.take("norm.weight", (hidden,))
     if not cfg["tie_word_embeddings"]:
         w["lm_head.weight"] = hf.take("lm_head.weight", (vocab, hidden))
@@ -216,3 +228,4 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
 
 LlamaForCausalLM.convert_hf = staticmethod(convert_hf)
 LlamaForCausalLM.config_from_hf = staticmethod(config_from_hf)
+LlamaForCausalLM.fused_linears = staticmethod(fused_linears)

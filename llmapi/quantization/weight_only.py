@@ -1,4 +1,10 @@
-"""Weight-only quantization applied from outside: quantize the engine's linear weights, swap in WeightOnlyLinear."""
+"""Weight-only quantization applied from outside: quantize the engine's linear weights, swap in WeightOnlyLinear.
+
+Per quantized linear the engine holds `weight` (int8 [N, K], or int4 packed two per byte [N, K/2]),
+`weights_scaling_factor` ([N] or [N, K/group]), for GPTQ `weights_zero_point` (shaped as the scale, integer
+values in the model dtype, in the signed code domain: w = (q - zero_point) * scale), and for AWQ
+`prequant_scaling_factor` ([K], multiplied into the activation: y = (x * prequant) @ dequant(W).T).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ _LINEARS = (("attention", "qkv"), ("attention", "dense"), ("mlp", "gate_up"), ("
 
 
 class WeightOnlyLinear(nn.Module):
-    """A linear with int8 (or packed int4) weights and float scales; CPU forward: dequantize, then matmul."""
+    """A linear with int8 (or packed int4) weights, float scales, optional zero points (GPTQ) and per-input-channel
+    activation scales (AWQ); CPU forward: dequantize, then matmul."""
 
     def __init__(self, linear: nn.Linear, quant: QuantConfig):
         super().__init__()
@@ -31,11 +38,18 @@ class WeightOnlyLinear(nn.Module):
         scale_shape = (n,) if quant.group_size is None else (n, k // quant.group_size)
         self.weights_scaling_factor = nn.Parameter(torch.empty(scale_shape, dtype=w.dtype, device=w.device),
                                                    requires_grad=False)
+        self.weights_zero_point = self.prequant_scaling_factor = None
+        if quant.has_zero_point:
+            self.weights_zero_point = nn.Parameter(torch.empty(scale_shape, dtype=w.dtype, device=w.device),
+                                                   requires_grad=False)
+        if quant.pre_quant_scale:
+            self.prequant_scaling_factor = nn.Parameter(torch.empty(k, dtype=w.dtype, device=w.device),
+                                                        requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias,
-                                      self.bits, self.group_size)
+        return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
+                                      self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
 
 
 def apply_weight_only(model: nn.Module, quant: QuantConfig | None) -> None:
@@ -54,8 +68,14 @@ def is_quantized_linear_weight(name: str) -> bool:
     return _LINEAR_WEIGHT.match(name) is not None
 
 
-def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | None) -> dict[str, torch.Tensor]:
-    """Engine weights with every linear's `weight` quantized and its `weights_scaling_factor` added."""
+def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | None,
+                     input_samples: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Engine weights with every linear's `weight` quantized and its `weights_scaling_factor` added.
+
+    AWQ searches each linear's scales on `input_samples` (linear name -> [S, K] calibration inputs); without
+    samples (dummy weights) its activation scales are 1, i.e. plain round-to-nearest. GPTQ weights come
+    quantized from their checkpoint; here (dummy weights only) they are rounded symmetrically, zero points 0.
+    """
     if quant is None:
         return dict(weights)
     out = {}
@@ -67,7 +87,16 @@ def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | N
         if quant.group_size is not None and tensor.shape[1] % quant.group_size:
             raise ValueError(f"group_size={quant.group_size} does not divide the {tensor.shape[1]} input "
                              f"features of {name}")
-        q, scale = quantize_weight_ref(tensor, quant.bits, quant.group_size)
+        base = name.removesuffix("weight")
+        if quant.pre_quant_scale:
+            from llmapi.quantization.awq import awq_quantize
+
+            samples = None if input_samples is None else input_samples[base.removesuffix(".")]
+            q, scale, out[base + "prequant_scaling_factor"] = awq_quantize(tensor, samples, quant.group_size)
+        else:
+            q, scale = quantize_weight_ref(tensor, quant.bits, quant.group_size)
         out[name] = q
-        out[name.removesuffix("weight") + "weights_scaling_factor"] = scale
+        out[base + "weights_scaling_factor"] = scale
+        if quant.has_zero_point:
+            out[base + "weights_zero_point"] = torch.zeros_like(scale)
     return out
