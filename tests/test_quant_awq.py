@@ -5,7 +5,7 @@ import torch
 from test_quant_weight_only import _engine_logits
 from tiny_models import PagedDriver, make_tiny_llama
 
-from _kernels.weight_only import dequantize_ref, quantize_weight_ref
+from llmapi._kernels.weight_only import dequantize_ref, quantize_weight_ref
 from llmapi import LLM, QuantConfig
 from llmapi.distributed.mapping import Mapping
 from llmapi.distributed.sharding import build_rank_model

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import save_tiny_tokenizer
 
-from _kernels.weight_only import dequantize_ref, quantize_weight_ref
+from llmapi._kernels.weight_only import dequantize_ref, quantize_weight_ref
 from llmapi import LLM, QuantConfig, SamplingParams
 from llmapi.errors import UnsupportedModelError
 from llmapi.quantization.gptq import unpack_gptq

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from _kernels.weight_only import dequantize_ref, quantize_weight_ref
+from llmapi._kernels.weight_only import dequantize_ref, quantize_weight_ref
 
 ALPHA_GRID = 20
 """Exponents a = 0, 1/20, ..., 19/20 are tried."""

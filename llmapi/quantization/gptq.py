@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from _kernels.weight_only import pack_int4
+from llmapi._kernels.weight_only import pack_int4
 from llmapi.errors import UnsupportedModelError
 from llmapi.quantization.config import QuantConfig
 
