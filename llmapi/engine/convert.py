@@ -15,7 +15,6 @@ from llmapi.engine import format as fmt
 from llmapi.errors import ModelNotFoundError
 from llmapi.hub import ModelSource, weight_files
 from llmapi.quantization.config import QuantConfig
-from llmapi.quantization.weight_only import quantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +132,17 @@ def save_sharded(out_dir: Path, engine_config: dict, mapping: RankMapping, weigh
         fmt.save_rank_weights(out_dir, rank, shard_weights(model, weights))
 
 
+def _quantize(engine_config: dict, weights: dict, quant: QuantConfig | None, tokenizer_dir: Path) -> dict:
+    """The engine weights quantized as `quant` asks, calibrating the float model first when the mode needs it."""
+    from llmapi.quantization.apply import calibrate, quantize_engine_weights
+
+    stats = None
+    if quant is not None and quant.needs_calibration:
+        logger.info("calibrating %s on %d texts", quant.quant_algo, quant.calibration_samples)
+        stats = calibrate(engine_config, weights, tokenizer_dir, quant)
+    return quantize_engine_weights(weights, quant, stats)
+
+
 def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:
     """Write a complete engine for `source` into the (empty) `out_dir`; returns its config.
 
@@ -186,7 +196,7 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
     else:
         try:
             engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
-            weights = quantize_weights(weights, QuantConfig.from_dict(settings.quantization))
+            weights = _quantize(engine_config, weights, QuantConfig.from_dict(settings.quantization), out_dir)
         finally:
             if isinstance(state_dict, LazyStateDict):
                 state_dict.close()
