@@ -46,7 +46,8 @@ def test_dataset_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="num_samples"):
         calibration_texts(["a"], num_samples=0)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gensim" else real_find_spec(name, *a))
     with pytest.raises(MissingDependencyError, match="gensim.*llmapi\\[quant\\]"):
         calibration_texts()
     assert calibration_texts(["still fine"]) == ["still fine"]  # a given dataset needs no gensim

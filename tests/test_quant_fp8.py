@@ -1,11 +1,11 @@
-"""FP8 W8A8 (E4M3): scales, the emulated and _scaled_mm linears against a dequantized reference, device checks, end to end."""
+"""FP8 W8A8 (E4M3): scales, emulated and _scaled_mm linears against dequantized references, device check, end to end."""
 
 import importlib.util
 
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import engine_logits, make_tiny_llama
+from tiny_models import engine_logits, make_tiny_llama, to_engine_model
 from tiny_tokenizer import make_tiny_tokenizer
 
 from _kernels.fp8_linear import (FP8_DTYPE, dequantize_fp8, fp8_linear_ref, fp8_linear_scaled_mm, fp8_scale,
@@ -114,9 +114,7 @@ def test_scaled_mm_on_gpu_equals_reference(mode, tokens, dtype):
 
 
 def test_module_keeps_storage_dtypes_when_the_model_is_cast():
-    model = make_tiny_llama(num_hidden_layers=1)
-    from tiny_models import to_engine_model
-    engine, cfg = to_engine_model(model)
+    engine, _ = to_engine_model(make_tiny_llama(num_hidden_layers=1))
     engine.to("meta")
     apply_quantization(engine, QuantConfig("FP8"))
     engine.materialize("cpu", torch.bfloat16)  # casts every floating tensor but the quantized linear's own
@@ -128,9 +126,9 @@ def test_module_keeps_storage_dtypes_when_the_model_is_cast():
 
 def test_fp8_on_old_gpu_is_a_typed_error(monkeypatch, tiny_llama_dir):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    for mode in ("fp8", "fp8_per_token"):
+    for algo in MODES.values():
         with pytest.raises(UnsupportedDeviceError, match=r"compute capability >= 8\.9.*has compute capability 8\.0"):
-            check_quant_device(QuantConfig(MODES["per_token" if "token" in mode else "static"]), "cuda")
+            check_quant_device(QuantConfig(algo), "cuda")
     check_quant_device(QuantConfig("W8A8_SQ_PER_CHANNEL"), "cuda")  # int8 runs there
     check_quant_device(QuantConfig("FP8"), "cpu")  # emulated
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

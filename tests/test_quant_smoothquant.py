@@ -1,4 +1,4 @@
-"""SmoothQuant INT8 W8A8: smoothing factors, exact folding, the int8 linears against int32-exact references, end to end."""
+"""SmoothQuant INT8 W8A8: smoothing factors, exact folding, int8 linears against int32-exact references, end to end."""
 
 import importlib.util
 

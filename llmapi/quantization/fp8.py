@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _kernels.fp8_linear import (FP8_DTYPE, FP8_MIN_CAPABILITY, fp8_linear, fp8_scale, quantize_fp8_weight)
+from llmapi._kernels.fp8_linear import FP8_DTYPE, FP8_MIN_CAPABILITY, fp8_linear, fp8_scale, quantize_fp8_weight
 from llmapi.errors import UnsupportedDeviceError
 from llmapi.quantization.config import FP8_ALGOS, QuantConfig
 from llmapi.quantization.linear import QuantizedLinear

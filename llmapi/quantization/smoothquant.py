@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from _kernels.int8_linear import int8_linear, int8_scale, quantize_int8_weight
+from llmapi._kernels.int8_linear import int8_linear, int8_scale, quantize_int8_weight
 from llmapi.quantization.config import SMOOTHQUANT_ALGOS, QuantConfig
 from llmapi.quantization.linear import QuantizedLinear
 

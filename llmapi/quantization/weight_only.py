@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from _kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
+from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
 from llmapi.quantization.config import QuantConfig
 
 # The families' shared linear names (see tensor_parallel.apply_tensor_parallel); embeddings, head, norms stay float.
