@@ -109,8 +109,9 @@ class LlmArgs:
     max_logprobs: int = 20
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
     quant: Any = None
-    """Weight quantization: None, "int8_weight_only", "int4_weight_only", "int4_awq", or a QuantConfig (see
-    llmapi.quantization); a GPTQ checkpoint is detected and loaded as such with None."""
+    """Quantization: None, a short string ("int8_weight_only", "int4_weight_only", "int4_awq", "fp8",
+    "fp8_per_token", "smoothquant") or a QuantConfig (see llmapi.quantization); a GPTQ checkpoint is detected
+    and loaded as such with None."""
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and self.model != "", "model", self.model,

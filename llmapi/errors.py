@@ -15,6 +15,14 @@ class UnsupportedModelError(LLMAPIError, ValueError):
     """The model's architecture or layout is not one llmapi can convert."""
 
 
+class MissingDependencyError(LLMAPIError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+
+class UnsupportedDeviceError(LLMAPIError, RuntimeError):
+    """The device cannot run what was asked (e.g. FP8 below compute capability 8.9); the message says why."""
+
+
 class EngineCacheError(LLMAPIError):
     """The engine cache cannot be read or written."""
 

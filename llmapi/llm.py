@@ -126,9 +126,11 @@ class LLM:
 
     def _build_engine(self, mapping):
         from .engine import build_engine
+        from .quantization.apply import check_quant_device
 
         args = self.args
         self.device = _resolve_device(args.device)
+        check_quant_device(args.quant, self.device)  # fail before a conversion the device could not run
         info = build_engine(args.model, dtype=args.dtype, load_format=args.load_format,
                             revision=args.revision, token=args.hf_token,
                             device_type=self.device.type, cache_dir=args.cache_dir,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_quant_weight_only import _engine_logits
+from tiny_models import engine_logits
 from tiny_models import PagedDriver, make_tiny_llama
 
 from llmapi._kernels.weight_only import dequantize_ref, quantize_weight_ref
@@ -108,7 +108,10 @@ def test_awq_quant_config():
     assert resolve_quant("int4_awq") == QuantConfig("W4A16_AWQ", group_size=128)
     assert QuantConfig("W4A16_AWQ").group_size == 128  # AWQ is group-wise: None means the default 128
     section = QuantConfig("W4A16_AWQ", group_size=64).to_dict()
-    assert section == {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 64}
+    # The calibration settings change AWQ's weights, so they are part of the section and the cache key.
+    assert section == {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 64,
+                       "calibration_dataset": None, "calibration_samples": 64, "calibration_max_seq_len": 512,
+                       "calibration_dataset_sha256": None}
     assert QuantConfig.from_dict(section) == QuantConfig("W4A16_AWQ", group_size=64)
     with pytest.raises(ValueError, match="group_size=32"):
         QuantConfig("W4A16_AWQ", group_size=32)
@@ -119,7 +122,6 @@ def test_awq_quant_config():
 
 def test_awq_end_to_end(tiny_llama_dir):
     """LLM(quant=AWQ) calibrates on the default texts with the calibration module, then matches the float model."""
-    pytest.importorskip("llmapi.quantization.calibration", reason="the calibration module is not merged yet")
     quant = QuantConfig("W4A16_AWQ", group_size=64)  # the tiny model has 64 hidden features: 128 cannot tile them
     ref = LLM(str(tiny_llama_dir), device="cpu")
     llm = LLM(str(tiny_llama_dir), device="cpu", quant=quant)
@@ -131,6 +133,6 @@ def test_awq_end_to_end(tiny_llama_dir):
     for x in (ref, llm):
         x.shutdown()
     prompts = [[5, 9, 17, 33, 4, 100, 7, 250], [3, 60, 61]]
-    fp = _engine_logits(ref.engine_info.path, prompts)
-    qz = _engine_logits(llm.engine_info.path, prompts)
+    fp = engine_logits(ref.engine_info.path, prompts)
+    qz = engine_logits(llm.engine_info.path, prompts)
     assert float((qz - fp).norm() / fp.norm()) < 0.45

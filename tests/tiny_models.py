@@ -105,3 +105,16 @@ class PagedDriver:
             hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [T, H]
             logits = self.model.compute_logits(hidden).cpu()  # [T, V]
         return dict(zip(chunks, logits.split(query_lens)))
+
+
+def engine_logits(engine_dir, prompts, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Logits [sum L, V] of an engine directory's model (quantized or not) over `prompts`, one prefill step."""
+    from llmapi.distributed.mapping import Mapping
+    from llmapi.distributed.sharding import build_rank_model, load_rank_model
+    from llmapi.engine import read_engine
+
+    cfg, _ = read_engine(engine_dir)
+    model = build_rank_model(cfg, Mapping(1, 1), device, dtype)
+    load_rank_model(model, engine_dir, 0, False, cfg, dtype, device)
+    out = PagedDriver(model.eval(), cfg, dtype=dtype, device=device).step(dict(enumerate(prompts)))
+    return torch.cat([out[i] for i in range(len(prompts))])

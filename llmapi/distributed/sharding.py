@@ -14,7 +14,7 @@ from llmapi.distributed.tensor_parallel import apply_tensor_parallel
 from llmapi.models import get_model_class
 from llmapi.models.base import dummy_tensor
 from llmapi.quantization.config import QuantConfig
-from llmapi.quantization.weight_only import apply_weight_only, quantize_weights
+from llmapi.quantization.apply import apply_quantization, check_quant_device, quantize_engine_weights
 
 
 def build_rank_model(engine_config: dict, mapping: Mapping, device, dtype: torch.dtype, comm=None) -> nn.Module:
@@ -28,7 +28,9 @@ def build_rank_model(engine_config: dict, mapping: Mapping, device, dtype: torch
     model = get_model_class(cfg["architecture"])(cfg, device="meta", dtype=dtype)
     apply_pipeline_stage(model, cfg, mapping)
     apply_tensor_parallel(model, cfg, mapping, comm, dim)
-    apply_weight_only(model, QuantConfig.from_dict(cfg.get("quantization")))
+    quant = QuantConfig.from_dict(cfg.get("quantization"))
+    check_quant_device(quant, device)
+    apply_quantization(model, quant)
     if str(device) != "meta":
         model.materialize(device, dtype)
     return model
@@ -74,7 +76,7 @@ def load_rank_model(model: nn.Module, engine_dir, rank: int, dummy: bool, engine
     if dummy:
         full = DummyWeights(engine_config, dtype, seed=0, device=device)
         quant = QuantConfig.from_dict(engine_config.get("quantization"))
-        weights = shard_weights(model, full if quant is None else quantize_weights(full, quant))
+        weights = shard_weights(model, full if quant is None else quantize_engine_weights(full, quant))
         model.load_weights(weights)
         return
     from llmapi.engine.format import rank_file

@@ -15,7 +15,6 @@ from llmapi.engine import format as fmt
 from llmapi.errors import ModelNotFoundError
 from llmapi.hub import ModelSource, weight_files
 from llmapi.quantization.config import QuantConfig
-from llmapi.quantization.weight_only import quantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +153,19 @@ def save_sharded(out_dir: Path, engine_config: dict, mapping: RankMapping, weigh
         fmt.save_rank_weights(out_dir, rank, shard_weights(model, weights))
 
 
+def _quantize(engine_config: dict, weights: dict, quant: QuantConfig | None, tokenizer_dir: Path) -> dict:
+    """The engine weights quantized as `quant` asks, calibrating the float model first when the mode needs it."""
+    from llmapi.quantization.apply import calibrate, quantize_engine_weights
+
+    stats = None
+    if quant is not None and quant.needs_calibration:
+        logger.info("calibrating %s on %d texts", quant.quant_algo, quant.calibration_samples)
+        # AWQ searches its scales on the linears' inputs themselves, the other modes need their ranges only.
+        samples = 512 if quant.pre_quant_scale else 0
+        stats = calibrate(engine_config, weights, tokenizer_dir, quant, keep_samples=samples)
+    return quantize_engine_weights(weights, quant, stats)
+
+
 def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:
     """Write a complete engine for `source` into the (empty) `out_dir`; returns its config.
 
@@ -213,12 +225,7 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
                 engine_config, weights = convert_gptq(hf_config, state_dict, dtype, quant)
             else:
                 engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
-                samples = None
-                if quant is not None and quant.pre_quant_scale:  # AWQ searches its scales on calibration text
-                    from llmapi.quantization.awq import calibration_input_samples
-
-                    samples = calibration_input_samples(engine_config, weights, out_dir)
-                weights = quantize_weights(weights, quant, samples)
+                weights = _quantize(engine_config, weights, quant, out_dir)
         finally:
             if isinstance(state_dict, LazyStateDict):
                 state_dict.close()

@@ -10,8 +10,6 @@ stores 1/s as `prequant_scaling_factor` [K] beside the int4 weight and its `weig
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -75,13 +73,3 @@ def awq_quantize(weight: torch.Tensor, samples: torch.Tensor | None, group_size:
     s = 1.0 / prequant.float()  # the scales the engine will apply, rounded to its dtype, so W * s matches them
     q, scale = quantize_weight_ref((weight.float() * s).to(weight.dtype), 4, group_size)
     return q, scale, prequant
-
-
-def calibration_input_samples(engine_config: dict, weights: Mapping[str, torch.Tensor],
-                              tokenizer_dir: Path) -> dict[str, torch.Tensor]:
-    """Each engine linear's calibration inputs [S, K], from the float engine model run over the default texts."""
-    from llmapi.quantization.calibration import calibration_texts, collect_activation_stats
-    from llmapi.tokenizer import load_tokenizer
-
-    stats = collect_activation_stats(engine_config, weights, load_tokenizer(tokenizer_dir), calibration_texts())
-    return stats.input_samples

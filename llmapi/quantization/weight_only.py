@@ -19,7 +19,6 @@ from llmapi.quantization.config import QuantConfig
 
 # The families' shared linear names (see tensor_parallel.apply_tensor_parallel); embeddings, head, norms stay float.
 _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)|mlp\.(gate_up|fc|proj))\.weight$")
-_LINEARS = (("attention", "qkv"), ("attention", "dense"), ("mlp", "gate_up"), ("mlp", "fc"), ("mlp", "proj"))
 
 
 class WeightOnlyLinear(nn.Module):
@@ -50,18 +49,6 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
                                       self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
-
-
-def apply_weight_only(model: nn.Module, quant: QuantConfig | None) -> None:
-    """Swap every decoder layer's qkv, dense, gate_up/fc and proj for a WeightOnlyLinear (model on meta)."""
-    if quant is None:
-        return
-    for layer in model.transformer.layers:
-        for block_name, linear_name in _LINEARS:
-            block = getattr(layer, block_name)
-            linear = getattr(block, linear_name, None)
-            if linear is not None:
-                setattr(block, linear_name, WeightOnlyLinear(linear, quant))
 
 
 def is_quantized_linear_weight(name: str) -> bool:

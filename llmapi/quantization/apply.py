@@ -1,0 +1,91 @@
+"""Quantization applied from outside, one dispatch for every mode: calibrate, quantize weights, swap linears."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from llmapi.quantization.calibration import ActivationStats, calibration_texts, collect_activation_stats
+from llmapi.quantization.config import FP8_ALGOS, SMOOTHQUANT_ALGOS, WEIGHT_ONLY_BITS, QuantConfig
+from llmapi.quantization.fp8 import Fp8Linear, check_fp8_device, quantize_fp8_linear
+from llmapi.quantization.smoothquant import (SmoothQuantLinear, has_prequant, quantize_smoothquant_linear,
+                                             smooth_weights)
+from llmapi.quantization.weight_only import WeightOnlyLinear, is_quantized_linear_weight, quantize_weights
+
+# The families' shared linear names (see tensor_parallel.apply_tensor_parallel); embeddings, head, norms stay float.
+LINEARS = (("attention", "qkv"), ("attention", "dense"), ("mlp", "gate_up"), ("mlp", "fc"), ("mlp", "proj"))
+
+
+def _quantized_linear(linear: nn.Linear, quant: QuantConfig, name: str) -> nn.Module:
+    """The quantized module that replaces `linear` (name: "attention.qkv", "mlp.proj", ...)."""
+    algo = quant.quant_algo
+    if algo in WEIGHT_ONLY_BITS:
+        return WeightOnlyLinear(linear, quant)
+    if algo in FP8_ALGOS:
+        return Fp8Linear(linear, quant)
+    assert algo in SMOOTHQUANT_ALGOS, algo  # QuantConfig admits no other value
+    return SmoothQuantLinear(linear, quant, prequant=has_prequant(name))
+
+
+def apply_quantization(model: nn.Module, quant: QuantConfig | None) -> None:
+    """Swap every decoder layer's qkv, dense, gate_up/fc and proj for the mode's quantized linear (model on meta)."""
+    if quant is None:
+        return
+    for layer in model.transformer.layers:
+        for block_name, linear_name in LINEARS:
+            block = getattr(layer, block_name)
+            linear = getattr(block, linear_name, None)
+            if linear is not None:
+                setattr(block, linear_name, _quantized_linear(linear, quant, f"{block_name}.{linear_name}"))
+
+
+def check_quant_device(quant: QuantConfig | None, device) -> None:
+    """A typed error (UnsupportedDeviceError) when `device` cannot run the mode, before anything is built."""
+    check_fp8_device(quant, device)
+
+
+def calibrate(engine_config: dict, weights: Mapping[str, torch.Tensor], tokenizer_dir, quant: QuantConfig,
+              keep_samples: int = 0) -> ActivationStats:
+    """Run the float engine model over the QuantConfig's calibration texts (on CUDA when there is one)."""
+    from llmapi.tokenizer import load_tokenizer
+
+    texts = calibration_texts(quant.calibration_dataset, quant.calibration_samples)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return collect_activation_stats(engine_config, weights, load_tokenizer(tokenizer_dir), texts,
+                                    max_seq_len=quant.calibration_max_seq_len, keep_samples=keep_samples,
+                                    device=device)
+
+
+def quantize_engine_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | None,
+                            stats: ActivationStats | None = None) -> dict[str, torch.Tensor]:
+    """Engine weights with every linear quantized and its scales added, named as the swapped modules' parameters.
+
+    stats: calibration of the float model (needed by FP8, SmoothQuant and AWQ). None (dummy weights for benchmarks)
+    means no smoothing and unit activation ranges: right shapes and dtypes, meaningless activation scales.
+    """
+    if quant is None:
+        return dict(weights)
+    algo = quant.quant_algo
+    if algo in WEIGHT_ONLY_BITS:
+        return quantize_weights(weights, quant, None if stats is None else stats.input_samples)
+    amax: Mapping[str, torch.Tensor] = {} if stats is None else stats.input_amax
+    if algo in SMOOTHQUANT_ALGOS and amax:
+        weights, amax = smooth_weights(weights, amax, quant.smoothquant_alpha)
+    out = {}
+    for name in list(weights):
+        tensor = weights[name]
+        if not is_quantized_linear_weight(name):
+            out[name] = tensor
+            continue
+        linear = name.removesuffix(".weight")  # transformer.layers.{i}.attention.qkv
+        assert stats is None or linear in amax, f"calibration saw no input of {linear}"
+        if algo in FP8_ALGOS:
+            parts = quantize_fp8_linear(tensor, amax.get(linear), quant)
+        else:
+            parts = quantize_smoothquant_linear(tensor, amax.get(linear), quant)
+            if has_prequant(linear.split(".", 3)[3]) and f"{linear}.prequant_scaling_factor" not in weights:
+                parts["prequant_scaling_factor"] = torch.ones(tensor.shape[1], device=tensor.device)
+        out.update({f"{linear}.{key}": value for key, value in parts.items()})
+    return out

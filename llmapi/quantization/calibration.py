@@ -1,0 +1,196 @@
+"""Calibration: run the float engine model over text and record the activation ranges quantization needs."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmapi.errors import MissingDependencyError
+
+DEFAULT_DATASET = "gensim/test/test_data/lee_background.cor"
+"""The default calibration text (300 news articles, one per line), shipped inside gensim's wheel: no network."""
+LINEAR_NAMES = ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.fc", "mlp.proj")
+"""The engine linears that get quantized, under transformer.layers.{i}."""
+_TOKENS_PER_STEP = 4096  # texts are packed into forward passes of about this many tokens
+
+
+@dataclass
+class ActivationStats:
+    """What calibration saw at the input of each quantized linear and in each layer's K/V."""
+
+    input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    """"transformer.layers.{i}.attention.qkv" -> [K] float32 per-input-channel max |x| over calibration tokens."""
+    input_samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Same keys -> [S, K] float32: the same random subset of S <= keep_samples token rows for every linear."""
+    kv_amax: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Layer -> (max |k| after rotary, max |v|) over calibration tokens."""
+    num_tokens: int = 0
+    """Calibration tokens the statistics cover."""
+
+
+def _gensim_file(relative: str) -> Path:
+    """A file of gensim's wheel, found through its package directory (no import of gensim itself: it is slow)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "the default calibration text comes from the gensim package, which is not installed: "
+            "pip install 'llmapi[quant]' (or gensim), or pass a calibration dataset")
+    path = Path(next(iter(spec.submodule_search_locations))).parent / relative
+    if not path.is_file():
+        raise MissingDependencyError(f"the installed gensim lacks {relative}: reinstall gensim from its wheel")
+    return path
+
+
+def calibration_texts(dataset: str | os.PathLike | Sequence[str] | None = None, num_samples: int = 64,
+                      seed: int = 0) -> list[str]:
+    """Up to `num_samples` non-empty calibration texts, drawn at random (by `seed`) without repetition.
+
+    dataset: None (gensim's lee_background.cor), a path to a text file (one sample per line), or a list of strings.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} is invalid: must be an int >= 1")
+    if dataset is None:
+        lines = _gensim_file(DEFAULT_DATASET).read_text(encoding="utf-8", errors="replace").splitlines()
+    elif isinstance(dataset, (str, os.PathLike)):
+        path = Path(dataset)
+        if not path.is_file():
+            raise ValueError(f"calibration dataset={os.fspath(dataset)!r} is not a file (one sample per line)")
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    elif isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
+        lines = list(dataset)
+    else:
+        raise ValueError(f"calibration dataset={dataset!r} is invalid: must be None, a path or a list of strings")
+    texts = [t.strip() for t in lines if t.strip()]
+    if not texts:
+        raise ValueError(f"calibration dataset={dataset!r} holds no non-empty text")
+    if len(texts) <= num_samples:
+        return texts
+    return [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), num_samples))]
+
+
+class _Recorder:
+    """Running per-channel amax and a uniform random subset of rows (the rows with the smallest random keys)."""
+
+    def __init__(self, keep_samples: int):
+        self.keep = keep_samples
+        self.keys: torch.Tensor | None = None  # [T] float32: this forward pass's random key of each token
+        self.amax: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (keys [S], rows [S, K])
+        self.kv_amax: dict[int, list[float]] = {}
+
+    def linear_input(self, name: str, x: torch.Tensor) -> None:  # x: [T, K]
+        x = x.detach().float()
+        amax = x.abs().amax(dim=0)  # [K]
+        self.amax[name] = amax if name not in self.amax else torch.maximum(self.amax[name], amax)
+        if self.keep == 0:
+            return
+        keys, rows = self.keys.to(x.device), x
+        if name in self.samples:
+            old_keys, old_rows = self.samples[name]
+            keys, rows = torch.cat([old_keys, keys]), torch.cat([old_rows, rows])
+        if keys.numel() > self.keep:
+            # Same keys for every linear: each keeps the same token rows.
+            chosen = torch.topk(keys, self.keep, largest=False).indices.sort().values
+            keys, rows = keys[chosen], rows[chosen]
+        self.samples[name] = (keys, rows)
+
+    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        old = self.kv_amax.get(layer, [0.0, 0.0])
+        self.kv_amax[layer] = [max(old[0], float(k.detach().abs().amax())), max(old[1], float(v.detach().abs().amax()))]
+
+
+def _attention_hook(recorder: _Recorder, layer: int):
+    """A forward pre-hook on a layer's Attention: records |k| after rotary (as the cache stores it) and |v|."""
+    from llmapi.layers.rotary import rotate_qk
+
+    def hook(module, args, kwargs):
+        q, k, v = args[:3]  # [T, nh, hd], [T, nkv, hd], [T, nkv, hd]
+        rotary = kwargs.get("rotary", args[5] if len(args) > 5 else None)
+        if rotary is not None:
+            k = rotate_qk(q, k, *rotary)[1]
+        recorder.kv(layer, k, v)
+
+    return hook
+
+
+def _text_batches(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[list[list[int]]]:
+    """Token ids of each text (cut to max_seq_len), grouped into steps of about _TOKENS_PER_STEP tokens."""
+    batches, current, size = [], [], 0
+    for text in texts:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])[:max_seq_len]
+        if not ids:
+            continue
+        if current and size + len(ids) > _TOKENS_PER_STEP:
+            batches.append(current)
+            current, size = [], 0
+        current.append(ids)
+        size += len(ids)
+    return batches + ([current] if current else [])
+
+
+def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], tokenizer, texts: Sequence[str],
+                             max_seq_len: int = 512, keep_samples: int = 512, device=None,
+                             seed: int = 0) -> ActivationStats:
+    """Run the float engine model (engine config + engine-named float weights) over `texts`; return its statistics.
+
+    device: where the model runs (default: the weights' device); CPU runs in float32, CUDA in the config's dtype.
+    Each text is one sequence (cut to max_seq_len tokens), several packed into one step without a KV cache.
+    """
+    from llmapi.engine.format import DTYPES
+    from llmapi.layers.attention import AttentionMetadata
+    from llmapi.models import get_model_class
+
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len={max_seq_len!r} is invalid: must be an int >= 1")
+    if isinstance(keep_samples, bool) or not isinstance(keep_samples, int) or keep_samples < 0:
+        raise ValueError(f"keep_samples={keep_samples!r} is invalid: must be an int >= 0")
+    device = torch.device(device if device is not None else next(iter(weights.values())).device)
+    dtype = torch.float32 if device.type == "cpu" else DTYPES[config.get("dtype", "float32")]
+    max_seq_len = min(max_seq_len, config["max_position_embeddings"])
+    batches = _text_batches(tokenizer, texts, max_seq_len)
+    if not batches:
+        raise ValueError("calibration texts gave no tokens")
+
+    model = get_model_class(config["architecture"])(config, device, dtype)
+    model.load_weights(weights)
+    model.eval()
+    recorder = _Recorder(keep_samples)
+    handles = []
+    for i, layer in enumerate(model.transformer.layers):
+        for name in LINEAR_NAMES:
+            block, attr = name.split(".")
+            linear = getattr(getattr(layer, block), attr, None)
+            if linear is not None:
+                full = f"transformer.layers.{i}.{name}"
+                handles.append(linear.register_forward_pre_hook(
+                    lambda mod, args, full=full: recorder.linear_input(full, args[0])))
+        handles.append(layer.attention.attn.register_forward_pre_hook(_attention_hook(recorder, i), with_kwargs=True))
+    generator = torch.Generator().manual_seed(seed)
+    num_tokens = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                lens = [len(ids) for ids in batch]
+                ids = torch.tensor([t for seq in batch for t in seq], device=device)  # [T]
+                positions = torch.cat([torch.arange(n) for n in lens]).to(device)  # [T]
+                attn = AttentionMetadata.build(lens, lens, [[0]] * len(lens), 1, device=device,
+                                               slot_mapping=torch.full((len(ids),), -1))
+                recorder.keys = torch.rand(len(ids), generator=generator)  # [T]
+                model(ids, positions, attn, None)
+                num_tokens += len(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ActivationStats(
+        input_amax={name: amax.cpu() for name, amax in recorder.amax.items()},
+        input_samples={name: rows.cpu() for name, (_, rows) in recorder.samples.items()},
+        kv_amax={layer: (k, v) for layer, (k, v) in recorder.kv_amax.items()},
+        num_tokens=num_tokens,
+    )
