@@ -161,11 +161,11 @@ def main(a) -> int:
     llm = LLM(model, dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=True,
               max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, kv_cache_config=kv,
               max_seq_len=a.isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
-              pipeline_parallel_size=a.pipeline_parallel_size)
+              pipeline_parallel_size=a.pipeline_parallel_size, quant=a.quant)
     from .sampling_params import SamplingParams
     llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
     results = {"startup_s": time.perf_counter() - started, "model": a.model, "dtype": llm.engine_info.config["dtype"],
-               "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
+               "quant": a.quant, "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size}
     vocab = llm.vocab_size
     if a.warmup:
@@ -178,6 +178,10 @@ def main(a) -> int:
     if llm.device.type == "cuda":
         results["allocator_retries"] = torch.cuda.memory_stats(llm.device).get("num_alloc_retries", 0)
     print(f"startup (LLM() to first token): {results['startup_s']:.1f} s")
+    rank_model = getattr(runner, "model", None)  # the in-process runner (one rank)
+    if rank_model is not None:
+        results["weight_bytes"] = sum(p.numel() * p.element_size() for p in rank_model.parameters())
+        print(f"weights: {results['weight_bytes'] / 2**30:.2f} GiB ({a.quant or 'not quantized'})")
     print(format_report("llmapi", ours))
     st = results["runner_steps"]
     print(f"runner: {st['steps']} steps ({st['graph_steps']} from CUDA graphs), {st['tokens']} tokens; "
@@ -214,6 +218,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="hub id, directory, or a known config name: "
                    + ", ".join(known_config_names()) + " (with --load-format dummy)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quant", default=None, help="a quant= short string (e.g. fp8, int4_weight_only); default none")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--isl", type=int, default=128, help="input tokens per request")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
+from llmapi.layers.dispatch import use_triton
 from llmapi.quantization.config import QuantConfig
 
 # The families' shared linear names (see tensor_parallel.apply_tensor_parallel); embeddings, head, norms stay float.
@@ -23,7 +24,8 @@ _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)
 
 class WeightOnlyLinear(nn.Module):
     """A linear with int8 (or packed int4) weights, float scales, optional zero points (GPTQ) and per-input-channel
-    activation scales (AWQ); CPU forward: dequantize, then matmul."""
+    activation scales (AWQ). On CUDA a decode-sized batch runs the Triton GEMV (_kernels/weight_only_gemv.py);
+    otherwise (CPU, prefill): dequantize, then matmul."""
 
     def __init__(self, linear: nn.Linear, quant: QuantConfig):
         super().__init__()
@@ -47,6 +49,15 @@ class WeightOnlyLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+        if use_triton(x) and x.stride(-1) == 1:
+            from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv
+
+            if gemv_supported(x.shape[0], x.shape[1], self.bits, self.group_size):
+                # Decode-sized batches: the weights are read as stored (4 or 8 bits), dequantized in registers.
+                if self.prequant_scaling_factor is not None:
+                    x = x * self.prequant_scaling_factor.to(x.dtype)
+                return weight_only_gemv(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
+                                        self.group_size, self.weights_zero_point)
         return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
                                       self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
 

@@ -1,0 +1,106 @@
+"""Triton weight-only GEMV for decode-sized batches: int8 or packed int4 weights dequantized in registers.
+
+Reference: weight_only.weight_only_linear_ref (dequantize, then matmul). At a few rows the product is bound by
+reading the weights, so reading 4 (or 8) bits per weight instead of 16 is the whole gain; larger batches take
+the reference path (dequantize + cuBLAS).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 8
+"""Most rows (tokens) this kernel takes; more go through dequantize + matmul."""
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # BLOCK_K: input features per chunk (one group at most when GROUP > 0); w holds BLOCK_K * BITS / 8 bytes of it.
+    pid = tl.program_id(0)
+    rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output features
+    rows_m = tl.arange(0, BLOCK_M)  # [BM] tokens
+    mask_n, mask_m = rows_n < N, rows_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # per-channel zero points: sum of x over all of K
+    HALF: tl.constexpr = BLOCK_K // 2
+    for k0 in range(0, K, BLOCK_K):
+        if BITS == 4:
+            cols = k0 // 2 + tl.arange(0, HALF)  # [BK/2] packed bytes: low nibble = even feature, high = odd
+            packed = tl.load(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], mask=mask_n[:, None],
+                             other=0).to(tl.int32)  # [BN, BK/2], sign-extended
+            lo = ((packed << 28) >> 28).to(tl.float32)
+            hi = (packed >> 4).to(tl.float32)
+            xe = tl.load(x_ptr + rows_m[:, None] * stride_xm + 2 * cols[None, :], mask=mask_m[:, None],
+                         other=0.0).to(tl.float32)  # [BM, BK/2]
+            xo = tl.load(x_ptr + rows_m[:, None] * stride_xm + 2 * cols[None, :] + 1, mask=mask_m[:, None],
+                         other=0.0).to(tl.float32)
+            part = tl.sum(xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :], axis=2)  # [BM, BN]
+            chunk_sum = tl.sum(xe + xo, axis=1)[:, None]  # [BM, 1]
+        else:
+            cols = k0 + tl.arange(0, BLOCK_K)
+            q = tl.load(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], mask=mask_n[:, None],
+                        other=0).to(tl.float32)  # [BN, BK]
+            xk = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None],
+                         other=0.0).to(tl.float32)  # [BM, BK]
+            part = tl.sum(xk[:, None, :] * q[None, :, :], axis=2)
+            chunk_sum = tl.sum(xk, axis=1)[:, None]
+        if GROUP > 0:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rows_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rows_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+                part = part - chunk_sum * z[None, :]
+            acc += part * s[None, :]
+        else:
+            acc += part
+            x_sum += chunk_sum
+    if GROUP == 0:
+        s = tl.load(s_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc - x_sum * z[None, :]
+        acc = acc * s[None, :]
+    # The reference rounds the product to the model dtype before the bias, as F.linear with a bias does not;
+    # adding in float32 then rounding once differs from it by at most one rounding.
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows_m[:, None] * stride_om + rows_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def gemv_supported(rows: int, in_features: int, bits: int, group_size: int | None) -> bool:
+    """Whether weight_only_gemv takes this product (else: the dequantize + matmul reference)."""
+    block_k = min(group_size, 128) if group_size else 128
+    pow2 = block_k & (block_k - 1) == 0
+    return (rows <= MAX_ROWS and bits in (4, 8) and pow2 and block_k >= 16 and in_features % block_k == 0
+            and (not group_size or group_size % block_k == 0))
+
+
+def weight_only_gemv(
+    x: torch.Tensor,  # [M, K], M <= MAX_ROWS, last axis contiguous
+    qweight: torch.Tensor,  # [N, K] int8 (bits 8) or [N, K/2] packed int4
+    scale: torch.Tensor,  # [N] or [N, K / group_size]
+    bias: torch.Tensor | None,  # [N]
+    bits: int,
+    group_size: int | None = None,
+    zero_point: torch.Tensor | None = None,  # shaped as scale: w = (q - zero_point) * scale
+) -> torch.Tensor:  # [M, N] in x's dtype
+    m, k = x.shape
+    n = qweight.shape[0]
+    assert m <= MAX_ROWS and x.stride(1) == 1 and qweight.is_contiguous() and scale.is_contiguous()
+    assert zero_point is None or zero_point.is_contiguous()
+    group = group_size or 0
+    block_k = min(group, 128) if group else 128
+    assert gemv_supported(m, k, bits, group_size), (m, k, bits, group_size)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_n = 16
+    stride_sn = scale.stride(0) if scale.dim() == 2 else 1
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, qweight, scale, scale if zero_point is None else zero_point, x if bias is None else bias, out,
+        m, n, k, x.stride(0), qweight.stride(0), stride_sn, out.stride(0),
+        BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out

@@ -1,0 +1,60 @@
+"""Triton weight-only GEMV (int8, packed int4; per channel or per group; GPTQ zero points) vs the
+dequantize-then-matmul reference, on fresh random inputs."""
+
+import pytest
+import torch
+from kernel_cases import DEVICE, REL_ERROR, rel_error
+
+from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
+
+triton = pytest.importorskip("triton")
+
+from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv  # noqa: E402
+
+interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
+CASES = [  # rows, out features, in features, bits, group size, zero points, bias, dtype
+    (1, 40, 256, 4, None, False, False, torch.bfloat16),
+    (3, 24, 128, 4, 64, True, True, torch.float16),
+    (8, 17, 256, 8, None, True, False, torch.float32),
+    (2, 32, 256, 8, 128, False, True, torch.bfloat16),
+    (5, 16, 64, 4, 32, True, False, torch.float32),
+]
+
+
+def check(rows, n, k, bits, group, zero, bias, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    q, scale = quantize_weight_ref(w, bits, group)
+    scale = scale.to(dtype)
+    zp = (torch.randint(-2, 3, scale.shape, generator=g).to(dtype) if zero else None)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    # float64 reference of the same quantized weights: the kernel accumulates in float32.
+    ref = weight_only_linear_ref(x.double(), q, scale.double(), None if b is None else b.double(), bits, group,
+                                 None if zp is None else zp.double())
+    dev = (lambda t: None if t is None else t.to(DEVICE))
+    assert gemv_supported(rows, k, bits, group)
+    out = weight_only_gemv(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp))
+    assert out.dtype == dtype and out.shape == (rows, n)
+    assert rel_error(out.cpu(), ref) < REL_ERROR[dtype]
+
+
+@interpreted
+@pytest.mark.parametrize("case", CASES)
+def test_weight_only_gemv_interpreted(case):
+    check(*case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES + [(1, 6144, 4096, 4, 128, False, False, torch.bfloat16),
+                                          (4, 4096, 14336, 4, None, False, False, torch.bfloat16)])
+def test_weight_only_gemv_gpu(case):
+    for seed in range(3):
+        check(*case, seed=seed)
+
+
+def test_gemv_supported_shapes():
+    assert gemv_supported(1, 4096, 4, 128) and gemv_supported(8, 4096, 8, None)
+    assert not gemv_supported(9, 4096, 4, 128)  # more rows: dequantize + matmul
+    assert not gemv_supported(1, 4096, 4, 96)  # a group that is not a power of two
+    assert not gemv_supported(1, 100, 4, None)  # features not a multiple of the chunk
