@@ -221,7 +221,7 @@ class LLM:
             try:
                 self._executor.enqueue(request)
             except BaseException:
-                del self._live[rid]
+                self._live.pop(rid, None)  # the response thread may have failed it already (a dead rank)
                 if local is not None:
                     local.logits_processors.pop(rid, None)
                     local.records.pop(rid)

@@ -206,8 +206,6 @@ class ModelRunner:
     # ---------------------------------------------------------------- the parts, for a rank's driver
     def prepare(self, batch) -> StepInputs:
         """A (micro-)batch's inputs in fresh device memory."""
-        if (np.asarray(batch.prev_rows) >= 0).any():
-            raise RuntimeError("async scheduling (placeholder input ids) runs on one rank only")
         dev = self.device
         query_lens = _tensor(batch.query_lens, dev, torch.int32)  # [R]
         query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=dev)  # [R+1]
