@@ -239,16 +239,17 @@ PYBIND11_MODULE(_core, m) {
   py::class_<ExecutorConfig>(m, "ExecutorConfig")
       .def(py::init([](int32_t max_batch_size, int32_t max_num_tokens, int32_t max_seq_len,
                        int32_t tokens_per_block, int32_t num_blocks, bool enable_prefix_caching,
-                       bool enable_chunked_prefill, int32_t max_inflight_batches) {
+                       bool enable_chunked_prefill, int32_t max_inflight_batches,
+                       bool async_scheduling) {
              ExecutorConfig c{max_batch_size, max_num_tokens, max_seq_len, tokens_per_block,
                               num_blocks, enable_prefix_caching, enable_chunked_prefill,
-                              max_inflight_batches};
+                              max_inflight_batches, async_scheduling};
              c.validate();
              return c;
            }),
            "max_batch_size"_a, "max_num_tokens"_a, "max_seq_len"_a, "tokens_per_block"_a,
            "num_blocks"_a, "enable_prefix_caching"_a = true, "enable_chunked_prefill"_a = true,
-           "max_inflight_batches"_a = 1)
+           "max_inflight_batches"_a = 1, "async_scheduling"_a = false)
       .def_readonly("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readonly("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readonly("max_seq_len", &ExecutorConfig::max_seq_len)
@@ -257,6 +258,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("enable_prefix_caching", &ExecutorConfig::enable_prefix_caching)
       .def_readonly("enable_chunked_prefill", &ExecutorConfig::enable_chunked_prefill)
       .def_readonly("max_inflight_batches", &ExecutorConfig::max_inflight_batches)
+      .def_readonly("async_scheduling", &ExecutorConfig::async_scheduling)
       .def("__repr__", &ExecutorConfig::repr);
 
   py::class_<Request>(m, "Request")
@@ -381,6 +383,7 @@ PYBIND11_MODULE(_core, m) {
       });
   def_view(batch, "request_ids", &Batch::request_ids);
   def_view(batch, "input_ids", &Batch::input_ids);
+  def_view(batch, "prev_rows", &Batch::prev_rows);
   def_view(batch, "positions", &Batch::positions);
   def_view(batch, "query_lens", &Batch::query_lens);
   def_view(batch, "context_lens", &Batch::context_lens);
@@ -459,7 +462,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("request_id", &ScheduledRequest::request_id)
       .def_readonly("num_computed_tokens", &ScheduledRequest::num_computed_tokens)
       .def_readonly("num_new_tokens", &ScheduledRequest::num_new_tokens)
-      .def_readonly("do_sample", &ScheduledRequest::do_sample);
+      .def_readonly("do_sample", &ScheduledRequest::do_sample)
+      .def_readonly("input_row", &ScheduledRequest::input_row);
 
   py::class_<SchedulerOutput>(m, "SchedulerOutput")
       .def_readonly("scheduled", &SchedulerOutput::scheduled)

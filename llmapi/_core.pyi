@@ -16,9 +16,14 @@ class ExecutorConfig:
     enable_prefix_caching: bool
     enable_chunked_prefill: bool  # when off, max_num_tokens must be >= max_seq_len
     max_inflight_batches: int  # batches submitted to the runner and not yet collected
+    # Schedule step N+1 while step N runs (one rank): two steps in flight, plain requests run one
+    # token ahead on placeholder inputs (Batch.prev_rows) that the runner fills on the device.
+    # Needs max_inflight_batches = 1.
+    async_scheduling: bool
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
                  tokens_per_block: int, num_blocks: int, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, max_inflight_batches: int = 1) -> None: ...
+                 enable_chunked_prefill: bool = True, max_inflight_batches: int = 1,
+                 async_scheduling: bool = False) -> None: ...
 
 class Request:
     """One request (invalid settings raise llmapi.errors.RequestError). Scheduler.request()
@@ -134,7 +139,10 @@ class Batch:
     @property
     def request_ids(self) -> npt.NDArray[np.uint64]: ...  # [R]
     @property
-    def input_ids(self) -> npt.NDArray[np.int32]: ...  # [T]
+    def input_ids(self) -> npt.NDArray[np.int32]: ...  # [T]; -1 where prev_rows >= 0
+    @property
+    def prev_rows(self) -> npt.NDArray[np.int32]: ...  # [T] -1: input_ids[t] is known; j >= 0: the
+    # token sampled for row j of the batch submitted (successfully) just before this one (async scheduling)
     @property
     def positions(self) -> npt.NDArray[np.int32]: ...  # [T]
     @property
@@ -249,6 +257,8 @@ class ScheduledRequest:
     def num_new_tokens(self) -> int: ...
     @property
     def do_sample(self) -> bool: ...
+    @property
+    def input_row(self) -> int: ...  # >= 0: runs ahead on the token that row of the step in flight samples
 
 class SchedulerOutput:
     @property

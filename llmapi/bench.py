@@ -161,12 +161,14 @@ def main(a) -> int:
     llm = LLM(model, dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=True,
               max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, kv_cache_config=kv,
               max_seq_len=a.isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
-              pipeline_parallel_size=a.pipeline_parallel_size, quant=a.quant)
+              pipeline_parallel_size=a.pipeline_parallel_size, quant=a.quant,
+              async_scheduling=not a.no_async_scheduling)
     from .sampling_params import SamplingParams
     llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
     results = {"startup_s": time.perf_counter() - started, "model": a.model, "dtype": llm.engine_info.config["dtype"],
                "quant": a.quant, "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
-               "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size}
+               "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
+               "async_scheduling": not a.no_async_scheduling}
     vocab = llm.vocab_size
     if a.warmup:
         run_workload(llm, Workload(a.isl, a.osl, a.warmup, a.concurrency, seed=a.seed + 1), vocab)
@@ -232,6 +234,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch-size", type=int, default=2048)
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="hf: also run the workload through transformers (static cache + torch.compile)")
     p.add_argument("--hf-batch-size", type=int, default=0, help="transformers' batch (default: the concurrency)")

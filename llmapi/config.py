@@ -106,6 +106,9 @@ class LlmArgs:
     """Engine cache root (default $LLMAPI_CACHE_DIR, $XDG_CACHE_HOME/llmapi or ~/.cache/llmapi)."""
     full_engine_check: bool = False
     """Verify every engine file's checksum on load, not only sizes and headers."""
+    async_scheduling: bool = True
+    """Schedule and stage step N+1 on the host while the device runs step N (one rank only; ignored
+    with more): the next token of a plain request is scheduled before the last one is known."""
     max_logprobs: int = 20
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
     quant: Any = None
@@ -119,6 +122,8 @@ class LlmArgs:
         _check(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
         _check(self.load_format in _LOAD_FORMATS, "load_format", self.load_format,
                f"must be one of {_LOAD_FORMATS}")
+        _check(isinstance(self.async_scheduling, bool), "async_scheduling", self.async_scheduling,
+               "must be True or False")
         _check(_is_int(self.max_logprobs) and self.max_logprobs >= 0, "max_logprobs", self.max_logprobs,
                "must be an int >= 0")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",

@@ -97,6 +97,8 @@ class LLM:
             enable_chunked_prefill=args.enable_chunked_prefill,
             # Pipeline stages overlap when the next step starts before the last stage ends this one.
             max_inflight_batches=mapping.pp_size,
+            # The ranks' drivers run one step at a time; the in-process runner fills placeholders.
+            async_scheduling=args.async_scheduling and mapping.world_size == 1,
         )
         load_format = info.build_config.get("load_format", "auto")
         if mapping.world_size == 1:
@@ -221,7 +223,7 @@ class LLM:
             try:
                 self._executor.enqueue(request)
             except BaseException:
-                del self._live[rid]
+                self._live.pop(rid, None)  # the response thread may have failed it already (a dead rank)
                 if local is not None:
                     local.logits_processors.pop(rid, None)
                     local.records.pop(rid)

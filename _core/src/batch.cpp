@@ -2,6 +2,7 @@
 #include "llmapi/batch.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 #include "llmapi/beam_search.h"
 
@@ -11,18 +12,20 @@ namespace {
 
 // The ids a sampling row masks: everything that would stop it while it is under min_tokens,
 // and the last token of each bad word whose other tokens end the sequence.
-void append_suppressed(const Request& r, std::vector<int32_t>& out) {
+void append_suppressed(const Request& r, int32_t pending, std::vector<int32_t>& out) {
   const size_t start = out.size();
   auto add = [&](int32_t id) {
     if (std::find(out.begin() + start, out.end(), id) == out.end()) out.push_back(id);
   };
-  if (r.num_output_tokens() < r.stop.min_tokens) {
+  if (r.num_output_tokens() + pending < r.stop.min_tokens) {
     if (!r.stop.ignore_eos) for (int32_t id : r.stop.eos_token_ids) add(id);
     for (int32_t id : r.stop.stop_token_ids) add(id);
   }
   const auto& tokens = r.token_ids;
   for (const auto& word : r.sampling.bad_words) {
     const size_t head = word.size() - 1;
+    // The scheduler runs a request ahead (pending > 0) only if its bad words are single tokens.
+    if (pending > 0 && head > 0) throw std::logic_error("a row ahead needs its token history");
     if (head <= tokens.size() && std::equal(word.begin(), word.end() - 1, tokens.end() - head)) {
       add(word.back());
     }
@@ -54,12 +57,19 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
     const ScheduledRequest& s = scheduled[i];
     const SamplingConfig& sc = r.sampling;
     const int32_t end = s.num_computed_tokens + s.num_new_tokens;
+    // Ahead of its step in flight: the token at position num_tokens() is being sampled there.
+    const int32_t pending = s.input_row >= 0 ? 1 : 0;
+    if (pending > 0 && s.slot >= 0) {
+      throw std::logic_error("a row ahead has a state row, which would miss its pending token");
+    }
     b.request_ids.push_back(r.user_id);
     b.seq_index.push_back(r.seq_index);
     b.query_lens.push_back(s.num_new_tokens);
     b.context_lens.push_back(end);
     for (int32_t p = s.num_computed_tokens; p < end; ++p) {
-      b.input_ids.push_back(r.token_ids[p]);
+      const bool known = p < r.num_tokens();
+      b.input_ids.push_back(known ? r.token_ids[p] : -1);
+      b.prev_rows.push_back(known ? -1 : s.input_row);
       b.positions.push_back(p);
       b.slot_mapping.push_back(static_cast<int64_t>(r.block_ids[p / B]) * B + p % B);
     }
@@ -79,9 +89,9 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
     b.presence_penalty.push_back(sc.presence_penalty);
     b.frequency_penalty.push_back(sc.frequency_penalty);
     b.seeds.push_back(sc.seed);
-    b.output_index.push_back(r.num_output_tokens());
+    b.output_index.push_back(r.num_output_tokens() + pending);
     if (s.do_sample) {
-      append_suppressed(r, b.suppress_ids);
+      append_suppressed(r, pending, b.suppress_ids);
       b.bias_ids.insert(b.bias_ids.end(), sc.logit_bias_ids.begin(), sc.logit_bias_ids.end());
       b.bias_values.insert(b.bias_values.end(), sc.logit_bias_values.begin(),
                            sc.logit_bias_values.end());

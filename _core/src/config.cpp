@@ -24,6 +24,11 @@ void ExecutorConfig::validate() const {
   require_positive("tokens_per_block", tokens_per_block);
   require_positive("num_blocks", num_blocks);
   require_positive("max_inflight_batches", max_inflight_batches);
+  if (async_scheduling && max_inflight_batches != 1) {
+    throw std::invalid_argument("max_inflight_batches=" + std::to_string(max_inflight_batches) +
+                                " is invalid with async_scheduling: it keeps two steps in flight "
+                                "itself and needs max_inflight_batches=1");
+  }
   // Without chunking a prompt (or a preempted request's recompute) runs in one step, so the step
   // budget must hold the longest sequence, or such a request could never be scheduled.
   if (!enable_chunked_prefill && max_num_tokens < max_seq_len) {
@@ -41,7 +46,8 @@ std::string ExecutorConfig::repr() const {
     << ", num_blocks=" << num_blocks
     << ", enable_prefix_caching=" << (enable_prefix_caching ? "True" : "False")
     << ", enable_chunked_prefill=" << (enable_chunked_prefill ? "True" : "False")
-    << ", max_inflight_batches=" << max_inflight_batches << ")";
+    << ", max_inflight_batches=" << max_inflight_batches
+    << ", async_scheduling=" << (async_scheduling ? "True" : "False") << ")";
   return s.str();
 }
 

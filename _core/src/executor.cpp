@@ -133,7 +133,10 @@ void Executor::loop() {
 }
 
 void Executor::run_steps() {
-  while (static_cast<int32_t>(inflight_.size()) < config_.max_inflight_batches) {
+  // Async scheduling submits step N+1 before it collects step N, so the runner's device works
+  // through N+1 while this thread settles N.
+  const int32_t max_inflight = config_.async_scheduling ? 2 : config_.max_inflight_batches;
+  while (static_cast<int32_t>(inflight_.size()) < max_inflight) {
     SchedulerOutput output = scheduler_.schedule();
     if (output.scheduled.empty()) break;
     auto batch = std::make_shared<Batch>(scheduler_.make_batch(output));

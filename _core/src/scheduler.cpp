@@ -56,6 +56,7 @@ void Scheduler::add(Request request) {
     throw RequestError("duplicate request id " + std::to_string(id));
   }
   auto owned = std::make_unique<Request>(std::move(request));
+  owned->serial = next_serial_++;
   if (owned->sampling.num_sequences > 1) {
     auto group = std::make_shared<SequenceGroup>();
     group->user_id = id;
@@ -128,6 +129,11 @@ bool Scheduler::schedule_running(SchedulerOutput& out, int32_t& budget) {
     Request* r = running_[i];
     const int32_t left = r->num_tokens() - r->num_computed_tokens;
     if (r->in_flight || left <= 0) {
+      if (r->in_flight && can_run_ahead(r)) {
+        const size_t before = out.scheduled.size();
+        schedule_ahead(out, r);
+        budget -= static_cast<int32_t>(out.scheduled.size() - before);
+      }
       ++i;
       continue;
     }
@@ -288,6 +294,7 @@ void Scheduler::preempt(Request* r) {
 void Scheduler::push_scheduled(SchedulerOutput& out, Request* r, int32_t n) {
   ScheduledRequest s;
   s.request_id = r->request_id;
+  s.serial = r->serial;
   s.num_computed_tokens = r->num_computed_tokens;
   s.num_new_tokens = n;
   s.do_sample = r->num_computed_tokens + n == r->num_tokens();
@@ -299,8 +306,10 @@ void Scheduler::push_scheduled(SchedulerOutput& out, Request* r, int32_t n) {
     r->num_state_tokens = r->num_tokens();
     r->slot_copy_from = -1;
   }
-  out.scheduled.push_back(s);
   r->in_flight = true;
+  r->inflight_samples = s.do_sample;
+  r->inflight_row = static_cast<int32_t>(out.scheduled.size());
+  out.scheduled.push_back(s);
 }
 
 Batch Scheduler::make_batch(const SchedulerOutput& output) const {

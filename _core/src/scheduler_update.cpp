@@ -20,9 +20,8 @@ std::vector<Response> Scheduler::update(const SchedulerOutput& output, const Ste
   std::unordered_map<const SequenceGroup*, std::vector<std::pair<Request*, int32_t>>> beam_rows;
   for (size_t i = 0; i < output.scheduled.size(); ++i) {
     const ScheduledRequest& s = output.scheduled[i];
-    Request* r = get(s.request_id);
-    if (r == nullptr || !r->in_flight) continue;  // settled already (finish_all, a beam abort)
-    r->in_flight = false;
+    Request* r = settle_row(s);
+    if (r == nullptr) continue;  // settled already (finish_all, a beam abort, finished ahead)
     if (r->abort_requested) {
       for (Response& x : finish_any(r, "abort", "")) responses.push_back(std::move(x));
       continue;
@@ -80,7 +79,9 @@ Request* Scheduler::fork(Request* parent, int32_t seq_index) {
   auto child = std::make_unique<Request>(*parent);
   child->request_id = next_fork_id_++;
   child->seq_index = seq_index;
+  child->serial = next_serial_++;
   child->in_flight = false;
+  child->ahead = false;
   child->abort_requested = false;
   child->block_ids = blocks_.fork(parent->block_ids);
   child->slot = -1;
@@ -115,9 +116,8 @@ std::vector<Response> Scheduler::fail(const SchedulerOutput& output, const std::
   ++num_steps_;
   std::vector<Response> responses;
   for (const ScheduledRequest& s : output.scheduled) {
-    Request* r = get(s.request_id);
-    if (r == nullptr || !r->in_flight) continue;
-    r->in_flight = false;
+    Request* r = settle_row(s);
+    if (r == nullptr) continue;
     const bool aborted = r->abort_requested;
     for (Response& x : finish_any(r, aborted ? "abort" : "error", aborted ? "" : error)) {
       responses.push_back(std::move(x));
@@ -163,11 +163,15 @@ std::vector<Response> Scheduler::finish_all(const std::string& finish_reason,
   waiting_.clear();
   std::vector<uint64_t> ids;
   for (Request* r : all) ids.push_back(r->request_id);
+  // Nothing in flight is collected after this: what waited for a step goes now.
+  for (auto& [serial, blocks] : dropped_blocks_) blocks_.free(blocks);
+  dropped_blocks_.clear();
   std::vector<Response> responses;
   for (uint64_t id : ids) {
     Request* r = get(id);
     if (r == nullptr) continue;  // finished with its beam group
     r->in_flight = false;
+    r->ahead = false;
     for (Response& x : finish_any(r, finish_reason, error)) responses.push_back(std::move(x));
   }
   return responses;
@@ -199,7 +203,13 @@ Response Scheduler::finish(Request* r, const std::string& reason, const std::str
     if (m.empty()) groups_.erase(r->group->user_id);
   }
   const uint64_t id = r->request_id;  // erase() below destroys r
-  blocks_.free(r->block_ids);
+  if (r->in_flight) {
+    // Only a request that ran ahead finishes in flight: that step still writes its KV.
+    dropped_blocks_[r->serial] = std::move(r->block_ids);
+    r->block_ids.clear();
+  } else {
+    blocks_.free(r->block_ids);
+  }
   release_slot(r);
   requests_.erase(id);
   return response;

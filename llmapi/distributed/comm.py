@@ -45,6 +45,8 @@ def _length(kind: str, r: int, t: int, b: int, s: int) -> int:
 
 def encode_batch(batch) -> bytes:
     """A _core.Batch as bytes: a header of four int64 counts, then each array, 8-byte aligned."""
+    if (np.asarray(batch.prev_rows) >= 0).any():
+        raise RuntimeError("async scheduling (placeholder input ids) runs on one rank only")
     tables = np.asarray(batch.block_tables)
     r, t = int(batch.num_requests), int(batch.num_tokens)
     b, s = (tables.shape[1] if tables.ndim == 2 else 0), len(batch.suppress_ids)

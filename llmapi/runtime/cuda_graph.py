@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -30,8 +30,9 @@ class DecodeGraphs:
         device = kv_caches[0].device
         self.max_blocks = max_blocks
         # Per size G: [ids G | positions G | slots G | context_lens G | query_start_loc G+1], then the
-        # step's compact block tables, which one copy spreads into the static [G, max_blocks] table.
-        self.ints = torch.zeros(5 * largest + 1 + largest * max_blocks, dtype=torch.int32, device=device)
+        # step's compact block tables, which one copy spreads into the static [G, max_blocks] table,
+        # then the placeholder rows (InputStager.pack_ints), at most 2 per row.
+        self.ints = torch.zeros(7 * largest + 1 + largest * max_blocks, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.graphs, self.logits, self.greedy_ids, self.attn = {}, {}, {}, {}
@@ -82,11 +83,13 @@ class DecodeGraphs:
             return 0
         return next(s for s in self.sizes if s >= r)
 
-    def run(self, batch, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage the batch into the static inputs and replay; returns (logits [R, V] float32, argmax ids [R])."""
+    def run(self, batch, size: int, prev_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage the batch into the static inputs (placeholders from `prev_ids`, the previous step's
+        sampled ids) and replay; returns (logits [R, V] float32, argmax ids [R]), static outputs."""
         r = int(batch.num_requests)
-        host, n, m, width = self.stager.pack_ints(batch, pad_to=size)
+        host, n, m, width, p = self.stager.pack_ints(batch, pad_to=size)
         dev = self.stager.copy_ints(host, self.ints)
+        self.stager.fill_placeholders(dev[:n], dev, p, prev_ids)
         start = 3 * n + 2 * m + 1
         self.block_tables[:r, :width].copy_(dev[start:start + r * width].view(r, width))
         self.graphs[size].replay()

@@ -63,7 +63,9 @@ class ModelRunner:
     of the sampled ids; `collect` waits for that copy. A batch that uses a decoding feature beyond
     sampling (n / best_of forks, beams, logprobs, penalties, min_p, logit bias, Python logits
     processors, prompt logprobs or logits outputs) runs eagerly through `decode`, and `collect` then
-    returns a StepOutput. `logits_processors` maps a request id to its Python logits processor (set by
+    returns a StepOutput. Two steps may be in flight (async scheduling): a batch's placeholder
+    input ids (Batch.prev_rows) are the ids the step submitted before it samples, filled in on the
+    device from `_prev_ids` before its forward or graph replay. `logits_processors` maps a request id to its Python logits processor (set by
     the LLM before it enqueues the request); `records` keeps the prompt logprobs and logits outputs.
 
     With several ranks (`mapping`, `comm`: see llmapi.distributed) each rank holds its shard, and the
@@ -99,8 +101,10 @@ class ModelRunner:
         self.records = LogitsRecords()
         self.stats = StepStats()
         self.graphs = None
+        # The last submitted step's sampled ids [R] on the device: the next step's placeholders
+        # (Batch.prev_rows) are filled from them there, without waiting for the step.
+        self._prev_ids: Optional[torch.Tensor] = None
         if device.type == "cuda":
-            self._ids_host = torch.empty(0, dtype=torch.int32, pin_memory=True)
             if cuda_graphs and self.mapping.world_size == 1:
                 from .cuda_graph import DecodeGraphs
 
@@ -149,35 +153,44 @@ class ModelRunner:
 
     def _submit(self, batch):
         self._copy_blocks(np.asarray(batch.block_copies))
+        self.stager.next_step()
+        # Kept until this step succeeds: the executor's placeholders refer to the last step whose
+        # submit succeeded.
+        prev_ids = self._prev_ids
         if self._needs_decode(batch):
-            inputs = self.stager.stage(batch)
+            inputs = self.stager.stage(batch, prev_ids=prev_ids)
             hidden = self.forward(inputs)  # [T, H]
             query_start = np.concatenate([[0], np.cumsum(np.asarray(batch.query_lens))])
             self.records.record_prompt(batch, hidden, query_start, self.model.compute_logits)
             logits = self.logits(inputs, hidden)  # [R, V] float32
             self.records.record_generation(batch, logits)  # copies: decoding writes into logits
-            return decode(logits, batch, self.state, self.logits_processors)
+            out = decode(logits, batch, self.state, self.logits_processors)
+            self._prev_ids = out["tokens"][:, 0]  # [R]: the next step's placeholders read column 0
+            return out
         size = self.graphs.size_for(batch) if self.graphs is not None else 0
         self.stats.graph_steps += bool(size)
         if size:
-            logits, greedy_ids = self.graphs.run(batch, size)  # [R, V] float32, [R]
+            logits, greedy_ids = self.graphs.run(batch, size, prev_ids)  # [R, V] float32, [R]
             if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
                 ids = greedy_ids  # exactly what sample() gives these rows, computed inside the graph
             else:
                 sampling, all_greedy, any_filter = self.stager.sampling(batch)
                 ids = sample(logits, **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
         else:
-            inputs = self.stager.stage(batch)
+            inputs = self.stager.stage(batch, prev_ids=prev_ids)
             ids = self.sample(inputs, self.logits(inputs, self.forward(inputs)))  # [R]
+        # Its own memory (a copy, also of int32 ids): the graphs' outputs are overwritten by the next
+        # replay, and the next step reads these ids on the device.
+        ids = ids.to(torch.int32, copy=True)
         if self.device.type != "cuda":
-            return _Step(ids.to(torch.int32), None)
-        r = ids.shape[0]
-        if self._ids_host.numel() < r:
-            self._ids_host = torch.empty(max(r, 2 * self._ids_host.numel()), dtype=torch.int32, pin_memory=True)
-        host = self._ids_host[:r]
-        host.copy_(ids.to(torch.int32), non_blocking=True)  # the step's one device-to-host copy
+            self._prev_ids = ids
+            return _Step(ids, None)
+        # A buffer per step (from torch's pinned-memory cache): two steps may be in flight.
+        host = torch.empty(ids.shape[0], dtype=torch.int32, pin_memory=True)
+        host.copy_(ids, non_blocking=True)  # the step's one device-to-host copy
         event = torch.cuda.Event()
         event.record()
+        self._prev_ids = ids
         return _Step(host, event)
 
     def collect(self, handle):

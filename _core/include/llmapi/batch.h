@@ -19,7 +19,11 @@ struct Batch {
 
   std::vector<uint64_t> request_ids;   // [R] the user's request id (shared by forked sequences)
   std::vector<int32_t> seq_index;      // [R] which sequence of the request: keys its sampling noise
-  std::vector<int32_t> input_ids;      // [T] requests' tokens back to back
+  std::vector<int32_t> input_ids;      // [T] requests' tokens back to back; -1 where prev_rows >= 0
+  // [T] -1: input_ids[t] is known; j >= 0: input_ids[t] is the token sampled for row j of the
+  // batch submitted (successfully) just before this one, still in flight: the runner fills it on
+  // the device (async scheduling).
+  std::vector<int32_t> prev_rows;
   std::vector<int32_t> positions;      // [T]
   std::vector<int32_t> query_lens;     // [R] new tokens per request
   std::vector<int32_t> context_lens;   // [R] tokens with KV after this step, this step's included
@@ -63,7 +67,8 @@ struct Batch {
 // Builds the batch for `scheduled`; requests[i] is the request of scheduled[i], its block table
 // already grown to cover this step. Row r suppresses (EOS unless ignore_eos) + stop_token_ids
 // while it samples and has generated fewer than min_tokens, and the bad words that its last
-// tokens complete.
+// tokens complete. A row with input_row >= 0 counts its pending token as generated
+// (output_index, min_tokens) and takes it from prev_rows.
 Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOutput& output,
                  int32_t tokens_per_block);
 

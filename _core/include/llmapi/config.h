@@ -15,6 +15,10 @@ struct ExecutorConfig {
   bool enable_prefix_caching = true;   // reuse full blocks across requests by chained content hash
   bool enable_chunked_prefill = true;  // a prompt may be split over several steps
   int32_t max_inflight_batches = 1;    // batches submitted to the runner and not yet collected
+  // Schedule step N+1 while step N runs (one rank): two steps in flight, and a plain request in
+  // step N also in step N+1, its input the token step N samples (Batch.prev_rows). Needs
+  // max_inflight_batches = 1 and a runner that fills prev_rows.
+  bool async_scheduling = false;
 
   // Throws std::invalid_argument naming the field and the bad value.
   void validate() const;

@@ -24,7 +24,8 @@ namespace llmapi {
 // Thread model: public methods may be called from any thread; they only touch the queues under
 // mu_. The scheduler, block manager and runner belong to the loop thread alone, which sleeps on
 // work_cv_ when it has nothing to do. Each iteration: take new requests and aborts, then
-// schedule -> make_batch -> runner.submit while fewer than max_inflight_batches are in flight,
+// schedule -> make_batch -> runner.submit while fewer than max_inflight_batches are in flight
+// (2 with async_scheduling: step N+1 is submitted before step N is collected, see scheduler.h),
 // then runner.collect the oldest -> update -> queue responses.
 //
 // Runner failures fail that step's requests ("error"); a fatal one kills the executor: every

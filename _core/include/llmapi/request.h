@@ -83,7 +83,14 @@ struct Request {
   std::vector<int32_t> block_ids;    // block table: block i holds positions [i*B, (i+1)*B)
   int32_t num_cached_tokens = 0;     // prefix-cache hit at the first admission
   int32_t num_preemptions = 0;
-  bool in_flight = false;            // in a batch submitted and not collected: not schedulable
+  bool in_flight = false;            // in a batch submitted and not collected
+  // Async scheduling: also in a second, later batch in flight, which takes the token the first
+  // samples as its input. Batches are collected in order: the next one collected is the first.
+  bool ahead = false;
+  bool inflight_samples = false;     // its latest batch in flight samples its next token ...
+  int32_t inflight_row = -1;         // ... in this row
+  uint64_t serial = 0;               // unique per scheduler: tells a finished request's row in a
+                                     // batch still in flight from a new request with its id
   bool abort_requested = false;      // abort arrived while in flight: settle it at collect
 
   // The runner's per-request state row (penalty counts, token history), if sampling needs one.

@@ -34,7 +34,18 @@ namespace llmapi {
 //     after a prefix-cache lookup, while budget, batch slots and blocks last. The head of the queue
 //     blocks the rest (no overtaking). Without chunked prefill a request is admitted only if all
 //     its tokens fit in the remaining budget.
-// Requests in flight (submitted, not yet collected) are neither scheduled nor preempted.
+// Requests in flight (submitted, not yet collected) are never preempted, and scheduled only ahead:
+//
+// Async scheduling (config.async_scheduling): the executor schedules and submits step N+1 before
+// it collects step N. A plain request (one sequence, no logprobs, logits outputs, penalties,
+// history or multi-token bad words: nothing that needs its token ids on the host) that is in
+// step N alone, and will get exactly one token from it, may run ahead: step N+1 computes one more
+// token for it, whose input is a placeholder for the token step N samples (ScheduledRequest::
+// input_row; Batch::prev_rows). Its known tokens count that pending token; it takes its block as
+// usual but never preempts anyone for it (it skips the step instead), and it never runs past
+// max_tokens or max_seq_len. If step N's token finishes it (EOS, stop id, an abort, an error),
+// it finishes then and step N+1's token for it is dropped; its blocks are freed only when step
+// N+1 is collected (or fails), since that step still writes its KV.
 //
 // A request never needs more blocks than the cache holds: add() rejects such prompts and update()
 // fails a request (finish "error") as soon as its tokens outgrow the cache, so scheduling always
@@ -101,6 +112,13 @@ class Scheduler {
   bool try_allocate(const std::vector<Request*>& unit, int32_t num_new_tokens,
                     std::vector<int32_t>& copies);
   void preempt(Request* request);
+  // Async scheduling: whether `request`, in flight, may run ahead; if so, schedules it (one token
+  // on a placeholder input) when its block is free, without preempting anyone.
+  bool can_run_ahead(const Request* request) const;
+  void schedule_ahead(SchedulerOutput& out, Request* request);
+  // A row of a collected or failed step: the request it still belongs to, or nullptr when that
+  // request finished meanwhile (its blocks kept for this step are freed then).
+  Request* settle_row(const ScheduledRequest& row);
   // Preempts `victim` and, for a beam, its whole group; returns (running_ index, id) of each.
   std::vector<std::pair<size_t, uint64_t>> preempt_unit(Request* victim);
   void push_scheduled(SchedulerOutput& out, Request* request, int32_t num_new_tokens);
@@ -137,6 +155,9 @@ class Scheduler {
   std::vector<Request*> running_;  // admission order: the tail is preempted first
   std::unordered_map<uint64_t, std::shared_ptr<SequenceGroup>> groups_;  // by user id
   uint64_t next_fork_id_ = kForkedIdBit;
+  uint64_t next_serial_ = 0;
+  // By serial: the blocks of requests that finished while a step was still writing them.
+  std::unordered_map<uint64_t, std::vector<int32_t>> dropped_blocks_;
   std::vector<int32_t> free_slots_;  // a min-heap: low slots are reused first
   int32_t num_slots_ = 0;
   int64_t num_prefix_hit_tokens_ = 0;

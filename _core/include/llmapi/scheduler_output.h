@@ -8,6 +8,7 @@ namespace llmapi {
 
 struct ScheduledRequest {
   uint64_t request_id = 0;
+  uint64_t serial = 0;              // the request's Request::serial
   int32_t num_computed_tokens = 0;  // before this step: the first new token's position
   int32_t num_new_tokens = 0;       // tokens computed this step
   bool do_sample = false;           // this step reaches the request's last known token
@@ -17,6 +18,9 @@ struct ScheduledRequest {
   bool slot_reset = false;
   int32_t slot_copy_from = -1;
   int32_t state_from = 0;
+  // Async scheduling: >= 0 when the request is also in the step in flight, whose row input_row
+  // samples the token this step takes as its first input (a placeholder until then).
+  int32_t input_row = -1;
 };
 
 struct SchedulerOutput {
