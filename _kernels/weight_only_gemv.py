@@ -70,6 +70,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _config(k: int, group: int, block_k: int | None = None, block_n: int = 16, num_warps: int = 4):
+    """(BLOCK_K, BLOCK_N, num_warps): a chunk of input features never spans two groups."""
+    if block_k is None:
+        block_k = min(group, 128) if group else 128
+    assert k % block_k == 0 and (not group or group % block_k == 0), (k, group, block_k)
+    return block_k, block_n, num_warps
+
+
 def gemv_supported(rows: int, in_features: int, bits: int, group_size: int | None) -> bool:
     """Whether weight_only_gemv takes this product (else: the dequantize + matmul reference)."""
     block_k = min(group_size, 128) if group_size else 128
@@ -86,21 +94,21 @@ def weight_only_gemv(
     bits: int,
     group_size: int | None = None,
     zero_point: torch.Tensor | None = None,  # shaped as scale: w = (q - zero_point) * scale
+    **tune,  # block_k / block_n / num_warps overrides (for tuning)
 ) -> torch.Tensor:  # [M, N] in x's dtype
     m, k = x.shape
     n = qweight.shape[0]
     assert m <= MAX_ROWS and x.stride(1) == 1 and qweight.is_contiguous() and scale.is_contiguous()
     assert zero_point is None or zero_point.is_contiguous()
     group = group_size or 0
-    block_k = min(group, 128) if group else 128
     assert gemv_supported(m, k, bits, group_size), (m, k, bits, group_size)
+    block_k, block_n, warps = _config(k, group, **tune)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n = 16
     stride_sn = scale.stride(0) if scale.dim() == 2 else 1
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, qweight, scale, scale if zero_point is None else zero_point, x if bias is None else bias, out,
         m, n, k, x.stride(0), qweight.stride(0), stride_sn, out.stride(0),
         BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return out

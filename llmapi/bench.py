@@ -189,17 +189,20 @@ def main(a) -> int:
     print(f"runner: {st['steps']} steps ({st['graph_steps']} from CUDA graphs), {st['tokens']} tokens; "
           f"host time in submit {st['submit_s']:.2f} s, waiting for the GPU {st['wait_s']:.2f} s, "
           f"wall {ours['wall_s']:.2f} s; allocator retries {results.get('allocator_retries', 0)}")
-    if llm.device.type == "cuda":
-        bandwidth = measure_bandwidth(llm.device)
-        batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)
-        floor = decode_floor_s(llm._runner.model, llm.engine_info.config, batch, a.isl + a.osl / 2, bandwidth)
+    device = llm.device
+    batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)
+    floor_bytes = decode_floor_s(llm._runner.model, llm.engine_info.config, batch, a.isl + a.osl / 2, 1.0)
+    llm.shutdown()
+    del llm, runner, rank_model  # the KV cache and graphs go before the bandwidth probe and transformers' model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        bandwidth = measure_bandwidth(device)
+        floor = floor_bytes / bandwidth
         ours["bandwidth_GBps"] = bandwidth / 1e9
         ours["decode_floor_ms"] = 1e3 * floor
         ours["decode_bandwidth_fraction"] = 1e3 * floor / ours["tpot_ms_p50"]
         print(f"decode: TPOT p50 {ours['tpot_ms_p50']:.2f} ms vs bandwidth floor {1e3 * floor:.2f} ms at batch {batch} "
               f"({bandwidth / 1e12:.2f} TB/s measured): {100 * ours['decode_bandwidth_fraction']:.0f}% of the bound")
-    llm.shutdown()
-    del llm, runner  # the KV cache and graphs go before transformers loads its copy of the model
     if a.compare == "hf":
         from .bench_hf import run_hf
 

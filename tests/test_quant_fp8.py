@@ -8,7 +8,7 @@ from safetensors import safe_open
 from tiny_models import engine_logits, make_tiny_llama, to_engine_model
 from tiny_tokenizer import make_tiny_tokenizer
 
-from _kernels.fp8_linear import (FP8_DTYPE, dequantize_fp8, fp8_linear_ref, fp8_linear_scaled_mm, fp8_scale,
+from llmapi._kernels.fp8_linear import (FP8_DTYPE, dequantize_fp8, fp8_linear_ref, fp8_linear_scaled_mm, fp8_scale,
                                  quantize_fp8, quantize_fp8_per_token, quantize_fp8_weight)
 from llmapi import LLM, QuantConfig, SamplingParams
 from llmapi.engine import cache

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from tiny_models import PagedDriver, engine_logits, make_tiny_gpt2, make_tiny_llama
 from tiny_tokenizer import SENTENCES, make_tiny_tokenizer
 
-from _kernels.int8_linear import (dequantize_int8, int8_gemm_ref, int8_linear_int_mm, int8_linear_ref, int8_scale,
+from llmapi._kernels.int8_linear import (dequantize_int8, int8_gemm_ref, int8_linear_int_mm, int8_linear_ref, int8_scale,
                                   quantize_int8, quantize_int8_per_token, quantize_int8_weight)
 from llmapi import LLM, QuantConfig, SamplingParams
 from llmapi.engine import cache
