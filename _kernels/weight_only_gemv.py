@@ -70,17 +70,67 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One token (batch-1 decode): each thread keeps its partial products over the whole of K in registers and
+    # the block reduces once at the end, instead of a cross-thread reduction per chunk.
+    pid = tl.program_id(0)
+    rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = rows_n < N
+    WIDTH: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K  # weight bytes per row and chunk
+    acc = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
+    x_acc = tl.zeros((WIDTH,), dtype=tl.float32)  # per-channel zero points: sum of x over K
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 * WIDTH // BLOCK_K + tl.arange(0, WIDTH)
+        w = tl.load(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+        if BITS == 4:
+            xe = tl.load(x_ptr + 2 * cols).to(tl.float32)  # even features: low nibbles
+            xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
+            prod = ((w << 28) >> 28).to(tl.float32) * xe[None, :] + (w >> 4).to(tl.float32) * xo[None, :]
+            xs = xe + xo
+        else:
+            xs = tl.load(x_ptr + cols).to(tl.float32)
+            prod = w.to(tl.float32) * xs[None, :]
+        if GROUP > 0:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rows_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rows_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+                prod = prod - z[:, None] * xs[None, :]
+            acc += prod * s[:, None]
+        else:
+            acc += prod
+            x_acc += xs
+    y = tl.sum(acc, axis=1)  # [BN]
+    if GROUP == 0:
+        s = tl.load(s_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            y = y - tl.load(z_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32) * tl.sum(x_acc, axis=0)
+        y = y * s
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _block_k(k: int, group: int) -> int:
+    """Input features per chunk: within one group; per channel, long chunks (measured best on an H100)."""
+    if group:
+        return min(group, 128)
+    return 512 if k % 512 == 0 else 128
+
+
 def _config(k: int, group: int, block_k: int | None = None, block_n: int = 16, num_warps: int = 4):
     """(BLOCK_K, BLOCK_N, num_warps): a chunk of input features never spans two groups."""
-    if block_k is None:
-        block_k = min(group, 128) if group else 128
+    block_k = block_k or _block_k(k, group)
     assert k % block_k == 0 and (not group or group % block_k == 0), (k, group, block_k)
     return block_k, block_n, num_warps
 
 
 def gemv_supported(rows: int, in_features: int, bits: int, group_size: int | None) -> bool:
     """Whether weight_only_gemv takes this product (else: the dequantize + matmul reference)."""
-    block_k = min(group_size, 128) if group_size else 128
+    block_k = _block_k(in_features, group_size or 0)
     pow2 = block_k & (block_k - 1) == 0
     return (rows <= MAX_ROWS and bits in (4, 8) and pow2 and block_k >= 16 and in_features % block_k == 0
             and (not group_size or group_size % block_k == 0))
@@ -105,8 +155,15 @@ def weight_only_gemv(
     block_k, block_n, warps = _config(k, group, **tune)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     stride_sn = scale.stride(0) if scale.dim() == 2 else 1
+    zero = scale if zero_point is None else zero_point
+    if m == 1:
+        _gemv_row_kernel[(triton.cdiv(n, block_n),)](
+            x, qweight, scale, zero, x if bias is None else bias, out, n, k, qweight.stride(0), stride_sn,
+            BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        return out
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, qweight, scale, scale if zero_point is None else zero_point, x if bias is None else bias, out,
+        x, qweight, scale, zero, x if bias is None else bias, out,
         m, n, k, x.stride(0), qweight.stride(0), stride_sn, out.stride(0),
         BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,

@@ -18,6 +18,8 @@ CASES = [  # rows, out features, in features, bits, group size, zero points, bia
     (8, 17, 256, 8, None, True, False, torch.float32),
     (2, 32, 256, 8, 128, False, True, torch.bfloat16),
     (5, 16, 64, 4, 32, True, False, torch.float32),
+    (1, 24, 256, 4, 64, True, True, torch.float32),  # one row: its own kernel
+    (1, 20, 256, 8, None, True, True, torch.float16),
 ]
 
 

@@ -93,8 +93,10 @@ def _check_scaled_mm(mode, tokens, dtype, device):
     expected = fp8_linear_ref(x.float(), q, ws, bias.float(), act)  # the CPU reference, float32
     move = (lambda t: None if t is None else t.to(device))
     y = fp8_linear_scaled_mm(move(x), move(q), move(ws), move(bias), move(act)).float().cpu()
-    # float32 output: only summation order differs; bf16 output: its 2^-8 rounding plus that of x in bf16.
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    # float32 output: only summation order differs on the CPU; Hopper's FP8 tensor cores keep only about 14
+    # mantissa bits while they accumulate (measured on an H100: up to 4.5e-4 relative at K=64), hence 2e-3 there.
+    # bf16 output: its 2^-8 rounding plus that of x in bf16.
+    tol = (1e-4 if device == "cpu" else 2e-3) if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, expected, rtol=tol, atol=tol * float(expected.abs().max()))
 
 
