@@ -109,7 +109,8 @@ class LlmArgs:
     max_logprobs: int = 20
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
     quant: Any = None
-    """Weight quantization: None, "int8_weight_only", "int4_weight_only", or a QuantConfig (see llmapi.quantization)."""
+    """Quantization: None, "int8_weight_only", "int4_weight_only", "fp8_kv_cache", "int8_kv_cache", or a
+    QuantConfig (its kv_cache_quant_algo sets the KV-cache dtype; see llmapi.quantization)."""
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and self.model != "", "model", self.model,

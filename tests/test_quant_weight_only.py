@@ -134,8 +134,6 @@ def test_quant_errors():
             LLM("unused", quant=planned)
     with pytest.raises(ValueError, match="group_size"):
         QuantConfig("W4A16", group_size=32)
-    with pytest.raises(ValueError, match="kv_cache_quant_algo.*not supported yet"):
-        QuantConfig("W8A16", kv_cache_quant_algo="FP8")
     with pytest.raises(ValueError, match="quant_algo.*not supported yet"):
         QuantConfig("FP8")
     with pytest.raises(ValueError, match="quant_algo"):

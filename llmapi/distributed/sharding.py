@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Iterator, Mapping as MappingABC
 
 import torch
@@ -13,6 +14,7 @@ from llmapi.distributed.tensor_parallel import apply_tensor_parallel
 from llmapi.models import get_model_class
 from llmapi.models.base import dummy_tensor
 from llmapi.quantization.config import QuantConfig
+from llmapi.quantization.kv_cache import apply_kv_cache_quant, default_kv_scales
 from llmapi.quantization.weight_only import apply_weight_only, quantize_weights
 
 
@@ -28,6 +30,7 @@ def build_rank_model(engine_config: dict, mapping: Mapping, device, dtype: torch
     apply_pipeline_stage(model, cfg, mapping)
     apply_tensor_parallel(model, cfg, mapping, comm, dim)
     apply_weight_only(model, QuantConfig.from_dict(cfg.get("quantization")))
+    apply_kv_cache_quant(model, QuantConfig.from_dict(cfg.get("quantization")))
     if str(device) != "meta":
         model.materialize(device, dtype)
     return model
@@ -73,7 +76,11 @@ def load_rank_model(model: nn.Module, engine_dir, rank: int, dummy: bool, engine
     if dummy:
         full = DummyWeights(engine_config, dtype, seed=0, device=device)
         quant = QuantConfig.from_dict(engine_config.get("quantization"))
-        weights = shard_weights(model, full if quant is None else quantize_weights(full, quant))
+        if quant is not None and quant.quant_algo is not None:
+            full = quantize_weights(full, quant)
+        if quant is not None and quant.kv_cache_quant_algo is not None:
+            full = ChainMap(default_kv_scales(quant, engine_config["num_hidden_layers"], dtype), full)
+        weights = shard_weights(model, full)
     else:
         from llmapi.engine.format import load_rank_weights
 

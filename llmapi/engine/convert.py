@@ -15,6 +15,7 @@ from llmapi.engine import format as fmt
 from llmapi.errors import ModelNotFoundError
 from llmapi.hub import ModelSource, weight_files
 from llmapi.quantization.config import QuantConfig
+from llmapi.quantization.kv_cache import kv_cache_scales
 from llmapi.quantization.weight_only import quantize_weights
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _engine_tokenizer(out_dir: Path):
+    """The tokenizer copied into the engine being built (INT8 KV-cache calibration tokenizes text with it)."""
+    from llmapi.tokenizer import load_tokenizer
+
+    return load_tokenizer(out_dir)
+
+
 def save_sharded(out_dir: Path, engine_config: dict, mapping: RankMapping, weights: dict) -> None:
     """Write rank{r}.safetensors for every rank: the full weights on one rank, else each rank's cut."""
     if mapping.world_size == 1:
@@ -186,7 +194,9 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
     else:
         try:
             engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
-            weights = quantize_weights(weights, QuantConfig.from_dict(settings.quantization))
+            quant = QuantConfig.from_dict(settings.quantization)
+            kv_scales = kv_cache_scales(quant, engine_config, weights, lambda: _engine_tokenizer(out_dir))
+            weights = {**quantize_weights(weights, quant), **kv_scales}
         finally:
             if isinstance(state_dict, LazyStateDict):
                 state_dict.close()

@@ -40,7 +40,7 @@ class WeightOnlyLinear(nn.Module):
 
 def apply_weight_only(model: nn.Module, quant: QuantConfig | None) -> None:
     """Swap every decoder layer's qkv, dense, gate_up/fc and proj for a WeightOnlyLinear (model on meta)."""
-    if quant is None:
+    if quant is None or quant.quant_algo is None:
         return
     for layer in model.transformer.layers:
         for block_name, linear_name in _LINEARS:
@@ -56,7 +56,7 @@ def is_quantized_linear_weight(name: str) -> bool:
 
 def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | None) -> dict[str, torch.Tensor]:
     """Engine weights with every linear's `weight` quantized and its `weights_scaling_factor` added."""
-    if quant is None:
+    if quant is None or quant.quant_algo is None:
         return dict(weights)
     out = {}
     for name in list(weights):
