@@ -2,23 +2,27 @@
 
 # Reference: paged_attention_ref with every query length 1. Each program takes one (request, kv head,
 # split): the GROUP query heads that share the kv head form the rows of one tile, so each K/V tile is
-# read once per kv head. A second kernel merges the splits by their log-sum-exp.
+# read once per kv head. A second kernel merges the splits by their log-sum-exp. An int8 / fp8 cache's
+# codes enter the dots as they are (exact in the dot dtype); the K scale joins the softmax scale and the
+# V scale multiplies the output.
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import dot_args
+from .kv_write import kv_quant_args, load_kv_scales
 
 BLOCK_N = 64  # keys per tile
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                         part_lse_ptr, q_stride_t, q_stride_h, bt_stride, cache_stride_block, scale_log2,
+                         part_lse_ptr, scale_ptr, q_stride_t, q_stride_h, bt_stride, cache_stride_block, scale_log2,
                          NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                          HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         KV_QUANT: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -27,6 +31,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    k_scale, v_scale = load_kv_scales(scale_ptr, KV_QUANT)
+    qk_scale = scale_log2 * k_scale
 
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, BLOCK_D)
@@ -47,7 +53,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale_log2  # [GROUP_P, BLOCK_N]
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [GROUP_P, BLOCK_N]
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
@@ -56,7 +62,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         m = m_new
     has = l > 0
-    out = acc / tl.where(has, l, 1.0)[:, None]
+    out = acc / tl.where(has, l, 1.0)[:, None] * v_scale
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
     base = (r * NH + head) * NUM_SPLITS + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
     tl.store(part_out_ptr + base[:, None] * HD + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
@@ -98,11 +104,13 @@ def paged_decode_attention(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,  # [R, nh, hd]
+    kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
 ) -> torch.Tensor:
     """Attention of each request's single query over its whole cached context."""
     num_requests, nh, hd = q.shape
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
+    scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
     out = torch.empty_like(q) if out is None else out
     if num_requests == 0:
         return out
@@ -111,10 +119,10 @@ def paged_decode_attention(
     part_lse = torch.empty((num_requests, nh, num_splits), dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(hd)
     _decode_split_kernel[(num_requests, nkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, q.stride(0), q.stride(1),
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale_ptr, q.stride(0), q.stride(1),
         block_tables.stride(0), k_cache.stride(0), scale * 1.4426950408889634,
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
+        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, KV_QUANT=kv_quant,
         **dot_args(q.dtype), num_warps=4, num_stages=3,
     )
     _merge_splits_kernel[(num_requests, nh)](

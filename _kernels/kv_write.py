@@ -4,11 +4,60 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_quant import is_quantized
+
+KV_QUANT = {torch.int8: 1, torch.float8_e4m3fn: 2}
+"""The KV_QUANT constexpr of the kernels, by cache dtype; a float cache is 0."""
+
+
+def kv_quant_args(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(scale pointer, KV_QUANT) for a launch; a float cache passes the cache itself, never read as a scale."""
+    if not is_quantized(k_cache):
+        return k_cache, 0
+    if kv_scale is None or kv_scale.numel() != 2:
+        raise ValueError("a quantized KV cache needs kv_scale, its [2] (K, V) scales")
+    return kv_scale, KV_QUANT[k_cache.dtype]
+
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def load_kv_scales(scale_ptr, KV_QUANT: tl.constexpr):
+    """(K scale, V scale) as float32; (1, 1) for a float cache."""
+    if KV_QUANT == 0:
+        return 1.0, 1.0
+    return tl.load(scale_ptr).to(tl.float32), tl.load(scale_ptr + 1).to(tl.float32)
+
+
+@triton.jit
+def _round_half_even(y):
+    """y rounded to an integer, ties to even, for |y| <= 2**22: adding 1.5 * 2**23 leaves no fraction bits."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def to_cache(x, scale, out_ty: tl.constexpr, KV_QUANT: tl.constexpr):
+    """float32 x as stored in a cache of `out_ty`: for a quantized cache the codes of x / scale (saturating),
+    computed as quantize_kv_ref does: x times the correctly rounded 1 / scale, then round half to even onto
+    the int8 or E4M3 grid."""
+    if KV_QUANT == 0:
+        return x.to(out_ty)
+    y = x * tl.math.div_rn(1.0, scale)
+    if KV_QUANT == 1:
+        return _round_half_even(tl.clamp(y, -127.0, 127.0)).to(tl.int8)
+    # Rounded onto the E4M3 grid here, so the cast below is exact: Triton's interpreter rounds float32 ->
+    # fp8 wrongly where the mantissa carries into the exponent. Subnormals share the smallest normal
+    # binade's step 2**-9; the interpreter drops the sign of a zero (a -0 code reads as 0 all the same).
+    y = tl.clamp(y, -448.0, 448.0)
+    exponent = tl.maximum((y.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
+    step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3): E4M3 has 3 mantissa bits
+    inv_step = ((257 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / step, exact (no division)
+    return (_round_half_even(y * inv_step) * step).to(out_ty)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, scale_ptr,
                      k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-                     NKV: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     NKV: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     KV_QUANT: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:  # negative: a padding token, nothing to write
@@ -16,10 +65,11 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < NKV) & (d < HD)
         dst = slot * (NKV * HD) + h * HD + d  # [BLOCK_H, BLOCK_D]: the cache is [slots, nkv, hd]
-        k = tl.load(k_ptr + t * k_stride_t + h * k_stride_h + d, mask=mask)
-        v = tl.load(v_ptr + t * v_stride_t + h * v_stride_h + d, mask=mask)
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        k = tl.load(k_ptr + t * k_stride_t + h * k_stride_h + d, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + t * v_stride_t + h * v_stride_h + d, mask=mask).to(tl.float32)
+        k_scale, v_scale = load_kv_scales(scale_ptr, KV_QUANT)
+        tl.store(k_cache_ptr + dst, to_cache(k, k_scale, k_cache_ptr.dtype.element_ty, KV_QUANT), mask=mask)
+        tl.store(v_cache_ptr + dst, to_cache(v, v_scale, v_cache_ptr.dtype.element_ty, KV_QUANT), mask=mask)
 
 
 def write_kv(
@@ -28,13 +78,15 @@ def write_kv(
     k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
     v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
     slot_mapping: torch.Tensor,  # [T] int: block * block_size + offset; negative = skip
+    kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
 ) -> None:
     """In-place scatter of K/V into the cache, as write_kv_ref; one program per token, no host sync."""
     num_tokens, nkv, hd = k.shape
     assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
     if num_tokens == 0:
         return
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        NKV=nkv, HD=hd, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(hd),
+        k, v, k_cache, v_cache, slot_mapping, scale_ptr, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        NKV=nkv, HD=hd, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(hd), KV_QUANT=kv_quant,
     )

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from .kv_quant import as_bytes, dequantize_kv_ref, is_quantized, quantize_kv_ref
+
 
 def write_kv_ref(
     k: torch.Tensor,  # [T, nkv, hd]
@@ -10,8 +12,9 @@ def write_kv_ref(
     k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd]
     v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd]
     slot_mapping: torch.Tensor,  # [T] int64: block * block_size + offset
+    kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of a quantized (int8 / fp8) cache
 ) -> None:
-    """Scatter this step's keys and values into their cache slots (in place).
+    """Scatter this step's keys and values into their cache slots (in place), quantized for a quantized cache.
 
     A negative slot marks a padding token (e.g. a batch padded to a captured graph size): it is skipped.
     """
@@ -22,29 +25,35 @@ def write_kv_ref(
     if bool((slots < 0).any()):
         keep = slots >= 0
         slots, k, v = slots[keep], k[keep], v[keep]
-    k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
-    v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
+    if is_quantized(k_cache):
+        k, v = quantize_kv_ref(k, kv_scale[0], k_cache.dtype), quantize_kv_ref(v, kv_scale[1], v_cache.dtype)
+        k_flat, v_flat, k, v = as_bytes(k_flat), as_bytes(v_flat), as_bytes(k), as_bytes(v)
+    k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
+    v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
 
 
-def _gather_kv(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """cache [num_blocks, block, nkv, hd], block_ids [..., nb] -> [..., nb * block, nkv, hd] (a copy)."""
-    blocks = cache[block_ids.to(torch.int64)]  # [..., nb, block, nkv, hd]
-    return blocks.flatten(-4, -3)
+def _gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """cache [num_blocks, block, nkv, hd], block_ids [..., nb] -> [..., nb * block, nkv, hd] in `dtype` (a copy);
+    a quantized cache's codes are dequantized with `scale`."""
+    blocks = as_bytes(cache)[block_ids.to(torch.int64)].flatten(-4, -3)  # [..., nb * block, nkv, hd]
+    if is_quantized(cache):
+        return dequantize_kv_ref(blocks.view(cache.dtype), scale, dtype)
+    return blocks.to(dtype)
 
 
-def _decode_attention(q, k_cache, v_cache, rows, context_lens, block_tables, scale, out):
+def _decode_attention(q, k_cache, v_cache, rows, context_lens, block_tables, scale, kv_scale, out):
     """All one-token queries of the batch in one call: each attends to its whole context."""
     d, nh, hd = len(rows), q.shape[1], q.shape[2]
     block_size, nkv = k_cache.shape[1], k_cache.shape[2]
     ctx = context_lens.to(torch.int64)  # [D]
     num_blocks = (int(ctx.max()) + block_size - 1) // block_size
-    k = _gather_kv(k_cache, block_tables[:, :num_blocks]).transpose(1, 2)  # [D, nkv, S, hd]
-    v = _gather_kv(v_cache, block_tables[:, :num_blocks]).transpose(1, 2)  # [D, nkv, S, hd]
+    k = _gather_kv(k_cache, block_tables[:, :num_blocks], kv_scale[0], q.dtype).transpose(1, 2)  # [D, nkv, S, hd]
+    v = _gather_kv(v_cache, block_tables[:, :num_blocks], kv_scale[1], q.dtype).transpose(1, 2)  # [D, nkv, S, hd]
     # The q heads sharing one kv head (GQA) stand in for the query-length axis: no kv repeat needed.
     qd = q[rows].view(d, nkv, nh // nkv, hd)  # [D, nkv, group, hd]
     key_pos = torch.arange(k.shape[2], device=q.device)  # [S]
     mask = (key_pos[None, :] < ctx[:, None])[:, None, None, :]  # [D, 1, 1, S]: padding blocks masked out
-    o = F.scaled_dot_product_attention(qd, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale)
     out[rows] = o.reshape(d, nh, hd)
 
 
@@ -74,12 +83,15 @@ def paged_attention_ref(
     context_lens: torch.Tensor,  # [R] int32, tokens with KV in the cache (this step's included)
     block_tables: torch.Tensor,  # [R, max_blocks] int32, padded with any valid block id
     scale: float,
+    kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of a quantized cache
 ) -> torch.Tensor:  # [T, nh, hd]
     """Attention of a packed batch of prefill chunks and decodes over the paged KV cache (GQA-aware).
 
     Query j of request r sits at position context_lens[r] - query_len[r] + j and attends to every cached
-    position <= its own. This step's K/V must already be in the cache (write_kv_ref).
+    position <= its own. This step's K/V must already be in the cache (write_kv_ref). A quantized cache is
+    dequantized (codes times scale, in float32, then the query's dtype) before the float attention.
     """
+    kv_scale = (None, None) if kv_scale is None else kv_scale
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     ctx_lens = context_lens.tolist()
@@ -88,15 +100,15 @@ def paged_attention_ref(
     if decodes:
         idx = torch.tensor(decodes, device=q.device)
         rows = query_start_loc[:-1].to(torch.int64)[idx]  # [D] token index of each decode
-        _decode_attention(q, k_cache, v_cache, rows, context_lens[idx], block_tables[idx], scale, out)
+        _decode_attention(q, k_cache, v_cache, rows, context_lens[idx], block_tables[idx], scale, kv_scale, out)
     for r in range(len(ctx_lens)):
         start, end = starts[r], starts[r + 1]
         if end - start <= 1:
             continue
         num_blocks = (ctx_lens[r] + block_size - 1) // block_size
-        k = _gather_kv(k_cache, block_tables[r, :num_blocks])[: ctx_lens[r]]  # [S, nkv, hd]
-        v = _gather_kv(v_cache, block_tables[r, :num_blocks])[: ctx_lens[r]]
-        out[start:end] = _chunk_attention(q[start:end], k.to(q.dtype), v.to(q.dtype), scale)
+        k = _gather_kv(k_cache, block_tables[r, :num_blocks], kv_scale[0], q.dtype)[: ctx_lens[r]]  # [S, nkv, hd]
+        v = _gather_kv(v_cache, block_tables[r, :num_blocks], kv_scale[1], q.dtype)[: ctx_lens[r]]
+        out[start:end] = _chunk_attention(q[start:end], k, v, scale)
     return out
 
 

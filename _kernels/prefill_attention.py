@@ -3,13 +3,15 @@
 # Reference: paged_attention_ref. A program takes BLOCK_Q query tokens of one request and one kv head;
 # its tile rows are (token, query head of the kv head's group) pairs, so K/V tiles are read once per
 # kv head (GQA). Programs find their request by binary search over query_start_loc, so the grid is
-# sized from the token and request counts alone, with no host sync.
+# sized from the token and request counts alone, with no host sync. An int8 / fp8 cache is read as in
+# decode_attention: codes into the dots, the K scale in the softmax scale, the V scale on the output.
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import dot_args
+from .kv_write import kv_quant_args, load_kv_scales
 
 BLOCK_M = 64  # tile rows: BLOCK_Q tokens x GROUP_P heads
 BLOCK_N = 64  # keys per tile
@@ -32,12 +34,12 @@ def _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q: tl.conste
 
 @triton.jit
 def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, context_lens_ptr,
-                             block_tables_ptr, num_requests, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
-                             bt_stride, cache_stride_block, scale_log2,
+                             block_tables_ptr, scale_ptr, num_requests, q_stride_t, q_stride_h, out_stride_t,
+                             out_stride_h, bt_stride, cache_stride_block, scale_log2,
                              NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                              HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                              BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     q_block = tl.program_id(0)
     kvh = tl.program_id(1)
     r = _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q)
@@ -59,6 +61,8 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_D]
         q_pos = first_pos + tok  # [BLOCK_M]
         kv_end = first_pos + tl.minimum(q_len, (local + 1) * BLOCK_Q)  # keys past the block's last query: unused
+        k_scale, v_scale = load_kv_scales(scale_ptr, KV_QUANT)
+        qk_scale = scale_log2 * k_scale
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -72,7 +76,7 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
             kv_mask = key_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             s = tl.where(key_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
@@ -80,7 +84,7 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
             m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        out = acc / tl.where(l > 0, l, 1.0)[:, None] * v_scale
         tl.store(out_ptr + t_row[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -94,12 +98,14 @@ def paged_packed_attention(
     block_tables: torch.Tensor,  # [R, max_blocks] int32
     scale: float,
     out: torch.Tensor | None = None,  # [T, nh, hd]
+    kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
 ) -> torch.Tensor:
     """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref."""
     num_tokens, nh, hd = q.shape
     num_requests = context_lens.shape[0]
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
+    scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
     out = torch.empty_like(q) if out is None else out
     if num_tokens == 0:
         return out
@@ -110,10 +116,10 @@ def paged_packed_attention(
     # An upper bound on the q blocks: each request adds at most one partly filled block.
     grid = (num_tokens // block_q + num_requests, nkv)
     _packed_attention_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, context_lens, block_tables, num_requests,
+        q, k_cache, v_cache, out, query_start_loc, context_lens, block_tables, scale_ptr, num_requests,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
         scale * 1.4426950408889634, NKV=nkv, GROUP=group, GROUP_P=group_p, HD=hd,
         BLOCK_D=triton.next_power_of_2(hd), PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        **dot_args(q.dtype), num_warps=4, num_stages=2,
+        KV_QUANT=kv_quant, **dot_args(q.dtype), num_warps=4, num_stages=2,
     )
     return out

@@ -113,8 +113,8 @@ class LlmArgs:
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
     quant: Any = None
     """Quantization: None, a short string ("int8_weight_only", "int4_weight_only", "int4_awq", "fp8",
-    "fp8_per_token", "smoothquant") or a QuantConfig (see llmapi.quantization); a GPTQ checkpoint is detected
-    and loaded as such with None."""
+    "fp8_per_token", "smoothquant", "fp8_kv_cache", "int8_kv_cache") or a QuantConfig (see llmapi.quantization;
+    its kv_cache_quant_algo sets the KV-cache dtype); a GPTQ checkpoint is detected and loaded as such with None."""
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and self.model != "", "model", self.model,

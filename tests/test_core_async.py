@@ -145,7 +145,7 @@ def test_only_plain_requests_run_ahead():
     s.add(Request(8, [1, 2], bad_words=[[9]], min_tokens=3, eos_token_ids=[0], temperature=0.5,
                   seed=11, **plain))
     s.add(Request(9, [1, 2], token_history=True, **plain))
-    out1 = s.schedule()
+    assert len(s.schedule().scheduled) == 9  # every request once: the first step
     out2 = s.schedule()
     assert [x.request_id for x in out2.scheduled] == [1, 8]
     b = s.make_batch(out2)

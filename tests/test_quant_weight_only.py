@@ -119,12 +119,8 @@ def test_quantized_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
 def test_quant_errors():
     with pytest.raises(ValueError, match="unknown.*int8_weight_only"):
         LLM("unused", quant="int3_magic")
-    with pytest.raises(ValueError, match="not supported yet"):
-        LLM("unused", quant="int8_kv_cache")
     with pytest.raises(ValueError, match="group_size"):
         QuantConfig("W4A16", group_size=32)
-    with pytest.raises(ValueError, match="kv_cache_quant_algo.*not supported yet"):
-        QuantConfig("W8A16", kv_cache_quant_algo="FP8")
     with pytest.raises(ValueError, match="quant_algo.*not supported yet"):
         QuantConfig("INT8")
     with pytest.raises(ValueError, match="quant_algo"):

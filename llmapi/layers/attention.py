@@ -70,11 +70,14 @@ class Attention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends over it.
 
     Head counts come from the tensors, so a tensor-parallel shard (fewer heads per rank) needs no change here.
+    An int8 / float8 cache (its dtype says which) is written quantized and read dequantized with the [2]
+    (K, V) `kv_cache_scaling_factor` that llmapi.quantization.kv_cache gives the module.
     """
 
     def __init__(self, scale: float):
         super().__init__()
         self.scale = scale
+        self.register_parameter("kv_cache_scaling_factor", None)  # [2] with a quantized cache
 
     def forward(
         self,
@@ -85,23 +88,26 @@ class Attention(nn.Module):
         attn: AttentionMetadata,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, sin) [T, hd] to apply to q and k first
     ) -> torch.Tensor:  # [T, nh, hd]
+        kv_scale = self.kv_cache_scaling_factor
+        assert kv_cache is None or (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn))
         if kv_cache is not None and use_triton(q):
-            return _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary)
+            return _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale)
         if rotary is not None:
             q, k = rotate_qk(q, k, *rotary)
         if kv_cache is None:
             # No cache (e.g. a memory-profiling run): every request's query is its whole sequence.
             return varlen_causal_attention_ref(q, k, v, attn.query_start_loc, self.scale)
-        write_kv_ref(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
+        write_kv_ref(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
         return paged_attention_ref(
-            q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens, attn.block_tables, self.scale
+            q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens, attn.block_tables, self.scale,
+            kv_scale,
         )
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}"
 
 
-def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary) -> torch.Tensor:
+def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale) -> torch.Tensor:
     """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention."""
     from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
@@ -109,12 +115,12 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     from llmapi._kernels.rotary import rotary_write_kv_
 
     if rotary is not None:
-        rotary_write_kv_(q, k, v, *rotary, kv_cache[0], kv_cache[1], attn.slot_mapping)
+        rotary_write_kv_(q, k, v, *rotary, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
     else:
-        write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping)
+        write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
     if attn.max_query_len == 1:  # decodes only: request r's token is row r
         splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], attn.max_context_len)
         return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,
-                                      splits)
+                                      splits, kv_scale=kv_scale)
     return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
-                                  attn.block_tables, scale)
+                                  attn.block_tables, scale, kv_scale=kv_scale)

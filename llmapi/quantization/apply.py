@@ -9,6 +9,7 @@ from torch import nn
 
 from llmapi.quantization.calibration import ActivationStats, calibration_texts, collect_activation_stats
 from llmapi.quantization.config import FP8_ALGOS, SMOOTHQUANT_ALGOS, WEIGHT_ONLY_BITS, QuantConfig
+from llmapi.quantization.kv_cache import apply_kv_cache_quant, kv_cache_scales
 from llmapi.quantization.fp8 import Fp8Linear, check_fp8_device, quantize_fp8_linear
 from llmapi.quantization.smoothquant import (SmoothQuantLinear, has_prequant, quantize_smoothquant_linear,
                                              smooth_weights)
@@ -30,8 +31,10 @@ def _quantized_linear(linear: nn.Linear, quant: QuantConfig, name: str) -> nn.Mo
 
 
 def apply_quantization(model: nn.Module, quant: QuantConfig | None) -> None:
-    """Swap every decoder layer's qkv, dense, gate_up/fc and proj for the mode's quantized linear (model on meta)."""
-    if quant is None:
+    """Swap every decoder layer's qkv, dense, gate_up/fc and proj for the mode's quantized linear, and give the
+    attentions their KV-cache scales when the cache is quantized (model on meta)."""
+    apply_kv_cache_quant(model, quant)
+    if quant is None or quant.quant_algo is None:
         return
     for layer in model.transformer.layers:
         for block_name, linear_name in LINEARS:
@@ -62,10 +65,14 @@ def quantize_engine_weights(weights: Mapping[str, torch.Tensor], quant: QuantCon
                             stats: ActivationStats | None = None) -> dict[str, torch.Tensor]:
     """Engine weights with every linear quantized and its scales added, named as the swapped modules' parameters.
 
-    stats: calibration of the float model (needed by FP8, SmoothQuant and AWQ). None (dummy weights for benchmarks)
+    stats: calibration of the float model (needed by FP8, SmoothQuant, AWQ and the INT8 KV cache). None (dummy weights for benchmarks)
     means no smoothing and unit activation ranges: right shapes and dtypes, meaningless activation scales.
     """
     if quant is None:
+        return dict(weights)
+    if quant.kv_cache_quant_algo is not None:
+        weights = {**weights, **kv_cache_scales(quant, weights, None if stats is None else stats.kv_amax)}
+    if quant.quant_algo is None:
         return dict(weights)
     algo = quant.quant_algo
     if algo in WEIGHT_ONLY_BITS:

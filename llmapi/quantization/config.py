@@ -36,9 +36,12 @@ KNOWN_STRINGS = {
     "smoothquant": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
 }
 """Short `quant=` strings that are built today, and their quant_algo."""
-PLANNED_STRINGS = ("int8_kv_cache", "fp8_kv_cache")
-"""Documented short strings whose modes are not supported yet: a clear error rather than "unknown"."""
+KV_CACHE_ALGOS = ("FP8", "INT8")
+"""kv_cache_quant_algo values: the paged KV cache in float8 E4M3 or int8, per-layer K and V scales."""
+KV_CACHE_STRINGS = {"fp8_kv_cache": "FP8", "int8_kv_cache": "INT8"}
+"""Short `quant=` strings that quantize only the KV cache, and their kv_cache_quant_algo."""
 PLANNED_ALGOS = ("INT8",)
+"""TensorRT-LLM QuantAlgo names not built yet: a clear error rather than "invalid"."""
 DEFAULT_ALPHA = 0.5
 """SmoothQuant's migration strength default (the paper's choice for most models)."""
 
@@ -57,21 +60,24 @@ def _is_int(v) -> bool:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How conversion quantizes the linear layers (qkv, dense, gate_up/fc, proj; never embeddings, head, norms)."""
+    """How conversion quantizes the linear layers (qkv, dense, gate_up/fc, proj; never embeddings, head, norms),
+    and the KV cache's dtype."""
 
-    quant_algo: str = "W8A16"
+    quant_algo: Optional[str] = "W8A16"
     """TensorRT-LLM QuantAlgo name: "W8A16" / "W4A16" (int8 / int4 weight-only), "W4A16_AWQ" (int4 with
     activation-aware scales), "W4A16_GPTQ" / "W8A16_GPTQ" (a GPTQ checkpoint's weights, with zero points),
-    "FP8", "FP8_PER_CHANNEL_PER_TOKEN", or a SmoothQuant "W8A8_SQ_*" value (see SMOOTHQUANT_ALGOS)."""
+    "FP8", "FP8_PER_CHANNEL_PER_TOKEN", or a SmoothQuant "W8A8_SQ_*" value (see SMOOTHQUANT_ALGOS); None leaves
+    the weights float (with a kv_cache_quant_algo)."""
     group_size: Optional[int] = None
     """Weight-only: None, one scale per output channel; 64 or 128, one scale per group of that many inputs
     (W4A16_AWQ: None means 128; GPTQ: the checkpoint's group size, any positive size)."""
     kv_cache_quant_algo: Optional[str] = None
-    """KV-cache quantization ("FP8", "INT8"): not supported yet, must be None."""
+    """KV-cache dtype: None (the model dtype), "FP8" (E4M3, K/V scales 1.0) or "INT8" (K/V scales amax / 127
+    calibrated at conversion); see llmapi.quantization.kv_cache."""
     smoothquant_alpha: float = DEFAULT_ALPHA
     """SmoothQuant (W8A8_SQ_*): migration strength in [0, 1]; s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)."""
     calibration_dataset: Optional[str] = None
-    """Calibrated modes (FP8, W8A8_SQ_*): a text file, one sample per line; None: gensim's lee_background.cor."""
+    """Calibrated modes (FP8, W4A16_AWQ, W8A8_SQ_*, INT8 KV cache): a text file, one sample per line; None: gensim's lee_background.cor."""
     calibration_samples: int = 64
     """Calibrated modes: how many texts of the dataset calibration runs (drawn with a fixed seed)."""
     calibration_max_seq_len: int = 512
@@ -80,7 +86,17 @@ class QuantConfig:
     """The dataset file's digest, so the cache key changes with its content; computed from the file when None."""
 
     def __post_init__(self):
-        algo = self.quant_algo
+        algo, kv = self.quant_algo, self.kv_cache_quant_algo
+        if kv is not None and kv not in KV_CACHE_ALGOS:
+            raise ValueError(f"kv_cache_quant_algo={kv!r} is invalid: must be None or one of {list(KV_CACHE_ALGOS)}")
+        if algo is None:
+            if kv is None:
+                raise ValueError("quant_algo=None and kv_cache_quant_algo=None: this QuantConfig quantizes nothing "
+                                 "(pass quant=None for a float engine)")
+            if self.group_size is not None:
+                raise ValueError(f"group_size={self.group_size!r} is invalid with quant_algo=None: must be None")
+            self._check_common()
+            return
         if algo in PLANNED_ALGOS:
             raise ValueError(f"quant_algo={algo!r} is not supported yet; supported: {list(SUPPORTED_ALGOS)}")
         if algo not in SUPPORTED_ALGOS:
@@ -95,8 +111,11 @@ class QuantConfig:
             raise ValueError(f"group_size={g!r} is invalid: must be None (per channel) or one of {GROUP_SIZES}")
         if g is not None and algo not in WEIGHT_ONLY_BITS:
             raise ValueError(f"group_size={g!r} is invalid for quant_algo={algo!r}: only weight-only modes have groups")
-        if self.kv_cache_quant_algo is not None:
-            raise ValueError(f"kv_cache_quant_algo={self.kv_cache_quant_algo!r} is not supported yet: must be None")
+        self._check_common()
+
+    def _check_common(self) -> None:
+        """Checks that hold with or without weight quantization."""
+        algo = self.quant_algo
         a = self.smoothquant_alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
             raise ValueError(f"smoothquant_alpha={a!r} is invalid: must be a number in [0, 1]")
@@ -113,8 +132,8 @@ class QuantConfig:
         custom = (self.calibration_dataset is not None or self.calibration_samples != 64
                   or self.calibration_max_seq_len != 512)
         if custom and not self.needs_calibration:
-            raise ValueError(f"calibration settings apply to calibrated modes {list(CALIBRATED_ALGOS)} only, "
-                             f"not {self.quant_algo!r}")
+            raise ValueError(f"calibration settings apply to calibrated modes {list(CALIBRATED_ALGOS)} and the INT8 "
+                             f"KV cache only, not quant_algo={self.quant_algo!r}")
         path = self.calibration_dataset
         if path is None:
             if self.calibration_dataset_sha256 is not None:
@@ -144,7 +163,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.quant_algo in CALIBRATED_ALGOS
+        return self.quant_algo in CALIBRATED_ALGOS or self.kv_cache_quant_algo == "INT8"
 
     def to_dict(self) -> dict:
         """The engine config.json `quantization` section (and the cache key's)."""
@@ -176,17 +195,18 @@ UNQUANTIZED = {"quant_algo": None, "kv_cache_quant_algo": None}
 
 
 def resolve_quant(quant: Union[str, QuantConfig, None]) -> Optional[QuantConfig]:
-    """LLM(quant=...): None, a short string (a KNOWN_STRINGS key, e.g. "fp8", "int4_awq") or a QuantConfig."""
+    """LLM(quant=...): None, a short string (a KNOWN_STRINGS or KV_CACHE_STRINGS key, e.g. "fp8", "int4_awq",
+    "int8_kv_cache") or a QuantConfig (which combines a weight mode with a KV-cache dtype)."""
+    known = sorted(KNOWN_STRINGS) + sorted(KV_CACHE_STRINGS)
     if quant is None or isinstance(quant, QuantConfig):
         return quant
     if not isinstance(quant, str):
-        raise ValueError(f"quant={quant!r} is invalid: must be None, a QuantConfig or one of {sorted(KNOWN_STRINGS)}")
+        raise ValueError(f"quant={quant!r} is invalid: must be None, a QuantConfig or one of {known}")
     if quant in KNOWN_STRINGS:
         return QuantConfig(quant_algo=KNOWN_STRINGS[quant])
+    if quant in KV_CACHE_STRINGS:
+        return QuantConfig(quant_algo=None, kv_cache_quant_algo=KV_CACHE_STRINGS[quant])
     if quant == "gptq":
         raise ValueError("quant='gptq' is invalid: GPTQ is detected from the checkpoint's quantization_config; "
                          "load a GPTQ checkpoint with quant=None")
-    if quant in PLANNED_STRINGS:
-        raise ValueError(f"quant={quant!r} is not supported yet; supported: {sorted(KNOWN_STRINGS)}")
-    raise ValueError(f"quant={quant!r} is unknown: known values are {sorted(KNOWN_STRINGS)} "
-                     f"(planned, not supported yet: {list(PLANNED_STRINGS)})")
+    raise ValueError(f"quant={quant!r} is unknown: known values are {known}")

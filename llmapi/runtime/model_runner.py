@@ -10,11 +10,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from .._kernels.kv_quant import as_bytes
 from ..config import KvCacheConfig
 from ..distributed.mapping import Mapping, local_kv_heads
 from ..distributed.sharding import build_rank_model, load_rank_model
 from ..engine.format import rank_file
 from ..layers.attention import AttentionMetadata
+from ..quantization.kv_cache import kv_cache_dtype
 from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .logits_records import LogitsRecords
@@ -80,6 +82,7 @@ class ModelRunner:
         self.config = engine_config
         self.device = device
         self.dtype = torch_dtype(engine_config["dtype"])
+        self.kv_dtype = kv_cache_dtype(engine_config, self.dtype)  # int8 / float8 for a quantized KV cache
         self.tokens_per_block = tokens_per_block
         self.mapping = mapping or Mapping()
         self.model = build_rank_model(engine_config, self.mapping, device, self.dtype, comm)
@@ -91,7 +94,7 @@ class ModelRunner:
         logger.info("weights loaded in %.2f s", time.perf_counter() - started)
         self.layers = self.mapping.stage_layers(engine_config["num_hidden_layers"])
         self.kv_heads = local_kv_heads(engine_config["num_key_value_heads"], self.mapping.tp_size)
-        self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.dtype,
+        self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.kv_dtype,
                                         tokens_per_block, len(self.layers), self.kv_heads)
         self.kv_caches: List[torch.Tensor] = []
         self.allocate_kv_caches(self.num_blocks)
@@ -120,7 +123,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = []  # the old cache goes first
         self.kv_caches = allocate_kv_caches(self.config, self.layers, num_blocks, self.tokens_per_block,
-                                            self.device, self.dtype, self.kv_heads)
+                                            self.device, self.kv_dtype, self.kv_heads)
 
     def _copy_blocks(self, copies: np.ndarray) -> None:
         """Copy-on-write of shared blocks: every layer's K and V of block src -> dst ([C, 2])."""
@@ -129,6 +132,7 @@ class ModelRunner:
         src = torch.tensor(copies[:, 0], dtype=torch.long, device=self.device)
         dst = torch.tensor(copies[:, 1], dtype=torch.long, device=self.device)
         for cache in self.kv_caches:  # [2, num_blocks, block, kv_heads, head_dim]
+            cache = as_bytes(cache)  # a float8 cache is copied as bytes: some CPU index kernels lack float8
             cache[:, dst] = cache[:, src]
 
     @staticmethod

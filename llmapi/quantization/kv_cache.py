@@ -1,0 +1,76 @@
+"""Quantized KV cache (kv_cache_quant_algo FP8 / INT8): the cache dtype, the per-layer K/V scales and their calibration."""
+
+# Each layer's attention holds `kv_cache_scaling_factor`, a [2] tensor (K scale, V scale): a cached code c
+# stands for c * scale. Engine tensor: transformer.layers.{i}.attention.attn.kv_cache_scaling_factor, written
+# by conversion in the engine dtype (the model holds it in that dtype, as every float tensor).
+#   FP8:  scales 1.0 (as vLLM without checkpoint scales): E4M3 keeps ~2 significant digits anywhere in
+#         [2**-6, 448], which holds K and V of real models, so no calibration text is needed.
+#   INT8: scales max|x| / 127 per layer for K (after rotary) and V, from the calibration text run through
+#         the float model (llmapi.quantization.calibration), as int8 has one fixed step per tensor.
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from llmapi._kernels.kv_quant import CACHE_DTYPES, kv_scales_from_amax
+from llmapi.errors import CorruptEngineError
+from llmapi.layers.attention import Attention
+from llmapi.quantization.config import QuantConfig
+
+SCALE_NAME = "transformer.layers.{}.attention.attn.kv_cache_scaling_factor"
+DUMMY_INT8_AMAX = 4.0
+"""The K/V amax assumed for a dummy-weight INT8 engine (nothing to calibrate on; speed does not depend on it):
+dummy weights (std 0.02) give K/V of a few units."""
+
+
+def kv_cache_algo(engine_config: dict) -> str | None:
+    """The engine's kv_cache_quant_algo (None: a cache in the model dtype)."""
+    return (engine_config.get("quantization") or {}).get("kv_cache_quant_algo")
+
+
+def kv_cache_dtype(engine_config: dict, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the paged KV cache is allocated in: int8 / float8_e4m3fn, or the model dtype."""
+    algo = kv_cache_algo(engine_config)
+    if algo is None:
+        return model_dtype
+    if algo not in CACHE_DTYPES:
+        raise CorruptEngineError(f"engine config has kv_cache_quant_algo={algo!r}; known: {sorted(CACHE_DTYPES)}")
+    return CACHE_DTYPES[algo]
+
+
+def apply_kv_cache_quant(model: nn.Module, quant: QuantConfig | None) -> None:
+    """Give every attention of `model` (built on meta) its [2] kv_cache_scaling_factor parameter."""
+    if quant is None or quant.kv_cache_quant_algo is None:
+        return
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kv_cache_scaling_factor = nn.Parameter(torch.empty(2, device="meta"), requires_grad=False)
+
+
+def default_kv_scales(quant: QuantConfig, num_layers: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Scales that need no calibration: 1.0 for FP8; for INT8 those of DUMMY_INT8_AMAX (dummy engines only)."""
+    cache_dtype = CACHE_DTYPES[quant.kv_cache_quant_algo]
+    amax = DUMMY_INT8_AMAX if quant.kv_cache_quant_algo == "INT8" else 0.0  # amax 0 gives scale 1.0
+    scales = kv_scales_from_amax(amax, amax, cache_dtype).to(dtype)
+    return {SCALE_NAME.format(i): scales.clone() for i in range(num_layers)}
+
+
+def kv_cache_scales(quant: QuantConfig, weights: Mapping[str, torch.Tensor],
+                    kv_amax: Mapping[int, tuple[float, float]] | None) -> dict[str, torch.Tensor]:
+    """The engine's kv_cache_scaling_factor tensors, in the dtype of the float `weights`.
+
+    kv_amax: layer -> (max |k| after rotary, max |v|) from calibration (ActivationStats.kv_amax); INT8 needs it
+    except for dummy weights (None: default_kv_scales).
+    """
+    num_layers = 1 + max(int(name.split(".")[2]) for name in weights if name.startswith("transformer.layers."))
+    dtype = next(iter(weights.values())).dtype
+    if quant.kv_cache_quant_algo == "FP8" or kv_amax is None:
+        return default_kv_scales(quant, num_layers, dtype)
+    missing = sorted(set(range(num_layers)) - set(kv_amax))
+    if missing:
+        raise ValueError(f"KV-cache calibration gave no amax for layer(s) {missing}")
+    cache_dtype = CACHE_DTYPES["INT8"]
+    return {SCALE_NAME.format(i): kv_scales_from_amax(*kv_amax[i], cache_dtype).to(dtype) for i in range(num_layers)}
