@@ -153,6 +153,7 @@ def test_cli_summarize_rouge_equals_rouge_score(tiny_llama_dir, capsys):
             assert result[side][t] == pytest.approx(want, abs=1e-9)
     assert result["engine"]["rouge1"] > 0  # the tiny model's words overlap the references a little
     assert result["engine"]["texts"] == result["transformers"]["texts"]  # fp32 greedy: the same tokens
+    assert result["engine"]["num_output_tokens"] == result["transformers"]["num_output_tokens"]
 
 
 def test_rouge_scores_by_hand():

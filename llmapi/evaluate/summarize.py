@@ -47,7 +47,10 @@ def engine_summaries(llm, prompts: Sequence[List[int]], max_tokens: int) -> Summ
     start = time.perf_counter()
     outs = llm.generate(list(prompts), SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
     texts = [o.outputs[0].text for o in outs]
-    return Summaries(texts, sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - start)
+    eos = set(llm.eos_token_ids)
+    # Counted without the EOS token, as hf_summaries counts them.
+    num_tokens = sum(len(t) - (bool(t) and t[-1] in eos) for t in (o.outputs[0].token_ids for o in outs))
+    return Summaries(texts, num_tokens, time.perf_counter() - start)
 
 
 def hf_summaries(model, tokenizer, prompts: Sequence[List[int]], max_tokens: int,
