@@ -88,10 +88,11 @@ def test_windowed_perplexity_equals_transformers_token_by_token(llm, hf):
     assert abs(whole.token_logprobs[30:] - got.token_logprobs[30:]).max() > 1e-3
 
 
-def test_perplexity_of_a_quantized_engine_is_close_to_float(tiny_llama_dir, llm):
+def test_perplexity_of_a_quantized_engine_is_close_to_float(tiny_llama_dir, llm, tmp_path):
     ids = _ids(100, seed=2)
     ref = engine_perplexity(llm, ids, max_seq_len=64, stride=32)
-    with LLM(str(tiny_llama_dir), quant="int8_weight_only") as q:
+    # Its own engine cache: other test files expect to build this quantized engine themselves.
+    with LLM(str(tiny_llama_dir), quant="int8_weight_only", cache_dir=str(tmp_path)) as q:
         got = engine_perplexity(q, ids, max_seq_len=64, stride=32)
     assert got.perplexity != ref.perplexity and got.perplexity == pytest.approx(ref.perplexity, rel=0.05)
 
