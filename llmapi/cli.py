@@ -1,4 +1,4 @@
-"""The `llmapi` command: `llmapi generate`, `llmapi build` and `llmapi bench`."""
+"""The `llmapi` command: `llmapi generate`, `llmapi build`, `llmapi bench` and `llmapi eval`."""
 
 from __future__ import annotations
 
@@ -94,13 +94,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_bench_arguments(c)
     c.set_defaults(func=bench_main)
 
+    from .evaluate.cli import add_arguments as add_eval_arguments
+
+    e = sub.add_parser("eval", help="quality: perplexity of a text, ROUGE of summaries (optionally vs transformers)")
+    add_eval_arguments(e)
+
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .errors import LLMAPIError
     try:
         return a.func(a)
-    except (LLMAPIError, ValueError) as e:
+    except (LLMAPIError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"llmapi: error: {e}", file=sys.stderr)
         return 2
 
