@@ -16,7 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quant", default=None, help="int8_weight_only or int4_weight_only (default: none)")
+    p.add_argument("--quant", default=None,
+                   help="int8_weight_only, int4_weight_only, fp8_kv_cache or int8_kv_cache (default: none)")
 
 
 def _generate(a: argparse.Namespace) -> int:

@@ -15,6 +15,10 @@ class UnsupportedModelError(LLMAPIError, ValueError):
     """The model's architecture or layout is not one llmapi can convert."""
 
 
+class UnsupportedDeviceError(LLMAPIError, RuntimeError):
+    """The device cannot run what was asked (e.g. FP8 below compute capability 8.9); the message says why."""
+
+
 class EngineCacheError(LLMAPIError):
     """The engine cache cannot be read or written."""
 
