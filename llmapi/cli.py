@@ -17,8 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quant", default=None,
-                   help="int8_weight_only, int4_weight_only, int4_awq, fp8, fp8_per_token or smoothquant "
-                        "(default: none; a GPTQ checkpoint is detected)")
+                   help="int8_weight_only, int4_weight_only, int4_awq, fp8, fp8_per_token, smoothquant, "
+                        "fp8_kv_cache or int8_kv_cache (default: none; a GPTQ checkpoint is detected)")
 
 
 def _generate(a: argparse.Namespace) -> int:

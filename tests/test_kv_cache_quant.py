@@ -82,6 +82,20 @@ def test_kv_cache_setting_and_errors():
         LLM("unused", quant="fp8_kv_cache", pipeline_parallel_size=2)
 
 
+def test_fp8_kv_cache_needs_sm89(monkeypatch):
+    from llmapi.errors import UnsupportedDeviceError
+
+    fp8 = {"quantization": QuantConfig(None, kv_cache_quant_algo="FP8").to_dict()}
+    int8 = {"quantization": QuantConfig(None, kv_cache_quant_algo="INT8").to_dict()}
+    kv_cache.check_kv_cache_device(fp8, "cpu")  # emulated: fine
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(UnsupportedDeviceError, match=r"compute capability >= 8\.9.*has compute capability 8\.0"):
+        kv_cache.check_kv_cache_device(fp8, "cuda")
+    kv_cache.check_kv_cache_device(int8, "cuda")  # int8 runs anywhere
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    kv_cache.check_kv_cache_device(fp8, "cuda")
+
+
 def test_kv_cache_capacity_grows_with_smaller_elements(tiny_llama_dir):
     cfg = {"num_key_value_heads": 2, "head_dim": 16}
     budget = KvCacheConfig(max_bytes=3 * 2**20)  # the same bytes for every cache dtype

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from llmapi._kernels.kv_quant import CACHE_DTYPES, kv_scales_from_amax
-from llmapi.errors import CorruptEngineError
+from llmapi.errors import CorruptEngineError, UnsupportedDeviceError
 from llmapi.layers.attention import Attention
 from llmapi.quantization.config import QuantConfig
 
 SCALE_NAME = "transformer.layers.{}.attention.attn.kv_cache_scaling_factor"
+FP8_MIN_CAPABILITY = (8, 9)
+"""CUDA compute capability whose Triton has float8 E4M3 (Ada sm_89, Hopper sm_90)."""
 DUMMY_INT8_AMAX = 4.0
 """The K/V amax assumed for a dummy-weight INT8 engine (nothing to calibrate on; speed does not depend on it):
 dummy weights (std 0.02) give K/V of a few units."""
@@ -39,6 +41,18 @@ def kv_cache_dtype(engine_config: dict, model_dtype: torch.dtype) -> torch.dtype
     if algo not in CACHE_DTYPES:
         raise CorruptEngineError(f"engine config has kv_cache_quant_algo={algo!r}; known: {sorted(CACHE_DTYPES)}")
     return CACHE_DTYPES[algo]
+
+
+def check_kv_cache_device(engine_config: dict, device) -> None:
+    """UnsupportedDeviceError for an FP8 KV cache on a CUDA device below sm_89; the CPU path emulates it."""
+    device = torch.device(device)
+    if kv_cache_algo(engine_config) != "FP8" or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        raise UnsupportedDeviceError(
+            f"kv_cache_quant_algo='FP8' needs float8 E4M3 support (compute capability >= 8.9, Ada or Hopper), but "
+            f"{device} has compute capability {major}.{minor}; use kv_cache_quant_algo='INT8' on this GPU")
 
 
 def apply_kv_cache_quant(model: nn.Module, quant: QuantConfig | None) -> None:

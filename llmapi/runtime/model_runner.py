@@ -16,7 +16,7 @@ from ..distributed.mapping import Mapping, local_kv_heads
 from ..distributed.sharding import build_rank_model, load_rank_model
 from ..engine.format import rank_file
 from ..layers.attention import AttentionMetadata
-from ..quantization.kv_cache import kv_cache_dtype
+from ..quantization.kv_cache import check_kv_cache_device, kv_cache_dtype
 from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .logits_records import LogitsRecords
@@ -82,6 +82,7 @@ class ModelRunner:
         self.config = engine_config
         self.device = device
         self.dtype = torch_dtype(engine_config["dtype"])
+        check_kv_cache_device(engine_config, device)
         self.kv_dtype = kv_cache_dtype(engine_config, self.dtype)  # int8 / float8 for a quantized KV cache
         self.tokens_per_block = tokens_per_block
         self.mapping = mapping or Mapping()
