@@ -110,7 +110,8 @@ def copy_tokenizer_files(src_dir: Path, engine_dir: Path) -> list[str]:
     return copied
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(8 << 20), b""):
@@ -121,7 +122,7 @@ def _sha256_file(path: Path) -> str:
 def write_manifest(engine_dir: Path) -> dict:
     """Record size and sha256 of every file in the engine; written last, so its presence means complete."""
     engine_dir = Path(engine_dir)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(engine_dir.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
     manifest = {"format_version": FORMAT_VERSION, "files": files}
     write_json(engine_dir / MANIFEST_FILE, manifest)
@@ -179,7 +180,7 @@ def check_engine(engine_dir: str | os.PathLike, full: bool = False) -> dict:
             _read_json(path, "listed in the manifest")
     if full:
         for name, meta in files.items():
-            if _sha256_file(engine_dir / name) != meta.get("sha256"):
+            if sha256_file(engine_dir / name) != meta.get("sha256"):
                 raise CorruptEngineError(f"engine {engine_dir}: {name} fails its sha256 check (content altered)")
     return manifest
 

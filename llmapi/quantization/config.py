@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -44,14 +43,6 @@ PLANNED_ALGOS = ("INT8",)
 """TensorRT-LLM QuantAlgo names not built yet: a clear error rather than "invalid"."""
 DEFAULT_ALPHA = 0.5
 """SmoothQuant's migration strength default (the paper's choice for most models)."""
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_int(v) -> bool:
@@ -143,9 +134,11 @@ class QuantConfig:
             raise ValueError(f"calibration_dataset={path!r} is invalid: must be None or a path to a text file")
         object.__setattr__(self, "calibration_dataset", os.path.abspath(os.fspath(path)))
         if self.calibration_dataset_sha256 is None:  # a new config: the file must be there
+            from llmapi.engine.format import sha256_file
+
             if not os.path.isfile(self.calibration_dataset):
                 raise ValueError(f"calibration_dataset={os.fspath(path)!r} is not a file (one sample per line)")
-            object.__setattr__(self, "calibration_dataset_sha256", _file_sha256(self.calibration_dataset))
+            object.__setattr__(self, "calibration_dataset_sha256", sha256_file(self.calibration_dataset))
 
     @property
     def bits(self) -> int:
