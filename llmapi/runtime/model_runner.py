@@ -67,8 +67,9 @@ class ModelRunner:
     processors, prompt logprobs or logits outputs) runs eagerly through `decode`, and `collect` then
     returns a StepOutput. Two steps may be in flight (async scheduling): a batch's placeholder
     input ids (Batch.prev_rows) are the ids the step submitted before it samples, filled in on the
-    device from `_prev_ids` before its forward or graph replay. `logits_processors` maps a request id to its Python logits processor (set by
-    the LLM before it enqueues the request); `records` keeps the prompt logprobs and logits outputs.
+    device from `_prev_ids` before its forward or graph replay. `logits_processors` maps a request
+    id to its Python logits processor (set by the LLM before it enqueues the request); `records`
+    keeps the prompt logprobs and logits outputs.
 
     With several ranks (`mapping`, `comm`: see llmapi.distributed) each rank holds its shard, and the
     rank's driver calls prepare / forward / logits / sample itself, eagerly (no CUDA graphs yet).
