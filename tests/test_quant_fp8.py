@@ -5,12 +5,12 @@ import importlib.util
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import engine_logits, make_tiny_llama, to_engine_model
+from tiny_models import check_cached_engine_generates, logits_rel_error, make_tiny_llama, to_engine_model
 from tiny_tokenizer import make_tiny_tokenizer
 
 from llmapi._kernels.fp8_linear import (FP8_DTYPE, dequantize_fp8, fp8_linear_ref, fp8_linear_scaled_mm, fp8_scale,
                                  quantize_fp8, quantize_fp8_per_token, quantize_fp8_weight)
-from llmapi import LLM, QuantConfig, SamplingParams
+from llmapi import LLM, QuantConfig
 from llmapi.engine import cache
 from llmapi.errors import UnsupportedDeviceError
 from llmapi.quantization.apply import apply_quantization, check_quant_device
@@ -183,16 +183,9 @@ def test_fp8_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
         amax = _hf_amax(hf, "model.layers.0.self_attn.q_proj", calibration_texts(), make_tiny_tokenizer(320))
         assert float(act) == pytest.approx(amax / 448, rel=1e-5)
 
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    out = llm.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0]
-    assert len(out.token_ids) == 6
-    again = LLM(str(tiny_llama_dir), device="cpu", quant=quant)  # a cache hit: no conversion, no calibration
-    assert not again.engine_built and cache.stats.builds == builds + 1
-    assert again.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0].token_ids == out.token_ids
-    for x in (ref, llm, again):
+    # A cache hit: no conversion, no calibration.
+    check_cached_engine_generates(tiny_llama_dir, llm, builds + 1, device="cpu", quant=quant)
+    for x in (ref, llm):
         x.shutdown()
-
-    prompts = [[5, 9, 17, 33, 4, 100, 7, 250], [3, 60, 61]]
-    fp = engine_logits(ref.engine_info.path, prompts)
-    rel = float((engine_logits(llm.engine_info.path, prompts) - fp).norm() / fp.norm())
+    rel = logits_rel_error(ref.engine_info.path, llm.engine_info.path)
     assert rel < bound, rel

@@ -5,12 +5,12 @@ import importlib.util
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import PagedDriver, engine_logits, make_tiny_gpt2, make_tiny_llama
+from tiny_models import PagedDriver, check_cached_engine_generates, logits_rel_error, make_tiny_gpt2, make_tiny_llama
 from tiny_tokenizer import SENTENCES, make_tiny_tokenizer
 
 from llmapi._kernels.int8_linear import (dequantize_int8, int8_gemm_ref, int8_linear_int_mm, int8_linear_ref, int8_scale,
                                   quantize_int8, quantize_int8_per_token, quantize_int8_weight)
-from llmapi import LLM, QuantConfig, SamplingParams
+from llmapi import LLM, QuantConfig
 from llmapi.engine import cache
 from llmapi.models import convert_hf, get_model_class
 from llmapi.quantization.calibration import collect_activation_stats
@@ -169,17 +169,10 @@ def test_smoothquant_end_to_end(tiny_llama_dir, tiny_gpt2_dir, model, quant, bou
         assert f"transformer.layers.{i}.attention.qkv.prequant_scaling_factor" not in names
         assert (f"transformer.layers.{i}.mlp.{fc}.activation_scaling_factor" in names) == (model == "gpt2")
 
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    out = llm.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0]
-    assert len(out.token_ids) == 6
-    again = LLM(path, device="cpu", quant=quant)
-    assert not again.engine_built and cache.stats.builds == builds + 1
-    assert again.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0].token_ids == out.token_ids
-    for x in (ref, llm, again):
+    check_cached_engine_generates(path, llm, builds + 1, device="cpu", quant=quant)
+    for x in (ref, llm):
         x.shutdown()
-    prompts = [[5, 9, 17, 33, 4, 100, 7, 250], [3, 60, 61]]
-    fp = engine_logits(ref.engine_info.path, prompts)
-    rel = float((engine_logits(llm.engine_info.path, prompts) - fp).norm() / fp.norm())
+    rel = logits_rel_error(ref.engine_info.path, llm.engine_info.path)
     assert rel < bound, rel
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import engine_logits
+from tiny_models import check_cached_engine_generates, logits_rel_error
 
 from llmapi._kernels.weight_only import (dequantize_ref, pack_int4, quantize_weight_ref, unpack_int4,
                                   weight_only_linear_ref)
-from llmapi import LLM, QuantConfig, SamplingParams
+from llmapi import LLM, QuantConfig
 from llmapi.engine import cache
 from llmapi.quantization.weight_only import WeightOnlyLinear
 
@@ -96,20 +96,10 @@ def test_quantized_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
         assert f"transformer.layers.1.{linear}.weights_scaling_factor" in names
     assert not any("scaling_factor" in n for n in names if "embedding" in n or "lm_head" in n or "norm" in n)
 
-    params = SamplingParams(max_tokens=6, temperature=0)
-    out = llm.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0]
-    assert len(out.token_ids) == 6
-
-    again = LLM(str(tiny_llama_dir), device="cpu", quant=quant)  # converts nothing: a cache hit
-    assert not again.engine_built and cache.stats.builds == builds + 1
-    assert again.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0].token_ids == out.token_ids
-    for x in (ref, llm, again):
+    check_cached_engine_generates(tiny_llama_dir, llm, builds + 1, device="cpu", quant=quant)  # converts nothing
+    for x in (ref, llm):
         x.shutdown()
-
-    prompts = [[5, 9, 17, 33, 4, 100, 7, 250], [3, 60, 61]]
-    fp = engine_logits(ref.engine_info.path, prompts)
-    qz = engine_logits(llm.engine_info.path, prompts)
-    rel = float((qz - fp).norm() / fp.norm())
+    rel = logits_rel_error(ref.engine_info.path, llm.engine_info.path)
     # Relative logits error measured on this tiny model (std-0.1 Gaussian weights, 3 layers): int8 per channel
     # 0.0195, int4 group 64 0.326. Per linear, rounding noise is ~amax / qmax / sqrt(12) of a weight's std:
     # ~0.8% for int8 (amax ~3.5 std over 64-128 inputs), ~10% for int4 (~2.4 std per group of 64).

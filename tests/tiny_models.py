@@ -118,3 +118,27 @@ def engine_logits(engine_dir, prompts, dtype=torch.float32, device="cpu") -> tor
     load_rank_model(model, engine_dir, 0, False, cfg, dtype, device)
     out = PagedDriver(model.eval(), cfg, dtype=dtype, device=device).step(dict(enumerate(prompts)))
     return torch.cat([out[i] for i in range(len(prompts))])
+
+
+QUANT_PROMPTS = [[5, 9, 17, 33, 4, 100, 7, 250], [3, 60, 61]]
+"""Prompts whose logits compare a quantized engine with its float twin (prefill only)."""
+
+
+def logits_rel_error(float_engine_dir, quantized_engine_dir, prompts=QUANT_PROMPTS) -> float:
+    """|quantized - float| / |float| of the two engines' logits over `prompts` (float32, CPU)."""
+    fp = engine_logits(float_engine_dir, prompts)
+    return float((engine_logits(quantized_engine_dir, prompts) - fp).norm() / fp.norm())
+
+
+def check_cached_engine_generates(model, llm, builds: int, **llm_kwargs) -> None:
+    """`llm` generates 6 greedy tokens; a second LLM of the same settings converts nothing (engine cache hit,
+    `builds` conversions so far) and generates the same tokens."""
+    from llmapi import LLM, SamplingParams
+    from llmapi.engine import cache
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    out = llm.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0]
+    assert len(out.token_ids) == 6
+    with LLM(str(model), **llm_kwargs) as again:
+        assert not again.engine_built and cache.stats.builds == builds
+        assert again.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0].token_ids == out.token_ids
