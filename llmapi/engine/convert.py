@@ -160,9 +160,8 @@ def _quantize(engine_config: dict, weights: dict, quant: QuantConfig | None, tok
     stats = None
     if quant is not None and quant.needs_calibration:
         logger.info("calibrating %s on %d texts", quant.quant_algo, quant.calibration_samples)
-        # AWQ searches its scales on the linears' inputs themselves, the other modes need their ranges only.
-        samples = 512 if quant.pre_quant_scale else 0
-        stats = calibrate(engine_config, weights, tokenizer_dir, quant, keep_samples=samples)
+        # AWQ needs each linear's mean x^T x (its output error), the other modes the input ranges only.
+        stats = calibrate(engine_config, weights, tokenizer_dir, quant, hessians=quant.pre_quant_scale)
     return quantize_engine_weights(weights, quant, stats)
 
 
@@ -219,7 +218,7 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
         engine_config = models.config_from_hf(hf_config, dtype)
     else:
         try:
-            if quant is not None and quant.has_zero_point:  # GPTQ: the checkpoint's own integer weights
+            if quant is not None and quant.from_gptq_checkpoint:  # the checkpoint's own integer weights
                 from llmapi.quantization.gptq import convert_gptq
 
                 engine_config, weights = convert_gptq(hf_config, state_dict, dtype, quant)

@@ -50,14 +50,14 @@ def check_quant_device(quant: QuantConfig | None, device) -> None:
 
 
 def calibrate(engine_config: dict, weights: Mapping[str, torch.Tensor], tokenizer_dir, quant: QuantConfig,
-              keep_samples: int = 0) -> ActivationStats:
+              hessians: bool = False) -> ActivationStats:
     """Run the float engine model over the QuantConfig's calibration texts (on CUDA when there is one)."""
     from llmapi.tokenizer import load_tokenizer
 
     texts = calibration_texts(quant.calibration_dataset, quant.calibration_samples)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return collect_activation_stats(engine_config, weights, load_tokenizer(tokenizer_dir), texts,
-                                    max_seq_len=quant.calibration_max_seq_len, keep_samples=keep_samples,
+                                    max_seq_len=quant.calibration_max_seq_len, hessians=hessians,
                                     device=device)
 
 
@@ -76,7 +76,7 @@ def quantize_engine_weights(weights: Mapping[str, torch.Tensor], quant: QuantCon
         return dict(weights)
     algo = quant.quant_algo
     if algo in WEIGHT_ONLY_BITS:
-        return quantize_weights(weights, quant, None if stats is None else stats.input_samples)
+        return quantize_weights(weights, quant, stats)
     amax: Mapping[str, torch.Tensor] = {} if stats is None else stats.input_amax
     if algo in SMOOTHQUANT_ALGOS and amax:
         weights, amax = smooth_weights(weights, amax, quant.smoothquant_alpha)

@@ -25,8 +25,11 @@ class ActivationStats:
 
     input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
     """"transformer.layers.{i}.attention.qkv" -> [K] float32 per-input-channel max |x| over calibration tokens."""
-    input_samples: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Same keys -> [S, K] float32: the same random subset of S <= keep_samples token rows for every linear."""
+    input_abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Same keys -> [K] float32 mean |x| over calibration tokens (collected with hessians=True)."""
+    input_hessian: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Same keys -> [K, K] float32 mean of x^T x over calibration tokens (hessians=True): the mean squared output
+    error of a weight error D [N, K] is tr(D H D^T)."""
     kv_amax: dict[int, tuple[float, float]] = field(default_factory=dict)
     """Layer -> (max |k| after rotary, max |v|) over calibration tokens."""
     num_tokens: int = 0
@@ -76,30 +79,26 @@ def calibration_texts(dataset: str | os.PathLike | Sequence[str] | None = None, 
 
 
 class _Recorder:
-    """Running per-channel amax and a uniform random subset of rows (the rows with the smallest random keys)."""
+    """Running per-channel amax and, with hessians, the sums of |x| and of x^T x (on the model's device)."""
 
-    def __init__(self, keep_samples: int):
-        self.keep = keep_samples
-        self.keys: torch.Tensor | None = None  # [T] float32: this forward pass's random key of each token
+    def __init__(self, hessians: bool):
+        self.hessians = hessians
         self.amax: dict[str, torch.Tensor] = {}
-        self.samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (keys [S], rows [S, K])
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.xtx: dict[str, torch.Tensor] = {}
         self.kv_amax: dict[int, list[float]] = {}
 
     def linear_input(self, name: str, x: torch.Tensor) -> None:  # x: [T, K]
         x = x.detach().float()
         amax = x.abs().amax(dim=0)  # [K]
         self.amax[name] = amax if name not in self.amax else torch.maximum(self.amax[name], amax)
-        if self.keep == 0:
+        if not self.hessians:
             return
-        keys, rows = self.keys.to(x.device), x
-        if name in self.samples:
-            old_keys, old_rows = self.samples[name]
-            keys, rows = torch.cat([old_keys, keys]), torch.cat([old_rows, rows])
-        if keys.numel() > self.keep:
-            # Same keys for every linear: each keeps the same token rows.
-            chosen = torch.topk(keys, self.keep, largest=False).indices.sort().values
-            keys, rows = keys[chosen], rows[chosen]
-        self.samples[name] = (keys, rows)
+        if name not in self.xtx:
+            self.abs_sum[name] = torch.zeros_like(amax)
+            self.xtx[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        self.abs_sum[name] += x.abs().sum(dim=0)
+        self.xtx[name].addmm_(x.T, x)
 
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         old = self.kv_amax.get(layer, [0.0, 0.0])
@@ -136,12 +135,12 @@ def _text_batches(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[lis
 
 
 def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], tokenizer, texts: Sequence[str],
-                             max_seq_len: int = 512, keep_samples: int = 512, device=None,
-                             seed: int = 0) -> ActivationStats:
+                             max_seq_len: int = 512, hessians: bool = False, device=None) -> ActivationStats:
     """Run the float engine model (engine config + engine-named float weights) over `texts`; return its statistics.
 
     device: where the model runs (default: the weights' device); CPU runs in float32, CUDA in the config's dtype.
     Each text is one sequence (cut to max_seq_len tokens), several packed into one step without a KV cache.
+    hessians: also collect each linear's mean |x| and mean x^T x (AWQ); 4 K^2 bytes per linear, on `device`.
     """
     from llmapi.engine.format import DTYPES
     from llmapi.layers.attention import AttentionMetadata
@@ -149,8 +148,6 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
 
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len={max_seq_len!r} is invalid: must be an int >= 1")
-    if isinstance(keep_samples, bool) or not isinstance(keep_samples, int) or keep_samples < 0:
-        raise ValueError(f"keep_samples={keep_samples!r} is invalid: must be an int >= 0")
     device = torch.device(device if device is not None else next(iter(weights.values())).device)
     dtype = torch.float32 if device.type == "cpu" else DTYPES[config.get("dtype", "float32")]
     max_seq_len = min(max_seq_len, config["max_position_embeddings"])
@@ -161,7 +158,7 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
     model = get_model_class(config["architecture"])(config, device, dtype)
     model.load_weights(weights)
     model.eval()
-    recorder = _Recorder(keep_samples)
+    recorder = _Recorder(hessians)
     handles = []
     for i, layer in enumerate(model.transformer.layers):
         for name in LINEAR_NAMES:
@@ -172,7 +169,6 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
                 handles.append(linear.register_forward_pre_hook(
                     lambda mod, args, full=full: recorder.linear_input(full, args[0])))
         handles.append(layer.attention.attn.register_forward_pre_hook(_attention_hook(recorder, i), with_kwargs=True))
-    generator = torch.Generator().manual_seed(seed)
     num_tokens = 0
     try:
         with torch.no_grad():
@@ -182,7 +178,6 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
                 positions = torch.cat([torch.arange(n) for n in lens]).to(device)  # [T]
                 attn = AttentionMetadata.build(lens, lens, [[0]] * len(lens), 1, device=device,
                                                slot_mapping=torch.full((len(ids),), -1))
-                recorder.keys = torch.rand(len(ids), generator=generator)  # [T]
                 model(ids, positions, attn, None)
                 num_tokens += len(ids)
     finally:
@@ -190,7 +185,8 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
             handle.remove()
     return ActivationStats(
         input_amax={name: amax.cpu() for name, amax in recorder.amax.items()},
-        input_samples={name: rows.cpu() for name, (_, rows) in recorder.samples.items()},
+        input_abs_mean={name: (total / num_tokens).cpu() for name, total in recorder.abs_sum.items()},
+        input_hessian={name: (xtx / num_tokens).cpu() for name, xtx in recorder.xtx.items()},
         kv_amax={layer: (k, v) for layer, (k, v) in recorder.kv_amax.items()},
         num_tokens=num_tokens,
     )

@@ -63,12 +63,12 @@ class QuantConfig:
     """Weight-only: None, one scale per output channel; 64 or 128, one scale per group of that many inputs
     (W4A16_AWQ: None means 128; GPTQ: the checkpoint's group size, any positive size)."""
     kv_cache_quant_algo: Optional[str] = None
-    """KV-cache dtype: None (the model dtype), "FP8" (E4M3, K/V scales 1.0) or "INT8" (K/V scales amax / 127
-    calibrated at conversion); see llmapi.quantization.kv_cache."""
+    """KV-cache dtype: None (the model dtype), "FP8" (E4M3, K/V scales amax / 448) or "INT8" (K/V scales amax /
+    127), the amax calibrated per layer at conversion; see llmapi.quantization.kv_cache."""
     smoothquant_alpha: float = DEFAULT_ALPHA
     """SmoothQuant (W8A8_SQ_*): migration strength in [0, 1]; s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)."""
     calibration_dataset: Optional[str] = None
-    """Calibrated modes (FP8, W4A16_AWQ, W8A8_SQ_*, INT8 KV cache): a text file, one sample per line; None: gensim's lee_background.cor."""
+    """Calibrated modes (FP8, W4A16_AWQ, W8A8_SQ_*, the FP8 and INT8 KV caches): a text file, one sample per line; None: gensim's lee_background.cor."""
     calibration_samples: int = 64
     """Calibrated modes: how many texts of the dataset calibration runs (drawn with a fixed seed)."""
     calibration_max_seq_len: int = 512
@@ -123,8 +123,8 @@ class QuantConfig:
         custom = (self.calibration_dataset is not None or self.calibration_samples != 64
                   or self.calibration_max_seq_len != 512)
         if custom and not self.needs_calibration:
-            raise ValueError(f"calibration settings apply to calibrated modes {list(CALIBRATED_ALGOS)} and the INT8 "
-                             f"KV cache only, not quant_algo={self.quant_algo!r}")
+            raise ValueError(f"calibration settings apply to calibrated modes {list(CALIBRATED_ALGOS)} and the quantized "
+                             f"KV caches only, not quant_algo={self.quant_algo!r}")
         path = self.calibration_dataset
         if path is None:
             if self.calibration_dataset_sha256 is not None:
@@ -146,7 +146,12 @@ class QuantConfig:
 
     @property
     def has_zero_point(self) -> bool:
-        """Linears carry `weights_zero_point` (GPTQ): w = (q - zero_point) * scale."""
+        """Linears carry `weights_zero_point` (GPTQ, AWQ): w = (q - zero_point) * scale."""
+        return self.quant_algo in GPTQ_ALGOS or self.quant_algo == "W4A16_AWQ"
+
+    @property
+    def from_gptq_checkpoint(self) -> bool:
+        """The integer weights come from a GPTQ checkpoint, not from quantizing float weights."""
         return self.quant_algo in GPTQ_ALGOS
 
     @property
@@ -156,7 +161,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.quant_algo in CALIBRATED_ALGOS or self.kv_cache_quant_algo == "INT8"
+        return self.quant_algo in CALIBRATED_ALGOS or self.kv_cache_quant_algo is not None
 
     def to_dict(self) -> dict:
         """The engine config.json `quantization` section (and the cache key's)."""

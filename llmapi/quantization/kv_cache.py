@@ -3,10 +3,12 @@
 # Each layer's attention holds `kv_cache_scaling_factor`, a [2] tensor (K scale, V scale): a cached code c
 # stands for c * scale. Engine tensor: transformer.layers.{i}.attention.attn.kv_cache_scaling_factor, written
 # by conversion in the engine dtype (the model holds it in that dtype, as every float tensor).
-#   FP8:  scales 1.0 (as vLLM without checkpoint scales): E4M3 keeps ~2 significant digits anywhere in
-#         [2**-6, 448], which holds K and V of real models, so no calibration text is needed.
 #   INT8: scales max|x| / 127 per layer for K (after rotary) and V, from the calibration text run through
 #         the float model (llmapi.quantization.calibration), as int8 has one fixed step per tensor.
+#   FP8:  scales max|x| / 448 the same way (as llm-compressor's calibrated k_scale / v_scale): E4M3 keeps ~2
+#         significant digits over [2**-6, 448] x scale, so mapping the largest value to 448 moves small values
+#         out of the subnormal range. Dummy-weight engines (nothing to calibrate on) get 1.0, as vLLM without
+#         checkpoint scales.
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def apply_kv_cache_quant(model: nn.Module, quant: QuantConfig | None) -> None:
 
 
 def default_kv_scales(quant: QuantConfig, num_layers: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Scales that need no calibration: 1.0 for FP8; for INT8 those of DUMMY_INT8_AMAX (dummy engines only)."""
+    """Dummy engines' scales (no calibration): 1.0 for FP8; for INT8 those of DUMMY_INT8_AMAX."""
     cache_dtype = CACHE_DTYPES[quant.kv_cache_quant_algo]
     amax = DUMMY_INT8_AMAX if quant.kv_cache_quant_algo == "INT8" else 0.0  # amax 0 gives scale 1.0
     scales = kv_scales_from_amax(amax, amax, cache_dtype).to(dtype)
@@ -76,15 +78,15 @@ def kv_cache_scales(quant: QuantConfig, weights: Mapping[str, torch.Tensor],
                     kv_amax: Mapping[int, tuple[float, float]] | None) -> dict[str, torch.Tensor]:
     """The engine's kv_cache_scaling_factor tensors, in the dtype of the float `weights`.
 
-    kv_amax: layer -> (max |k| after rotary, max |v|) from calibration (ActivationStats.kv_amax); INT8 needs it
-    except for dummy weights (None: default_kv_scales).
+    kv_amax: layer -> (max |k| after rotary, max |v|) from calibration (ActivationStats.kv_amax); None (dummy
+    weights): default_kv_scales.
     """
     num_layers = 1 + max(int(name.split(".")[2]) for name in weights if name.startswith("transformer.layers."))
     dtype = next(iter(weights.values())).dtype
-    if quant.kv_cache_quant_algo == "FP8" or kv_amax is None:
+    if kv_amax is None:
         return default_kv_scales(quant, num_layers, dtype)
     missing = sorted(set(range(num_layers)) - set(kv_amax))
     if missing:
         raise ValueError(f"KV-cache calibration gave no amax for layer(s) {missing}")
-    cache_dtype = CACHE_DTYPES["INT8"]
+    cache_dtype = CACHE_DTYPES[quant.kv_cache_quant_algo]
     return {SCALE_NAME.format(i): kv_scales_from_amax(*kv_amax[i], cache_dtype).to(dtype) for i in range(num_layers)}

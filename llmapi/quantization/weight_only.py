@@ -1,8 +1,8 @@
 """Weight-only quantization applied from outside: quantize the engine's linear weights, swap in WeightOnlyLinear.
 
 Per quantized linear the engine holds `weight` (int8 [N, K], or int4 packed two per byte [N, K/2]),
-`weights_scaling_factor` ([N] or [N, K/group]), for GPTQ `weights_zero_point` (shaped as the scale, integer
-values in the model dtype, in the signed code domain: w = (q - zero_point) * scale), and for AWQ
+`weights_scaling_factor` ([N] or [N, K/group]), for GPTQ and AWQ `weights_zero_point` (shaped as the scale,
+integer values in the model dtype, in the signed code domain: w = (q - zero_point) * scale), and for AWQ
 `prequant_scaling_factor` ([K], multiplied into the activation: y = (x * prequant) @ dequant(W).T).
 """
 
@@ -16,7 +16,10 @@ from torch import nn
 
 from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
 from llmapi.layers.dispatch import use_triton
+from llmapi.quantization.calibration import ActivationStats
 from llmapi.quantization.config import QuantConfig
+
+AWQ_TENSORS = ("weight", "weights_scaling_factor", "weights_zero_point", "prequant_scaling_factor")
 
 # The families' shared linear names (see tensor_parallel.apply_tensor_parallel); embeddings, head, norms stay float.
 _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)|mlp\.(gate_up|fc|proj))\.weight$")
@@ -67,12 +70,13 @@ def is_quantized_linear_weight(name: str) -> bool:
 
 
 def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | None,
-                     input_samples: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                     stats: ActivationStats | None = None) -> dict[str, torch.Tensor]:
     """Engine weights with every linear's `weight` quantized and its `weights_scaling_factor` added.
 
-    AWQ searches each linear's scales on `input_samples` (linear name -> [S, K] calibration inputs); without
-    samples (dummy weights) its activation scales are 1, i.e. plain round-to-nearest. GPTQ weights come
-    quantized from their checkpoint; here (dummy weights only) they are rounded symmetrically, zero points 0.
+    AWQ (llmapi.quantization.awq) works from each linear's calibration statistics (`stats` collected with
+    hessians=True); without them (dummy weights) its activation scales are 1 and its rounding to nearest. GPTQ
+    weights come quantized from their checkpoint; here (dummy weights only) they are rounded symmetrically,
+    zero points 0.
     """
     if quant is None:
         return dict(weights)
@@ -89,10 +93,14 @@ def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | N
         if quant.pre_quant_scale:
             from llmapi.quantization.awq import awq_quantize
 
-            samples = None if input_samples is None else input_samples[base.removesuffix(".")]
-            q, scale, out[base + "prequant_scaling_factor"] = awq_quantize(tensor, samples, quant.group_size)
-        else:
-            q, scale = quantize_weight_ref(tensor, quant.bits, quant.group_size)
+            linear = base.removesuffix(".")
+            if stats is not None and linear not in stats.input_hessian:
+                raise ValueError(f"AWQ needs calibration with hessians=True: none for {linear}")
+            awq = awq_quantize(tensor, None if stats is None else stats.input_abs_mean[linear],
+                               None if stats is None else stats.input_hessian[linear], quant.group_size)
+            out.update({base + key: getattr(awq, key) for key in AWQ_TENSORS})
+            continue
+        q, scale = quantize_weight_ref(tensor, quant.bits, quant.group_size)
         out[name] = q
         out[base + "weights_scaling_factor"] = scale
         if quant.has_zero_point:
