@@ -11,16 +11,15 @@ import triton.language as tl
 
 MAX_ROWS = 8
 """Most rows (tokens) this kernel takes; more go through dequantize + matmul."""
-_MAGIC = 0x4B000000
-"""float32 bits of 2**23: OR-ing an integer 0 <= v < 2**23 into the mantissa gives the float 2**23 + v."""
 
 
 @triton.jit
 def _codes_to_float(v, BIAS: tl.constexpr):
     # Integer codes stored with an offset, 0 <= v < 256 (int32), to float32 v - BIAS without an int-to-float
     # conversion (a fraction of the FMA rate on NVIDIA GPUs, and two of them per int4 byte would bound the
-    # GEMV): the bits of 2**23 + v, read as a float, minus 2**23 + BIAS, both exact.
-    return (v | _MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
+    # GEMV): 0x4B000000 is the float32 2**23; OR-ing v into its mantissa gives the float 2**23 + v, and
+    # subtracting 2**23 + BIAS is exact.
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
 
 
 @triton.jit
