@@ -137,6 +137,45 @@ def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn
     tl.store(out_ptr + rows_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+@triton.jit
+def _gemv_row_group_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
+                           BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One token, group-wise scales: a chunk of BLOCK_K features spans NG = BLOCK_K / GROUP whole groups, held as
+    # [BN, NG, bytes per group] so each group's scale (and zero point) broadcasts over its own features; long
+    # chunks keep enough bytes in flight however small the group.
+    pid = tl.program_id(0)
+    rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = rows_n < N
+    NG: tl.constexpr = BLOCK_K // GROUP
+    GW: tl.constexpr = GROUP // 2 if BITS == 4 else GROUP  # weight bytes per row and group
+    groups = tl.arange(0, NG)
+    within = tl.arange(0, GW)
+    acc = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 * GW // GROUP + groups[:, None] * GW + within[None, :]  # [NG, GW] byte columns
+        w = tl.load(w_ptr + rows_n[:, None, None] * stride_wn + cols[None, :, :], mask=mask_n[:, None, None],
+                    other=0).to(tl.int32)  # [BN, NG, GW]
+        if BITS == 4:
+            xe = tl.load(x_ptr + 2 * cols).to(tl.float32)  # [NG, GW] even features: low nibbles
+            xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
+            prod = ((w << 28) >> 28).to(tl.float32) * xe[None] + (w >> 4).to(tl.float32) * xo[None]
+            xs = xe + xo
+        else:
+            xs = tl.load(x_ptr + cols).to(tl.float32)
+            prod = w.to(tl.float32) * xs[None]
+        g = k0 // GROUP + groups  # [NG]
+        s = tl.load(s_ptr + rows_n[:, None] * stride_sn + g[None, :], mask=mask_n[:, None], other=0.0)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows_n[:, None] * stride_sn + g[None, :], mask=mask_n[:, None], other=0.0)
+            prod = prod - z.to(tl.float32)[:, :, None] * xs[None]
+        acc += prod * s.to(tl.float32)[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
 def _block_k(k: int, group: int, bits: int = 4) -> int:
     """Input features per chunk: within one group; per channel, long chunks (measured best on an H100)."""
     if group:
@@ -154,6 +193,16 @@ def _config(k: int, group: int, bits: int, block_k: int | None = None, block_n: 
     block_k = block_k or _block_k(k, group, bits)
     assert k % block_k == 0 and (not group or group % block_k == 0), (k, group, block_k)
     return block_k, block_n, num_warps or (8 if group else 4)
+
+
+def _row_group_config(k: int, group: int, block_k: int | None = None, block_n: int = 8,
+                      num_warps: int = 4):
+    """(BLOCK_K, BLOCK_N, num_warps) of the one-token group-wise kernel: chunks of whole groups, 1024 features
+    when they tile K."""
+    if block_k is None:
+        block_k = next((size for size in (1024, 512, 256) if size % group == 0 and k % size == 0), group)
+    assert k % block_k == 0 and block_k % group == 0, (k, group, block_k)
+    return block_k, block_n, num_warps
 
 
 def gemv_supported(rows: int, in_features: int, bits: int, group_size: int | None) -> bool:
@@ -180,10 +229,17 @@ def weight_only_gemv(
     assert zero_point is None or zero_point.is_contiguous()
     group = group_size or 0
     assert gemv_supported(m, k, bits, group_size), (m, k, bits, group_size)
-    block_k, block_n, warps = _config(k, group, bits, **tune)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     stride_sn = scale.stride(0) if scale.dim() == 2 else 1
     zero = scale if zero_point is None else zero_point
+    if m == 1 and group:
+        block_k, block_n, warps = _row_group_config(k, group, **tune)
+        _gemv_row_group_kernel[(triton.cdiv(n, block_n),)](
+            x, qweight, scale, zero, x if bias is None else bias, out, n, k, qweight.stride(0), stride_sn,
+            BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        return out
+    block_k, block_n, warps = _config(k, group, bits, **tune)
     if m == 1:
         _gemv_row_kernel[(triton.cdiv(n, block_n),)](
             x, qweight, scale, zero, x if bias is None else bias, out, n, k, qweight.stride(0), stride_sn,

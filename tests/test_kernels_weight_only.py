@@ -18,7 +18,10 @@ CASES = [  # rows, out features, in features, bits, group size, zero points, bia
     (8, 17, 256, 8, None, True, False, torch.float32),
     (2, 32, 256, 8, 128, False, True, torch.bfloat16),
     (5, 16, 64, 4, 32, True, False, torch.float32),
-    (1, 24, 256, 4, 64, True, True, torch.float32),  # one row: its own kernel
+    (1, 24, 256, 4, 64, True, True, torch.float32),  # one row: its own kernels (per channel, per group)
+    (1, 20, 2048, 4, 128, True, False, torch.bfloat16),  # one row, chunks of 8 groups, two chunks
+    (1, 12, 512, 8, 64, False, True, torch.float16),
+    (1, 9, 96, 4, 32, True, True, torch.float32),  # no chunk of several groups tiles K: one group a chunk
     (1, 20, 256, 8, None, True, True, torch.float16),
 ]
 
