@@ -14,9 +14,8 @@ MAX_ROWS = 8
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                 stride_om, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_PRE: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # BLOCK_K: input features per chunk (one group at most when GROUP > 0); w holds BLOCK_K * BITS / 8 bytes of it.
     pid = tl.program_id(0)
@@ -37,9 +36,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, M, N, K, str
                          other=0.0).to(tl.float32)  # [BM, BK/2]
             xo = tl.load(x_ptr + rows_m[:, None] * stride_xm + 2 * cols[None, :] + 1, mask=mask_m[:, None],
                          other=0.0).to(tl.float32)
-            if HAS_PRE:  # AWQ: x * prequant_scaling_factor, per input feature
-                xe *= tl.load(p_ptr + 2 * cols).to(tl.float32)[None, :]
-                xo *= tl.load(p_ptr + 2 * cols + 1).to(tl.float32)[None, :]
             part = tl.sum(xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :], axis=2)  # [BM, BN]
             chunk_sum = tl.sum(xe + xo, axis=1)[:, None]  # [BM, 1]
         else:
@@ -48,8 +44,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, M, N, K, str
                         other=0).to(tl.float32)  # [BN, BK]
             xk = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None],
                          other=0.0).to(tl.float32)  # [BM, BK]
-            if HAS_PRE:
-                xk *= tl.load(p_ptr + cols).to(tl.float32)[None, :]
             part = tl.sum(xk[:, None, :] * q[None, :, :], axis=2)
             chunk_sum = tl.sum(xk, axis=1)[:, None]
         if GROUP > 0:
@@ -77,9 +71,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, M, N, K, str
 
 
 @triton.jit
-def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, N, K, stride_wn, stride_sn,
+def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_PRE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One token (batch-1 decode): each thread keeps its partial products over the whole of K in registers and
     # the block reduces once at the end, instead of a cross-thread reduction per chunk.
@@ -95,15 +88,10 @@ def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, N, K, st
         if BITS == 4:
             xe = tl.load(x_ptr + 2 * cols).to(tl.float32)  # even features: low nibbles
             xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
-            if HAS_PRE:  # AWQ: x * prequant_scaling_factor, per input feature
-                xe *= tl.load(p_ptr + 2 * cols).to(tl.float32)
-                xo *= tl.load(p_ptr + 2 * cols + 1).to(tl.float32)
             prod = ((w << 28) >> 28).to(tl.float32) * xe[None, :] + (w >> 4).to(tl.float32) * xo[None, :]
             xs = xe + xo
         else:
             xs = tl.load(x_ptr + cols).to(tl.float32)
-            if HAS_PRE:
-                xs *= tl.load(p_ptr + cols).to(tl.float32)
             prod = w.to(tl.float32) * xs[None, :]
         if GROUP > 0:
             g = k0 // GROUP
@@ -127,9 +115,8 @@ def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, N, K, st
 
 
 @triton.jit
-def _gemv_row_group_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, N, K, stride_wn, stride_sn,
+def _gemv_row_group_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           HAS_PRE: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One token, group-wise scales: a chunk of BLOCK_K features spans NG = BLOCK_K / GROUP whole groups, held as
     # [BN, NG, bytes per group] so each group's scale (and zero point) broadcasts over its own features; long
@@ -149,15 +136,10 @@ def _gemv_row_group_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, N,
         if BITS == 4:
             xe = tl.load(x_ptr + 2 * cols).to(tl.float32)  # [NG, GW] even features: low nibbles
             xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
-            if HAS_PRE:  # AWQ: x * prequant_scaling_factor, per input feature
-                xe *= tl.load(p_ptr + 2 * cols).to(tl.float32)
-                xo *= tl.load(p_ptr + 2 * cols + 1).to(tl.float32)
             prod = ((w << 28) >> 28).to(tl.float32) * xe[None] + (w >> 4).to(tl.float32) * xo[None]
             xs = xe + xo
         else:
             xs = tl.load(x_ptr + cols).to(tl.float32)
-            if HAS_PRE:
-                xs *= tl.load(p_ptr + cols).to(tl.float32)
             prod = w.to(tl.float32) * xs[None]
         g = k0 // GROUP + groups  # [NG]
         s = tl.load(s_ptr + rows_n[:, None] * stride_sn + g[None, :], mask=mask_n[:, None], other=0.0)
@@ -216,39 +198,35 @@ def weight_only_gemv(
     bits: int,
     group_size: int | None = None,
     zero_point: torch.Tensor | None = None,  # shaped as scale: w = (q - zero_point) * scale
-    prequant: torch.Tensor | None = None,  # [K] (AWQ): the product is (x * prequant) @ w.T
     **tune,  # block_k / block_n / num_warps overrides (for tuning)
 ) -> torch.Tensor:  # [M, N] in x's dtype
     m, k = x.shape
     n = qweight.shape[0]
     assert m <= MAX_ROWS and x.stride(1) == 1 and qweight.is_contiguous() and scale.is_contiguous()
     assert zero_point is None or zero_point.is_contiguous()
-    assert prequant is None or (prequant.is_contiguous() and prequant.shape == (x.shape[1],))
     group = group_size or 0
     assert gemv_supported(m, k, bits, group_size), (m, k, bits, group_size)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     stride_sn = scale.stride(0) if scale.dim() == 2 else 1
     zero = scale if zero_point is None else zero_point
-    pre = scale if prequant is None else prequant
     if m == 1 and group:
         block_k, block_n, warps = _row_group_config(k, group, **tune)
         _gemv_row_group_kernel[(triton.cdiv(n, block_n),)](
-            x, qweight, scale, zero, x if bias is None else bias, pre, out, n, k, qweight.stride(0), stride_sn,
+            x, qweight, scale, zero, x if bias is None else bias, out, n, k, qweight.stride(0), stride_sn,
             BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
-            HAS_PRE=prequant is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return out
     block_k, block_n, warps = _config(k, group, bits, **tune)
     if m == 1:
         _gemv_row_kernel[(triton.cdiv(n, block_n),)](
-            x, qweight, scale, zero, x if bias is None else bias, pre, out, n, k, qweight.stride(0), stride_sn,
+            x, qweight, scale, zero, x if bias is None else bias, out, n, k, qweight.stride(0), stride_sn,
             BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
-            HAS_PRE=prequant is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return out
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, qweight, scale, zero, x if bias is None else bias, pre, out,
+        x, qweight, scale, zero, x if bias is None else bias, out,
         m, n, k, x.stride(0), qweight.stride(0), stride_sn, out.stride(0),
         BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
-        HAS_PRE=prequant is not None,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return out

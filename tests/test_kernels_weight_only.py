@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
-CASES = [  # rows, out features, in features, bits, group size, zero points, bias, dtype[, prequant]
+CASES = [  # rows, out features, in features, bits, group size, zero points, bias, dtype
     (1, 40, 256, 4, None, False, False, torch.bfloat16),
     (3, 24, 128, 4, 64, True, True, torch.float16),
     (8, 17, 256, 8, None, True, False, torch.float32),
@@ -23,15 +23,10 @@ CASES = [  # rows, out features, in features, bits, group size, zero points, bia
     (1, 12, 512, 8, 64, False, True, torch.float16),
     (1, 9, 96, 4, 32, True, True, torch.float32),  # no chunk of several groups tiles K: one group a chunk
     (1, 20, 256, 8, None, True, True, torch.float16),
-    # AWQ's per-input-feature activation scales, applied as the kernels read x.
-    (1, 32, 1024, 4, 128, True, True, torch.bfloat16, True),
-    (4, 16, 256, 4, 64, True, False, torch.float32, True),
-    (1, 16, 512, 4, None, False, False, torch.float32, True),
-    (2, 8, 256, 8, None, False, True, torch.float16, True),
 ]
 
 
-def check(rows, n, k, bits, group, zero, bias, dtype, pre=False, seed=0):
+def check(rows, n, k, bits, group, zero, bias, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     q, scale = quantize_weight_ref(w, bits, group)
@@ -39,13 +34,12 @@ def check(rows, n, k, bits, group, zero, bias, dtype, pre=False, seed=0):
     zp = (torch.randint(-2, 3, scale.shape, generator=g).to(dtype) if zero else None)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     x = torch.randn(rows, k, generator=g).to(dtype)
-    p = (torch.rand(k, generator=g) * 2 + 0.1).to(dtype) if pre else None
     # float64 reference of the same quantized weights: the kernel accumulates in float32.
     ref = weight_only_linear_ref(x.double(), q, scale.double(), None if b is None else b.double(), bits, group,
-                                 None if zp is None else zp.double(), None if p is None else p.double())
+                                 None if zp is None else zp.double())
     dev = (lambda t: None if t is None else t.to(DEVICE))
     assert gemv_supported(rows, k, bits, group)
-    out = weight_only_gemv(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp), dev(p))
+    out = weight_only_gemv(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp))
     assert out.dtype == dtype and out.shape == (rows, n)
     assert rel_error(out.cpu(), ref) < REL_ERROR[dtype]
 
@@ -58,11 +52,10 @@ def test_weight_only_gemv_interpreted(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES + [(1, 6144, 4096, 4, 128, False, False, torch.bfloat16),
-                                          (4, 4096, 14336, 4, None, False, False, torch.bfloat16),
-                                          (1, 4096, 14336, 4, 128, True, False, torch.bfloat16, True)])
+                                          (4, 4096, 14336, 4, None, False, False, torch.bfloat16)])
 def test_weight_only_gemv_gpu(case):
     for seed in range(3):
-        check(*(case + (False,) * (9 - len(case))), seed=seed)
+        check(*case, seed=seed)
 
 
 def test_gemv_supported_shapes():

@@ -56,10 +56,11 @@ class WeightOnlyLinear(nn.Module):
             from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv
 
             if gemv_supported(x.shape[0], x.shape[1], self.bits, self.group_size):
-                # Decode-sized batches: the weights are read as stored (4 or 8 bits), dequantized in registers;
-                # AWQ's activation scales are applied to x as the kernel reads it.
+                # Decode-sized batches: the weights are read as stored (4 or 8 bits), dequantized in registers.
+                if self.prequant_scaling_factor is not None:
+                    x = x * self.prequant_scaling_factor.to(x.dtype)
                 return weight_only_gemv(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
-                                        self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
+                                        self.group_size, self.weights_zero_point)
         return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
                                       self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
 
