@@ -86,8 +86,8 @@ def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn
         cols = k0 * WIDTH // BLOCK_K + tl.arange(0, WIDTH)
         w = tl.load(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
         if BITS == 4:
-            # BLOCK_K contiguous features, split into even (low nibbles) and odd (high nibbles) ones.
-            xe, xo = tl.split(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), (WIDTH, 2)))
+            xe = tl.load(x_ptr + 2 * cols).to(tl.float32)  # even features: low nibbles
+            xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
             prod = ((w << 28) >> 28).to(tl.float32) * xe[None, :] + (w >> 4).to(tl.float32) * xo[None, :]
             xs = xe + xo
         else:
@@ -134,8 +134,8 @@ def _gemv_row_group_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, str
         w = tl.load(w_ptr + rows_n[:, None, None] * stride_wn + cols[None, :, :], mask=mask_n[:, None, None],
                     other=0).to(tl.int32)  # [BN, NG, GW]
         if BITS == 4:
-            # BLOCK_K contiguous features as [NG, GW] even (low nibbles) and odd (high nibbles) ones.
-            xe, xo = tl.split(tl.reshape(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), (NG, GW, 2)))
+            xe = tl.load(x_ptr + 2 * cols).to(tl.float32)  # [NG, GW] even features: low nibbles
+            xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
             prod = ((w << 28) >> 28).to(tl.float32) * xe[None] + (w >> 4).to(tl.float32) * xo[None]
             xs = xe + xo
         else:
