@@ -117,3 +117,10 @@ def test_quant_errors():
         QuantConfig("W9A16")
     with pytest.raises(ValueError, match="quant.*more than one rank"):
         LLM("unused", quant="int8_weight_only", tensor_parallel_size=2)
+
+
+def test_group_that_does_not_divide_the_features(tiny_llama_dir):
+    # The tiny Llama has 64 hidden features: group 128 cannot tile them, and the error names the size that can.
+    with pytest.raises(ValueError, match="group_size=128 does not divide the 64 input features of "
+                                         "transformer.layers.0.attention.qkv.weight; group_size=64 does"):
+        LLM(str(tiny_llama_dir), device="cpu", quant="int4_awq")

@@ -17,7 +17,7 @@ from torch import nn
 from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
 from llmapi.layers.dispatch import use_triton
 from llmapi.quantization.calibration import ActivationStats
-from llmapi.quantization.config import QuantConfig
+from llmapi.quantization.config import GROUP_SIZES, QuantConfig
 
 AWQ_TENSORS = ("weight", "weights_scaling_factor", "weights_zero_point", "prequant_scaling_factor")
 
@@ -87,8 +87,10 @@ def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | N
             out[name] = tensor
             continue
         if quant.group_size is not None and tensor.shape[1] % quant.group_size:
+            fits = [g for g in GROUP_SIZES if tensor.shape[1] % g == 0]
+            hint = f"; group_size={fits[0]} does" if fits else ""
             raise ValueError(f"group_size={quant.group_size} does not divide the {tensor.shape[1]} input "
-                             f"features of {name}")
+                             f"features of {name}{hint} (QuantConfig({quant.quant_algo!r}, group_size=...))")
         base = name.removesuffix("weight")
         if quant.pre_quant_scale:
             from llmapi.quantization.awq import awq_quantize
