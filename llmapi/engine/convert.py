@@ -160,8 +160,8 @@ def _quantize(engine_config: dict, weights: dict, quant: QuantConfig | None, tok
     stats = None
     if quant is not None and quant.needs_calibration:
         logger.info("calibrating %s on %d texts", quant.quant_algo, quant.calibration_samples)
-        # AWQ needs each linear's mean x^T x (its output error), the other modes the input ranges only.
-        stats = calibrate(engine_config, weights, tokenizer_dir, quant, hessians=quant.pre_quant_scale)
+        # AWQ and FP8 round with each linear's mean x^T x (its output error), the other modes need input ranges.
+        stats = calibrate(engine_config, weights, tokenizer_dir, quant, hessians=quant.needs_hessians)
     return quantize_engine_weights(weights, quant, stats)
 
 

@@ -89,7 +89,8 @@ def quantize_engine_weights(weights: Mapping[str, torch.Tensor], quant: QuantCon
         linear = name.removesuffix(".weight")  # transformer.layers.{i}.attention.qkv
         assert stats is None or linear in amax, f"calibration saw no input of {linear}"
         if algo in FP8_ALGOS:
-            parts = quantize_fp8_linear(tensor, amax.get(linear), quant)
+            hessian = None if stats is None else stats.input_hessian.get(linear)
+            parts = quantize_fp8_linear(tensor, amax.get(linear), quant, hessian)
         else:
             parts = quantize_smoothquant_linear(tensor, amax.get(linear), quant)
             if has_prequant(linear.split(".", 3)[3]) and f"{linear}.prequant_scaling_factor" not in weights:

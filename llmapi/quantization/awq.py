@@ -9,9 +9,8 @@ squared output error of a weight error D [N, K] is tr(D H D^T). a = 0 gives s = 
 
 Quantization is asymmetric group-wise int4, as AutoAWQ's default: per group of `group_size` inputs a scale
 and an integer zero point, w = (q - z) * scale with codes q in [-8, 7] (the engine's `weights_zero_point`, the
-GPTQ layout). The codes are then chosen column by column with GPTQ's error feedback (Frantar et al. 2022,
-"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", Algorithm 1): each
-column's rounding error is spread over the columns not yet rounded, weighted by the inverse of H, so the
+GPTQ layout). The codes are then chosen column by column with GPTQ's error feedback (llmapi.quantization.error_feedback):
+each column's rounding error is spread over the columns not yet rounded, weighted by the inverse of H, so the
 output error tr(D H D^T) ends lower than rounding every weight to its nearest code. The engine stores 1/s as
 `prequant_scaling_factor` [K] beside the packed int4 weight, its `weights_scaling_factor` and zero points.
 """
@@ -23,15 +22,12 @@ from typing import NamedTuple
 import torch
 
 from llmapi._kernels.weight_only import pack_int4
+from llmapi.quantization.error_feedback import error_feedback_round, output_error
 
 ALPHA_GRID = 20
 """Exponents a = 0, 1/20, ..., 19/20 are tried."""
 QMIN, QMAX = -8, 7
 """The int4 codes."""
-DAMP = 0.01
-"""GPTQ's dampening: this fraction of H's mean diagonal is added to its diagonal (H may be singular)."""
-BLOCK = 128
-"""Columns rounded between two updates of the columns after them (GPTQ's lazy batch)."""
 
 
 def group_params(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +59,6 @@ def dequantize_asym(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
     n, k = q.shape
     w = (q.float().reshape(n, -1, group_size) - zero[..., None].float()) * scale[..., None].float()
     return w.reshape(n, k)
-
-
-def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Mean squared output error tr(D H D^T) of a weight error D [N, K] (H: mean x^T x of the inputs)."""
-    return float(((delta @ hessian) * delta).sum())
 
 
 class AwqSearch(NamedTuple):
@@ -104,37 +95,25 @@ def awq_search(weight: torch.Tensor, x_abs_mean: torch.Tensor, hessian: torch.Te
     return AwqSearch(best[0], best[1], best[2], rtn)
 
 
-def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32,
-               damp: float = DAMP, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4 of weight [N, K] with GPTQ's error feedback under H [K, K]; returns (codes int8
-    [N, K], scale [N, G], zero point [N, G]) as quantize_asym. Each group's scale and zero point come from its columns
-    as updated when the group is reached; a column no token excites (H_jj = 0) is rounded on its own."""
-    w = weight.float().clone()
-    n, k = w.shape
-    h = hessian.float().to(w.device).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, device=w.device)
-    # Upper Cholesky factor of H^-1: row j holds what column j's error does to the columns after it.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
-    scales = torch.empty(n, k // group_size, device=w.device)
+    [N, K], scale [N, G], zero point [N, G]) as quantize_asym. Each group's scale and zero point come from its
+    columns as updated when the group is reached."""
+    n, k = weight.shape
+    codes = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, k // group_size, device=weight.device)
     zeros = torch.empty_like(scales)
-    for start in range(0, k, block):
-        end = min(start + block, k)
-        errors = torch.empty(n, end - start, device=w.device)
-        for j in range(start, end):
-            g = j // group_size
-            if j % group_size == 0:
-                scales[:, g], zeros[:, g] = group_params(w[:, j:j + group_size], dtype)
-            scale, zero = scales[:, g], zeros[:, g]
-            col = w[:, j]
-            q = (torch.round(col / scale) + zero).clamp_(QMIN, QMAX)
-            codes[:, j] = q.to(torch.int8)
-            err = (col - (q - zero) * scale) / hinv[j, j]
-            w[:, j:end] -= err[:, None] * hinv[j, j:end][None, :]
-            errors[:, j - start] = err
-        w[:, end:] -= errors @ hinv[start:end, end:]
+
+    def round_column(w: torch.Tensor, j: int) -> torch.Tensor:
+        g = j // group_size
+        if j % group_size == 0:
+            scales[:, g], zeros[:, g] = group_params(w[:, j:j + group_size], dtype)
+        q = (torch.round(w[:, j] / scales[:, g]) + zeros[:, g]).clamp_(QMIN, QMAX)
+        codes[:, j] = q.to(torch.int8)
+        return (q - zeros[:, g]) * scales[:, g]
+
+    error_feedback_round(weight, hessian, round_column)
     return codes, scales, zeros
 
 

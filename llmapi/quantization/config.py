@@ -160,6 +160,11 @@ class QuantConfig:
         return self.quant_algo == "W4A16_AWQ"
 
     @property
+    def needs_hessians(self) -> bool:
+        """Conversion rounds the weights with GPTQ's error feedback, on the calibration's mean x^T x per linear."""
+        return self.quant_algo in ("W4A16_AWQ", "FP8")
+
+    @property
     def needs_calibration(self) -> bool:
         return self.quant_algo in CALIBRATED_ALGOS or self.kv_cache_quant_algo is not None
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmapi._kernels.fp8_linear import FP8_DTYPE, FP8_MIN_CAPABILITY, fp8_linear, fp8_scale, quantize_fp8_weight
+from llmapi._kernels.fp8_linear import (FP8_DTYPE, FP8_MIN_CAPABILITY, fp8_linear, fp8_scale, quantize_fp8,
+                                        quantize_fp8_weight)
 from llmapi.errors import UnsupportedDeviceError
 from llmapi.quantization.config import FP8_ALGOS, QuantConfig
+from llmapi.quantization.error_feedback import error_feedback_round
 from llmapi.quantization.linear import QuantizedLinear
 
 
@@ -35,12 +37,32 @@ class Fp8Linear(QuantizedLinear):
         return fp8_linear(x, self.weight, self.weights_scaling_factor, self.bias, self.activation_scaling_factor)
 
 
-def quantize_fp8_linear(weight: torch.Tensor, input_amax: torch.Tensor | None, quant: QuantConfig
-                        ) -> dict[str, torch.Tensor]:
+def round_fp8_weight(weight: torch.Tensor, w_scale: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes [N, K] of weight [N, K] at scale w_scale ([1] or [N]), chosen with GPTQ's error feedback under
+    H [K, K] (llmapi.quantization.error_feedback) rather than each to its nearest; on the GPU when there is one."""
+    device = "cuda" if torch.cuda.is_available() else weight.device
+    w = weight.to(device).float()
+    scale = w_scale.to(device).expand(w.shape[0])  # [N]
+    codes = torch.empty(w.shape, dtype=FP8_DTYPE, device=device)
+
+    def round_column(current: torch.Tensor, j: int) -> torch.Tensor:
+        codes[:, j] = quantize_fp8(current[:, j], scale)
+        return codes[:, j].float() * scale
+
+    error_feedback_round(w, hessian.to(device), round_column)
+    return codes.to(weight.device)
+
+
+def quantize_fp8_linear(weight: torch.Tensor, input_amax: torch.Tensor | None, quant: QuantConfig,
+                        hessian: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One linear's engine tensors (names relative to the linear): E4M3 `weight`, `weights_scaling_factor`, and
-    for "FP8" `activation_scaling_factor` = max |x| / 448 from calibration (input_amax [K]; None: amax 1)."""
+    for "FP8" `activation_scaling_factor` = max |x| / 448 from calibration (input_amax [K]; None: amax 1).
+    hessian: the calibration's mean x^T x [K, K]; with it the weight codes come from GPTQ's error feedback,
+    without it (dummy weights) each weight is rounded to its nearest code."""
     per_token = _per_token(quant)
     q, w_scale = quantize_fp8_weight(weight, per_channel=per_token)
+    if hessian is not None:
+        q = round_fp8_weight(weight, w_scale, hessian)
     out = {"weight": q, "weights_scaling_factor": w_scale}
     if not per_token:
         amax = torch.ones(1) if input_amax is None else input_amax.float().max().reshape(1)
