@@ -153,8 +153,9 @@ def _hf_amax(hf_model, module, texts, tokenizer, max_len=512):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="needs gensim (the test extra installs it)")
-# Relative logits error measured on this tiny model (3 layers, std-0.15 weights): fp8 0.123, fp8_per_token 0.107
-# (int8 weight-only: 0.0195). E4M3 keeps 3 mantissa bits: one linear with both operands rounded is off by ~3.7%
+# Relative logits error measured on this tiny model (3 layers, std-0.15 weights): fp8 0.141 (0.123 with weights
+# rounded to nearest: the error-feedback rounding fits the calibration text, which the tiny tokenizer makes unlike
+# these prompts), fp8_per_token 0.107 (int8 weight-only: 0.0195). E4M3 keeps 3 mantissa bits: one linear with both operands rounded is off by ~3.7%
 # (measured on random [64, 256] x [256, 128]), and 12 linears compound; static scales also saturate a few values.
 @pytest.mark.parametrize("quant,bound", [("fp8", 0.16), ("fp8_per_token", 0.14)])
 def test_fp8_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
