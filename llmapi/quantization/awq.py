@@ -9,8 +9,8 @@ squared output error of a weight error D [N, K] is tr(D H D^T). a = 0 gives s = 
 
 Quantization is asymmetric group-wise int4, as AutoAWQ's default: per group of `group_size` inputs a scale
 and an integer zero point, w = (q - z) * scale with codes q in [-8, 7] (the engine's `weights_zero_point`, the
-GPTQ layout). The codes are then chosen column by column with GPTQ's error feedback (llmapi.quantization.error_feedback):
-each column's rounding error is spread over the columns not yet rounded, weighted by the inverse of H, so the
+GPTQ layout). The codes are then chosen column by column with GPTQ's error feedback
+(llmapi.quantization.error_feedback): each column's rounding error is spread over the columns not yet rounded, weighted by the inverse of H, so the
 output error tr(D H D^T) ends lower than rounding every weight to its nearest code. The engine stores 1/s as
 `prequant_scaling_factor` [K] beside the packed int4 weight, its `weights_scaling_factor` and zero points.
 """

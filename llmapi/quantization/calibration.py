@@ -140,7 +140,7 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
 
     device: where the model runs (default: the weights' device); CPU runs in float32, CUDA in the config's dtype.
     Each text is one sequence (cut to max_seq_len tokens), several packed into one step without a KV cache.
-    hessians: also collect each linear's mean |x| and mean x^T x (AWQ); 4 K^2 bytes per linear, on `device`.
+    hessians: also collect each linear's mean |x| and mean x^T x (AWQ, FP8); 4 K^2 bytes per linear, on `device`.
     """
     from llmapi.engine.format import DTYPES
     from llmapi.layers.attention import AttentionMetadata

@@ -68,7 +68,8 @@ class QuantConfig:
     smoothquant_alpha: float = DEFAULT_ALPHA
     """SmoothQuant (W8A8_SQ_*): migration strength in [0, 1]; s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)."""
     calibration_dataset: Optional[str] = None
-    """Calibrated modes (FP8, W4A16_AWQ, W8A8_SQ_*, the FP8 and INT8 KV caches): a text file, one sample per line; None: gensim's lee_background.cor."""
+    """Calibrated modes (FP8, W4A16_AWQ, W8A8_SQ_*, the FP8 and INT8 KV caches): a text file, one sample per line;
+    None: gensim's lee_background.cor."""
     calibration_samples: int = 64
     """Calibrated modes: how many texts of the dataset calibration runs (drawn with a fixed seed)."""
     calibration_max_seq_len: int = 512
@@ -123,8 +124,8 @@ class QuantConfig:
         custom = (self.calibration_dataset is not None or self.calibration_samples != 64
                   or self.calibration_max_seq_len != 512)
         if custom and not self.needs_calibration:
-            raise ValueError(f"calibration settings apply to calibrated modes {list(CALIBRATED_ALGOS)} and the quantized "
-                             f"KV caches only, not quant_algo={self.quant_algo!r}")
+            raise ValueError(f"calibration settings apply to calibrated modes {list(CALIBRATED_ALGOS)} and the "
+                             f"quantized KV caches only, not quant_algo={self.quant_algo!r}")
         path = self.calibration_dataset
         if path is None:
             if self.calibration_dataset_sha256 is not None:
