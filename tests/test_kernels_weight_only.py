@@ -1,14 +1,15 @@
 """Triton weight-only GEMV (int8, packed int4; per channel or per group; GPTQ zero points) vs the
-dequantize-then-matmul reference, on fresh random inputs."""
+dequantize-then-matmul reference, and the Triton dequantization vs the reference's, on fresh random inputs."""
 
 import pytest
 import torch
 from kernel_cases import DEVICE, REL_ERROR, rel_error
 
-from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
+from llmapi._kernels.weight_only import dequantize_ref, quantize_weight_ref, weight_only_linear_ref
 
 triton = pytest.importorskip("triton")
 
+from llmapi._kernels.weight_only_dequant import dequantize_weight  # noqa: E402
 from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
@@ -63,3 +64,41 @@ def test_gemv_supported_shapes():
     assert not gemv_supported(9, 4096, 4, 128)  # more rows: dequantize + matmul
     assert not gemv_supported(1, 4096, 4, 96)  # a group that is not a power of two
     assert not gemv_supported(1, 100, 4, None)  # features not a multiple of the chunk
+
+
+DEQUANT_CASES = [  # out features, in features, bits, group size, zero points, dtype
+    (40, 256, 4, None, False, torch.bfloat16),
+    (33, 384, 4, 128, True, torch.bfloat16),  # K not a multiple of the 256-feature tile, N of the 32-row tile
+    (24, 192, 4, 64, False, torch.float16),
+    (17, 320, 8, 64, True, torch.float32),
+    (8, 100, 8, None, True, torch.bfloat16),
+]
+
+
+def check_dequant(n, k, bits, group, zero, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_weight_ref(torch.randn(n, k, generator=g), bits, group)
+    scale = scale.to(dtype)
+    zp = torch.randint(-3, 4, scale.shape, generator=g).to(dtype) if zero else None
+    ref = dequantize_ref(q, scale, bits, group, None, zp)
+    dev = (lambda t: None if t is None else t.to(DEVICE))
+    out = dequantize_weight(dev(q), dev(scale), bits, group, dev(zp))
+    assert out.dtype == dtype and out.shape == (n, k)
+    if DEVICE == "cuda" or dtype != torch.bfloat16:
+        assert torch.equal(out.cpu(), ref)  # the same float32 products, rounded once: bit-identical
+    else:  # the interpreter rounds float32 to bfloat16 toward zero (CUDA and torch: to nearest even)
+        torch.testing.assert_close(out.cpu(), ref, rtol=2 ** -7, atol=0)
+        assert bool((out.float().abs() <= ref.float().abs()).all())
+
+
+@interpreted
+@pytest.mark.parametrize("case", DEQUANT_CASES)
+def test_dequantize_weight_interpreted(case):
+    check_dequant(*case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DEQUANT_CASES + [(28672, 4096, 4, 128, True, torch.bfloat16)])
+def test_dequantize_weight_gpu(case):
+    for seed in range(2):
+        check_dequant(*case, seed=seed)

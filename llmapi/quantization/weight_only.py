@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_ref
@@ -27,8 +28,9 @@ _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)
 
 class WeightOnlyLinear(nn.Module):
     """A linear with int8 (or packed int4) weights, float scales, optional zero points (GPTQ) and per-input-channel
-    activation scales (AWQ). On CUDA a decode-sized batch runs the Triton GEMV (_kernels/weight_only_gemv.py);
-    otherwise (CPU, prefill): dequantize, then matmul."""
+    activation scales (AWQ). On CUDA a decode-sized batch runs the Triton GEMV (_kernels/weight_only_gemv.py),
+    larger ones a Triton dequantization (_kernels/weight_only_dequant.py) then a matmul; on CPU the reference
+    dequantizes, then multiplies."""
 
     def __init__(self, linear: nn.Linear, quant: QuantConfig):
         super().__init__()
@@ -61,6 +63,15 @@ class WeightOnlyLinear(nn.Module):
                     x = x * self.prequant_scaling_factor.to(x.dtype)
                 return weight_only_gemv(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
                                         self.group_size, self.weights_zero_point)
+        if use_triton(x) and self.weights_scaling_factor.dtype == x.dtype:
+            from llmapi._kernels.weight_only_dequant import dequantize_weight
+
+            # More rows (prefill): one Triton pass writes the weight in the model dtype, then one cuBLAS matmul.
+            if self.prequant_scaling_factor is not None:
+                x = x * self.prequant_scaling_factor.to(x.dtype)
+            w = dequantize_weight(self.weight, self.weights_scaling_factor, self.bits, self.group_size,
+                                  self.weights_zero_point)
+            return F.linear(x, w, self.bias)
         return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
                                       self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
 
