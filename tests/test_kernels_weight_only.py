@@ -5,7 +5,9 @@ import pytest
 import torch
 from kernel_cases import DEVICE, REL_ERROR, rel_error
 
+from llmapi import QuantConfig
 from llmapi._kernels.weight_only import dequantize_ref, quantize_weight_ref, weight_only_linear_ref
+from llmapi.quantization.weight_only import WeightOnlyLinear
 
 triton = pytest.importorskip("triton")
 
@@ -102,3 +104,29 @@ def test_dequantize_weight_interpreted(case):
 def test_dequantize_weight_gpu(case):
     for seed in range(2):
         check_dequant(*case, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [QuantConfig("W4A16"), QuantConfig("W8A16", group_size=64),
+                                   QuantConfig("W4A16_AWQ", group_size=128)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 64])
+def test_weight_only_linear_on_gpu_every_path(quant, rows):
+    """WeightOnlyLinear on CUDA (the GEMV for a few rows, dequantize + matmul for more) vs the float64 reference."""
+    g = torch.Generator().manual_seed(rows)
+    n, k = 96, 512
+    q, scale = quantize_weight_ref(torch.randn(n, k, generator=g), quant.bits, quant.group_size)
+    linear = WeightOnlyLinear(torch.nn.Linear(k, n, dtype=torch.bfloat16), quant).cuda()
+    params = {"weight": q, "weights_scaling_factor": scale.bfloat16(), "bias": torch.randn(n, generator=g).bfloat16()}
+    if quant.has_zero_point:
+        params["weights_zero_point"] = torch.randint(-3, 4, scale.shape, generator=g).bfloat16()
+    if quant.pre_quant_scale:
+        params["prequant_scaling_factor"] = (torch.rand(k, generator=g) + 0.5).bfloat16()
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(linear, name).copy_(value)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    ref = weight_only_linear_ref(x.double(), q, params["weights_scaling_factor"].double(), params["bias"].double(),
+                                 quant.bits, quant.group_size, params.get("weights_zero_point"),
+                                 params.get("prequant_scaling_factor"))
+    out = linear(x.cuda())
+    assert out.dtype == torch.bfloat16 and rel_error(out.cpu(), ref) < REL_ERROR[torch.bfloat16]

@@ -28,8 +28,8 @@ _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)
 
 class WeightOnlyLinear(nn.Module):
     """A linear with int8 (or packed int4) weights, float scales, optional zero points (GPTQ) and per-input-channel
-    activation scales (AWQ). On CUDA a decode-sized batch runs the Triton GEMV (_kernels/weight_only_gemv.py),
-    larger ones a Triton dequantization (_kernels/weight_only_dequant.py) then a matmul; on CPU the reference
+    activation scales (AWQ). On CUDA a few rows (gemv_preferred) run the Triton GEMV (_kernels/weight_only_gemv.py),
+    more a Triton dequantization (_kernels/weight_only_dequant.py) then a matmul; on CPU the reference
     dequantizes, then multiplies."""
 
     def __init__(self, linear: nn.Linear, quant: QuantConfig):
@@ -55,9 +55,10 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if use_triton(x) and x.stride(-1) == 1:
-            from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv
+            from llmapi._kernels.weight_only_gemv import gemv_preferred, gemv_supported, weight_only_gemv
 
-            if gemv_supported(x.shape[0], x.shape[1], self.bits, self.group_size):
+            rows = x.shape[0]
+            if gemv_preferred(rows, self.group_size) and gemv_supported(rows, x.shape[1], self.bits, self.group_size):
                 # Decode-sized batches: the weights are read as stored (4 or 8 bits), dequantized in registers.
                 if self.prequant_scaling_factor is not None:
                     x = x * self.prequant_scaling_factor.to(x.dtype)
