@@ -12,9 +12,11 @@ import triton.language as tl
 
 @triton.jit
 def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_on,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, TILED: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One tile of BLOCK_N rows x BLOCK_K input features; GROUP 0: one scale per row.
+    # One tile of BLOCK_N rows x BLOCK_K input features; GROUP 0: one scale per row. TILED (int4, a power-of-two
+    # GROUP dividing BLOCK_K): the tile's groups are loaded once, [BN, BLOCK_K / GROUP], and broadcast over their
+    # features; otherwise each feature gathers its group's scale.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_n = rows < N
     if BITS == 4:
@@ -25,7 +27,21 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn, st
         lo = ((packed << 28) >> 28).to(tl.float32)  # even features (low nibbles), sign-extended
         hi = (packed >> 4).to(tl.float32)  # odd features
         feature = 2 * cols  # the pair's even feature; both features of a byte share a group (GROUP is even)
-        if GROUP > 0:
+        if TILED:
+            NG: tl.constexpr = BLOCK_K // GROUP
+            GW: tl.constexpr = GROUP // 2
+            g = tl.program_id(1) * NG + tl.arange(0, NG)  # [NG]
+            gmask = mask_n[:, None] & (g < K // GROUP)[None, :]
+            s3 = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            lo3 = tl.reshape(lo, (BLOCK_N, NG, GW))
+            hi3 = tl.reshape(hi, (BLOCK_N, NG, GW))
+            if HAS_ZERO:
+                z3 = tl.load(z_ptr + rows[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+                lo3, hi3 = lo3 - z3[:, :, None], hi3 - z3[:, :, None]
+            lo = tl.reshape(lo3 * s3[:, :, None], (BLOCK_N, HALF))
+            hi = tl.reshape(hi3 * s3[:, :, None], (BLOCK_N, HALF))
+            s = 1.0
+        elif GROUP > 0:
             g = feature // GROUP
             s = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_ZERO:
@@ -67,10 +83,13 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, gro
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     group = group_size or 0
     assert group == 0 or (k % group == 0 and group % 2 == 0), (k, group)
+    tiled = bits == 4 and group >= 2 and group & (group - 1) == 0
+    if tiled:
+        block_k = max(block_k, group)
     out = torch.empty(n, k, dtype=scale.dtype, device=qweight.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequant_kernel[grid](qweight, scale, scale if zero_point is None else zero_point, out, n, k,
                           qweight.stride(0), scale.stride(0) if scale.dim() == 2 else 1, out.stride(0),
-                          BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None,
+                          BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, TILED=tiled,
                           BLOCK_N=block_n, BLOCK_K=block_k)
     return out

@@ -74,6 +74,8 @@ DEQUANT_CASES = [  # out features, in features, bits, group size, zero points, d
     (24, 192, 4, 64, False, torch.float16),
     (17, 320, 8, 64, True, torch.float32),
     (8, 100, 8, None, True, torch.bfloat16),
+    (10, 192, 4, 96, True, torch.float32),  # a group that is not a power of two: each feature gathers its scale
+    (6, 1024, 4, 512, True, torch.float32),  # a group longer than the 256-feature tile
 ]
 
 
