@@ -70,12 +70,12 @@ def test_gemv_supported_shapes():
 
 DEQUANT_CASES = [  # out features, in features, bits, group size, zero points, dtype
     (40, 256, 4, None, False, torch.bfloat16),
-    (33, 384, 4, 128, True, torch.bfloat16),  # K not a multiple of the 256-feature tile, N of the 32-row tile
+    (33, 384, 4, 128, True, torch.bfloat16),  # K not a multiple of the 512-feature tile, N of the 16-row tile
     (24, 192, 4, 64, False, torch.float16),
     (17, 320, 8, 64, True, torch.float32),
     (8, 100, 8, None, True, torch.bfloat16),
     (10, 192, 4, 96, True, torch.float32),  # a group that is not a power of two: each feature gathers its scale
-    (6, 1024, 4, 512, True, torch.float32),  # a group longer than the 256-feature tile
+    (6, 2048, 4, 1024, True, torch.float32),  # a group longer than the 512-feature tile
 ]
 
 
