@@ -54,27 +54,24 @@ class WeightOnlyLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        if use_triton(x) and x.stride(-1) == 1:
-            from llmapi._kernels.weight_only_gemv import gemv_preferred, gemv_supported, weight_only_gemv
+        if not use_triton(x):
+            return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
+                                          self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
+        from llmapi._kernels.weight_only_dequant import dequantize_weight
+        from llmapi._kernels.weight_only_gemv import gemv_preferred, gemv_supported, weight_only_gemv
 
-            rows = x.shape[0]
-            if gemv_preferred(rows, self.group_size) and gemv_supported(rows, x.shape[1], self.bits, self.group_size):
-                # Decode-sized batches: the weights are read as stored (4 or 8 bits), dequantized in registers.
-                if self.prequant_scaling_factor is not None:
-                    x = x * self.prequant_scaling_factor.to(x.dtype)
-                return weight_only_gemv(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
-                                        self.group_size, self.weights_zero_point)
-        if use_triton(x) and self.weights_scaling_factor.dtype == x.dtype:
-            from llmapi._kernels.weight_only_dequant import dequantize_weight
-
-            # More rows (prefill): one Triton pass writes the weight in the model dtype, then one cuBLAS matmul.
-            if self.prequant_scaling_factor is not None:
-                x = x * self.prequant_scaling_factor.to(x.dtype)
-            w = dequantize_weight(self.weight, self.weights_scaling_factor, self.bits, self.group_size,
-                                  self.weights_zero_point)
-            return F.linear(x, w, self.bias)
-        return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
-                                      self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
+        if self.prequant_scaling_factor is not None:  # AWQ: y = (x * prequant) @ dequant(W).T
+            x = x * self.prequant_scaling_factor.to(x.dtype)
+        rows, k = x.shape
+        if x.stride(-1) == 1 and gemv_preferred(rows, self.group_size) and gemv_supported(rows, k, self.bits,
+                                                                                         self.group_size):
+            # A few rows: the weights are read as stored (4 or 8 bits), dequantized in registers.
+            return weight_only_gemv(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
+                                    self.group_size, self.weights_zero_point)
+        # More rows (prefill): one Triton pass writes the weight in the model dtype, then one cuBLAS matmul.
+        w = dequantize_weight(self.weight, self.weights_scaling_factor, self.bits, self.group_size,
+                              self.weights_zero_point)
+        return F.linear(x, w.to(x.dtype), self.bias)
 
 
 def is_quantized_linear_weight(name: str) -> bool:
