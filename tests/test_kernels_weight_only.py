@@ -26,6 +26,7 @@ CASES = [  # rows, out features, in features, bits, group size, zero points, bia
     (1, 12, 512, 8, 64, False, True, torch.float16),
     (1, 9, 96, 4, 32, True, True, torch.float32),  # no chunk of several groups tiles K: one group a chunk
     (1, 20, 256, 8, None, True, True, torch.float16),
+    (1, 24, 6144, 4, None, True, True, torch.float32),  # one row per channel, 2048-feature chunks
 ]
 
 
@@ -55,7 +56,8 @@ def test_weight_only_gemv_interpreted(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES + [(1, 6144, 4096, 4, 128, False, False, torch.bfloat16),
-                                          (4, 4096, 14336, 4, None, False, False, torch.bfloat16)])
+                                          (4, 4096, 14336, 4, None, False, False, torch.bfloat16),
+                                          (1, 28672, 4096, 4, None, True, False, torch.bfloat16)])
 def test_weight_only_gemv_gpu(case):
     for seed in range(3):
         check(*case, seed=seed)
