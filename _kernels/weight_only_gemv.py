@@ -113,25 +113,30 @@ def _gemv_row_group_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, str
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One token, group-wise scales: a chunk of BLOCK_K features spans NG = BLOCK_K / GROUP whole groups, held as
-    # [BN, NG, bytes per group] so each group's scale (and zero point) broadcasts over its own features; long
-    # chunks keep enough bytes in flight however small the group.
+    # [BN, NG, words or bytes per group] so each group's scale (and zero point) broadcasts over its own features;
+    # long chunks keep enough bytes in flight however small the group. Packed int4 is read as int32 words of 8
+    # codes, as in _gemv_row_kernel.
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_n = rows_n < N
     NG: tl.constexpr = BLOCK_K // GROUP
-    GW: tl.constexpr = GROUP // 2 if BITS == 4 else GROUP  # weight bytes per row and group
+    GW: tl.constexpr = GROUP // 8 if BITS == 4 else GROUP  # int32 words (int4) or bytes (int8) per row and group
     groups = tl.arange(0, NG)
     within = tl.arange(0, GW)
     acc = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 * GW // GROUP + groups[:, None] * GW + within[None, :]  # [NG, GW] byte columns
+        cols = k0 // GROUP * GW + groups[:, None] * GW + within[None, :]  # [NG, GW] word / byte columns
         w = tl.load(w_ptr + rows_n[:, None, None] * stride_wn + cols[None, :, :], mask=mask_n[:, None, None],
                     other=0).to(tl.int32)  # [BN, NG, GW]
         if BITS == 4:
-            xe = tl.load(x_ptr + 2 * cols).to(tl.float32)  # [NG, GW] even features: low nibbles
-            xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
-            prod = ((w << 28) >> 28).to(tl.float32) * xe[None] + (w >> 4).to(tl.float32) * xo[None]
-            xs = xe + xo
+            first = k0 + groups[:, None] * GROUP + 8 * within[None, :]  # [NG, GW] feature of each word's nibble 0
+            prod = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
+            xs = tl.zeros((NG, GW), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptr + first + j).to(tl.float32)
+                prod += ((w << (28 - 4 * j)) >> 28).to(tl.float32) * xj[None]
+                if HAS_ZERO:
+                    xs += xj
         else:
             xs = tl.load(x_ptr + cols).to(tl.float32)
             prod = w.to(tl.float32) * xs[None]
@@ -223,8 +228,9 @@ def weight_only_gemv(
     zero = scale if zero_point is None else zero_point
     if m == 1 and group:
         block_k, block_n, warps = _row_group_config(k, group, **tune)
+        w = qweight.view(torch.int32) if bits == 4 else qweight  # int4: words of 8 codes
         _gemv_row_group_kernel[(triton.cdiv(n, block_n),)](
-            x, qweight, scale, zero, x if bias is None else bias, out, n, k, qweight.stride(0), stride_sn,
+            x, w, scale, zero, x if bias is None else bias, out, n, k, w.stride(0), stride_sn,
             BITS=bits, GROUP=group, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return out

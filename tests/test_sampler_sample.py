@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from llmapi.runtime.sampler import apply_top_k_top_p, gumbel_noise, row_keys, sample
+from llmapi.runtime.sampler import apply_top_k_top_p, first_argmax, gumbel_noise, row_keys, sample
 
 # Upper 0.1% points of the chi-square distribution by degrees of freedom (standard tables).
 CHI2_CRIT_0_001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322,
@@ -48,6 +48,21 @@ def test_greedy_is_argmax():
     assert out.dtype == torch.int64
     assert torch.equal(out, logits.argmax(-1))
     assert torch.equal(sample(**_batch(logits, temperature=0.0), all_greedy=True), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 32000, 4099, 100])
+def test_first_argmax_is_torch_argmax(vocab):
+    # Few distinct values: every row has its maximum many times, and the first one must win, as torch.argmax.
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(0, 5, (6, vocab), generator=g).float()
+    x[1] = 0.0  # one value throughout: index 0
+    x[2, -1] = 9.0  # the maximum in the last place
+    x[3, vocab // 2:] = 7.0  # a tie between the two halves' starts
+    x[4] = torch.randn(vocab, generator=g)
+    x[5, vocab // 3] = float("nan")  # NaN counts as the maximum, as in torch.argmax
+    expected = x.argmax(dim=-1)
+    assert torch.equal(first_argmax(x), expected)
+    assert expected[1] == 0 and expected[2] == vocab - 1 and expected[5] == vocab // 3
 
 
 def test_suppression_masks_only_its_row():

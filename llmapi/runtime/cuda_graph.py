@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 
 from ..layers.attention import AttentionMetadata
+from .sampler import first_argmax
 from .step_inputs import InputStager
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[size] = self._forward(size)
                 # What sample() returns for greedy rows without suppressed ids: the argmax.
-                self.greedy_ids[size] = self.logits[size].argmax(dim=-1)
+                self.greedy_ids[size] = first_argmax(self.logits[size])
             self.graphs[size] = graph
         torch.cuda.synchronize(device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
