@@ -183,12 +183,12 @@ def _row_config(k: int, n: int, bits: int, block_k: int | None = None, block_n: 
     return block_k, block_n or (16 if bits == 4 and n >= 16384 else 8), num_warps
 
 
-def _row_group_config(k: int, group: int, block_k: int | None = None, block_n: int = 16,
-                      num_warps: int = 4):
-    """(BLOCK_K, BLOCK_N, num_warps) of the one-token group-wise kernel: chunks of whole groups, 512 features
-    when they tile K (the best of a sweep over Llama-3.1-8B's four linears, group 128, on an H100)."""
+def _row_group_config(k: int, group: int, block_k: int | None = None, block_n: int = 8,
+                      num_warps: int = 8):
+    """(BLOCK_K, BLOCK_N, num_warps) of the one-token group-wise kernel: chunks of whole groups, 1024 features
+    when they tile K (the best of a sweep over Llama-3.1-8B's four linears, int4 group 128, on an H100)."""
     if block_k is None:
-        block_k = next((size for size in (512, 256) if size % group == 0 and k % size == 0), group)
+        block_k = next((size for size in (1024, 512, 256) if size % group == 0 and k % size == 0), group)
     assert k % block_k == 0 and block_k % group == 0, (k, group, block_k)
     return block_k, block_n, num_warps
 
