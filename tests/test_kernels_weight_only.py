@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 
 from llmapi._kernels.weight_only_dequant import dequantize_weight  # noqa: E402
 from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv  # noqa: E402
+from llmapi._kernels.weight_only_matmul import matmul_preferred, matmul_supported, weight_only_matmul  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
 CASES = [  # rows, out features, in features, bits, group size, zero points, bias, dtype
@@ -30,7 +31,7 @@ CASES = [  # rows, out features, in features, bits, group size, zero points, bia
 ]
 
 
-def check(rows, n, k, bits, group, zero, bias, dtype, seed=0):
+def check(rows, n, k, bits, group, zero, bias, dtype, seed=0, kernel="gemv"):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     q, scale = quantize_weight_ref(w, bits, group)
@@ -42,8 +43,12 @@ def check(rows, n, k, bits, group, zero, bias, dtype, seed=0):
     ref = weight_only_linear_ref(x.double(), q, scale.double(), None if b is None else b.double(), bits, group,
                                  None if zp is None else zp.double())
     dev = (lambda t: None if t is None else t.to(DEVICE))
-    assert gemv_supported(rows, k, bits, group)
-    out = weight_only_gemv(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp))
+    if kernel == "gemv":
+        assert gemv_supported(rows, k, bits, group)
+        out = weight_only_gemv(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp))
+    else:
+        assert matmul_supported(k, bits, group)
+        out = weight_only_matmul(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp))
     assert out.dtype == dtype and out.shape == (rows, n)
     assert rel_error(out.cpu(), ref) < REL_ERROR[dtype]
 
@@ -61,6 +66,36 @@ def test_weight_only_gemv_interpreted(case):
 def test_weight_only_gemv_gpu(case):
     for seed in range(3):
         check(*case, seed=seed)
+
+
+MATMUL_CASES = [  # rows, out features, in features, bits, group size, zero points, bias, dtype
+    (5, 24, 256, 4, None, False, True, torch.bfloat16),
+    (20, 70, 512, 4, None, True, False, torch.float32),  # rows and features not multiples of the tiles
+    (33, 40, 256, 4, 64, True, True, torch.float16),
+    (7, 17, 256, 8, None, True, False, torch.bfloat16),
+    (70, 24, 384, 8, 128, False, True, torch.float32),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("case", MATMUL_CASES)
+def test_weight_only_matmul_interpreted(case):
+    check(*case, kernel="matmul")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MATMUL_CASES + [(16, 4096, 14336, 4, None, False, False, torch.bfloat16),
+                                                 (128, 6144, 4096, 4, None, True, True, torch.bfloat16)])
+def test_weight_only_matmul_gpu(case):
+    for seed in range(2):
+        check(*case, seed=seed, kernel="matmul")
+
+
+def test_matmul_routing():
+    assert matmul_preferred(4, 4, None) and matmul_preferred(128, 4, None)
+    assert not matmul_preferred(3, 4, None) and not matmul_preferred(129, 4, None)  # the GEMV; dequantize + matmul
+    assert not matmul_preferred(16, 4, 128) and not matmul_preferred(16, 8, None)
+    assert matmul_supported(4096, 4, None) and matmul_supported(4096, 4, 64) and not matmul_supported(4096, 4, 96)
 
 
 def test_gemv_supported_shapes():
@@ -113,9 +148,10 @@ def test_dequantize_weight_gpu(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", [QuantConfig("W4A16"), QuantConfig("W8A16", group_size=64),
                                    QuantConfig("W4A16_AWQ", group_size=128)])
-@pytest.mark.parametrize("rows", [1, 2, 5, 64])
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, 200])
 def test_weight_only_linear_on_gpu_every_path(quant, rows):
-    """WeightOnlyLinear on CUDA (the GEMV for a few rows, dequantize + matmul for more) vs the float64 reference."""
+    """WeightOnlyLinear on CUDA (the GEMV for a few rows, the fused matmul for tens of int4 rows per channel,
+    dequantize + matmul for more) vs the float64 reference."""
     g = torch.Generator().manual_seed(rows)
     n, k = 96, 512
     q, scale = quantize_weight_ref(torch.randn(n, k, generator=g), quant.bits, quant.group_size)

@@ -59,15 +59,21 @@ class WeightOnlyLinear(nn.Module):
                                           self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
         from llmapi._kernels.weight_only_dequant import dequantize_weight
         from llmapi._kernels.weight_only_gemv import gemv_preferred, gemv_supported, weight_only_gemv
+        from llmapi._kernels.weight_only_matmul import matmul_preferred, matmul_supported, weight_only_matmul
 
         if self.prequant_scaling_factor is not None:  # AWQ: y = (x * prequant) @ dequant(W).T
             x = x * self.prequant_scaling_factor.to(x.dtype)
         rows, k = x.shape
+        args = (self.weight, self.weights_scaling_factor, self.bias, self.bits, self.group_size,
+                self.weights_zero_point)
+        if x.stride(-1) == 1 and matmul_preferred(rows, self.bits, self.group_size) and matmul_supported(
+                k, self.bits, self.group_size):
+            # Tens of rows (batched decode, short prefill): weights read as stored, tensor-core dots.
+            return weight_only_matmul(x, *args)
         if x.stride(-1) == 1 and gemv_preferred(rows, self.group_size) and gemv_supported(rows, k, self.bits,
                                                                                          self.group_size):
             # A few rows: the weights are read as stored (4 or 8 bits), dequantized in registers.
-            return weight_only_gemv(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
-                                    self.group_size, self.weights_zero_point)
+            return weight_only_gemv(x, *args)
         # More rows (prefill): one Triton pass writes the weight in the model dtype, then one cuBLAS matmul.
         w = dequantize_weight(self.weight, self.weights_scaling_factor, self.bits, self.group_size,
                               self.weights_zero_point)
