@@ -13,7 +13,7 @@ MAX_ROWS = 8
 """Most rows (tokens) this kernel takes; more go through dequantize + matmul."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -18,7 +18,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 holds every bfloat16 and float16 product exactly."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count of a tile size
 def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                    stride_om, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
