@@ -2,7 +2,7 @@
 
 Reference: weight_only.weight_only_linear_ref (dequantize, then matmul). At a few rows the product is bound by
 reading the weights, so reading 4 (or 8) bits per weight instead of 16 is the whole gain; larger batches take
-the reference path (dequantize + cuBLAS).
+the fused matmul (weight_only_matmul.py) or dequantize + cuBLAS.
 """
 
 import torch
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 8
-"""Most rows (tokens) this kernel takes; more go through dequantize + matmul."""
+"""Most rows (tokens) this kernel takes."""
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count
