@@ -30,42 +30,16 @@ QMIN, QMAX = -8, 7
 """The int4 codes."""
 
 
-RANGE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
-"""Fractions of a group's [min, max] tried when the error feedback sets its scale (GPTQ's `mse` option)."""
-ERROR_NORM = 2.4
-"""The range is chosen to minimise sum |q(w) - w| ** ERROR_NORM over the group, as GPTQ's reference does."""
-
-
-def _range_params(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) [N] float32 of one group of columns w [N, g]: the range [min, max] (stretched to hold 0)
+    maps onto the 16 codes, with an integer zero point z so that w = (q - z) * scale. The scale is rounded to
+    `dtype`, the engine's, so that codes are chosen for the scale the engine holds."""
+    hi = w.amax(dim=1).clamp(min=0)
+    lo = w.amin(dim=1).clamp(max=0)
     scale = ((hi - lo) / (QMAX - QMIN)).to(dtype).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes z, exact
     zero = (QMIN - torch.round(lo / scale)).clamp(QMIN, QMAX)  # lo / scale + z = QMIN, rounded
     return scale, zero
-
-
-def group_params(w: torch.Tensor, dtype: torch.dtype = torch.float32, shrink: tuple[float, ...] = (1.0,)
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero point) [N] float32 of one group of columns w [N, g]: the range [min, max] (stretched to hold 0)
-    maps onto the 16 codes, with an integer zero point z so that w = (q - z) * scale. The scale is rounded to
-    `dtype`, the engine's, so that codes are chosen for the scale the engine holds. With several `shrink`
-    fractions, each row takes the fraction of its range whose round-to-nearest error sum |q(w) - w| ** 2.4 is
-    least: clipping a lone extreme weight can buy a finer grid for all the others."""
-    hi = w.amax(dim=1).clamp(min=0)
-    lo = w.amin(dim=1).clamp(max=0)
-    best = None
-    for fraction in shrink:
-        scale, zero = _range_params(hi * fraction, lo * fraction, dtype)
-        if len(shrink) == 1:
-            return scale, zero
-        q = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(QMIN, QMAX)
-        err = ((q - zero[:, None]) * scale[:, None] - w).abs().pow(ERROR_NORM).sum(dim=1)  # [N]
-        if best is None:
-            best = (err, scale, zero)
-            continue
-        better = err < best[0]
-        best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
-                torch.where(better, zero, best[2]))
-    return best[1], best[2]
 
 
 def quantize_asym(weight: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
@@ -125,8 +99,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, dty
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4 of weight [N, K] with GPTQ's error feedback under H [K, K]; returns (codes int8
     [N, K], scale [N, G], zero point [N, G]) as quantize_asym. Each group's scale and zero point come from its
-    columns as updated when the group is reached, its range shrunk as far as RANGE_SHRINK allows where that
-    rounds the group's columns more closely."""
+    columns as updated when the group is reached."""
     n, k = weight.shape
     codes = torch.empty(n, k, dtype=torch.int8, device=weight.device)
     scales = torch.empty(n, k // group_size, device=weight.device)
@@ -135,7 +108,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, dty
     def round_column(w: torch.Tensor, j: int) -> torch.Tensor:
         g = j // group_size
         if j % group_size == 0:
-            scales[:, g], zeros[:, g] = group_params(w[:, j:j + group_size], dtype, RANGE_SHRINK)
+            scales[:, g], zeros[:, g] = group_params(w[:, j:j + group_size], dtype)
         q = (torch.round(w[:, j] / scales[:, g]) + zeros[:, g]).clamp_(QMIN, QMAX)
         codes[:, j] = q.to(torch.int8)
         return (q - zeros[:, g]) * scales[:, g]
