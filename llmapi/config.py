@@ -140,8 +140,6 @@ class LlmArgs:
         from .quantization.config import resolve_quant
 
         self.quant = resolve_quant(self.quant)  # None or a QuantConfig; bad values raise ValueError naming quant
-        _check(self.quant is None or self.world_size == 1, "quant", self.quant,
-               "quantization with more than one rank is not supported yet")
 
     @property
     def world_size(self) -> int:

@@ -79,8 +79,6 @@ def test_kv_cache_setting_and_errors():
         QuantConfig(quant_algo=None, kv_cache_quant_algo="FP8", group_size=64)
     with pytest.raises(ValueError, match="unknown.*fp8_kv_cache.*int8_kv_cache"):
         LLM("unused", quant="int4_kv_cache")
-    with pytest.raises(ValueError, match="quant.*more than one rank"):
-        LLM("unused", quant="fp8_kv_cache", pipeline_parallel_size=2)
 
 
 def test_fp8_kv_cache_needs_sm89(monkeypatch):

@@ -115,8 +115,6 @@ def test_quant_errors():
         QuantConfig("INT8")
     with pytest.raises(ValueError, match="quant_algo"):
         QuantConfig("W9A16")
-    with pytest.raises(ValueError, match="quant.*more than one rank"):
-        LLM("unused", quant="int8_weight_only", tensor_parallel_size=2)
 
 
 def test_group_that_does_not_divide_the_features(tiny_llama_dir):

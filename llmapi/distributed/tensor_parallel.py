@@ -9,7 +9,7 @@ from torch import nn
 from llmapi.distributed.mapping import Mapping, local_kv_heads
 
 
-def _cut(full: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+def cut_ranges(full: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
     """The (start, length) ranges of `full` along `dim`, concatenated."""
     parts = [full.narrow(dim, start, length) for start, length in ranges]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
@@ -45,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return _cut(full, 0, self.rows)
+        return cut_ranges(full, 0, self.rows)
 
 
 class RowParallelLinear(nn.Module):
@@ -63,7 +63,7 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return _cut(full, 1, self.cols) if name == "weight" else full  # the bias is added once, after the sum
+        return cut_ranges(full, 1, self.cols) if name == "weight" else full  # the bias is added once, after the sum
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -99,7 +99,7 @@ class HiddenParallelEmbedding(nn.Module):
         return self.comm.all_gather(F.embedding(ids, self.weight), dim=-1)  # [T, H / tp] gathered
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return _cut(full, 1, self.cols)
+        return cut_ranges(full, 1, self.cols)
 
 
 class ParallelLMHead(nn.Module):

@@ -55,8 +55,6 @@ class BuildSettings:
 
         quant = QuantConfig.from_dict(self.quantization)  # validates the section
         object.__setattr__(self, "quantization", dict(UNQUANTIZED) if quant is None else quant.to_dict())
-        if quant is not None and mapping.world_size > 1:
-            raise ValueError(f"quantization={quant.to_dict()} with more than one rank is not supported yet")
         if self.embedding_sharding_dim not in (0, 1):
             raise ValueError(f"embedding_sharding_dim must be 0 or 1, got {self.embedding_sharding_dim!r}")
         if mapping.tp_size == 1:

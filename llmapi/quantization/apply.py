@@ -11,6 +11,7 @@ from llmapi.quantization.calibration import ActivationStats, calibration_texts, 
 from llmapi.quantization.config import FP8_ALGOS, SMOOTHQUANT_ALGOS, WEIGHT_ONLY_BITS, QuantConfig
 from llmapi.quantization.kv_cache import apply_kv_cache_quant, kv_cache_scales
 from llmapi.quantization.fp8 import Fp8Linear, check_fp8_device, quantize_fp8_linear
+from llmapi.quantization.linear import check_split
 from llmapi.quantization.smoothquant import (SmoothQuantLinear, has_prequant, quantize_smoothquant_linear,
                                              smooth_weights)
 from llmapi.quantization.weight_only import WeightOnlyLinear, is_quantized_linear_weight, quantize_weights
@@ -32,16 +33,23 @@ def _quantized_linear(linear: nn.Linear, quant: QuantConfig, name: str) -> nn.Mo
 
 def apply_quantization(model: nn.Module, quant: QuantConfig | None) -> None:
     """Swap every decoder layer's qkv, dense, gate_up/fc and proj for the mode's quantized linear, and give the
-    attentions their KV-cache scales when the cache is quantized (model on meta)."""
+    attentions their KV-cache scales when the cache is quantized (model on meta). On a tensor-parallel rank the
+    linears are already this rank's column- or row-parallel shards: the quantized ones keep their split."""
     apply_kv_cache_quant(model, quant)
     if quant is None or quant.quant_algo is None:
         return
+    # A rank's input features of a row-parallel linear: whole groups, and whole bytes of packed int4.
+    four_bits = quant.quant_algo in WEIGHT_ONLY_BITS and quant.bits == 4
+    unit = quant.group_size or (2 if four_bits else 1)
     for layer in model.transformer.layers:
         for block_name, linear_name in LINEARS:
             block = getattr(layer, block_name)
             linear = getattr(block, linear_name, None)
             if linear is not None:
-                setattr(block, linear_name, _quantized_linear(linear, quant, f"{block_name}.{linear_name}"))
+                check_split(linear, unit)
+                quantized = _quantized_linear(linear, quant, f"{block_name}.{linear_name}")
+                quantized.split_like(linear)
+                setattr(block, linear_name, quantized)
 
 
 def check_quant_device(quant: QuantConfig | None, device) -> None:

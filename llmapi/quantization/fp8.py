@@ -33,8 +33,8 @@ class Fp8Linear(QuantizedLinear):
             torch.empty(1, dtype=torch.float32, device=w.device), requires_grad=False)
         self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        return fp8_linear(x, self.weight, self.weights_scaling_factor, self.bias, self.activation_scaling_factor)
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
+        return fp8_linear(x, self.weight, self.weights_scaling_factor, bias, self.activation_scaling_factor)
 
 
 def round_fp8_weight(weight: torch.Tensor, w_scale: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

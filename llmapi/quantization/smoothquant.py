@@ -80,8 +80,8 @@ class SmoothQuantLinear(QuantizedLinear):
         self.prequant_scaling_factor = param(k) if prequant else None
         self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        return int8_linear(x, self.weight, self.weights_scaling_factor, self.bias, self.activation_scaling_factor,
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
+        return int8_linear(x, self.weight, self.weights_scaling_factor, bias, self.activation_scaling_factor,
                            self.prequant_scaling_factor)
 
 

@@ -19,6 +19,7 @@ from llmapi._kernels.weight_only import quantize_weight_ref, weight_only_linear_
 from llmapi.layers.dispatch import use_triton
 from llmapi.quantization.calibration import ActivationStats
 from llmapi.quantization.config import GROUP_SIZES, QuantConfig
+from llmapi.quantization.linear import ShardableLinear
 
 AWQ_TENSORS = ("weight", "weights_scaling_factor", "weights_zero_point", "prequant_scaling_factor")
 
@@ -26,7 +27,7 @@ AWQ_TENSORS = ("weight", "weights_scaling_factor", "weights_zero_point", "prequa
 _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)|mlp\.(gate_up|fc|proj))\.weight$")
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(ShardableLinear):
     """A linear with int8 (or packed int4) weights, float scales, optional zero points (GPTQ) and per-input-channel
     activation scales (AWQ). On CUDA a few rows (gemv_preferred) run the Triton GEMV (_kernels/weight_only_gemv.py),
     more a Triton dequantization (_kernels/weight_only_dequant.py) then a matmul; on CPU the reference
@@ -53,9 +54,9 @@ class WeightOnlyLinear(nn.Module):
                                                         requires_grad=False)
         self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
         if not use_triton(x):
-            return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, self.bias, self.bits,
+            return weight_only_linear_ref(x, self.weight, self.weights_scaling_factor, bias, self.bits,
                                           self.group_size, self.weights_zero_point, self.prequant_scaling_factor)
         from llmapi._kernels.weight_only_dequant import dequantize_weight
         from llmapi._kernels.weight_only_gemv import gemv_preferred, gemv_supported, weight_only_gemv
@@ -64,7 +65,7 @@ class WeightOnlyLinear(nn.Module):
         if self.prequant_scaling_factor is not None:  # AWQ: y = (x * prequant) @ dequant(W).T
             x = x * self.prequant_scaling_factor.to(x.dtype)
         rows, k = x.shape
-        args = (self.weight, self.weights_scaling_factor, self.bias, self.bits, self.group_size,
+        args = (self.weight, self.weights_scaling_factor, bias, self.bits, self.group_size,
                 self.weights_zero_point)
         if x.stride(-1) == 1 and matmul_preferred(rows, self.bits, self.group_size) and matmul_supported(
                 k, self.bits, self.group_size):
@@ -77,7 +78,7 @@ class WeightOnlyLinear(nn.Module):
         # More rows (prefill): one Triton pass writes the weight in the model dtype, then one cuBLAS matmul.
         w = dequantize_weight(self.weight, self.weights_scaling_factor, self.bits, self.group_size,
                               self.weights_zero_point)
-        return F.linear(x, w.to(x.dtype), self.bias)
+        return F.linear(x, w.to(x.dtype), bias)
 
 
 def is_quantized_linear_weight(name: str) -> bool:
