@@ -172,11 +172,13 @@ def main(a) -> int:
     vocab = llm.vocab_size
     if a.warmup:
         run_workload(llm, Workload(a.isl, a.osl, a.warmup, a.concurrency, seed=a.seed + 1), vocab)
-    runner = llm._runner
-    runner.stats = type(runner.stats)()
+    runner = llm._runner  # the in-process runner; None with several ranks (theirs run in the MPI job)
+    if runner is not None:
+        runner.stats = type(runner.stats)()
     ours = run_workload(llm, workload, vocab)
     results["llmapi"] = ours
-    results["runner_steps"] = runner.stats.as_dict()
+    if runner is not None:
+        results["runner_steps"] = runner.stats.as_dict()
     if llm.device.type == "cuda":
         results["allocator_retries"] = torch.cuda.memory_stats(llm.device).get("num_alloc_retries", 0)
     print(f"startup (LLM() to first token): {results['startup_s']:.1f} s")
@@ -185,16 +187,18 @@ def main(a) -> int:
         results["weight_bytes"] = sum(p.numel() * p.element_size() for p in rank_model.parameters())
         print(f"weights: {results['weight_bytes'] / 2**30:.2f} GiB ({a.quant or 'not quantized'})")
     print(format_report("llmapi", ours))
-    st = results["runner_steps"]
-    print(f"runner: {st['steps']} steps ({st['graph_steps']} from CUDA graphs), {st['tokens']} tokens; "
-          f"host time in submit {st['submit_s']:.2f} s, waiting for the GPU {st['wait_s']:.2f} s, "
-          f"wall {ours['wall_s']:.2f} s; allocator retries {results.get('allocator_retries', 0)}")
+    if runner is not None:
+        st = results["runner_steps"]
+        print(f"runner: {st['steps']} steps ({st['graph_steps']} from CUDA graphs), {st['tokens']} tokens; "
+              f"host time in submit {st['submit_s']:.2f} s, waiting for the GPU {st['wait_s']:.2f} s, "
+              f"wall {ours['wall_s']:.2f} s; allocator retries {results.get('allocator_retries', 0)}")
     device = llm.device
     batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)
-    floor_bytes = decode_floor_s(llm._runner.model, llm.engine_info.config, batch, a.isl + a.osl / 2, 1.0)
+    floor_bytes = None if rank_model is None else decode_floor_s(rank_model, llm.engine_info.config, batch,
+                                                                  a.isl + a.osl / 2, 1.0)
     llm.shutdown()
     del llm, runner, rank_model  # the KV cache and graphs go before the bandwidth probe and transformers' model
-    if device.type == "cuda":
+    if device.type == "cuda" and floor_bytes is not None:  # one rank: its model's bytes are the whole model's
         torch.cuda.empty_cache()
         bandwidth = measure_bandwidth(device)
         floor = floor_bytes / bandwidth

@@ -53,3 +53,15 @@ def test_bench_runs_tiny_model_with_hf_baseline(tiny_llama_dir, tmp_path, capsys
     assert result["speedup_vs_hf"] == pytest.approx(ours["output_tok_s"] / hf["output_tok_s"])
     printed = capsys.readouterr().out
     assert "output tok/s" in printed and "llmapi / transformers" in printed
+
+
+def test_bench_runs_two_ranks_quantized(tiny_llama_dir, tmp_path):
+    # Several ranks: the runners live in the MPI job, so the report has no runner statistics or weight bytes.
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--isl", "6", "--osl", "4",
+               "--num-requests", "4", "--concurrency", "2", "--tp", "2", "--quant", "int8_weight_only",
+               "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["tensor_parallel_size"] == 2 and result["quant"] == "int8_weight_only"
+    assert result["llmapi"]["output_tokens"] == 16 and "runner_steps" not in result
