@@ -50,6 +50,19 @@ def _quantize_input(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[to
     return quantize_fp8(x, act_scale.float()), act_scale.float()
 
 
+def _quantize_input_cuda(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_quantize_input in one Triton pass (fp8_quant.py, bit-identical) for CUDA tensors where Triton is installed;
+    torch's four elementwise passes otherwise."""
+    if not x.is_cuda:
+        return _quantize_input(x, act_scale)
+    try:
+        from llmapi._kernels.fp8_quant import quantize_fp8_rows
+    except ImportError:
+        return _quantize_input(x, act_scale)
+    return quantize_fp8_rows(x if x.stride(1) == 1 else x.contiguous(),
+                             None if act_scale is None else act_scale.float())
+
+
 def _rowwise_supported(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= _ROWWISE_MIN_CAPABILITY
 
@@ -81,7 +94,7 @@ def fp8_linear_scaled_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.
     pad = -tokens % _MM_MULTIPLE
     if pad:
         x = F.pad(x, (0, 0, 0, pad))  # zero rows: per-token scale 1, results sliced off below
-    xq, xs = _quantize_input(x, act_scale)  # [M, K] E4M3, [1] or [M, 1]
+    xq, xs = _quantize_input_cuda(x, act_scale)  # [M, K] E4M3, [1] or [M, 1]
     ws = w_scale.float()
     if xs.numel() == 1 and ws.numel() == 1:
         y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)  # [M, N]

@@ -115,6 +115,27 @@ def test_scaled_mm_on_gpu_equals_reference(mode, tokens, dtype):
     _check_scaled_mm(mode, tokens, dtype, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("tokens,features", [(1, 4096), (7, 300), (64, 14336), (1024, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_activation_quantization_is_bit_identical(static, tokens, features, dtype):
+    from llmapi._kernels.fp8_quant import quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(tokens)
+    x = (torch.randn(tokens, features, generator=g) * 4).to(dtype)
+    x[0, : features // 3] *= 300  # outliers: saturated at 448 by the static scale
+    if tokens > 2:
+        x[2] = 0  # a zero row: per-token scale 1
+    scale = torch.tensor([0.02])
+    want = quantize_fp8(x, scale) if static else quantize_fp8_per_token(x)
+    got = quantize_fp8_rows(x.cuda(), scale.cuda() if static else None)
+    if not static:
+        assert torch.equal(got[1].cpu(), want[1])
+        want = want[0]
+    assert torch.equal(got[0].cpu().view(torch.uint8), want.view(torch.uint8))
+
+
 def test_module_keeps_storage_dtypes_when_the_model_is_cast():
     engine, _ = to_engine_model(make_tiny_llama(num_hidden_layers=1))
     engine.to("meta")
