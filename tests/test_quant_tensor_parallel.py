@@ -5,7 +5,7 @@ is refused by name; and LLM over 2 MPI ranks gives the same greedy tokens as one
 import pytest
 import torch
 from test_distributed_sharding import _attn, _caches, _inputs, _sharded_logits
-from tiny_models import make_tiny_llama, to_engine_model
+from tiny_models import make_tiny_gpt2, make_tiny_llama, to_engine_model
 
 from llmapi import LLM, QuantConfig, SamplingParams
 from llmapi.distributed.mapping import Mapping
@@ -14,6 +14,7 @@ from llmapi.errors import UnsupportedModelError
 from llmapi.quantization.apply import quantize_engine_weights
 from llmapi.quantization.calibration import ActivationStats
 from llmapi.quantization.config import resolve_quant
+from llmapi.quantization.weight_only import is_quantized_linear_weight
 
 
 def _stats(weights, seed=0):
@@ -22,8 +23,7 @@ def _stats(weights, seed=0):
     g = torch.Generator().manual_seed(seed)
     stats = ActivationStats(num_tokens=1)
     for name, w in weights.items():
-        if ".layers." not in name or not name.endswith(("qkv.weight", "dense.weight", "gate_up.weight",
-                                                          "proj.weight")):
+        if not is_quantized_linear_weight(name):
             continue
         linear, k = name.removesuffix(".weight"), w.shape[1]
         stats.input_amax[linear] = torch.rand(k, generator=g) * 3 + 0.5
@@ -76,6 +76,27 @@ def test_quantized_shards_equal_one_rank(mode, tp):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     else:  # measured 0.88-1.03 of one rank's error at TP=2; a scale cut from the wrong rows gives far more
         assert (got - float_logits).norm() < 1.25 * error_one
+
+
+@pytest.mark.parametrize("mode", ["int8 per channel", "fp8", "smoothquant per tensor"])
+def test_quantized_gpt2_shards_equal_one_rank(mode):
+    # GPT-2's linears have biases: a column-parallel one cuts its bias, a row-parallel one adds it once after the sum.
+    quant, tol = MODES[mode]
+    model, cfg = to_engine_model(make_tiny_gpt2())
+    float_weights = model.state_dict()
+    assert any(name.endswith("mlp.proj.bias") for name in float_weights)
+    weights = quantize_engine_weights(float_weights, quant, _stats(float_weights))
+    cfg = dict(cfg, quantization=quant.to_dict())
+    lengths = [4, 9]
+    ids, positions = _inputs(cfg["vocab_size"], lengths)
+    attn, num_blocks = _attn(lengths)
+    one = build_rank_model(cfg, Mapping(), "cpu", torch.float32)
+    one.load_weights(shard_weights(one, weights))
+    with torch.no_grad():
+        h = one(ids, positions, attn, _caches(cfg, Mapping(), num_blocks, cfg["num_key_value_heads"]))
+        want = one.compute_logits(h[attn.query_start_loc[1:].long() - 1])
+    torch.testing.assert_close(_sharded_logits(cfg, weights, 2, 1, ids, positions, lengths), want, atol=tol,
+                               rtol=tol)
 
 
 def test_row_parallel_split_must_keep_whole_groups():

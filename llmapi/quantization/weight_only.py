@@ -30,8 +30,8 @@ _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)
 class WeightOnlyLinear(ShardableLinear):
     """A linear with int8 (or packed int4) weights, float scales, optional zero points (GPTQ) and per-input-channel
     activation scales (AWQ). On CUDA a few rows (gemv_preferred) run the Triton GEMV (_kernels/weight_only_gemv.py),
-    more a Triton dequantization (_kernels/weight_only_dequant.py) then a matmul; on CPU the reference
-    dequantizes, then multiplies."""
+    int4 per channel at 4-128 rows the fused matmul (_kernels/weight_only_matmul.py), more a Triton dequantization
+    (_kernels/weight_only_dequant.py) then a matmul; on CPU the reference dequantizes, then multiplies."""
 
     def __init__(self, linear: nn.Linear, quant: QuantConfig):
         super().__init__()
