@@ -186,11 +186,10 @@ def test_fp8_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
     assert llm.engine_built and cache.stats.builds == builds + 1
     algo = "FP8" if quant == "fp8" else "FP8_PER_CHANNEL_PER_TOKEN"
     section = llm.engine_info.config["quantization"]
-    if quant == "fp8":  # calibrated: the settings are part of the section, so of the cache key
-        assert section["quant_algo"] == algo and section["calibration_samples"] == 64
-        assert section["calibration_dataset"] is None and section["calibration_max_seq_len"] == 512
-    else:  # per-token scales need no calibration
-        assert section == {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": None}
+    # Calibrated (static activation scales; both modes' weight rounding): the settings are part of the section,
+    # so of the cache key.
+    assert section["quant_algo"] == algo and section["calibration_samples"] == 64
+    assert section["calibration_dataset"] is None and section["calibration_max_seq_len"] == 512
     with safe_open(str(llm.engine_info.path / "rank0.safetensors"), "pt") as f:
         names = set(f.keys())
         assert f.get_tensor("transformer.layers.0.mlp.gate_up.weight").dtype == FP8_DTYPE
@@ -236,17 +235,24 @@ def test_error_feedback_rounding_lowers_the_output_error(per_channel):
     assert torch.equal(round_fp8_weight(w, scale, torch.diag(torch.rand(256) + 0.5)).float(), q_rtn.float())
 
 
-def test_fp8_engine_weights_use_the_calibration_hessian():
+@pytest.mark.parametrize("algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN"])
+def test_fp8_engine_weights_use_the_calibration_hessian(algo):
+    per_token = algo == "FP8_PER_CHANNEL_PER_TOKEN"
+    assert QuantConfig(algo).needs_calibration and QuantConfig(algo).needs_hessians
     w, x = _fp8_data(1, n=64, k=64)
     name = "transformer.layers.0.attention.qkv"
     stats = ActivationStats(input_amax={name: x.abs().amax(0)}, input_hessian={name: x.T @ x / x.shape[0]})
     weights = {f"{name}.weight": w, "transformer.layers.0.input_layernorm.weight": torch.ones(64)}
-    out = quantize_engine_weights(weights, QuantConfig("FP8"), stats)
-    q_rtn, scale = quantize_fp8_weight(w, per_channel=False)
+    out = quantize_engine_weights(weights, QuantConfig(algo), stats)
+    q_rtn, scale = quantize_fp8_weight(w, per_channel=per_token)
     assert torch.equal(out[f"{name}.weight"].float(), round_fp8_weight(w, scale, stats.input_hessian[name]).float())
+    assert not torch.equal(out[f"{name}.weight"].float(), q_rtn.float())
     assert torch.equal(out[f"{name}.weights_scaling_factor"], scale)
-    assert float(out[f"{name}.activation_scaling_factor"]) == pytest.approx(float(x.abs().max()) / 448)
+    if per_token:
+        assert f"{name}.activation_scaling_factor" not in out
+    else:
+        assert float(out[f"{name}.activation_scaling_factor"]) == pytest.approx(float(x.abs().max()) / 448)
     # Without a Hessian (dummy weights): round to nearest.
     stats.input_hessian.clear()
-    assert torch.equal(quantize_engine_weights(weights, QuantConfig("FP8"), stats)[f"{name}.weight"].float(),
+    assert torch.equal(quantize_engine_weights(weights, QuantConfig(algo), stats)[f"{name}.weight"].float(),
                        q_rtn.float())

@@ -21,7 +21,7 @@ SMOOTHQUANT_ALGOS = {
 }
 """SmoothQuant INT8 W8A8 quant_algo -> (per-channel weight scales, per-token activation scales); otherwise
 per-tensor weights and a static calibrated per-tensor activation scale."""
-CALIBRATED_ALGOS = ("FP8", "W4A16_AWQ", *SMOOTHQUANT_ALGOS)
+CALIBRATED_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W4A16_AWQ", *SMOOTHQUANT_ALGOS)
 """The quant_algo values whose conversion runs the float model over calibration text."""
 SUPPORTED_ALGOS = (*WEIGHT_ONLY_BITS, *FP8_ALGOS, *SMOOTHQUANT_ALGOS)
 GROUP_SIZES = (64, 128)
@@ -163,7 +163,7 @@ class QuantConfig:
     @property
     def needs_hessians(self) -> bool:
         """Conversion rounds the weights with GPTQ's error feedback, on the calibration's mean x^T x per linear."""
-        return self.quant_algo in ("W4A16_AWQ", "FP8")
+        return self.quant_algo in ("W4A16_AWQ", *FP8_ALGOS)
 
     @property
     def needs_calibration(self) -> bool:
