@@ -48,6 +48,27 @@ MODES = {  # name -> (QuantConfig, tolerance on the logits against one rank)
 }
 
 
+def _last_logits(model, cfg, ids, positions, lengths):
+    """Logits of each request's last token through `model`, one rank."""
+    attn, num_blocks = _attn(lengths)
+    with torch.no_grad():
+        h = model(ids, positions, attn, _caches(cfg, Mapping(), num_blocks, cfg["num_key_value_heads"]))
+        return model.compute_logits(h[attn.query_start_loc[1:].long() - 1])
+
+
+def _quantized_one_rank(hf_model, quant, lengths):
+    """(float engine model, engine config with the quantization section, quantized full weights, inputs,
+    the quantized model's one-rank logits)."""
+    model, cfg = to_engine_model(hf_model)
+    float_weights = model.state_dict()
+    weights = quantize_engine_weights(float_weights, quant, _stats(float_weights))
+    cfg = dict(cfg, quantization=quant.to_dict())
+    ids, positions = _inputs(cfg["vocab_size"], lengths)
+    one = build_rank_model(cfg, Mapping(), "cpu", torch.float32)
+    one.load_weights(shard_weights(one, weights))
+    return model, cfg, weights, (ids, positions), _last_logits(one, cfg, ids, positions, lengths)
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_quantized_shards_equal_one_rank(mode, tp):
@@ -55,20 +76,9 @@ def test_quantized_shards_equal_one_rank(mode, tp):
     # 256 hidden and 512 intermediate features: at TP=4 a rank still holds whole groups of 64 of each row-parallel
     # linear's inputs (dense: 256 / 4, proj: 512 / 4).
     hf = make_tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    model, cfg = to_engine_model(hf)
-    float_weights = model.state_dict()
-    weights = quantize_engine_weights(float_weights, quant, _stats(float_weights))
-    cfg = dict(cfg, quantization=quant.to_dict())
     lengths = [5, 1, 12]
-    ids, positions = _inputs(cfg["vocab_size"], lengths)
-    attn, num_blocks = _attn(lengths)
-    one = build_rank_model(cfg, Mapping(), "cpu", torch.float32)
-    one.load_weights(shard_weights(one, weights))
-    with torch.no_grad():
-        h = one(ids, positions, attn, _caches(cfg, Mapping(), num_blocks, cfg["num_key_value_heads"]))
-        want = one.compute_logits(h[attn.query_start_loc[1:].long() - 1])
-        float_logits = model.compute_logits(model(ids, positions, attn, _caches(
-            cfg, Mapping(), num_blocks, cfg["num_key_value_heads"]))[attn.query_start_loc[1:].long() - 1])
+    model, cfg, weights, (ids, positions), want = _quantized_one_rank(hf, quant, lengths)
+    float_logits = _last_logits(model, cfg, ids, positions, lengths)
     got = _sharded_logits(cfg, weights, tp, 1, ids, positions, lengths)
     error_one = (want - float_logits).norm()
     assert error_one > 1e-2 * float_logits.norm()  # not vacuous: the quantized model is not the float model
@@ -82,19 +92,9 @@ def test_quantized_shards_equal_one_rank(mode, tp):
 def test_quantized_gpt2_shards_equal_one_rank(mode):
     # GPT-2's linears have biases: a column-parallel one cuts its bias, a row-parallel one adds it once after the sum.
     quant, tol = MODES[mode]
-    model, cfg = to_engine_model(make_tiny_gpt2())
-    float_weights = model.state_dict()
-    assert any(name.endswith("mlp.proj.bias") for name in float_weights)
-    weights = quantize_engine_weights(float_weights, quant, _stats(float_weights))
-    cfg = dict(cfg, quantization=quant.to_dict())
     lengths = [4, 9]
-    ids, positions = _inputs(cfg["vocab_size"], lengths)
-    attn, num_blocks = _attn(lengths)
-    one = build_rank_model(cfg, Mapping(), "cpu", torch.float32)
-    one.load_weights(shard_weights(one, weights))
-    with torch.no_grad():
-        h = one(ids, positions, attn, _caches(cfg, Mapping(), num_blocks, cfg["num_key_value_heads"]))
-        want = one.compute_logits(h[attn.query_start_loc[1:].long() - 1])
+    model, cfg, weights, (ids, positions), want = _quantized_one_rank(make_tiny_gpt2(), quant, lengths)
+    assert any(name.endswith("mlp.proj.bias") for name in weights)
     torch.testing.assert_close(_sharded_logits(cfg, weights, 2, 1, ids, positions, lengths), want, atol=tol,
                                rtol=tol)
 
