@@ -2,7 +2,8 @@
 
 # Reference: paged_attention_ref with every query length 1. Each program takes one (request, kv head,
 # split): the GROUP query heads that share the kv head form the rows of one tile, so each K/V tile is
-# read once per kv head. A second kernel merges the splits by their log-sum-exp. An int8 / fp8 cache's
+# read once per kv head. With several splits a second kernel merges them by their log-sum-exp; one split
+# writes the output itself. An int8 / fp8 cache's
 # codes enter the dots as they are (exact in the dot dtype); the K scale joins the softmax scale and the
 # V scale multiplies the output.
 
@@ -16,9 +17,10 @@ from .kv_write import kv_quant_args, load_kv_scales
 BLOCK_N = 64  # keys per tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride"])  # the block-table width changes from step to step
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                         part_lse_ptr, scale_ptr, q_stride_t, q_stride_h, bt_stride, cache_stride_block, scale_log2,
+                         part_lse_ptr, out_ptr, scale_ptr, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+                         bt_stride, cache_stride_block, scale_log2,
                          NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                          HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -63,6 +65,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         m = m_new
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None] * v_scale
+    if NUM_SPLITS == 1:  # the whole context: the output itself, no merge (an empty context gives 0, as merged)
+        tl.store(out_ptr + r * out_stride_t + head[:, None] * out_stride_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        return
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
     base = (r * NH + head) * NUM_SPLITS + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
     tl.store(part_out_ptr + base[:, None] * HD + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
@@ -105,8 +111,11 @@ def paged_decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,  # [R, nh, hd]
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
-    """Attention of each request's single query over its whole cached context."""
+    """Attention of each request's single query over its whole cached context (`block_n` keys per tile)."""
     num_requests, nh, hd = q.shape
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
@@ -115,16 +124,22 @@ def paged_decode_attention(
     if num_requests == 0:
         return out
     group = nh // nkv
-    part_out = torch.empty((num_requests, nh, num_splits, hd), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((num_requests, nh, num_splits), dtype=torch.float32, device=q.device)
+    assert out.stride(2) == 1
+    # One split writes the output itself; several write float32 parts that a second kernel merges.
+    parts = (num_requests, nh, num_splits) if num_splits > 1 else (1, 1, 1)
+    part_out = torch.empty((*parts, hd), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(parts, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(hd)
     _decode_split_kernel[(num_requests, nkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale_ptr, q.stride(0), q.stride(1),
-        block_tables.stride(0), k_cache.stride(0), scale * 1.4426950408889634,
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale_ptr, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
+        scale * 1.4426950408889634,
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, KV_QUANT=kv_quant,
-        **dot_args(q.dtype), num_warps=4, num_stages=3,
+        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, KV_QUANT=kv_quant,
+        **dot_args(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits == 1:
+        return out
     _merge_splits_kernel[(num_requests, nh)](
         part_out, part_lse, out, out.stride(0), out.stride(1), NH=nh, HD=hd, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,

@@ -32,7 +32,9 @@ def _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q: tl.conste
     return left - 1
 
 
-@triton.jit
+# The request count and block-table width change from step to step: not specialized on (a kernel
+# compiled for each value class would stall serving for a second at a new batch shape).
+@triton.jit(do_not_specialize=["num_requests", "bt_stride"])
 def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, context_lens_ptr,
                              block_tables_ptr, scale_ptr, num_requests, q_stride_t, q_stride_h, out_stride_t,
                              out_stride_h, bt_stride, cache_stride_block, scale_log2,

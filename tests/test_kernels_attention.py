@@ -55,8 +55,10 @@ def check_write_kv(num_tokens, nkv, hd, block, dtype, seed):
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_interpreted(dtype):
-    # GQA group 2, a context inside one tile, one over several tiles and blocks; two splits (one may be empty).
-    check_decode([1, 37, 130], nh=4, nkv=2, hd=16, block=4, dtype=dtype, num_splits=2, seed=1)
+    # GQA group 2, a context inside one tile, one over several tiles and blocks; two splits (one may be empty),
+    # and one split (the kernel writes the output itself, no merge).
+    for num_splits in (2, 1):
+        check_decode([1, 37, 130], nh=4, nkv=2, hd=16, block=4, dtype=dtype, num_splits=num_splits, seed=1)
 
 
 @interpreted

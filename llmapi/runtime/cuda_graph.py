@@ -9,7 +9,7 @@ import torch
 
 from ..layers.attention import AttentionMetadata
 from .sampler import first_argmax
-from .step_inputs import InputStager
+from .step_inputs import InputStager, IntLayout
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,11 @@ class DecodeGraphs:
         largest = self.sizes[-1]
         device = kv_caches[0].device
         self.max_blocks = max_blocks
-        # Per size G: [ids G | positions G | slots G | context_lens G | query_start_loc G+1], then the
-        # step's compact block tables, which one copy spreads into the static [G, max_blocks] table,
-        # then the placeholder rows (InputStager.pack_ints), at most 2 per row.
-        self.ints = torch.zeros(7 * largest + 1 + largest * max_blocks, dtype=torch.int32, device=device)
+        # Per size G, IntLayout(G, G, ...): ids, positions, slots, context_lens and query_start_loc, then
+        # the step's compact block tables, which one copy spreads into the static [G, max_blocks]
+        # table, then the placeholders (at most one per row).
+        self.ints = torch.zeros(IntLayout(largest, largest, largest, max_blocks, largest).size, dtype=torch.int32,
+                                device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.graphs, self.logits, self.greedy_ids, self.attn = {}, {}, {}, {}
@@ -54,9 +55,9 @@ class DecodeGraphs:
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def _views(self, size: int):
-        g = size
-        return (self.ints[:g], self.ints[g:2 * g], self.ints[2 * g:3 * g], self.ints[3 * g:4 * g],
-                self.ints[4 * g:5 * g + 1])
+        lay = IntLayout(size, size, 0, 0, 0)
+        b = self.ints
+        return lay.ids(b), lay.positions(b), lay.slots(b), lay.context_lens(b), lay.query_start_loc(b)
 
     def _metadata(self, size: int, splits: int) -> AttentionMetadata:
         _, _, slots, ctx, qsl = self._views(size)
@@ -88,10 +89,9 @@ class DecodeGraphs:
         """Stage the batch into the static inputs (placeholders from `prev_ids`, the previous step's
         sampled ids) and replay; returns (logits [R, V] float32, argmax ids [R]), static outputs."""
         r = int(batch.num_requests)
-        host, n, m, width, p = self.stager.pack_ints(batch, pad_to=size)
+        host, lay = self.stager.pack_ints(batch, pad_to=size)
         dev = self.stager.copy_ints(host, self.ints)
-        self.stager.fill_placeholders(dev[:n], dev, p, prev_ids)
-        start = 3 * n + 2 * m + 1
-        self.block_tables[:r, :width].copy_(dev[start:start + r * width].view(r, width))
+        self.stager.fill_placeholders(dev, lay, prev_ids)
+        self.block_tables[:r, :lay.width].copy_(lay.block_tables(dev))
         self.graphs[size].replay()
         return self.logits[size][:r], self.greedy_ids[size][:r]

@@ -25,6 +25,64 @@ class StepInputs:
     any_top_k_top_p: bool
 
 
+def _align(count: int) -> int:
+    """`count` int32 elements rounded up to 16 bytes."""
+    return -(-count // 4) * 4
+
+
+@dataclass(frozen=True)
+class IntLayout:
+    """Where each int32 input sits in a step's packed buffer (host and device alike):
+    [ids n | positions n | slots n | context_lens m | query_start_loc m+1 | block tables r*width |
+    placeholder rows p | their rows in the previous step p], each section starting on 16 bytes.
+
+    Aligned sections keep every view's address a multiple of 16 bytes whatever the batch: Triton
+    specializes a kernel on its pointers' alignment, and a step whose views moved would compile anew.
+    """
+
+    n: int  # token rows (the batch's, or a graph's padded size)
+    m: int  # request rows
+    r: int  # requests with block tables
+    width: int  # block table width
+    p: int  # placeholder tokens
+
+    def _offsets(self) -> tuple:
+        sizes = (self.n, self.n, self.n, self.m, self.m + 1, self.r * self.width, 2 * self.p)
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + _align(size))
+        return tuple(starts)
+
+    @property
+    def size(self) -> int:
+        return self._offsets()[-1]
+
+    def _section(self, buffer, index: int, length: int):
+        start = self._offsets()[index]
+        return buffer[start:start + length]
+
+    def ids(self, buffer):
+        return self._section(buffer, 0, self.n)
+
+    def positions(self, buffer):
+        return self._section(buffer, 1, self.n)
+
+    def slots(self, buffer):
+        return self._section(buffer, 2, self.n)
+
+    def context_lens(self, buffer):
+        return self._section(buffer, 3, self.m)
+
+    def query_start_loc(self, buffer):
+        return self._section(buffer, 4, self.m + 1)
+
+    def block_tables(self, buffer):  # [r, width]
+        return self._section(buffer, 5, self.r * self.width).reshape(self.r, self.width)
+
+    def placeholders(self, buffer):  # [2p]: the placeholder rows, then their rows in the previous step
+        return self._section(buffer, 6, 2 * self.p)
+
+
 class _HostBuffer:
     """A growable host buffer, page-locked on CUDA so that copies from it are asynchronous."""
 
@@ -75,48 +133,47 @@ class InputStager:
         if self._buffers.copied is not None:
             self._buffers.copied.synchronize()  # the step before last: long done in a steady state
 
-    def pack_ints(self, batch, pad_to: int = 0) -> tuple[np.ndarray, int, int, int, int]:
-        """[ids n | positions n | slots n | context_lens m | query_start_loc m+1 | block tables R*W |
-        placeholder tokens P | their rows in the previous step P], int32.
+    def pack_ints(self, batch, pad_to: int = 0) -> tuple[np.ndarray, "IntLayout"]:
+        """The batch's int32 inputs in one host buffer, laid out as IntLayout says.
 
-        n = max(T, pad_to), m = max(R, pad_to); padded rows are empty (slot -1, context 0, query length 0).
-        Placeholders are the tokens whose id the previous step samples (Batch.prev_rows >= 0).
-        Returns (array, n, m, W, P).
+        n = max(T, pad_to) token rows and m = max(R, pad_to) request rows; padded rows are empty
+        (slot -1, context 0, query length 0). Placeholders are the tokens whose id the previous
+        step samples (Batch.prev_rows >= 0).
         """
         t, r = int(batch.num_tokens), int(batch.num_requests)
         tables = np.asarray(batch.block_tables)  # [R, W]
         width = tables.shape[1] if tables.ndim == 2 else 0
         prev_rows = np.asarray(batch.prev_rows)  # [T]
         fill = np.flatnonzero(prev_rows >= 0)  # [P]
-        n, m, p = max(t, pad_to), max(r, pad_to), len(fill)
-        tail = 3 * n + 2 * m + 1 + r * width
-        out = self._buffers.ints.get(tail + 2 * p)
-        ids, pos, slots = out[:n], out[n:2 * n], out[2 * n:3 * n]
+        lay = IntLayout(max(t, pad_to), max(r, pad_to), r, width, len(fill))
+        out = self._buffers.ints.get(lay.size)
+        ids, pos, slots = lay.ids(out), lay.positions(out), lay.slots(out)
         ids[:t], pos[:t], slots[:t] = batch.input_ids, batch.positions, batch.slot_mapping
         ids[t:], pos[t:], slots[t:] = 0, 0, -1
         ids[fill] = 0  # -1 until filled on the device; never an out-of-range embedding row
-        ctx, qsl = out[3 * n:3 * n + m], out[3 * n + m:3 * n + 2 * m + 1]
+        ctx, qsl = lay.context_lens(out), lay.query_start_loc(out)
         ctx[:r], ctx[r:] = batch.context_lens, 0
         qsl[0] = 0
         np.cumsum(batch.query_lens, out=qsl[1:r + 1])
         qsl[r + 1:] = t
-        out[3 * n + 2 * m + 1:tail] = tables.reshape(-1)
-        out[tail:tail + p], out[tail + p:] = fill, prev_rows[fill]
-        return out, n, m, width, p
+        lay.block_tables(out).reshape(-1)[:] = tables.reshape(-1)
+        placeholders = lay.placeholders(out)
+        placeholders[:lay.p], placeholders[lay.p:] = fill, prev_rows[fill]
+        return out, lay
 
     @staticmethod
-    def fill_placeholders(input_ids: torch.Tensor, dev: torch.Tensor, p: int,
-                          prev_ids: Optional[torch.Tensor]) -> None:
-        """input_ids[t] = prev_ids[j] for the P placeholders; `dev` ends with pack_ints' [t P | j P].
+    def fill_placeholders(dev: torch.Tensor, lay: "IntLayout", prev_ids: Optional[torch.Tensor]) -> None:
+        """input_ids[t] = prev_ids[j] for the P placeholders of `dev` (pack_ints' buffer, on the device).
 
         Runs on the device, in stream order after the previous step's sampling: nothing waits.
         """
-        if p == 0:
+        if lay.p == 0:
             return
         if prev_ids is None:
             raise RuntimeError("the batch takes tokens sampled by a previous step, but none was run")
-        index = dev[len(dev) - 2 * p:].long()  # [2P]
-        input_ids[index[:p]] = prev_ids[index[p:]].to(input_ids.dtype)
+        index = lay.placeholders(dev).long()  # [2P]
+        input_ids = lay.ids(dev)
+        input_ids[index[:lay.p]] = prev_ids[index[lay.p:]].to(input_ids.dtype)
 
     def copy_ints(self, host: np.ndarray, device_buffer: torch.Tensor | None = None) -> torch.Tensor:
         dev = torch.empty(len(host), dtype=torch.int32, device=self.device) if device_buffer is None \
@@ -150,16 +207,16 @@ class InputStager:
     def stage(self, batch, num_kv_splits: int = 0, prev_ids: Optional[torch.Tensor] = None) -> StepInputs:
         """A step run eagerly: every input copied into fresh device memory; `prev_ids` [R'] are the
         previous step's sampled ids, which fill the batch's placeholders."""
-        host, n, m, width, p = self.pack_ints(batch)
+        host, lay = self.pack_ints(batch)
         dev = self.copy_ints(host)
-        self.fill_placeholders(dev[:n], dev, p, prev_ids)
-        r = int(batch.num_requests)
-        qsl = dev[3 * n + m:3 * n + 2 * m + 1]
+        self.fill_placeholders(dev, lay, prev_ids)
+        qsl = lay.query_start_loc(dev)
         q_lens = np.asarray(batch.query_lens)
         attn = AttentionMetadata(
-            slot_mapping=dev[2 * n:3 * n], query_lens=qsl[1:] - qsl[:-1], context_lens=dev[3 * n:3 * n + m],
-            query_start_loc=qsl, block_tables=dev[3 * n + 2 * m + 1:3 * n + 2 * m + 1 + r * width].view(r, width),
+            slot_mapping=lay.slots(dev), query_lens=qsl[1:] - qsl[:-1], context_lens=lay.context_lens(dev),
+            query_start_loc=qsl, block_tables=lay.block_tables(dev),
             max_query_len=int(q_lens.max()), max_context_len=int(np.asarray(batch.context_lens).max()),
             tokens_per_block=self.tokens_per_block, num_kv_splits=num_kv_splits)
         sampling, all_greedy, any_filter = self.sampling(batch)
-        return StepInputs(dev[:n], dev[n:2 * n], attn, qsl[1:].long() - 1, sampling, all_greedy, any_filter)
+        return StepInputs(lay.ids(dev), lay.positions(dev), attn, qsl[1:].long() - 1, sampling, all_greedy,
+                          any_filter)
