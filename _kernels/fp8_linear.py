@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -11,7 +12,24 @@ FP8_MAX = 448.0
 FP8_MIN_CAPABILITY = (8, 9)
 """CUDA compute capability with FP8 tensor cores (Ada sm_89, Hopper sm_90)."""
 _ROWWISE_MIN_CAPABILITY = (9, 0)  # _scaled_mm's row-wise (per-token x per-channel) scaling needs Hopper
-_MM_MULTIPLE = 16  # _scaled_mm wants every dimension a multiple of 16
+_MM_MULTIPLE = 16  # _scaled_mm wants K and N multiples of 16
+
+
+class Fp8Input(NamedTuple):
+    """A linear's input already quantized by the kernel that produced it (a fused RMSNorm or SiLU-and-mul):
+    the E4M3 codes quantize_fp8 gives at the linear's static input scale."""
+
+    q: torch.Tensor  # [T, K] E4M3
+    scale: torch.Tensor  # [1] float32
+    dtype: torch.dtype  # the activation's own dtype (the model dtype), which the linear's output takes
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.q.is_cuda
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -43,8 +61,11 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # [N,
     return q.float() * (scale[:, None] if scale.numel() > 1 else scale)
 
 
-def _quantize_input(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 x, its scale: [1] static per tensor, or [T, 1] per token when act_scale is None)."""
+def _quantize_input(x, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 x, its scale: [1] static per tensor, or [T, 1] per token when act_scale is None); an Fp8Input
+    comes quantized (at act_scale)."""
+    if isinstance(x, Fp8Input):
+        return x.q, x.scale.float()
     if act_scale is None:
         return quantize_fp8_per_token(x)
     return quantize_fp8(x, act_scale.float()), act_scale.float()
@@ -53,7 +74,7 @@ def _quantize_input(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[to
 def _quantize_input_cuda(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """_quantize_input in one Triton pass (fp8_quant.py, bit-identical) for CUDA tensors where Triton is installed;
     torch's four elementwise passes otherwise."""
-    if not x.is_cuda:
+    if not x.is_cuda or isinstance(x, Fp8Input):
         return _quantize_input(x, act_scale)
     try:
         from llmapi._kernels.fp8_quant import quantize_fp8_rows
@@ -67,10 +88,11 @@ def _rowwise_supported(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= _ROWWISE_MIN_CAPABILITY
 
 
-def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+def fp8_linear_ref(x, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                    act_scale: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
-    """Emulated FP8 linear: x quantized to E4M3 (static act_scale [1], or per token when None), the E4M3
-    operands multiplied exactly and summed in float32, then scaled by both scales; + bias, in x's dtype."""
+    """Emulated FP8 linear: x quantized to E4M3 (static act_scale [1], or per token when None; an Fp8Input
+    is already), the E4M3 operands multiplied exactly and summed in float32, then scaled by both scales;
+    + bias, in x's dtype."""
     xq, xs = _quantize_input(x, act_scale)  # [T, K] E4M3, [1] or [T, 1]
     acc = xq.float() @ qweight.float().T  # [T, N]
     y = acc * xs * w_scale.float().reshape(1, -1)
@@ -79,43 +101,39 @@ def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor
     return y.to(x.dtype)
 
 
-def fp8_linear_scaled_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+def fp8_linear_scaled_mm(x, qweight: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, act_scale: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
     """fp8_linear_ref through torch._scaled_mm (CUDA sm_89+; torch 2.13 also has it on CPU); same arguments.
 
     _scaled_mm takes the weight as a column-major [K, N] (qweight [N, K] row-major, transposed: no copy) and
-    wants all dimensions multiples of 16: rows of x are padded with zeros; a K or N that is not a multiple of 16
-    (no real model has one) takes the emulated path instead.
+    wants K and N multiples of 16 (any number of rows): another K or N (no real model has one) takes the
+    emulated path instead.
     """
-    tokens, k = x.shape
+    k = x.shape[1]
     n = qweight.shape[0]
     if k % _MM_MULTIPLE or n % _MM_MULTIPLE:
         return fp8_linear_ref(x, qweight, w_scale, bias, act_scale)
-    pad = -tokens % _MM_MULTIPLE
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))  # zero rows: per-token scale 1, results sliced off below
-    xq, xs = _quantize_input_cuda(x, act_scale)  # [M, K] E4M3, [1] or [M, 1]
+    xq, xs = _quantize_input_cuda(x, act_scale)  # [T, K] E4M3, [1] or [T, 1]
     ws = w_scale.float()
     if xs.numel() == 1 and ws.numel() == 1:
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)  # [M, N]
-    elif x.dtype == torch.bfloat16 and _rowwise_supported(x.device):
-        # Row-wise scaling: scale_a [M, 1], scale_b [1, N], float32, fused into the GEMM (bfloat16 output only).
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)  # [T, N]
+    elif x.dtype == torch.bfloat16 and _rowwise_supported(xq.device):
+        # Row-wise scaling: scale_a [T, 1], scale_b [1, N], float32, fused into the GEMM (bfloat16 output only).
         xs = xs.expand(xq.shape[0], 1).contiguous()
         y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=ws.reshape(1, -1).expand(1, n).contiguous(),
                              out_dtype=torch.bfloat16)
     else:  # unit scales in the GEMM, the row and column scales applied to its float32 result
-        one = torch.ones((), dtype=torch.float32, device=x.device)
+        one = torch.ones((), dtype=torch.float32, device=xq.device)
         y = torch._scaled_mm(xq, qweight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         y = y * xs * ws.reshape(1, -1)
-    y = y[:tokens]
     if bias is not None:
         y = y.float() + bias.float()
     return y.to(x.dtype)
 
 
-def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+def fp8_linear(x, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                act_scale: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
-    """The FP8 linear: _scaled_mm on CUDA, the emulation elsewhere."""
+    """The FP8 linear: _scaled_mm on CUDA, the emulation elsewhere; x [T, K] or an Fp8Input."""
     if x.is_cuda:
         return fp8_linear_scaled_mm(x, qweight, w_scale, bias, act_scale)
     return fp8_linear_ref(x, qweight, w_scale, bias, act_scale)

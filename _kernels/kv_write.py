@@ -43,14 +43,28 @@ def to_cache(x, scale, out_ty: tl.constexpr, KV_QUANT: tl.constexpr):
     y = x * tl.math.div_rn(1.0, scale)
     if KV_QUANT == 1:
         return _round_half_even(tl.clamp(y, -127.0, 127.0)).to(tl.int8)
-    # Rounded onto the E4M3 grid here, so the cast below is exact: Triton's interpreter rounds float32 ->
-    # fp8 wrongly where the mantissa carries into the exponent. Subnormals share the smallest normal
-    # binade's step 2**-9; the interpreter drops the sign of a zero (a -0 code reads as 0 all the same).
-    y = tl.clamp(y, -448.0, 448.0)
+    return round_to_e4m3(tl.clamp(y, -448.0, 448.0)).to(out_ty)
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """float32 y (|y| <= 448) rounded to nearest even on the E4M3 grid, still float32: its cast to fp8 is exact.
+
+    Rounded here rather than by the cast: Triton's interpreter rounds float32 -> fp8 wrongly where the
+    mantissa carries into the exponent. Subnormals share the smallest normal binade's step 2**-9; the
+    interpreter drops the sign of a zero (a -0 code reads as 0 all the same).
+    """
     exponent = tl.maximum((y.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
     step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3): E4M3 has 3 mantissa bits
     inv_step = ((257 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / step, exact (no division)
-    return (_round_half_even(y * inv_step) * step).to(out_ty)
+    return _round_half_even(y * inv_step) * step
+
+
+@triton.jit
+def fp8_codes(y, scale):
+    """E4M3 codes of float32 y at a static scale, as fp8_linear.quantize_fp8 gives them: y / scale (IEEE
+    division), saturated to +-448, rounded to nearest even."""
+    return round_to_e4m3(tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)).to(tl.float8e4nv)
 
 
 @triton.jit

@@ -25,6 +25,13 @@ ACTIVATIONS = {
 }
 
 
+def fused_input_scale(linear, x: torch.Tensor) -> torch.Tensor | None:
+    """The static E4M3 input scale of `linear` (an FP8 linear: its `static_input_scale`) when the Triton
+    kernel producing its input `x` can quantize as it writes (RMSNorm, SiLU-and-mul); None otherwise."""
+    scale = getattr(linear, "static_input_scale", None)
+    return scale if scale is not None and use_triton(x) else None
+
+
 def get_activation(name: str):
     """The activation function named `name` in a Hugging Face config (hidden_act / activation_function)."""
     if name not in ACTIVATIONS:
@@ -32,11 +39,13 @@ def get_activation(name: str):
     return ACTIVATIONS[name]
 
 
-def act_and_mul(x: torch.Tensor, act) -> torch.Tensor:  # [T, 2*I] -> [T, I]
-    """Gated MLP input: act(gate) * up, where x holds gate then up along the last axis."""
+def act_and_mul(x: torch.Tensor, act, quant_scale: torch.Tensor | None = None):  # [T, 2*I] -> [T, I]
+    """Gated MLP input: act(gate) * up, where x holds gate then up along the last axis. `quant_scale` (the
+    next FP8 linear's static input scale) makes the Triton SiLU kernel write its E4M3 input (an Fp8Input);
+    other paths ignore it."""
     if use_triton(x) and act is F.silu:
         from llmapi._kernels.activation import silu_and_mul
 
-        return silu_and_mul(x)
+        return silu_and_mul(x, quant_scale)
     gate, up = x.chunk(2, dim=-1)  # each [T, I]
     return act(gate) * up

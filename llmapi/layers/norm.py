@@ -15,15 +15,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))  # [H]
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_scale: torch.Tensor | None = None):
         """norm(x) [T, H]; with a residual [T, H], (norm(x + residual), x + residual), fused on CUDA.
 
-        On CUDA the residual tensor is updated in place: callers rebind it to the returned one.
+        On CUDA the residual tensor is updated in place: callers rebind it to the returned one. `quant_scale`
+        (the next FP8 linear's static input scale, see fused_input_scale) makes the Triton kernel write the
+        norm as that linear's E4M3 input (an Fp8Input); the torch path ignores it.
         """
         if use_triton(x):
             from llmapi._kernels.rms_norm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps, residual)
+            return rms_norm(x, self.weight, self.eps, residual, quant_scale=quant_scale)
         if residual is not None:
             x = x + residual  # the model dtype's rounding of the sum, as transformers adds the residual
             return self._norm(x), x

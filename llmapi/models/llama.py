@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from llmapi.errors import UnsupportedModelError
-from llmapi.layers.activation import act_and_mul, get_activation
+from llmapi.layers.activation import act_and_mul, fused_input_scale, get_activation
 from llmapi.layers.attention import Attention, AttentionMetadata
 from llmapi.layers.norm import RMSNorm
 from llmapi.layers.rotary import RotaryEmbedding, rope_inv_freq
@@ -46,7 +46,9 @@ class LlamaMLP(nn.Module):
         self.act = get_activation(cfg["hidden_act"])
 
     def forward(self, x):  # [T, H] -> [T, H]
-        return self.proj(act_and_mul(self.gate_up(x), self.act))  # act_and_mul: [T, 2I] -> [T, I]
+        gate_up = self.gate_up(x)  # [T, 2I]
+        # act_and_mul: [T, 2I] -> [T, I] (as an FP8 proj's quantized input where a kernel can write that)
+        return self.proj(act_and_mul(gate_up, self.act, fused_input_scale(self.proj, gate_up)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -61,12 +63,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, residual, cos, sin, kv_cache, attn):  # x, residual: [T, H] -> (out, residual)
         """The residual stream is residual + x (x alone on the first layer, where residual is None)."""
+        # Each norm writes its output as the next linear's quantized input where that is an FP8 linear.
+        scale = fused_input_scale(self.attention.qkv, x)
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm(x, quant_scale=scale), x
         else:
-            h, residual = self.input_layernorm(x, residual)
+            h, residual = self.input_layernorm(x, residual, quant_scale=scale)
         h = self.attention(h, cos, sin, kv_cache, attn)
-        h, residual = self.post_layernorm(h, residual)
+        h, residual = self.post_layernorm(h, residual, quant_scale=fused_input_scale(self.mlp.gate_up, h))
         return self.mlp(h), residual
 
 

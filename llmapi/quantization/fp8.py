@@ -33,7 +33,13 @@ class Fp8Linear(QuantizedLinear):
             torch.empty(1, dtype=torch.float32, device=w.device), requires_grad=False)
         self.bias = linear.bias
 
-    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
+    @property
+    def static_input_scale(self) -> torch.Tensor | None:
+        """The static input scale ("FP8"), with which the kernel producing the input may quantize it as it
+        writes it (layers.activation.fused_input_scale); None per token."""
+        return self.activation_scaling_factor
+
+    def product(self, x, bias: torch.Tensor | None) -> torch.Tensor:  # [T, K] (or an Fp8Input) -> [T, N]
         return fp8_linear(x, self.weight, self.weights_scaling_factor, bias, self.activation_scaling_factor)
 
 
