@@ -3,13 +3,13 @@
 # Reference: paged_attention_ref with every query length 1. Each program takes one (request, kv head,
 # split): the GROUP query heads that share the kv head form the rows of one tile, so each K/V tile is
 # read once per kv head. With several splits a second kernel merges them by their log-sum-exp; one split
-# writes the output itself. An int8 / fp8 cache's
-# codes enter the dots as they are (exact in the dot dtype); the K scale joins the softmax scale and the
-# V scale multiplies the output.
+# writes the output itself. An int8 / fp8 cache's codes enter the dots as they are (exact in the dot dtype:
+# float16 on a GPU); the K scale joins the softmax scale and the V scale multiplies the output.
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from .common import dot_args
 from .kv_write import kv_quant_args, load_kv_scales
@@ -42,7 +42,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     row_ok = g < GROUP
     d_ok = d < HD
     q = tl.load(q_ptr + r * q_stride_t + head[:, None] * q_stride_h + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # [GROUP_P, BLOCK_D]
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [GROUP_P, BLOCK_D]
+    if KV_QUANT != 0 and DOT_DTYPE == tl.float16:  # a bfloat16 query in float16's range (see below)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    q = q.to(DOT_DTYPE)
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, BLOCK_D], tl.float32)
@@ -111,11 +114,13 @@ def paged_decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,  # [R, nh, hd]
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
-    block_n: int = BLOCK_N,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Attention of each request's single query over its whole cached context (`block_n` keys per tile)."""
+    """Attention of each request's single query over its whole cached context. Tiles of `block_n` keys,
+    `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 for an int8 / fp8 one,
+    the faster on H100 for each (a sweep over batch 1-1024, context 192-4096)."""
     num_requests, nh, hd = q.shape
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
@@ -123,6 +128,14 @@ def paged_decode_attention(
     out = torch.empty_like(q) if out is None else out
     if num_requests == 0:
         return out
+    dot = dot_args(q.dtype)
+    if kv_quant and q.dtype != torch.float32 and not knobs.runtime.interpret:
+        # An int8 / fp8 code is exact in float16 too, and converts in one instruction per two codes (several
+        # to bfloat16): the dots run in float16, the query clamped to its range (|q| > 65504 is no real query).
+        dot["DOT_DTYPE"] = tl.float16
+    defaults = (32, 1, 2) if kv_quant else (BLOCK_N, 4, 3)
+    block_n, num_warps, num_stages = (given or default for given, default in
+                                      zip((block_n, num_warps, num_stages), defaults))
     group = nh // nkv
     assert out.stride(2) == 1
     # One split writes the output itself; several write float32 parts that a second kernel merges.
@@ -136,7 +149,7 @@ def paged_decode_attention(
         scale * 1.4426950408889634,
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, KV_QUANT=kv_quant,
-        **dot_args(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        **dot, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits == 1:
         return out
