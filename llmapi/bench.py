@@ -149,6 +149,22 @@ def format_report(name: str, r: dict) -> str:
             f" p99 {r.get('tpot_ms_p99', float('nan')):7.2f} ms")
 
 
+def bench_quant(quant: str | None, kv_cache_dtype: str):
+    """LLM(quant=...) for --quant and --kv-cache-dtype: the quant string itself, or its QuantConfig with the
+    KV cache's algorithm ("fp8" / "int8") added."""
+    if kv_cache_dtype == "auto":
+        return quant
+    import dataclasses
+
+    from .quantization.config import QuantConfig, resolve_quant
+
+    algo = kv_cache_dtype.upper()
+    config = resolve_quant(quant)
+    if config is None:
+        return QuantConfig(quant_algo=None, kv_cache_quant_algo=algo)
+    return dataclasses.replace(config, kv_cache_quant_algo=algo)
+
+
 def main(a) -> int:
     import torch
 
@@ -156,17 +172,18 @@ def main(a) -> int:
 
     model = resolve_bench_model(a.model)
     workload = Workload(a.isl, a.osl, a.num_requests, a.concurrency, a.seed)
+    quant = bench_quant(a.quant, a.kv_cache_dtype)
     kv = {"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction}
     started = time.perf_counter()
     llm = LLM(model, dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=True,
               max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, kv_cache_config=kv,
               max_seq_len=a.isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
-              pipeline_parallel_size=a.pipeline_parallel_size, quant=a.quant,
+              pipeline_parallel_size=a.pipeline_parallel_size, quant=quant,
               async_scheduling=not a.no_async_scheduling)
     from .sampling_params import SamplingParams
     llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
     results = {"startup_s": time.perf_counter() - started, "model": a.model, "dtype": llm.engine_info.config["dtype"],
-               "quant": a.quant, "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
+               "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
                "async_scheduling": not a.no_async_scheduling}
     vocab = llm.vocab_size
@@ -228,6 +245,8 @@ def add_arguments(p) -> None:
                    + ", ".join(known_config_names()) + " (with --load-format dummy)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quant", default=None, help="a quant= short string (e.g. fp8, int4_weight_only); default none")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"],
+                   help="the KV cache's dtype: auto (the model's, or --quant's), fp8 or int8 (added to --quant)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--isl", type=int, default=128, help="input tokens per request")

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from llmapi.bench import Workload, known_config_names, resolve_bench_model
+from llmapi import QuantConfig
+from llmapi.bench import Workload, bench_quant, known_config_names, resolve_bench_model
 from llmapi.cli import main
 from llmapi.models.llama import config_from_hf
 
@@ -27,6 +28,14 @@ def test_workload_rejects_bad_sizes(field, value):
     kwargs[field] = value
     with pytest.raises(ValueError, match=field):
         Workload(**kwargs)
+
+
+def test_kv_cache_dtype_joins_the_quant_mode():
+    assert bench_quant("fp8", "auto") == "fp8" and bench_quant(None, "auto") is None
+    assert bench_quant("fp8", "fp8") == QuantConfig("FP8", kv_cache_quant_algo="FP8")
+    assert bench_quant(None, "int8") == QuantConfig(quant_algo=None, kv_cache_quant_algo="INT8")
+    assert bench_quant("int4_awq", "fp8") == QuantConfig("W4A16_AWQ", group_size=128, kv_cache_quant_algo="FP8")
+    assert bench_quant("fp8_kv_cache", "int8") == QuantConfig(quant_algo=None, kv_cache_quant_algo="INT8")
 
 
 def test_workload_prompts_have_fixed_length():
