@@ -108,3 +108,42 @@ def test_packed_attention_gpu(dtype, nh, nkv, hd):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv_gpu(dtype):
     check_write_kv(3000, nkv=8, hd=128, block=32, dtype=dtype, seed=6)
+
+
+def check_mixed_step_splits_decodes(dtype, num_decodes):
+    """A step whose leading requests decode and the rest prefill: with num_decodes set, those go through the
+    decode kernel and the rest through the packed one; the output equals dense attention either way."""
+    import dataclasses
+
+    import llmapi.layers.dispatch as dispatch
+    from test_layers_attention import dense_causal_attention, make_case
+
+    from llmapi.layers.attention import Attention
+
+    query_lens, context_lens = [1, 1, 1, 6, 1, 9], [7, 40, 1, 11, 3, 9]
+    q, k, v, k_cache, v_cache, attn, full_k, full_v = make_case(query_lens, context_lens, nh=8, nkv=2, hd=16)
+    kv_cache = torch.stack([k_cache, v_cache]).to(DEVICE, dtype)
+    meta = dataclasses.replace(attn, **{f.name: getattr(attn, f.name).to(DEVICE) for f in dataclasses.fields(attn)
+                                        if isinstance(getattr(attn, f.name), torch.Tensor)}, num_decodes=num_decodes)
+    old, dispatch.TRITON_ON_CPU = dispatch.TRITON_ON_CPU, True
+    try:
+        out = Attention(scale=0.25)(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), kv_cache, meta)
+    finally:
+        dispatch.TRITON_ON_CPU = old
+    for r, (start, end) in enumerate(zip(attn.query_start_loc[:-1].tolist(), attn.query_start_loc[1:].tolist())):
+        want = dense_causal_attention(q[start:end].to(dtype).float(), full_k[r].to(dtype).float(),
+                                      full_v[r].to(dtype).float(), 0.25)
+        assert rel_error(out[start:end].float().cpu(), want) < REL_ERROR[dtype], r
+
+
+@interpreted
+@pytest.mark.parametrize("num_decodes", [0, 3])
+def test_mixed_step_decodes_through_decode_kernel_interpreted(num_decodes):
+    check_mixed_step_splits_decodes(torch.float32, num_decodes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_decodes", [0, 3])
+def test_mixed_step_decodes_through_decode_kernel_gpu(dtype, num_decodes):
+    check_mixed_step_splits_decodes(dtype, num_decodes)

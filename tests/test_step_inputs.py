@@ -19,7 +19,11 @@ def _batch(rng, num_requests: int, width: int):
         num_tokens=t, num_requests=num_requests, input_ids=rng.integers(1, 100, t).astype(np.int32),
         positions=rng.integers(0, 50, t).astype(np.int32), slot_mapping=rng.integers(0, 500, t).astype(np.int32),
         context_lens=(q + rng.integers(0, 20, num_requests)).astype(np.int32), query_lens=q.astype(np.int32),
-        block_tables=rng.integers(0, 64, (num_requests, width)).astype(np.int32), prev_rows=prev_rows)
+        block_tables=rng.integers(0, 64, (num_requests, width)).astype(np.int32), prev_rows=prev_rows,
+        seeds=np.zeros(num_requests, np.int64), top_k=np.zeros(num_requests, np.int32),
+        output_index=np.zeros(num_requests, np.int32), suppress_offsets=np.zeros(num_requests + 1, np.int32),
+        suppress_ids=np.zeros(0, np.int32), temperature=np.zeros(num_requests, np.float32),
+        top_p=np.ones(num_requests, np.float32))
 
 
 @pytest.mark.parametrize("num_requests,width,pad_to", [(1, 1, 0), (3, 5, 0), (7, 2, 8), (17, 3, 0), (65, 4, 96)])
@@ -75,3 +79,17 @@ def test_layout_of_a_graph_size_matches_the_packed_batch():
     buf = np.arange(full.size)
     for name in ("ids", "positions", "slots", "context_lens", "query_start_loc"):
         np.testing.assert_array_equal(getattr(full, name)(buf), getattr(bare, name)(buf))
+
+
+@pytest.mark.parametrize("query_lens,decodes", [([1, 1, 1, 6, 1, 9], 3), ([4, 1, 1], 0), ([1, 1], 0), ([1, 5], 1)])
+def test_staged_metadata_counts_the_leading_decodes(query_lens, decodes):
+    b = _batch(np.random.default_rng(0), len(query_lens), 3)
+    b.query_lens = np.array(query_lens, np.int32)
+    b.num_tokens = int(sum(query_lens))
+    for name in ("input_ids", "positions", "slot_mapping", "prev_rows"):
+        setattr(b, name, np.resize(getattr(b, name), b.num_tokens))
+    b.prev_rows[:] = -1
+    b.context_lens = b.query_lens + 4
+    inputs = InputStager(torch.device("cpu"), 16).stage(b)
+    assert inputs.attn.num_decodes == decodes and inputs.attn.max_query_len == max(query_lens)
+    assert inputs.attn.query_start_loc.tolist() == [0, *np.cumsum(query_lens).tolist()]

@@ -36,6 +36,9 @@ class AttentionMetadata:
     """Tokens held by one KV block."""
     num_kv_splits: int = 0
     """CUDA decode steps: context splits per request (split-K); 0 picks a number from the batch."""
+    num_decodes: int = 0
+    """Leading requests with one query token each: in a step that also prefills, the Triton path runs these
+    through the decode kernel and only the rest through the packed kernel (0: all through the packed one)."""
 
     @classmethod
     def build(cls, query_lens, context_lens, block_tables, tokens_per_block: int, slot_mapping=None, device=None):
@@ -122,5 +125,17 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
         splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], attn.max_context_len)
         return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,
                                       splits, kv_scale=kv_scale)
-    return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
-                                  attn.block_tables, scale, kv_scale=kv_scale)
+    d = attn.num_decodes
+    if d == 0:
+        return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
+                                      attn.block_tables, scale, kv_scale=kv_scale)
+    # The leading decodes (rows 0..d-1, one per request) through the decode kernel: the packed kernel gives a
+    # one-token request a whole query tile. The tails are copied: a view d rows in would move the kernels'
+    # pointer alignment from step to step (Triton compiles a kernel per alignment).
+    out = torch.empty_like(q)
+    splits = num_splits_for(d, k.shape[1], attn.max_context_len)
+    paged_decode_attention(q[:d], kv_cache[0], kv_cache[1], attn.context_lens[:d], attn.block_tables[:d], scale,
+                           splits, out=out[:d], kv_scale=kv_scale)
+    paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
+                           attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale)
+    return out

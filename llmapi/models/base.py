@@ -112,15 +112,18 @@ class CausalLM(nn.Module):
                     )
                 param.copy_(weights[name])
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] float32
-        """Logits of the rows to sample: the head runs in the model dtype (as transformers), the result is float32.
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:  # [N, H] -> [N, V]
+        """Logits of the rows to sample: the head runs in the model dtype (as transformers), the result is float32
+        (or left in the model dtype: `float32=False`).
 
         A tied head is the input embedding itself; a tensor-parallel transform swaps `lm_head` for a
         vocab-parallel head that gathers the full rows.
         """
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        return F.linear(hidden, self.transformer.vocab_embedding.weight).float()
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden, self.transformer.vocab_embedding.weight)
+        return logits.float() if float32 else logits
 
     @classmethod
     def dummy_weights(cls, engine_config: dict, dtype: torch.dtype, seed: int = 0, device="cpu") -> dict:

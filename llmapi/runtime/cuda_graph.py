@@ -73,10 +73,12 @@ class DecodeGraphs:
         ids.zero_(), pos.zero_(), slots.fill_(-1), ctx.zero_()
         qsl.copy_(torch.arange(size + 1, dtype=torch.int32, device=qsl.device))
 
-    def _forward(self, size: int) -> torch.Tensor:  # [G, V] float32
+    def _forward(self, size: int) -> torch.Tensor:  # [G, V] in the model dtype
         ids, pos, _, _, _ = self._views(size)
         hidden = self.model(ids, pos, self.attn[size], self.kv_caches)  # [G, H]
-        return self.model.compute_logits(hidden)
+        # Not widened to float32 here: the greedy argmax is the same on the model dtype's values (the widening
+        # is exact), and a batch that samples widens its rows outside the graph.
+        return self.model.compute_logits(hidden, float32=False)
 
     def size_for(self, batch) -> int:
         """The graph size for this batch, or 0 when it must run eagerly (a prefill, or too large)."""
@@ -87,7 +89,7 @@ class DecodeGraphs:
 
     def run(self, batch, size: int, prev_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage the batch into the static inputs (placeholders from `prev_ids`, the previous step's
-        sampled ids) and replay; returns (logits [R, V] float32, argmax ids [R]), static outputs."""
+        sampled ids) and replay; returns (logits [R, V] in the model dtype, argmax ids [R]), static outputs."""
         r = int(batch.num_requests)
         host, lay = self.stager.pack_ints(batch, pad_to=size)
         dev = self.stager.copy_ints(host, self.ints)

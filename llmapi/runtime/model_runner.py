@@ -176,12 +176,12 @@ class ModelRunner:
         size = self.graphs.size_for(batch) if self.graphs is not None else 0
         self.stats.graph_steps += bool(size)
         if size:
-            logits, greedy_ids = self.graphs.run(batch, size, prev_ids)  # [R, V] float32, [R]
+            logits, greedy_ids = self.graphs.run(batch, size, prev_ids)  # [R, V] model dtype, [R]
             if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
                 ids = greedy_ids  # exactly what sample() gives these rows, computed inside the graph
             else:
                 sampling, all_greedy, any_filter = self.stager.sampling(batch)
-                ids = sample(logits, **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
+                ids = sample(logits.float(), **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
         else:
             inputs = self.stager.stage(batch, prev_ids=prev_ids)
             ids = self.sample(inputs, self.logits(inputs, self.forward(inputs)))  # [R]

@@ -212,11 +212,13 @@ class InputStager:
         self.fill_placeholders(dev, lay, prev_ids)
         qsl = lay.query_start_loc(dev)
         q_lens = np.asarray(batch.query_lens)
+        longer = np.flatnonzero(q_lens != 1)
         attn = AttentionMetadata(
             slot_mapping=lay.slots(dev), query_lens=qsl[1:] - qsl[:-1], context_lens=lay.context_lens(dev),
             query_start_loc=qsl, block_tables=lay.block_tables(dev),
             max_query_len=int(q_lens.max()), max_context_len=int(np.asarray(batch.context_lens).max()),
-            tokens_per_block=self.tokens_per_block, num_kv_splits=num_kv_splits)
+            tokens_per_block=self.tokens_per_block, num_kv_splits=num_kv_splits,
+            num_decodes=int(longer[0]) if len(longer) else 0)  # the scheduler puts running decodes first
         sampling, all_greedy, any_filter = self.sampling(batch)
         return StepInputs(lay.ids(dev), lay.positions(dev), attn, qsl[1:].long() - 1, sampling, all_greedy,
                           any_filter)
