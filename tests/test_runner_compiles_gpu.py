@@ -1,7 +1,6 @@
 """Serving compiles no kernel anew when only the batch's shape changes (GPU: Triton compiles there)."""
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.gpu
 
