@@ -5,11 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import _TL
 from .fp8_linear import FP8_DTYPE, Fp8Input
 from .kv_write import fp8_codes
-
-
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
