@@ -505,6 +505,9 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const ExecutorConfig&, py::object>(), "config"_a, "runner"_a)
       .def("enqueue", [](PyExecutor& e, const Request& r) { return e.get().enqueue(r); },
            "request"_a)
+      .def("enqueue_many",
+           [](PyExecutor& e, std::vector<Request> requests) { return e.get().enqueue_many(std::move(requests)); },
+           "requests"_a)
       .def("abort", [](PyExecutor& e, uint64_t id, int32_t seq_index) { e.get().abort(id, seq_index); },
            "request_id"_a, "seq_index"_a = -1)
       .def("await_responses",

@@ -75,6 +75,10 @@ def _drive(llm, prompts, params, concurrency: int) -> list[Timing]:
     waiting = list(reversed(prompts))
     live: dict = {}  # RequestOutput -> [start, first]
     done: list[Timing] = []
+    if limit >= len(prompts):  # no cap: all in one call, so the first step schedules from all of them
+        start = time.perf_counter()
+        live = {out: [start, None] for out in llm._generate_async_batch(prompts, params)}
+        waiting = []
     while waiting or live:
         while waiting and len(live) < limit:
             live[llm.generate_async(waiting.pop(), params)] = [time.perf_counter(), None]

@@ -173,8 +173,10 @@ class LLM:
         ids = list(prompt)
         if not ids:
             raise RequestError("the prompt is empty (no token ids)")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
-               for t in ids):
+        # Plain ints (the usual case) are checked by C loops: set of types, min, max.
+        plain = set(map(type, ids)) == {int}
+        if (not plain and any(not isinstance(t, int) or isinstance(t, bool) for t in ids)) \
+                or min(ids) < 0 or max(ids) >= self.vocab_size:
             raise RequestError(f"prompt token ids must be ints in [0, {self.vocab_size})")
         return None, ids
 
@@ -188,53 +190,88 @@ class LLM:
         min_p, repetition_penalty, max_new_tokens), as vLLM; used when a call gets no params."""
         return SamplingParams(**self._generation_defaults)
 
-    def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
+    def _check_params(self, params: Optional[SamplingParams]) -> SamplingParams:
         params = check_params(self.get_default_sampling_params() if params is None else params,
                               vocab_size=self.vocab_size, max_logprobs=self.args.max_logprobs,
                               max_batch_size=self.args.max_batch_size,
                               max_num_tokens=self.args.max_num_tokens, tokenizer=self.tokenizer)
         if self.world_size > 1:
             check_multi_rank(params)
+        return params
+
+    def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
+        params = self._check_params(params)
         text, ids = self._prompt_ids(prompt)
         self._check_length(ids)
         return text, ids, params
 
-    def _enqueue(self, text, ids, params: SamplingParams, streaming: bool) -> RequestOutput:
+    def _enqueue(self, prepared: Sequence[tuple], streaming: bool) -> List[RequestOutput]:
+        """Enqueue checked (text, ids, params) triples in one executor call: the executor sees them together
+        (its next step schedules from all of them) and takes all or, on an error, none."""
         self._check_alive()
-        beam = params.use_beam_search
-        # Sequences that may be dropped (best_of > n) or reordered (beams) are reported at the end.
-        streaming = streaming and not beam and params.num_sequences == params.n
-        processor = params.combined_logits_processor()
+        outs, requests = [], []
+        local = self._local  # None at world_size > 1, where check_multi_rank refused these settings
         with self._lock:
-            rid = next(self._ids)
-            request = core_request(rid, ids, params, eos_token_ids=self.eos_token_ids,
-                                   max_seq_len=self.max_seq_len, seed=params.effective_seed(secrets.randbits(63)),
-                                   tokenizer=self.tokenizer, token_history=processor is not None)
-            out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=streaming,
-                                num_sequences=params.n if beam else params.num_sequences)
-            self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
-                                          abort_seq=lambda seq, rid=rid: self._abort(rid, seq))
-            local = self._local  # None at world_size > 1, where check_multi_rank refused these settings
-            if processor is not None:
-                local.logits_processors[rid] = processor
-            if (params.prompt_logprobs is not None or params.return_context_logits
-                    or params.return_generation_logits):
-                local.records.open(rid)
             try:
-                self._executor.enqueue(request)
+                for text, ids, params in prepared:
+                    beam = params.use_beam_search
+                    # Sequences that may be dropped (best_of > n) or reordered (beams) are reported at the end.
+                    stream = streaming and not beam and params.num_sequences == params.n
+                    processor = params.combined_logits_processor()
+                    rid = next(self._ids)
+                    requests.append(core_request(
+                        rid, ids, params, eos_token_ids=self.eos_token_ids, max_seq_len=self.max_seq_len,
+                        seed=params.effective_seed(secrets.randbits(63)), tokenizer=self.tokenizer,
+                        token_history=processor is not None))
+                    out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=stream,
+                                        num_sequences=params.n if beam else params.num_sequences)
+                    outs.append(out)
+                    self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
+                                                  abort_seq=lambda seq, rid=rid: self._abort(rid, seq))
+                    if processor is not None:
+                        local.logits_processors[rid] = processor
+                    if (params.prompt_logprobs is not None or params.return_context_logits
+                            or params.return_generation_logits):
+                        local.records.open(rid)
+                if len(requests) == 1:
+                    self._executor.enqueue(requests[0])
+                else:
+                    self._executor.enqueue_many(requests)
             except BaseException:
-                self._live.pop(rid, None)  # the response thread may have failed it already (a dead rank)
-                if local is not None:
-                    local.logits_processors.pop(rid, None)
-                    local.records.pop(rid)
+                for out in outs:
+                    self._live.pop(out.request_id, None)  # the response thread may have failed it already
+                    if local is not None:
+                        local.logits_processors.pop(out.request_id, None)
+                        local.records.pop(out.request_id)
                 raise
-        return out
+        return outs
 
     def generate_async(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
                        streaming: bool = False) -> RequestOutput:
         """Enqueue one request and return its RequestOutput at once (await, .result() or iterate it)."""
-        text, ids, params = self._prepare(prompt, sampling_params)
-        return self._enqueue(text, ids, params, streaming)
+        return self._enqueue([self._prepare(prompt, sampling_params)], streaming)[0]
+
+    def _generate_async_batch(self, prompts: Sequence[Prompt],
+                              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None
+                              ) -> List[RequestOutput]:
+        """generate_async for a list of prompts in one executor call; every prompt is checked before any
+        is enqueued, so a bad one leaves nothing half-done."""
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(prompts)
+        checked: Dict[int, SamplingParams] = {}  # id(params) -> checked params: one check per distinct object
+        prepared = []
+        for prompt, sp in zip(prompts, params):
+            key = id(sp)
+            if key not in checked:
+                checked[key] = self._check_params(sp)
+            text, ids = self._prompt_ids(prompt)
+            self._check_length(ids)
+            prepared.append((text, ids, checked[key]))
+        return self._enqueue(prepared, streaming=False) if prepared else []
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -243,16 +280,7 @@ class LLM:
         single = isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and len(prompts) > 0
             and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts))
-        batch = [prompts] if single else list(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(batch):
-                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(batch)} prompts")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params] * len(batch)
-        # Validate every prompt before enqueueing any, so a bad one leaves nothing half-done.
-        prepared = [self._prepare(p, sp) for p, sp in zip(batch, params)]
-        outputs = [self._enqueue(t, i, sp, streaming=False) for t, i, sp in prepared]
+        outputs = self._generate_async_batch([prompts] if single else list(prompts), sampling_params)
         bar = None
         if use_tqdm and len(outputs) > 1:
             from tqdm.auto import tqdm

@@ -444,3 +444,29 @@ def test_invalid_requests_raise_request_error():
             ex.await_responses(-1.0)
     finally:
         ex.shutdown()
+
+
+def test_enqueue_many_is_all_or_nothing_and_one_step_sees_all():
+    runner = GatedRunner()
+    ex = make_executor(runner, max_seq_len=8)
+    try:
+        ex.enqueue(Request(1, [1], max_tokens=2))  # live: its id may not come again
+        assert runner.entered.wait(10)
+        bad_batches = (
+            ([Request(2, [1], max_tokens=2), Request(3, list(range(9)), max_tokens=1)], RequestError, "max_seq_len=8"),
+            ([Request(2, [1], max_tokens=2), Request(2, [5], max_tokens=2)], RequestError, "duplicate request id 2"),
+            ([Request(2, [1], max_tokens=2), Request(1, [5], max_tokens=2)], RequestError, "duplicate request id 1"),
+        )
+        for batch, error, match in bad_batches:
+            with pytest.raises(error, match=match):
+                ex.enqueue_many(batch)
+        assert ex.enqueue_many([Request(i, [10 * i], max_tokens=2) for i in (2, 3, 4)]) == [2, 3, 4]
+        runner.gate.set()
+        got = run_until_finished(ex, [1, 2, 3, 4])
+        # None of the refused batches' requests ran: request 2 ran once, from the accepted batch.
+        assert {i: tokens_of(got[i]) for i in got} == {1: [2, 3], 2: [21, 22], 3: [31, 32], 4: [41, 42]}
+        # The three enqueued together were prefilled in the same step.
+        steps = [set(b["request_ids"].tolist()) for b in runner.batches]
+        assert any({2, 3, 4} <= s for s in steps), steps
+    finally:
+        ex.shutdown()

@@ -133,8 +133,13 @@ def test_per_request_errors_leave_llm_usable(llm):
     too_long = [5] * 256
     with pytest.raises(RequestError, match="256 tokens; max_seq_len is 256"):
         llm.generate([too_long], GREEDY)
-    with pytest.raises(RequestError, match="token ids"):
-        llm.generate([[5, 10**9]], GREEDY)
+    for ids in ([5, 10**9], [5, -1], [5, True], [5, 6.0], [5, "6"]):
+        with pytest.raises(RequestError, match="token ids"):
+            llm.generate([ids], GREEDY)
+    import enum
+    Tok = enum.IntEnum("Tok", {"A": 5, "B": 6})  # an int subclass is an int
+    assert llm.generate([Tok.A, Tok.B], GREEDY).outputs[0].token_ids == \
+        llm.generate([5, 6], GREEDY).outputs[0].token_ids
     with pytest.raises(ValueError, match="temperature"):
         llm.generate("hello", SamplingParams(temperature=-1))
     with pytest.raises(ValueError, match="2 sampling_params for 1 prompts"):

@@ -36,6 +36,35 @@ uint64_t Executor::enqueue(Request request) {
   return id;
 }
 
+std::vector<uint64_t> Executor::enqueue_many(std::vector<Request> requests) {
+  // All or nothing: every request is checked (rules, ids unique among themselves and the live ones)
+  // before any is queued, and the loop wakes once, to a queue that holds them all.
+  std::unordered_set<uint64_t> ids;
+  std::vector<uint64_t> out;
+  out.reserve(requests.size());
+  for (const Request& request : requests) {
+    Scheduler::check_request(config_, request);
+    if (!ids.insert(request.request_id).second) {
+      throw RequestError("duplicate request id " + std::to_string(request.request_id) +
+                         " in one enqueue_many call");
+    }
+    out.push_back(request.request_id);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (dead_) throw ExecutorDeadError(dead_message_);
+    for (uint64_t id : out) {
+      if (live_ids_.count(id)) {
+        throw RequestError("duplicate request id " + std::to_string(id) + ": it is still running");
+      }
+    }
+    live_ids_.insert(out.begin(), out.end());
+    for (Request& request : requests) incoming_.push_back(std::move(request));
+  }
+  work_cv_.notify_one();
+  return out;
+}
+
 void Executor::abort(uint64_t request_id, int32_t seq_index) {
   {
     std::lock_guard<std::mutex> lock(mu_);

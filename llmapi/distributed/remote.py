@@ -191,6 +191,9 @@ class RemoteExecutor:
     def enqueue(self, request) -> int:
         return self._call("enqueue", channel.request_fields(request))
 
+    def enqueue_many(self, requests) -> list:
+        return self._call("enqueue_many", [channel.request_fields(r) for r in requests])
+
     def abort(self, request_id: int, seq_index: int = -1) -> None:
         if self._dead is not None:
             return

@@ -88,6 +88,12 @@ def _serve_calls(conn, executor, send) -> None:
                 send(("reply", msg[1], None, msg[2]["request_id"]))
             except LLMAPIError as e:
                 send(("reply", msg[1], (type(e).__name__, str(e)), None))
+        elif kind == "enqueue_many":
+            try:
+                ids = executor.enqueue_many([_core.Request(**fields) for fields in msg[2]])
+                send(("reply", msg[1], None, list(ids)))
+            except LLMAPIError as e:
+                send(("reply", msg[1], (type(e).__name__, str(e)), None))
         elif kind == "abort":
             executor.abort(msg[1], msg[2])
         elif kind == "stats":

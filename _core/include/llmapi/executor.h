@@ -40,6 +40,8 @@ class Executor {
 
   // Throws RequestError (invalid / duplicate id) or ExecutorDeadError.
   uint64_t enqueue(Request request);
+  // enqueue for several requests at once: all are queued or, on any error, none.
+  std::vector<uint64_t> enqueue_many(std::vector<Request> requests);
   // Finishes the request (or only its sequence `seq_index` if >= 0) "abort"; unknown or
   // finished ids and a dead executor are ignored.
   void abort(uint64_t request_id, int32_t seq_index = -1);
