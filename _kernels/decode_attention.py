@@ -4,7 +4,9 @@
 # split): the GROUP query heads that share the kv head form the rows of one tile, so each K/V tile is
 # read once per kv head. With several splits a second kernel merges them by their log-sum-exp; one split
 # writes the output itself. An int8 / fp8 cache's codes enter the dots as they are (exact in the dot dtype:
-# float16 on a GPU); the K scale joins the softmax scale and the V scale multiplies the output.
+# float16 on a GPU); the K scale joins the softmax scale and the V scale multiplies the output. With
+# QUANT_OUT the output is stored as the E4M3 codes of the next FP8 linear (the output projection) at its
+# static input scale: the codes quantize_fp8 makes of the output rounded to the query's dtype.
 
 import torch
 import triton
@@ -12,19 +14,20 @@ import triton.language as tl
 from triton import knobs
 
 from .common import dot_args
-from .kv_write import kv_quant_args, load_kv_scales
+from .fp8_linear import FP8_DTYPE
+from .kv_write import fp8_codes, kv_quant_args, load_kv_scales
 
 BLOCK_N = 64  # keys per tile
 
 
 @triton.jit(do_not_specialize=["bt_stride"])  # the block-table width changes from step to step
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                         part_lse_ptr, out_ptr, scale_ptr, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+                         part_lse_ptr, out_ptr, scale_ptr, qs_ptr, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                          bt_stride, cache_stride_block, scale_log2,
                          NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                          HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                         KV_QUANT: tl.constexpr):
+                         KV_QUANT: tl.constexpr, QUANT_OUT: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,7 +73,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     out = acc / tl.where(has, l, 1.0)[:, None] * v_scale
     if NUM_SPLITS == 1:  # the whole context: the output itself, no merge (an empty context gives 0, as merged)
         tl.store(out_ptr + r * out_stride_t + head[:, None] * out_stride_h + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                 _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=row_ok[:, None] & d_ok[None, :])
         return
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
     base = (r * NH + head) * NUM_SPLITS + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
@@ -79,9 +82,19 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
 
 
 @triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, out_stride_t, out_stride_h,
+def _output(out, q_ptr, qs_ptr, QUANT_OUT: tl.constexpr):
+    """float32 attention output as stored: rounded to the query's dtype, then (QUANT_OUT) its E4M3 codes at
+    the static scale *qs_ptr."""
+    out = out.to(q_ptr.dtype.element_ty)
+    if QUANT_OUT:
+        out = fp8_codes(out.to(tl.float32), tl.load(qs_ptr))
+    return out
+
+
+@triton.jit
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, q_ptr, qs_ptr, out_stride_t, out_stride_h,
                          NH: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, QUANT_OUT: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -95,7 +108,17 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, out_stride_t, out_
                     mask=(s < NUM_SPLITS)[:, None] & (d < HD)[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
     total = tl.sum(w, axis=0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + r * out_stride_t + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < HD)
+    tl.store(out_ptr + r * out_stride_t + h * out_stride_h + d, _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=d < HD)
+
+
+def attention_out(q: torch.Tensor, out: torch.Tensor | None, quant_scale: torch.Tensor | None) -> torch.Tensor:
+    """The output buffer of an attention launch: `out`, else q's shape in q's dtype (E4M3 with a quant scale)."""
+    dtype = q.dtype if quant_scale is None else FP8_DTYPE
+    if out is None:
+        return torch.empty(q.shape, dtype=dtype, device=q.device)
+    if out.dtype != dtype:
+        raise ValueError(f"out is {out.dtype}; this launch stores {dtype}")
+    return out
 
 
 def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132) -> int:
@@ -117,15 +140,17 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
 ) -> torch.Tensor:
     """Attention of each request's single query over its whole cached context. Tiles of `block_n` keys,
     `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 for an int8 / fp8 one,
-    the faster on H100 for each (a sweep over batch 1-1024, context 192-4096)."""
+    the faster on H100 for each (a sweep over batch 1-1024, context 192-4096). With `quant_scale` the
+    output is the E4M3 codes quantize_fp8 makes of it at that static scale."""
     num_requests, nh, hd = q.shape
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
     scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
-    out = torch.empty_like(q) if out is None else out
+    out = attention_out(q, out, quant_scale)
     if num_requests == 0:
         return out
     dot = dot_args(q.dtype)
@@ -144,17 +169,19 @@ def paged_decode_attention(
     part_lse = torch.empty(parts, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(hd)
     _decode_split_kernel[(num_requests, nkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale_ptr, q.stride(0),
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale_ptr,
+        out if quant_scale is None else quant_scale, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
         scale * 1.4426950408889634,
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, KV_QUANT=kv_quant,
+        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None,
         **dot, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits == 1:
         return out
     _merge_splits_kernel[(num_requests, nh)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), NH=nh, HD=hd, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
+        part_out, part_lse, out, q, out if quant_scale is None else quant_scale, out.stride(0), out.stride(1),
+        NH=nh, HD=hd, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        QUANT_OUT=quant_scale is not None, num_warps=1,
     )
     return out

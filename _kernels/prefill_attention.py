@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_args
+from .decode_attention import _output, attention_out
 from .kv_write import kv_quant_args, load_kv_scales
 
 BLOCK_M = 64  # tile rows: BLOCK_Q tokens x GROUP_P heads
@@ -36,12 +37,13 @@ def _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q: tl.conste
 # compiled for each value class would stall serving for a second at a new batch shape).
 @triton.jit(do_not_specialize=["num_requests", "bt_stride"])
 def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, context_lens_ptr,
-                             block_tables_ptr, scale_ptr, num_requests, q_stride_t, q_stride_h, out_stride_t,
+                             block_tables_ptr, scale_ptr, qs_ptr, num_requests, q_stride_t, q_stride_h, out_stride_t,
                              out_stride_h, bt_stride, cache_stride_block, scale_log2,
                              NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                              HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                              BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
+                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, KV_QUANT: tl.constexpr,
+                             QUANT_OUT: tl.constexpr):
     q_block = tl.program_id(0)
     kvh = tl.program_id(1)
     r = _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q)
@@ -88,7 +90,7 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
             m = m_new
         out = acc / tl.where(l > 0, l, 1.0)[:, None] * v_scale
         tl.store(out_ptr + t_row[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                 _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def paged_packed_attention(
@@ -101,14 +103,16 @@ def paged_packed_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [T, nh, hd]
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
+    quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
 ) -> torch.Tensor:
-    """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref."""
+    """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref; with
+    `quant_scale`, the E4M3 codes quantize_fp8 makes of that output at that static scale."""
     num_tokens, nh, hd = q.shape
     num_requests = context_lens.shape[0]
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
     scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
-    out = torch.empty_like(q) if out is None else out
+    out = attention_out(q, out, quant_scale)
     if num_tokens == 0:
         return out
     group = nh // nkv
@@ -118,10 +122,11 @@ def paged_packed_attention(
     # An upper bound on the q blocks: each request adds at most one partly filled block.
     grid = (num_tokens // block_q + num_requests, nkv)
     _packed_attention_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, context_lens, block_tables, scale_ptr, num_requests,
+        q, k_cache, v_cache, out, query_start_loc, context_lens, block_tables, scale_ptr,
+        out if quant_scale is None else quant_scale, num_requests,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
         scale * 1.4426950408889634, NKV=nkv, GROUP=group, GROUP_P=group_p, HD=hd,
         BLOCK_D=triton.next_power_of_2(hd), PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        KV_QUANT=kv_quant, **dot_args(q.dtype), num_warps=4, num_stages=2,
+        KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None, **dot_args(q.dtype), num_warps=4, num_stages=2,
     )
     return out

@@ -59,6 +59,46 @@ def test_silu_and_mul_quantized_output_equals_quantized_product(dtype, scale):
     assert _same_codes(out.q, quantize_fp8(silu_and_mul(x), s))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_attention_quantized_output_equals_quantized_attention(dtype, scale):
+    """Decode attention (one split, several: the merge kernel stores), packed attention, and a mixed step's
+    decodes + prefill through the Attention layer: the E4M3 codes of the unfused output."""
+    import dataclasses
+
+    import llmapi.layers.dispatch as dispatch
+    from kernel_cases import paged_case
+    from test_layers_attention import make_case
+
+    from llmapi._kernels.decode_attention import paged_decode_attention
+    from llmapi._kernels.prefill_attention import paged_packed_attention
+    from llmapi.layers.attention import Attention
+
+    s = torch.tensor([scale], device=DEVICE)
+    q, kc, vc, qsl, ctx, tables = paged_case([1] * 5, [9, 70, 1, 33, 130], 8, 2, 64, 16, dtype, seed=3)
+    for splits in (1, 3):
+        want = quantize_fp8(paged_decode_attention(q, kc, vc, ctx, tables, 0.125, splits), s)
+        out = paged_decode_attention(q, kc, vc, ctx, tables, 0.125, splits, quant_scale=s)
+        assert out.dtype == torch.float8_e4m3fn and _same_codes(out, want), splits
+    q, kc, vc, qsl, ctx, tables = paged_case([4, 1, 19], [4, 30, 40], 8, 2, 64, 16, dtype, seed=4)
+    want = quantize_fp8(paged_packed_attention(q, kc, vc, qsl, ctx, tables, 0.125), s)
+    assert _same_codes(paged_packed_attention(q, kc, vc, qsl, ctx, tables, 0.125, quant_scale=s), want)
+
+    q, k, v, k_cache, v_cache, attn, _, _ = make_case([1, 1, 6, 9], [7, 40, 11, 9], nh=8, nkv=2, hd=16)
+    meta = dataclasses.replace(attn, **{f.name: getattr(attn, f.name).to(DEVICE) for f in dataclasses.fields(attn)
+                                        if isinstance(getattr(attn, f.name), torch.Tensor)}, num_decodes=2)
+    q, k, v = (t.to(DEVICE, dtype) for t in (q, k, v))
+    old, dispatch.TRITON_ON_CPU = dispatch.TRITON_ON_CPU, True
+    try:
+        kv = torch.stack([k_cache, v_cache]).to(DEVICE, dtype)
+        want = quantize_fp8(Attention(scale=0.25)(q, k, v, kv.clone(), meta), s)
+        out = Attention(scale=0.25)(q, k, v, kv.clone(), meta, quant_scale=s)
+    finally:
+        dispatch.TRITON_ON_CPU = old
+    assert isinstance(out, Fp8Input) and out.dtype == dtype and out.shape == q.shape
+    assert _same_codes(out.q, want)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the fused kernels run compiled: the gpu test below")
 def test_fp8_model_through_fused_kernels_equals_unfused(monkeypatch):
     _check_model_fused_equals_unfused(monkeypatch)
@@ -70,8 +110,8 @@ def test_fp8_model_through_fused_kernels_equals_unfused_gpu(monkeypatch):
 
 
 def _check_model_fused_equals_unfused(monkeypatch):
-    """A tiny Llama with static FP8 linears: the fused path (norms and SiLU write E4M3) gives the very logits
-    of the unfused one (each linear quantizing its input), and it is the path taken."""
+    """A tiny Llama with static FP8 linears: the fused path (norms, attention and SiLU write E4M3) gives the very
+    logits of the unfused one (each linear quantizing its input), prefill and decode, and it is the path taken."""
     import llmapi.layers.activation as activation
     import llmapi.layers.dispatch as dispatch
     import llmapi.models.llama as llama
@@ -100,10 +140,15 @@ def _check_model_fused_equals_unfused(monkeypatch):
 
     prompts = {0: [5, 9, 11, 3, 8], 1: [4, 17, 2]}
     monkeypatch.setattr(llama, "fused_input_scale", spy)
+    decodes = {0: [7], 1: [12]}
     with torch.no_grad():
-        fused = PagedDriver(model, cfg, dtype=torch.bfloat16, device=DEVICE).step(prompts)
-        assert seen and all(seen)
+        driver = PagedDriver(model, cfg, dtype=torch.bfloat16, device=DEVICE)
+        fused = [driver.step(prompts), driver.step(decodes)]
+        # qkv, dense, gate_up and down of every layer, both steps
+        assert len(seen) == 2 * 4 * cfg["num_hidden_layers"] and all(seen)
         monkeypatch.setattr(llama, "fused_input_scale", lambda linear, x: None)
-        unfused = PagedDriver(model, cfg, dtype=torch.bfloat16, device=DEVICE).step(prompts)
-    for r in prompts:
-        assert torch.equal(fused[r], unfused[r])
+        driver = PagedDriver(model, cfg, dtype=torch.bfloat16, device=DEVICE)
+        unfused = [driver.step(prompts), driver.step(decodes)]
+    for a, b in zip(fused, unfused):
+        for r in a:
+            assert torch.equal(a[r], b[r])

@@ -90,11 +90,19 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor | None,  # [2, num_blocks, tokens_per_block, nkv, hd]; 0 = K, 1 = V
         attn: AttentionMetadata,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, sin) [T, hd] to apply to q and k first
-    ) -> torch.Tensor:  # [T, nh, hd]
+        quant_scale: torch.Tensor | None = None,  # the next FP8 linear's static input scale (see below)
+    ):  # [T, nh, hd]
+        """The attention output; with `quant_scale`, the Triton kernels store it as that FP8 linear's E4M3
+        input, an Fp8Input of codes [T, nh, hd] (the torch path ignores it and returns the output)."""
         kv_scale = self.kv_cache_scaling_factor
         assert kv_cache is None or (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn))
         if kv_cache is not None and use_triton(q):
-            return _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale)
+            out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale)
+            if quant_scale is None:
+                return out
+            from llmapi._kernels.fp8_linear import Fp8Input
+
+            return Fp8Input(out, quant_scale, q.dtype)
         if rotary is not None:
             q, k = rotate_qk(q, k, *rotary)
         if kv_cache is None:
@@ -110,9 +118,11 @@ class Attention(nn.Module):
         return f"scale={self.scale:.4g}"
 
 
-def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale) -> torch.Tensor:
-    """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention."""
-    from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention
+def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale,
+                      quant_scale=None) -> torch.Tensor:
+    """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention (their
+    output E4M3 codes at `quant_scale` when given)."""
+    from llmapi._kernels.decode_attention import attention_out, num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
     from llmapi._kernels.prefill_attention import paged_packed_attention
     from llmapi._kernels.rotary import rotary_write_kv_
@@ -124,18 +134,19 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     if attn.max_query_len == 1:  # decodes only: request r's token is row r
         splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], attn.max_context_len)
         return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,
-                                      splits, kv_scale=kv_scale)
+                                      splits, kv_scale=kv_scale, quant_scale=quant_scale)
     d = attn.num_decodes
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
-                                      attn.block_tables, scale, kv_scale=kv_scale)
+                                      attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale)
     # The leading decodes (rows 0..d-1, one per request) through the decode kernel: the packed kernel gives a
     # one-token request a whole query tile. The tails are copied: a view d rows in would move the kernels'
     # pointer alignment from step to step (Triton compiles a kernel per alignment).
-    out = torch.empty_like(q)
+    out = attention_out(q, None, quant_scale)
     splits = num_splits_for(d, k.shape[1], attn.max_context_len)
     paged_decode_attention(q[:d], kv_cache[0], kv_cache[1], attn.context_lens[:d], attn.block_tables[:d], scale,
-                           splits, out=out[:d], kv_scale=kv_scale)
+                           splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale)
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
-                           attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale)
+                           attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,
+                           quant_scale=quant_scale)
     return out

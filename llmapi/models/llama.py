@@ -5,6 +5,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from llmapi._kernels.fp8_linear import Fp8Input
 from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import act_and_mul, fused_input_scale, get_activation
 from llmapi.layers.attention import Attention, AttentionMetadata
@@ -31,7 +32,10 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
         q = q.view(tokens, self.num_heads, hd)  # [T, nh, hd]
         k, v = k.view(tokens, self.num_kv_heads, hd), v.view(tokens, self.num_kv_heads, hd)  # [T, nkv, hd]
-        o = self.attn(q, k, v, kv_cache, attn, rotary=(cos, sin))  # rotary on q, k, then attention: [T, nh, hd]
+        # Rotary on q, k, then attention: [T, nh, hd], as the dense layer's E4M3 input where that is FP8.
+        o = self.attn(q, k, v, kv_cache, attn, rotary=(cos, sin), quant_scale=fused_input_scale(self.dense, q))
+        if isinstance(o, Fp8Input):
+            return self.dense(o._replace(q=o.q.reshape(tokens, self.num_heads * hd)))
         return self.dense(o.reshape(tokens, self.num_heads * hd))
 
 
