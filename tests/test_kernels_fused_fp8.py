@@ -62,6 +62,17 @@ def test_silu_and_mul_quantized_output_equals_quantized_product(dtype, scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", SCALES)
 def test_attention_quantized_output_equals_quantized_attention(dtype, scale):
+    _check_attention_quantized_output(dtype, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_attention_quantized_output_equals_quantized_attention_gpu(dtype, scale):
+    _check_attention_quantized_output(dtype, scale)
+
+
+def _check_attention_quantized_output(dtype, scale):
     """Decode attention (one split, several: the merge kernel stores), packed attention, and a mixed step's
     decodes + prefill through the Attention layer: the E4M3 codes of the unfused output."""
     import dataclasses
