@@ -70,7 +70,15 @@ def _drive(llm, prompts, params, concurrency: int) -> list[Timing]:
 
     Polling (every 1 ms, 10 ms with many requests in flight) keeps the measuring off the serving
     path: streaming every token of a thousand requests through asyncio would cost the engine time.
+    The heap is frozen for the run, as in LLM.generate (llmapi.runtime.gc_freeze).
     """
+    from .runtime.gc_freeze import frozen_heap
+
+    with frozen_heap():
+        return _drive_frozen(llm, prompts, params, concurrency)
+
+
+def _drive_frozen(llm, prompts, params, concurrency: int) -> list[Timing]:
     limit = concurrency or len(prompts)
     waiting = list(reversed(prompts))
     live: dict = {}  # RequestOutput -> [start, first]

@@ -20,6 +20,7 @@ from .core_request import check_multi_rank, check_params, core_request, generati
 from .errors import ExecutorDeadError, RequestError, WorkerDiedError, runner_error
 from .live_request import LiveRequest
 from .outputs import RequestOutput
+from .runtime.gc_freeze import frozen_heap
 from .sampling_params import SamplingParams
 from .tokenizer import load_tokenizer
 
@@ -280,7 +281,11 @@ class LLM:
         single = isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and len(prompts) > 0
             and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts))
-        outputs = self._generate_async_batch([prompts] if single else list(prompts), sampling_params)
+        with frozen_heap():
+            return self._generate_wait([prompts] if single else list(prompts), sampling_params, single, use_tqdm)
+
+    def _generate_wait(self, prompts, sampling_params, single: bool, use_tqdm: bool):
+        outputs = self._generate_async_batch(prompts, sampling_params)
         bar = None
         if use_tqdm and len(outputs) > 1:
             from tqdm.auto import tqdm
