@@ -22,9 +22,16 @@ _U_BITS = 23  # float32 holds (k + 0.5) * 2**-23 exactly for k < 2**23, so u nev
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1) for x [R, V] (the first index of each row's maximum), in two passes: the max of each of
-    about sqrt(V) chunks, then the first chunk holding the largest. torch reduces one row of a 128K vocabulary in
-    a single thread block (28 us on an H100, as long as a decode step's attention); chunks spread it over the GPU."""
+    """x.argmax(dim=-1) for x [R, V] (the first index of each row's maximum), in two passes: the max of each
+    chunk, then the first chunk holding the largest. torch reduces one row of a 128K vocabulary in a single
+    thread block (28 us on an H100, as long as a decode step's attention); chunks spread it over the GPU. The
+    Triton kernel (_kernels/argmax.py) on a GPU, torch's reductions over about sqrt(V) chunks otherwise."""
+    from llmapi.layers.dispatch import use_triton
+
+    if use_triton(x) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.stride(-1) == 1:
+        from llmapi._kernels.argmax import row_argmax
+
+        return row_argmax(x)
     rows, vocab = x.shape
     root = math.isqrt(vocab)
     chunk = next((c for c in range(max(root, 1), 4 * root + 1) if vocab % c == 0), None)
