@@ -1,0 +1,78 @@
+"""Compile Triton kernels for sm_90 (H100) to a cubin, with no GPU: catches what Triton's CPU interpreter lets
+through (types, layouts, unsupported ops). Run without TRITON_INTERPRET (test_kernels_compile.py spawns it)."""
+
+import itertools
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from llmapi._kernels.activation import _silu_and_mul_kernel
+from llmapi._kernels.argmax import CHUNK, _chunk_argmax_kernel
+from llmapi._kernels.decode_attention import _decode_split_kernel, _merge_splits_kernel
+from llmapi._kernels.prefill_attention import _packed_attention_kernel
+from llmapi._kernels.rms_norm import _rms_norm_kernel
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_sm90(fn, signature: dict, constexprs: dict, **options) -> int:
+    """Bytes of the cubin of `fn` compiled for sm_90 at these argument types and constexprs."""
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90,
+                            options=options)
+    return len(kernel.asm["cubin"])
+
+
+def attention_kernels():
+    """Decode (1 and 4 splits), merge and packed attention over a bfloat16 / fp8 cache, output bfloat16 or
+    E4M3 codes (QUANT_OUT), at Llama-3.1-8B's head shapes."""
+    for cache, quant in itertools.product(("bf16", "fp8e4nv"), (False, True)):
+        kv_quant = 2 if cache == "fp8e4nv" else 0
+        out = "fp8e4nv" if quant else "bf16"
+        args = {"q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "block_tables_ptr": "*i32",
+                "context_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}",
+                "scale_ptr": "*fp32", "qs_ptr": "*fp32", "q_stride_t": "i32", "q_stride_h": "i32",
+                "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32", "cache_stride_block": "i32",
+                "scale_log2": "fp32"}
+        for splits in (1, 4):
+            yield (f"decode {cache} quant_out={quant} splits={splits}", _decode_split_kernel, args,
+                   dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=32 if kv_quant else 64,
+                        NUM_SPLITS=splits, DOT_DTYPE=tl.float16 if kv_quant else tl.bfloat16, PRECISION="tf32",
+                        KV_QUANT=kv_quant, QUANT_OUT=quant),
+                   dict(num_warps=1 if kv_quant else 4, num_stages=2 if kv_quant else 3))
+        yield (f"merge quant_out={quant}", _merge_splits_kernel,
+               {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}", "q_ptr": "*bf16",
+                "qs_ptr": "*fp32", "out_stride_t": "i32", "out_stride_h": "i32"},
+               dict(NH=32, HD=128, BLOCK_D=128, NUM_SPLITS=4, BLOCK_S=4, QUANT_OUT=quant), dict(num_warps=1))
+        yield (f"packed {cache} quant_out={quant}", _packed_attention_kernel,
+               {"q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "out_ptr": f"*{out}",
+                "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32", "block_tables_ptr": "*i32",
+                "scale_ptr": "*fp32", "qs_ptr": "*fp32", "num_requests": "i32", "q_stride_t": "i32",
+                "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32",
+                "cache_stride_block": "i32", "scale_log2": "fp32"},
+               dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64,
+                    DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=quant),
+               dict(num_warps=4, num_stages=2))
+
+
+def other_kernels():
+    for dtype in ("bf16", "fp16", "fp32"):
+        yield (f"argmax {dtype}", _chunk_argmax_kernel,
+               {"x_ptr": f"*{dtype}", "key_ptr": "*i32", "idx_ptr": "*i32", "V": "i32", "x_stride": "i64",
+                "num_chunks": "i32"}, dict(CHUNK=CHUNK), dict(num_warps=8))
+    for quant in (False, True):
+        out = "fp8e4nv" if quant else "bf16"
+        yield (f"rms_norm quant={quant}", _rms_norm_kernel,
+               {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": f"*{out}", "qs_ptr": "*fp32",
+                "x_stride": "i32", "res_stride": "i32", "out_stride": "i32", "eps": "fp32"},
+               dict(H=4096, BLOCK=4096, HAS_RESIDUAL=True, NORM_TY=tl.bfloat16, QUANT=quant), dict(num_warps=16))
+        yield (f"silu_and_mul quant={quant}", _silu_and_mul_kernel,
+               {"x_ptr": "*bf16", "out_ptr": f"*{out}", "qs_ptr": "*fp32", "x_stride": "i32", "out_stride": "i32"},
+               dict(INTER=14336, BLOCK=1024, QUANT=quant), dict(num_warps=4))
+
+
+if __name__ == "__main__":
+    for name, fn, signature, constexprs, options in itertools.chain(attention_kernels(), other_kernels()):
+        print(f"{name}: {compile_for_sm90(fn, signature, constexprs, **options)} bytes", flush=True)

@@ -1,0 +1,21 @@
+"""The Triton kernels compile for sm_90 (H100) on a machine with no GPU (sm90_compile.py, in a subprocess
+without TRITON_INTERPRET, which the other kernel tests set)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("sm90_compile.py")
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    lines = run.stdout.splitlines()
+    # attention: 2 caches x 2 outputs x (2 decode + merge + packed); argmax x 3 dtypes; rms_norm, silu x 2
+    assert len(lines) == 2 * 2 * 4 + 3 + 2 * 2 and all(line.endswith(" bytes") and int(line.split()[-2]) > 0 for line in lines), lines
