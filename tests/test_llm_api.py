@@ -242,3 +242,25 @@ def test_cli_build_with_quant_matches_llm(tmp_path, capsys):
         assert not llm.engine_built and cache.stats.builds == builds
     assert cli_main(["build", "--model", str(tiny_llama_dir), "--quant", "int3"]) == 2
     assert "int3" in capsys.readouterr().err
+
+
+def test_eager_greedy_steps_take_the_model_dtype_argmax(llm, monkeypatch):
+    """A step whose rows are all greedy with nothing suppressed picks by first_argmax on the model-dtype logits
+    (no float32 copy); any other step goes through sample(). Greedy tokens agree either way."""
+    import llmapi.runtime.model_runner as model_runner
+
+    calls = []
+    for name in ("first_argmax", "sample"):
+        real = getattr(model_runner, name)
+        monkeypatch.setattr(model_runner, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    greedy = llm.generate("hello my name is", GREEDY).outputs[0].token_ids
+    assert calls and set(calls) == {"first_argmax"}
+    calls.clear()
+    # min_tokens suppresses EOS for a while: those steps must go through sample(), and the tokens agree.
+    held = llm.generate("hello my name is", SamplingParams(max_tokens=16, temperature=0, min_tokens=16,
+                                                           ignore_eos=False)).outputs[0].token_ids
+    assert "sample" in calls
+    eos = set(llm.eos_token_ids)
+    agree = next((i for i, t in enumerate(greedy) if t in eos), len(greedy))
+    assert held[:agree] == greedy[:agree]

@@ -21,7 +21,7 @@ from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .logits_records import LogitsRecords
 from .request_state import RequestState
-from .sampler import GREEDY_TEMPERATURE_EPS, sample
+from .sampler import GREEDY_TEMPERATURE_EPS, first_argmax, sample
 from .step_inputs import InputStager, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,13 @@ class ModelRunner:
                 ids = sample(logits.float(), **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
         else:
             inputs = self.stager.stage(batch, prev_ids=prev_ids)
-            ids = self.sample(inputs, self.logits(inputs, self.forward(inputs)))  # [R]
+            hidden = self.forward(inputs)
+            if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
+                # What sample() gives greedy rows without suppressed ids, as in the graphs: the argmax of the
+                # model-dtype logits (widening to float32 is exact), with no float32 copies of [R, V].
+                ids = first_argmax(self.model.compute_logits(hidden[inputs.last_rows], float32=False))
+            else:
+                ids = self.sample(inputs, self.logits(inputs, hidden))  # [R]
         # Its own memory (a copy, also of int32 ids): the graphs' outputs are overwritten by the next
         # replay, and the next step reads these ids on the device.
         ids = ids.to(torch.int32, copy=True)
