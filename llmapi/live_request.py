@@ -66,21 +66,26 @@ class LiveRequest:
 
     def on_response(self, r) -> bool:
         """Apply one response; True when the request is finished (the caller then calls finish)."""
-        seq = self._sequence(r.seq_index)
+        index = r.seq_index  # each read of a field of r crosses into C++: every field is read once
+        seq = self._sequence(index)
         if seq.finished:
             return r.request_finished
-        tokens = list(r.token_ids)
+        tokens = r.token_ids  # a new list
+        finished = r.finished
         text = ""
-        if seq.detok is not None and (tokens or r.finished):
-            text = seq.detok.add(tokens, final=r.finished)
-        finish_reason = r.finish_reason if r.finished else None
-        stop_reason = r.stop_reason if r.stop_reason >= 0 else None
+        if seq.detok is not None and (tokens or finished):
+            text = seq.detok.add(tokens, final=finished)
+        finish_reason = r.finish_reason if finished else None
+        stop_reason = None
+        if finished:
+            stop_reason = r.stop_reason
+            stop_reason = stop_reason if stop_reason >= 0 else None
         if seq.stops is not None:
-            text, matched = seq.stops.feed(text, final=r.finished)
+            text, matched = seq.stops.feed(text, final=finished)
             if matched is not None:
                 finish_reason, stop_reason = "stop", matched
-                if not r.finished:
-                    self.abort_seq(r.seq_index)
+                if not finished:
+                    self.abort_seq(index)
         p = self.params
         logprobs = None
         if p.logprobs is not None and r.num_top_logprobs >= 0:
@@ -91,8 +96,10 @@ class LiveRequest:
         error = runner_error(r.error) if finish_reason == "error" else None
         seq.finished = finish_reason is not None
         self.output._add(tokens, text, finish_reason=finish_reason, stop_reason=stop_reason, error=error,
-                         seq_index=min(r.seq_index, len(self.output.outputs) - 1), logprobs=logprobs,
+                         seq_index=min(index, len(self.output.outputs) - 1), logprobs=logprobs,
                          cumulative_logprob=cumulative, request_finished=False)
+        if not finished and not seq.finished:
+            return False  # nothing finished: neither this sequence nor the request
         done = sum(s.finished for s in self.sequences.values()) >= self.num_sequences
         return r.request_finished or done
 

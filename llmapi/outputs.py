@@ -105,7 +105,8 @@ class RequestOutput:
                 out.logprobs = (out.logprobs or []) + list(logprobs)
             if cumulative_logprob is not None:
                 out.cumulative_logprob = cumulative_logprob
-            if self._streaming and (token_ids or text):
+            news = self._streaming and bool(token_ids or text)
+            if news:
                 self._pending.append(_Update(seq_index, list(token_ids), text))
             if finish_reason is not None and out.finish_reason is None:
                 out.finish_reason = finish_reason
@@ -114,6 +115,8 @@ class RequestOutput:
                 self.error = error
             if request_finished:
                 self._finish_locked(finish_reason)
+            if not (news or request_finished):
+                return  # every waiter waits for an update or the finish: none to wake
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, fut in waiters:
