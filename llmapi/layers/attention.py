@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmapi._kernels.fp8_linear import Fp8Input
 from llmapi._kernels.paged_attention import paged_attention_ref, varlen_causal_attention_ref, write_kv_ref
 from llmapi.layers.dispatch import use_triton
 from llmapi.layers.rotary import rotate_qk
@@ -98,11 +99,7 @@ class Attention(nn.Module):
         assert kv_cache is None or (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn))
         if kv_cache is not None and use_triton(q):
             out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale)
-            if quant_scale is None:
-                return out
-            from llmapi._kernels.fp8_linear import Fp8Input
-
-            return Fp8Input(out, quant_scale, q.dtype)
+            return out if quant_scale is None else Fp8Input(out, quant_scale, q.dtype)
         if rotary is not None:
             q, k = rotate_qk(q, k, *rotary)
         if kv_cache is None:

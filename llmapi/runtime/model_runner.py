@@ -188,7 +188,7 @@ class ModelRunner:
             if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
                 # What sample() gives greedy rows without suppressed ids, as in the graphs: the argmax of the
                 # model-dtype logits (widening to float32 is exact), with no float32 copies of [R, V].
-                ids = first_argmax(self.model.compute_logits(hidden[inputs.last_rows], float32=False))
+                ids = first_argmax(self.logits(inputs, hidden, float32=False))
             else:
                 ids = self.sample(inputs, self.logits(inputs, hidden))  # [R]
         # Its own memory (a copy, also of int32 ids): the graphs' outputs are overwritten by the next
@@ -245,8 +245,9 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches, hidden=hidden)
 
     @torch.inference_mode()
-    def logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [R, V] float32
-        return self.model.compute_logits(hidden[inputs.last_rows])
+    def logits(self, inputs: StepInputs, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """[T, H] -> [R, V]: the sampled rows' logits, float32 (or in the model dtype)."""
+        return self.model.compute_logits(hidden[inputs.last_rows], float32=float32)
 
     @torch.inference_mode()
     def sample(self, inputs: StepInputs, logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R]
