@@ -175,19 +175,20 @@ class ModelRunner:
             return out
         size = self.graphs.size_for(batch) if self.graphs is not None else 0
         self.stats.graph_steps += bool(size)
+        # What sample() gives greedy rows with nothing suppressed: the argmax of the model-dtype logits (their
+        # widening to float32 is exact), with no float32 copies of [R, V].
+        argmax_only = len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch)
         if size:
             logits, greedy_ids = self.graphs.run(batch, size, prev_ids)  # [R, V] model dtype, [R]
-            if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
-                ids = greedy_ids  # exactly what sample() gives these rows, computed inside the graph
+            if argmax_only:
+                ids = greedy_ids  # computed inside the graph
             else:
                 sampling, all_greedy, any_filter = self.stager.sampling(batch)
                 ids = sample(logits.float(), **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
         else:
             inputs = self.stager.stage(batch, prev_ids=prev_ids)
             hidden = self.forward(inputs)
-            if len(batch.suppress_ids) == 0 and self.stager.all_greedy(batch):
-                # What sample() gives greedy rows without suppressed ids, as in the graphs: the argmax of the
-                # model-dtype logits (widening to float32 is exact), with no float32 copies of [R, V].
+            if argmax_only:
                 ids = first_argmax(self.logits(inputs, hidden, float32=False))
             else:
                 ids = self.sample(inputs, self.logits(inputs, hidden))  # [R]
