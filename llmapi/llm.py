@@ -200,11 +200,11 @@ class LLM:
             check_multi_rank(params)
         return params
 
-    def _prepare(self, prompt: Prompt, params: Optional[SamplingParams]):
-        params = self._check_params(params)
+    def _prepare(self, prompt: Prompt, checked_params: SamplingParams):
+        """(text, ids, params) of a prompt checked against this LLM; the params come checked (_check_params)."""
         text, ids = self._prompt_ids(prompt)
         self._check_length(ids)
-        return text, ids, params
+        return text, ids, checked_params
 
     def _enqueue(self, prepared: Sequence[tuple], streaming: bool) -> List[RequestOutput]:
         """Enqueue checked (text, ids, params) triples in one executor call: the executor sees them together
@@ -250,7 +250,7 @@ class LLM:
     def generate_async(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
                        streaming: bool = False) -> RequestOutput:
         """Enqueue one request and return its RequestOutput at once (await, .result() or iterate it)."""
-        return self._enqueue([self._prepare(prompt, sampling_params)], streaming)[0]
+        return self._enqueue([self._prepare(prompt, self._check_params(sampling_params))], streaming)[0]
 
     def _generate_async_batch(self, prompts: Sequence[Prompt],
                               sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None
@@ -266,12 +266,9 @@ class LLM:
         checked: Dict[int, SamplingParams] = {}  # id(params) -> checked params: one check per distinct object
         prepared = []
         for prompt, sp in zip(prompts, params):
-            key = id(sp)
-            if key not in checked:
-                checked[key] = self._check_params(sp)
-            text, ids = self._prompt_ids(prompt)
-            self._check_length(ids)
-            prepared.append((text, ids, checked[key]))
+            if id(sp) not in checked:
+                checked[id(sp)] = self._check_params(sp)
+            prepared.append(self._prepare(prompt, checked[id(sp)]))
         return self._enqueue(prepared, streaming=False) if prepared else []
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
