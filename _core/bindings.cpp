@@ -314,6 +314,22 @@ PYBIND11_MODULE(_core, m) {
            "beam_search"_a = false, "length_penalty"_a = 1.0f, "early_stopping"_a = 0,
            "num_returned"_a = 1, "logprobs"_a = -1, "prompt_logprobs"_a = -1,
            "context_logits"_a = false, "generation_logits"_a = false, "token_history"_a = false)
+      // A new request with this one's settings and another prompt, id, length limits and seed: what
+      // the constructor would make of the same settings, without converting them again (the fast way
+      // to build many requests that share their SamplingParams).
+      .def(
+          "with_prompt",
+          [](const Request& r, uint64_t request_id, std::vector<int32_t> prompt_token_ids,
+             int32_t max_tokens, int32_t min_tokens, int64_t seed) {
+            StopConfig stop = r.stop;
+            stop.max_tokens = max_tokens;
+            stop.min_tokens = min_tokens;
+            SamplingConfig sampling = r.sampling;
+            sampling.seed = seed;
+            return Request(request_id, std::move(prompt_token_ids), std::move(stop),
+                           std::move(sampling));
+          },
+          "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a, "seed"_a)
       .def_readonly("request_id", &Request::request_id)
       .def_property_readonly("prompt_token_ids", &Request::prompt_token_ids)
       .def_property_readonly("output_token_ids", &Request::output_token_ids)

@@ -51,13 +51,16 @@ def round_to_e4m3(y):
     """float32 y (|y| <= 448) rounded to nearest even on the E4M3 grid, still float32: its cast to fp8 is exact.
 
     Rounded here rather than by the cast: Triton's interpreter rounds float32 -> fp8 wrongly where the
-    mantissa carries into the exponent. Subnormals share the smallest normal binade's step 2**-9; the
-    interpreter drops the sign of a zero (a -0 code reads as 0 all the same).
+    mantissa carries into the exponent. Subnormals share the smallest normal binade's step 2**-9. The result
+    keeps y's sign, zero included, as torch's cast (a negative y that rounds to 0 gives the -0 code; the
+    interpreter drops the sign of a zero, a -0 code reads as 0 all the same).
     """
-    exponent = tl.maximum((y.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
+    bits = y.to(tl.int32, bitcast=True)
+    exponent = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
     step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3): E4M3 has 3 mantissa bits
     inv_step = ((257 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / step, exact (no division)
-    return _round_half_even(y * inv_step) * step
+    rounded = _round_half_even(y * inv_step) * step  # +0 where a negative y rounds to 0
+    return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -104,9 +104,16 @@ def paged_packed_attention(
     out: torch.Tensor | None = None,  # [T, nh, hd]
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
     quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
+    block_m: int = BLOCK_M,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref; with
-    `quant_scale`, the E4M3 codes quantize_fp8 makes of that output at that static scale."""
+    `quant_scale`, the E4M3 codes quantize_fp8 makes of that output at that static scale. Tiles of
+    `block_m` (token, head) rows by `block_n` keys, `num_stages` deep: by default 64 keys, 2 stages for a
+    float cache, 32 keys, 1 stage for an int8 / fp8 one (64 requests x 128 tokens of Llama-3.1-8B's heads,
+    147 -> 118 us on H100)."""
     num_tokens, nh, hd = q.shape
     num_requests = context_lens.shape[0]
     page, nkv = k_cache.shape[1], k_cache.shape[2]
@@ -115,9 +122,11 @@ def paged_packed_attention(
     out = attention_out(q, out, quant_scale)
     if num_tokens == 0:
         return out
+    block_n = block_n or (32 if kv_quant else BLOCK_N)
+    num_stages = num_stages or (1 if kv_quant else 2)
     group = nh // nkv
     group_p = triton.next_power_of_2(group)
-    block_m = max(BLOCK_M, group_p)
+    block_m = max(block_m, group_p)
     block_q = block_m // group_p
     # An upper bound on the q blocks: each request adds at most one partly filled block.
     grid = (num_tokens // block_q + num_requests, nkv)
@@ -126,7 +135,8 @@ def paged_packed_attention(
         out if quant_scale is None else quant_scale, num_requests,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
         scale * 1.4426950408889634, NKV=nkv, GROUP=group, GROUP_P=group_p, HD=hd,
-        BLOCK_D=triton.next_power_of_2(hd), PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None, **dot_args(q.dtype), num_warps=4, num_stages=2,
+        BLOCK_D=triton.next_power_of_2(hd), PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None, **dot_args(q.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

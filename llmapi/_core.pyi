@@ -45,6 +45,8 @@ class Request:
                  early_stopping: int = 0, num_returned: int = 1, logprobs: int = -1,
                  prompt_logprobs: int = -1, context_logits: bool = False,
                  generation_logits: bool = False, token_history: bool = False) -> None: ...
+    def with_prompt(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
+                    min_tokens: int, seed: int) -> "Request": ...  # these settings, another prompt
     @property
     def user_id(self) -> int: ...  # the enqueued id; request_id differs for forked sequences
     @property

@@ -86,14 +86,20 @@ def _bad_words(params: SamplingParams, tokenizer) -> List[List[int]]:
 
 
 def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams, *, eos_token_ids: List[int],
-                 max_seq_len: int, seed: int, tokenizer, token_history: bool) -> "_core.Request":
-    """The core's Request for a checked prompt and params (max_tokens capped by max_seq_len)."""
+                 max_seq_len: int, seed: int, tokenizer, token_history: bool,
+                 like: "_core.Request | None" = None) -> "_core.Request":
+    """The core's Request for a checked prompt and params (max_tokens capped by max_seq_len). `like`: a
+    Request this function made from the same params and keyword arguments; its converted settings are
+    reused (Request.with_prompt), about a tenth of the cost of converting them again."""
     room = max_seq_len - len(prompt_ids)
     max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+    min_tokens = min(params.min_tokens, max_tokens)
+    if like is not None:
+        return like.with_prompt(request_id, prompt_ids, max_tokens, min_tokens, seed)
     optional = (lambda v: -1 if v is None else v)
     return _core.Request(
         request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
-        min_tokens=min(params.min_tokens, max_tokens),
+        min_tokens=min_tokens,
         eos_token_ids=[params.end_id] if params.end_id is not None else eos_token_ids,
         stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
         temperature=float(params.temperature), top_k=max(params.top_k, 0), top_p=float(params.top_p),

@@ -212,6 +212,7 @@ class LLM:
         self._check_alive()
         outs, requests = [], []
         local = self._local  # None at world_size > 1, where check_multi_rank refused these settings
+        made: Dict[int, Any] = {}  # id(params) -> a core Request made from them, whose settings the next reuse
         with self._lock:
             try:
                 for text, ids, params in prepared:
@@ -220,10 +221,12 @@ class LLM:
                     stream = streaming and not beam and params.num_sequences == params.n
                     processor = params.combined_logits_processor()
                     rid = next(self._ids)
-                    requests.append(core_request(
+                    request = core_request(
                         rid, ids, params, eos_token_ids=self.eos_token_ids, max_seq_len=self.max_seq_len,
                         seed=params.effective_seed(secrets.randbits(63)), tokenizer=self.tokenizer,
-                        token_history=processor is not None))
+                        token_history=processor is not None, like=made.get(id(params)))
+                    made.setdefault(id(params), request)
+                    requests.append(request)
                     out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=stream,
                                         num_sequences=params.n if beam else params.num_sequences)
                     outs.append(out)
