@@ -143,7 +143,7 @@ def paged_decode_attention(
     quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
 ) -> torch.Tensor:
     """Attention of each request's single query over its whole cached context. Tiles of `block_n` keys,
-    `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 (1 from 1,024 programs)
+    `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 (1 above 4,096 programs)
     for an int8 / fp8 one, the faster on H100 for each (sweeps over batch 1-1024, context 129-4096). With
     `quant_scale` the
     output is the E4M3 codes quantize_fp8 makes of it at that static scale."""
@@ -159,10 +159,11 @@ def paged_decode_attention(
         # An int8 / fp8 code is exact in float16 too, and converts in one instruction per two codes (several
         # to bfloat16): the dots run in float16, the query clamped to its range (|q| > 65504 is no real query).
         dot["DOT_DTYPE"] = tl.float16
-    # A quantized cache with many programs (about eight a multiprocessor and more) runs faster unpipelined:
-    # 1,024 requests x 8 kv heads at 129-256 context, 223 -> 187 us on H100.
+    # A quantized cache with many programs (about thirty a multiprocessor and more) runs faster unpipelined:
+    # 1,024 requests x 8 kv heads at 129-256 context, 223 -> 187 us on H100; at 4,096 programs the two
+    # are even, below that two stages win.
     programs = num_requests * nkv * num_splits
-    defaults = (32, 1, 1 if programs >= 1024 else 2) if kv_quant else (BLOCK_N, 4, 3)
+    defaults = (32, 1, 1 if programs > 4096 else 2) if kv_quant else (BLOCK_N, 4, 3)
     block_n, num_warps, num_stages = (given or default for given, default in
                                       zip((block_n, num_warps, num_stages), defaults))
     group = nh // nkv
