@@ -145,8 +145,7 @@ def paged_decode_attention(
     """Attention of each request's single query over its whole cached context. Tiles of `block_n` keys,
     `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 (1 above 4,096 programs)
     for an int8 / fp8 one, the faster on H100 for each (sweeps over batch 1-1024, context 129-4096). With
-    `quant_scale` the
-    output is the E4M3 codes quantize_fp8 makes of it at that static scale."""
+    `quant_scale` the output is the E4M3 codes quantize_fp8 makes of it at that static scale."""
     num_requests, nh, hd = q.shape
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1

@@ -90,7 +90,7 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
                  like: "_core.Request | None" = None) -> "_core.Request":
     """The core's Request for a checked prompt and params (max_tokens capped by max_seq_len). `like`: a
     Request this function made from the same params and keyword arguments; its converted settings are
-    reused (Request.with_prompt), about a tenth of the cost of converting them again."""
+    copied (Request.with_prompt) rather than converted again from Python, the larger part of the cost."""
     room = max_seq_len - len(prompt_ids)
     max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
     min_tokens = min(params.min_tokens, max_tokens)
