@@ -105,7 +105,7 @@ def paged_packed_attention(
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
     quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
     block_m: int = BLOCK_M,
-    block_n: int | None = None,
+    block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int | None = None,
 ) -> torch.Tensor:
@@ -122,7 +122,6 @@ def paged_packed_attention(
     out = attention_out(q, out, quant_scale)
     if num_tokens == 0:
         return out
-    block_n = block_n or BLOCK_N
     num_stages = num_stages or (1 if kv_quant else 2)
     group = nh // nkv
     group_p = triton.next_power_of_2(group)
