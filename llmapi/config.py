@@ -111,6 +111,13 @@ class LlmArgs:
     with more): the next token of a plain request is scheduled before the last one is known."""
     max_logprobs: int = 20
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
+    step_timeout: float = 600.0
+    """Seconds a step may run without finishing before the LLM gives up on it: every pending request
+    fails with StepTimeoutError naming the stalled rank (or the request whose logits processor was
+    running) and the LLM is dead. Long enough for a cold kernel compile."""
+    cache_lock_timeout: float = 3600.0
+    """Seconds to wait for another process that is building the same engine before EngineLockTimeoutError
+    names it; the holder's pid is in the lock file."""
     quant: Any = None
     """Quantization: None, a short string ("int8_weight_only", "int4_weight_only", "int4_awq", "fp8",
     "fp8_per_token", "smoothquant", "fp8_kv_cache", "int8_kv_cache") or a QuantConfig (see llmapi.quantization;
@@ -136,6 +143,10 @@ class LlmArgs:
                "device", self.device, "must be auto, cpu, cuda or cuda:N")
         _check(self.embedding_sharding_dim in (0, 1) and _is_int(self.embedding_sharding_dim),
                "embedding_sharding_dim", self.embedding_sharding_dim, "must be 0 (vocabulary) or 1 (hidden size)")
+        for name in ("step_timeout", "cache_lock_timeout"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"), name, v,
+                   "must be a finite number of seconds > 0")
         self.kv_cache_config = KvCacheConfig.coerce(self.kv_cache_config)
         from .quantization.config import resolve_quant
 

@@ -53,6 +53,15 @@ class WorkerDiedError(ExecutorDeadError):
     fatal = True  # raised by a runner, it kills the executor (see _core's runner contract)
 
 
+class StepTimeoutError(ExecutorDeadError):
+    """A step made no progress for LLM(step_timeout=...) seconds; the message names the stalled rank or the
+    request whose logits processor was running. Every pending request fails with it and the LLM is dead."""
+
+
+class EngineLockTimeoutError(EngineCacheError):
+    """Another process held the engine's build lock past LLM(cache_lock_timeout=...); the message names its pid."""
+
+
 class LaunchError(LLMAPIError, RuntimeError):
     """The ranks of a multi-rank LLM could not be started (no MPI launcher, a rank failed at startup)."""
 
