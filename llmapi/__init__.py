@@ -1,9 +1,9 @@
 """llmapi: LLM inference from Hugging Face models through cached engines and a C++ executor."""
 
 from .config import KvCacheConfig, LlmArgs
-from .errors import (CorruptEngineError, EngineCacheError, ExecutorDeadError, ExecutorError,
-                     LaunchError, LLMAPIError, ModelNotFoundError, RequestAbortedError, RequestError,
-                     UnsupportedModelError, WorkerDiedError)
+from .errors import (CorruptEngineError, EngineCacheError, EngineLockTimeoutError, ExecutorDeadError,
+                     ExecutorError, LaunchError, LLMAPIError, ModelNotFoundError, RequestAbortedError,
+                     RequestError, StepTimeoutError, UnsupportedModelError, WorkerDiedError)
 from .llm import LLM
 from .quantization import QuantConfig
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -15,5 +15,5 @@ __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "KvCacheConfig", "LlmArgs", "QuantConfig",
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
     "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
-    "WorkerDiedError", "LaunchError",
+    "WorkerDiedError", "LaunchError", "StepTimeoutError", "EngineLockTimeoutError",
 ]
