@@ -73,7 +73,8 @@ std::vector<T> flat(const py::object& value, int32_t rows, int32_t cols, const c
 }
 
 // A runner's answer: a 1-D integer array (one token per row), or an object whose `tokens` is
-// [R, K] with optional `scores`, `logprobs`, `ranks` ([R, K]) and `top_ids`, `top_logprobs` ([R, L]).
+// [R, K] with optional `scores`, `logprobs`, `ranks` ([R, K]), `top_ids`, `top_logprobs` ([R, L])
+// and `errors` ({row: message} of rows whose request failed alone).
 StepResult to_step_result(const py::object& out) {
   if (!py::hasattr(out, "tokens")) {
     using Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
@@ -101,6 +102,20 @@ StepResult to_step_result(const py::object& out) {
     s.top_ids = flat<int32_t>(get("top_ids"), s.num_rows, -1, "top_ids");
     s.num_top = s.num_rows > 0 ? static_cast<int32_t>(s.top_ids.size() / s.num_rows) : 0;
     s.top_logprobs = flat<float>(get("top_logprobs"), s.num_rows, s.num_top, "top_logprobs");
+  }
+  py::object errors = get("errors");
+  if (!errors.is_none()) {
+    if (!py::isinstance<py::dict>(errors)) {
+      throw std::invalid_argument("step result field errors must be a dict {row: message}");
+    }
+    for (auto item : errors.cast<py::dict>()) {
+      const int32_t row = item.first.cast<int32_t>();
+      if (row < 0 || row >= s.num_rows) {
+        throw std::invalid_argument("step result field errors names row " + std::to_string(row) +
+                                    " of a batch of " + std::to_string(s.num_rows) + " rows");
+      }
+      s.row_errors.emplace_back(row, py::str(item.second).cast<std::string>());
+    }
   }
   return s;
 }
@@ -240,16 +255,16 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](int32_t max_batch_size, int32_t max_num_tokens, int32_t max_seq_len,
                        int32_t tokens_per_block, int32_t num_blocks, bool enable_prefix_caching,
                        bool enable_chunked_prefill, int32_t max_inflight_batches,
-                       bool async_scheduling) {
+                       bool async_scheduling, int32_t vocab_size) {
              ExecutorConfig c{max_batch_size, max_num_tokens, max_seq_len, tokens_per_block,
                               num_blocks, enable_prefix_caching, enable_chunked_prefill,
-                              max_inflight_batches, async_scheduling};
+                              max_inflight_batches, async_scheduling, vocab_size};
              c.validate();
              return c;
            }),
            "max_batch_size"_a, "max_num_tokens"_a, "max_seq_len"_a, "tokens_per_block"_a,
            "num_blocks"_a, "enable_prefix_caching"_a = true, "enable_chunked_prefill"_a = true,
-           "max_inflight_batches"_a = 1, "async_scheduling"_a = false)
+           "max_inflight_batches"_a = 1, "async_scheduling"_a = false, "vocab_size"_a = 0)
       .def_readonly("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readonly("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readonly("max_seq_len", &ExecutorConfig::max_seq_len)
@@ -259,6 +274,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("enable_chunked_prefill", &ExecutorConfig::enable_chunked_prefill)
       .def_readonly("max_inflight_batches", &ExecutorConfig::max_inflight_batches)
       .def_readonly("async_scheduling", &ExecutorConfig::async_scheduling)
+      .def_readonly("vocab_size", &ExecutorConfig::vocab_size)
       .def("__repr__", &ExecutorConfig::repr);
 
   py::class_<Request>(m, "Request")

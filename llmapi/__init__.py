@@ -2,8 +2,9 @@
 
 from .config import KvCacheConfig, LlmArgs
 from .errors import (CorruptEngineError, EngineCacheError, EngineLockTimeoutError, ExecutorDeadError,
-                     ExecutorError, LaunchError, LLMAPIError, ModelNotFoundError, RequestAbortedError,
-                     RequestError, StepTimeoutError, UnsupportedModelError, WorkerDiedError)
+                     ExecutorError, LaunchError, LLMAPIError, LogitsProcessorError, ModelNotFoundError,
+                     RequestAbortedError, RequestError, StepTimeoutError, UnsupportedModelError,
+                     WorkerDiedError)
 from .llm import LLM
 from .quantization import QuantConfig
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -16,4 +17,5 @@ __all__ = [
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
     "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
     "WorkerDiedError", "LaunchError", "StepTimeoutError", "EngineLockTimeoutError",
+    "LogitsProcessorError",
 ]

@@ -20,10 +20,13 @@ class ExecutorConfig:
     # token ahead on placeholder inputs (Batch.prev_rows) that the runner fills on the device.
     # Needs max_inflight_batches = 1.
     async_scheduling: bool
+    # Token ids of requests (prompt, EOS, stop, bad words, logit bias) must be below it, else
+    # RequestError at enqueue; a sampled token at or above it fails its request alone. 0: unchecked.
+    vocab_size: int
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
                  tokens_per_block: int, num_blocks: int, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_inflight_batches: int = 1,
-                 async_scheduling: bool = False) -> None: ...
+                 async_scheduling: bool = False, vocab_size: int = 0) -> None: ...
 
 class Request:
     """One request (invalid settings raise llmapi.errors.RequestError). Scheduler.request()
@@ -299,7 +302,8 @@ class Scheduler:
 class Runner(Protocol):
     def submit(self, batch: Batch) -> Any: ...
     # int [R] (one token per row), or an object with tokens [R, K] and optional scores, logprobs,
-    # ranks [R, K], top_ids, top_logprobs [R, L] (llmapi.runtime.decode.StepOutput).
+    # ranks [R, K], top_ids, top_logprobs [R, L] and errors {row: message} (rows whose request
+    # failed alone: it finishes "error", the step's other rows are settled) (llmapi.runtime.decode.StepOutput).
     def collect(self, handle: Any) -> Any: ...
 
 class Executor:

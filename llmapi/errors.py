@@ -35,6 +35,11 @@ class RequestError(LLMAPIError, ValueError):
     """One request is invalid (empty prompt, prompt too long, ...); the LLM stays usable."""
 
 
+class LogitsProcessorError(RequestError):
+    """A request's own logits_processor raised, hung or returned something that is not a row of logits;
+    that request alone fails with it."""
+
+
 class RequestAbortedError(LLMAPIError):
     """The request was aborted before it finished."""
 
@@ -66,6 +71,10 @@ class LaunchError(LLMAPIError, RuntimeError):
     """The ranks of a multi-rank LLM could not be started (no MPI launcher, a rank failed at startup)."""
 
 
-def runner_error(message: str) -> ExecutorError | WorkerDiedError:
-    """The error of a request its step failed: the runner's exception type leads the message ("Type: ...")."""
-    return WorkerDiedError(message) if message.startswith(f"{WorkerDiedError.__name__}:") else ExecutorError(message)
+def runner_error(message: str) -> LLMAPIError:
+    """The error of a request that failed in the executor: the type named at the head of the message
+    ("Type: ...") when it is one of these request-level or fatal types, else ExecutorError."""
+    for cls in (WorkerDiedError, LogitsProcessorError):
+        if message.startswith(f"{cls.__name__}:"):
+            return cls(message)
+    return ExecutorError(message)

@@ -100,6 +100,7 @@ class LLM:
             max_inflight_batches=mapping.pp_size,
             # The ranks' drivers run one step at a time; the in-process runner fills placeholders.
             async_scheduling=args.async_scheduling and mapping.world_size == 1,
+            vocab_size=self.vocab_size,  # out-of-vocabulary ids fail their request, never the step
         )
         load_format = info.build_config.get("load_format", "auto")
         if mapping.world_size == 1:

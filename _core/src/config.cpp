@@ -24,6 +24,10 @@ void ExecutorConfig::validate() const {
   require_positive("tokens_per_block", tokens_per_block);
   require_positive("num_blocks", num_blocks);
   require_positive("max_inflight_batches", max_inflight_batches);
+  if (vocab_size < 0) {
+    throw std::invalid_argument("vocab_size=" + std::to_string(vocab_size) +
+                                " is invalid: must be >= 0 (0: not checked)");
+  }
   if (async_scheduling && max_inflight_batches != 1) {
     throw std::invalid_argument("max_inflight_batches=" + std::to_string(max_inflight_batches) +
                                 " is invalid with async_scheduling: it keeps two steps in flight "
@@ -47,7 +51,8 @@ std::string ExecutorConfig::repr() const {
     << ", enable_prefix_caching=" << (enable_prefix_caching ? "True" : "False")
     << ", enable_chunked_prefill=" << (enable_chunked_prefill ? "True" : "False")
     << ", max_inflight_batches=" << max_inflight_batches
-    << ", async_scheduling=" << (async_scheduling ? "True" : "False") << ")";
+    << ", async_scheduling=" << (async_scheduling ? "True" : "False")
+    << ", vocab_size=" << vocab_size << ")";
   return s.str();
 }
 

@@ -77,6 +77,11 @@ Request::Request(uint64_t id, std::vector<int32_t> prompt, StopConfig stop_confi
   require(s.logprobs >= -1, "logprobs", std::to_string(s.logprobs), "must be >= -1");
   require(s.prompt_logprobs >= -1, "prompt_logprobs", std::to_string(s.prompt_logprobs),
           "must be >= -1");
+  if (sampling.beam_search && sampling.num_sequences == 1) {
+    // A beam of width 1 is greedy search (transformers runs num_beams=1 as greedy decoding).
+    sampling.beam_search = false;
+    sampling.temperature = 0.0f;
+  }
 }
 
 bool Request::forks() const { return group != nullptr && !group->forked; }

@@ -19,6 +19,17 @@ const ExecutorConfig& validated(const ExecutorConfig& config) {
   return config;
 }
 
+// RequestError unless every id of `ids` is below the vocabulary size (when it is known).
+void require_in_vocab(const std::vector<int32_t>& ids, int32_t vocab_size, const char* field) {
+  if (vocab_size <= 0) return;
+  for (int32_t id : ids) {
+    if (id >= vocab_size) {
+      throw RequestError(std::string(field) + " holds token id " + std::to_string(id) +
+                         ", outside the vocabulary (vocab_size=" + std::to_string(vocab_size) + ")");
+    }
+  }
+}
+
 }  // namespace
 
 Scheduler::Scheduler(const ExecutorConfig& config)
@@ -47,6 +58,13 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
                        " is invalid: the beams step together, so the beam width must fit "
                        "max_num_tokens=" + std::to_string(config.max_num_tokens));
   }
+  // Out-of-vocabulary ids would fail the step's masks or embedding lookup for every request in it.
+  const int32_t vocab = config.vocab_size;
+  require_in_vocab(request.token_ids, vocab, "prompt_token_ids");
+  require_in_vocab(request.stop.eos_token_ids, vocab, "eos_token_ids (end_id)");
+  require_in_vocab(request.stop.stop_token_ids, vocab, "stop_token_ids");
+  for (const auto& word : request.sampling.bad_words) require_in_vocab(word, vocab, "bad_words");
+  require_in_vocab(request.sampling.logit_bias_ids, vocab, "logit_bias");
 }
 
 void Scheduler::add(Request request) {

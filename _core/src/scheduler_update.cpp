@@ -15,35 +15,75 @@ std::vector<Response> Scheduler::update(const SchedulerOutput& output, const Ste
                                 std::to_string(output.scheduled.size()) + " scheduled requests");
   }
   ++num_steps_;
+  std::unordered_map<int32_t, std::string> row_errors(result.row_errors.begin(),
+                                                      result.row_errors.end());
   std::vector<Response> responses;
   std::vector<std::shared_ptr<SequenceGroup>> beam_groups;  // in order of their first row
   std::unordered_map<const SequenceGroup*, std::vector<std::pair<Request*, int32_t>>> beam_rows;
   for (size_t i = 0; i < output.scheduled.size(); ++i) {
     const ScheduledRequest& s = output.scheduled[i];
+    const int32_t row = static_cast<int32_t>(i);
     Request* r = settle_row(s);
     if (r == nullptr) continue;  // settled already (finish_all, a beam abort, finished ahead)
     if (r->abort_requested) {
       for (Response& x : finish_any(r, "abort", "")) responses.push_back(std::move(x));
       continue;
     }
-    r->num_computed_tokens = s.num_computed_tokens + s.num_new_tokens;
-    blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens);
-    if (!s.do_sample) continue;  // a prefill chunk before the last: nothing to report
-    if (r->is_beam()) {
-      auto& rows = beam_rows[r->group.get()];
-      if (rows.empty()) beam_groups.push_back(r->group);
-      rows.emplace_back(r, static_cast<int32_t>(i));
-    } else if (r->forks()) {
-      fork_samples(r, result, static_cast<int32_t>(i), responses);
-    } else {
-      append_candidate(r, result, static_cast<int32_t>(i), 0);
-      responses.push_back(settle(r));
+    // A failure that belongs to this row's request fails that request alone (its beam group with
+    // it); the step's other rows are settled as usual.
+    std::string error;
+    auto e = row_errors.find(row);
+    if (e != row_errors.end()) error = e->second;
+    if (error.empty() && s.do_sample) error = check_candidates(result, row);
+    const uint64_t id = r->request_id;
+    if (error.empty()) {
+      try {
+        r->num_computed_tokens = s.num_computed_tokens + s.num_new_tokens;
+        blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens);
+        if (!s.do_sample) continue;  // a prefill chunk before the last: nothing to report
+        if (r->is_beam()) {
+          auto& rows = beam_rows[r->group.get()];
+          if (rows.empty()) beam_groups.push_back(r->group);
+          rows.emplace_back(r, row);
+        } else if (r->forks()) {
+          fork_samples(r, result, row, responses);
+        } else {
+          append_candidate(r, result, row, 0);
+          responses.push_back(settle(r));
+        }
+        continue;
+      } catch (const std::exception& x) {
+        error = std::string("internal executor error: ") + x.what();
+      }
+    }
+    if (Request* again = get(id)) {
+      for (Response& x : finish_any(again, "error", error)) responses.push_back(std::move(x));
     }
   }
   for (const auto& group : beam_groups) {
-    if (groups_.count(group->user_id)) step_beams(*group, beam_rows[group.get()], result, responses);
+    if (!groups_.count(group->user_id)) continue;  // failed or aborted above
+    try {
+      step_beams(*group, beam_rows[group.get()], result, responses);
+    } catch (const std::exception& x) {
+      if (!groups_.count(group->user_id)) continue;
+      for (Response& r : finish_beams(*group, "error", std::string("internal executor error: ") + x.what())) {
+        responses.push_back(std::move(r));
+      }
+    }
   }
   return responses;
+}
+
+std::string Scheduler::check_candidates(const StepResult& result, int32_t row) const {
+  if (config_.vocab_size <= 0) return {};
+  for (int32_t c = 0; c < result.num_candidates; ++c) {
+    const int32_t token = result.token(row, c);
+    if (token >= config_.vocab_size) {
+      return "the runner sampled token id " + std::to_string(token) +
+             ", outside the vocabulary (vocab_size=" + std::to_string(config_.vocab_size) + ")";
+    }
+  }
+  return {};
 }
 
 void Scheduler::append_candidate(Request* r, const StepResult& result, int32_t row, int32_t column) {

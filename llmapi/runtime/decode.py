@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
+from ..errors import LogitsProcessorError
 from .logits_processing import apply_logit_bias_, apply_penalties_
 from .request_state import RequestState
 from .sampler import GREEDY_TEMPERATURE_EPS, sample, suppress_
@@ -25,27 +26,58 @@ class StepOutput:
     ranks: Optional[np.ndarray] = None  # [R, K] int32
     top_ids: Optional[np.ndarray] = None  # [R, L] int32
     top_logprobs: Optional[np.ndarray] = None  # [R, L] float32
+    errors: Optional[Dict[int, str]] = None  # row -> why its request failed alone ("Type: message")
 
 
 def _t(array, device, dtype=None) -> torch.Tensor:
     return torch.tensor(np.asarray(array), device=device, dtype=dtype)
 
 
+def _processor_output(out, row: torch.Tensor) -> Optional[str]:
+    """Why a logits processor's return value cannot replace its row's logits [V], or None if it can."""
+    if out is None:  # it wrote the row in place
+        out = row
+    elif not isinstance(out, torch.Tensor):
+        return f"returned a {type(out).__name__}, not a tensor of {row.shape[0]} logits"
+    elif out.numel() != row.numel():
+        return f"returned logits of shape {list(out.shape)}; the row has shape {list(row.shape)}"
+    elif not out.is_floating_point():
+        return f"returned a {out.dtype} tensor, not float logits"
+    if bool(torch.isnan(out).any()):
+        return "returned NaN logits"
+    return None
+
+
 def _apply_processors(logits: torch.Tensor, batch, rows: np.ndarray, processors: Dict[int, Callable],
-                      state: RequestState) -> None:
-    """Per-request Python callables (only rows that have one): processor(prompt_ids, output_ids, logits[V])."""
+                      state: RequestState) -> Dict[int, str]:
+    """Per-request Python callables (only rows that have one): processor(prompt_ids, output_ids, logits[V]).
+
+    A processor that raises (SystemExit included) or returns something that is not a row of logits fails
+    its own request only: returns {row: message} of those rows, whose logits are left as they were.
+    """
     slots = np.asarray(batch.slots)
     prompt_lens = np.asarray(batch.prompt_lens)
     request_ids = np.asarray(batch.request_ids)
+    errors: Dict[int, str] = {}
     for r in rows:
-        fn = processors.get(int(request_ids[r]))
+        rid = int(request_ids[r])
+        fn = processors.get(rid)
         if fn is None:  # the request finished on the Python side (a stop string) meanwhile
             continue
         history = state.histories.get(int(slots[r]), [])
         prompt, output = history[:prompt_lens[r]], history[prompt_lens[r]:]
-        out = fn(prompt, output, logits[r])
-        if out is not None:
-            logits[r] = out
+        saved = logits[r].clone()  # a processor may write the row before it fails
+        try:
+            out = fn(prompt, output, logits[r])
+            why = _processor_output(out, logits[r])
+            if why is None and out is not None:
+                logits[r] = out.reshape(logits[r].shape)
+        except (Exception, SystemExit) as e:
+            why = f"raised {type(e).__name__}: {e}"
+        if why is not None:
+            logits[r] = saved
+            errors[int(r)] = f"{LogitsProcessorError.__name__}: the logits_processor of request {rid} {why}"
+    return errors
 
 
 def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[int, Callable]) -> dict:
@@ -76,8 +108,9 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
         # Beam search ranks by log-probabilities, and its processors act on those (as transformers').
         logits[beam_idx] = logits[beam_idx].log_softmax(dim=-1)
 
+    errors: Dict[int, str] = {}
     if processor_rows.any():
-        _apply_processors(logits, batch, np.nonzero(processor_rows & do_sample)[0], processors, state)
+        errors = _apply_processors(logits, batch, np.nonzero(processor_rows & do_sample)[0], processors, state)
     apply_logit_bias_(logits, _t(batch.bias_offsets, dev), _t(batch.bias_ids, dev, torch.long),
                       _t(batch.bias_values, dev, torch.float32))
     suppress_(logits, _t(batch.suppress_offsets, dev), _t(batch.suppress_ids, dev, torch.long))
@@ -128,7 +161,7 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
         )
         tokens[e, _t(column, dev, torch.long)] = sampled
 
-    out = {"tokens": tokens.to(torch.int32), "scores": scores}
+    out = {"tokens": tokens.to(torch.int32), "scores": scores, "errors": errors or None}
     if raw_logprobs is not None:
         out.update(logprob_outputs(raw_logprobs, lp_rows, want_logprobs, tokens))
     return out

@@ -208,7 +208,7 @@ class ModelRunner:
 
     def collect(self, handle):
         if isinstance(handle, dict):  # a decode() step
-            host = {name: (t.to("cpu").numpy() if t is not None else None) for name, t in handle.items()}
+            host = {name: (t.to("cpu").numpy() if isinstance(t, torch.Tensor) else t) for name, t in handle.items()}
             return StepOutput(**host)
         if handle.event is not None:
             started = time.perf_counter()

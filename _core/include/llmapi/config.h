@@ -19,6 +19,9 @@ struct ExecutorConfig {
   // step N also in step N+1, its input the token step N samples (Batch.prev_rows). Needs
   // max_inflight_batches = 1 and a runner that fills prev_rows.
   bool async_scheduling = false;
+  // Token ids a request names (prompt, EOS, stop, bad words, logit bias) and the runner samples
+  // must be below this; 0: not checked.
+  int32_t vocab_size = 0;
 
   // Throws std::invalid_argument naming the field and the bad value.
   void validate() const;

@@ -127,6 +127,8 @@ class Scheduler {
   void release_slot(Request* request);
   // A copy of `parent` as sequence `seq_index` (a new internal id), sharing its blocks.
   Request* fork(Request* parent, int32_t seq_index);
+  // "" if every candidate of result row `row` is a token of the vocabulary (or -1 padding), else why not.
+  std::string check_candidates(const StepResult& result, int32_t row) const;
   // Appends candidate `column` of result row `row` to `request` with its logprobs.
   void append_candidate(Request* request, const StepResult& result, int32_t row, int32_t column);
   // The token appended last settles `request`: a response, or its finish.

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace llmapi {
@@ -19,6 +21,9 @@ struct StepResult {
   std::vector<int32_t> ranks;         // [R, K] 1 + tokens with a higher raw logprob; or empty
   std::vector<int32_t> top_ids;       // [R, L] the row's most likely tokens, most likely first
   std::vector<float> top_logprobs;    // [R, L]
+  // Rows whose request failed on its own (a user logits processor raised, ...): that request
+  // finishes "error" with the message; the step's other rows are settled as usual.
+  std::vector<std::pair<int32_t, std::string>> row_errors;
 
   // A result of one token per row and nothing else (the simplest runner's answer).
   static StepResult of_tokens(std::vector<int32_t> tokens) {
