@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import gc
+import functools
 import itertools
 import logging
 import secrets
-import threading
+import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -17,8 +16,9 @@ import torch
 from . import _core
 from .config import validated_kwargs
 from .core_request import check_multi_rank, check_params, core_request, generation_defaults
-from .errors import ExecutorDeadError, RequestError, WorkerDiedError, runner_error
+from .errors import ExecutorDeadError, RequestError, WorkerDiedError
 from .live_request import LiveRequest
+from .llm_state import LLMState
 from .outputs import RequestOutput
 from .runtime.gc_freeze import frozen_heap
 from .sampling_params import SamplingParams
@@ -27,6 +27,11 @@ from .tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[int], Dict[str, Any]]
+
+
+def _state_field(name: str) -> property:
+    """An LLM attribute kept on its LLMState."""
+    return property(lambda self: getattr(self._res, name), lambda self, value: setattr(self._res, name, value))
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -47,22 +52,26 @@ class LLM:
 
     def __init__(self, model: str, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args = validated_kwargs(dict(model=model, tokenizer=tokenizer, **kwargs))
-        self._executor = None
-        self._runner = None
-        self._local = None  # the in-process ModelRunner (world_size 1): logits processors and records
-        self._death: Optional[WorkerDiedError] = None
-        self._live: Dict[int, LiveRequest] = {}
-        self._lock = threading.Lock()
+        self._res = LLMState()  # everything to release; it holds no reference to this object
+        # Runs once: from shutdown(), when nothing references this LLM any more, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, self._res.close)
         self._ids = itertools.count()
-        self._thread: Optional[threading.Thread] = None
-        self._closed = False
         try:
             self._start()
         except BaseException:
             self.shutdown()
             raise
-        ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().shutdown())
+
+    # The state's fields under the names the methods below use.
+    _executor = _state_field("executor")
+    _runner = _state_field("runner")
+    _local = _state_field("local")  # the in-process ModelRunner (world_size 1): logits processors and records
+    _live = _state_field("live")
+    _lock = _state_field("lock")
+    _thread = _state_field("thread")
+    _closed = _state_field("closed")
+    _death = _state_field("death")
+    device = _state_field("device")
 
     def _start(self) -> None:
         from .distributed import session as sessions
@@ -154,8 +163,7 @@ class LLM:
         return info
 
     def _start_responses(self) -> None:
-        self._thread = threading.Thread(target=self._response_loop, name="llmapi-responses", daemon=True)
-        self._thread.start()
+        self._res.start_responses()
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt: Prompt) -> tuple:
@@ -228,11 +236,11 @@ class LLM:
                         token_history=processor is not None, like=made.get(id(params)))
                     made.setdefault(id(params), request)
                     requests.append(request)
-                    out = RequestOutput(rid, text, ids, abort_fn=self._abort, streaming=stream,
+                    out = RequestOutput(rid, text, ids, abort_fn=self._res.abort, streaming=stream,
                                         num_sequences=params.n if beam else params.num_sequences)
                     outs.append(out)
                     self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
-                                                  abort_seq=lambda seq, rid=rid: self._abort(rid, seq))
+                                                  abort_seq=functools.partial(self._res.abort, rid))
                     if processor is not None:
                         local.logits_processors[rid] = processor
                     if (params.prompt_logprobs is not None or params.return_context_logits
@@ -288,18 +296,36 @@ class LLM:
     def _generate_wait(self, prompts, sampling_params, single: bool, use_tqdm: bool):
         outputs = self._generate_async_batch(prompts, sampling_params)
         bar = None
-        if use_tqdm and len(outputs) > 1:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(outputs), desc="Generating", unit="req")
         try:
+            if use_tqdm and len(outputs) > 1:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(outputs), desc="Generating", unit="req")
             for out in outputs:
                 out.result()
                 if bar is not None:
                     bar.update(1)
+        except KeyboardInterrupt:
+            self._abort_all(outputs)  # Ctrl-C: nothing of this call keeps running
+            raise
         finally:
             if bar is not None:
                 bar.close()
         return outputs[0] if single else outputs
+
+    def _abort_all(self, outputs: Sequence[RequestOutput], wait_s: float = 10.0) -> None:
+        """Abort every unfinished request of `outputs` and wait (up to `wait_s`) until each has left the
+        executor, so that the executor's stats no longer count them."""
+        for out in outputs:
+            out.abort()
+        deadline = time.monotonic() + wait_s
+        for out in outputs:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                out.result(timeout=left)
+            except Exception:  # its error, or a timeout: what is left is the executor's to settle
+                pass
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, **template_kwargs):
@@ -325,54 +351,8 @@ class LLM:
             ids = ids["input_ids"]
         return [int(t) for t in ids]
 
-    def _abort(self, request_id: int, seq_index: int = -1) -> None:
-        if self._executor is not None and not self._closed:
-            self._executor.abort(request_id, seq_index)
-
-    # ------------------------------------------------------------------ responses
-    def _response_loop(self) -> None:
-        executor = self._executor
-        while not self._closed:
-            try:
-                responses = executor.await_responses(0.05)
-            except ExecutorDeadError as e:
-                if not self._closed:  # shutdown() settles what is left itself
-                    self._fail_all(e)
-                    if isinstance(e, WorkerDiedError):
-                        self._death = e
-                        self.shutdown()  # a multi-rank LLM cannot go on without a rank: stop the rest
-                return
-            for r in responses:
-                try:
-                    self._on_response(r)
-                except Exception as e:  # a bug here must not leave the request hanging
-                    logger.exception("failed to process a response")
-                    self._finish(r.request_id, "error", None, runner_error(str(e)))
-
-    def _on_response(self, r) -> None:
-        live = self._live.get(r.request_id)
-        if live is None:
-            return
-        if live.on_response(r):
-            error = runner_error(r.error) if r.finish_reason == "error" else None
-            self._finish(r.request_id, r.finish_reason or None, None, error)
-
-    def _finish(self, rid: int, reason, stop_reason, error) -> None:
-        live = self._live.pop(rid, None)
-        local = self._local
-        if local is not None:
-            local.logits_processors.pop(rid, None)
-            record, generation = local.records.pop(rid)
-        if live is not None:
-            try:
-                if local is not None:
-                    live.attach_records(record, generation, local.records.prompt_logprobs(record))
-            finally:
-                live.finish(reason, error)
-
     def _fail_all(self, error: BaseException) -> None:
-        for rid in list(self._live):
-            self._finish(rid, "error", None, error)
+        self._res.fail_all(error)
 
     # ------------------------------------------------------------------ lifecycle
     def _check_alive(self) -> None:
@@ -392,35 +372,13 @@ class LLM:
         save_engine(self.engine_info.path, engine_dir)
 
     def shutdown(self) -> None:
-        """Stop the executor; unfinished requests finish with "abort". Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown()
-        runner, self._runner = self._runner, None
-        if runner is not None and hasattr(runner, "close"):
-            runner.close()  # launched mode: the other ranks drop this model and wait for the next one
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-        for rid in list(self._live):
-            self._finish(rid, "abort", None, None)
-        # Outputs keep a bound abort method, so this object may outlive shutdown: let go of the
-        # model and KV cache now, and hand their GPU memory back for the next LLM or other processes.
-        self._local = None
-        if getattr(self, "device", None) is not None and self.device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
+        """Stop the executor; unfinished requests finish with "abort". Safe to call twice.
+
+        An LLM that nothing references any more does this itself when it is collected."""
+        self._finalizer()
 
     def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-    def __del__(self):
-        try:
-            self.shutdown()
-        except Exception:
-            pass
