@@ -1,0 +1,75 @@
+"""An LLM nobody references shuts itself down (no thread, no MPI process left), its outputs still read, and
+Ctrl-C inside generate() leaves none of that call's requests in the executor."""
+
+import _thread
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+
+from llmapi import LLM, SamplingParams
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _llmapi_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("llmapi")]
+
+
+def _wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dropped_llms_are_collected_with_their_threads_and_processes(tiny_llama_dir, tp):
+    before = set(_llmapi_threads())
+    refs, pids, outputs = [], [], []
+    count = 10
+    for _ in range(count):
+        llm = LLM(str(tiny_llama_dir), tensor_parallel_size=tp, tokens_per_block=4)
+        done = llm.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+        running = llm.generate_async([8, 9], SamplingParams(max_tokens=200, ignore_eos=True))
+        outputs.append((done, running))
+        refs.append(weakref.ref(llm))
+        if tp > 1:
+            pids += [llm._executor.job.proc.pid] + llm._executor.rank_pids
+        del llm, done, running  # only the outputs are kept
+    gc.collect()
+    assert [r() for r in refs] == [None] * count
+    assert _wait_until(lambda: set(_llmapi_threads()) <= before, 10), _llmapi_threads()
+    assert _wait_until(lambda: not [p for p in pids if _running(p)], 15), [p for p in pids if _running(p)]
+    for done, running in outputs:
+        assert len(done.outputs[0].token_ids) == 3  # an output outliving its LLM still reads
+        assert running.done() and running.outputs[0].finish_reason == "abort"
+        running.abort()  # a no-op now
+
+
+def test_ctrl_c_in_generate_leaves_no_request_of_that_call(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), tokens_per_block=4) as llm:
+        prompts = [[3 + i, 4 + i, 5 + i] for i in range(12)]
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        first_steps = llm.get_stats()["num_steps"]
+
+        def interrupt_when_running():
+            _wait_until(lambda: llm.get_stats()["num_steps"] > first_steps + 2, 30)
+            _thread.interrupt_main()  # KeyboardInterrupt in the main thread, as Ctrl-C
+
+        threading.Thread(target=interrupt_when_running, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.get_stats()
+        assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+        assert stats["num_used_blocks"] == 0
+        # and the LLM still serves
+        assert len(llm.generate([5, 6], SamplingParams(max_tokens=4), use_tqdm=False).outputs[0].token_ids) == 4
