@@ -76,6 +76,7 @@ class LLM:
     def _start(self) -> None:
         from .distributed import session as sessions
         from .distributed.mapping import Mapping
+        from .errors import CorruptEngineError
 
         args = self.args
         mapping = Mapping(args.tensor_parallel_size, args.pipeline_parallel_size)
@@ -93,43 +94,62 @@ class LLM:
         elif launched is not None and mapping.world_size != launched.world_size:
             raise ValueError(f"tensor_parallel_size * pipeline_parallel_size = {mapping.world_size}, but this "
                              f"script was launched on {launched.world_size} MPI ranks")
-        info = self._build_engine(mapping)
-        cfg = info.config
-        self.eos_token_ids = list(cfg.get("eos_token_id") or [])
-        self.vocab_size = cfg["vocab_size"]
-        self._generation_defaults = generation_defaults(info.path)
-        executor_kwargs = dict(
-            max_batch_size=args.max_batch_size,
-            max_num_tokens=args.max_num_tokens,
-            max_seq_len=self.max_seq_len,
-            tokens_per_block=args.tokens_per_block,
-            enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
-            enable_chunked_prefill=args.enable_chunked_prefill,
-            # Pipeline stages overlap when the next step starts before the last stage ends this one.
-            max_inflight_batches=mapping.pp_size,
-            # The ranks' drivers run one step at a time; the in-process runner fills placeholders.
-            async_scheduling=args.async_scheduling and mapping.world_size == 1,
-            vocab_size=self.vocab_size,  # out-of-vocabulary ids fail their request, never the step
-        )
-        load_format = info.build_config.get("load_format", "auto")
-        if mapping.world_size == 1:
-            from .runtime.model_runner import ModelRunner
+        # The loader checks each rank file's checksum as it streams it: a cache entry that fails is rebuilt
+        # and loaded once more; a saved engine raises CorruptEngineError.
+        for attempt in range(2):
+            info = self._build_engine(mapping)
+            cfg = info.config
+            self.eos_token_ids = list(cfg.get("eos_token_id") or [])
+            self.vocab_size = cfg["vocab_size"]
+            self._generation_defaults = generation_defaults(info.path)
+            executor_kwargs = dict(
+                max_batch_size=args.max_batch_size,
+                max_num_tokens=args.max_num_tokens,
+                max_seq_len=self.max_seq_len,
+                tokens_per_block=args.tokens_per_block,
+                enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
+                enable_chunked_prefill=args.enable_chunked_prefill,
+                # Pipeline stages overlap when the next step starts before the last stage ends this one.
+                max_inflight_batches=mapping.pp_size,
+                # The ranks' drivers run one step at a time; the in-process runner fills placeholders.
+                async_scheduling=args.async_scheduling and mapping.world_size == 1,
+                vocab_size=self.vocab_size,  # out-of-vocabulary ids fail their request, never the step
+            )
+            load_format = info.build_config.get("load_format", "auto")
+            try:
+                if mapping.world_size == 1:
+                    from .runtime.model_runner import ModelRunner
 
-            runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
-                                               args.tokens_per_block, load_format=load_format,
-                                               max_batch_size=args.max_batch_size)
-        else:
-            init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
-                        device_type=self.device.type, kv_cache_config=dataclasses.asdict(args.kv_cache_config),
-                        tokens_per_block=args.tokens_per_block, load_format=load_format)
-            if remote is not None:
-                remote.start(init, executor_kwargs)
-                self.num_kv_blocks = remote.num_blocks
-                self._start_responses()
-                return
-            from .distributed.runner import DistributedRunner
+                    runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
+                                                       args.tokens_per_block, load_format=load_format,
+                                                       max_batch_size=args.max_batch_size)
+                else:
+                    init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
+                                device_type=self.device.type,
+                                kv_cache_config=dataclasses.asdict(args.kv_cache_config),
+                                tokens_per_block=args.tokens_per_block, load_format=load_format)
+                    if remote is not None:
+                        remote.start(init, executor_kwargs)
+                    else:
+                        from .distributed.runner import DistributedRunner
 
-            runner = DistributedRunner(launched, init)
+                        runner = DistributedRunner(launched, init)
+                break
+            except CorruptEngineError as e:
+                from .engine import discard_corrupt
+
+                if attempt:
+                    raise
+                discard_corrupt(info.path, e, saved=info.source.kind == "engine",
+                                lock_timeout=args.cache_lock_timeout)
+                if remote is not None:  # its ranks stopped at the failed load: a new job loads the rebuilt engine
+                    remote.shutdown()
+                    remote = self._executor = RemoteExecutor(mapping.world_size)
+        if remote is not None:
+            self.num_kv_blocks = remote.num_blocks
+            self._start_responses()
+            return
+        if launched is not None:
             ref = weakref.ref(self)
             launched.shutdown_hooks.append(lambda: ref() is not None and ref().shutdown())
         self._runner = runner
@@ -149,7 +169,8 @@ class LLM:
                             device_type=self.device.type, cache_dir=args.cache_dir,
                             full_check=args.full_engine_check, mapping=mapping.to_dict(),
                             embedding_sharding_dim=args.embedding_sharding_dim,
-                            quantization=None if args.quant is None else args.quant.to_dict())
+                            quantization=None if args.quant is None else args.quant.to_dict(),
+                            cache_lock_timeout=args.cache_lock_timeout)
         self.engine_info = info
         self.engine_built = info.built
         max_pos = info.config["max_position_embeddings"]

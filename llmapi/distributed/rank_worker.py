@@ -17,6 +17,7 @@ from llmapi.distributed.comm import (EXIT, INIT, RELEASE, STEP, ControlChannel, 
 from llmapi.distributed.mapping import Mapping
 from llmapi.distributed.pipeline import micro_batches, slice_batch
 from llmapi.distributed.session import Session
+from llmapi.errors import CorruptEngineError
 from llmapi.runtime.decode import logprob_outputs
 from llmapi.runtime.model_runner import ModelRunner
 
@@ -45,10 +46,15 @@ class RankWorker:
         session.configure(mapping)
         self.mapping = mapping
         self.device = session.device(init["device_type"])
-        self.runner = ModelRunner(init["engine_dir"], init["engine_config"], self.device,
-                                  KvCacheConfig(**init["kv_cache_config"]), init["tokens_per_block"],
-                                  load_format=init["load_format"], mapping=mapping,
-                                  comm=GroupComm(session.tp_group, mapping.tp_size))
+        error = None
+        try:
+            self.runner = ModelRunner(init["engine_dir"], init["engine_config"], self.device,
+                                      KvCacheConfig(**init["kv_cache_config"]), init["tokens_per_block"],
+                                      load_format=init["load_format"], mapping=mapping,
+                                      comm=GroupComm(session.tp_group, mapping.tp_size))
+        except Exception as e:  # e.g. its file fails its checksum: every rank must learn it, or they hang
+            error = e
+        _agree_loaded(session, error)
         blocks = torch.tensor([self.runner.num_blocks], dtype=torch.int64)
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=session.control)
         if int(blocks) != self.runner.num_blocks:
@@ -121,6 +127,39 @@ class RankWorker:
             torch.cuda.empty_cache()
 
 
+def _agree_loaded(session: Session, error: Exception | None) -> None:
+    """Every rank learns whether every rank loaded its shard. If one did not, rank 0 raises its error (rank 0's
+    own, or the first failed rank's message, which crosses as bytes: a CorruptEngineError stays one, naming
+    the file), and the other ranks raise theirs or RuntimeError."""
+    codes = torch.zeros(session.world_size, dtype=torch.int64)  # per rank: 0 loaded, 1 corrupt engine, 2 other
+    codes[session.rank] = 0 if error is None else 1 if isinstance(error, CorruptEngineError) else 2
+    dist.all_reduce(codes, group=session.control)
+    failed = [r for r in range(session.world_size) if codes[r]]
+    if not failed:
+        return
+    if session.rank != 0:
+        if error is None:
+            raise RuntimeError(f"rank {failed[0]} could not load the engine")
+        text = str(error) if codes[session.rank] == 1 else f"{type(error).__name__}: {error}"
+        data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+        dist.send(torch.tensor([data.numel()], dtype=torch.int64), 0, group=session.control)
+        dist.send(data, 0, group=session.control)
+        raise error
+    messages = {}
+    for r in failed[1:] if failed[0] == 0 else failed:
+        n = torch.zeros(1, dtype=torch.int64)
+        dist.recv(n, r, group=session.control)
+        data = torch.empty(int(n), dtype=torch.uint8)
+        dist.recv(data, r, group=session.control)
+        messages[r] = bytes(data.numpy()).decode(errors="replace")
+    if error is not None:
+        raise error
+    r = failed[0]
+    if codes[r] == 1:
+        raise CorruptEngineError(f"{messages[r]} (rank {r})")
+    raise RuntimeError(f"rank {r} could not load the engine: {messages[r]}")
+
+
 def _no_logprobs(num_rows: int, top: int, device) -> dict:
     """logprob_outputs' answer for a micro-batch none of whose rows asked (another micro-batch's did)."""
     out = {"logprobs": torch.full((num_rows, 1), float("nan"), device=device),
@@ -140,7 +179,11 @@ def serve(session: Session) -> None:
         if method == STEP:
             worker.start(decode_batch(payload))
         elif method == INIT:
-            worker = RankWorker(session, json.loads(payload))
+            try:
+                worker = RankWorker(session, json.loads(payload))
+            except Exception as e:  # rank 0 reports it to the user; this rank waits for rank 0's next call
+                logger.warning("this rank did not load the engine: %s", e)
+                worker = None
         elif method == RELEASE:
             if worker is not None:
                 worker.release()

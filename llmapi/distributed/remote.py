@@ -76,6 +76,9 @@ class RemoteExecutor:
         except (EOFError, OSError):
             raise LaunchError(f"the ranks did not load the engine: {self._wait_describe()}") from None
         if msg[0] != "ready":
+            error = getattr(errors, msg[2], None) if len(msg) > 3 else None
+            if isinstance(error, type) and issubclass(error, errors.LLMAPIError):  # e.g. a rank file's checksum
+                raise error(f"{msg[3]} (the ranks did not load the engine; log {self.job.log_path})")
             raise LaunchError(f"the ranks did not load the engine: {msg[1]}\n{self._wait_describe()}")
         _, self.num_blocks, pids = msg
         self.job.rank_pids = list(pids)

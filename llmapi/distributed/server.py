@@ -24,8 +24,8 @@ def serve_user(session: Session) -> None:
         _, init, executor_kwargs = conn.recv()
         runner = DistributedRunner(session, init)
         executor = _core.Executor(_core.ExecutorConfig(num_blocks=runner.num_blocks, **executor_kwargs), runner)
-    except Exception:
-        conn.send(("dead", traceback.format_exc()))
+    except Exception as e:  # the error's type and message cross, so the user gets e.g. CorruptEngineError
+        conn.send(("dead", traceback.format_exc(), type(e).__name__, str(e)))
         raise
     conn.send(("ready", runner.num_blocks, session.pids))
     send_lock = threading.Lock()

@@ -79,7 +79,8 @@ def load_rank_model(model: nn.Module, engine_dir, rank: int, dummy: bool, engine
         weights = shard_weights(model, full if quant is None else quantize_engine_weights(full, quant))
         model.load_weights(weights)
         return
-    from llmapi.engine.format import rank_file
+    from llmapi.engine.format import rank_file, weights_checksum
     from llmapi.engine.loader import load_into
 
-    load_into(Path(engine_dir) / rank_file(rank), model.state_dict())
+    # The file's checksum is verified on the bytes streamed into the model (none for an engine built before it).
+    load_into(Path(engine_dir) / rank_file(rank), model.state_dict(), checksum=weights_checksum(engine_dir, rank))

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmapi.engine import cache
-from llmapi.engine.cache import cache_root, get_or_build, save_engine, stats
+from llmapi.engine.cache import LOCK_TIMEOUT_S, cache_root, discard_corrupt, get_or_build, save_engine, stats
 from llmapi.engine.format import BuildSettings, check_engine, load_rank_weights, read_engine
 from llmapi.hub import ModelSource, resolve_source
 
 __all__ = ["EngineInfo", "BuildSettings", "build_engine", "check_engine", "read_engine", "load_rank_weights",
-           "save_engine", "cache_root", "get_or_build", "stats", "cache"]
+           "save_engine", "cache_root", "get_or_build", "discard_corrupt", "stats", "cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def build_engine(
     mapping: dict | None = None,
     embedding_sharding_dim: int = 0,
     quantization: dict | None = None,
+    cache_lock_timeout: float = LOCK_TIMEOUT_S,
 ) -> EngineInfo:
     """Resolve `model` (hub id, HF directory, .gguf file or saved engine) and return its engine, building it if needed.
 
@@ -60,11 +61,14 @@ def build_engine(
     load_format: "auto" reads the weights; "dummy" builds random weights from the config alone.
     revision, token: for hub ids (HF_HOME / HF_HUB_OFFLINE are honoured). device_type: "cpu" or "cuda"
     (default: cuda when available), used only to resolve dtype="auto". full_check: verify every file's
-    sha256 instead of the cheap size/header check. mapping: {world_size, tp_size, pp_size} (default one rank)
-    and embedding_sharding_dim: how the engine is split into rank{r}.safetensors (a saved engine's must match).
+    sha256 (a cold read of the whole engine); without it, sizes, headers and the small files' checksums are
+    checked here, and each rank file's checksum by the loader as it streams it. mapping: {world_size, tp_size,
+    pp_size} (default one rank) and embedding_sharding_dim: how the engine is split into rank{r}.safetensors (a saved engine's must match).
     quantization: a QuantConfig.to_dict() section (default unquantized, or a GPTQ checkpoint's own; a saved
-    engine's must match when given).
-    Raises ModelNotFoundError, UnsupportedModelError, CorruptEngineError (a saved engine that fails its check).
+    engine's must match when given). cache_lock_timeout: seconds to wait for another process building the
+    same engine.
+    Raises ModelNotFoundError, UnsupportedModelError, CorruptEngineError (a saved engine that fails its check),
+    EngineLockTimeoutError, EngineCacheError (a miss in a cache directory the user cannot write).
     """
     from llmapi.engine.convert import check_architecture, checkpoint_dtype, checkpoint_quantization, resolve_dtype
 
@@ -102,6 +106,7 @@ def build_engine(
     settings = BuildSettings(quantization=quantization or BuildSettings().quantization,
                              dtype=resolve_dtype(dtype, checkpoint_dtype(source), device_type), load_format=load_format,
                              mapping=mapping or BuildSettings().mapping, embedding_sharding_dim=embedding_sharding_dim)
-    path, built = get_or_build(source, settings, full_check=full_check, cache_dir=cache_dir)
+    path, built = get_or_build(source, settings, full_check=full_check, cache_dir=cache_dir,
+                               lock_timeout=cache_lock_timeout)
     config, build_config = read_engine(path)
     return EngineInfo(path, config, build_config, built, source)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llmapi.engine.loader import read_header
+from llmapi.engine.loader import FAST_HASH, fast_hasher, read_header
 from llmapi.errors import CorruptEngineError, EngineCacheError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TOKENS_PER_BLOCK = 32
@@ -25,6 +29,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja", "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_RANK_FILE = re.compile(r"rank\d+\.safetensors")
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -110,21 +115,57 @@ def copy_tokenizer_files(src_dir: Path, engine_dir: Path) -> list[str]:
 
 def sha256_file(path: Path) -> str:
     """The file's SHA-256, hex."""
-    h = hashlib.sha256()
+    return file_checksums(path, ("sha256",))["sha256"]
+
+
+def file_checksums(path: Path, kinds=("sha256", FAST_HASH)) -> dict[str, str]:
+    """The file's checksums ("sha256", FAST_HASH), hex, from one read."""
+    hashers = {kind: fast_hasher() if kind == FAST_HASH else hashlib.new(kind) for kind in kinds}
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            for h in hashers.values():
+                h.update(chunk)
+    return {kind: h.hexdigest() for kind, h in hashers.items()}
 
 
-def write_manifest(engine_dir: Path) -> dict:
-    """Record size and sha256 of every file in the engine; written last, so its presence means complete."""
+def copy_with_checksums(src: Path, dest: Path) -> dict:
+    """Copy a file; returns the manifest entry (size, sha256, FAST_HASH) of the bytes written."""
+    hashers = {"sha256": hashlib.sha256(), FAST_HASH: fast_hasher()}
+    size = 0
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        for chunk in iter(lambda: fin.read(8 << 20), b""):
+            fout.write(chunk)
+            size += len(chunk)
+            for h in hashers.values():
+                h.update(chunk)
+    return {"size": size, **{kind: h.hexdigest() for kind, h in hashers.items()}}
+
+
+def is_rank_file(name: str) -> bool:
+    """rank{r}.safetensors: checked by the loader as it streams it; every other engine file is small."""
+    return _RANK_FILE.fullmatch(name) is not None
+
+
+def write_manifest(engine_dir: Path, files: dict | None = None) -> dict:
+    """Record size, sha256 and FAST_HASH of every file in the engine (or the given entries); written last,
+    so its presence means complete."""
     engine_dir = Path(engine_dir)
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(engine_dir.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    if files is None:
+        files = {p.name: {"size": p.stat().st_size, **file_checksums(p)}
+                 for p in sorted(engine_dir.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
     manifest = {"format_version": FORMAT_VERSION, "files": files}
     write_json(engine_dir / MANIFEST_FILE, manifest)
     return manifest
+
+
+def weights_checksum(engine_dir: str | os.PathLike, rank: int) -> str | None:
+    """The manifest's FAST_HASH of rank `rank`'s weights file (None for an engine written before it had one)."""
+    engine_dir = Path(engine_dir)
+    files = _read_json(engine_dir / MANIFEST_FILE, "written last by a complete build").get("files")
+    entry = files.get(rank_file(rank)) if isinstance(files, dict) else None
+    if not isinstance(entry, dict):
+        raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list {rank_file(rank)}")
+    return entry.get(FAST_HASH)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -147,16 +188,19 @@ def _check_safetensors(path: Path, size: int) -> None:
 def check_engine(engine_dir: str | os.PathLike, full: bool = False) -> dict:
     """Check an engine directory; returns its manifest. Raises CorruptEngineError naming the bad file.
 
-    Cheap check (always): every manifest file present with its recorded size, configs parse, safetensors
-    headers parse and their tensor byte ranges fit the file. full=True also compares every file's sha256,
-    which catches flipped bytes inside tensor data that sizes and headers cannot see.
+    Always: every manifest file present with its recorded size, configs parse, safetensors headers parse and
+    their tensor byte ranges fit the file, and every small file (all but rank{r}.safetensors) has its
+    manifest's FAST_HASH. The rank files' FAST_HASH is checked by the loader as it streams them (no extra
+    read). full=True also compares every file's sha256: a cold read of the whole engine.
+    An engine whose manifest predates FAST_HASH gets the size and header checks only, with a warning.
     """
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise CorruptEngineError(f"engine {engine_dir} does not exist or is not a directory")
     manifest = _read_json(engine_dir / MANIFEST_FILE, "written last by a complete build")
     files = manifest.get("files")
-    if not isinstance(files, dict) or CONFIG_FILE not in files or BUILD_CONFIG_FILE not in files:
+    if not isinstance(files, dict) or CONFIG_FILE not in files or BUILD_CONFIG_FILE not in files \
+            or not all(isinstance(meta, dict) for meta in files.values()):
         raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list config.json and build_config.json")
     if not is_dummy_engine(engine_dir):
         config = _read_json(engine_dir / CONFIG_FILE, "engine config")
@@ -164,6 +208,12 @@ def check_engine(engine_dir: str | os.PathLike, full: bool = False) -> dict:
         for rank in range(world_size):
             if rank_file(rank) not in files:
                 raise CorruptEngineError(f"engine {engine_dir}: manifest.json does not list {rank_file(rank)}")
+    fast = all(FAST_HASH in meta for meta in files.values())
+    if not fast:
+        logger.warning("engine %s was written by an older llmapi: its manifest has no %s checksums, so only file "
+                       "sizes and safetensors headers are checked on load. Save it again (LLM.save or llmapi build "
+                       "--output), or delete it from the engine cache, to have it checked in full on every load",
+                       engine_dir, FAST_HASH)
     for name, meta in files.items():
         path = engine_dir / name
         if not path.is_file():
@@ -176,6 +226,9 @@ def check_engine(engine_dir: str | os.PathLike, full: bool = False) -> dict:
             _check_safetensors(path, size)
         elif name.endswith(".json"):
             _read_json(path, "listed in the manifest")
+        if fast and not is_rank_file(name) and file_checksums(path, (FAST_HASH,))[FAST_HASH] != meta[FAST_HASH]:
+            raise CorruptEngineError(f"engine {engine_dir}: {name} fails its {FAST_HASH} checksum "
+                                     "(its content changed after it was built)")
     if full:
         for name, meta in files.items():
             if sha256_file(engine_dir / name) != meta.get("sha256"):
