@@ -78,10 +78,11 @@ def _slug(source: ModelSource) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace("/", "--"))[:64]
 
 
-def _not_writable(root: Path, e: OSError, name: str) -> EngineCacheError:
-    return EngineCacheError(f"the engine cache directory {root} is not writable ({e}), so the engine for {name} "
-                            "cannot be built there; it serves only engines already in it. Set LLMAPI_CACHE_DIR "
-                            "(or LLM(cache_dir=...)) to a writable directory")
+def _not_writable(root: Path, e: OSError, name: str, why: str | None = None) -> EngineCacheError:
+    what = f"its entry for {name} fails its check ({why}) and" if why else f"the engine for {name}"
+    return EngineCacheError(f"the engine cache directory {root} is not writable ({e}), so {what} cannot be built "
+                            "there; it serves only engines already in it. Set LLMAPI_CACHE_DIR (or "
+                            "LLM(cache_dir=...)) to a writable directory")
 
 
 def _holder(f) -> dict:
@@ -101,19 +102,20 @@ def _describe(holder: dict) -> str:
 
 
 @contextmanager
-def _key_lock(root: Path, key: str, name: str, timeout: float = LOCK_TIMEOUT_S):
+def _key_lock(root: Path, key: str, name: str, timeout: float = LOCK_TIMEOUT_S, why: str | None = None):
     """Exclusive flock per key: concurrent builders (threads or processes) of one engine build it once.
 
     The holder writes its pid and host into the lock file; a waiter names it in a warning (repeated every
     LOCK_REPORT_S) and in the EngineLockTimeoutError it gets after `timeout` seconds. The kernel drops the
-    flock of a process that dies, so a dead holder's lock is taken over at once.
+    flock of a process that dies, so a dead holder's lock is taken over at once. `why`: why the entry at hand
+    fails its check, for the error when the cache directory is not writable.
     """
     lock_path = root / "locks" / f"{key}.lock"
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         f = open(lock_path, "a+")
     except OSError as e:
-        raise _not_writable(root, e, name) from e
+        raise _not_writable(root, e, name, why) from e
     # flock locks belong to the open file description, so two threads opening the file exclude each other too.
     with f:
         deadline, reported, pause = time.monotonic() + timeout, None, 0.02
@@ -186,11 +188,13 @@ def get_or_build(source: ModelSource, settings: fmt.BuildSettings, full_check: b
     final = root / "engines" / f"{_slug(source)}-{key}"
 
     # Entries are published by rename, complete: a hit needs neither the lock nor any write.
-    if final.exists() and _check(final, full_check) is None:
+    exists = final.exists()
+    why = _check(final, full_check) if exists else None
+    if exists and why is None:
         _count(hits=1)
         logger.info("engine cache hit for %s: %s", name, final)
         return final, False
-    with _key_lock(root, key, name, lock_timeout):
+    with _key_lock(root, key, name, lock_timeout, why):
         if final.exists():
             why = _check(final, full_check)
             if why is None:  # built by the process we waited for

@@ -31,7 +31,7 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 << 20  # safetensors' own limit
 CHUNK_BYTES = 64 << 20  # one staging buffer; two are used in turn
-HASH_PIECE = 4 << 20  # with a checksum, CPU tensors are read and hashed in pieces of this size
+HASH_PIECE = 16 << 20  # with a checksum, bytes are read and hashed in pieces (or batches) of this size
 FAST_HASH = "xxh3_128"  # the manifest's key for the checksum verified on every load
 
 
@@ -95,19 +95,34 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:  # any contiguous tensor -> [nb
 
 class _Digest:
     """The FAST_HASH of the bytes handed to `update`, in order, computed on a second thread (xxhash releases
-    the GIL) while the caller reads the next bytes."""
+    the GIL) while the caller reads the next bytes. Small pieces are handed over in batches of HASH_PIECE
+    bytes: one hand-over per tensor would cost more than hashing a small tensor."""
 
     def __init__(self):
         self.hasher = fast_hasher()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="llmapi-checksum")
         self.pending: list[Future] = []
+        self.batch, self.batch_bytes = [], 0
 
-    def update(self, data) -> Future:  # data: bytes, or [n] uint8 CPU tensor left unchanged until the future is done
-        future = self.pool.submit(self.hasher.update, data.numpy() if isinstance(data, torch.Tensor) else data)
+    def update(self, data, flush: bool = False) -> Future | None:
+        """Hash `data` (bytes, or a [n] uint8 CPU tensor left unchanged until it is hashed) after what came
+        before; with flush, or once the batch is full, returns the future of the batch that holds it."""
+        self.batch.append(data.numpy() if isinstance(data, torch.Tensor) else data)
+        self.batch_bytes += len(self.batch[-1])
+        if not flush and self.batch_bytes < HASH_PIECE:
+            return None
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        future = self.pool.submit(self._hash, batch)
         self.pending.append(future)
         return future
 
+    def _hash(self, batch: list) -> None:
+        for data in batch:
+            self.hasher.update(data)
+
     def hexdigest(self) -> str:
+        if self.batch:
+            self.update(b"", flush=True)
         self.close()
         for future in self.pending:
             future.result()
@@ -137,7 +152,7 @@ class _Staging:
         dst.copy_(buf, non_blocking=True)
         self.events[i] = torch.cuda.Event()
         self.events[i].record()
-        self.hashed[i] = digest.update(buf) if digest is not None else None
+        self.hashed[i] = digest.update(buf, flush=True) if digest is not None else None
 
     def finish(self) -> None:
         for event in self.events:
