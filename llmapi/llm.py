@@ -184,7 +184,12 @@ class LLM:
         return info
 
     def _start_responses(self) -> None:
+        from .runtime.watchdog import StepWatchdog
+
         self._res.start_responses()
+        # A step without progress for step_timeout ends in _on_stall; the watchdog holds this LLM by weakref.
+        watched = self._runner if self._runner is not None else self._executor  # a spawned job: the RemoteExecutor
+        self._watchdog = StepWatchdog(watched, self._on_stall, self.args.step_timeout)
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt: Prompt) -> tuple:
@@ -378,7 +383,10 @@ class LLM:
     # ------------------------------------------------------------------ lifecycle
     def _check_alive(self) -> None:
         if self._death is not None:
-            raise WorkerDiedError(f"this LLM was shut down: {self._death}")
+            from .errors import StepTimeoutError
+
+            dead = StepTimeoutError if isinstance(self._death, StepTimeoutError) else WorkerDiedError
+            raise dead(f"this LLM was shut down: {self._death}")
         if self._closed or self._executor is None:
             raise ExecutorDeadError("this LLM has been shut down")
 
@@ -396,7 +404,19 @@ class LLM:
         """Stop the executor; unfinished requests finish with "abort". Safe to call twice.
 
         An LLM that nothing references any more does this itself when it is collected."""
-        self._finalizer()
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is None:
+            self._finalizer()
+        else:  # waits for the close, but not for a step the watchdog gave up on (a thread stuck in a C call)
+            watchdog.close(self._finalizer)
+
+    def _on_stall(self, error) -> None:
+        """The step watchdog's call when a step made no progress for step_timeout seconds: every live request
+        fails with `error` (StepTimeoutError), later calls raise it, the stuck step is interrupted (or the MPI
+        job killed), and the LLM shuts down in the background."""
+        self._death = error
+        self._fail_all(error)
+        self._watchdog.abandon(self._finalizer)
 
     def __enter__(self) -> "LLM":
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from llmapi.distributed.session import Session
 from llmapi.errors import CorruptEngineError
 from llmapi.runtime.decode import logprob_outputs
 from llmapi.runtime.model_runner import ModelRunner
+from llmapi.runtime.watchdog import StepMarks, start_heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +176,14 @@ def serve(session: Session) -> None:
     """The loop of ranks other than 0: run rank 0's calls until it says EXIT."""
     channel = ControlChannel(session.control)
     worker = None
+    marks = StepMarks()
+    start_heartbeat(session.rank, marks)  # in a spawned job: the user's process sees this rank's steps
     while True:
         method, payload = channel.recv()
         if method == STEP:
+            marks.call_started = time.monotonic()
             worker.start(decode_batch(payload))
+            marks.call_started, marks.calls_done = 0.0, marks.calls_done + 1
         elif method == INIT:
             try:
                 worker = RankWorker(session, json.loads(payload))

@@ -13,7 +13,8 @@ from llmapi import errors
 from llmapi.distributed import channel
 from llmapi.distributed.session import MASTER_ADDR_ENV
 from llmapi.distributed.spawn import MpiJob
-from llmapi.errors import ExecutorDeadError, LaunchError, WorkerDiedError
+from llmapi.errors import ExecutorDeadError, LaunchError, StepTimeoutError, WorkerDiedError
+from llmapi.runtime.watchdog import HEARTBEAT_ENV, Heartbeats, stalled_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class RemoteExecutor:
     A reader thread takes rank 0's messages: responses, replies to calls, and the job's end. If the job
     dies (a rank killed, rank 0 reporting a failed collective, mpiexec gone) every later call and
     await_responses raise WorkerDiedError, and the job's processes are stopped.
+
+    It is also the step watchdog's probe of the job (check_stall, unstick): with requests or calls pending,
+    progress is a response from rank 0 or a runner call that rank 0 finished (its heartbeat says); none for
+    step_timeout is a stall, named from the ranks' heartbeats and process states, and the job is killed.
     """
 
     def __init__(self, world_size: int):
@@ -41,10 +46,13 @@ class RemoteExecutor:
         env[MASTER_ADDR_ENV] = "127.0.0.1"  # one host: the rendezvous store listens on loopback only
         if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
             env["GLOO_SOCKET_IFNAME"] = "lo"  # and so do the ranks' gloo connections
+        self._board = Heartbeats.create(world_size)  # every rank's heartbeat: names a stalled rank
+        env[HEARTBEAT_ENV] = self._board.path
         try:
             self.job = MpiJob(world_size, env)
         except BaseException:
             self._listener.close()
+            self._board.close()
             raise
         self._conn = None
         self._send_lock = threading.Lock()
@@ -56,6 +64,12 @@ class RemoteExecutor:
         self._closing = False
         self._reader: Optional[threading.Thread] = None
         self.num_blocks = 0
+        # For the step watchdog: requests not finished yet, response messages so far, and when it last saw
+        # progress (None: nothing pending).
+        self._outstanding: set[int] = set()
+        self._responses_seen = 0
+        self._progress_at: Optional[float] = None
+        self._progress_marker = None
 
     @property
     def rank_pids(self) -> list[int]:
@@ -126,8 +140,11 @@ class RemoteExecutor:
                 msg = self._conn.recv()
                 kind = msg[0]
                 if kind == "responses":
+                    responses = [channel.RemoteResponse(*t) for t in msg[1]]
+                    self._outstanding.difference_update(r.request_id for r in responses if r.request_finished)
+                    self._responses_seen += 1
                     with self._cv:
-                        self._responses.extend(channel.RemoteResponse(*t) for t in msg[1])
+                        self._responses.extend(responses)
                         self._cv.notify_all()
                 elif kind == "reply":
                     self._settle(msg[1], msg[2], msg[3])
@@ -192,10 +209,20 @@ class RemoteExecutor:
         return call.value
 
     def enqueue(self, request) -> int:
-        return self._call("enqueue", channel.request_fields(request))
+        return self._track([request], "enqueue", channel.request_fields(request))
 
     def enqueue_many(self, requests) -> list:
-        return self._call("enqueue_many", [channel.request_fields(r) for r in requests])
+        return self._track(requests, "enqueue_many", [channel.request_fields(r) for r in requests])
+
+    def _track(self, requests, kind: str, payload):
+        """A call that enqueues `requests`: pending for the watchdog until their last response."""
+        ids = [r.request_id for r in requests]
+        self._outstanding.update(ids)
+        try:
+            return self._call(kind, payload)
+        except BaseException:
+            self._outstanding.difference_update(ids)
+            raise
 
     def abort(self, request_id: int, seq_index: int = -1) -> None:
         if self._dead is not None:
@@ -244,3 +271,46 @@ class RemoteExecutor:
                 pass
         if clean and self.job.proc.returncode == 0:
             self.job.remove_log()
+        self._board.close()
+
+    # ------------------------------------------------------------------ the step watchdog's probe
+    def busy(self) -> bool:
+        """Requests or calls pending on a live job."""
+        return bool(self._outstanding or self._calls) and self._dead is None and not self._closing
+
+    def check_stall(self, timeout: float) -> Optional[StepTimeoutError]:
+        """A StepTimeoutError naming the stalled rank once nothing progressed for `timeout` seconds while
+        something was pending, else None (see the class docstring)."""
+        if self._reader is None or not self.busy():
+            self._progress_at = None
+            return None
+        now = time.monotonic()
+        try:
+            beats = self._board.read()
+        except ValueError:  # shut down meanwhile: the board is closed
+            return None
+        marker = (self._responses_seen, beats[0][2])  # rank 0's finished runner calls
+        if self._progress_at is None or marker != self._progress_marker:
+            self._progress_at, self._progress_marker = now, marker
+            return None
+        stalled = now - self._progress_at
+        if stalled <= timeout:
+            return None
+        pids = self.rank_pids
+        named = stalled_ranks(pids, beats, timeout) or (
+            f"rank 0 (pid {pids[0]}) made no progress, though every rank's heartbeat is live")
+        return StepTimeoutError(
+            f"no step finished for {stalled:.1f} s with requests pending, longer than step_timeout={timeout:g} s: "
+            f"{named}. Every pending request fails, the MPI job is killed (log {self.job.log_path}) and the LLM "
+            "is dead")
+
+    def unstick(self, error) -> None:
+        """After a stall: every call raises `error`, and the job is killed (stopped ranks included)."""
+        self._die(error)
+        self.job.kill()
+
+    def stuck(self) -> bool:
+        return False  # after unstick() nothing is left running
+
+    def on_loop_thread(self) -> bool:
+        return False

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import numpy as np
 
@@ -10,6 +12,7 @@ from llmapi.distributed.comm import INIT, RELEASE, STEP, ControlChannel, encode_
 from llmapi.distributed.rank_worker import RankWorker, StepHandle
 from llmapi.distributed.session import Session
 from llmapi.errors import WorkerDiedError
+from llmapi.runtime.watchdog import stalled_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +33,38 @@ class DistributedRunner:
         self.num_blocks = self.worker.num_blocks
         self._closed = False
         self._inflight: dict[int, StepHandle] = {}  # submitted, not collected: drained before a release
+        # The step watchdog's marks: when the current submit/collect began (monotonic s; 0.0 between calls),
+        # calls finished, the executor's loop thread (RunnerProbe here; the heartbeat in a spawned job).
+        self.call_started, self.calls_done, self.loop_thread = 0.0, 0, None
 
     def submit(self, batch) -> StepHandle:
+        self.loop_thread, self.call_started = threading.get_ident(), time.monotonic()
         try:
             self.channel.send(STEP, encode_batch(batch))
             handle = self.worker.start(batch)
         except Exception as e:
             raise _rank_failure("submit", e) from e
+        finally:
+            self.call_started, self.calls_done = 0.0, self.calls_done + 1
         self._inflight[id(handle)] = handle
         return handle
 
     def collect(self, handle: StepHandle) -> np.ndarray:
         self._inflight.pop(id(handle), None)
+        self.call_started = time.monotonic()
         try:
             return self.worker.finish(handle)
         except Exception as e:
             raise _rank_failure("collect", e) from e
+        finally:
+            self.call_started, self.calls_done = 0.0, self.calls_done + 1
+
+    def stall_detail(self) -> str:
+        """For the in-process watchdog (llmapi-launch): the ranks that hold rank 0's step up, told by their
+        process states when every rank runs on this host."""
+        session = self.session
+        named = stalled_ranks(session.pids) if session.local_size == session.world_size else ""
+        return f"; {named or 'a rank is stopped, or a collective never completes'}"
 
     def close(self) -> None:
         """Tell every rank to drop this model (the job stays up for the next LLM)."""

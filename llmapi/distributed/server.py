@@ -13,6 +13,7 @@ from llmapi.distributed.comm import EXIT, ControlChannel
 from llmapi.distributed.runner import DistributedRunner
 from llmapi.distributed.session import Session
 from llmapi.errors import ExecutorDeadError, LLMAPIError
+from llmapi.runtime.watchdog import start_heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def serve_user(session: Session) -> None:
         conn.send(("dead", traceback.format_exc(), type(e).__name__, str(e)))
         raise
     conn.send(("ready", runner.num_blocks, session.pids))
+    start_heartbeat(session.rank, runner)  # the user's process watches its runner calls
     send_lock = threading.Lock()
     stopping = threading.Event()
 

@@ -142,6 +142,22 @@ class MpiJob:
                 time.sleep(0.05)
         self.proc.poll()
 
+    def kill(self, wait: float = 5.0) -> None:
+        """End the job now: SIGCONT first, so that a stopped process takes the SIGKILL that follows. The
+        shared-memory segments MPICH's ranks would have removed at their exit are removed here."""
+        segments = {path for pid in self.rank_pids for path in _mpi_segments(pid)}
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            self._signal_all(sig)
+        deadline = time.monotonic() + wait
+        while self._anything_left() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.proc.poll()
+        for path in segments:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
     def _anything_left(self) -> bool:
         return self.alive() or any(_exists(pid) for pid in self.rank_pids)
 
@@ -161,6 +177,16 @@ class MpiJob:
             os.unlink(self.log_path)
         except OSError:
             pass
+
+
+def _mpi_segments(pid: int) -> set:
+    """The MPICH shared-memory files (/dev/shm/mpich_*) that process `pid` maps and nobody removed yet."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return {line.split(None, 5)[5].strip() for line in f
+                    if " /dev/shm/mpich_" in line and not line.rstrip().endswith("(deleted)")}
+    except (OSError, IndexError):
+        return set()
 
 
 def _exists(pid: int) -> bool:

@@ -68,6 +68,7 @@ def _apply_processors(logits: torch.Tensor, batch, rows: np.ndarray, processors:
         prompt, output = history[:prompt_lens[r]], history[prompt_lens[r]:]
         saved = logits[r].clone()  # a processor may write the row before it fails
         try:
+            state.processor_request = rid  # the step watchdog names this request if the call never returns
             out = fn(prompt, output, logits[r])
             why = _processor_output(out, logits[r])
             if why is None and out is not None:
@@ -111,6 +112,7 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
     errors: Dict[int, str] = {}
     if processor_rows.any():
         errors = _apply_processors(logits, batch, np.nonzero(processor_rows & do_sample)[0], processors, state)
+        state.processor_request = None
     apply_logit_bias_(logits, _t(batch.bias_offsets, dev), _t(batch.bias_ids, dev, torch.long),
                       _t(batch.bias_values, dev, torch.float32))
     suppress_(logits, _t(batch.suppress_offsets, dev), _t(batch.suppress_ids, dev, torch.long))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -105,6 +106,10 @@ class ModelRunner:
         self.logits_processors: Dict[int, Callable] = {}
         self.records = LogitsRecords()
         self.stats = StepStats()
+        # The step watchdog's marks (llmapi.runtime.watchdog.RunnerProbe): when the current submit or collect
+        # began (monotonic seconds; 0.0 between calls), and the executor's loop thread that calls them.
+        self.call_started = 0.0
+        self.loop_thread: Optional[int] = None
         self.graphs = None
         # The last submitted step's sampled ids [R] on the device: the next step's placeholders
         # (Batch.prev_rows) are filled from them there, without waiting for the step.
@@ -151,7 +156,11 @@ class ModelRunner:
     @torch.inference_mode()
     def submit(self, batch):
         started = time.perf_counter()
-        step = self._submit(batch)
+        self.loop_thread, self.call_started = threading.get_ident(), time.monotonic()
+        try:
+            step = self._submit(batch)
+        finally:
+            self.call_started = 0.0
         stats = self.stats
         stats.steps, stats.tokens = stats.steps + 1, stats.tokens + int(batch.num_tokens)
         stats.submit_s += time.perf_counter() - started
@@ -207,6 +216,13 @@ class ModelRunner:
         return _Step(host, event)
 
     def collect(self, handle):
+        self.call_started = time.monotonic()
+        try:
+            return self._collect(handle)
+        finally:
+            self.call_started = 0.0
+
+    def _collect(self, handle):
         if isinstance(handle, dict):  # a decode() step
             host = {name: (t.to("cpu").numpy() if isinstance(t, torch.Tensor) else t) for name, t in handle.items()}
             return StepOutput(**host)
