@@ -96,6 +96,7 @@ class RemoteExecutor:
             raise LaunchError(f"the ranks did not load the engine: {msg[1]}\n{self._wait_describe()}")
         _, self.num_blocks, pids = msg
         self.job.rank_pids = list(pids)
+        self.job.remember_segments()
         self._reader = threading.Thread(target=self._read, name="llmapi-rank0-reader", daemon=True)
         self._reader.start()
 

@@ -109,6 +109,7 @@ class MpiJob:
         finally:
             os.close(fd)
         self.rank_pids: list[int] = []
+        self.segments: set[str] = set()  # MPICH's shared-memory files: see remember_segments
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -141,22 +142,32 @@ class MpiJob:
             while self._anything_left() and time.monotonic() < deadline:
                 time.sleep(0.05)
         self.proc.poll()
+        self._remove_segments()
 
     def kill(self, wait: float = 5.0) -> None:
-        """End the job now: SIGCONT first, so that a stopped process takes the SIGKILL that follows. The
-        shared-memory segments MPICH's ranks would have removed at their exit are removed here."""
-        segments = {path for pid in self.rank_pids for path in _mpi_segments(pid)}
+        """End the job now: SIGCONT first, so that a stopped process takes the SIGKILL that follows."""
         for sig in (signal.SIGCONT, signal.SIGKILL):
             self._signal_all(sig)
         deadline = time.monotonic() + wait
         while self._anything_left() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.proc.poll()
-        for path in segments:
+        self._remove_segments()
+
+    def remember_segments(self) -> None:
+        """Note the MPICH shared-memory files the ranks map (once they are up): ranks that are killed cannot
+        remove them, so stop() and kill() do, once no rank is left."""
+        self.segments = {path for pid in self.rank_pids for path in _mpi_segments(pid)}
+
+    def _remove_segments(self) -> None:
+        if self._anything_left():
+            return
+        for path in self.segments:
             try:
                 os.unlink(path)
             except OSError:
-                pass
+                pass  # a rank that exited normally removed it
+        self.segments = set()
 
     def _anything_left(self) -> bool:
         return self.alive() or any(_exists(pid) for pid in self.rank_pids)
