@@ -168,9 +168,16 @@ def test_save_refuses_a_copy_that_differs_from_the_build(pristine, tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
-def test_loader_checksum_is_the_whole_files(tmp_path):
-    """The bytes the loader streams (header, then the tensors in file order) are the whole file."""
+@pytest.mark.parametrize("piece", [None, 1000])
+def test_loader_checksum_is_the_whole_files(tmp_path, monkeypatch, piece):
+    """The bytes the loader streams (header, then the tensors in file order) are the whole file; with small
+    pieces the file is hashed on the second thread, in pieces and batches."""
     from safetensors.torch import save_file
+
+    from llmapi.engine import loader
+
+    if piece is not None:
+        monkeypatch.setattr(loader, "HASH_PIECE", piece)
 
     from llmapi.engine.format import file_checksums
 

@@ -96,18 +96,23 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:  # any contiguous tensor -> [nb
 class _Digest:
     """The FAST_HASH of the bytes handed to `update`, in order, computed on a second thread (xxhash releases
     the GIL) while the caller reads the next bytes. Small pieces are handed over in batches of HASH_PIECE
-    bytes: one hand-over per tensor would cost more than hashing a small tensor."""
+    bytes: one hand-over per tensor would cost more than hashing a small tensor. A file smaller than that is
+    hashed inline: a thread would cost more than it saves."""
 
-    def __init__(self):
+    def __init__(self, size: int):
         self.hasher = fast_hasher()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="llmapi-checksum")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="llmapi-checksum") if size > HASH_PIECE else None
         self.pending: list[Future] = []
         self.batch, self.batch_bytes = [], 0
 
     def update(self, data, flush: bool = False) -> Future | None:
         """Hash `data` (bytes, or a [n] uint8 CPU tensor left unchanged until it is hashed) after what came
         before; with flush, or once the batch is full, returns the future of the batch that holds it."""
-        self.batch.append(data.numpy() if isinstance(data, torch.Tensor) else data)
+        data = data.numpy() if isinstance(data, torch.Tensor) else data
+        if self.pool is None:
+            self.hasher.update(data)
+            return None
+        self.batch.append(data)
         self.batch_bytes += len(self.batch[-1])
         if not flush and self.batch_bytes < HASH_PIECE:
             return None
@@ -129,7 +134,8 @@ class _Digest:
         return self.hasher.hexdigest()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class _Staging:
@@ -180,10 +186,12 @@ def load_into(path: Path, params: Mapping[str, torch.Tensor], chunk: int = CHUNK
     file, which safetensors writes without holes) must hash to it, else CorruptEngineError names the file.
     """
     path = Path(path)
-    digest = _Digest() if checksum is not None else None
+    digest = None
     try:
         with open(path, "rb", buffering=0) as f, torch.no_grad():
-            header, raw = _read_header(f, path, os.fstat(f.fileno()).st_size)
+            size = os.fstat(f.fileno()).st_size
+            digest = _Digest(size) if checksum is not None else None
+            header, raw = _read_header(f, path, size)
             data_start = len(raw)
             if digest is not None:
                 digest.update(raw)
