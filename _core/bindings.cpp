@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
@@ -222,12 +224,16 @@ class PyExecutor {
   }
   Executor& get() { return *executor_; }
   void shutdown() {
+    shutting_down_ = true;
     py::gil_scoped_release release;
     executor_->shutdown();
   }
+  // Another thread is already shutting this executor down (and joins its loop thread).
+  bool shutting_down() const { return shutting_down_; }
 
  private:
   std::unique_ptr<Executor> executor_;
+  std::atomic<bool> shutting_down_{false};
 };
 
 }  // namespace
@@ -551,7 +557,22 @@ PYBIND11_MODULE(_core, m) {
 
   // Join every loop thread while threads may still take the GIL: once the interpreter finalizes,
   // a thread asking for the GIL is terminated mid-call.
+  // An executor that another thread is already shutting down gets a few seconds for its loop to
+  // end, not a join: its loop thread may be stuck in a call that never returns (a hung logits
+  // processor the step watchdog gave up on), and exit must not wait for it forever.
   py::module_::import("atexit").attr("register")(py::cpp_function([] {
-    for (PyExecutor* e : live_executors()) e->shutdown();
+    const std::vector<PyExecutor*> executors(live_executors().begin(), live_executors().end());
+    for (PyExecutor* e : executors) {
+      if (!live_executors().count(e)) continue;  // destroyed while the GIL was released
+      if (!e->shutting_down()) {
+        e->shutdown();
+        continue;
+      }
+      // Checked with the GIL held: the thread shutting it down may destroy it meanwhile.
+      for (int i = 0; i < 500 && live_executors().count(e) && !e->get().loop_done(); ++i) {
+        py::gil_scoped_release release;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
   }));
 }

@@ -98,6 +98,11 @@ std::vector<Response> Executor::await_responses(std::optional<double> timeout_s)
   return {};
 }
 
+bool Executor::loop_done() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return loop_done_;
+}
+
 Stats Executor::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   Stats s = stats_;

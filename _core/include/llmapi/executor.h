@@ -53,6 +53,8 @@ class Executor {
   // called from the loop thread itself, e.g. by the runner: then the loop stops after this step).
   void shutdown();
   bool on_loop_thread() const { return std::this_thread::get_id() == loop_id_; }
+  // Whether the loop thread has queued its last response (it returns right after).
+  bool loop_done() const;
 
  private:
   struct InflightStep {
