@@ -41,6 +41,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for hook in session.shutdown_hooks:  # LLMs the script left running
             hook()
         sessions.set_current(None)
+        if session.broken:  # a stalled rank would never take the exit call: end the whole job
+            from mpi4py import MPI
+
+            print(f"llmapi-launch: aborting the MPI job: {session.broken}", file=sys.stderr, flush=True)
+            MPI.COMM_WORLD.Abort(1)
         calls = ControlChannel(session.control)
         calls.send(EXIT)
         calls.flush()

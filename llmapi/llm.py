@@ -416,6 +416,9 @@ class LLM:
         job killed), and the LLM shuts down in the background."""
         self._death = error
         self._fail_all(error)
+        session = getattr(self._runner, "session", None)
+        if session is not None:  # llmapi-launch: the job's ranks cannot be told to exit in order any more
+            session.broken = str(error)
         self._watchdog.abandon(self._finalizer)
 
     def __enter__(self) -> "LLM":

@@ -137,3 +137,52 @@ def test_stalled_ranks_names_stale_then_stuck_ranks():
     beats = [(now, now - 9, 4, me), (now, now - 8, 3, me)]
     assert "rank 0 (pid" in stalled_ranks([me, me], beats, 2.0) and "collective" in stalled_ranks([me, me], beats, 2.0)
     assert stalled_ranks([me, me], [(now, 0.0, 4, me), (now, 0.0, 4, me)], 2.0) == ""
+
+
+def test_launched_job_with_a_stopped_rank_fails_its_requests_and_ends(tiny_llama_dir, tmp_path):
+    """Under `mpiexec -n 2 llmapi-launch`: rank 1 stopped mid-generation. The script's requests fail with
+    StepTimeoutError naming rank 1, and the launcher then aborts the job, so nothing waits for the stopped rank."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from llmapi.distributed.spawn import find_mpiexec
+
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal
+        from llmapi import LLM, SamplingParams, StepTimeoutError
+        from llmapi.distributed import session
+
+        llm = LLM({str(tiny_llama_dir)!r}, tensor_parallel_size=2, step_timeout={STEP_TIMEOUT})
+        pids = session.current().pids
+        print("PIDS", *pids, flush=True)
+        out = llm.generate_async([5, 6, 7], SamplingParams(max_tokens=240, ignore_eos=True), streaming=True)
+        next(iter(out))
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            out.result(timeout={DEADLINE})
+        except StepTimeoutError as e:
+            print("STALLED", e, flush=True)
+    """))
+    mpiexec = str(find_mpiexec())
+    env = dict(os.environ, PATH=os.path.dirname(mpiexec) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-m", "llmapi.launch", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pids = []
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+        pids = [int(p) for line in stdout.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
+        assert re.search(r"STALLED .*rank 1", stdout), stdout + stderr
+        assert proc.returncode != 0  # the job was aborted
+        assert _wait_until(lambda: not [p for p in pids if _running(p)], 10)
+    finally:
+        for pid in pids:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

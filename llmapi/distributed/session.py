@@ -63,6 +63,10 @@ class Session:
     stage. Groups depend on the mapping, so they are made when an LLM starts (`configure`).
     """
 
+    broken: str = ""
+    """Why the job's ranks can no longer be driven (a step the watchdog gave up on); the launcher then aborts
+    the MPI job instead of telling the ranks to exit."""
+
     def __init__(self):
         from mpi4py import MPI
 
