@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -19,16 +20,44 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class UnknownArgumentError(ValueError, TypeError):
+    """Unknown argument names, each named with the known ones. A ValueError as every bad argument is here; also
+    the TypeError Python raises for an unexpected keyword, so code that caught that keeps working."""
+
+
+def unknown_arguments_error(what: str, unknown, known) -> UnknownArgumentError:
+    return UnknownArgumentError(f"{what} got unknown argument(s): {', '.join(sorted(unknown))}; "
+                                f"known arguments are: {', '.join(sorted(known))}")
+
+
 def from_kwargs(cls, kwargs: dict, what: str):
     """Build dataclass `cls` from kwargs, naming every unknown keyword in the ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - names)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(kwargs) - names
     if unknown:
-        raise ValueError(f"{what} got unknown argument(s): {', '.join(unknown)}; "
-                         f"known arguments are: {', '.join(sorted(names))}")
+        raise unknown_arguments_error(what, unknown, names)
     return cls(**kwargs)
 
 
+def rejects_unknown_arguments(what: str):
+    """Class decorator over @dataclass: an unknown keyword raises from_kwargs' ValueError instead of the
+    generated __init__'s TypeError; positional and keyword use (and dataclasses.replace) are unchanged."""
+    def wrap(cls):
+        init = cls.__init__
+        names = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            if not names.issuperset(kwargs):
+                raise unknown_arguments_error(what, set(kwargs) - names, names)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+    return wrap
+
+
+@rejects_unknown_arguments("KvCacheConfig()")
 @dataclass
 class KvCacheConfig:
     """How much memory the paged KV cache gets, and whether its blocks are reused across requests."""
@@ -45,7 +74,7 @@ class KvCacheConfig:
 
     def __post_init__(self):
         f = self.free_gpu_memory_fraction
-        _check(isinstance(f, (int, float)) and 0 < f <= 1, "free_gpu_memory_fraction", f,
+        _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1, "free_gpu_memory_fraction", f,
                "must be a number in (0, 1]")
         for name in ("max_tokens", "max_bytes"):
             v = getattr(self, name)
@@ -60,7 +89,7 @@ class KvCacheConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            return from_kwargs(cls, value, "KvCacheConfig")
+            return from_kwargs(cls, value, "KvCacheConfig()")
         raise ValueError(f"kv_cache_config={value!r} is invalid: must be a KvCacheConfig or a dict")
 
 
@@ -162,4 +191,5 @@ def validated_kwargs(kwargs: dict) -> LlmArgs:
     return from_kwargs(LlmArgs, kwargs, "LLM()")
 
 
-__all__ = ["KvCacheConfig", "LlmArgs", "validated_kwargs", "from_kwargs"]
+__all__ = ["KvCacheConfig", "LlmArgs", "validated_kwargs", "from_kwargs", "rejects_unknown_arguments",
+           "UnknownArgumentError"]

@@ -9,7 +9,7 @@ from typing import List
 
 from . import _core
 from .errors import RequestError
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, field_error
 
 # generation_config.json fields that become default sampling settings (as vLLM reads them).
 _GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
@@ -24,33 +24,44 @@ def generation_defaults(engine_dir: Path) -> dict:
     return {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
 
 
+def _token_ids(params: SamplingParams):
+    """(field, its value, the token ids it names) for every id-valued field."""
+    yield "end_id", params.end_id, [] if params.end_id is None else [params.end_id]
+    yield "stop_token_ids", params.stop_token_ids, params.stop_token_ids or []
+    yield "bad_token_ids", params.bad_token_ids, [t for w in params.bad_word_ids for t in w]
+    yield "logit_bias", params.logit_bias, list(params.logit_bias or {})
+
+
 def check_params(params: SamplingParams, *, vocab_size: int, max_logprobs: int, max_batch_size: int,
                  max_num_tokens: int, tokenizer) -> SamplingParams:
-    """What the params ask of this model and LLM: ValueError naming the field when it cannot be had."""
+    """What the params ask of this model and LLM: ValueError naming the field when it cannot be had.
+    Returns a checked snapshot: writes to `params` after this call do not reach the requests made now."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    params = dataclasses.replace(params)  # validates again: lists and dicts may have changed in place
     for name in ("logprobs", "prompt_logprobs"):
         v = getattr(params, name)
         if v is not None and v > max_logprobs:
-            raise ValueError(f"SamplingParams.{name}={v} is invalid: must be <= max_logprobs={max_logprobs} "
-                             f"(LLM(max_logprobs=...))")
+            raise field_error(name, v, f"must be <= max_logprobs={max_logprobs} (LLM(max_logprobs=...))")
+    width = "best_of" if params.best_of is not None else "n"  # the field that set num_sequences
     if params.num_sequences > max_batch_size:
-        raise ValueError(f"SamplingParams.best_of={params.num_sequences} is invalid: a request's sequences "
-                         f"must fit max_batch_size={max_batch_size}")
+        raise field_error(width, params.num_sequences,
+                          f"a request's sequences must fit max_batch_size={max_batch_size}")
     if params.use_beam_search and params.num_sequences > max_num_tokens:
-        raise ValueError(f"SamplingParams.best_of={params.num_sequences} is invalid: the beams step together, "
-                         f"so the beam width must fit max_num_tokens={max_num_tokens}")
-    for name, ids in (("bad_token_ids", [t for w in params.bad_word_ids for t in w]),
-                      ("logit_bias", list(params.logit_bias or {}))):
-        if any(t >= vocab_size for t in ids):
-            raise ValueError(f"SamplingParams.{name} is invalid: token ids must be < vocab_size={vocab_size}")
+        raise field_error(width, params.num_sequences,
+                          f"the beams step together, so the beam width must fit max_num_tokens={max_num_tokens}")
+    for name, value, ids in _token_ids(params):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise field_error(name, value, f"token id {bad[0]} is not < vocab_size={vocab_size} (this model's "
+                                           "vocabulary)")
     if tokenizer is None:
         if params.bad_strings:
             raise RequestError("bad strings need a tokenizer (skip_tokenizer_init=True)")
         if params.stop_strings:
             raise RequestError("stop strings need a tokenizer (skip_tokenizer_init=True)")
         if params.detokenize:
-            params = dataclasses.replace(params, detokenize=False)
+            params.detokenize = False
     return params
 
 

@@ -1,25 +1,84 @@
-"""SamplingParams: how one request is decoded and when it stops, validated on construction."""
+"""SamplingParams: how one request is decoded and when it stops, validated on construction and on every write."""
 
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+from .config import rejects_unknown_arguments
+
 _SEED_MASK = (1 << 63) - 1
+_INT32_MAX = (1 << 31) - 1  # the core holds counts, widths and token ids as int32
+
+
+def _short_repr(value) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a huge int past Python's digit limit, or a user object whose repr raises
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else f"{text[:60]}...{text[-12:]}"
+
+
+def field_error(name: str, value, must: str) -> ValueError:
+    """The ValueError for SamplingParams.<name>=<value>, naming what it must be."""
+    return ValueError(f"SamplingParams.{name}={_short_repr(value)} is invalid: {must}")
 
 
 def _fail(name: str, value, must: str):
-    raise ValueError(f"SamplingParams.{name}={value!r} is invalid: {must}")
+    raise field_error(name, value, must)
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _check_int(name: str, v, low: int, must: str, optional: bool = False) -> None:
+    """An int >= low that the core's int32 holds (or None when optional)."""
+    if v is None and optional:
+        return
+    if not _is_int(v) or v < low:
+        _fail(name, v, must)
+    if v > _INT32_MAX:
+        _fail(name, v, "must be < 2**31 (the core holds it as an int32)")
+
+
+def _check_ids(name: str, value, ids) -> None:
+    """Token ids: ints in [0, 2**31)."""
+    for t in ids:
+        if not _is_int(t) or t < 0:
+            _fail(name, value, "token ids must be ints >= 0")
+        if t > _INT32_MAX:
+            _fail(name, value, f"token id {_short_repr(t)} is not < 2**31 (the core holds ids as int32)")
+
+
+def _float32(name: str, v, must: str, ok: Callable[[float], bool], shown=None) -> None:
+    """A finite number for which ok(v) holds and that float32 (the core's type) holds without becoming 0 or
+    inf. `shown`: the value the message shows (default v), e.g. the dict v is a value of."""
+    it = "it" if shown is None else _short_repr(v)
+    shown = v if shown is None else shown
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _fail(name, shown, must)
+    try:
+        x = float(v)
+        narrowed = struct.unpack("<f", struct.pack("<f", x))[0]  # "<f" checks overflow; native "f" does not
+    except OverflowError:  # an int past float64, or a float past float32
+        _fail(name, shown, f"{must}; {it} rounds to inf in float32 (the core's type)")
+    if not (math.isfinite(x) and ok(x)):
+        _fail(name, shown, must)
+    if narrowed == 0 and x != 0:
+        _fail(name, shown, f"{must}; {it} rounds to 0 in float32 (the core's type)")
+
+
+def _strings(value) -> List[str]:
+    """`stop` / `bad` as a list (None: empty)."""
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _callables(value) -> List[Callable]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _takes_prompt(fn: Callable) -> bool:
@@ -32,9 +91,14 @@ def _takes_prompt(fn: Callable) -> bool:
     return len(params) >= 3
 
 
+@rejects_unknown_arguments("SamplingParams()")
 @dataclass
 class SamplingParams:
-    """Decoding settings of one request (the names follow vLLM and TensorRT-LLM's LLM API)."""
+    """Decoding settings of one request (the names follow vLLM and TensorRT-LLM's LLM API).
+
+    Every field is checked on construction and again on every attribute write: a bad value raises a
+    ValueError naming the field (a write leaves the old value), and a good write takes effect for the
+    next request made with these params."""
 
     max_tokens: Optional[int] = 32
     """Most tokens to generate; None: up to max_seq_len."""
@@ -47,7 +111,8 @@ class SamplingParams:
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability adds up to top_p."""
     seed: Optional[int] = None
-    """Seed of this request's random stream: the same seed gives the same tokens in any batch."""
+    """Seed of this request's random stream: the same seed gives the same tokens in any batch. Any
+    64-bit int (negative included); the sampler uses its low 63 bits."""
     stop: Optional[Union[str, List[str]]] = None
     """Strings that end generation; matched on the detokenized text."""
     stop_token_ids: Optional[List[int]] = None
@@ -68,7 +133,7 @@ class SamplingParams:
     """Sequences returned for the prompt, ordered by cumulative logprob (best first)."""
     best_of: Optional[int] = None
     """Sequences generated, of which the n with the highest cumulative logprob are returned
-    (default n); with use_beam_search, the beam width."""
+    (default n). With use_beam_search it is the beam width (default n)."""
     presence_penalty: float = 0.0
     """Subtracted from the logit of every token already generated (OpenAI's presence penalty)."""
     frequency_penalty: float = 0.0
@@ -90,118 +155,132 @@ class SamplingParams:
     fn(prompt_ids, output_ids, logits) -> logits, logits a [vocab] float32 tensor (a list: in turn)."""
     logprobs: Optional[int] = None
     """Return each generated token's logprob and rank, plus the k most likely tokens (raw
-    log-softmax of the model's logits); at most LLM(max_logprobs=...)."""
+    log-softmax of the model's logits); at most LLM(max_logprobs=...). True means 1, False None."""
     prompt_logprobs: Optional[int] = None
-    """The same for each prompt token (the first has none); disables prefix reuse for the request."""
+    """The same for each prompt token (the first has none); disables prefix reuse for the request.
+    True means 1, False None."""
     return_context_logits: bool = False
     """Return the logits of every prompt position (RequestOutput.context_logits, [prompt, vocab])."""
     return_generation_logits: bool = False
     """Return the raw logits each token was sampled from (CompletionOutput.generation_logits)."""
     use_beam_search: bool = False
-    """Beam search with best_of (or n) beams; returns the n best hypotheses. Deterministic:
-    temperature, top_k, top_p, min_p and seed do not apply."""
+    """Beam search; returns the n best hypotheses. The beam width is best_of, else n: without either
+    it is 1, which is greedy search (as transformers' num_beams=1). Deterministic: temperature,
+    top_k, top_p, min_p and seed do not apply."""
     length_penalty: float = 1.0
     """Beam search: a finished hypothesis scores sum_logprobs / length**length_penalty."""
     early_stopping: Union[bool, str] = False
     """Beam search: True stops once beam-width hypotheses are finished; False stops when no running
     beam can still win (transformers' heuristic); "never" only when none can at max length."""
 
-    _stop_list: List[str] = field(default_factory=list, init=False, repr=False, compare=False)
-    _bad_list: List[str] = field(default_factory=list, init=False, repr=False, compare=False)
-    _bad_words: List[List[int]] = field(default_factory=list, init=False, repr=False, compare=False)
-    _processors: List[Callable] = field(default_factory=list, init=False, repr=False, compare=False)
+    _checked = False  # not a field: set once __post_init__ has validated, so writes re-validate
 
     def __post_init__(self):
-        if self.max_tokens is not None and not (_is_int(self.max_tokens) and self.max_tokens >= 1):
-            _fail("max_tokens", self.max_tokens, "must be an int >= 1 or None")
-        if not (_is_int(self.min_tokens) and self.min_tokens >= 0):
-            _fail("min_tokens", self.min_tokens, "must be an int >= 0")
+        self.validate()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        if not self._checked:  # the generated __init__ assigning the fields
+            object.__setattr__(self, name, value)
+            return
+        if name not in self.__dataclass_fields__:  # a misspelt field would otherwise be ignored silently
+            raise AttributeError(f"SamplingParams has no field {name!r}; its fields are: "
+                                 f"{', '.join(sorted(self.__dataclass_fields__))}")
+        old = self.__dict__[name]
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except BaseException:
+            object.__setattr__(self, name, old)
+            raise
+
+    def validate(self) -> None:
+        """Check every field (ValueError naming the first bad one) and normalise a few (logprobs=True to 1,
+        stop_token_ids to a list). Construction and attribute writes call it; call it yourself after
+        changing a list or dict field in place."""
+        normalised = {}
+        for name in ("logprobs", "prompt_logprobs"):  # True / False as TensorRT-LLM takes them
+            v = getattr(self, name)
+            if isinstance(v, bool):
+                normalised[name] = 1 if v else None
+        ids = self.stop_token_ids
+        if ids is not None and not isinstance(ids, (list, tuple)):
+            _fail("stop_token_ids", ids, "must be a list of token ids")
+        normalised["stop_token_ids"] = list(ids or [])
+        self._check_stopping()
+        self._check_sequences()
+        self._check_knobs()
+        self._check_outputs(normalised)
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    def _check_stopping(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1, "must be an int >= 1 or None", optional=True)
+        _check_int("min_tokens", self.min_tokens, 0, "must be an int >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"must not exceed max_tokens={self.max_tokens}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t < float("inf")):
-            _fail("temperature", t, "must be a finite number >= 0")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            _fail("top_k", self.top_k, "must be an int >= 0 (0 or -1 disables it)")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            _fail("top_p", p, "must be a number in (0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
-            _fail("seed", self.seed, "must be an int or None")
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not isinstance(s, str) or s == "" for s in stops):
-            _fail("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
-        self._stop_list = stops
-        ids = self.stop_token_ids or []
-        if not isinstance(ids, (list, tuple)) or any(not _is_int(i) or i < 0 for i in ids):
-            _fail("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
-        self.stop_token_ids = list(ids)
-        if self.end_id is not None and not (_is_int(self.end_id) and self.end_id >= 0):
-            _fail("end_id", self.end_id, "must be a token id >= 0 or None")
+        _float32("temperature", self.temperature, "must be a finite number >= 0", lambda t: t >= 0)
+        _check_int("top_k", self.top_k, -1, "must be an int >= 0 (0 or -1 disables it)")
+        _float32("top_p", self.top_p, "must be a number in (0, 1]", lambda p: 0 < p <= 1)
+        if self.seed is not None and not (_is_int(self.seed) and -(1 << 63) <= self.seed < (1 << 64)):
+            _fail("seed", self.seed, "must be an int in [-2**63, 2**64) or None")
+        for name in ("stop", "bad"):
+            v = getattr(self, name)
+            if not (v is None or isinstance(v, (str, list, tuple))) or any(
+                    not isinstance(s, str) or s == "" for s in _strings(v)):
+                _fail(name, v, "must be a non-empty string or a list of non-empty strings")
+        _check_ids("stop_token_ids", self.stop_token_ids, self.stop_token_ids or [])
+        _check_int("end_id", self.end_id, 0, "must be a token id >= 0 or None", optional=True)
         for name in ("ignore_eos", "include_stop_str_in_output", "detokenize", "skip_special_tokens",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
-        if stops and not self.detokenize:
+        if self.stop and not self.detokenize:
             _fail("stop", self.stop, "stop strings need detokenize=True")
-        self._check_sequences()
-        self._check_knobs()
-        self._check_outputs()
 
     def _check_sequences(self) -> None:
-        if not (_is_int(self.n) and self.n >= 1):
-            _fail("n", self.n, "must be an int >= 1")
-        if self.best_of is not None and not (_is_int(self.best_of) and self.best_of >= 1):
-            _fail("best_of", self.best_of, "must be an int >= 1 or None")
+        _check_int("n", self.n, 1, "must be an int >= 1")
+        _check_int("best_of", self.best_of, 1, "must be an int >= 1 or None", optional=True)
         if not isinstance(self.use_beam_search, bool):
             _fail("use_beam_search", self.use_beam_search, "must be a bool")
         if self.use_beam_search and self.best_of is not None and self.n > self.best_of:
             _fail("n", self.n, f"must not exceed the beam width best_of={self.best_of}")
         if self.best_of is not None and self.best_of < self.n:
             _fail("best_of", self.best_of, f"must be >= n={self.n}")
-        if not _is_number(self.length_penalty):
-            _fail("length_penalty", self.length_penalty, "must be a finite number")
-        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+        _float32("length_penalty", self.length_penalty, "must be a finite number", lambda v: True)
+        if not (isinstance(self.early_stopping, bool) or
+                (isinstance(self.early_stopping, str) and self.early_stopping == "never")):
             _fail("early_stopping", self.early_stopping, 'must be True, False or "never"')
-        if self.use_beam_search and self.return_generation_logits:
+        if self.use_beam_search and self.return_generation_logits is True:
             _fail("return_generation_logits", True, "is not supported with use_beam_search")
 
     def _check_knobs(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not (_is_number(v) and -2 <= v <= 2):
-                _fail(name, v, "must be a number in [-2, 2]")
-        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
-            _fail("repetition_penalty", self.repetition_penalty, "must be a finite number > 0")
-        if not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
-            _fail("min_p", self.min_p, "must be a number in [0, 1]")
-        bad = [self.bad] if isinstance(self.bad, str) else list(self.bad or [])
-        if any(not isinstance(b, str) or b == "" for b in bad):
-            _fail("bad", self.bad, "must be a non-empty string or a list of non-empty strings")
-        self._bad_list = bad
-        words = []
-        for item in self.bad_token_ids or []:
+            _float32(name, getattr(self, name), "must be a number in [-2, 2]", lambda v: -2 <= v <= 2)
+        _float32("repetition_penalty", self.repetition_penalty, "must be a finite number > 0", lambda v: v > 0)
+        _float32("min_p", self.min_p, "must be a number in [0, 1]", lambda v: 0 <= v <= 1)
+        words = self.bad_token_ids
+        if words is not None and not isinstance(words, (list, tuple)):
+            _fail("bad_token_ids", words, "must be a list of token ids or of non-empty lists of them")
+        for item in words or []:
             word = [item] if _is_int(item) else item
-            if not (isinstance(word, (list, tuple)) and word and all(_is_int(t) and t >= 0 for t in word)):
-                _fail("bad_token_ids", self.bad_token_ids,
-                      "must be a list of token ids >= 0 or of non-empty lists of them")
-            words.append(list(word))
-        self._bad_words = words
-        bias = self.logit_bias or {}
-        if not isinstance(bias, dict) or any(
-                not (_is_int(k) and k >= 0 and _is_number(v)) for k, v in bias.items()):
-            _fail("logit_bias", self.logit_bias, "must map token ids >= 0 to finite numbers")
-        fns = self.logits_processor
-        fns = [] if fns is None else list(fns) if isinstance(fns, (list, tuple)) else [fns]
-        if any(not callable(f) for f in fns):
+            if not (isinstance(word, (list, tuple)) and word):
+                _fail("bad_token_ids", words, "must be a list of token ids or of non-empty lists of them")
+            _check_ids("bad_token_ids", words, word)
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict):
+                _fail("logit_bias", bias, "must map token ids >= 0 to finite numbers")
+            _check_ids("logit_bias", bias, bias.keys())
+            for v in bias.values():
+                _float32("logit_bias", v, "must map token ids >= 0 to finite numbers", lambda x: True, bias)
+        if any(not callable(f) for f in _callables(self.logits_processor)):
             _fail("logits_processor", self.logits_processor, "must be a callable or a list of callables")
-        self._processors = fns
 
-    def _check_outputs(self) -> None:
+    def _check_outputs(self, normalised: dict) -> None:
         for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(self, name)
-            if v is not None and not (_is_int(v) and v >= 0):
-                _fail(name, v, "must be an int >= 0 or None")
+            _check_int(name, normalised.get(name, getattr(self, name)), 0,
+                       "must be an int >= 0, True (1), False or None", optional=True)
         for name in ("return_context_logits", "return_generation_logits"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
@@ -209,7 +288,7 @@ class SamplingParams:
     @property
     def stop_strings(self) -> List[str]:
         """`stop` as a list."""
-        return self._stop_list
+        return _strings(self.stop)
 
     @property
     def num_sequences(self) -> int:
@@ -219,18 +298,18 @@ class SamplingParams:
     @property
     def bad_strings(self) -> List[str]:
         """`bad` as a list."""
-        return self._bad_list
+        return _strings(self.bad)
 
     @property
     def bad_word_ids(self) -> List[List[int]]:
         """`bad_token_ids` as token sequences (a single id is a sequence of one)."""
-        return self._bad_words
+        return [[item] if _is_int(item) else list(item) for item in self.bad_token_ids or []]
 
     def combined_logits_processor(self) -> Optional[Callable]:
         """The logits_processor(s) as one fn(prompt_ids, output_ids, logits), or None."""
-        if not self._processors:
+        fns = [(f, _takes_prompt(f)) for f in _callables(self.logits_processor)]
+        if not fns:
             return None
-        fns = [(f, _takes_prompt(f)) for f in self._processors]
 
         def run(prompt_ids: Sequence[int], output_ids: Sequence[int], logits):
             for f, takes_prompt in fns:
