@@ -206,6 +206,8 @@ class LLM:
             if prompt == "":
                 raise RequestError("the prompt is empty")
             return prompt, list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, Sequence):
+            raise RequestError(f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
         ids = list(prompt)
         if not ids:
             raise RequestError("the prompt is empty (no token ids)")
@@ -316,6 +318,8 @@ class LLM:
         single = isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and len(prompts) > 0
             and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts))
+        if not single and not isinstance(prompts, Sequence):
+            raise RequestError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         with frozen_heap():
             return self._generate_wait([prompts] if single else list(prompts), sampling_params, single, use_tqdm)
 
