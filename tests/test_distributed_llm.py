@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from llmapi import LLM, SamplingParams, UnsupportedModelError, WorkerDiedError
+from processes import running as _running
 
 MAX_TOKENS = 20
 LENGTHS = [1, 5, 17, 33, 2, 48, 9, 26]
@@ -30,14 +31,6 @@ def _prompts(model_dir, seed=1):
 def _greedy(llm, prompts):
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _job_pids(llm):

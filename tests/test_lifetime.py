@@ -4,31 +4,16 @@ Ctrl-C inside generate() leaves none of that call's requests in the executor."""
 import _thread
 import gc
 import threading
-import time
 import weakref
 
 import pytest
 
 from llmapi import LLM, SamplingParams
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+from processes import running as _running, wait_until as _wait_until
 
 
 def _llmapi_threads():
     return [t.name for t in threading.enumerate() if t.name.startswith("llmapi")]
-
-
-def _wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -12,27 +12,13 @@ import time
 import pytest
 
 from llmapi import LLM, SamplingParams, StepTimeoutError
+from processes import running as _running, wait_until as _wait_until
 
 STEP_TIMEOUT = 2.0
 DEADLINE = STEP_TIMEOUT + 5  # every pending request has failed by then
 SLEEP_S = DEADLINE + 3  # the hung processor's C-level sleep: it still sleeps when the requests have failed
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 LONG = SamplingParams(max_tokens=240, ignore_eos=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
 
 
 def _threads(name: str):
