@@ -1,4 +1,4 @@
-"""The `llmapi` command: `llmapi generate`, `llmapi build`, `llmapi bench` and `llmapi eval`."""
+"""The `llmapi` command: `llmapi generate`, `llmapi build`, `llmapi bench`, `llmapi eval` and `llmapi serve`."""
 
 from __future__ import annotations
 
@@ -98,6 +98,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     e = sub.add_parser("eval", help="quality: perplexity of a text, ROUGE of summaries (optionally vs transformers)")
     add_eval_arguments(e)
+
+    from .serve.cli import add_arguments as add_serve_arguments
+    from .serve.cli import main as serve_main
+
+    s = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API (pip install \"llmapi[serve]\")")
+    add_serve_arguments(s)
+    s.set_defaults(func=serve_main)
 
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,

@@ -1,0 +1,128 @@
+"""`llmapi serve MODEL`: start one LLM and serve it over OpenAI's HTTP API until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+logger = logging.getLogger("llmapi.serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, Hugging Face directory, GGUF file or engine directory")
+    p.add_argument("--model", dest="model_option", default=None, help="the model, as an option")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize "
+                        "(default: $LLMAPI_API_KEY; /health, /version and /metrics stay open)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients use (default: MODEL)")
+    s.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's")
+    s.add_argument("--max-pending", type=int, default=4096,
+                   help="most requests in flight; beyond it 503 with Retry-After")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM: seconds the requests in flight get to finish before they are aborted")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request")
+    m = p.add_argument_group("model (LLM() arguments)")
+    m.add_argument("--tokenizer", default=None)
+    m.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    m.add_argument("--load-format", default=None, choices=["auto", "dummy"])
+    m.add_argument("--revision", default=None, help="hub revision")
+    m.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    m.add_argument("--quant", default=None, help="a quant= mode, e.g. fp8, int8_weight_only, int4_awq")
+    m.add_argument("--tensor-parallel-size", "--tp", type=int, default=None)
+    m.add_argument("--pipeline-parallel-size", "--pp", type=int, default=None)
+    m.add_argument("--max-seq-len", "--max-model-len", type=int, default=None)
+    m.add_argument("--max-num-tokens", type=int, default=None)
+    m.add_argument("--max-batch-size", type=int, default=None)
+    m.add_argument("--tokens-per-block", type=int, default=None)
+    m.add_argument("--max-logprobs", type=int, default=None)
+    m.add_argument("--kv-cache-max-tokens", type=int, default=None, help="KvCacheConfig(max_tokens=...)")
+    m.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None)
+    m.add_argument("--no-enable-prefix-caching", action="store_true", help="KvCacheConfig(enable_block_reuse=False)")
+    m.add_argument("--no-async-scheduling", action="store_true")
+    m.add_argument("--step-timeout", type=float, default=None)
+    m.add_argument("--cache-dir", default=None, help="the engine cache (default $LLMAPI_CACHE_DIR)")
+
+
+_LLM_OPTIONS = ("tokenizer", "dtype", "load_format", "revision", "device", "quant", "tensor_parallel_size",
+                "pipeline_parallel_size", "max_seq_len", "max_num_tokens", "max_batch_size", "tokens_per_block",
+                "max_logprobs", "step_timeout", "cache_dir")
+
+
+def llm_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
+    """LLM() keyword arguments of the options given (the others keep LLM's defaults)."""
+    kw = {name: getattr(a, name) for name in _LLM_OPTIONS if getattr(a, name) is not None}
+    kv: Dict[str, Any] = {}
+    if a.kv_cache_max_tokens is not None:
+        kv["max_tokens"] = a.kv_cache_max_tokens
+    if a.kv_cache_free_gpu_memory_fraction is not None:
+        kv["free_gpu_memory_fraction"] = a.kv_cache_free_gpu_memory_fraction
+    if a.no_enable_prefix_caching:
+        kv["enable_block_reuse"] = False
+    if kv:
+        kw["kv_cache_config"] = kv
+    if a.no_async_scheduling:
+        kw["async_scheduling"] = False
+    return kw
+
+
+def read_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template: a file's text, or the argument itself when it names no file (as vLLM)."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a template longer than a path may be
+        pass
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def _interrupt(sig, frame):
+    raise KeyboardInterrupt  # while the model loads: unwind, so that the LLM's ranks are stopped
+
+
+def main(a: argparse.Namespace) -> int:
+    model = a.model or a.model_option
+    if model is None:
+        raise ValueError("llmapi serve needs a MODEL (hub id, directory, GGUF file or engine directory)")
+    try:
+        from .app import ServeConfig, create_app
+        from .server import DrainingServer
+    except ImportError as e:
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError(f"llmapi serve needs FastAPI and uvicorn: pip install \"llmapi[serve]\" "
+                                     f"({e})") from e
+    from .. import LLM
+
+    config = ServeConfig(served_model_name=a.served_model_name or model,
+                         api_key=a.api_key or os.environ.get("LLMAPI_API_KEY") or None,
+                         chat_template=read_chat_template(a.chat_template), max_pending=a.max_pending)
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        llm = LLM(model, **llm_kwargs(a))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    try:
+        server = DrainingServer(create_app(llm, config), drain_timeout=a.drain_timeout, host=a.host, port=a.port,
+                                log_level=a.log_level, access_log=not a.no_access_log)
+        server.run()
+    finally:
+        llm.shutdown()
+    logger.info("stopped")
+    return 0
