@@ -273,9 +273,9 @@ def validation_error(errors: List[dict]) -> APIError:
     param = str(loc[0])
     for p in loc[1:]:
         param += f"[{p}]" if isinstance(p, int) else f".{p}"
-    msg = e.get("msg", "is invalid")
     if e.get("type") == "missing":
-        msg = "is required"
+        return APIError(f"{param} is required", param)
+    msg = e.get("msg", "is invalid")
     msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
     return APIError(f"{param}: {msg}", param)
 
