@@ -1,7 +1,9 @@
-"""`llmapi bench`: a fixed-length synthetic workload through LLM: output tok/s, TTFT/TPOT, decode vs bandwidth."""
+"""`llmapi bench`: a fixed-length synthetic workload through LLM, or through a running OpenAI-compatible server
+(--backend openai): output tok/s, TTFT/TPOT, decode vs bandwidth."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -177,7 +179,99 @@ def bench_quant(quant: str | None, kv_cache_dtype: str):
     return dataclasses.replace(config, kv_cache_quant_algo=algo)
 
 
+async def _stream_completion(client, body: dict) -> Timing:
+    """One streamed /v1/completions request: arrival of the first event, of [DONE], and the usage's token count.
+
+    The events are not parsed as they come (a chunk may carry several tokens; only the last, the usage, is
+    read), so that the client's own work stays small next to the server's."""
+    start = time.perf_counter()
+    first = None
+    tail = b""
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"the server answered {r.status_code}: {(await r.aread())[:500]!r}")
+        async for piece in r.aiter_raw():
+            if first is None and b"data: {" in piece:
+                first = time.perf_counter()
+            tail = (tail + piece)[-8192:]
+    end = time.perf_counter()
+    events = [e[len(b"data: "):] for e in tail.split(b"\n\n") if e.startswith(b"data: ")]
+    if not events or events[-1] != b"[DONE]":
+        raise RuntimeError(f"the stream ended without [DONE]: {tail[-500:]!r}")
+    last = json.loads(events[-2]) if len(events) > 1 else {}
+    if "error" in last:
+        raise RuntimeError(f"the request failed: {last['error']}")
+    usage = last.get("usage") or {}
+    return Timing(start, first or end, end, int(usage.get("completion_tokens", 0)))
+
+
+async def _drive_openai(base_url: str, model: str, api_key, prompts, osl: int, concurrency: int) -> list[Timing]:
+    try:
+        import httpx
+    except ImportError as e:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("llmapi bench --backend openai needs httpx: pip install httpx") from e
+    limit = concurrency or len(prompts)
+    gate = asyncio.Semaphore(limit)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    async with httpx.AsyncClient(base_url=base_url.rstrip("/").removesuffix("/v1"), headers=headers,
+                                 limits=limits, timeout=httpx.Timeout(None, connect=60.0)) as client:
+        async def one(prompt):
+            body = {"model": model, "prompt": prompt, "max_tokens": osl, "temperature": 0.0, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            async with gate:
+                return await _stream_completion(client, body)
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def run_openai_workload(base_url: str, model: str, api_key, workload: Workload, vocab_size: int) -> dict:
+    """The workload through a running server's streamed /v1/completions (token-id prompts, ignore_eos)."""
+    prompts = workload.prompts(vocab_size)
+    start = time.perf_counter()
+    timings = asyncio.run(_drive_openai(base_url, model, api_key, prompts, workload.osl, workload.concurrency))
+    return summarize(timings, time.perf_counter() - start)
+
+
+def _served_model(base_url: str, api_key) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/v1/models", headers=headers, timeout=60)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def main_openai(a) -> int:
+    """--backend openai: the same workload and figures, from a server at --base-url."""
+    import os
+
+    if a.base_url is None:
+        raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000)")
+    if a.compare is not None:
+        raise ValueError("--compare runs offline only (drop --backend openai)")
+    api_key = a.api_key or os.environ.get("LLMAPI_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    model = a.model or _served_model(a.base_url, api_key)
+    workload = Workload(a.isl, a.osl, a.num_requests, a.concurrency, a.seed)
+    results = {"backend": "openai", "base_url": a.base_url, "model": model, "isl": a.isl, "osl": a.osl,
+               "num_requests": a.num_requests, "concurrency": a.concurrency, "vocab_size": a.vocab_size}
+    if a.warmup:
+        run_openai_workload(a.base_url, model, api_key, Workload(a.isl, a.osl, a.warmup, a.concurrency, a.seed + 1),
+                            a.vocab_size)
+    ours = results["openai"] = run_openai_workload(a.base_url, model, api_key, workload, a.vocab_size)
+    print(format_report("openai", ours))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main(a) -> int:
+    if a.backend == "openai":
+        return main_openai(a)
+    if a.model is None:
+        raise ValueError("llmapi bench needs --model (or --backend openai --base-url URL)")
     import torch
 
     from . import LLM
@@ -253,8 +347,16 @@ def main(a) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="hub id, directory, or a known config name: "
-                   + ", ".join(known_config_names()) + " (with --load-format dummy)")
+    p.add_argument("--model", default=None, help="hub id, directory, or a known config name: "
+                   + ", ".join(known_config_names()) + " (with --load-format dummy); with --backend openai the "
+                   "served model's name (default: the first of /v1/models)")
+    p.add_argument("--backend", choices=["llmapi", "openai"], default="llmapi",
+                   help="llmapi: an LLM in this process; openai: a running server's streamed /v1/completions")
+    p.add_argument("--base-url", default=None, help="--backend openai: the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="--backend openai: the server's key (default: $LLMAPI_API_KEY, "
+                   "$OPENAI_API_KEY)")
+    p.add_argument("--vocab-size", type=int, default=1000,
+                   help="--backend openai: prompt token ids are drawn from [0, vocab-size)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quant", default=None, help="a quant= short string (e.g. fp8, int4_weight_only); default none")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"],
