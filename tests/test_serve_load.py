@@ -187,3 +187,14 @@ def test_bench_drives_the_server(served, tmp_path, capsys):
     assert 0 < r["ttft_ms_p50"] <= r["ttft_ms_p99"] <= 1e3 * r["wall_s"] and 0 < r["tpot_ms_p50"] <= r["tpot_ms_p99"]
     assert "output tok/s" in capsys.readouterr().out
     assert not state.live
+
+
+def test_health_is_503_once_the_llm_is_dead(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), tokens_per_block=8, kv_cache_config={"max_tokens": 1024})
+    with ServerThread(create_app(llm, ServeConfig(served_model_name="tiny"))) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        llm.shutdown()
+        assert httpx.get(f"{url}/health").status_code == 503
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{url}/version").status_code == 200

@@ -14,7 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
-from ..errors import ExecutorDeadError
 from ..outputs import RequestOutput
 from .metrics import ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -24,6 +23,7 @@ logger = logging.getLogger("llmapi.serve")
 
 # Paths that need the API key; /health, /version and /metrics stay open (as in vLLM).
 _PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+_HEALTH_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -100,7 +100,7 @@ class ServerState:
         try:
             self.llm.get_stats()  # raises once the LLM is dead (a rank died, a stalled step) or shut down
             return True
-        except ExecutorDeadError:
+        except Exception:
             return False
 
 
@@ -152,9 +152,12 @@ def create_app(llm, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.draining or not state.alive():
-            return Response(status_code=503)
-        return Response(status_code=200)
+        # On a thread, with a bound: with several ranks the stats are a call to rank 0.
+        try:
+            alive = await asyncio.wait_for(asyncio.to_thread(state.alive), _HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            alive = False
+        return Response(status_code=200 if alive and not state.draining else 503)
 
     @app.get("/version")
     async def version():
