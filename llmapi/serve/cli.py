@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request")
     m = p.add_argument_group("model (LLM() arguments)")
     m.add_argument("--tokenizer", default=None)
+    m.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="no tokenizer: token-id prompts only, outputs as token ids (usage, logprobs) without text")
     m.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     m.add_argument("--load-format", default=None, choices=["auto", "dummy"])
     m.add_argument("--revision", default=None, help="hub revision")
@@ -72,6 +74,8 @@ def llm_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
         kw["kv_cache_config"] = kv
     if a.no_async_scheduling:
         kw["async_scheduling"] = False
+    if a.skip_tokenizer_init:
+        kw["skip_tokenizer_init"] = True
     return kw
 
 

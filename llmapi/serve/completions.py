@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 import time
-import uuid
+import itertools
+import secrets
 from typing import Any, Callable, Dict, List, Optional
 
 from fastapi import Request
@@ -26,6 +27,12 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, field_
 logger = logging.getLogger("llmapi.serve")
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf (vLLM's clamp)
+# Response ids: a random prefix per process and a counter (no read of the OS's random source per request).
+_ID_PREFIX, _ID_COUNTER = secrets.token_hex(6), itertools.count()
+
+
+def _response_id(kind: str) -> str:
+    return f"{kind}-{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def _json(obj: Any) -> str:
@@ -240,11 +247,11 @@ def _completion_logprobs(entries, token_ids: List[int], offset: int) -> dict:
 async def complete(state, body: CompletionRequest, request: Request):
     llm = state.llm
     state.check_model(body.model)
-    body.check()
+    body.check(has_tokenizer=llm.tokenizer is not None)
     _log_ignored(body)
     params = body.sampling_params(llm.get_default_sampling_params())
     job = _Job(state, body.prompts(), params, "prompt", {})
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.served_model_name
+    rid, created, model = _response_id("cmpl"), int(time.time()), state.config.served_model_name
 
     def prompt_text(out: RequestOutput) -> str:
         return out.prompt if out.prompt is not None else llm.tokenizer.decode(out.prompt_token_ids)
@@ -351,7 +358,7 @@ async def chat(state, body: ChatCompletionRequest, request: Request):
     ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
     job = _Job(state, [{"prompt_token_ids": ids}], params, "messages",
                {"max_tokens": body.max_tokens_field, "logprobs": "top_logprobs"})
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.config.served_model_name
+    rid, created, model = _response_id("chatcmpl"), int(time.time()), state.config.served_model_name
     k = body.top_logprobs or 0
 
     if not body.stream:

@@ -133,10 +133,12 @@ class CompletionRequest(_Sampling):
             raise APIError("prompt must not be empty", "prompt")
         return list(p)
 
-    def check(self) -> None:
+    def check(self, has_tokenizer: bool = True) -> None:
         super().check()
         if self.suffix is not None:
             raise APIError("suffix is not supported", "suffix")
+        if self.echo and not has_tokenizer:
+            raise APIError("echo needs a tokenizer (the server runs with --skip-tokenizer-init)", "echo")
         if self.echo and self.logprobs is not None and self.stream:
             raise APIError("echo with logprobs is not supported when streaming", "echo")
 
