@@ -94,6 +94,9 @@ def test_token_id_prompt_and_echo(client, llm):
     got = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, echo=True)
     assert got.choices[0].text == llm.tokenizer.decode(ids) + want.outputs[0].text
     assert got.usage.prompt_tokens == len(ids)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=6, temperature=0, echo=True, stream=True))
+    assert streamed == got.choices[0].text
 
 
 def test_chat_greedy_equals_llm_chat_streamed_or_not(client, aclient, llm):

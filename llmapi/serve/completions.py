@@ -207,9 +207,11 @@ class _EventStream(StreamingResponse):
                 pass
 
 
-def _stream(job: _Job, first: List[str], render, tail: Callable[[], List[str]]) -> _EventStream:
+def _stream(job: _Job, head: Callable[[], List[str]], render, tail: Callable[[], List[str]]) -> _EventStream:
+    """The event stream of a job: head()'s events, every update's, tail()'s, then [DONE]. Everything runs
+    inside the response, whose end closes the job."""
     async def body():
-        for piece in first:
+        for piece in head():
             yield piece
         async for piece in job.updates(render):
             yield piece
@@ -305,11 +307,9 @@ async def complete(state, body: CompletionRequest, request: Request):
             pieces.append(chunk(choice(index, o.text_diff, lps)))
         return pieces
 
-    first = []
-    if body.echo:
-        for i, out in enumerate(job.outs):
-            for k in range(params.n):
-                first.append(chunk(choice(i * params.n + k, prompt_text(out))))
+    def echoed() -> List[str]:
+        return [chunk(choice(i * params.n + k, prompt_text(out)))
+                for i, out in enumerate(job.outs) for k in range(params.n)] if body.echo else []
 
     def tail() -> List[str]:
         if not include_usage:
@@ -317,7 +317,7 @@ async def complete(state, body: CompletionRequest, request: Request):
         return [_sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                       "choices": [], "usage": job.usage()})]
 
-    return _stream(job, first, render, tail)
+    return _stream(job, echoed, render, tail)
 
 
 # ----------------------------------------------------------------------------------------- /v1/chat/completions
@@ -399,8 +399,9 @@ async def chat(state, body: ChatCompletionRequest, request: Request):
                                  "finish_reason": None}))
         return pieces
 
-    first = [chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}) for j in range(params.n)]
+    def first() -> List[str]:
+        return [chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}) for j in range(params.n)]
 
     def tail() -> List[str]:
         if not include_usage:
