@@ -368,6 +368,28 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_sequences", [](const Request& r) { return r.sampling.num_sequences; })
       .def_property_readonly("beam_search", [](const Request& r) { return r.sampling.beam_search; })
       .def_property_readonly("requested_logprobs", [](const Request& r) { return r.sampling.logprobs; })
+      // The rest of the constructor's settings, so that a Request can be sent to another process.
+      .def_property_readonly("min_p", [](const Request& r) { return r.sampling.min_p; })
+      .def_property_readonly("repetition_penalty", [](const Request& r) { return r.sampling.repetition_penalty; })
+      .def_property_readonly("presence_penalty", [](const Request& r) { return r.sampling.presence_penalty; })
+      .def_property_readonly("frequency_penalty", [](const Request& r) { return r.sampling.frequency_penalty; })
+      .def_property_readonly("bad_words", [](const Request& r) { return r.sampling.bad_words; })
+      .def_property_readonly("logit_bias",
+                             [](const Request& r) {
+                               std::map<int32_t, float> bias;
+                               for (size_t i = 0; i < r.sampling.logit_bias_ids.size(); ++i) {
+                                 bias[r.sampling.logit_bias_ids[i]] += r.sampling.logit_bias_values[i];
+                               }
+                               return bias;
+                             })
+      .def_property_readonly("length_penalty", [](const Request& r) { return r.sampling.length_penalty; })
+      .def_property_readonly("early_stopping",
+                             [](const Request& r) { return static_cast<int32_t>(r.sampling.early_stopping); })
+      .def_property_readonly("num_returned", [](const Request& r) { return r.sampling.num_returned; })
+      .def_property_readonly("prompt_logprobs", [](const Request& r) { return r.sampling.prompt_logprobs; })
+      .def_property_readonly("context_logits", [](const Request& r) { return r.sampling.context_logits; })
+      .def_property_readonly("generation_logits", [](const Request& r) { return r.sampling.generation_logits; })
+      .def_property_readonly("token_history", [](const Request& r) { return r.sampling.token_history; })
       .def_readonly("user_id", &Request::user_id)
       .def_readonly("seq_index", &Request::seq_index)
       .def_readonly("slot", &Request::slot)

@@ -186,8 +186,22 @@ class LlmArgs:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+# Short spellings LLM(...) accepts for LlmArgs fields.
+ALIASES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}
+
+
 def validated_kwargs(kwargs: dict) -> LlmArgs:
-    """LlmArgs from LLM(...) keyword arguments; unknown names raise a ValueError naming them."""
+    """LlmArgs from LLM(...) keyword arguments (`tp` / `pp` standing for tensor_parallel_size /
+    pipeline_parallel_size); unknown names, and both spellings with different values, raise a ValueError
+    naming them."""
+    kwargs = dict(kwargs)
+    for short, name in ALIASES.items():
+        if short in kwargs:
+            value = kwargs.pop(short)
+            if name in kwargs and kwargs[name] != value:
+                raise ValueError(f"LLM(): {short}={value!r} and {name}={kwargs[name]!r} disagree ({short} is "
+                                 f"another spelling of {name}); pass one of them")
+            kwargs[name] = value
     return from_kwargs(LlmArgs, kwargs, "LLM()")
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import pickle
+import types
 from pathlib import Path
 from typing import List
 
@@ -65,29 +68,40 @@ def check_params(params: SamplingParams, *, vocab_size: int, max_logprobs: int, 
     return params
 
 
-# Settings the multi-rank runners do not carry yet: each needs per-request state or outputs that only
-# the in-process runner keeps. Refused by name rather than silently ignored.
-_SINGLE_RANK_ONLY = (
-    ("n", lambda p: p.n != 1), ("best_of", lambda p: p.num_sequences != p.n),
-    ("use_beam_search", lambda p: p.use_beam_search),
-    ("prompt_logprobs", lambda p: p.prompt_logprobs is not None),
-    ("return_context_logits", lambda p: p.return_context_logits),
-    ("return_generation_logits", lambda p: p.return_generation_logits),
-    ("presence_penalty", lambda p: p.presence_penalty != 0),
-    ("frequency_penalty", lambda p: p.frequency_penalty != 0),
-    ("repetition_penalty", lambda p: p.repetition_penalty != 1), ("min_p", lambda p: p.min_p != 0),
-    ("bad", lambda p: bool(p.bad_strings)), ("bad_token_ids", lambda p: bool(p.bad_word_ids)),
-    ("logit_bias", lambda p: bool(p.logit_bias)),
-    ("logits_processor", lambda p: p.combined_logits_processor() is not None),
-)
+_PROCESSOR_RULE = ("with tensor_parallel_size * pipeline_parallel_size > 1 a logits processor runs on the rank that "
+                   "samples, another process: it must be importable there, a module-level function or an "
+                   "instance of a module-level class (pickled by reference), not a lambda, a closure or "
+                   "something defined in __main__")
+
+
+class _ByReference(pickle.Pickler):
+    """A pickler that refuses functions and classes another process could not import by name."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (types.FunctionType, type)):
+            module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+            if module in (None, "__main__") or "<" in name:  # <lambda>, <locals>
+                raise pickle.PicklingError(f"{module}.{name} is not importable by name")
+        return NotImplemented
+
+
+def pickled_processor(processor) -> bytes:
+    """A request's logits processor (SamplingParams.combined_logits_processor) pickled by reference for the
+    sampling rank; ValueError naming the rule when it cannot be."""
+    buffer = io.BytesIO()
+    try:
+        _ByReference(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(processor)
+    except Exception as e:
+        raise ValueError(f"SamplingParams logits_processor: {_PROCESSOR_RULE} ({type(e).__name__}: {e})") from None
+    return buffer.getvalue()
 
 
 def check_multi_rank(params: SamplingParams) -> None:
-    """ValueError naming each setting that tensor / pipeline parallel runs cannot honour yet."""
-    used = [name for name, is_set in _SINGLE_RANK_ONLY if is_set(params)]
-    if used:
-        raise ValueError(f"SamplingParams {', '.join(used)}: not supported yet with tensor_parallel_size * "
-                         "pipeline_parallel_size > 1 (a single rank supports them)")
+    """What tensor / pipeline parallel runs ask beyond one rank: every decoding setting works as on one rank,
+    and a logits processor must pickle by reference (ValueError naming the rule)."""
+    processor = params.combined_logits_processor()
+    if processor is not None:
+        pickled_processor(processor)
 
 
 def _bad_words(params: SamplingParams, tokenizer) -> List[List[int]]:
@@ -125,4 +139,4 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
         generation_logits=params.return_generation_logits, token_history=token_history)
 
 
-__all__ = ["generation_defaults", "check_params", "check_multi_rank", "core_request"]
+__all__ = ["generation_defaults", "check_params", "check_multi_rank", "pickled_processor", "core_request"]

@@ -4,6 +4,7 @@ script, whose LLM(...) uses the job's ranks; every other rank serves rank 0 unti
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from typing import List, Optional
@@ -22,6 +23,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from llmapi.distributed.comm import EXIT, ControlChannel
     from llmapi.distributed.worker import limit_threads, setup_rank
 
+    # As `python script.py` would: the script's directory first, on every rank (a logits processor's module
+    # beside the script imports on the sampling rank).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(a.script)))
     session = sessions.Session()
     setup_rank(str(session.rank))
     limit_threads(session.local_size)

@@ -15,7 +15,7 @@ import torch
 
 from . import _core
 from .config import validated_kwargs
-from .core_request import check_multi_rank, check_params, core_request, generation_defaults
+from .core_request import check_multi_rank, check_params, core_request, generation_defaults, pickled_processor
 from .errors import ExecutorDeadError, RequestError, WorkerDiedError
 from .live_request import LiveRequest
 from .llm_state import LLMState
@@ -65,7 +65,7 @@ class LLM:
     # The state's fields under the names the methods below use.
     _executor = _state_field("executor")
     _runner = _state_field("runner")
-    _local = _state_field("local")  # the in-process ModelRunner (world_size 1): logits processors and records
+    _local = _state_field("local")  # the in-process ModelRunner (world_size 1)
     _live = _state_field("live")
     _lock = _state_field("lock")
     _thread = _state_field("thread")
@@ -145,6 +145,12 @@ class LLM:
                 if remote is not None:  # its ranks stopped at the failed load: a new job loads the rebuilt engine
                     remote.shutdown()
                     remote = self._executor = RemoteExecutor(mapping.world_size)
+        # Where the requests' logits processors and logits records go (see LLMState).
+        held = runner if remote is None else remote
+        if mapping.world_size == 1:
+            self._res.processors, self._res.records = runner.logits_processors, runner.records
+        else:
+            self._res.processors, self._res.records = held.processors, held.records
         if remote is not None:
             self.num_kv_blocks = remote.num_blocks
             self._start_responses()
@@ -248,8 +254,9 @@ class LLM:
         (its next step schedules from all of them) and takes all or, on an error, none."""
         self._check_alive()
         outs, requests = [], []
-        local = self._local  # None at world_size > 1, where check_multi_rank refused these settings
+        processors, records = self._res.processors, self._res.records
         made: Dict[int, Any] = {}  # id(params) -> a core Request made from them, whose settings the next reuse
+        pickled: Dict[int, bytes] = {}  # id(params) -> their logits processor, pickled for the sampling rank
         with self._lock:
             try:
                 for text, ids, params in prepared:
@@ -270,10 +277,12 @@ class LLM:
                     self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
                                                   abort_seq=functools.partial(self._res.abort, rid))
                     if processor is not None:
-                        local.logits_processors[rid] = processor
+                        if self.world_size > 1 and id(params) not in pickled:
+                            pickled[id(params)] = pickled_processor(processor)
+                        processors[rid] = processor if self.world_size == 1 else pickled[id(params)]
                     if (params.prompt_logprobs is not None or params.return_context_logits
                             or params.return_generation_logits):
-                        local.records.open(rid)
+                        records.open(rid)
                 if len(requests) == 1:
                     self._executor.enqueue(requests[0])
                 else:
@@ -281,9 +290,8 @@ class LLM:
             except BaseException:
                 for out in outs:
                     self._live.pop(out.request_id, None)  # the response thread may have failed it already
-                    if local is not None:
-                        local.logits_processors.pop(out.request_id, None)
-                        local.records.pop(out.request_id)
+                    processors.pop(out.request_id, None)
+                    records.pop(out.request_id)
                 raise
         return outs
 

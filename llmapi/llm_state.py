@@ -22,12 +22,17 @@ _POLL_S = 0.05  # how often the response thread looks at `closed` while nothing 
 
 class LLMState:
     """The executor side of one LLM. `executor` and `runner` are set once started; `local` is the
-    in-process ModelRunner at world size 1 (its logits processors and logits records)."""
+    in-process ModelRunner at world size 1. `processors` takes the requests' logits processors (request id ->
+    the callable at one rank, its pickled bytes at several) and `records` keeps their prompt logprobs and
+    logits outputs (open(id) before enqueueing, take(id) when finished): the in-process runner's, rank 0's
+    DistributedRunner's, or a spawned job's RemoteExecutor's."""
 
     def __init__(self):
         self.executor = None
         self.runner = None
         self.local = None
+        self.processors = None
+        self.records = None
         self.device = None
         self.live: Dict[int, LiveRequest] = {}
         self.lock = threading.Lock()  # held while requests are enqueued
@@ -77,14 +82,14 @@ class LLMState:
 
     def finish(self, rid: int, reason, error) -> None:
         live = self.live.pop(rid, None)
-        local = self.local
-        if local is not None:
-            local.logits_processors.pop(rid, None)
-            record, generation = local.records.pop(rid)
+        processors, records = self.processors, self.records
+        if processors is not None:
+            processors.pop(rid, None)
+        taken = records.take(rid) if records is not None else None
         if live is not None:
             try:
-                if local is not None:
-                    live.attach_records(record, generation, local.records.prompt_logprobs(record))
+                if taken is not None:
+                    live.attach_records(*taken)
             finally:
                 live.finish(reason, error)
 
@@ -113,7 +118,7 @@ class LLMState:
             self.finish(rid, "abort", None)
         # Outputs keep this object for their abort(): let go of the model and KV cache now, and hand
         # their GPU memory back for the next LLM or other processes.
-        self.local = None
+        self.local = self.processors = self.records = None
         device: Any = self.device
         if device is not None and device.type == "cuda":
             import torch

@@ -91,6 +91,19 @@ def _takes_prompt(fn: Callable) -> bool:
     return len(params) >= 3
 
 
+class ProcessorChain:
+    """Logits processors called in turn as one fn(prompt_ids, output_ids, logits). A module-level class, so
+    that it pickles (with its processors, by reference) to the rank that samples."""
+
+    def __init__(self, fns: List[tuple]):
+        self.fns = fns  # (processor, whether it takes the prompt ids)
+
+    def __call__(self, prompt_ids: Sequence[int], output_ids: Sequence[int], logits):
+        for f, takes_prompt in self.fns:
+            logits = f(prompt_ids, output_ids, logits) if takes_prompt else f(output_ids, logits)
+        return logits
+
+
 @rejects_unknown_arguments("SamplingParams()")
 @dataclass
 class SamplingParams:
@@ -308,15 +321,7 @@ class SamplingParams:
     def combined_logits_processor(self) -> Optional[Callable]:
         """The logits_processor(s) as one fn(prompt_ids, output_ids, logits), or None."""
         fns = [(f, _takes_prompt(f)) for f in _callables(self.logits_processor)]
-        if not fns:
-            return None
-
-        def run(prompt_ids: Sequence[int], output_ids: Sequence[int], logits):
-            for f, takes_prompt in fns:
-                logits = f(prompt_ids, output_ids, logits) if takes_prompt else f(output_ids, logits)
-            return logits
-
-        return run
+        return ProcessorChain(fns) if fns else None
 
     @property
     def greedy(self) -> bool:

@@ -21,8 +21,12 @@ RemoteResponse = namedtuple("RemoteResponse", [
     "top_logprobs", "cumulative_logprob"])
 
 REQUEST_FIELDS = ("request_id", "prompt_token_ids", "max_tokens", "min_tokens", "eos_token_ids", "stop_token_ids",
-                  "ignore_eos", "temperature", "top_k", "top_p", "seed")
-"""The _core.Request constructor's arguments, as the user's process sends them."""
+                  "ignore_eos", "temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty", "bad_words", "logit_bias", "num_sequences", "beam_search",
+                  "length_penalty", "early_stopping", "num_returned", "prompt_logprobs", "context_logits",
+                  "generation_logits", "token_history")
+"""The _core.Request constructor's arguments, as the user's process sends them (`logprobs` is read as
+`requested_logprobs`)."""
 
 
 def listen() -> tuple[Listener, dict]:
@@ -49,5 +53,7 @@ def request_fields(request) -> dict:
     fields = {name: getattr(request, name) for name in REQUEST_FIELDS}
     for name in ("prompt_token_ids", "eos_token_ids", "stop_token_ids"):
         fields[name] = list(fields[name])
+    fields["bad_words"] = [list(w) for w in fields["bad_words"]]
+    fields["logit_bias"] = dict(fields["logit_bias"])
     fields["logprobs"] = request.requested_logprobs
     return fields

@@ -1,4 +1,8 @@
-"""Communication between ranks: TP collectives, and rank 0's calls (a method code plus raw bytes, never pickle)."""
+"""Communication between ranks: TP collectives, and rank 0's calls (a method code plus raw bytes).
+
+Nothing in a call is unpickled but a request's logits processor, which the user's process pickled (by
+reference: llmapi.core_request.pickled_processor) and only the sampling rank loads.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,24 @@ import torch.distributed as dist
 INIT, STEP, RELEASE, EXIT = 1, 2, 3, 4
 
 # Batch arrays in wire order: name, dtype, length in terms of R (requests), T (tokens), B (blocks per row),
-# S (suppressed ids).
+# S (suppressed ids), C (block copies), N (logit bias entries), H (state entries).
 _BATCH_FIELDS = (
     ("input_ids", np.int32, "T"), ("positions", np.int32, "T"), ("slot_mapping", np.int64, "T"),
     ("query_lens", np.int32, "R"), ("context_lens", np.int32, "R"), ("block_tables", np.int32, "RB"),
     ("do_sample", np.int8, "R"), ("temperature", np.float32, "R"), ("top_k", np.int32, "R"),
     ("top_p", np.float32, "R"), ("seeds", np.int64, "R"), ("output_index", np.int32, "R"),
     ("suppress_offsets", np.int32, "R+1"), ("suppress_ids", np.int32, "S"), ("logprobs", np.int32, "R"),
+    # The decoding step's (llmapi.runtime.decode) and the block copies every rank makes.
+    ("request_ids", np.uint64, "R"), ("seq_index", np.int32, "R"), ("block_copies", np.int32, "C2"),
+    ("num_candidates", np.int32, "R"), ("beam", np.int8, "R"), ("min_p", np.float32, "R"),
+    ("repetition_penalty", np.float32, "R"), ("presence_penalty", np.float32, "R"),
+    ("frequency_penalty", np.float32, "R"), ("bias_offsets", np.int32, "R+1"), ("bias_ids", np.int32, "N"),
+    ("bias_values", np.float32, "N"), ("prompt_logprobs", np.int32, "R"), ("context_logits", np.int8, "R"),
+    ("generation_logits", np.int8, "R"), ("prompt_lens", np.int32, "R"), ("next_token_ids", np.int32, "R"),
+    ("slots", np.int32, "R"), ("slot_copy_from", np.int32, "R"), ("slot_reset", np.int8, "R"),
+    ("state_start", np.int32, "R"), ("state_offsets", np.int32, "R+1"), ("state_ids", np.int32, "H"),
 )
-
+_COUNTS = ("R", "T", "B", "S", "C", "N", "H")
 
 class GroupComm:
     """The collectives a tensor-parallel layer needs, over one torch.distributed group."""
@@ -39,36 +52,66 @@ class GroupComm:
         return torch.cat(parts, dim=dim)
 
 
-def _length(kind: str, r: int, t: int, b: int, s: int) -> int:
-    return {"T": t, "R": r, "RB": r * b, "R+1": r + 1, "S": s}[kind]
+def _length(kind: str, counts: dict) -> int:
+    if kind == "RB":
+        return counts["R"] * counts["B"]
+    if kind == "R+1":
+        return counts["R"] + 1
+    if kind == "C2":
+        return 2 * counts["C"]
+    return counts[kind]
 
 
-def encode_batch(batch) -> bytes:
-    """A _core.Batch as bytes: a header of four int64 counts, then each array, 8-byte aligned."""
+def _aligned(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 8)
+
+
+def encode_batch(batch, processors_added: dict | None = None, processors_dropped=()) -> bytes:
+    """A _core.Batch as bytes: a header of int64 counts, then each array, 8-byte aligned; then the logits
+    processors the sampling rank takes on ({request id: pickled bytes}) or drops (request ids) before it runs
+    this step: two int64 counts, the dropped ids, then per added one its id, its length and its bytes."""
     if (np.asarray(batch.prev_rows) >= 0).any():
         raise RuntimeError("async scheduling (placeholder input ids) runs on one rank only")
     tables = np.asarray(batch.block_tables)
-    r, t = int(batch.num_requests), int(batch.num_tokens)
-    b, s = (tables.shape[1] if tables.ndim == 2 else 0), len(batch.suppress_ids)
-    parts = [np.array([r, t, b, s], dtype=np.int64).tobytes()]
+    counts = dict(R=int(batch.num_requests), T=int(batch.num_tokens), B=tables.shape[1] if tables.ndim == 2 else 0,
+                  S=len(batch.suppress_ids), C=len(np.asarray(batch.block_copies)), N=len(batch.bias_ids),
+                  H=len(batch.state_ids))
+    parts = [np.array([counts[k] for k in _COUNTS], dtype=np.int64).tobytes()]
     for name, dtype, _ in _BATCH_FIELDS:
-        data = np.ascontiguousarray(getattr(batch, name), dtype=dtype).tobytes()
-        parts.append(data + b"\0" * (-len(data) % 8))
+        parts.append(_aligned(np.ascontiguousarray(getattr(batch, name), dtype=dtype).tobytes()))
+    added = processors_added or {}
+    parts.append(np.array([len(added), len(processors_dropped)], dtype=np.int64).tobytes())
+    parts.append(np.array(list(processors_dropped), dtype=np.uint64).tobytes())
+    for rid, data in added.items():
+        parts.append(np.array([rid, len(data)], dtype=np.uint64).tobytes() + _aligned(data))
     return b"".join(parts)
 
 
 def decode_batch(data: bytes) -> SimpleNamespace:
-    """The batch encode_batch wrote, as numpy arrays under _core.Batch's attribute names."""
-    r, t, b, s = (int(v) for v in np.frombuffer(data, dtype=np.int64, count=4))
-    fields, offset = {}, 32
+    """The batch encode_batch wrote, as numpy arrays under _core.Batch's attribute names, with
+    `processors_added` ({request id: pickled bytes}) and `processors_dropped` (request ids)."""
+    counts = dict(zip(_COUNTS, (int(v) for v in np.frombuffer(data, dtype=np.int64, count=len(_COUNTS)))))
+    fields, offset = {}, 8 * len(_COUNTS)
     for name, dtype, kind in _BATCH_FIELDS:
-        n = _length(kind, r, t, b, s)
+        n = _length(kind, counts)
         fields[name] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
         offset += n * np.dtype(dtype).itemsize
         offset += -offset % 8
-    fields["block_tables"] = fields["block_tables"].reshape(r, b)
-    return SimpleNamespace(num_requests=r, num_tokens=t, **fields)
-
+    r = counts["R"]
+    fields["block_tables"] = fields["block_tables"].reshape(r, counts["B"])
+    fields["block_copies"] = fields["block_copies"].reshape(counts["C"], 2)
+    num_added, num_dropped = (int(v) for v in np.frombuffer(data, dtype=np.int64, count=2, offset=offset))
+    offset += 16
+    dropped = np.frombuffer(data, dtype=np.uint64, count=num_dropped, offset=offset).tolist()
+    offset += 8 * num_dropped
+    added = {}
+    for _ in range(num_added):
+        rid, size = (int(v) for v in np.frombuffer(data, dtype=np.uint64, count=2, offset=offset))
+        offset += 16
+        added[rid] = data[offset:offset + size]
+        offset += size + (-size % 8)
+    return SimpleNamespace(num_requests=r, num_tokens=counts["T"], processors_added=added,
+                           processors_dropped=dropped, **fields)
 
 class ControlChannel:
     """Rank 0 broadcasts calls over the control group; every other rank receives them in order."""
@@ -111,34 +154,3 @@ class ControlChannel:
         dist.broadcast(body, 0, group=self.group)
         return method, body.numpy().tobytes()
 
-
-def sampled_width(top: int) -> int:
-    """Int32 columns per row of a step's answer: the token alone, or with logprobs and `top` top logprobs."""
-    return 1 if top < 0 else 3 + 2 * top
-
-
-def pack_sampled(tokens: torch.Tensor, logprobs: dict | None, top: int) -> torch.Tensor:  # -> [R, W] int32
-    """A step's sampled tokens [R] and (top >= 0) their logprob outputs (see decode.logprob_outputs) as one
-    int32 tensor: [token | rank | logprob | top_ids L | top_logprobs L], floats bit-cast."""
-    if top < 0:
-        return tokens.to(torch.int32)[:, None]
-    as_int = (lambda t: t.float().contiguous().view(torch.int32))
-    cols = [tokens.to(torch.int32)[:, None], logprobs["ranks"], as_int(logprobs["logprobs"])]
-    if top > 0:
-        cols += [logprobs["top_ids"], as_int(logprobs["top_logprobs"])]
-    return torch.cat(cols, dim=1)
-
-
-def unpack_sampled(packed: np.ndarray, top: int):
-    """pack_sampled's [R, W] array -> the tokens [R], or a StepOutput when the step wanted logprobs."""
-    from llmapi.runtime.decode import StepOutput
-
-    if top < 0:
-        return np.ascontiguousarray(packed[:, 0])
-    as_float = (lambda a: np.ascontiguousarray(a).view(np.float32))
-    out = StepOutput(tokens=np.ascontiguousarray(packed[:, :1]), ranks=np.ascontiguousarray(packed[:, 1:2]),
-                     logprobs=as_float(packed[:, 2:3]))
-    if top > 0:
-        out.top_ids = np.ascontiguousarray(packed[:, 3:3 + top])
-        out.top_logprobs = as_float(packed[:, 3 + top:])
-    return out

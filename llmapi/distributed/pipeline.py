@@ -9,11 +9,16 @@ from torch import nn
 
 from llmapi.distributed.mapping import Mapping
 
-# Batch arrays indexed by request ([R]) and by token ([T]); see _core.Batch.
+# Batch arrays indexed by request ([R]), by token ([T]), and CSR lists ([R+1] offsets, their entries); see
+# _core.Batch.
 REQUEST_FIELDS = ("query_lens", "context_lens", "do_sample", "temperature", "top_k", "top_p", "seeds",
-                  "output_index", "logprobs")
+                  "output_index", "logprobs", "request_ids", "seq_index", "num_candidates", "beam", "min_p",
+                  "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs", "context_logits",
+                  "generation_logits", "prompt_lens", "next_token_ids", "slots", "slot_copy_from", "slot_reset",
+                  "state_start")
 TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping")
-
+CSR_FIELDS = (("suppress_offsets", ("suppress_ids",)), ("bias_offsets", ("bias_ids", "bias_values")),
+              ("state_offsets", ("state_ids",)))
 
 class StageLayers(nn.Module):
     """One stage's layers under their global indices (so their tensors keep the engine's names); it
@@ -79,13 +84,19 @@ def micro_batches(query_lens: np.ndarray, count: int) -> list[tuple[int, int]]:
 
 
 def slice_batch(batch, start: int, stop: int):
-    """Requests [start, stop) of a batch (a _core.Batch or its decoded copy) as a batch of their own."""
+    """Requests [start, stop) of a batch (a _core.Batch or its decoded copy) as a batch of their own. Fields
+    the batch lacks stay absent; block copies are the whole step's (made before any micro-batch runs)."""
     q = np.asarray(batch.query_lens)
     t0, t1 = int(q[:start].sum()), int(q[:stop].sum())
-    fields = {name: np.asarray(getattr(batch, name))[start:stop] for name in REQUEST_FIELDS}
+    fields = {name: np.asarray(getattr(batch, name))[start:stop] for name in REQUEST_FIELDS if hasattr(batch, name)}
     fields.update({name: np.asarray(getattr(batch, name))[t0:t1] for name in TOKEN_FIELDS})
-    offsets = np.asarray(batch.suppress_offsets)
-    fields["suppress_offsets"] = offsets[start:stop + 1] - offsets[start]
-    fields["suppress_ids"] = np.asarray(batch.suppress_ids)[offsets[start]:offsets[stop]]
+    for offsets_name, entry_names in CSR_FIELDS:
+        if not hasattr(batch, offsets_name):
+            continue
+        offsets = np.asarray(getattr(batch, offsets_name))
+        fields[offsets_name] = offsets[start:stop + 1] - offsets[start]
+        for name in entry_names:
+            fields[name] = np.asarray(getattr(batch, name))[offsets[start]:offsets[stop]]
     fields["block_tables"] = np.asarray(batch.block_tables)[start:stop]
+    fields["block_copies"] = np.zeros((0, 2), dtype=np.int32)
     return SimpleNamespace(num_requests=stop - start, num_tokens=t1 - t0, **fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -13,13 +14,12 @@ import torch
 import torch.distributed as dist
 
 from llmapi.config import KvCacheConfig
-from llmapi.distributed.comm import (EXIT, INIT, RELEASE, STEP, ControlChannel, GroupComm, decode_batch,
-                                     pack_sampled, sampled_width, unpack_sampled)
+from llmapi.distributed.comm import EXIT, INIT, RELEASE, STEP, ControlChannel, GroupComm, decode_batch
 from llmapi.distributed.mapping import Mapping
 from llmapi.distributed.pipeline import micro_batches, slice_batch
 from llmapi.distributed.session import Session
+from llmapi.distributed.step_reply import merge_outputs, pack_reply, unpack_reply
 from llmapi.errors import CorruptEngineError
-from llmapi.runtime.decode import logprob_outputs
 from llmapi.runtime.model_runner import ModelRunner
 from llmapi.runtime.watchdog import StepMarks, start_heartbeat
 
@@ -28,11 +28,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepHandle:
-    """Rank 0's view of a step in flight: its micro-batches' request ranges and, when it samples, their tokens."""
+    """Rank 0's view of a step in flight: its micro-batches' request ranges and, when it samples, their answers."""
 
     ranges: list
-    top: int = -1  # the step's top logprobs per row; -1: nobody asked for logprobs
-    tokens: list = field(default_factory=list)  # [R_mb, W] device tensors (pack_sampled), when this rank samples
+    decoding: bool = False  # the step runs decode(): its answers are step_reply buffers, else tokens [R_mb, 1]
+    replies: list = field(default_factory=list)  # the answers, when this rank samples
+
+
+class _Unloadable:
+    """Stands in for a logits processor the sampling rank could not unpickle: it fails its request alone."""
+
+    def __init__(self, error: BaseException):
+        self.message = f"could not be loaded on the sampling rank ({type(error).__name__}: {error})"
+
+    def __call__(self, prompt_ids, output_ids, logits):
+        raise RuntimeError(self.message)
 
 
 class RankWorker:
@@ -40,6 +50,13 @@ class RankWorker:
 
     init: the INIT call's settings (engine_dir, engine_config, mapping, device_type, kv_cache_config,
     tokens_per_block, load_format). Every rank builds one; the cache size is the smallest any rank can hold.
+
+    A step whose batch uses a decoding feature beyond sampling (see ModelRunner.needs_decode) runs the same
+    ModelRunner.decode_step as one rank, on the sampling rank (the last stage's first TP rank), which keeps the
+    requests' decoding state (penalty counts, token histories, logits processors); the last stage's other TP
+    ranks take part in its collectives. Its answer crosses to rank 0 as a step_reply buffer. Such a step is
+    cut into micro-batches too, unless a row forks another's state (a micro-batch would see the other's
+    update of this step).
     """
 
     def __init__(self, session: Session, init: dict):
@@ -63,17 +80,35 @@ class RankWorker:
             self.runner.allocate_kv_caches(int(blocks))
         self.num_blocks = int(blocks)
         self.hidden_size = init["engine_config"]["hidden_size"]
+        self.samples = session.rank == mapping.sampler_rank
         self._sends = []  # (work, tensor): isends in flight; the tensor must live until they complete
 
     def _isend(self, tensor: torch.Tensor, dst: int, group=None) -> None:
         self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
         self._sends.append((dist.isend(tensor, dst, group=group), tensor))
 
+    def _take_processors(self, batch) -> None:
+        """The sampling rank: load the logits processors of requests new in this step, drop finished ones."""
+        processors = self.runner.logits_processors
+        for rid in batch.processors_dropped:
+            processors.pop(rid, None)
+        for rid, data in batch.processors_added.items():
+            try:
+                processors[rid] = pickle.loads(data)
+            except Exception as e:  # e.g. its module is not importable here: its request fails alone
+                processors[rid] = _Unloadable(e)
+
     def start(self, batch) -> StepHandle:
-        """Run this rank's part of a step. Stages overlap: a stage sends micro-batch i on while it runs i + 1."""
+        """Run this rank's part of a step (a decode_batch). Stages overlap: a stage sends micro-batch i on
+        while it runs i + 1."""
         m, runner = self.mapping, self.runner
-        ranges = micro_batches(np.asarray(batch.query_lens), m.pp_size)
-        handle = StepHandle(ranges, top=int(np.asarray(batch.logprobs).max(initial=-1)))
+        runner.copy_blocks(np.asarray(batch.block_copies))  # every rank's cache: forks share blocks
+        if self.samples:
+            self._take_processors(batch)
+        decoding = runner.needs_decode(batch)
+        forks = decoding and bool((np.asarray(batch.slot_copy_from) >= 0).any())
+        ranges = micro_batches(np.asarray(batch.query_lens), 1 if forks else m.pp_size)
+        handle = StepHandle(ranges, decoding)
         for start, stop in ranges:
             mb = batch if len(ranges) == 1 else slice_batch(batch, start, stop)
             inputs = runner.prepare(mb)
@@ -85,38 +120,53 @@ class RankWorker:
             if not m.is_last_stage:
                 self._isend(hidden, m.peer(m.pp_rank + 1))
                 continue
-            logits = runner.logits(inputs, hidden)  # every TP rank: the head all-gathers
-            if self.session.rank == m.sampler_rank:
-                packed = self._sample(runner, inputs, logits, np.asarray(mb.logprobs), handle.top)  # [R_mb, W]
-                if self.session.rank == 0:
-                    handle.tokens.append(packed)
-                else:
-                    self._isend(packed.cpu(), 0, group=self.session.tokens)
+            # Every TP rank of the last stage: the head all-gathers.
+            if decoding:
+                decoded = runner.decode_step(mb, inputs, hidden, samples=self.samples)
+                reply = torch.from_numpy(pack_reply(*decoded)) if self.samples else None
+            else:
+                logits = runner.logits(inputs, hidden)
+                reply = runner.sample(inputs, logits).to(torch.int32)[:, None].cpu() if self.samples else None
+            if reply is None:
+                continue
+            if self.session.rank == 0:
+                handle.replies.append(reply)
+            elif decoding:
+                self._isend(torch.tensor([reply.numel()], dtype=torch.int64), 0, group=self.session.tokens)
+                self._isend(reply, 0, group=self.session.tokens)
+            else:
+                self._isend(reply, 0, group=self.session.tokens)
         return handle
 
-    @staticmethod
-    def _sample(runner, inputs, logits: torch.Tensor, want: np.ndarray, top: int) -> torch.Tensor:
-        """The sampled tokens, with the logprob outputs of the rows that asked (from the raw logits, taken
-        before sampling processes them), packed for rank 0."""
-        lp_rows = np.nonzero(want >= 0)[0]
-        raw = logits[torch.as_tensor(lp_rows, device=logits.device)].log_softmax(dim=-1) if len(lp_rows) else None
-        tokens = runner.sample(inputs, logits)  # [R_mb]
-        outputs = None
-        if top >= 0:
-            outputs = (logprob_outputs(raw, lp_rows, want, tokens[:, None], top=top) if raw is not None else
-                       _no_logprobs(len(want), top, logits.device))
-        return pack_sampled(tokens, outputs, top)
-
-    def finish(self, handle: StepHandle) -> np.ndarray:
-        """Rank 0: the step's sampled tokens [R] (or a StepOutput with logprobs), from itself or the last stage."""
-        if self.session.rank == self.mapping.sampler_rank:
-            return unpack_sampled(torch.cat(handle.tokens).cpu().numpy(), handle.top)
-        parts = []
+    def _replies(self, handle: StepHandle) -> list:
+        if self.samples:
+            return handle.replies
+        replies = []
         for start, stop in handle.ranges:
-            packed = torch.empty(stop - start, sampled_width(handle.top), dtype=torch.int32)
-            dist.recv(packed, self.mapping.sampler_rank, group=self.session.tokens)
-            parts.append(packed)
-        return unpack_sampled(torch.cat(parts).numpy(), handle.top)
+            if handle.decoding:
+                size = torch.zeros(1, dtype=torch.int64)
+                dist.recv(size, self.mapping.sampler_rank, group=self.session.tokens)
+                reply = torch.empty(int(size), dtype=torch.uint8)
+            else:
+                reply = torch.empty(stop - start, 1, dtype=torch.int32)
+            dist.recv(reply, self.mapping.sampler_rank, group=self.session.tokens)
+            replies.append(reply)
+        return replies
+
+    def finish(self, handle: StepHandle):
+        """Rank 0: the step's answer from itself or the sampling rank, as the in-process runner gives it: the
+        sampled tokens [R], or (decoding) a StepOutput; and the step's logits records (prompt chunks,
+        generation rows)."""
+        replies = self._replies(handle)
+        if not handle.decoding:
+            return torch.cat(replies)[:, 0].numpy(), [], []
+        outputs, prompt, generation = [], [], []
+        for reply in replies:
+            out, chunks, rows = unpack_reply(reply.numpy())
+            outputs.append(out)
+            prompt += chunks
+            generation += rows
+        return merge_outputs(outputs), prompt, generation
 
     def release(self) -> None:
         """Wait for the sends in flight, then drop the model and cache."""
@@ -160,16 +210,6 @@ def _agree_loaded(session: Session, error: Exception | None) -> None:
     if codes[r] == 1:
         raise CorruptEngineError(f"{messages[r]} (rank {r})")
     raise RuntimeError(f"rank {r} could not load the engine: {messages[r]}")
-
-
-def _no_logprobs(num_rows: int, top: int, device) -> dict:
-    """logprob_outputs' answer for a micro-batch none of whose rows asked (another micro-batch's did)."""
-    out = {"logprobs": torch.full((num_rows, 1), float("nan"), device=device),
-           "ranks": torch.zeros(num_rows, 1, dtype=torch.int32, device=device)}
-    if top > 0:
-        out["top_ids"] = torch.full((num_rows, top), -1, dtype=torch.int32, device=device)
-        out["top_logprobs"] = torch.zeros(num_rows, top, device=device)
-    return out
 
 
 def serve(session: Session) -> None:

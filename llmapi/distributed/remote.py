@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Optional
@@ -13,6 +14,7 @@ from llmapi import errors
 from llmapi.distributed import channel
 from llmapi.distributed.session import MASTER_ADDR_ENV
 from llmapi.distributed.spawn import MpiJob
+from llmapi.distributed.worker import SYS_PATH_ENV
 from llmapi.errors import ExecutorDeadError, LaunchError, StepTimeoutError, WorkerDiedError
 from llmapi.runtime.watchdog import HEARTBEAT_ENV, Heartbeats, stalled_ranks
 
@@ -28,6 +30,45 @@ class _Call:
         self.error: Optional[BaseException] = None
 
 
+class RemoteRecords:
+    """The logits records (prompt logprobs, context and generation logits) rank 0 sends with a request's last
+    response, kept until the LLM takes them; as LogitsRecords, only for requests opened and not yet taken."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: set[int] = set()
+        self._arrived: dict = {}
+
+    def open(self, request_id: int) -> None:
+        with self._lock:
+            self._open.add(request_id)
+
+    def arrive(self, records: dict) -> None:
+        """Rank 0's {request id: (context logits or None, {seq: {output index: logits}}, prompt logprobs)}."""
+        import torch
+
+        from llmapi.runtime.logits_records import PromptRecord
+
+        with self._lock:
+            records = {rid: r for rid, r in records.items() if rid in self._open}
+        for rid, (context, generation, prompt_logprobs) in records.items():
+            record = PromptRecord(logits=[torch.from_numpy(context)] if context is not None else [])
+            generation = {seq: {i: torch.from_numpy(row) for i, row in rows.items()}
+                          for seq, rows in generation.items()}
+            with self._lock:
+                if rid in self._open:  # not taken meanwhile (a request finished early on the Python side)
+                    self._arrived[rid] = (record, generation, prompt_logprobs)
+
+    def pop(self, request_id: int):
+        with self._lock:
+            self._open.discard(request_id)
+            return self._arrived.pop(request_id, None)
+
+    def take(self, request_id: int):
+        """(PromptRecord or None, generation logits, prompt logprobs) as LogitsRecords.take gives them."""
+        return self.pop(request_id) or (None, {}, ([], [], [], []))
+
+
 class RemoteExecutor:
     """Spawns the ranks at once (they import torch while the engine converts), then `start` hands them the engine.
 
@@ -38,12 +79,16 @@ class RemoteExecutor:
     It is also the step watchdog's probe of the job (check_stall, unstick): with requests or calls pending,
     progress is a response from rank 0 or a runner call that rank 0 finished (its heartbeat says); none for
     step_timeout is a stall, named from the ranks' heartbeats and process states, and the job is killed.
+
+    `processors` ({request id: pickled logits processor}, filled by the LLM before it enqueues) go to rank 0
+    with their requests; `records` receive the logits records that come with a request's last response.
     """
 
     def __init__(self, world_size: int):
         self.world_size = world_size
         self._listener, env = channel.listen()
         env[MASTER_ADDR_ENV] = "127.0.0.1"  # one host: the rendezvous store listens on loopback only
+        env[SYS_PATH_ENV] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
             env["GLOO_SOCKET_IFNAME"] = "lo"  # and so do the ranks' gloo connections
         self._board = Heartbeats.create(world_size)  # every rank's heartbeat: names a stalled rank
@@ -64,6 +109,8 @@ class RemoteExecutor:
         self._closing = False
         self._reader: Optional[threading.Thread] = None
         self.num_blocks = 0
+        self.processors: dict[int, bytes] = {}
+        self.records = RemoteRecords()
         # For the step watchdog: requests not finished yet, response messages so far, and when it last saw
         # progress (None: nothing pending).
         self._outstanding: set[int] = set()
@@ -142,6 +189,7 @@ class RemoteExecutor:
                 kind = msg[0]
                 if kind == "responses":
                     responses = [channel.RemoteResponse(*t) for t in msg[1]]
+                    self.records.arrive(msg[2])  # before the responses that finish their requests
                     self._outstanding.difference_update(r.request_id for r in responses if r.request_finished)
                     self._responses_seen += 1
                     with self._cv:
@@ -216,11 +264,13 @@ class RemoteExecutor:
         return self._track(requests, "enqueue_many", [channel.request_fields(r) for r in requests])
 
     def _track(self, requests, kind: str, payload):
-        """A call that enqueues `requests`: pending for the watchdog until their last response."""
+        """A call that enqueues `requests` (with their logits processors): pending for the watchdog until their
+        last response."""
         ids = [r.request_id for r in requests]
+        processors = {rid: self.processors[rid] for rid in ids if rid in self.processors}
         self._outstanding.update(ids)
         try:
-            return self._call(kind, payload)
+            return self._call(kind, payload, processors)
         except BaseException:
             self._outstanding.difference_update(ids)
             raise

@@ -6,15 +6,44 @@ import logging
 import threading
 import time
 
-import numpy as np
-
-from llmapi.distributed.comm import INIT, RELEASE, STEP, ControlChannel, encode_batch
+from llmapi.distributed.comm import INIT, RELEASE, STEP, ControlChannel, decode_batch, encode_batch
 from llmapi.distributed.rank_worker import RankWorker, StepHandle
 from llmapi.distributed.session import Session
 from llmapi.errors import WorkerDiedError
+from llmapi.runtime.logits_records import LogitsRecords
 from llmapi.runtime.watchdog import stalled_ranks
 
 logger = logging.getLogger(__name__)
+
+
+class ProcessorTable:
+    """Rank 0's list of the requests' logits processors (pickled by reference: they run on the sampling
+    rank), handed on with the next step: those added since the last one, and those whose request finished."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # the LLM adds and drops from its threads; submit takes on the loop thread
+        self._added: dict[int, bytes] = {}
+        self._dropped: list[int] = []
+        self._sent: set[int] = set()
+
+    def __setitem__(self, request_id: int, pickled: bytes) -> None:
+        with self._lock:
+            self._added[request_id] = pickled
+
+    def pop(self, request_id: int, default=None):
+        with self._lock:
+            if self._added.pop(request_id, None) is None and request_id in self._sent:
+                self._sent.discard(request_id)
+                self._dropped.append(request_id)
+        return default
+
+    def take(self) -> tuple[dict, list]:
+        """({request id: pickled processor} to load, [request id] to drop) before the next step."""
+        with self._lock:
+            added, dropped = self._added, self._dropped
+            self._added, self._dropped = {}, []
+            self._sent.update(added)
+        return added, dropped
 
 
 class DistributedRunner:
@@ -23,6 +52,10 @@ class DistributedRunner:
     More than one step may be in flight (ExecutorConfig.max_inflight_batches = pp_size): while the last
     stage finishes step k, stage 0 already runs step k + 1. A failed collective means a rank is gone: the
     error is fatal (WorkerDiedError), so the executor fails every request at once.
+
+    `processors` takes the requests' pickled logits processors (for the sampling rank) and `records` their
+    prompt logprobs and logits outputs, which arrive from the sampling rank with each step's answer; the
+    LLM (or, in a spawned job, rank 0's server) opens and takes them as with the in-process runner.
     """
 
     def __init__(self, session: Session, init: dict):
@@ -31,6 +64,8 @@ class DistributedRunner:
         self.channel.send_json(INIT, init)
         self.worker = RankWorker(session, init)
         self.num_blocks = self.worker.num_blocks
+        self.processors = ProcessorTable()
+        self.records = LogitsRecords()
         self._closed = False
         self._inflight: dict[int, StepHandle] = {}  # submitted, not collected: drained before a release
         # The step watchdog's marks: when the current submit/collect began (monotonic s; 0.0 between calls),
@@ -40,8 +75,9 @@ class DistributedRunner:
     def submit(self, batch) -> StepHandle:
         self.loop_thread, self.call_started = threading.get_ident(), time.monotonic()
         try:
-            self.channel.send(STEP, encode_batch(batch))
-            handle = self.worker.start(batch)
+            payload = encode_batch(batch, *self.processors.take())
+            self.channel.send(STEP, payload)
+            handle = self.worker.start(decode_batch(payload))
         except Exception as e:
             raise _rank_failure("submit", e) from e
         finally:
@@ -49,15 +85,18 @@ class DistributedRunner:
         self._inflight[id(handle)] = handle
         return handle
 
-    def collect(self, handle: StepHandle) -> np.ndarray:
+    def collect(self, handle: StepHandle):
+        """The step's tokens [R], or a StepOutput: what the in-process runner's collect gives."""
         self._inflight.pop(id(handle), None)
         self.call_started = time.monotonic()
         try:
-            return self.worker.finish(handle)
+            out, prompt, generation = self.worker.finish(handle)
         except Exception as e:
             raise _rank_failure("collect", e) from e
         finally:
             self.call_started, self.calls_done = 0.0, self.calls_done + 1
+        self.records.add(prompt, generation)
+        return out
 
     def stall_detail(self) -> str:
         """For the in-process watchdog (llmapi-launch): the ranks that hold rank 0's step up, told by their

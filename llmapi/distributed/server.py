@@ -1,4 +1,8 @@
-"""Rank 0 of a spawned job: runs the executor and serves the user's process over the authenticated channel."""
+"""Rank 0 of a spawned job: runs the executor and serves the user's process over the authenticated channel.
+
+A request's pickled logits processor comes with it (rank 0 hands it to the sampling rank with the next step);
+its logits records (prompt logprobs, context and generation logits) go back with its last response.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import logging
 import os
 import threading
 import traceback
+
+import torch
 
 from llmapi import _core
 from llmapi.distributed import channel
@@ -53,14 +59,15 @@ def serve_user(session: Session) -> None:
                     os._exit(1)
             if responses:
                 try:
-                    send(("responses", [channel.response_tuple(r) for r in responses]))
+                    send(("responses", [channel.response_tuple(r) for r in responses],
+                          _finished_records(runner, responses)))
                 except OSError:
                     return  # the user's process is gone; the main loop sees it too
 
     pumper = threading.Thread(target=pump, name="llmapi-responses", daemon=True)
     pumper.start()
     try:
-        _serve_calls(conn, executor, send)
+        _serve_calls(conn, executor, runner, send)
     finally:
         stopping.set()
         executor.shutdown()
@@ -76,7 +83,40 @@ def serve_user(session: Session) -> None:
         conn.close()
 
 
-def _serve_calls(conn, executor, send) -> None:
+def _finished_records(runner: DistributedRunner, responses) -> dict:
+    """{request id: (context logits [P, V] or None, {seq: {output index: logits [V]}}, prompt logprobs)} of the
+    requests these responses finish that asked for logits outputs, as numpy arrays and lists (the channel would
+    pass torch tensors as shared memory); their processors are dropped."""
+    records = {}
+    for r in responses:
+        if r.request_finished:
+            runner.processors.pop(r.request_id, None)
+            record, generation, prompt_logprobs = runner.records.take(r.request_id)
+            if record is not None or generation:
+                context = torch.cat(record.logits).numpy() if record is not None and record.logits else None
+                generation = {seq: {i: row.numpy() for i, row in rows.items()} for seq, rows in generation.items()}
+                records[r.request_id] = (context, generation, prompt_logprobs)
+    return records
+
+
+def _register(runner: DistributedRunner, requests: list, processors: dict) -> None:
+    """Before the executor sees `requests` (their constructor fields): their logits processors (pickled by
+    the user's process) and the records of those that asked for logits outputs."""
+    for fields in requests:
+        rid = fields["request_id"]
+        if rid in processors:
+            runner.processors[rid] = processors[rid]
+        if fields["prompt_logprobs"] >= 0 or fields["context_logits"] or fields["generation_logits"]:
+            runner.records.open(rid)
+
+
+def _unregister(runner: DistributedRunner, requests: list) -> None:
+    for fields in requests:
+        runner.processors.pop(fields["request_id"], None)
+        runner.records.pop(fields["request_id"])
+
+
+def _serve_calls(conn, executor, runner: DistributedRunner, send) -> None:
     while True:
         try:
             msg = conn.recv()
@@ -84,17 +124,15 @@ def _serve_calls(conn, executor, send) -> None:
             logger.warning("the user's process went away; stopping the job")
             return
         kind = msg[0]
-        if kind == "enqueue":
+        if kind in ("enqueue", "enqueue_many"):
+            requests = [msg[2]] if kind == "enqueue" else msg[2]
+            _register(runner, requests, msg[3])
             try:
-                executor.enqueue(_core.Request(**msg[2]))
-                send(("reply", msg[1], None, msg[2]["request_id"]))
+                made = [_core.Request(**fields) for fields in requests]
+                ids = executor.enqueue(made[0]) if kind == "enqueue" else list(executor.enqueue_many(made))
+                send(("reply", msg[1], None, ids))
             except LLMAPIError as e:
-                send(("reply", msg[1], (type(e).__name__, str(e)), None))
-        elif kind == "enqueue_many":
-            try:
-                ids = executor.enqueue_many([_core.Request(**fields) for fields in msg[2]])
-                send(("reply", msg[1], None, list(ids)))
-            except LLMAPIError as e:
+                _unregister(runner, requests)
                 send(("reply", msg[1], (type(e).__name__, str(e)), None))
         elif kind == "abort":
             executor.abort(msg[1], msg[2])

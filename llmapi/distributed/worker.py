@@ -8,6 +8,17 @@ import os
 import sys
 
 
+# The user's sys.path: what imports there (a logits processor's module) imports on the sampling rank too.
+SYS_PATH_ENV = "LLMAPI_SYS_PATH"
+
+
+def extend_sys_path() -> None:
+    """Append the user's sys.path entries this rank lacks (after its own, so library code is never shadowed)."""
+    for entry in os.environ.get(SYS_PATH_ENV, "").split(os.pathsep):
+        if entry and entry not in sys.path:
+            sys.path.append(entry)
+
+
 def setup_rank(rank_hint: str = "?") -> None:
     """Logging tagged with the rank, and torch's CPU threads shared among the ranks of this host."""
     logging.basicConfig(level=os.environ.get("LLMAPI_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
@@ -28,6 +39,7 @@ def main() -> int:
     key = os.environ.pop(channel.KEY_ENV, None)  # only rank 0 uses it; nothing started later inherits it
     session = Session()
     setup_rank(str(session.rank))
+    extend_sys_path()
     limit_threads(session.local_size)
     try:
         if session.rank == 0:

@@ -20,7 +20,7 @@ from ..layers.attention import AttentionMetadata
 from ..quantization.kv_cache import check_kv_cache_device, kv_cache_dtype
 from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
-from .logits_records import LogitsRecords
+from .logits_records import LogitsRecords, generation_rows, prompt_chunks
 from .request_state import RequestState
 from .sampler import GREEDY_TEMPERATURE_EPS, first_argmax, sample
 from .step_inputs import InputStager, StepInputs
@@ -73,7 +73,8 @@ class ModelRunner:
     keeps the prompt logprobs and logits outputs.
 
     With several ranks (`mapping`, `comm`: see llmapi.distributed) each rank holds its shard, and the
-    rank's driver calls prepare / forward / logits / sample itself, eagerly (no CUDA graphs yet).
+    rank's driver calls copy_blocks / prepare / forward / logits / sample or decode_step itself, eagerly (no
+    CUDA graphs yet); the sampling rank's `logits_processors` and `state` serve decode_step there.
     """
 
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
@@ -132,7 +133,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.config, self.layers, num_blocks, self.tokens_per_block,
                                             self.device, self.kv_dtype, self.kv_heads)
 
-    def _copy_blocks(self, copies: np.ndarray) -> None:
+    @torch.inference_mode()
+    def copy_blocks(self, copies: np.ndarray) -> None:
         """Copy-on-write of shared blocks: every layer's K and V of block src -> dst ([C, 2])."""
         if len(copies) == 0:
             return
@@ -143,7 +145,7 @@ class ModelRunner:
             cache[:, dst] = cache[:, src]
 
     @staticmethod
-    def _needs_decode(batch) -> bool:
+    def needs_decode(batch) -> bool:
         """Whether the batch uses a decoding feature beyond sample() (all host arrays: no device sync)."""
         def any_(name, test):
             return bool(test(np.asarray(getattr(batch, name))).any())
@@ -167,19 +169,15 @@ class ModelRunner:
         return step
 
     def _submit(self, batch):
-        self._copy_blocks(np.asarray(batch.block_copies))
+        self.copy_blocks(np.asarray(batch.block_copies))
         self.stager.next_step()
         # Kept until this step succeeds: the executor's placeholders refer to the last step whose
         # submit succeeded.
         prev_ids = self._prev_ids
-        if self._needs_decode(batch):
+        if self.needs_decode(batch):
             inputs = self.stager.stage(batch, prev_ids=prev_ids)
-            hidden = self.forward(inputs)  # [T, H]
-            query_start = np.concatenate([[0], np.cumsum(np.asarray(batch.query_lens))])
-            self.records.record_prompt(batch, hidden, query_start, self.model.compute_logits)
-            logits = self.logits(inputs, hidden)  # [R, V] float32
-            self.records.record_generation(batch, logits)  # copies: decoding writes into logits
-            out = decode(logits, batch, self.state, self.logits_processors)
+            out, prompt, generation = self.decode_step(batch, inputs, self.forward(inputs))
+            self.records.add(prompt, generation)
             self._prev_ids = out["tokens"][:, 0]  # [R]: the next step's placeholders read column 0
             return out
         size = self.graphs.size_for(batch) if self.graphs is not None else 0
@@ -265,6 +263,21 @@ class ModelRunner:
     def logits(self, inputs: StepInputs, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """[T, H] -> [R, V]: the sampled rows' logits, float32 (or in the model dtype)."""
         return self.model.compute_logits(hidden[inputs.last_rows], float32=float32)
+
+    @torch.inference_mode()
+    def decode_step(self, batch, inputs: StepInputs, hidden: torch.Tensor, samples: bool = True):
+        """The decoding step of a batch that needs it (see needs_decode), at every world size: hidden [T, H]
+        -> (decode()'s output, the step's prompt chunks, its generation rows) for the LLM's records.
+
+        With several ranks every rank of the last stage calls it (the head's all-gather is a collective);
+        only the sampling rank (`samples`) decodes, and the others get (None, [], [])."""
+        query_start = np.concatenate([[0], np.cumsum(np.asarray(batch.query_lens))])
+        prompt = prompt_chunks(batch, hidden, query_start, self.model.compute_logits)
+        logits = self.logits(inputs, hidden)  # [R, V] float32
+        if not samples:
+            return None, [], []
+        generation = generation_rows(batch, logits)  # copies: decoding writes into logits
+        return decode(logits, batch, self.state, self.logits_processors), prompt, generation
 
     @torch.inference_mode()
     def sample(self, inputs: StepInputs, logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R]
