@@ -106,9 +106,10 @@ class LlmArgs:
     dtype: str = "auto"
     """Weight and activation dtype: auto (the checkpoint's on GPU, float32 on CPU), float32, bfloat16, float16."""
     tensor_parallel_size: int = 1
-    """Number of tensor-parallel ranks (per pipeline stage)."""
+    """Number of tensor-parallel ranks (per pipeline stage); `LLM(..., tp=N)` for short."""
     pipeline_parallel_size: int = 1
-    """Number of pipeline-parallel stages. With tp x pp > 1 the ranks run as an MPI job (see README)."""
+    """Number of pipeline-parallel stages (`pp=N` for short). With tp x pp > 1 the ranks run as an MPI job (see
+    README)."""
     embedding_sharding_dim: int = 0
     """With tensor parallelism, split the embedding along the vocabulary (0) or the hidden size (1)."""
     max_batch_size: int = 2048

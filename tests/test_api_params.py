@@ -43,8 +43,17 @@ def test_sampling_params_normalises():
 
 
 def test_llm_args_unknown_kwargs_named():
-    with pytest.raises(ValueError, match="max_batch, tp"):
-        validated_kwargs({"model": "m", "tp": 2, "max_batch": 3})
+    with pytest.raises(ValueError, match="max_batch, tpsize"):
+        validated_kwargs({"model": "m", "tpsize": 2, "max_batch": 3})
+
+
+def test_llm_args_tp_pp_spell_the_parallel_sizes():
+    args = validated_kwargs({"model": "m", "tp": 2, "pp": 3, "pipeline_parallel_size": 3})
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (2, 3)
+    with pytest.raises(ValueError, match="tp=2 and tensor_parallel_size=4 disagree"):
+        validated_kwargs({"model": "m", "tp": 2, "tensor_parallel_size": 4})
+    with pytest.raises(ValueError, match="tensor_parallel_size"):  # validated as the long name
+        validated_kwargs({"model": "m", "tp": 0})
 
 
 @pytest.mark.parametrize("kwargs, field", [
