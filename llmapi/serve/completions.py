@@ -135,20 +135,21 @@ class _Job:
             self.close()
 
     async def updates(self, render: Callable[[int, RequestOutput], List[str]]):
-        """The rendered SSE pieces of every update of every output, as they come; then, once each output
-        has finished, render(i, out, final=True)'s pieces. An engine error ends the stream with an error event."""
+        """The rendered SSE events of every update of every output, as they come (one string per update);
+        then, once each output has finished, render(i, out, final=True)'s. An engine error ends the stream
+        with an error event."""
         if len(self.outs) == 1:
             out = self.outs[0]
             try:
                 async for _ in out:
                     self.saw(0, out)
-                    for piece in render(0, out):
-                        yield piece
+                    events = render(0, out)
+                    if events:
+                        yield "".join(events)
             except Exception as e:
                 yield _sse(_engine_error(e).body())
                 return
-            for piece in render(0, out, final=True):
-                yield piece
+            yield "".join(render(0, out, final=True))
             return
         # Several prompts: one task each, their pieces merged through a queue in arrival order.
         queue: asyncio.Queue = asyncio.Queue()
@@ -174,8 +175,8 @@ class _Job:
                     yield _sse(_engine_error(item).body())
                     return
                 else:
-                    for piece in item:
-                        yield piece
+                    if item:
+                        yield "".join(item)
         finally:
             for t in tasks:
                 t.cancel()
@@ -210,14 +211,13 @@ class _EventStream(StreamingResponse):
 def _stream(job: _Job, head: Callable[[], List[str]], render, tail: Callable[[], List[str]]) -> _EventStream:
     """The event stream of a job: head()'s events, every update's, tail()'s, then [DONE]. Everything runs
     inside the response, whose end closes the job."""
-    async def body():
-        for piece in head():
-            yield piece
-        async for piece in job.updates(render):
-            yield piece
-        for piece in tail():
-            yield piece
-        yield "data: [DONE]\n\n"
+    async def body():  # one write per update: its events (one per choice) joined
+        events = head()
+        if events:
+            yield "".join(events)
+        async for events in job.updates(render):
+            yield events
+        yield "".join(tail()) + "data: [DONE]\n\n"
 
     return _EventStream(body(), job)
 
