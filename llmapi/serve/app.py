@@ -38,10 +38,15 @@ class ServeConfig:
     """A Jinja chat template used instead of the tokenizer's own."""
     max_pending: int = 4096
     """Most requests handed to the LLM and not finished; beyond it a request gets 503 with Retry-After."""
+    stream_interval: float = 0.0
+    """Seconds a stream waits after each chunk, so that the next carries every token made meanwhile
+    (0: a chunk per engine update). Fewer, larger chunks leave more of the process to the engine."""
 
     def __post_init__(self):
         if not isinstance(self.max_pending, int) or self.max_pending < 1:
             raise ValueError(f"max_pending={self.max_pending!r} is invalid: must be an int >= 1")
+        if not isinstance(self.stream_interval, (int, float)) or not 0 <= self.stream_interval <= 10:
+            raise ValueError(f"stream_interval={self.stream_interval!r} is invalid: must be seconds in [0, 10]")
 
 
 class ServerState:

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's")
     s.add_argument("--max-pending", type=int, default=4096,
                    help="most requests in flight; beyond it 503 with Retry-After")
+    s.add_argument("--stream-interval", type=float, default=0.0,
+                   help="seconds a stream waits after each chunk, so that the next carries the tokens made "
+                        "meanwhile (default 0: a chunk per engine update)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM: seconds the requests in flight get to finish before they are aborted")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -114,7 +117,8 @@ def main(a: argparse.Namespace) -> int:
 
     config = ServeConfig(served_model_name=a.served_model_name or model,
                          api_key=a.api_key or os.environ.get("LLMAPI_API_KEY") or None,
-                         chat_template=read_chat_template(a.chat_template), max_pending=a.max_pending)
+                         chat_template=read_chat_template(a.chat_template), max_pending=a.max_pending,
+                         stream_interval=a.stream_interval)
     old = signal.signal(signal.SIGTERM, _interrupt)
     try:
         llm = LLM(model, **llm_kwargs(a))

@@ -138,6 +138,7 @@ class _Job:
         """The rendered SSE events of every update of every output, as they come (one string per update);
         then, once each output has finished, render(i, out, final=True)'s. An engine error ends the stream
         with an error event."""
+        interval = self.state.config.stream_interval
         if len(self.outs) == 1:
             out = self.outs[0]
             try:
@@ -146,6 +147,8 @@ class _Job:
                     events = render(0, out)
                     if events:
                         yield "".join(events)
+                    if interval:
+                        await asyncio.sleep(interval)
             except Exception as e:
                 yield _sse(_engine_error(e).body())
                 return
@@ -159,6 +162,8 @@ class _Job:
                 async for _ in out:
                     self.saw(i, out)
                     queue.put_nowait(render(i, out))  # rendered now: the diffs change at the next update
+                    if interval:
+                        await asyncio.sleep(interval)
                 queue.put_nowait(render(i, out, final=True))
                 queue.put_nowait(None)
             except Exception as e:
