@@ -198,3 +198,15 @@ def test_health_is_503_once_the_llm_is_dead(tiny_llama_dir):
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         assert httpx.get(f"{url}/version").status_code == 200
+
+
+def test_stream_interval_sends_fewer_larger_chunks(llm):
+    app = create_app(llm, ServeConfig(served_model_name="tiny", stream_interval=0.05))
+    body = {"prompt": "once upon a time", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    with ServerThread(app) as url:
+        whole = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [e["choices"][0]["text"] for e in events]
+    assert "".join(texts) == whole
+    assert len([t for t in texts if t]) < 40  # a chunk carries the tokens made while its stream waited
