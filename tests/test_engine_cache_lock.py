@@ -81,7 +81,7 @@ def test_dead_builders_lock_is_taken_over(tiny_llama_dir, tmp_path):
 
 
 # Root ignores permission bits, so as root the reader drops to uid 65534 (nobody) before it touches the cache.
-# The interpreter may live where nobody cannot read it (/root/.pyenv): a first LLM, on a scratch cache, imports
+# The interpreter may live where nobody can read it (under root's home): a first LLM, on a scratch cache, imports
 # every module the hit path needs while still root.
 READER = textwrap.dedent("""
     import json, os, sys

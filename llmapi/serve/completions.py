@@ -13,7 +13,7 @@ import logging
 import time
 import itertools
 import secrets
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -41,6 +41,16 @@ def _json(obj: Any) -> str:
 
 def _sse(obj: Any) -> str:
     return f"data: {_json(obj)}\n\n"
+
+
+def _chunk_writer(rid: str, kind: str, created: int, model: str, include_usage: bool) -> Callable[[dict], str]:
+    """The SSE event of one streamed choice: OpenAI's chunk object (usage null until the last, when asked)."""
+    def chunk(choice: dict) -> str:
+        obj = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+        if include_usage:
+            obj["usage"] = None
+        return _sse(obj)
+    return chunk
 
 
 def _engine_error(e: BaseException) -> APIError:
@@ -287,12 +297,7 @@ async def complete(state, body: CompletionRequest, request: Request):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     sent: Dict[int, int] = {}  # choice index -> tokens whose logprobs were sent
     offsets: Dict[int, int] = {}
-
-    def chunk(c: dict) -> str:
-        obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [c]}
-        if include_usage:
-            obj["usage"] = None
-        return _sse(obj)
+    chunk = _chunk_writer(rid, "text_completion", created, model, include_usage)
 
     def render(i: int, out: RequestOutput, final: bool = False) -> List[str]:
         pieces = []
@@ -378,12 +383,7 @@ async def chat(state, body: ChatCompletionRequest, request: Request):
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     sent: Dict[int, int] = {}
-
-    def chunk(c: dict) -> str:
-        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [c]}
-        if include_usage:
-            obj["usage"] = None
-        return _sse(obj)
+    chunk = _chunk_writer(rid, "chat.completion.chunk", created, model, include_usage)
 
     def render(i: int, out: RequestOutput, final: bool = False) -> List[str]:
         pieces = []
