@@ -49,7 +49,11 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size))  # [H]
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_scale: torch.Tensor | None = None):
+        """norm(x) [T, H]; with a residual [T, H], (norm(x + residual), x + residual), as RMSNorm.forward."""
+        if residual is not None:
+            x = x + residual  # the model dtype's rounding of the sum, as the residual add of transformers
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps), x
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
