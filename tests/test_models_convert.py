@@ -10,18 +10,20 @@ from tiny_models import make_tiny_gpt2, make_tiny_llama
 from llmapi.errors import CorruptEngineError, UnsupportedModelError
 from llmapi.models import (
     SUPPORTED_HF_ARCHITECTURES,
-    GPT2LMHeadModel,
-    LlamaForCausalLM,
+    GPTForCausalLM,
     config_from_hf,
     convert_hf,
     get_model_class,
+    gpt2,
+    llama,
 )
 
 ENGINE_FIELDS = {
     "architecture", "dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "intermediate_size", "norm_epsilon", "position_embedding_type",
     "max_position_embeddings", "rotary_base", "rotary_scaling", "attention_bias", "mlp_bias", "tie_word_embeddings",
-    "bos_token_id", "eos_token_id",
+    "bos_token_id", "eos_token_id", "position_offset", "rotary_dim", "norm_type", "gated_mlp", "post_norm",
+    "final_norm", "embedding_projection", "sliding_window",
 }
 
 
@@ -45,7 +47,7 @@ def test_llama_names_fusions_and_config(tmp_path):
     gate_up = w["transformer.layers.0.mlp.gate_up.weight"]
     assert torch.equal(gate_up[:128], sd["model.layers.0.mlp.gate_proj.weight"].to(torch.bfloat16))
     assert "lm_head.weight" in w
-    assert set(w) == set(LlamaForCausalLM(cfg, "meta", torch.bfloat16).state_dict())
+    assert set(w) == set(GPTForCausalLM(cfg, "meta", torch.bfloat16).state_dict())
 
 
 def test_llama_tied_head_is_not_stored(tmp_path):
@@ -75,14 +77,14 @@ def test_gpt2_conv1d_transposed_and_legacy_names(tmp_path):
     assert cfg["hidden_act"] == "gelu_new" and cfg["tie_word_embeddings"] and "lm_head.weight" not in w
     assert torch.equal(w["transformer.layers.2.attention.qkv.weight"], sd["transformer.h.2.attn.c_attn.weight"].t())
     assert torch.equal(w["transformer.layers.2.mlp.fc.weight"], sd["transformer.h.2.mlp.c_fc.weight"].t())
-    assert set(w) == set(GPT2LMHeadModel(cfg, "meta", torch.float32).state_dict())
+    assert set(w) == set(GPTForCausalLM(cfg, "meta", torch.float32).state_dict())
 
 
 def test_registry():
-    assert SUPPORTED_HF_ARCHITECTURES["MistralForCausalLM"] == "LlamaForCausalLM"
-    assert get_model_class("LlamaForCausalLM") is LlamaForCausalLM
-    assert get_model_class("MistralForCausalLM") is LlamaForCausalLM
-    assert get_model_class("GPT2LMHeadModel") is GPT2LMHeadModel
+    assert SUPPORTED_HF_ARCHITECTURES["MistralForCausalLM"] is llama
+    assert SUPPORTED_HF_ARCHITECTURES["GPT2LMHeadModel"] is gpt2
+    for engine_architecture in ("GPTForCausalLM", "LlamaForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM"):
+        assert get_model_class(engine_architecture) is GPTForCausalLM
     with pytest.raises(UnsupportedModelError, match="FalconForCausalLM.*LlamaForCausalLM.*GPT2LMHeadModel"):
         get_model_class("FalconForCausalLM")
     with pytest.raises(UnsupportedModelError, match="BertModel"):
@@ -141,7 +143,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
 def test_load_weights_is_strict(tmp_path):
     hf_config, sd = saved(make_tiny_llama, tmp_path)
     cfg, w = convert_hf(hf_config, sd, torch.float32)
-    model = LlamaForCausalLM(cfg, "cpu", torch.float32)
+    model = GPTForCausalLM(cfg, "cpu", torch.float32)
     with pytest.raises(CorruptEngineError, match="missing.*lm_head.weight"):
         model.load_weights({k: v for k, v in w.items() if k != "lm_head.weight"})
     with pytest.raises(CorruptEngineError, match="unexpected.*extra.weight"):

@@ -74,7 +74,7 @@ def family(hf_config: dict) -> str:
     """The engine architecture of an HF config; UnsupportedModelError names an unsupported one."""
     from llmapi import models
 
-    return models.SUPPORTED_HF_ARCHITECTURES[models.hf_architecture(hf_config)]
+    return models.family(hf_config).ENGINE_ARCHITECTURE
 
 
 def check_architecture(hf_config: dict) -> None:

@@ -1,24 +1,31 @@
-"""Model registry: Hugging Face architectures we convert, and the torch model class of each engine architecture."""
+"""Model registry: the Hugging Face architectures each family converts, and the model that runs every engine.
+
+A family is a module of this package with `HF_ARCHITECTURES` (the `architectures` entries it converts),
+`ENGINE_ARCHITECTURE` (the `architecture` its engine configs carry), `MODEL_TYPES` (config `model_type` -> one
+of those, for configs without `architectures`), `config_from_hf` and `convert_hf`; it may have `fused_linears`
+(the HF linears stacked into each engine linear, which GPTQ reads). Every family converts to the general decoder
+of models/gpt.py.
+"""
 
 from collections.abc import Mapping
+from types import ModuleType
 
 import torch
 
 from llmapi.errors import UnsupportedModelError
-from llmapi.models.gpt2 import GPT2LMHeadModel
-from llmapi.models.llama import LlamaForCausalLM
+from llmapi.models import gpt2, llama
+from llmapi.models.gpt import GPTForCausalLM, LinearSpec, complete_config, layer_linears
 
-SUPPORTED_HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "LlamaForCausalLM",
-    "MistralForCausalLM": "LlamaForCausalLM",  # same tensors; configs with an active sliding window are refused
-    "GPT2LMHeadModel": "GPT2LMHeadModel",
-}
-"""HF `architectures` entry -> engine architecture (the model class that runs it)."""
+FAMILIES: tuple[ModuleType, ...] = (llama, gpt2)
+"""The family modules, in the order their architectures are listed to users."""
 
-MODEL_CLASSES = {"LlamaForCausalLM": LlamaForCausalLM, "GPT2LMHeadModel": GPT2LMHeadModel}
-"""Engine architecture -> model class."""
+SUPPORTED_HF_ARCHITECTURES = {arch: family for family in FAMILIES for arch in family.HF_ARCHITECTURES}
+"""HF `architectures` entry -> the family module that converts it."""
 
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ENGINE_ARCHITECTURES = ("GPTForCausalLM", "LlamaForCausalLM", "GPT2LMHeadModel")
+"""The `architecture` field of engine configs (the last two from engines saved before the general model)."""
+
+_MODEL_TYPES = {model_type: arch for family in FAMILIES for model_type, arch in family.MODEL_TYPES.items()}
 
 
 def _unsupported(name: str) -> UnsupportedModelError:
@@ -29,10 +36,9 @@ def _unsupported(name: str) -> UnsupportedModelError:
 
 def get_model_class(architecture: str) -> type:
     """The model class of an engine architecture (an HF architecture name is accepted too)."""
-    cls = MODEL_CLASSES.get(SUPPORTED_HF_ARCHITECTURES.get(architecture, architecture))
-    if cls is None:
-        raise _unsupported(architecture)
-    return cls
+    if architecture in ENGINE_ARCHITECTURES or architecture in SUPPORTED_HF_ARCHITECTURES:
+        return GPTForCausalLM
+    raise _unsupported(architecture)
 
 
 def hf_architecture(hf_config: dict) -> str:
@@ -46,23 +52,33 @@ def hf_architecture(hf_config: dict) -> str:
     raise _unsupported(names[0] if names else str(hf_config.get("model_type")))
 
 
+def family(hf_config: dict) -> ModuleType:
+    """The family module that converts an HF config."""
+    return SUPPORTED_HF_ARCHITECTURES[hf_architecture(hf_config)]
+
+
 def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     """Engine config.json fields (all but mapping/quantization) of an HF config, without touching weights."""
-    return get_model_class(hf_architecture(hf_config)).config_from_hf(hf_config, dtype)
+    return complete_config(family(hf_config).config_from_hf(hf_config, dtype))
 
 
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
     """(engine config, engine weights) of an HF checkpoint, by the family its config names."""
-    return get_model_class(hf_architecture(hf_config)).convert_hf(hf_config, state_dict, dtype)
+    engine_config, weights = family(hf_config).convert_hf(hf_config, state_dict, dtype)
+    return complete_config(engine_config), weights
 
 
 __all__ = [
-    "MODEL_CLASSES",
+    "ENGINE_ARCHITECTURES",
+    "FAMILIES",
     "SUPPORTED_HF_ARCHITECTURES",
-    "GPT2LMHeadModel",
-    "LlamaForCausalLM",
+    "GPTForCausalLM",
+    "LinearSpec",
+    "complete_config",
     "config_from_hf",
     "convert_hf",
+    "family",
     "get_model_class",
     "hf_architecture",
+    "layer_linears",
 ]

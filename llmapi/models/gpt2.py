@@ -1,97 +1,16 @@
-"""GPT-2 family: the torch model (learned positions, LayerNorm, biased linears) and its HF conversion."""
+"""GPT-2 family (learned positions, LayerNorm, biased linears): the Hugging Face conversion to the general decoder."""
 
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
-from llmapi.layers.attention import Attention, AttentionMetadata
-from llmapi.layers.norm import LayerNorm
-from llmapi.models.base import CausalLM, HFTensors, dtype_name, embedding, require_positive, token_id_list
+from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
 
-
-class GPT2Attention(nn.Module):
-    """Fused qkv projection (with bias), attention over the paged cache, output projection."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        # Per-rank head count: a tensor-parallel transform shards qkv/dense and divides it.
-        self.num_heads, self.head_dim = cfg["num_attention_heads"], cfg["head_dim"]
-        hidden = cfg["hidden_size"]
-        self.qkv = nn.Linear(hidden, 3 * self.num_heads * self.head_dim)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, hidden)
-        self.attn = Attention(scale=self.head_dim**-0.5)
-
-    def forward(self, x, kv_cache, attn: AttentionMetadata):  # x: [T, H] -> [T, H]
-        tokens = x.shape[0]
-        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, nh, hd]
-        o = self.attn(q, k, v, kv_cache, attn)  # [T, nh, hd]
-        return self.dense(o.reshape(tokens, self.num_heads * self.head_dim))
-
-
-class GPT2MLP(nn.Module):
-    """proj(act(fc(x)))."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.fc = nn.Linear(cfg["hidden_size"], cfg["intermediate_size"])
-        self.proj = nn.Linear(cfg["intermediate_size"], cfg["hidden_size"])
-        self.act = get_activation(cfg["hidden_act"])
-
-    def forward(self, x):  # [T, H] -> [T, H]
-        return self.proj(self.act(self.fc(x)))  # fc: [T, I]
-
-
-class GPT2Block(nn.Module):
-    """Pre-norm block: x + attention(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.input_layernorm = LayerNorm(cfg["hidden_size"], cfg["norm_epsilon"])
-        self.attention = GPT2Attention(cfg)
-        self.post_layernorm = LayerNorm(cfg["hidden_size"], cfg["norm_epsilon"])
-        self.mlp = GPT2MLP(cfg)
-
-    def forward(self, x, kv_cache, attn):  # [T, H] -> [T, H]
-        x = x + self.attention(self.input_layernorm(x), kv_cache, attn)
-        return x + self.mlp(self.post_layernorm(x))
-
-
-class GPT2Transformer(nn.Module):
-    """Token and position embeddings, blocks, final norm: the `transformer.*` tensors."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.vocab_embedding = embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.position_embedding = embedding(cfg["max_position_embeddings"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg["num_hidden_layers"]))
-        self.ln_f = LayerNorm(cfg["hidden_size"], cfg["norm_epsilon"])
-
-
-class GPT2LMHeadModel(CausalLM):
-    """GPT-2 decoder over a packed batch; parameter names are the engine's tensor names."""
-
-    def __init__(self, engine_config: dict, device="cpu", dtype: torch.dtype = torch.float32):
-        super().__init__()
-        cfg = engine_config
-        with torch.device("meta"):
-            self.transformer = GPT2Transformer(cfg)
-            tied = cfg["tie_word_embeddings"]
-            self.lm_head = None if tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        self.materialize(device, dtype)
-
-    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches, hidden=None):  # [T], [T] -> [T, H]
-        """hidden: [T, H], the previous pipeline stage's output, which replaces the embeddings."""
-        t = self.transformer
-        if hidden is None:
-            x = t.vocab_embedding(input_ids) + t.position_embedding(positions)  # [T, H]
-        else:
-            x = hidden
-        for i, layer in enumerate(t.layers):
-            x = layer(x, None if kv_caches is None else kv_caches[i], attn)
-        return t.ln_f(x)
+HF_ARCHITECTURES = ("GPT2LMHeadModel",)
+ENGINE_ARCHITECTURE = "GPT2LMHeadModel"  # the engine config's name (engines of every family run models/gpt.py)
+MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
 
 
 def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
@@ -123,6 +42,8 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
         "intermediate_size": hf_config.get("n_inner") or 4 * hidden,
         "norm_epsilon": float(hf_config.get("layer_norm_epsilon", 1e-5)),
         "position_embedding_type": "learned_absolute",
+        "norm_type": "layernorm",
+        "gated_mlp": False,
         "rotary_base": None,
         "rotary_scaling": None,
         "attention_bias": True,
@@ -169,5 +90,3 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
     return cfg, w
 
 
-GPT2LMHeadModel.convert_hf = staticmethod(convert_hf)
-GPT2LMHeadModel.config_from_hf = staticmethod(config_from_hf)

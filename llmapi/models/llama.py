@@ -1,122 +1,17 @@
-"""Llama family (Llama 1-3, Mistral without sliding window): the torch model and its HF conversion."""
+"""Llama family (Llama 1-3, CodeLlama, Mistral): the Hugging Face conversion to the general decoder."""
 
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
-from llmapi._kernels.fp8_linear import Fp8Input
 from llmapi.errors import UnsupportedModelError
-from llmapi.layers.activation import act_and_mul, fused_input_scale, get_activation
-from llmapi.layers.attention import Attention, AttentionMetadata
-from llmapi.layers.norm import RMSNorm
-from llmapi.layers.rotary import RotaryEmbedding, rope_inv_freq
-from llmapi.models.base import CausalLM, HFTensors, dtype_name, embedding, require_positive, token_id_list
+from llmapi.layers.activation import get_activation
+from llmapi.layers.rotary import rope_inv_freq
+from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
 
-
-class LlamaAttention(nn.Module):
-    """Fused qkv projection, rotary on q and k, attention over the paged cache, output projection."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        # Per-rank head counts: a tensor-parallel transform shards qkv/dense and divides these.
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"])
-        hidden, q_size, kv_size = cfg["hidden_size"], self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv = nn.Linear(hidden, q_size + 2 * kv_size, bias=cfg["attention_bias"])
-        self.dense = nn.Linear(q_size, hidden, bias=cfg["attention_bias"])
-        self.attn = Attention(scale=self.head_dim**-0.5)
-
-    def forward(self, x, cos, sin, kv_cache, attn: AttentionMetadata):  # x: [T, H] -> [T, H]
-        tokens, hd = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
-        q = q.view(tokens, self.num_heads, hd)  # [T, nh, hd]
-        k, v = k.view(tokens, self.num_kv_heads, hd), v.view(tokens, self.num_kv_heads, hd)  # [T, nkv, hd]
-        # Rotary on q, k, then attention: [T, nh, hd], as the dense layer's E4M3 input where that is FP8.
-        o = self.attn(q, k, v, kv_cache, attn, rotary=(cos, sin), quant_scale=fused_input_scale(self.dense, q))
-        if isinstance(o, Fp8Input):
-            return self.dense(o._replace(q=o.q.reshape(tokens, self.num_heads * hd)))
-        return self.dense(o.reshape(tokens, self.num_heads * hd))
-
-
-class LlamaMLP(nn.Module):
-    """Gated MLP: proj(act(gate(x)) * up(x)), gate and up fused in one matmul."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-        self.gate_up = nn.Linear(hidden, 2 * inter, bias=cfg["mlp_bias"])
-        self.proj = nn.Linear(inter, hidden, bias=cfg["mlp_bias"])
-        self.act = get_activation(cfg["hidden_act"])
-
-    def forward(self, x):  # [T, H] -> [T, H]
-        gate_up = self.gate_up(x)  # [T, 2I]
-        # act_and_mul: [T, 2I] -> [T, I] (as an FP8 proj's quantized input where a kernel can write that)
-        return self.proj(act_and_mul(gate_up, self.act, fused_input_scale(self.proj, gate_up)))
-
-
-class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); each residual add fused into the next norm."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
-        self.attention = LlamaAttention(cfg)
-        self.post_layernorm = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
-        self.mlp = LlamaMLP(cfg)
-
-    def forward(self, x, residual, cos, sin, kv_cache, attn):  # x, residual: [T, H] -> (out, residual)
-        """The residual stream is residual + x (x alone on the first layer, where residual is None)."""
-        # Each norm writes its output as the next linear's quantized input where that is an FP8 linear.
-        scale = fused_input_scale(self.attention.qkv, x)
-        if residual is None:
-            h, residual = self.input_layernorm(x, quant_scale=scale), x
-        else:
-            h, residual = self.input_layernorm(x, residual, quant_scale=scale)
-        h = self.attention(h, cos, sin, kv_cache, attn)
-        h, residual = self.post_layernorm(h, residual, quant_scale=fused_input_scale(self.mlp.gate_up, h))
-        return self.mlp(h), residual
-
-
-class LlamaTransformer(nn.Module):
-    """Token embedding, decoder layers, final norm: the `transformer.*` tensors."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.vocab_embedding = embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
-        self.ln_f = RMSNorm(cfg["hidden_size"], cfg["norm_epsilon"])
-
-
-class LlamaForCausalLM(CausalLM):
-    """Llama decoder over a packed batch; parameter names are the engine's tensor names."""
-
-    def __init__(self, engine_config: dict, device="cpu", dtype: torch.dtype = torch.float32):
-        super().__init__()
-        cfg = engine_config
-        with torch.device("meta"):
-            self.transformer = LlamaTransformer(cfg)
-            tied = cfg["tie_word_embeddings"]
-            self.lm_head = None if tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        self.config = cfg
-        self.materialize(device, dtype)
-
-    def init_buffers(self, device) -> None:
-        # Built after the parameters: the frequencies must be computed, in float32, not left uninitialized.
-        cfg = self.config
-        self.rotary = RotaryEmbedding(
-            cfg["head_dim"], cfg["rotary_base"], cfg["rotary_scaling"], cfg["max_position_embeddings"], device
-        )
-
-    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches, hidden=None):  # [T], [T] -> [T, H]
-        """hidden: [T, H], the previous pipeline stage's output, which replaces the embedding."""
-        x = self.transformer.vocab_embedding(input_ids) if hidden is None else hidden  # [T, H]
-        cos, sin = self.rotary(positions)  # [T, hd] float32
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the model dtype
-        residual = None
-        for i, layer in enumerate(self.transformer.layers):
-            x, residual = layer(x, residual, cos, sin, None if kv_caches is None else kv_caches[i], attn)
-        return self.transformer.ln_f(x, residual)[0]
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+ENGINE_ARCHITECTURE = "LlamaForCausalLM"  # the engine config's name (engines of every family run models/gpt.py)
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def _rope_from_hf(hf_config: dict) -> tuple[float, dict | None]:
@@ -174,6 +69,9 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
         "intermediate_size": hf_config["intermediate_size"],
         "norm_epsilon": float(hf_config.get("rms_norm_eps", 1e-6)),
         "position_embedding_type": "rope_gpt_neox",
+        "rotary_dim": head_dim,
+        "norm_type": "rmsnorm",
+        "gated_mlp": True,
         "max_position_embeddings": max_pos,
         "rotary_base": theta,
         "rotary_scaling": scaling,
@@ -234,6 +132,3 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
     return cfg, w
 
 
-LlamaForCausalLM.convert_hf = staticmethod(convert_hf)
-LlamaForCausalLM.config_from_hf = staticmethod(config_from_hf)
-LlamaForCausalLM.fused_linears = staticmethod(fused_linears)

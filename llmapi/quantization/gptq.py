@@ -138,13 +138,13 @@ def convert_gptq(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype:
                  quant: QuantConfig) -> tuple[dict, dict]:
     """(engine config, engine weights) of a GPTQ checkpoint: the float conversion for everything else, and each
     fused linear's codes, scales and zero points stacked as the float path stacks q/k/v and gate/up."""
-    from llmapi.models import convert_hf, get_model_class, hf_architecture
+    from llmapi.models import convert_hf, family, hf_architecture
 
-    cls = get_model_class(hf_architecture(hf_config))
-    if not hasattr(cls, "fused_linears"):
+    converter = family(hf_config)
+    if not hasattr(converter, "fused_linears"):
         raise UnsupportedModelError(f"GPTQ checkpoints of {hf_architecture(hf_config)} are not supported "
                                     "(supported: the Llama family)")
-    table = cls.fused_linears(cls.config_from_hf(hf_config, dtype))
+    table = converter.fused_linears(converter.config_from_hf(hf_config, dtype))
     ckpt = _Checkpoint(state_dict)
     stray = sorted(k.removesuffix(".qweight") for k in ckpt.keys if k.endswith(".qweight")
                    and k.removesuffix(".qweight") not in {name for parts, _ in table.values() for name, _ in parts})
