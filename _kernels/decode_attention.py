@@ -6,7 +6,9 @@
 # writes the output itself. An int8 / fp8 cache's codes enter the dots as they are (exact in the dot dtype:
 # float16 on a GPU); the K scale joins the softmax scale and the V scale multiplies the output. With
 # QUANT_OUT the output is stored as the E4M3 codes of the next FP8 linear (the output projection) at its
-# static input scale: the codes quantize_fp8 makes of the output rounded to the query's dtype.
+# static input scale: the codes quantize_fp8 makes of the output rounded to the query's dtype. With a
+# sliding window (WINDOW > 0, a model constant: one compile) a request's splits share out only the tiles that
+# hold its last WINDOW positions; the keys before them are masked out of the loads and never read.
 
 import torch
 import triton
@@ -27,14 +29,19 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                          HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                         KV_QUANT: tl.constexpr, QUANT_OUT: tl.constexpr):
+                         KV_QUANT: tl.constexpr, QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + r)
     num_tiles = tl.cdiv(ctx, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_begin = split * tiles_per_split
+    if WINDOW > 0:  # the query (position ctx - 1) sees positions >= ctx - WINDOW
+        lo = tl.maximum(ctx - WINDOW, 0)
+        first_tile = lo // BLOCK_N
+    else:
+        first_tile = 0
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+    tile_begin = first_tile + split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     k_scale, v_scale = load_kv_scales(scale_ptr, KV_QUANT)
     qk_scale = scale_log2 * k_scale
@@ -56,6 +63,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     for tile in range(tile_begin, tile_end):
         pos = tile * BLOCK_N + n  # [BLOCK_N]
         key_ok = pos < ctx
+        if WINDOW > 0:
+            key_ok = key_ok & (pos >= lo)
         block = tl.load(block_tables_ptr + r * bt_stride + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
         row = block * cache_stride_block + (pos % PAGE) * (NKV * HD) + kvh * HD  # [BLOCK_N]
         kv_mask = key_ok[:, None] & d_ok[None, :]
@@ -121,6 +130,15 @@ def attention_out(q: torch.Tensor, out: torch.Tensor | None, quant_scale: torch.
     return out
 
 
+def window_arg(sliding_window: int | None) -> int:
+    """The WINDOW constexpr of the attention kernels: the window in positions, 0 for none."""
+    if sliding_window is None:
+        return 0
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window!r} is invalid: must be None or an int >= 1")
+    return sliding_window
+
+
 def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132) -> int:
     """Splits that give about four programs per multiprocessor, never a split shorter than two tiles."""
     want = triton.cdiv(4 * num_sms, max(1, num_requests * num_kv_heads))
@@ -141,8 +159,11 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
+    sliding_window: int | None = None,  # each query sees only the last this many positions
 ) -> torch.Tensor:
-    """Attention of each request's single query over its whole cached context. Tiles of `block_n` keys,
+    """Attention of each request's single query over its whole cached context, or with `sliding_window` W over
+    its last W positions (the blocks before those are never read: their block-table entries may be -1). Tiles
+    of `block_n` keys,
     `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 (1 above 4,096 programs)
     for an int8 / fp8 one, the faster on H100 for each (sweeps over batch 1-1024, context 129-4096). With
     `quant_scale` the output is the E4M3 codes quantize_fp8 makes of it at that static scale."""
@@ -179,7 +200,7 @@ def paged_decode_attention(
         scale * 1.4426950408889634,
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None,
-        **dot, num_warps=num_warps, num_stages=num_stages,
+        WINDOW=window_arg(sliding_window), **dot, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits == 1:
         return out

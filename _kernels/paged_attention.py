@@ -41,36 +41,46 @@ def _gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, scale, dtype: torch
     return blocks.to(dtype)
 
 
-def _decode_attention(q, k_cache, v_cache, rows, context_lens, block_tables, scale, kv_scale, out):
-    """All one-token queries of the batch in one call: each attends to its whole context."""
+def _decode_attention(q, k_cache, v_cache, rows, context_lens, block_tables, scale, kv_scale, out, window):
+    """All one-token queries of the batch in one call: each attends to its context (its last `window` positions
+    with a sliding window; the blocks before those are not gathered, they may be released)."""
     d, nh, hd = len(rows), q.shape[1], q.shape[2]
     block_size, nkv = k_cache.shape[1], k_cache.shape[2]
     ctx = context_lens.to(torch.int64)  # [D]
-    num_blocks = (int(ctx.max()) + block_size - 1) // block_size
-    k = _gather_kv(k_cache, block_tables[:, :num_blocks], kv_scale[0], q.dtype).transpose(1, 2)  # [D, nkv, S, hd]
-    v = _gather_kv(v_cache, block_tables[:, :num_blocks], kv_scale[1], q.dtype).transpose(1, 2)  # [D, nkv, S, hd]
+    lo = (ctx - window).clamp(min=0) if window else torch.zeros_like(ctx)  # [D] first position each query sees
+    first = lo // block_size  # [D] its block's index in the block table
+    num_blocks = int(((ctx + block_size - 1) // block_size - first).max())
+    cols = (first[:, None] + torch.arange(num_blocks, device=q.device)).clamp(max=block_tables.shape[1] - 1)
+    ids = block_tables.to(torch.int64).gather(1, cols)  # [D, nb]
+    k = _gather_kv(k_cache, ids, kv_scale[0], q.dtype).transpose(1, 2)  # [D, nkv, S, hd]
+    v = _gather_kv(v_cache, ids, kv_scale[1], q.dtype).transpose(1, 2)  # [D, nkv, S, hd]
     # The q heads sharing one kv head (GQA) stand in for the query-length axis: no kv repeat needed.
     qd = q[rows].view(d, nkv, nh // nkv, hd)  # [D, nkv, group, hd]
-    key_pos = torch.arange(k.shape[2], device=q.device)  # [S]
-    mask = (key_pos[None, :] < ctx[:, None])[:, None, None, :]  # [D, 1, 1, S]: padding blocks masked out
+    key_pos = first[:, None] * block_size + torch.arange(k.shape[2], device=q.device)  # [D, S]
+    # Padding blocks past the context, and positions before the window, masked out.
+    mask = ((key_pos < ctx[:, None]) & (key_pos >= lo[:, None]))[:, None, None, :]  # [D, 1, 1, S]
     o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale)
     out[rows] = o.reshape(d, nh, hd)
 
 
-def _chunk_attention(q, k, v, scale):
-    """q [L, nh, hd] are the last L of the S positions of k, v [S, nkv, hd]; causal. Returns [L, nh, hd]."""
+def _chunk_attention(q, k, v, scale, window=None):
+    """q [L, nh, hd] are the last L of the S positions of k, v [S, nkv, hd]; causal, and with `window` query i
+    sees only keys j > i - window. Returns [L, nh, hd]."""
     seq_q, nh, hd = q.shape
     seq_k, nkv = k.shape[0], k.shape[1]
     group = nh // nkv
     qg = q.view(seq_q, nkv, group, hd).permute(1, 2, 0, 3)  # [nkv, group, L, hd]
     kg = k.permute(1, 0, 2)[:, None].expand(nkv, group, seq_k, hd)  # [nkv, group, S, hd], a view
     vg = v.permute(1, 0, 2)[:, None].expand(nkv, group, seq_k, hd)
-    if seq_q == seq_k:
+    if seq_q == seq_k and not window:
         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
     else:
-        # SDPA's is_causal aligns the mask top-left; these queries sit at the end of the context.
-        q_pos = torch.arange(seq_k - seq_q, seq_k, device=q.device)  # [L] absolute positions
-        mask = torch.arange(seq_k, device=q.device)[None, :] <= q_pos[:, None]  # [L, S]
+        # SDPA's is_causal aligns the mask top-left; these queries sit at the end of the keys.
+        q_pos = torch.arange(seq_k - seq_q, seq_k, device=q.device)[:, None]  # [L, 1], from the first key
+        k_pos = torch.arange(seq_k, device=q.device)[None, :]  # [1, S]
+        mask = k_pos <= q_pos  # [L, S]
+        if window:
+            mask &= k_pos > q_pos - window
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
     return o.permute(2, 0, 1, 3).reshape(seq_q, nh, hd)
 
@@ -84,11 +94,14 @@ def paged_attention_ref(
     block_tables: torch.Tensor,  # [R, max_blocks] int32, padded with any valid block id
     scale: float,
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of a quantized cache
+    sliding_window: int | None = None,
 ) -> torch.Tensor:  # [T, nh, hd]
     """Attention of a packed batch of prefill chunks and decodes over the paged KV cache (GQA-aware).
 
-    Query j of request r sits at position context_lens[r] - query_len[r] + j and attends to every cached
-    position <= its own. This step's K/V must already be in the cache (write_kv_ref). A quantized cache is
+    Query j of request r sits at position i = context_lens[r] - query_len[r] + j and attends to every cached
+    position <= i; with `sliding_window` W only to positions in (i - W, i], as transformers' sliding-window
+    mask. Blocks wholly before a request's window are never read: their block-table entries may be stale or
+    -1 (released). This step's K/V must already be in the cache (write_kv_ref). A quantized cache is
     dequantized (codes times scale, in float32, then the query's dtype) before the float attention.
     """
     kv_scale = (None, None) if kv_scale is None else kv_scale
@@ -100,15 +113,20 @@ def paged_attention_ref(
     if decodes:
         idx = torch.tensor(decodes, device=q.device)
         rows = query_start_loc[:-1].to(torch.int64)[idx]  # [D] token index of each decode
-        _decode_attention(q, k_cache, v_cache, rows, context_lens[idx], block_tables[idx], scale, kv_scale, out)
+        _decode_attention(q, k_cache, v_cache, rows, context_lens[idx], block_tables[idx], scale, kv_scale, out,
+                          sliding_window)
     for r in range(len(ctx_lens)):
         start, end = starts[r], starts[r + 1]
         if end - start <= 1:
             continue
-        num_blocks = (ctx_lens[r] + block_size - 1) // block_size
-        k = _gather_kv(k_cache, block_tables[r, :num_blocks], kv_scale[0], q.dtype)[: ctx_lens[r]]  # [S, nkv, hd]
-        v = _gather_kv(v_cache, block_tables[r, :num_blocks], kv_scale[1], q.dtype)[: ctx_lens[r]]
-        out[start:end] = _chunk_attention(q[start:end], k, v, scale)
+        ctx = ctx_lens[r]
+        # The first block holding a key that the chunk's first query sees.
+        first = max(0, ctx - (end - start) - sliding_window + 1) // block_size if sliding_window else 0
+        blocks = block_tables[r, first:(ctx + block_size - 1) // block_size]
+        key_start = first * block_size
+        k = _gather_kv(k_cache, blocks, kv_scale[0], q.dtype)[: ctx - key_start]  # [S, nkv, hd]
+        v = _gather_kv(v_cache, blocks, kv_scale[1], q.dtype)[: ctx - key_start]
+        out[start:end] = _chunk_attention(q[start:end], k, v, scale, sliding_window)
     return out
 
 
@@ -118,11 +136,13 @@ def varlen_causal_attention_ref(
     v: torch.Tensor,  # [T, nkv, hd]
     query_start_loc: torch.Tensor,  # [R+1] int32
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:  # [T, nh, hd]
-    """Causal attention of each request over its own new tokens only (no cache: whole prompts)."""
+    """Causal attention of each request over its own new tokens only (no cache: whole prompts); with
+    `sliding_window` W, token i sees tokens j > i - W only."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     for start, end in zip(starts[:-1], starts[1:]):
         if end > start:
-            out[start:end] = _chunk_attention(q[start:end], k[start:end], v[start:end], scale)
+            out[start:end] = _chunk_attention(q[start:end], k[start:end], v[start:end], scale, sliding_window)
     return out

@@ -4,14 +4,16 @@
 # its tile rows are (token, query head of the kv head's group) pairs, so K/V tiles are read once per
 # kv head (GQA). Programs find their request by binary search over query_start_loc, so the grid is
 # sized from the token and request counts alone, with no host sync. An int8 / fp8 cache is read as in
-# decode_attention: codes into the dots, the K scale in the softmax scale, the V scale on the output.
+# decode_attention: codes into the dots, the K scale in the softmax scale, the V scale on the output. With a
+# sliding window (WINDOW > 0) a program's key loop starts at the tile of the first key its first query sees,
+# and keys before that are masked out of the loads (never read); each row masks its own window.
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import dot_args
-from .decode_attention import _output, attention_out
+from .decode_attention import _output, attention_out, window_arg
 from .kv_write import kv_quant_args, load_kv_scales
 
 BLOCK_M = 64  # tile rows: BLOCK_Q tokens x GROUP_P heads
@@ -43,7 +45,7 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
                              HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                              BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, KV_QUANT: tl.constexpr,
-                             QUANT_OUT: tl.constexpr):
+                             QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr):
     q_block = tl.program_id(0)
     kvh = tl.program_id(1)
     r = _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q)
@@ -72,19 +74,32 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         n = tl.arange(0, BLOCK_N)
         bt_row = block_tables_ptr + r * bt_stride
-        for start in range(0, kv_end, BLOCK_N):
+        if WINDOW > 0:  # the block's first query (position first_pos + local * BLOCK_Q) sees keys >= lo
+            lo = tl.maximum(first_pos + local * BLOCK_Q - WINDOW + 1, 0)
+            kv_begin = lo // BLOCK_N * BLOCK_N
+        else:
+            kv_begin = 0
+        for start in range(kv_begin, kv_end, BLOCK_N):
             pos = start + n  # [BLOCK_N]
             key_ok = pos < kv_end
+            if WINDOW > 0:
+                key_ok = key_ok & (pos >= lo)
             block = tl.load(bt_row + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
             kv_row = block * cache_stride_block + (pos % PAGE) * (NKV * HD) + kvh * HD
             kv_mask = key_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            s = tl.where(key_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            seen = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])  # [BLOCK_M, BLOCK_N]
+            if WINDOW > 0:
+                seen = seen & (pos[None, :] > q_pos[:, None] - WINDOW)
+            s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
+            shift = m_new
+            if WINDOW > 0:  # a later row's window may start past this tile: no key yet, weights 0 (not NaN)
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - shift[:, None])
+            alpha = tl.exp2(m - shift)
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
             m = m_new
@@ -108,8 +123,10 @@ def paged_packed_attention(
     block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int | None = None,
+    sliding_window: int | None = None,  # each query sees only the last this many positions (its own included)
 ) -> torch.Tensor:
-    """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref; with
+    """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref (with
+    `sliding_window`, its windowed mask; tiles wholly before a query block's window are skipped); with
     `quant_scale`, the E4M3 codes quantize_fp8 makes of that output at that static scale. Tiles of
     `block_m` (token, head) rows by `block_n` keys, `num_stages` deep: by default 32 keys, 2 stages for a
     float cache and 1 for an int8 / fp8 one (64 requests x 128 tokens of Llama-3.1-8B's heads on H100:
@@ -135,7 +152,8 @@ def paged_packed_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
         scale * 1.4426950408889634, NKV=nkv, GROUP=group, GROUP_P=group_p, HD=hd,
         BLOCK_D=triton.next_power_of_2(hd), PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None, **dot_args(q.dtype), num_warps=num_warps,
+        KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None, WINDOW=window_arg(sliding_window),
+        **dot_args(q.dtype), num_warps=num_warps,
         num_stages=num_stages,
     )
     return out

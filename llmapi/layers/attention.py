@@ -76,11 +76,19 @@ class Attention(nn.Module):
     Head counts come from the tensors, so a tensor-parallel shard (fewer heads per rank) needs no change here.
     An int8 / float8 cache (its dtype says which) is written quantized and read dequantized with the [2]
     (K, V) `kv_cache_scaling_factor` that llmapi.quantization.kv_cache gives the module.
+
+    With `sliding_window` W (Mistral, StarCoder2), the query at position i attends to positions i - W < j <= i
+    only, as transformers' sliding-window mask; the kernels skip the KV tiles wholly before the window, and
+    the blocks there are never read (the executor hands them back, so their block-table entries may be -1).
     """
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, sliding_window: int | None = None):
         super().__init__()
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"sliding_window={sliding_window!r} is invalid: must be None or an int >= 1")
         self.scale = scale
+        self.sliding_window = sliding_window
         self.register_parameter("kv_cache_scaling_factor", None)  # [2] with a quantized cache
 
     def forward(
@@ -97,28 +105,30 @@ class Attention(nn.Module):
         input, an Fp8Input of codes [T, nh, hd] (the torch path ignores it and returns the output)."""
         kv_scale = self.kv_cache_scaling_factor
         assert kv_cache is None or (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn))
+        window = self.sliding_window
         if kv_cache is not None and use_triton(q):
-            out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale)
+            out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale, window)
             return out if quant_scale is None else Fp8Input(out, quant_scale, q.dtype)
         if rotary is not None:
             q, k = rotate_qk(q, k, *rotary)
         if kv_cache is None:
             # No cache (e.g. a memory-profiling run): every request's query is its whole sequence.
-            return varlen_causal_attention_ref(q, k, v, attn.query_start_loc, self.scale)
+            return varlen_causal_attention_ref(q, k, v, attn.query_start_loc, self.scale, window)
         write_kv_ref(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
         return paged_attention_ref(
             q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens, attn.block_tables, self.scale,
-            kv_scale,
+            kv_scale, window,
         )
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale:.4g}"
+        window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
+        return f"scale={self.scale:.4g}{window}"
 
 
 def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale,
-                      quant_scale=None) -> torch.Tensor:
+                      quant_scale=None, window: int | None = None) -> torch.Tensor:
     """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention (their
-    output E4M3 codes at `quant_scale` when given)."""
+    output E4M3 codes at `quant_scale` when given), each over the last `window` positions with a window."""
     from llmapi._kernels.decode_attention import attention_out, num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
     from llmapi._kernels.prefill_attention import paged_packed_attention
@@ -128,22 +138,26 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
         rotary_write_kv_(q, k, v, *rotary, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
     else:
         write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
+    read = attn.max_context_len if window is None else min(attn.max_context_len, window)  # keys a query reads
     if attn.max_query_len == 1:  # decodes only: request r's token is row r
-        splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], attn.max_context_len)
+        splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], read)
+        if window is not None:  # a graph's splits are sized for its longest context, not for the window
+            splits = min(splits, num_splits_for(q.shape[0], k.shape[1], read))
         return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,
-                                      splits, kv_scale=kv_scale, quant_scale=quant_scale)
+                                      splits, kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window)
     d = attn.num_decodes
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
-                                      attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale)
+                                      attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale,
+                                      sliding_window=window)
     # The leading decodes (rows 0..d-1, one per request) through the decode kernel: the packed kernel gives a
     # one-token request a whole query tile. The tails are copied: a view d rows in would move the kernels'
     # pointer alignment from step to step (Triton compiles a kernel per alignment).
     out = attention_out(q, None, quant_scale)
-    splits = num_splits_for(d, k.shape[1], attn.max_context_len)
+    splits = num_splits_for(d, k.shape[1], read)
     paged_decode_attention(q[:d], kv_cache[0], kv_cache[1], attn.context_lens[:d], attn.block_tables[:d], scale,
-                           splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale)
+                           splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window)
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
                            attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,
-                           quant_scale=quant_scale)
+                           quant_scale=quant_scale, sliding_window=window)
     return out
