@@ -1,4 +1,5 @@
-"""Triton rotary embedding (rotate-half) of q and k in place, optionally fused with the KV-cache write."""
+"""Triton rotary embedding (rotate-half, of the whole head or of its first rotary_dim features) of q and k in
+place, optionally fused with the KV-cache write."""
 
 import torch
 import triton
@@ -36,7 +37,10 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_p
                    q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride_t,
                    NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
                    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_D: tl.constexpr, WRITE_KV: tl.constexpr, KV_QUANT: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_PASS: tl.constexpr, WRITE_KV: tl.constexpr,
+                   KV_QUANT: tl.constexpr):
+    # HALF is half the rotary dim: 2 * HALF < HD (partial rotary) leaves the features from 2 * HALF on as they
+    # are, which in place means untouched; only the fused KV write has to copy k's to the cache.
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)[None, :]
     # cos/sin repeat their first half (cat(freqs, freqs)): the first half is all a head needs.
@@ -54,6 +58,12 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_p
         _rotate(k_row, k_cache_ptr + row, k_stride_h, HD, c, s, NKV, ok, k_scale, HALF, BLOCK_KH, BLOCK_HALF,
                 KV_QUANT)
         h = tl.arange(0, BLOCK_KH)[:, None]
+        if 2 * HALF < HD:  # partial rotary: k's features past the rotary dim go to the cache unrotated
+            p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
+            pass_mask = (h < NKV) & (p < HD)
+            k_pass = tl.load(k_row + h * k_stride_h + p, mask=pass_mask).to(tl.float32)
+            k_pass = to_cache(k_pass, k_scale, k_cache_ptr.dtype.element_ty, KV_QUANT)
+            tl.store(k_cache_ptr + row + h * HD + p, k_pass, mask=pass_mask & ok)
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < NKV) & (d < HD)
         v = tl.load(v_ptr + t * v_stride_t + h * v_stride_h + d, mask=mask).to(tl.float32)
@@ -67,27 +77,32 @@ def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, write_kv: bool, k
     num_tokens, nh, hd = q.shape
     nkv = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
+    rotary_dim = cos.shape[-1]  # hd, or fewer for partial rotary
+    if rotary_dim % 2 or not 0 < rotary_dim <= hd or sin.shape != cos.shape:
+        raise ValueError(f"rotary tables of shape {tuple(cos.shape)} / {tuple(sin.shape)} do not fit heads of {hd} "
+                         "features (the rotary dim must be even and at most head_dim)")
     scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale) if write_kv else (q, 0)
     if num_tokens == 0:
         return
-    half = hd // 2
+    half = rotary_dim // 2
     _rotary_kernel[(num_tokens,)](
         q, k, v, cos, sin, k_cache, v_cache, slot_mapping, scale_ptr, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1),
         v.stride(0), v.stride(1), cos.stride(0), NH=nh, NKV=nkv, HD=hd, HALF=half,
         BLOCK_QH=triton.next_power_of_2(nh), BLOCK_KH=triton.next_power_of_2(nkv),
-        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(hd), WRITE_KV=write_kv,
-        KV_QUANT=kv_quant,
+        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(hd),
+        BLOCK_PASS=triton.next_power_of_2(max(hd - rotary_dim, 1)), WRITE_KV=write_kv, KV_QUANT=kv_quant,
     )
 
 
 def rotary_qk_(
     q: torch.Tensor,  # [T, nh, hd], last axis contiguous; rotated in place
     k: torch.Tensor,  # [T, nkv, hd], last axis contiguous; rotated in place
-    cos: torch.Tensor,  # [T, hd] in the model dtype (as the reference gets it)
-    sin: torch.Tensor,  # [T, hd]
+    cos: torch.Tensor,  # [T, rd] in the model dtype (as the reference gets it); rd <= hd
+    sin: torch.Tensor,  # [T, rd]
 ) -> None:
-    """q, k <- apply_rotary(q, cos, sin), apply_rotary(k, cos, sin): one program per token for both."""
+    """q, k <- apply_rotary(q, cos, sin), apply_rotary(k, cos, sin): one program per token for both. With
+    rd < hd (partial rotary) only each head's first rd features are rotated; the rest are not touched."""
     _launch(q, k, k, cos, sin, q, q, q, write_kv=False)
 
 
@@ -95,14 +110,14 @@ def rotary_write_kv_(
     q: torch.Tensor,  # [T, nh, hd]; rotated in place
     k: torch.Tensor,  # [T, nkv, hd]; left as it is
     v: torch.Tensor,  # [T, nkv, hd]
-    cos: torch.Tensor,  # [T, hd]
-    sin: torch.Tensor,  # [T, hd]
+    cos: torch.Tensor,  # [T, rd]; rd <= hd
+    sin: torch.Tensor,  # [T, rd]
     k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
     v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
     slot_mapping: torch.Tensor,  # [T] int; negative = skip
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
 ) -> None:
     """q <- apply_rotary(q); the cache slots get apply_rotary(k) and v (write_kv_ref, quantized for a quantized
-    cache): one launch."""
+    cache): one launch. With rd < hd (partial rotary) k's features past rd reach the cache unrotated."""
     assert v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, write_kv=True, kv_scale=kv_scale)

@@ -1,4 +1,5 @@
-"""Rotary position embedding (neox / rotate-half style) with the default, linear, llama3 and yarn scalings."""
+"""Rotary position embedding (neox / rotate-half style, of the whole head or of its first rotary_dim features)
+with the default, linear, llama3 and yarn scalings."""
 
 import math
 
@@ -12,15 +13,21 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_inv_freq(
-    head_dim: int, base: float, scaling: dict | None, max_position_embeddings: int, device=None
+    rotary_dim: int, base: float, scaling: dict | None, max_position_embeddings: int, device=None
 ) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim // 2] float32 and the cos/sin scale, computed as transformers does."""
+    """Inverse frequencies [rotary_dim // 2] float32 and the cos/sin scale, computed as transformers does.
+
+    rotary_dim is the head dim, or for partial rotary the features rotated (head_dim * partial_rotary_factor):
+    transformers computes every scaling over that dim.
+    """
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise UnsupportedModelError(f"rotary dim {rotary_dim} is not a positive even number")
     scaling = scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
-    inv_freq = 1.0 / (base**exponents)  # [hd/2]
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / rotary_dim
+    inv_freq = 1.0 / (base**exponents)  # [rd/2]
     if rope_type == "default":
         return inv_freq, 1.0
     factor = float(scaling["factor"])
@@ -29,7 +36,7 @@ def rope_inv_freq(
         return inv_freq / factor, 1.0
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, factor, scaling), 1.0
-    return _yarn_inv_freq(head_dim, base, factor, scaling, max_position_embeddings, device)
+    return _yarn_inv_freq(rotary_dim, base, factor, scaling, max_position_embeddings, device)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, scaling: dict) -> torch.Tensor:
@@ -37,7 +44,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, scaling: dict) -> to
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_context_len = scaling["original_max_position_embeddings"]
     low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
-    wavelen = 2 * math.pi / inv_freq  # [hd/2]
+    wavelen = 2 * math.pi / inv_freq  # [rd/2]
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
     smooth = (old_context_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
@@ -45,7 +52,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, scaling: dict) -> to
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn_inv_freq(head_dim, base, factor, scaling, max_position_embeddings, device):
+def _yarn_inv_freq(rotary_dim, base, factor, scaling, max_position_embeddings, device):
     """YaRN: per-dimension blend of interpolated and extrapolated frequencies, plus a cos/sin scale."""
     original_max = scaling.get("original_max_position_embeddings") or max_position_embeddings
 
@@ -59,54 +66,75 @@ def _yarn_inv_freq(head_dim, base, factor, scaling, max_position_embeddings, dev
     beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
     def correction_dim(num_rotations):
-        return (head_dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+        return (rotary_dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
     if scaling.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001  # avoids a division by zero in the ramp
-    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, head_dim, 2, device=device).to(torch.float32) / head_dim)
-    extrapolation = 1 - ramp  # [hd/2]: 1 keeps the original frequency, 0 interpolates it
+    ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2, device=device).to(torch.float32) / rotary_dim)
+    extrapolation = 1 - ramp  # [rd/2]: 1 keeps the original frequency, 0 interpolates it
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for given positions, computed in float32 on the fly (no table bounded by max positions)."""
+    """cos/sin for given positions, computed in float32 on the fly (no table bounded by max positions).
 
-    def __init__(self, head_dim: int, base: float, scaling: dict | None, max_position_embeddings: int, device=None):
+    Built with rotary_dim < head_dim (partial rotary, e.g. GPT-NeoX, Phi, Nemotron), the tables are
+    [T, rotary_dim] and every consumer rotates only the first rotary_dim features of each head.
+    """
+
+    def __init__(self, rotary_dim: int, base: float, scaling: dict | None, max_position_embeddings: int, device=None):
         super().__init__()
-        inv_freq, self.attention_scaling = rope_inv_freq(head_dim, base, scaling, max_position_embeddings, device)
+        inv_freq, self.attention_scaling = rope_inv_freq(rotary_dim, base, scaling, max_position_embeddings, device)
         # float32 always: build the model in its dtype instead of calling .to(dtype) on it afterwards.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [hd/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rd/2]
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # each [T, hd] float32
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # each [T, rd] float32
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, rd]
         if self.attention_scaling == 1.0:  # two kernels fewer per step
             return emb.cos(), emb.sin()
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
+def _rotary_dim_of(cos: torch.Tensor, head_dim: int) -> int:
+    """The features of a head that the tables rotate: cos.shape[-1], the whole head or (partial rotary) fewer."""
+    rd = cos.shape[-1]
+    if rd % 2 or not 0 < rd <= head_dim:
+        raise ValueError(f"rotary tables of width {rd} do not fit heads of {head_dim} features "
+                         "(the rotary dim must be even and at most head_dim)")
+    return rd
+
+
 def apply_rotary(
     x: torch.Tensor,  # [T, n_heads, hd]
-    cos: torch.Tensor,  # [T, hd], already in x's dtype (transformers rotates in the model dtype)
-    sin: torch.Tensor,  # [T, hd]
+    cos: torch.Tensor,  # [T, rd], already in x's dtype (transformers rotates in the model dtype); rd <= hd
+    sin: torch.Tensor,  # [T, rd]
 ) -> torch.Tensor:  # [T, n_heads, hd]
-    """Rotate each head's two halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    """Rotate the two halves (x1, x2) of each head's first rd features -> (x1 cos - x2 sin, x2 cos + x1 sin);
+    the features past rd (partial rotary) pass through unchanged."""
+    rd = _rotary_dim_of(cos, x.shape[-1])
+    if rd == x.shape[-1]:
+        return _rotate_half_style(x, cos, sin)
+    return torch.cat((_rotate_half_style(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
+
+
+def _rotate_half_style(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [T, n, rd]
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, n, hd]
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, n, rd]
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def rotate_qk(
     q: torch.Tensor,  # [T, nh, hd]
     k: torch.Tensor,  # [T, nkv, hd]
-    cos: torch.Tensor,  # [T, hd] in the model dtype
-    sin: torch.Tensor,  # [T, hd]
+    cos: torch.Tensor,  # [T, rd] in the model dtype; rd <= hd
+    sin: torch.Tensor,  # [T, rd]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """apply_rotary to q and k; on CUDA one fused kernel rotates both in place."""
     if use_triton(q):
