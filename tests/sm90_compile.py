@@ -12,7 +12,9 @@ from llmapi._kernels.activation import _silu_and_mul_kernel
 from llmapi._kernels.argmax import CHUNK, _chunk_argmax_kernel
 from llmapi._kernels.decode_attention import _decode_split_kernel, _merge_splits_kernel
 from llmapi._kernels.prefill_attention import _packed_attention_kernel
+from llmapi._kernels.layer_norm import _layer_norm_kernel
 from llmapi._kernels.rms_norm import _rms_norm_kernel
+from llmapi._kernels.rotary import _rotary_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -71,6 +73,21 @@ def other_kernels():
         yield (f"silu_and_mul quant={quant}", _silu_and_mul_kernel,
                {"x_ptr": "*bf16", "out_ptr": f"*{out}", "qs_ptr": "*fp32", "x_stride": "i32", "out_stride": "i32"},
                dict(INTER=14336, BLOCK=1024, QUANT=quant), dict(num_warps=4))
+        yield (f"layer_norm quant={quant}", _layer_norm_kernel,
+               {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": f"*{out}",
+                "qs_ptr": "*fp32", "x_stride": "i32", "res_stride": "i32", "out_stride": "i32", "eps": "fp32"},
+               dict(H=6144, BLOCK=8192, HAS_RESIDUAL=True, QUANT=quant), dict(num_warps=16))
+    # Rotary fused with the KV write, whole-head (Llama) and partial (GPT-NeoX style, half of each head) over
+    # an fp8 cache; and partial in place.
+    for rotary_dim, cache, write_kv in ((128, "bf16", True), (64, "fp8e4nv", True), (64, "bf16", False)):
+        yield (f"rotary rotary_dim={rotary_dim} cache={cache} write_kv={write_kv}", _rotary_kernel,
+               {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+                "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "slot_ptr": "*i64", "scale_ptr": "*fp32",
+                "q_stride_t": "i32", "q_stride_h": "i32", "k_stride_t": "i32", "k_stride_h": "i32",
+                "v_stride_t": "i32", "v_stride_h": "i32", "cs_stride_t": "i32"},
+               dict(NH=32, NKV=8, HD=128, HALF=rotary_dim // 2, BLOCK_QH=32, BLOCK_KH=8, BLOCK_HALF=rotary_dim // 2,
+                    BLOCK_D=128, BLOCK_PASS=max(128 - rotary_dim, 1), WRITE_KV=write_kv,
+                    KV_QUANT=2 if cache == "fp8e4nv" else 0), dict(num_warps=4))
 
 
 if __name__ == "__main__":
