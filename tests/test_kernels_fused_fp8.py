@@ -125,7 +125,7 @@ def _check_model_fused_equals_unfused(monkeypatch):
     logits of the unfused one (each linear quantizing its input), prefill and decode, and it is the path taken."""
     import llmapi.layers.activation as activation
     import llmapi.layers.dispatch as dispatch
-    import llmapi.models.llama as llama
+    import llmapi.models.gpt as gpt
     from test_quant_tensor_parallel import _stats
     from tiny_models import PagedDriver, make_tiny_llama, to_engine_model
 
@@ -137,7 +137,7 @@ def _check_model_fused_equals_unfused(monkeypatch):
     monkeypatch.setattr(dispatch, "TRITON_ON_CPU", True)
     float_model, cfg = to_engine_model(make_tiny_llama())
     quant = QuantConfig("FP8")
-    weights = quantize_engine_weights(float_model.state_dict(), quant, _stats(float_model.state_dict()))
+    weights = quantize_engine_weights(cfg, float_model.state_dict(), quant, _stats(cfg, float_model.state_dict()))
     cfg = dict(cfg, quantization=quant.to_dict())
     model = build_rank_model(cfg, Mapping(), DEVICE, torch.bfloat16)
     model.load_weights(shard_weights(model, weights))
@@ -150,14 +150,14 @@ def _check_model_fused_equals_unfused(monkeypatch):
         return scale
 
     prompts = {0: [5, 9, 11, 3, 8], 1: [4, 17, 2]}
-    monkeypatch.setattr(llama, "fused_input_scale", spy)
+    monkeypatch.setattr(gpt, "fused_input_scale", spy)
     decodes = {0: [7], 1: [12]}
     with torch.no_grad():
         driver = PagedDriver(model, cfg, dtype=torch.bfloat16, device=DEVICE)
         fused = [driver.step(prompts), driver.step(decodes)]
         # qkv, dense, gate_up and down of every layer, both steps
         assert len(seen) == 2 * 4 * cfg["num_hidden_layers"] and all(seen)
-        monkeypatch.setattr(llama, "fused_input_scale", lambda linear, x: None)
+        monkeypatch.setattr(gpt, "fused_input_scale", lambda linear, x: None)
         driver = PagedDriver(model, cfg, dtype=torch.bfloat16, device=DEVICE)
         unfused = [driver.step(prompts), driver.step(decodes)]
     for a, b in zip(fused, unfused):

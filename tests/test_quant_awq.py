@@ -11,6 +11,7 @@ from llmapi import LLM, QuantConfig
 from llmapi.distributed.mapping import Mapping
 from llmapi.distributed.sharding import build_rank_model
 from llmapi.models import convert_hf
+from llmapi.quantization.apply import quantized_linears
 from llmapi.quantization.awq import awq_quantize, awq_search, dequantize_asym, gptq_round, quantize_asym
 from llmapi.quantization.calibration import ActivationStats
 from llmapi.quantization.config import resolve_quant
@@ -143,13 +144,13 @@ def test_awq_engine_weights_from_calibration():
             stats.input_abs_mean[linear], stats.input_hessian[linear] = _stats(x)
     assert len(stats.input_hessian) == 4 * cfg["num_hidden_layers"]
     quant = QuantConfig("W4A16_AWQ", group_size=64)
-    qweights = quantize_weights(weights, quant, stats)
+    qweights = quantize_weights(weights, quant, stats, quantized_linears(cfg))
     name = "transformer.layers.0.mlp.gate_up"
     expected = awq_quantize(weights[name + ".weight"], stats.input_abs_mean[name], stats.input_hessian[name], 64)
     for key in AWQ_TENSORS:
         assert torch.equal(qweights[f"{name}.{key}"], getattr(expected, key)), key
     with pytest.raises(ValueError, match="hessians=True"):
-        quantize_weights(weights, quant, ActivationStats())
+        quantize_weights(weights, quant, ActivationStats(), quantized_linears(cfg))
 
     cfg = {**cfg, "quantization": quant.to_dict()}
     model = build_rank_model(cfg, Mapping(1, 1), "cpu", torch.float32)

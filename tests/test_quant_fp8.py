@@ -261,7 +261,8 @@ def test_fp8_engine_weights_use_the_calibration_hessian(algo):
     name = "transformer.layers.0.attention.qkv"
     stats = ActivationStats(input_amax={name: x.abs().amax(0)}, input_hessian={name: x.T @ x / x.shape[0]})
     weights = {f"{name}.weight": w, "transformer.layers.0.input_layernorm.weight": torch.ones(64)}
-    out = quantize_engine_weights(weights, QuantConfig(algo), stats)
+    cfg = {"architecture": "LlamaForCausalLM", "num_hidden_layers": 1, "head_dim": 16}
+    out = quantize_engine_weights(cfg, weights, QuantConfig(algo), stats)
     q_rtn, scale = quantize_fp8_weight(w, per_channel=per_token)
     assert torch.equal(out[f"{name}.weight"].float(), round_fp8_weight(w, scale, stats.input_hessian[name]).float())
     assert not torch.equal(out[f"{name}.weight"].float(), q_rtn.float())
@@ -272,5 +273,5 @@ def test_fp8_engine_weights_use_the_calibration_hessian(algo):
         assert float(out[f"{name}.activation_scaling_factor"]) == pytest.approx(float(x.abs().max()) / 448)
     # Without a Hessian (dummy weights): round to nearest.
     stats.input_hessian.clear()
-    assert torch.equal(quantize_engine_weights(weights, QuantConfig(algo), stats)[f"{name}.weight"].float(),
+    assert torch.equal(quantize_engine_weights(cfg, weights, QuantConfig(algo), stats)[f"{name}.weight"].float(),
                        q_rtn.float())

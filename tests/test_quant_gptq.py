@@ -129,7 +129,7 @@ def test_gptq_checkpoint_loads_exactly(tmp_path, bits, group):
 def test_dummy_gptq_weights_are_symmetric_rtn():
     """A dummy-weight GPTQ engine (benchmarks) rounds the float weights symmetrically, with zero points 0."""
     w = {"transformer.layers.0.mlp.proj.weight": torch.randn(48, 128, generator=torch.Generator().manual_seed(0))}
-    out = quantize_weights(w, QuantConfig("W4A16_GPTQ", group_size=32))
+    out = quantize_weights(w, QuantConfig("W4A16_GPTQ", group_size=32), None, {"transformer.layers.0.mlp.proj"})
     q, scale = quantize_weight_ref(w["transformer.layers.0.mlp.proj.weight"], 4, 32)
     assert torch.equal(out["transformer.layers.0.mlp.proj.weight"], q)
     assert torch.equal(out["transformer.layers.0.mlp.proj.weights_scaling_factor"], scale)

@@ -13,6 +13,7 @@ from llmapi._kernels.int8_linear import (dequantize_int8, int8_gemm_ref, int8_li
 from llmapi import LLM, QuantConfig
 from llmapi.engine import cache
 from llmapi.models import convert_hf, get_model_class
+from llmapi.quantization.apply import quantized_linears
 from llmapi.quantization.calibration import collect_activation_stats
 from llmapi.quantization.config import SMOOTHQUANT_ALGOS
 from llmapi.quantization.smoothquant import smooth_weights, smoothing_factors
@@ -54,7 +55,7 @@ def test_smoothed_float_model_equals_unsmoothed(make, alpha):
     config, weights = convert_hf(hf_config, hf.state_dict(), torch.float32)
     tok = make_tiny_tokenizer(hf.config.vocab_size)
     stats = collect_activation_stats(config, weights, tok, SENTENCES)
-    smoothed, smoothed_amax = smooth_weights(weights, stats.input_amax, alpha)
+    smoothed, smoothed_amax = smooth_weights(weights, stats.input_amax, alpha, quantized_linears(config))
     assert not torch.allclose(smoothed["transformer.layers.1.input_layernorm.weight"],
                               weights["transformer.layers.1.input_layernorm.weight"])
     prompts = [tok(text)["input_ids"] for text in SENTENCES]  # the calibration texts, one request each

@@ -14,18 +14,16 @@ from llmapi.errors import UnsupportedModelError
 from llmapi.quantization.apply import quantize_engine_weights
 from llmapi.quantization.calibration import ActivationStats
 from llmapi.quantization.config import resolve_quant
-from llmapi.quantization.weight_only import is_quantized_linear_weight
+from llmapi.quantization.apply import quantized_linears
 
 
-def _stats(weights, seed=0):
+def _stats(cfg, weights, seed=0):
     """Made-up calibration statistics (ranges, mean |x|, positive definite H) for every quantized linear: the
     activation scales, AWQ's and SmoothQuant's per-input-channel factors all differ from channel to channel."""
     g = torch.Generator().manual_seed(seed)
     stats = ActivationStats(num_tokens=1)
-    for name, w in weights.items():
-        if not is_quantized_linear_weight(name):
-            continue
-        linear, k = name.removesuffix(".weight"), w.shape[1]
+    for linear in quantized_linears(cfg):
+        k = weights[linear + ".weight"].shape[1]
         stats.input_amax[linear] = torch.rand(k, generator=g) * 3 + 0.5
         stats.input_abs_mean[linear] = stats.input_amax[linear] / 4
         a = torch.randn(k, k, generator=g)
@@ -61,7 +59,7 @@ def _quantized_one_rank(hf_model, quant, lengths):
     the quantized model's one-rank logits)."""
     model, cfg = to_engine_model(hf_model)
     float_weights = model.state_dict()
-    weights = quantize_engine_weights(float_weights, quant, _stats(float_weights))
+    weights = quantize_engine_weights(cfg, float_weights, quant, _stats(cfg, float_weights))
     cfg = dict(cfg, quantization=quant.to_dict())
     ids, positions = _inputs(cfg["vocab_size"], lengths)
     one = build_rank_model(cfg, Mapping(), "cpu", torch.float32)

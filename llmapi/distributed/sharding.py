@@ -76,7 +76,7 @@ def load_rank_model(model: nn.Module, engine_dir, rank: int, dummy: bool, engine
     if dummy:
         full = DummyWeights(engine_config, dtype, seed=0, device=device)
         quant = QuantConfig.from_dict(engine_config.get("quantization"))
-        weights = shard_weights(model, full if quant is None else quantize_engine_weights(full, quant))
+        weights = shard_weights(model, full if quant is None else quantize_engine_weights(engine_config, full, quant))
         model.load_weights(weights)
         return
     from llmapi.engine.format import rank_file, weights_checksum

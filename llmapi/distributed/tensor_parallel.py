@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmapi.distributed.mapping import Mapping, local_kv_heads
+from llmapi.models.gpt import layer_linears
 
 
 def cut_ranges(full: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
@@ -131,8 +132,8 @@ class ParallelLMHead(nn.Module):
 def apply_tensor_parallel(model: nn.Module, cfg: dict, mapping: Mapping, comm, embedding_sharding_dim: int = 0) -> None:
     """Swap the model's modules for this rank's shards (model on the meta device; check_mapping passed).
 
-    Linears are found by the families' shared names: attention.qkv (q heads, then k and v heads),
-    attention.dense, mlp.gate_up (gate, then up) or mlp.fc, and mlp.proj.
+    Each layer's linears are cut as the family declares them (llmapi.models.layer_linears): by heads (attention
+    qkv and dense) or by intermediate features (the MLP), column- or row-parallel.
     """
     tp, r = mapping.tp_size, mapping.tp_rank
     if tp == 1:
@@ -144,18 +145,23 @@ def apply_tensor_parallel(model: nn.Module, cfg: dict, mapping: Mapping, comm, e
     q_rows = [(r * nh_l * hd, nh_l * hd)]
     qkv_rows = q_rows + [((nh + kv_first) * hd, nkv_l * hd), ((nh + nkv + kv_first) * hd, nkv_l * hd)]
     inter_rows = [(r * inter_l, inter_l)]
+    specs = layer_linears(cfg)
     for layer in model.transformer.layers:  # this pipeline stage's
-        attn, mlp = layer.attention, layer.mlp
-        attn.qkv = ColumnParallelLinear(attn.qkv, qkv_rows)
-        attn.dense = RowParallelLinear(attn.dense, q_rows, comm)
-        attn.num_heads = nh_l
-        if hasattr(attn, "num_kv_heads"):
-            attn.num_kv_heads = nkv_l
-        if hasattr(mlp, "gate_up"):
-            mlp.gate_up = ColumnParallelLinear(mlp.gate_up, inter_rows + [(inter + r * inter_l, inter_l)])
-        else:
-            mlp.fc = ColumnParallelLinear(mlp.fc, inter_rows)
-        mlp.proj = RowParallelLinear(mlp.proj, inter_rows, comm)
+        for spec in specs:
+            block_name, linear_name = spec.name.split(".")
+            block = getattr(layer, block_name)
+            linear = getattr(block, linear_name)
+            rows = q_rows if spec.unit == "heads" else inter_rows
+            if spec.split == "qkv":
+                parallel = ColumnParallelLinear(linear, qkv_rows)
+            elif spec.split == "gate_up":
+                parallel = ColumnParallelLinear(linear, inter_rows + [(inter + r * inter_l, inter_l)])
+            elif spec.split == "column":
+                parallel = ColumnParallelLinear(linear, rows)
+            else:
+                parallel = RowParallelLinear(linear, rows, comm)
+            setattr(block, linear_name, parallel)
+        layer.attention.num_heads, layer.attention.num_kv_heads = nh_l, nkv_l
 
     t = model.transformer
     embedding = t.vocab_embedding
@@ -166,7 +172,7 @@ def apply_tensor_parallel(model: nn.Module, cfg: dict, mapping: Mapping, comm, e
     if not mapping.is_last_stage:
         return
     w = (model.lm_head or embedding).weight
-    head_args = (cfg["vocab_size"], cfg["hidden_size"], tp, r, comm, w.dtype, w.device)
+    head_args = (cfg["vocab_size"], w.shape[1], tp, r, comm, w.dtype, w.device)  # the embedding's width
     if not tied:
         model.lm_head = ParallelLMHead(*head_args)
     elif embedding_sharding_dim == 0:

@@ -162,7 +162,7 @@ def _quantize(engine_config: dict, weights: dict, quant: QuantConfig | None, tok
         logger.info("calibrating %s on %d texts", quant.quant_algo, quant.calibration_samples)
         # AWQ and FP8 round with each linear's mean x^T x (its output error), the other modes need input ranges.
         stats = calibrate(engine_config, weights, tokenizer_dir, quant, hessians=quant.needs_hessians)
-    return quantize_engine_weights(weights, quant, stats)
+    return quantize_engine_weights(engine_config, weights, quant, stats)
 
 
 def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:

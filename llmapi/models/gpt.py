@@ -57,6 +57,8 @@ class LinearSpec:
     """How tensor parallelism cuts it: "qkv" (columns of q heads, and of k / v heads, replicated when there are
     fewer KV heads than ranks), "gate_up" (columns of gate and of up), "column", or "row" (input features; the
     outputs are summed across ranks)."""
+    unit: str
+    """What its cut features count: "heads" (attention) or "intermediate" (MLP) features."""
     norm: str | None
     """The norm whose output is its whole input, into which SmoothQuant may fold its smoothing; None when its
     input is something else (attention output, activation, or a post-norm residual stream)."""
@@ -67,10 +69,11 @@ def layer_linears(cfg: dict) -> tuple[LinearSpec, ...]:
     cfg = complete_config(cfg)
     pre = not cfg["post_norm"]
     mlp_in = "mlp.gate_up" if cfg["gated_mlp"] else "mlp.fc"
-    return (LinearSpec("attention.qkv", "qkv", "input_layernorm" if pre else None),
-            LinearSpec("attention.dense", "row", None),
-            LinearSpec(mlp_in, "gate_up" if cfg["gated_mlp"] else "column", "post_layernorm" if pre else None),
-            LinearSpec("mlp.proj", "row", None))
+    return (LinearSpec("attention.qkv", "qkv", "heads", "input_layernorm" if pre else None),
+            LinearSpec("attention.dense", "row", "heads", None),
+            LinearSpec(mlp_in, "gate_up" if cfg["gated_mlp"] else "column", "intermediate",
+                       "post_layernorm" if pre else None),
+            LinearSpec("mlp.proj", "row", "intermediate", None))
 
 
 def _norm(cfg: dict) -> nn.Module:

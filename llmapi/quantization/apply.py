@@ -7,28 +7,34 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from llmapi.models.gpt import LinearSpec, layer_linears
 from llmapi.quantization.calibration import ActivationStats, calibration_texts, collect_activation_stats
 from llmapi.quantization.config import FP8_ALGOS, SMOOTHQUANT_ALGOS, WEIGHT_ONLY_BITS, QuantConfig
 from llmapi.quantization.kv_cache import apply_kv_cache_quant, kv_cache_scales
 from llmapi.quantization.fp8 import Fp8Linear, check_fp8_device, quantize_fp8_linear
 from llmapi.quantization.linear import check_split
-from llmapi.quantization.smoothquant import (SmoothQuantLinear, has_prequant, quantize_smoothquant_linear,
-                                             smooth_weights)
-from llmapi.quantization.weight_only import WeightOnlyLinear, is_quantized_linear_weight, quantize_weights
+from llmapi.quantization.smoothquant import SmoothQuantLinear, quantize_smoothquant_linear, smooth_weights
+from llmapi.quantization.weight_only import WeightOnlyLinear, quantize_weights
 
-# The families' shared linear names (see tensor_parallel.apply_tensor_parallel); embeddings, head, norms stay float.
-LINEARS = (("attention", "qkv"), ("attention", "dense"), ("mlp", "gate_up"), ("mlp", "fc"), ("mlp", "proj"))
+# The linears each family declares (llmapi.models.layer_linears) are quantized; embeddings, head, norms stay float.
 
 
-def _quantized_linear(linear: nn.Linear, quant: QuantConfig, name: str) -> nn.Module:
-    """The quantized module that replaces `linear` (name: "attention.qkv", "mlp.proj", ...)."""
+def _quantized_linear(linear: nn.Linear, quant: QuantConfig, spec: LinearSpec) -> nn.Module:
+    """The quantized module that replaces `linear`."""
     algo = quant.quant_algo
     if algo in WEIGHT_ONLY_BITS:
         return WeightOnlyLinear(linear, quant)
     if algo in FP8_ALGOS:
         return Fp8Linear(linear, quant)
     assert algo in SMOOTHQUANT_ALGOS, algo  # QuantConfig admits no other value
-    return SmoothQuantLinear(linear, quant, prequant=has_prequant(name))
+    return SmoothQuantLinear(linear, quant, prequant=spec.norm is None)
+
+
+def quantized_linears(engine_config: dict) -> dict[str, LinearSpec]:
+    """Full engine name ("transformer.layers.{i}.mlp.proj") -> declaration, of every linear quantization swaps."""
+    specs = layer_linears(engine_config)
+    return {f"transformer.layers.{i}.{spec.name}": spec
+            for i in range(engine_config["num_hidden_layers"]) for spec in specs}
 
 
 def apply_quantization(model: nn.Module, quant: QuantConfig | None) -> None:
@@ -41,15 +47,16 @@ def apply_quantization(model: nn.Module, quant: QuantConfig | None) -> None:
     # A rank's input features of a row-parallel linear: whole groups, and whole bytes of packed int4.
     four_bits = quant.quant_algo in WEIGHT_ONLY_BITS and quant.bits == 4
     unit = quant.group_size or (2 if four_bits else 1)
+    specs = layer_linears(model.config)
     for layer in model.transformer.layers:
-        for block_name, linear_name in LINEARS:
+        for spec in specs:
+            block_name, linear_name = spec.name.split(".")
             block = getattr(layer, block_name)
-            linear = getattr(block, linear_name, None)
-            if linear is not None:
-                check_split(linear, unit)
-                quantized = _quantized_linear(linear, quant, f"{block_name}.{linear_name}")
-                quantized.split_like(linear)
-                setattr(block, linear_name, quantized)
+            linear = getattr(block, linear_name)
+            check_split(linear, unit)
+            quantized = _quantized_linear(linear, quant, spec)
+            quantized.split_like(linear)
+            setattr(block, linear_name, quantized)
 
 
 def check_quant_device(quant: QuantConfig | None, device) -> None:
@@ -69,7 +76,7 @@ def calibrate(engine_config: dict, weights: Mapping[str, torch.Tensor], tokenize
                                     device=device)
 
 
-def quantize_engine_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | None,
+def quantize_engine_weights(engine_config: dict, weights: Mapping[str, torch.Tensor], quant: QuantConfig | None,
                             stats: ActivationStats | None = None) -> dict[str, torch.Tensor]:
     """Engine weights with every linear quantized and its scales added, named as the swapped modules' parameters.
 
@@ -83,25 +90,26 @@ def quantize_engine_weights(weights: Mapping[str, torch.Tensor], quant: QuantCon
     if quant.quant_algo is None:
         return dict(weights)
     algo = quant.quant_algo
+    linears = quantized_linears(engine_config)
     if algo in WEIGHT_ONLY_BITS:
-        return quantize_weights(weights, quant, stats)
+        return quantize_weights(weights, quant, stats, linears)
     amax: Mapping[str, torch.Tensor] = {} if stats is None else stats.input_amax
     if algo in SMOOTHQUANT_ALGOS and amax:
-        weights, amax = smooth_weights(weights, amax, quant.smoothquant_alpha)
+        weights, amax = smooth_weights(weights, amax, quant.smoothquant_alpha, linears)
     out = {}
     for name in list(weights):
         tensor = weights[name]
-        if not is_quantized_linear_weight(name):
+        linear = name.removesuffix(".weight")  # transformer.layers.{i}.attention.qkv
+        if not name.endswith(".weight") or linear not in linears:
             out[name] = tensor
             continue
-        linear = name.removesuffix(".weight")  # transformer.layers.{i}.attention.qkv
         assert stats is None or linear in amax, f"calibration saw no input of {linear}"
         if algo in FP8_ALGOS:
             hessian = None if stats is None else stats.input_hessian.get(linear)
             parts = quantize_fp8_linear(tensor, amax.get(linear), quant, hessian)
         else:
             parts = quantize_smoothquant_linear(tensor, amax.get(linear), quant)
-            if has_prequant(linear.split(".", 3)[3]) and f"{linear}.prequant_scaling_factor" not in weights:
+            if linears[linear].norm is None and f"{linear}.prequant_scaling_factor" not in weights:
                 parts["prequant_scaling_factor"] = torch.ones(tensor.shape[1], device=tensor.device)
         out.update({f"{linear}.{key}": value for key, value in parts.items()})
     return out

@@ -14,8 +14,6 @@ from llmapi.errors import MissingDependencyError
 
 DEFAULT_DATASET = "gensim/test/test_data/lee_background.cor"
 """The default calibration text (300 news articles, one per line), shipped inside gensim's wheel: no network."""
-LINEAR_NAMES = ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.fc", "mlp.proj")
-"""The engine linears that get quantized, under transformer.layers.{i}."""
 _TOKENS_PER_STEP = 4096  # texts are packed into forward passes of about this many tokens
 
 
@@ -144,7 +142,7 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
     """
     from llmapi.engine.format import DTYPES
     from llmapi.layers.attention import AttentionMetadata
-    from llmapi.models import get_model_class
+    from llmapi.models import get_model_class, layer_linears
 
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len={max_seq_len!r} is invalid: must be an int >= 1")
@@ -161,13 +159,11 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
     recorder = _Recorder(hessians)
     handles = []
     for i, layer in enumerate(model.transformer.layers):
-        for name in LINEAR_NAMES:
-            block, attr = name.split(".")
-            linear = getattr(getattr(layer, block), attr, None)
-            if linear is not None:
-                full = f"transformer.layers.{i}.{name}"
-                handles.append(linear.register_forward_pre_hook(
-                    lambda mod, args, full=full: recorder.linear_input(full, args[0])))
+        for spec in layer_linears(config):  # the linears quantization swaps
+            block, attr = spec.name.split(".")
+            full = f"transformer.layers.{i}.{spec.name}"
+            handles.append(getattr(getattr(layer, block), attr).register_forward_pre_hook(
+                lambda mod, args, full=full: recorder.linear_input(full, args[0])))
         handles.append(layer.attention.attn.register_forward_pre_hook(_attention_hook(recorder, i), with_kwargs=True))
     num_tokens = 0
     try:

@@ -8,19 +8,11 @@ import torch
 from torch import nn
 
 from llmapi._kernels.int8_linear import int8_linear, int8_scale, quantize_int8_weight
+from llmapi.models.gpt import LinearSpec
 from llmapi.quantization.config import SMOOTHQUANT_ALGOS, QuantConfig
 from llmapi.quantization.linear import QuantizedLinear
 
 _EPS = 1e-5  # floor of every max |.|: a dead channel must not make s zero or infinite
-# Linear (under transformer.layers.{i}.) -> the norm whose output is its input, or None: such a linear's input is
-# divided by s inside the norm's weight (and bias); the others keep a prequant_scaling_factor 1/s multiply.
-SMOOTHED_BY_NORM = {"attention.qkv": "input_layernorm", "mlp.gate_up": "post_layernorm",
-                    "mlp.fc": "post_layernorm", "attention.dense": None, "mlp.proj": None}
-
-
-def has_prequant(linear_name: str) -> bool:
-    """Whether a linear ("attention.dense", "mlp.proj", ...) keeps its smoothing as a multiply of its input."""
-    return SMOOTHED_BY_NORM[linear_name] is None
 
 
 def smoothing_factors(input_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -34,10 +26,13 @@ def smoothing_factors(input_amax: torch.Tensor, weight: torch.Tensor, alpha: flo
     return (x_amax.pow(alpha) / w_amax.pow(1.0 - alpha)).clamp(min=_EPS)
 
 
-def smooth_weights(weights: Mapping[str, torch.Tensor], input_amax: Mapping[str, torch.Tensor], alpha: float
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def smooth_weights(weights: Mapping[str, torch.Tensor], input_amax: Mapping[str, torch.Tensor], alpha: float,
+                   linears: Mapping[str, LinearSpec]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Float engine weights with SmoothQuant applied; the model computes the same function (exact in real numbers).
 
+    linears: each quantized linear's declaration by its engine name (llmapi.quantization.apply.quantized_linears):
+    a linear whose `norm` is named has its input divided by s inside that norm's weight (and bias);
+    the others (norm None: attention output, activation, a post-norm residual stream) keep a multiply of their input.
     Returns (weights, smoothed_amax): every linear with calibration stats has its weight columns scaled by s; its
     preceding norm's weight (and bias) divided by s, or else a `prequant_scaling_factor` 1/s [K] (float32) added.
     smoothed_amax: linear name -> max |x / s| per channel [K], the range its int8 activations must cover.
@@ -49,7 +44,7 @@ def smooth_weights(weights: Mapping[str, torch.Tensor], input_amax: Mapping[str,
         w = weights[f"{name}.weight"]  # [N, K]
         s = smoothing_factors(amax, w, alpha)  # [K]
         out[f"{name}.weight"] = (w.float() * s).to(w.dtype)
-        norm = SMOOTHED_BY_NORM[linear]
+        norm = linears[name].norm
         if norm is None:
             out[f"{name}.prequant_scaling_factor"] = 1.0 / s
         else:

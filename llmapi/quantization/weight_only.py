@@ -8,8 +8,7 @@ integer values in the model dtype, in the signed code domain: w = (q - zero_poin
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,6 @@ from llmapi.quantization.config import GROUP_SIZES, QuantConfig
 from llmapi.quantization.linear import ShardableLinear
 
 AWQ_TENSORS = ("weight", "weights_scaling_factor", "weights_zero_point", "prequant_scaling_factor")
-
-# The families' shared linear names (see tensor_parallel.apply_tensor_parallel); embeddings, head, norms stay float.
-_LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.\d+\.(attention\.(qkv|dense)|mlp\.(gate_up|fc|proj))\.weight$")
 
 
 class WeightOnlyLinear(ShardableLinear):
@@ -81,13 +77,10 @@ class WeightOnlyLinear(ShardableLinear):
         return F.linear(x, w.to(x.dtype), bias)
 
 
-def is_quantized_linear_weight(name: str) -> bool:
-    return _LINEAR_WEIGHT.match(name) is not None
-
-
 def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | None,
-                     stats: ActivationStats | None = None) -> dict[str, torch.Tensor]:
-    """Engine weights with every linear's `weight` quantized and its `weights_scaling_factor` added.
+                     stats: ActivationStats | None, linears: Collection[str]) -> dict[str, torch.Tensor]:
+    """Engine weights with the `weight` of each of `linears` (engine names, "transformer.layers.0.mlp.proj")
+    quantized and its `weights_scaling_factor` added.
 
     AWQ (llmapi.quantization.awq) works from each linear's calibration statistics (`stats` collected with
     hessians=True); without them (dummy weights) its activation scales are 1 and its rounding to nearest. GPTQ
@@ -99,7 +92,7 @@ def quantize_weights(weights: Mapping[str, torch.Tensor], quant: QuantConfig | N
     out = {}
     for name in list(weights):
         tensor = weights[name]
-        if not is_quantized_linear_weight(name):
+        if not name.endswith(".weight") or name.removesuffix(".weight") not in linears:
             out[name] = tensor
             continue
         if quant.group_size is not None and tensor.shape[1] % quant.group_size:
