@@ -261,16 +261,17 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](int32_t max_batch_size, int32_t max_num_tokens, int32_t max_seq_len,
                        int32_t tokens_per_block, int32_t num_blocks, bool enable_prefix_caching,
                        bool enable_chunked_prefill, int32_t max_inflight_batches,
-                       bool async_scheduling, int32_t vocab_size) {
+                       bool async_scheduling, int32_t vocab_size, int32_t sliding_window) {
              ExecutorConfig c{max_batch_size, max_num_tokens, max_seq_len, tokens_per_block,
                               num_blocks, enable_prefix_caching, enable_chunked_prefill,
-                              max_inflight_batches, async_scheduling, vocab_size};
+                              max_inflight_batches, async_scheduling, vocab_size, sliding_window};
              c.validate();
              return c;
            }),
            "max_batch_size"_a, "max_num_tokens"_a, "max_seq_len"_a, "tokens_per_block"_a,
            "num_blocks"_a, "enable_prefix_caching"_a = true, "enable_chunked_prefill"_a = true,
-           "max_inflight_batches"_a = 1, "async_scheduling"_a = false, "vocab_size"_a = 0)
+           "max_inflight_batches"_a = 1, "async_scheduling"_a = false, "vocab_size"_a = 0,
+           "sliding_window"_a = 0)
       .def_readonly("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readonly("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readonly("max_seq_len", &ExecutorConfig::max_seq_len)
@@ -281,6 +282,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("max_inflight_batches", &ExecutorConfig::max_inflight_batches)
       .def_readonly("async_scheduling", &ExecutorConfig::async_scheduling)
       .def_readonly("vocab_size", &ExecutorConfig::vocab_size)
+      .def_readonly("sliding_window", &ExecutorConfig::sliding_window)
       .def("__repr__", &ExecutorConfig::repr);
 
   py::class_<Request>(m, "Request")
@@ -481,6 +483,7 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<BlockManager> block_manager(m, "BlockManager");
   block_manager.attr("ROOT_HASH") = BlockManager::kRootHash;
+  block_manager.attr("RELEASED") = BlockManager::kReleased;
   block_manager
       .def(py::init<int32_t, int32_t, bool>(), "num_blocks"_a, "tokens_per_block"_a,
            "enable_prefix_caching"_a = true)
@@ -507,6 +510,11 @@ PYBIND11_MODULE(_core, m) {
            }, "block_ids"_a, "num_tokens"_a, "cached_prefix"_a = std::vector<int32_t>{})
       .def("free", [](BlockManager& bm, std::vector<int32_t> block_ids) { bm.free(block_ids); },
            "block_ids"_a)
+      .def("release_leading",
+           [](BlockManager& bm, std::vector<int32_t> block_ids, int32_t count) {
+             bm.release_leading(block_ids, count);
+             return block_ids;
+           }, "block_ids"_a, "count"_a)
       .def("cache_full_blocks", &BlockManager::cache_full_blocks, "block_ids"_a, "tokens"_a,
            "num_computed_tokens"_a)
       .def("ref_count", &BlockManager::ref_count, "block_id"_a)

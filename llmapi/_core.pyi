@@ -23,10 +23,13 @@ class ExecutorConfig:
     # Token ids of requests (prompt, EOS, stop, bad words, logit bias) must be below it, else
     # RequestError at enqueue; a sampled token at or above it fails its request alone. 0: unchecked.
     vocab_size: int
+    # The model's sliding window (attention sees the last this many positions): KV blocks wholly
+    # before a request's window are handed back as it moves on. 0: none.
+    sliding_window: int
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
                  tokens_per_block: int, num_blocks: int, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_inflight_batches: int = 1,
-                 async_scheduling: bool = False, vocab_size: int = 0) -> None: ...
+                 async_scheduling: bool = False, vocab_size: int = 0, sliding_window: int = 0) -> None: ...
 
 class Request:
     """One request (invalid settings raise llmapi.errors.RequestError). Scheduler.request()
@@ -182,7 +185,7 @@ class Batch:
     @property
     def context_lens(self) -> npt.NDArray[np.int32]: ...  # [R] KV tokens after this step
     @property
-    def block_tables(self) -> npt.NDArray[np.int32]: ...  # [R, max_blocks] padded with 0
+    def block_tables(self) -> npt.NDArray[np.int32]: ...  # [R, max_blocks] padded with 0; -1: released
     @property
     def slot_mapping(self) -> npt.NDArray[np.int64]: ...  # [T]
     @property
@@ -253,6 +256,7 @@ class BlockManager:
     for the allocation and eviction order)."""
 
     ROOT_HASH: int
+    RELEASED: int  # -1: a block-table entry handed back (before the sliding window), never read
     def __init__(self, num_blocks: int, tokens_per_block: int,
                  enable_prefix_caching: bool = True) -> None: ...
     @staticmethod
@@ -264,6 +268,8 @@ class BlockManager:
     def allocate(self, block_ids: Sequence[int], num_tokens: int,
                  cached_prefix: Sequence[int] = ...) -> Optional[List[int]]: ...
     def free(self, block_ids: Sequence[int]) -> None: ...
+    # Hands back the first `count` entries' blocks (reference count - 1); returns the table with them RELEASED.
+    def release_leading(self, block_ids: Sequence[int], count: int) -> List[int]: ...
     def cache_full_blocks(self, block_ids: Sequence[int], tokens: Sequence[int],
                           num_computed_tokens: int) -> None: ...
     def ref_count(self, block_id: int) -> int: ...

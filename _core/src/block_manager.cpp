@@ -104,6 +104,10 @@ bool BlockManager::allocate(std::vector<int32_t>& block_ids, int32_t num_tokens,
 bool BlockManager::allocate_for_write(std::vector<int32_t>& block_ids, int32_t write_from,
                                       int32_t num_tokens, std::vector<int32_t>& copies) {
   const size_t index = static_cast<size_t>(write_from / tokens_per_block_);
+  if (write_from >= 0 && index < block_ids.size() && block_ids[index] == kReleased) {
+    throw std::logic_error("position " + std::to_string(write_from) +
+                           " is written, but its block was released (before the sliding window)");
+  }
   const bool copy = write_from >= 0 && index < block_ids.size() &&
                     blocks_[block_ids[index]].ref_count > 1;
   if (!copy) return allocate(block_ids, num_tokens);
@@ -123,12 +127,15 @@ bool BlockManager::allocate_for_write(std::vector<int32_t>& block_ids, int32_t w
 
 std::vector<int32_t> BlockManager::fork(const std::vector<int32_t>& block_ids) {
   for (int32_t id : block_ids) {
+    if (id == kReleased) continue;
     check_block_id(id);
     if (blocks_[id].ref_count <= 0) {
       throw std::invalid_argument("block " + std::to_string(id) + " is forked but not in use");
     }
   }
-  for (int32_t id : block_ids) ++blocks_[id].ref_count;
+  for (int32_t id : block_ids) {
+    if (id != kReleased) ++blocks_[id].ref_count;
+  }
   return block_ids;
 }
 
@@ -142,8 +149,11 @@ void BlockManager::evict(int32_t block_id) {
 }
 
 void BlockManager::free(std::vector<int32_t>& block_ids) {
-  for (int32_t id : block_ids) check_block_id(id);
+  for (int32_t id : block_ids) {
+    if (id != kReleased) check_block_id(id);
+  }
   for (auto it = block_ids.rbegin(); it != block_ids.rend(); ++it) {
+    if (*it == kReleased) continue;
     Block& b = blocks_[*it];
     if (b.ref_count <= 0) {
       throw std::invalid_argument("block " + std::to_string(*it) + " is freed but not in use");
@@ -151,6 +161,27 @@ void BlockManager::free(std::vector<int32_t>& block_ids) {
     if (--b.ref_count == 0) free_queue_.push_back(*it);
   }
   block_ids.clear();
+}
+
+int32_t BlockManager::release_leading(std::vector<int32_t>& block_ids, int32_t count) {
+  const size_t end = std::min(static_cast<size_t>(std::max(count, 0)), block_ids.size());
+  for (size_t i = 0; i < end; ++i) {
+    const int32_t id = block_ids[i];
+    if (id == kReleased) continue;
+    check_block_id(id);
+    if (blocks_[id].ref_count <= 0) {
+      throw std::invalid_argument("block " + std::to_string(id) + " is released but not in use");
+    }
+  }
+  int32_t released = 0;
+  for (size_t i = 0; i < end; ++i) {
+    const int32_t id = block_ids[i];
+    if (id == kReleased) continue;
+    if (--blocks_[id].ref_count == 0) free_queue_.push_back(id);
+    block_ids[i] = kReleased;
+    ++released;
+  }
+  return released;
 }
 
 void BlockManager::cache_full_blocks(const std::vector<int32_t>& block_ids,
@@ -161,14 +192,28 @@ void BlockManager::cache_full_blocks(const std::vector<int32_t>& block_ids,
   const int32_t computed = std::min(num_computed_tokens, static_cast<int32_t>(tokens.size()));
   const int32_t num_full = std::min(computed / B, static_cast<int32_t>(block_ids.size()));
   uint64_t parent = kRootHash;
-  // Hashed blocks form a prefix of the table, so this walks the already-hashed ones for their
-  // chain and hashes the rest: O(table length), a few hundred steps at most.
+  bool parent_known = true;  // false after released entries: their blocks' hashes are not at hand
+  // Hashed blocks form a prefix of the table (released entries at its head), so this walks the
+  // already-hashed ones for their chain and hashes the rest: O(table length), a few hundred steps.
   for (int32_t i = 0; i < num_full; ++i) {
+    if (block_ids[i] == kReleased) {
+      parent_known = false;
+      continue;
+    }
     check_block_id(block_ids[i]);
     Block& b = blocks_[block_ids[i]];
     if (b.hashed) {
       parent = b.hash;
+      parent_known = true;
       continue;
+    }
+    if (!parent_known) {
+      // Its parent was released before it filled (a window within one block): chain from the root.
+      parent = kRootHash;
+      for (int32_t j = 0; j < i; ++j) {
+        parent = hash_block_tokens(parent, tokens.data() + static_cast<size_t>(j) * B, B);
+      }
+      parent_known = true;
     }
     const int32_t* seg = tokens.data() + static_cast<size_t>(i) * B;
     b.hashed = true;

@@ -28,6 +28,10 @@ void ExecutorConfig::validate() const {
     throw std::invalid_argument("vocab_size=" + std::to_string(vocab_size) +
                                 " is invalid: must be >= 0 (0: not checked)");
   }
+  if (sliding_window < 0) {
+    throw std::invalid_argument("sliding_window=" + std::to_string(sliding_window) +
+                                " is invalid: must be >= 0 (0: no window)");
+  }
   if (async_scheduling && max_inflight_batches != 1) {
     throw std::invalid_argument("max_inflight_batches=" + std::to_string(max_inflight_batches) +
                                 " is invalid with async_scheduling: it keeps two steps in flight "
@@ -52,7 +56,7 @@ std::string ExecutorConfig::repr() const {
     << ", enable_chunked_prefill=" << (enable_chunked_prefill ? "True" : "False")
     << ", max_inflight_batches=" << max_inflight_batches
     << ", async_scheduling=" << (async_scheduling ? "True" : "False")
-    << ", vocab_size=" << vocab_size << ")";
+    << ", vocab_size=" << vocab_size << ", sliding_window=" << sliding_window << ")";
   return s.str();
 }
 

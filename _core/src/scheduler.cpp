@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <unordered_set>
@@ -42,7 +43,7 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
     throw RequestError("the prompt has " + std::to_string(n) + " tokens, more than max_seq_len=" +
                        std::to_string(config.max_seq_len));
   }
-  const int32_t blocks = (n + config.tokens_per_block - 1) / config.tokens_per_block;
+  const int32_t blocks = peak_blocks(config, n);
   if (blocks > config.num_blocks) {
     throw RequestError("the prompt needs " + std::to_string(blocks) + " KV blocks of " +
                        std::to_string(config.tokens_per_block) + " tokens; the cache has " +
@@ -65,6 +66,37 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
   require_in_vocab(request.stop.stop_token_ids, vocab, "stop_token_ids");
   for (const auto& word : request.sampling.bad_words) require_in_vocab(word, vocab, "bad_words");
   require_in_vocab(request.sampling.logit_bias_ids, vocab, "logit_bias");
+}
+
+int32_t Scheduler::peak_blocks(const ExecutorConfig& config, int32_t num_tokens) {
+  const int32_t B = config.tokens_per_block;
+  const int32_t all = (num_tokens + B - 1) / B;
+  const int32_t W = config.sliding_window;
+  // Without chunking, a recompute after preemption computes every token in one step.
+  if (W <= 0 || !config.enable_chunked_prefill) return all;
+  // A one-token step at position p reads blocks floor((p - W + 1) / B) .. floor(p / B).
+  return std::min(all, (W - 1 + B - 1) / B + 1);
+}
+
+int32_t Scheduler::blocks_before_window(int32_t position) const {
+  const int32_t W = config_.sliding_window;
+  return W > 0 ? std::max(0, position - W + 1) / config_.tokens_per_block : 0;
+}
+
+void Scheduler::release_out_of_window(Request* r) {
+  if (config_.sliding_window > 0) {
+    blocks_.release_leading(r->block_ids, blocks_before_window(r->num_computed_tokens));
+  }
+}
+
+int32_t Scheduler::max_step_tokens(const Request* r) const {
+  if (config_.sliding_window <= 0 || !config_.enable_chunked_prefill) {
+    return std::numeric_limits<int32_t>::max();
+  }
+  // Blocks from the first one in the window up to the last one written must fit the cache.
+  const int64_t fit = (static_cast<int64_t>(blocks_before_window(r->num_computed_tokens)) +
+                       config_.num_blocks) * config_.tokens_per_block - r->num_computed_tokens;
+  return static_cast<int32_t>(std::clamp<int64_t>(fit, 1, std::numeric_limits<int32_t>::max()));
 }
 
 void Scheduler::add(Request request) {
@@ -156,10 +188,11 @@ bool Scheduler::schedule_running(SchedulerOutput& out, int32_t& budget) {
       continue;
     }
     std::vector<Request*> unit{r};
-    int32_t n = std::min(left, budget);
+    int32_t n = std::min({left, budget, max_step_tokens(r)});
     if (r->is_beam() && r->group && r->group->forked) {
       if (left > 1) {
-        n = std::min(left - 1, budget);  // catching up after a preemption: never the last token
+        // Catching up after a preemption: never the last token.
+        n = std::min({left - 1, budget, max_step_tokens(r)});
       } else {
         // The last token of every beam goes in one step, or none does.
         if (!stepped.insert(r->group.get()).second) {
@@ -283,7 +316,22 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
     if (beam_member) n -= 1;
     if (!config_.enable_chunked_prefill && n > budget) break;
     n = std::min(n, budget);
-    if (!blocks_.allocate(r->block_ids, cached + n, prefix)) break;
+    if (config_.sliding_window > 0) {
+      // The prefix hit is taken first (no new block), its blocks before the window handed back
+      // at once, then the step's blocks; if those are short, everything goes back.
+      r->num_computed_tokens = cached;
+      const bool taken = blocks_.allocate(r->block_ids, cached, prefix);
+      if (!taken) throw std::logic_error("a prefix hit needs no new block");
+      release_out_of_window(r);
+      n = std::min(n, max_step_tokens(r));
+      if (!blocks_.allocate(r->block_ids, cached + n)) {
+        blocks_.free(r->block_ids);
+        r->num_computed_tokens = 0;
+        break;
+      }
+    } else if (!blocks_.allocate(r->block_ids, cached + n, prefix)) {
+      break;
+    }
     waiting_.pop_front();
     if (r->num_preemptions == 0) r->num_cached_tokens = cached;
     num_prefix_hit_tokens_ += cached;

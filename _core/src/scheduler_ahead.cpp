@@ -26,7 +26,7 @@ bool Scheduler::can_run_ahead(const Request* r) const {
   // must fit the cache (settle() fails it otherwise).
   const int32_t pending_tokens = r->num_tokens() + 1;
   return r->num_output_tokens() + 1 < r->stop.max_tokens && pending_tokens < config_.max_seq_len &&
-         blocks_.blocks_for(pending_tokens) <= blocks_.num_blocks();
+         peak_blocks(config_, pending_tokens) <= blocks_.num_blocks();
 }
 
 void Scheduler::schedule_ahead(SchedulerOutput& out, Request* r) {

@@ -95,10 +95,12 @@ void Scheduler::step_beams(SequenceGroup& group, const std::vector<std::pair<Req
       b.slot_copy_from = s.slot != b.slot ? s.slot : -1;
       b.num_state_tokens = s.num_state_tokens;
     }
-    blocks_needed += blocks_.blocks_for(b.num_tokens());
+    blocks_needed += peak_blocks(config_, b.num_tokens());
   }
-  // Beams share at most the prompt's full blocks; beyond that each needs its own.
-  const int32_t shared = first.num_prompt_tokens / config_.tokens_per_block;
+  // Beams share at most the prompt's full blocks (those not before the window); beyond that each
+  // needs its own.
+  const int32_t shared = std::max(0, first.num_prompt_tokens / config_.tokens_per_block -
+                                         blocks_before_window(first.num_tokens() - 1));
   if (blocks_needed - (width - 1) * shared > blocks_.num_blocks()) {
     for (Response& x : finish_beams(group, "error",
                                     "the beams of request " + std::to_string(group.user_id) +

@@ -40,6 +40,7 @@ std::vector<Response> Scheduler::update(const SchedulerOutput& output, const Ste
       try {
         r->num_computed_tokens = s.num_computed_tokens + s.num_new_tokens;
         blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens);
+        release_out_of_window(r);  // no later step (nor one in flight) reads before its window
         if (!s.do_sample) continue;  // a prefill chunk before the last: nothing to report
         if (r->is_beam()) {
           auto& rows = beam_rows[r->group.get()];
@@ -102,11 +103,11 @@ Response Scheduler::settle(Request* r) {
     return finish(r, "error", "the runner sampled token id -1", false);
   }
   if (apply_stop_rules(*r, config_.max_seq_len)) return finish(r, r->finish_reason, "", true);
-  if (blocks_.blocks_for(r->num_tokens()) > blocks_.num_blocks()) {
+  const int32_t needed = peak_blocks(config_, r->num_tokens());
+  if (needed > blocks_.num_blocks()) {
     // Its next step needs more blocks than exist: fail now rather than preempt forever.
     return finish(r, "error",
-                  "request " + std::to_string(r->user_id) + " needs " +
-                      std::to_string(blocks_.blocks_for(r->num_tokens())) +
+                  "request " + std::to_string(r->user_id) + " needs " + std::to_string(needed) +
                       " KV blocks; the cache has " + std::to_string(blocks_.num_blocks()),
                   true);
   }

@@ -27,7 +27,8 @@ struct Batch {
   std::vector<int32_t> positions;      // [T]
   std::vector<int32_t> query_lens;     // [R] new tokens per request
   std::vector<int32_t> context_lens;   // [R] tokens with KV after this step, this step's included
-  std::vector<int32_t> block_tables;   // [R, max_blocks] row-major, padded with 0
+  std::vector<int32_t> block_tables;   // [R, max_blocks] row-major, padded with 0; -1: a block
+                                       // handed back (before the sliding window), never read
   std::vector<int64_t> slot_mapping;   // [T] block * tokens_per_block + offset of each new token
   std::vector<int32_t> block_copies;   // [C, 2] (source, destination) blocks whose KV is copied
                                        // before this step runs: copy-on-write of shared blocks

@@ -23,9 +23,14 @@ namespace llmapi {
 //    until it is popped for reuse, when its hash entry is dropped (eviction, LRU order). A lookup
 //    hit takes it out of the free queue.
 //  * num_free_blocks = never-used or uncached free blocks + cached blocks with reference count 0.
+//  * Sliding window: release_leading() hands back a table's leading blocks, which no step reads
+//    again; their entries become kReleased (fork, free and cache_full_blocks pass over them).
 class BlockManager {
  public:
   static constexpr uint64_t kRootHash = 0x6c6c6d617069ULL;  // parent hash of a sequence's first block
+  // A block-table entry whose block was handed back: it lay wholly before the request's sliding
+  // window, so no kernel reads it (a batch's block table carries it as -1).
+  static constexpr int32_t kReleased = -1;
 
   // Hash of a full block given its parent's hash (kRootHash for the first block).
   static uint64_t hash_block_tokens(uint64_t parent_hash, const int32_t* tokens, int32_t count);
@@ -56,8 +61,15 @@ class BlockManager {
   // Releases a block table, last block first, and clears it.
   void free(std::vector<int32_t>& block_ids);
 
+  // Hands back the blocks of the first `count` entries of `block_ids` that are not released yet, in
+  // table order: each loses a reference and at 0 joins the free queue's tail, still findable by
+  // hash (evictable, as a finished request's blocks); a block that others share stays theirs. The
+  // entries become kReleased. Returns the number of entries it released.
+  int32_t release_leading(std::vector<int32_t>& block_ids, int32_t count);
+
   // Hashes and registers the full blocks among the first `num_computed_tokens` of `tokens`
   // (whose KV is now in the cache) that are not hashed yet. No-op when prefix caching is off.
+  // Released entries are passed over; a block right after them chains from its tokens' hashes.
   void cache_full_blocks(const std::vector<int32_t>& block_ids, const std::vector<int32_t>& tokens,
                          int32_t num_computed_tokens);
 

@@ -22,6 +22,9 @@ struct ExecutorConfig {
   // Token ids a request names (prompt, EOS, stop, bad words, logit bias) and the runner samples
   // must be below this; 0: not checked.
   int32_t vocab_size = 0;
+  // The model's attention sees only the last this many positions (Mistral's sliding window); KV
+  // blocks wholly before a request's window are handed back as it moves on. 0: no window.
+  int32_t sliding_window = 0;
 
   // Throws std::invalid_argument naming the field and the bad value.
   void validate() const;

@@ -51,6 +51,14 @@ namespace llmapi {
 // fails a request (finish "error") as soon as its tokens outgrow the cache, so scheduling always
 // makes progress when nothing is in flight.
 //
+// Sliding window (config.sliding_window W > 0): a query at position i reads positions > i - W
+// only. Once a request's computed tokens reach p (each update, and at admission after a prefix
+// hit), the blocks wholly before p - W + 1 -- which neither the next step nor one in flight reads
+// -- are handed back (BlockManager::release_leading; forks and beams hold their own references).
+// With chunked prefill a request then holds at most peak_blocks() blocks at once, whatever its
+// length: a step's new tokens are capped to what fits the cache, so a long prompt or a preempted
+// request's recompute goes in chunks, and only peak_blocks() must fit the cache.
+//
 // Sequences (n / best_of samples, beams): a request with num_sequences > 1 runs as one sequence
 // until it samples; that step's row offers several candidates and the request forks into
 // num_sequences requests (internal ids) that share its blocks by reference count. A block a
@@ -67,6 +75,9 @@ class Scheduler {
   // Throws RequestError if `request` can never run under `config` (prompt longer than
   // max_seq_len, or needing more blocks than the cache holds).
   static void check_request(const ExecutorConfig& config, const Request& request);
+  // The most KV blocks a request of `num_tokens` tokens must hold at once: all of them, or with a
+  // sliding window and chunked prefill at most those of one window and the block being written.
+  static int32_t peak_blocks(const ExecutorConfig& config, int32_t num_tokens);
 
   // Queues a request at the tail of the waiting queue. Throws RequestError (duplicate id too).
   void add(Request request);
@@ -112,6 +123,13 @@ class Scheduler {
   bool try_allocate(const std::vector<Request*>& unit, int32_t num_new_tokens,
                     std::vector<int32_t>& copies);
   void preempt(Request* request);
+  // Sliding window: the leading blocks no query at `position` or later reads (0 without a window).
+  int32_t blocks_before_window(int32_t position) const;
+  // Hands back the blocks before the window of `request`'s next token (num_computed_tokens).
+  void release_out_of_window(Request* request);
+  // The most new tokens `request` may compute in one step for its blocks to fit the cache (its
+  // blocks before the window handed back); unbounded without a window or chunked prefill.
+  int32_t max_step_tokens(const Request* request) const;
   // Async scheduling: whether `request`, in flight, may run ahead; if so, schedules it (one token
   // on a placeholder input) when its block is free, without preempting anyone.
   bool can_run_ahead(const Request* request) const;
