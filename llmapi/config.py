@@ -137,8 +137,8 @@ class LlmArgs:
     full_engine_check: bool = False
     """Verify every engine file's checksum on load, not only sizes and headers."""
     async_scheduling: bool = True
-    """Schedule and stage step N+1 on the host while the device runs step N (one rank only; ignored
-    with more): the next token of a plain request is scheduled before the last one is known."""
+    """Schedule and stage step N+1 on the host while the device runs step N (at every world size): the
+    next token of a plain request is scheduled before the last one is known."""
     max_logprobs: int = 20
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
     step_timeout: float = 600.0

@@ -109,10 +109,10 @@ class LLM:
                 tokens_per_block=args.tokens_per_block,
                 enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
                 enable_chunked_prefill=args.enable_chunked_prefill,
-                # Pipeline stages overlap when the next step starts before the last stage ends this one.
-                max_inflight_batches=mapping.pp_size,
-                # The ranks' drivers run one step at a time; the in-process runner fills placeholders.
-                async_scheduling=args.async_scheduling and mapping.world_size == 1,
+                # Pipeline stages overlap when the next step starts before the last stage ends this one; async
+                # scheduling keeps two steps in flight itself (at every world size: the ranks fill placeholders).
+                max_inflight_batches=1 if args.async_scheduling else mapping.pp_size,
+                async_scheduling=args.async_scheduling,
                 vocab_size=self.vocab_size,  # out-of-vocabulary ids fail their request, never the step
             )
             load_format = info.build_config.get("load_format", "auto")

@@ -68,7 +68,7 @@ def _batch(rng, r=3, t=7, b=2):
         fields[name] = rng.integers(0, 50, n).astype(dtype)
     fields["block_tables"] = fields["block_tables"].reshape(r, b)
     fields["block_copies"] = fields["block_copies"].reshape(2, 2)
-    return SimpleNamespace(num_requests=r, num_tokens=t, prev_rows=np.full(t, -1, np.int32), **fields)
+    return SimpleNamespace(num_requests=r, num_tokens=t, **fields)
 
 
 def test_batch_with_processors_round_trips():

@@ -19,7 +19,8 @@ INIT, STEP, RELEASE, EXIT = 1, 2, 3, 4
 # Batch arrays in wire order: name, dtype, length in terms of R (requests), T (tokens), B (blocks per row),
 # S (suppressed ids), C (block copies), N (logit bias entries), H (state entries).
 _BATCH_FIELDS = (
-    ("input_ids", np.int32, "T"), ("positions", np.int32, "T"), ("slot_mapping", np.int64, "T"),
+    ("input_ids", np.int32, "T"), ("prev_rows", np.int32, "T"), ("positions", np.int32, "T"),
+    ("slot_mapping", np.int64, "T"),
     ("query_lens", np.int32, "R"), ("context_lens", np.int32, "R"), ("block_tables", np.int32, "RB"),
     ("do_sample", np.int8, "R"), ("temperature", np.float32, "R"), ("top_k", np.int32, "R"),
     ("top_p", np.float32, "R"), ("seeds", np.int64, "R"), ("output_index", np.int32, "R"),
@@ -36,8 +37,16 @@ _BATCH_FIELDS = (
 )
 _COUNTS = ("R", "T", "B", "S", "C", "N", "H")
 
+# One output tensor for every rank's part (torch >= 2.13 names it all_gather_single).
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class GroupComm:
-    """The collectives a tensor-parallel layer needs, over one torch.distributed group."""
+    """The collectives a tensor-parallel layer needs, over one torch.distributed group.
+
+    Both are safe to capture in a CUDA graph (NCCL): no host synchronization, and each call allocates the same
+    tensors whatever the values, so a replay reads and writes what the capture did.
+    """
 
     def __init__(self, group, size: int):
         self.group, self.size = group, size
@@ -47,9 +56,31 @@ class GroupComm:
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:  # [.., n, ..] -> [.., size * n, ..]
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        x = x.contiguous()
+        parts = torch.empty((self.size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        _gather_single(parts, x, group=self.group)  # the parts one after another along dim 0
+        dim = dim % x.dim()
+        parts = parts.view((self.size,) + tuple(x.shape))  # [size, .., n, ..]
+        return parts.movedim(0, dim).flatten(dim, dim + 1)  # side by side along `dim`
+
+
+class CountingComm:
+    """A communicator that records each collective it passes on: `log` gets ("all_reduce", shape) and
+    ("all_gather", shape, dim) entries, and `mark(label)` puts a label between them (e.g. a layer's start)."""
+
+    def __init__(self, inner):
+        self.inner, self.size, self.log = inner, inner.size, []
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(("all_reduce", tuple(x.shape)))
+        return self.inner.all_reduce(x)
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self.log.append(("all_gather", tuple(x.shape), dim))
+        return self.inner.all_gather(x, dim)
+
+    def mark(self, label) -> None:
+        self.log.append(("mark", label))
 
 
 def _length(kind: str, counts: dict) -> int:
@@ -70,8 +101,6 @@ def encode_batch(batch, processors_added: dict | None = None, processors_dropped
     """A _core.Batch as bytes: a header of int64 counts, then each array, 8-byte aligned; then the logits
     processors the sampling rank takes on ({request id: pickled bytes}) or drops (request ids) before it runs
     this step: two int64 counts, the dropped ids, then per added one its id, its length and its bytes."""
-    if (np.asarray(batch.prev_rows) >= 0).any():
-        raise RuntimeError("async scheduling (placeholder input ids) runs on one rank only")
     tables = np.asarray(batch.block_tables)
     counts = dict(R=int(batch.num_requests), T=int(batch.num_tokens), B=tables.shape[1] if tables.ndim == 2 else 0,
                   S=len(batch.suppress_ids), C=len(np.asarray(batch.block_copies)), N=len(batch.bias_ids),

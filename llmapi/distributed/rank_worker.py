@@ -8,6 +8,7 @@ import logging
 import pickle
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -19,8 +20,10 @@ from llmapi.distributed.mapping import Mapping
 from llmapi.distributed.pipeline import micro_batches, slice_batch
 from llmapi.distributed.session import Session
 from llmapi.distributed.step_reply import merge_outputs, pack_reply, unpack_reply
+from llmapi.distributed.token_feed import TokenFeed
 from llmapi.errors import CorruptEngineError
 from llmapi.runtime.model_runner import ModelRunner
+from llmapi.runtime.sampler import first_argmax, sample
 from llmapi.runtime.watchdog import StepMarks, start_heartbeat
 
 logger = logging.getLogger(__name__)
@@ -31,8 +34,39 @@ class StepHandle:
     """Rank 0's view of a step in flight: its micro-batches' request ranges and, when it samples, their answers."""
 
     ranges: list
-    decoding: bool = False  # the step runs decode(): its answers are step_reply buffers, else tokens [R_mb, 1]
-    replies: list = field(default_factory=list)  # the answers, when this rank samples
+    decoding: bool = False  # the step runs decode(): its answers are step_reply buffers, else tokens [R_mb]
+    replies: list = field(default_factory=list)  # the answers, when this rank samples (see _LocalIds)
+    number: int = -1  # the runner's count of steps submitted before this one
+
+
+class _LocalIds:
+    """Sampled ids [R_mb] on their way to rank 0's host: on CUDA a copy into page-locked memory that an event
+    marks done, so that submit never waits for the device."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.event = None
+        if ids.device.type == "cuda":
+            self.host = torch.empty(ids.shape[0], dtype=torch.int32, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = ids
+
+    def result(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
+class _LocalDecoded:
+    """decode()'s output on rank 0's own device, moved to the host at collect (as the one-rank runner does)."""
+
+    def __init__(self, decoded):
+        self.decoded = decoded
+
+    def result(self):
+        return unpack_reply(pack_reply(*self.decoded))
 
 
 class _Unloadable:
@@ -79,8 +113,18 @@ class RankWorker:
         if int(blocks) != self.runner.num_blocks:
             self.runner.allocate_kv_caches(int(blocks))
         self.num_blocks = int(blocks)
+        if self.runner.graphs_supported:
+            # Every rank captures the same sizes (without the executor's max_batch_size, as under llmapi-launch:
+            # a decode batch never has more requests than blocks), and a rank that fails tells the others.
+            error = None
+            try:
+                self.runner.capture_graphs(int(init.get("max_batch_size") or self.num_blocks))
+            except Exception as e:
+                error = e
+            _agree_loaded(session, error, "capture its decode graphs")
         self.hidden_size = init["engine_config"]["hidden_size"]
         self.samples = session.rank == mapping.sampler_rank
+        self.feed = TokenFeed(session.feed, session.rank, mapping, self.device)
         self._sends = []  # (work, tensor): isends in flight; the tensor must live until they complete
 
     def _isend(self, tensor: torch.Tensor, dst: int, group=None) -> None:
@@ -100,7 +144,7 @@ class RankWorker:
 
     def start(self, batch) -> StepHandle:
         """Run this rank's part of a step (a decode_batch). Stages overlap: a stage sends micro-batch i on
-        while it runs i + 1."""
+        while it runs i + 1. Nothing here waits for the device (but a step's block copies)."""
         m, runner = self.mapping, self.runner
         runner.copy_blocks(np.asarray(batch.block_copies))  # every rank's cache: forks share blocks
         if self.samples:
@@ -108,39 +152,82 @@ class RankWorker:
         decoding = runner.needs_decode(batch)
         forks = decoding and bool((np.asarray(batch.slot_copy_from) >= 0).any())
         ranges = micro_batches(np.asarray(batch.query_lens), 1 if forks else m.pp_size)
+        self.feed.begin(batch, ranges)
         handle = StepHandle(ranges, decoding)
         for start, stop in ranges:
-            mb = batch if len(ranges) == 1 else slice_batch(batch, start, stop)
-            inputs = runner.prepare(mb)
-            hidden = None
-            if not m.is_first_stage:
-                hidden = torch.empty(int(mb.num_tokens), self.hidden_size, dtype=runner.dtype, device=self.device)
-                dist.recv(hidden, m.peer(m.pp_rank - 1))
+            self._run(batch if len(ranges) == 1 else slice_batch(batch, start, stop), handle)
+        return handle
+
+    @torch.inference_mode()
+    def _run(self, mb, handle: StepHandle) -> None:
+        """One micro-batch through this rank's layers: a decode graph's replay where one fits (every rank of
+        the stage picks the same from the batch), else eagerly."""
+        m, runner, stats = self.mapping, self.runner, self.runner.stats
+        t = int(mb.num_tokens)
+        stats.steps, stats.tokens = stats.steps + 1, stats.tokens + t
+        prev_ids = self.feed.prev_ids(mb) if m.is_first_stage else None
+        runner.stager.next_step()  # host buffers in turn: a micro-batch's copies may still be queued
+        size = runner.graphs.size_for(mb) if runner.graphs is not None and not handle.decoding else 0
+        hidden = None
+        if not m.is_first_stage:
+            hidden = runner.graphs.hidden_input(t) if size else torch.empty(
+                t, self.hidden_size, dtype=runner.dtype, device=self.device)
+            dist.recv(hidden, m.peer(m.pp_rank - 1))
+        # What sample() gives greedy rows with nothing suppressed: the argmax of the model-dtype logits.
+        argmax_only = not handle.decoding and len(mb.suppress_ids) == 0 and runner.stager.all_greedy(mb)
+        ids = inputs = None
+        if size:
+            stats.graph_steps += 1
+            out = runner.graphs.run(mb, size, prev_ids)
+            if not m.is_last_stage:
+                self._isend(out.clone(), m.peer(m.pp_rank + 1))  # the next replay overwrites the graph's output
+                return
+            logits, greedy_ids = out  # [R, V] model dtype, [R]
+            if self.samples and argmax_only:
+                ids = greedy_ids
+            elif self.samples:
+                sampling, all_greedy, any_filter = runner.stager.sampling(mb)
+                ids = sample(logits.float(), **sampling, all_greedy=all_greedy, any_top_k_top_p=any_filter)
+        else:
+            if not m.is_first_stage and prev_ids is None and (np.asarray(mb.prev_rows) >= 0).any():
+                mb = SimpleNamespace(**vars(mb))  # a later stage embeds nothing: no placeholder to fill
+                mb.prev_rows = np.full(t, -1, dtype=np.int32)
+            inputs = runner.stager.stage(mb, prev_ids=prev_ids)
             hidden = runner.forward(inputs, hidden)  # [T_mb, H]
             if not m.is_last_stage:
                 self._isend(hidden, m.peer(m.pp_rank + 1))
-                continue
+                return
             # Every TP rank of the last stage: the head all-gathers.
-            if decoding:
+            if handle.decoding:
                 decoded = runner.decode_step(mb, inputs, hidden, samples=self.samples)
-                reply = torch.from_numpy(pack_reply(*decoded)) if self.samples else None
-            else:
-                logits = runner.logits(inputs, hidden)
-                reply = runner.sample(inputs, logits).to(torch.int32)[:, None].cpu() if self.samples else None
-            if reply is None:
-                continue
-            if self.session.rank == 0:
-                handle.replies.append(reply)
-            elif decoding:
-                self._isend(torch.tensor([reply.numel()], dtype=torch.int64), 0, group=self.session.tokens)
-                self._isend(reply, 0, group=self.session.tokens)
-            else:
-                self._isend(reply, 0, group=self.session.tokens)
-        return handle
+                if self.samples:
+                    self.feed.sampled(decoded[0]["tokens"][:, 0].contiguous())
+                    self._reply(handle, decoded=decoded)
+                return
+            logits = runner.logits(inputs, hidden, float32=not argmax_only)
+            if self.samples:
+                ids = first_argmax(logits) if argmax_only else runner.sample(inputs, logits)  # [R]
+        if self.samples:
+            # Its own memory, int32: a graph's outputs are overwritten by the next replay.
+            ids = ids.to(torch.int32, copy=True)
+            self.feed.sampled(ids)
+            self._reply(handle, ids=ids)
+
+    def _reply(self, handle: StepHandle, ids=None, decoded=None) -> None:
+        """The sampling rank: a micro-batch's answer to rank 0 (kept, when this is rank 0)."""
+        if self.session.rank == 0:
+            handle.replies.append(_LocalIds(ids) if decoded is None else _LocalDecoded(decoded))
+        elif decoded is not None:
+            reply = torch.from_numpy(pack_reply(*decoded))
+            self._isend(torch.tensor([reply.numel()], dtype=torch.int64), 0, group=self.session.tokens)
+            self._isend(reply, 0, group=self.session.tokens)
+        else:
+            self._isend(ids.cpu(), 0, group=self.session.tokens)
 
     def _replies(self, handle: StepHandle) -> list:
+        """Rank 0: each micro-batch's answer (tokens [R_mb], or unpack_reply's triple)."""
         if self.samples:
-            return handle.replies
+            return [reply.result() for reply in handle.replies]
         replies = []
         for start, stop in handle.ranges:
             if handle.decoding:
@@ -148,9 +235,9 @@ class RankWorker:
                 dist.recv(size, self.mapping.sampler_rank, group=self.session.tokens)
                 reply = torch.empty(int(size), dtype=torch.uint8)
             else:
-                reply = torch.empty(stop - start, 1, dtype=torch.int32)
+                reply = torch.empty(stop - start, dtype=torch.int32)
             dist.recv(reply, self.mapping.sampler_rank, group=self.session.tokens)
-            replies.append(reply)
+            replies.append(unpack_reply(reply.numpy()) if handle.decoding else reply.numpy())
         return replies
 
     def finish(self, handle: StepHandle):
@@ -159,17 +246,17 @@ class RankWorker:
         generation rows)."""
         replies = self._replies(handle)
         if not handle.decoding:
-            return torch.cat(replies)[:, 0].numpy(), [], []
+            return (replies[0] if len(replies) == 1 else np.concatenate(replies)), [], []
         outputs, prompt, generation = [], [], []
-        for reply in replies:
-            out, chunks, rows = unpack_reply(reply.numpy())
+        for out, chunks, rows in replies:
             outputs.append(out)
             prompt += chunks
             generation += rows
         return merge_outputs(outputs), prompt, generation
 
     def release(self) -> None:
-        """Wait for the sends in flight, then drop the model and cache."""
+        """Wait for the sends and receives in flight, then drop the model and cache."""
+        self.feed.close()
         for work, _ in self._sends:
             work.wait()
         self._sends.clear()
@@ -179,8 +266,8 @@ class RankWorker:
             torch.cuda.empty_cache()
 
 
-def _agree_loaded(session: Session, error: Exception | None) -> None:
-    """Every rank learns whether every rank loaded its shard. If one did not, rank 0 raises its error (rank 0's
+def _agree_loaded(session: Session, error: Exception | None, what: str = "load the engine") -> None:
+    """Every rank learns whether every rank loaded its shard (or did `what`). If one did not, rank 0 raises its error (rank 0's
     own, or the first failed rank's message, which crosses as bytes: a CorruptEngineError stays one, naming
     the file), and the other ranks raise theirs or RuntimeError."""
     codes = torch.zeros(session.world_size, dtype=torch.int64)  # per rank: 0 loaded, 1 corrupt engine, 2 other
@@ -191,7 +278,7 @@ def _agree_loaded(session: Session, error: Exception | None) -> None:
         return
     if session.rank != 0:
         if error is None:
-            raise RuntimeError(f"rank {failed[0]} could not load the engine")
+            raise RuntimeError(f"rank {failed[0]} could not {what}")
         text = str(error) if codes[session.rank] == 1 else f"{type(error).__name__}: {error}"
         data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
         dist.send(torch.tensor([data.numel()], dtype=torch.int64), 0, group=session.control)
@@ -209,7 +296,7 @@ def _agree_loaded(session: Session, error: Exception | None) -> None:
     r = failed[0]
     if codes[r] == 1:
         raise CorruptEngineError(f"{messages[r]} (rank {r})")
-    raise RuntimeError(f"rank {r} could not load the engine: {messages[r]}")
+    raise RuntimeError(f"rank {r} could not {what}: {messages[r]}")
 
 
 def serve(session: Session) -> None:

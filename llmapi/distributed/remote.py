@@ -287,6 +287,10 @@ class RemoteExecutor:
     def stats(self) -> dict:
         return self._call("stats")
 
+    def runner_stats(self) -> dict:
+        """Rank 0's DistributedRunner.stats(): its steps, their order of submit and collect, its runner's stats."""
+        return self._call("runner_stats")
+
     def await_responses(self, timeout_s: Optional[float] = None) -> list:
         with self._cv:
             self._cv.wait_for(lambda: self._responses or self._dead is not None, timeout_s)

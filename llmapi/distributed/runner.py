@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+
+import numpy as np
 
 from llmapi.distributed.comm import INIT, RELEASE, STEP, ControlChannel, decode_batch, encode_batch
 from llmapi.distributed.rank_worker import RankWorker, StepHandle
@@ -14,6 +17,8 @@ from llmapi.runtime.logits_records import LogitsRecords
 from llmapi.runtime.watchdog import stalled_ranks
 
 logger = logging.getLogger(__name__)
+
+EVENTS_KEPT = 4096  # submit / collect events kept for stats()
 
 
 class ProcessorTable:
@@ -49,9 +54,15 @@ class ProcessorTable:
 class DistributedRunner:
     """The executor's runner on rank 0 (submit / collect), driving every rank through call(method, payload).
 
-    More than one step may be in flight (ExecutorConfig.max_inflight_batches = pp_size): while the last
-    stage finishes step k, stage 0 already runs step k + 1. A failed collective means a rank is gone: the
-    error is fatal (WorkerDiedError), so the executor fails every request at once.
+    More than one step may be in flight: with async scheduling the executor submits step k + 1 before it
+    collects step k (whose sampled ids the ranks that embed them take on the device: TokenFeed), and without it
+    pipeline stages overlap (ExecutorConfig.max_inflight_batches = pp_size): while the last stage finishes
+    step k, stage 0 already runs step k + 1. submit never waits for the device; collect waits for its step's
+    tokens. A failed collective means a rank is gone: the error is fatal (WorkerDiedError), so the executor
+    fails every request at once.
+
+    `events` keeps the latest submit and collect calls in order (("submit", step, steps in flight, placeholder
+    tokens) and ("collect", step)); `stats()` gives them with the counts and rank 0's runner stats.
 
     `processors` takes the requests' pickled logits processors (for the sampling rank) and `records` their
     prompt logprobs and logits outputs, which arrive from the sampling rank with each step's answer; the
@@ -68,26 +79,33 @@ class DistributedRunner:
         self.records = LogitsRecords()
         self._closed = False
         self._inflight: dict[int, StepHandle] = {}  # submitted, not collected: drained before a release
+        self.events = collections.deque(maxlen=EVENTS_KEPT)
+        self._submitted = self._overlapped = 0  # steps submitted; of them, submitted with another in flight
         # The step watchdog's marks: when the current submit/collect began (monotonic s; 0.0 between calls),
         # calls finished, the executor's loop thread (RunnerProbe here; the heartbeat in a spawned job).
         self.call_started, self.calls_done, self.loop_thread = 0.0, 0, None
 
     def submit(self, batch) -> StepHandle:
         self.loop_thread, self.call_started = threading.get_ident(), time.monotonic()
+        number, inflight = self._submitted, len(self._inflight)
+        self.events.append(("submit", number, inflight, int((np.asarray(batch.prev_rows) >= 0).sum())))
         try:
             payload = encode_batch(batch, *self.processors.take())
-            self.channel.send(STEP, payload)
+            self.channel.send(STEP, payload)  # on its way to the ranks while this rank stages its part
             handle = self.worker.start(decode_batch(payload))
         except Exception as e:
             raise _rank_failure("submit", e) from e
         finally:
             self.call_started, self.calls_done = 0.0, self.calls_done + 1
+        handle.number = number
+        self._submitted, self._overlapped = number + 1, self._overlapped + bool(inflight)
         self._inflight[id(handle)] = handle
         return handle
 
     def collect(self, handle: StepHandle):
         """The step's tokens [R], or a StepOutput: what the in-process runner's collect gives."""
         self._inflight.pop(id(handle), None)
+        self.events.append(("collect", handle.number))
         self.call_started = time.monotonic()
         try:
             out, prompt, generation = self.worker.finish(handle)
@@ -97,6 +115,12 @@ class DistributedRunner:
             self.call_started, self.calls_done = 0.0, self.calls_done + 1
         self.records.add(prompt, generation)
         return out
+
+    def stats(self) -> dict:
+        """Steps submitted, of them those submitted while another was in flight (overlapped), the latest
+        submit / collect events in order, and rank 0's runner stats (steps, graph_steps, tokens, ...)."""
+        return dict(steps=self._submitted, overlapped_steps=self._overlapped, events=list(self.events),
+                    rank0=self.worker.runner.stats.as_dict())
 
     def stall_detail(self) -> str:
         """For the in-process watchdog (llmapi-launch): the ranks that hold rank 0's step up, told by their

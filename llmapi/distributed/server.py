@@ -29,7 +29,8 @@ def serve_user(session: Session) -> None:
     conn = channel.connect_from_env()
     try:
         _, init, executor_kwargs = conn.recv()
-        runner = DistributedRunner(session, init)
+        # The ranks capture decode graphs for the batch sizes the executor may schedule.
+        runner = DistributedRunner(session, dict(init, max_batch_size=executor_kwargs["max_batch_size"]))
         executor = _core.Executor(_core.ExecutorConfig(num_blocks=runner.num_blocks, **executor_kwargs), runner)
     except Exception as e:  # the error's type and message cross, so the user gets e.g. CorruptEngineError
         conn.send(("dead", traceback.format_exc(), type(e).__name__, str(e)))
@@ -138,6 +139,8 @@ def _serve_calls(conn, executor, runner: DistributedRunner, send) -> None:
             executor.abort(msg[1], msg[2])
         elif kind == "stats":
             send(("reply", msg[1], None, dict(executor.stats())))
+        elif kind == "runner_stats":
+            send(("reply", msg[1], None, runner.stats()))
         elif kind == "shutdown":
             return
         else:

@@ -58,7 +58,7 @@ class Session:
     """One rank of the MPI job: COMM_WORLD rank/size, the local rank on this host, and torch.distributed.
 
     Groups: `control` (gloo, every rank) carries rank 0's calls, `tokens` (gloo) the sampled tokens of the
-    last stage; the default group
+    last stage, `feed` (the default backends) the sampled ids the first stage embeds next; the default group
     (gloo on CPU, NCCL for CUDA tensors) carries activations between stages; `tp_group` is this rank's
     stage. Groups depend on the mapping, so they are made when an LLM starts (`configure`).
     """
@@ -93,6 +93,9 @@ class Session:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         self.tokens = dist.new_group(backend="gloo")  # sampled tokens, last stage -> rank 0
+        # Sampled ids on the device, sampling rank -> first stage (async scheduling's placeholders): a group of
+        # its own, so that these small messages never queue behind the stages' activations.
+        self.feed = dist.new_group()
         self.mapping: Optional[Mapping] = None
         self.tp_group = None
         self.shutdown_hooks = []  # launched mode: shut the script's LLMs down before the ranks exit

@@ -93,7 +93,7 @@ class MpiJob:
         flavor = mpi_flavor(mpiexec)
         passed = sorted(set(extra_env) | {"PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LLMAPI_CACHE_DIR",
                                           "CUDA_VISIBLE_DEVICES", "OMPI_ALLOW_RUN_AS_ROOT",
-                                          "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"})
+                                          "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "LLMAPI_DECODE_GRAPHS_ON_CPU"})
         env = job_env(mpiexec, flavor, extra_env)
         passed = [name for name in passed if name in env]
         fd, self.log_path = tempfile.mkstemp(prefix="llmapi-ranks-", suffix=".log")

@@ -1,9 +1,22 @@
-"""CUDA graphs of the decode step (forward, logits, greedy ids) for a ladder of batch sizes, on padded inputs."""
+"""CUDA graphs of the decode step (one rank's layers; the last stage's logits and greedy ids) for a ladder of
+batch sizes, on padded inputs.
+
+With tensor parallelism the layers' all-reduces and the head's all-gather (NCCL) are captured inside the graphs.
+The ranks of a stage take part in each other's collectives, so they must replay the same graph at the same
+step: every rank captures the same ladder (`graph_sizes`, from settings every rank shares), in the same order,
+and picks a batch's graph (`graph_size`) from the batch alone, which every rank receives whole. A pipeline
+stage captures its own layers; a stage after the first reads its input from a static hidden-state buffer.
+
+`LLMAPI_DECODE_GRAPHS_ON_CPU=1` runs this path on the CPU with each "replay" an eager run over the same static,
+padded buffers (the batch-size ladder, the padding, the ranks' agreement), so that CPU tests cover all of it but
+the capture itself.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+import os
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -13,22 +26,63 @@ from .step_inputs import InputStager, IntLayout
 
 logger = logging.getLogger(__name__)
 
+GRAPHS_ON_CPU_ENV = "LLMAPI_DECODE_GRAPHS_ON_CPU"
+
 # Batch sizes with a graph: a decode batch of R requests runs in the smallest one >= R.
 # Decode steps are bound by reading the weights: a few padded rows cost little, and fewer graphs capture faster.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
+def graphs_on_cpu() -> bool:
+    """Whether the decode-graph path also runs on the CPU (eagerly; see the module docstring)."""
+    return os.environ.get(GRAPHS_ON_CPU_ENV, "") == "1"
+
+
+def graph_sizes(max_batch_size: int) -> List[int]:
+    """The batch sizes that get a graph, smallest first."""
+    return [s for s in GRAPH_BATCH_SIZES if s <= max_batch_size] or [1]
+
+
+def graph_size(sizes: Sequence[int], max_blocks: int, num_requests: int, num_tokens: int, width: int) -> int:
+    """The graph that runs a batch (R requests, T tokens, block tables `width` wide), or 0 when it runs eagerly:
+    a prefill (T != R), more requests than the largest graph, or a block table wider than the graphs'."""
+    if num_tokens != num_requests or num_requests > sizes[-1] or width > max_blocks:
+        return 0
+    return next(s for s in sizes if s >= num_requests)
+
+
+class _EagerGraph:
+    """The CPU stand-in of a captured graph: a replay runs the step again over the same static inputs and
+    copies its outputs into the first run's tensors, as a replay overwrites a graph's outputs."""
+
+    def __init__(self, step: Callable[[], tuple]):
+        self.step = step
+        self.outputs = step()
+
+    def replay(self) -> None:
+        for static, fresh in zip(self.outputs, self.step()):
+            static.copy_(fresh)
+
+
 class DecodeGraphs:
-    """Captured decode steps. All graphs read one static input buffer, laid out per size as the stager packs it."""
+    """Captured decode steps. All graphs read one static input buffer, laid out per size as the stager packs it.
+
+    `hidden`: (hidden size, dtype) of the previous stage's output, for a stage after the first; `last_stage`:
+    the graphs end in logits and greedy ids (else in this stage's hidden states); `distributed`: other ranks
+    run collectives meanwhile (captured in thread-local mode, so their threads' CUDA calls cannot break it).
+    """
 
     def __init__(self, model, kv_caches: List[torch.Tensor], stager: InputStager, max_batch_size: int,
-                 max_blocks: int, num_kv_heads: int):
+                 max_blocks: int, num_kv_heads: int, hidden: Optional[tuple[int, torch.dtype]] = None,
+                 last_stage: bool = True, distributed: bool = False):
         from llmapi._kernels.decode_attention import num_splits_for
 
         self.model, self.kv_caches, self.stager = model, kv_caches, stager
-        self.sizes = [s for s in GRAPH_BATCH_SIZES if s <= max_batch_size] or [1]
+        self.last_stage = last_stage
+        self.sizes = graph_sizes(max_batch_size)
         largest = self.sizes[-1]
         device = kv_caches[0].device
+        cuda = device.type == "cuda"
         self.max_blocks = max_blocks
         # Per size G, IntLayout(G, G, ...): ids, positions, slots, context_lens and query_start_loc, then
         # the step's compact block tables, which one copy spreads into the static [G, max_blocks]
@@ -36,23 +90,29 @@ class DecodeGraphs:
         self.ints = torch.zeros(IntLayout(largest, largest, largest, max_blocks, largest).size, dtype=torch.int32,
                                 device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        self.graphs, self.logits, self.greedy_ids, self.attn = {}, {}, {}, {}
-        pool = torch.cuda.graph_pool_handle()
+        # [G, H]: the previous stage's output (received here), for a stage after the first.
+        self.hidden_in = None if hidden is None else torch.zeros(largest, hidden[0], dtype=hidden[1], device=device)
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
+        self.graphs, self.outputs, self.attn = {}, {}, {}
+        pool = torch.cuda.graph_pool_handle() if cuda else None
         for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
-            splits = num_splits_for(size, num_kv_heads, max_blocks * stager.tokens_per_block, num_sms)
+            splits = num_splits_for(size, num_kv_heads, max_blocks * stager.tokens_per_block, num_sms) if cuda else 0
             self.attn[size] = self._metadata(size, splits)
             self._reset(size)
-            self._forward(size)  # compiles the kernels outside the capture
+            if not cuda:
+                self.graphs[size] = _EagerGraph(lambda size=size: self._step(size))
+                self.outputs[size] = self.graphs[size].outputs
+                continue
+            self._step(size)  # compiles the kernels (and, with several ranks, connects NCCL) outside the capture
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[size] = self._forward(size)
-                # What sample() returns for greedy rows without suppressed ids: the argmax.
-                self.greedy_ids[size] = first_argmax(self.logits[size])
+            mode = "thread_local" if distributed else "global"
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+                self.outputs[size] = self._step(size)
             self.graphs[size] = graph
-        torch.cuda.synchronize(device)
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        if cuda:
+            torch.cuda.synchronize(device)
+        logger.info("captured decode %s for batch sizes %s", "CUDA graphs" if cuda else "steps (CPU)", self.sizes)
 
     def _views(self, size: int):
         lay = IntLayout(size, size, 0, 0, 0)
@@ -73,27 +133,41 @@ class DecodeGraphs:
         ids.zero_(), pos.zero_(), slots.fill_(-1), ctx.zero_()
         qsl.copy_(torch.arange(size + 1, dtype=torch.int32, device=qsl.device))
 
-    def _forward(self, size: int) -> torch.Tensor:  # [G, V] in the model dtype
+    def _step(self, size: int) -> tuple:
+        """(logits [G, V] in the model dtype, greedy ids [G]) on the last stage, else (hidden [G, H],)."""
         ids, pos, _, _, _ = self._views(size)
-        hidden = self.model(ids, pos, self.attn[size], self.kv_caches)  # [G, H]
+        hidden_in = None if self.hidden_in is None else self.hidden_in[:size]
+        hidden = self.model(ids, pos, self.attn[size], self.kv_caches, hidden=hidden_in)  # [G, H]
+        if not self.last_stage:
+            return (hidden,)
         # Not widened to float32 here: the greedy argmax is the same on the model dtype's values (the widening
         # is exact), and a batch that samples widens its rows outside the graph.
-        return self.model.compute_logits(hidden, float32=False)
+        logits = self.model.compute_logits(hidden, float32=False)
+        # What sample() returns for greedy rows without suppressed ids: the argmax.
+        return logits, first_argmax(logits)
 
     def size_for(self, batch) -> int:
         """The graph size for this batch, or 0 when it must run eagerly (a prefill, or too large)."""
-        r = int(batch.num_requests)
-        if int(batch.num_tokens) != r or r > self.sizes[-1] or batch.block_tables.shape[1] > self.max_blocks:
-            return 0
-        return next(s for s in self.sizes if s >= r)
+        tables = batch.block_tables
+        return graph_size(self.sizes, self.max_blocks, int(batch.num_requests), int(batch.num_tokens),
+                          tables.shape[1] if tables.ndim == 2 else 0)
 
-    def run(self, batch, size: int, prev_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_input(self, num_tokens: int) -> torch.Tensor:  # [T, H]
+        """Where the previous stage's output for the next replay goes (a stage after the first)."""
+        return self.hidden_in[:num_tokens]
+
+    def run(self, batch, size: int, prev_ids: Optional[torch.Tensor] = None):
         """Stage the batch into the static inputs (placeholders from `prev_ids`, the previous step's
-        sampled ids) and replay; returns (logits [R, V] in the model dtype, argmax ids [R]), static outputs."""
+        sampled ids, on the first stage) and replay. Returns static outputs, overwritten by the next replay:
+        (logits [R, V] in the model dtype, argmax ids [R]) on the last stage, else hidden states [R, H]."""
         r = int(batch.num_requests)
         host, lay = self.stager.pack_ints(batch, pad_to=size)
         dev = self.stager.copy_ints(host, self.ints)
-        self.stager.fill_placeholders(dev, lay, prev_ids)
+        if self.hidden_in is None:  # a later stage embeds nothing
+            self.stager.fill_placeholders(dev, lay, prev_ids)
         self.block_tables[:r, :lay.width].copy_(lay.block_tables(dev))
         self.graphs[size].replay()
-        return self.logits[size][:r], self.greedy_ids[size][:r]
+        outputs = self.outputs[size]
+        if self.last_stage:
+            return outputs[0][:r], outputs[1][:r]
+        return outputs[0][:r]

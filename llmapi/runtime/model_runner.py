@@ -16,13 +16,12 @@ from ..config import KvCacheConfig
 from ..distributed.mapping import Mapping, local_kv_heads
 from ..distributed.sharding import build_rank_model, load_rank_model
 from ..engine.format import rank_file
-from ..layers.attention import AttentionMetadata
 from ..quantization.kv_cache import check_kv_cache_device, kv_cache_dtype
 from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
 from .logits_records import LogitsRecords, generation_rows, prompt_chunks
 from .request_state import RequestState
-from .sampler import GREEDY_TEMPERATURE_EPS, first_argmax, sample
+from .sampler import first_argmax, sample
 from .step_inputs import InputStager, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -32,12 +31,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
-
-
-def _tensor(array, device, dtype=None) -> torch.Tensor:
-    # A fresh, synchronous copy: the executor's arrays are read-only views, and a rank stages several
-    # micro-batches before any has run, so no host buffer may be reused under a pending copy.
-    return torch.tensor(np.asarray(array), device=device, dtype=dtype)
 
 
 class _Step:
@@ -73,8 +66,9 @@ class ModelRunner:
     keeps the prompt logprobs and logits outputs.
 
     With several ranks (`mapping`, `comm`: see llmapi.distributed) each rank holds its shard, and the
-    rank's driver calls copy_blocks / prepare / forward / logits / sample or decode_step itself, eagerly (no
-    CUDA graphs yet); the sampling rank's `logits_processors` and `state` serve decode_step there.
+    rank's driver (llmapi.distributed.rank_worker) calls copy_blocks, the stager, forward / logits / sample or
+    decode_step, or the decode graphs (capture_graphs: its stage's layers, collectives inside) itself; the
+    sampling rank's `logits_processors` and `state` serve decode_step there.
     """
 
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
@@ -115,16 +109,32 @@ class ModelRunner:
         # The last submitted step's sampled ids [R] on the device: the next step's placeholders
         # (Batch.prev_rows) are filled from them there, without waiting for the step.
         self._prev_ids: Optional[torch.Tensor] = None
-        if device.type == "cuda":
-            if cuda_graphs and self.mapping.world_size == 1:
-                from .cuda_graph import DecodeGraphs
+        # With several ranks the driver captures once the ranks agree on the cache size (graphs hold its address).
+        if cuda_graphs and self.mapping.world_size == 1 and self.graphs_supported:
+            self.capture_graphs(max_batch_size)
 
-                max_blocks = -(-engine_config["max_position_embeddings"] // tokens_per_block)
-                captured = time.perf_counter()
-                with torch.inference_mode():
-                    self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size,
-                                               max_blocks, self.kv_heads)
-                logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
+    @property
+    def graphs_supported(self) -> bool:
+        """Decode steps run as CUDA graphs on CUDA (and as their eager stand-in on the CPU, when asked)."""
+        from .cuda_graph import graphs_on_cpu
+
+        return self.device.type == "cuda" or graphs_on_cpu()
+
+    def capture_graphs(self, max_batch_size: int) -> None:
+        """Capture the decode graphs of this rank's layers (its pipeline stage's), for batch sizes up to
+        `max_batch_size`; with tensor parallelism every rank of the stage must call this at once."""
+        from .cuda_graph import DecodeGraphs
+
+        m = self.mapping
+        max_blocks = -(-self.config["max_position_embeddings"] // self.tokens_per_block)
+        hidden = None if m.is_first_stage else (self.config["hidden_size"], self.dtype)
+        captured = time.perf_counter()
+        self.graphs = None  # a new capture's memory comes after the old graphs are gone
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size, max_blocks,
+                                       self.kv_heads, hidden=hidden, last_stage=m.is_last_stage,
+                                       distributed=m.world_size > 1)
+        logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     def allocate_kv_caches(self, num_blocks: int) -> None:
         """(Re)allocate the cache of this rank's layers with `num_blocks` blocks (ranks agree on the smallest)."""
@@ -231,29 +241,6 @@ class ModelRunner:
         return handle.host_ids.numpy().copy()
 
     # ---------------------------------------------------------------- the parts, for a rank's driver
-    def prepare(self, batch) -> StepInputs:
-        """A (micro-)batch's inputs in fresh device memory."""
-        dev = self.device
-        query_lens = _tensor(batch.query_lens, dev, torch.int32)  # [R]
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=dev)  # [R+1]
-        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
-        attn = AttentionMetadata(
-            slot_mapping=_tensor(batch.slot_mapping, dev, torch.long), query_lens=query_lens,
-            context_lens=_tensor(batch.context_lens, dev, torch.int32), query_start_loc=query_start_loc,
-            block_tables=_tensor(batch.block_tables, dev, torch.int32),
-            max_query_len=int(np.asarray(batch.query_lens).max()),
-            max_context_len=int(np.asarray(batch.context_lens).max()), tokens_per_block=self.tokens_per_block)
-        temperature, top_k, top_p = (np.asarray(batch.temperature), np.asarray(batch.top_k), np.asarray(batch.top_p))
-        sampling = dict(temperature=_tensor(temperature, dev, torch.float32), top_k=_tensor(top_k, dev, torch.long),
-                        top_p=_tensor(top_p, dev, torch.float32), seeds=_tensor(batch.seeds, dev, torch.long),
-                        output_index=_tensor(batch.output_index, dev, torch.long),
-                        suppress_offsets=_tensor(batch.suppress_offsets, dev, torch.long),
-                        suppress_ids=_tensor(batch.suppress_ids, dev, torch.long))
-        return StepInputs(_tensor(batch.input_ids, dev, torch.int32), _tensor(batch.positions, dev, torch.int32),
-                          attn, query_start_loc[1:].long() - 1, sampling,
-                          bool((temperature < GREEDY_TEMPERATURE_EPS).all()),
-                          bool((top_k > 0).any() or (top_p < 1.0).any()))
-
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:  # [T, H]
         """This rank's layers; `hidden` [T, H] is the previous pipeline stage's output."""
