@@ -1,4 +1,5 @@
-"""Resolve a model source (hub id, local HF directory, GGUF file or saved engine) and its cache identity."""
+"""Resolve a model source (hub id, local HF directory, Meta checkpoint, GGUF file or saved engine) and its cache
+identity."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from llmapi.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["hf_dir", "gguf", "engine"]
+SourceKind = Literal["hf_dir", "meta", "gguf", "engine"]
 
 # What a hub download fetches: configs and tokenizer files first, safetensors only when weights are needed.
 CONFIG_PATTERNS = [
@@ -26,7 +27,7 @@ CONFIG_PATTERNS = [
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 
 # Files of a local directory whose change must change the engine (configs, tokenizer, weights).
-_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pth", ".json", ".model", ".txt", ".jinja")
 _HEAD_BYTES = 1 << 20  # GGUF metadata (and the tensor table of small files) sits in the first MiB
 
 
@@ -35,9 +36,10 @@ class ModelSource:
     """A resolved model: where it lies on disk and what identifies its content for the engine cache."""
 
     kind: SourceKind
-    """"hf_dir" (config.json + weights), "gguf" (one .gguf file) or "engine" (a saved llmapi engine)."""
+    """"hf_dir" (config.json + weights), "meta" (Meta's params.json + consolidated.NN.pth), "gguf" (one .gguf
+    file) or "engine" (a saved llmapi engine)."""
     path: Path
-    """The directory (hf_dir, engine) or the .gguf file."""
+    """The directory (hf_dir, meta, engine) or the .gguf file."""
     identity: dict = field(compare=False)
     """JSON-able dict that changes whenever the content changes: the engine cache keys on it."""
     name: str = ""
@@ -107,6 +109,12 @@ def _resolve_local(path: Path, name: str, weights: bool) -> ModelSource:
     has_config = (path / "config.json").is_file()
     if has_config and (weight_files(path) or not weights):
         return ModelSource("hf_dir", path, _dir_identity(path), name)
+    if (path / "params.json").is_file():  # Meta's own layout (HF weights beside it would have won above)
+        from llmapi.engine import meta
+
+        if meta.is_meta_dir(path):
+            meta.shard_files(path)  # a gap in the shard numbers is named here, before any lookup
+            return ModelSource("meta", path, _dir_identity(path, "meta"), name)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelSource("gguf", ggufs[0], _gguf_identity(ggufs[0]), name)
@@ -117,8 +125,12 @@ def _resolve_local(path: Path, name: str, weights: bool) -> ModelSource:
     if has_config:
         raise ModelNotFoundError(
             f"directory {name!r} has a config.json but no weights (*.safetensors or pytorch_model*.bin)")
+    if (path / "params.json").is_file():
+        raise ModelNotFoundError(
+            f"directory {name!r} has a params.json but no consolidated.NN.pth weights (a Meta checkpoint needs both)")
     raise ModelNotFoundError(
-        f"directory {name!r} is not a model: expected config.json + weights, a .gguf file, or a saved llmapi engine")
+        f"directory {name!r} is not a model: expected config.json + weights, params.json + consolidated.NN.pth "
+        "(a Meta checkpoint), a .gguf file, or a saved llmapi engine")
 
 
 def safetensors_header_sha256(path: Path) -> str:
@@ -128,7 +140,7 @@ def safetensors_header_sha256(path: Path) -> str:
         return hashlib.sha256(f.read(min(n, 100 << 20))).hexdigest()
 
 
-def _dir_identity(path: Path) -> dict:
+def _dir_identity(path: Path, kind: str = "hf_dir") -> dict:
     files = []
     for p in sorted(path.iterdir()):
         if not (p.is_file() and p.name.endswith(_IDENTITY_SUFFIXES)):
@@ -138,10 +150,10 @@ def _dir_identity(path: Path) -> dict:
         if p.suffix == ".safetensors":
             # Same size and a touched-back mtime can still hide new weights; the header catches re-saved files.
             entry["header_sha256"] = safetensors_header_sha256(p)
-        elif p.suffix != ".bin" and st.st_size <= 64 << 20:
+        elif p.suffix not in (".bin", ".pth") and st.st_size <= 64 << 20:
             entry["sha256"] = _sha256_head(p, st.st_size)  # configs and tokenizer files: hash them whole
         files.append(entry)
-    return {"kind": "hf_dir", "path": str(path), "files": files}
+    return {"kind": kind, "path": str(path), "files": files}
 
 
 def _gguf_identity(path: Path) -> dict:

@@ -142,3 +142,83 @@ def check_cached_engine_generates(model, llm, builds: int, **llm_kwargs) -> None
     with LLM(str(model), **llm_kwargs) as again:
         assert not again.engine_built and cache.stats.builds == builds
         assert again.generate([[5, 9, 17, 33, 4]], params)[0].outputs[0].token_ids == out.token_ids
+
+
+def make_tiny_codellama(path=None, seed: int = 0, **overrides):
+    """A tiny LlamaForCausalLM shaped like CodeLlama 7B/13B where it differs from Llama 2: rope_theta 1e6, the
+    32016-token vocabulary (32000 + the infilling tokens) and 16K positions; saved to `path` if given."""
+    fields = dict(rope_theta=1e6, vocab_size=32016, max_position_embeddings=16384)
+    fields.update(overrides)
+    return make_tiny_llama(path, seed=seed, **fields)
+
+
+META_PARAMS = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, ffn_dim_multiplier=None,
+                   norm_eps=1e-5)
+"""params.json of the tiny Meta checkpoints: Llama 2's fields (vocab_size -1: the tokenizer's) at tiny sizes."""
+
+
+def make_meta_checkpoint(path, num_shards: int = 1, vocab_size: int = 320, seed: int = 0,
+                         vocab_parallel_embedding: bool = False, **params) -> dict:
+    """Write a random-weight Meta-format Llama checkpoint into `path`: params.json and one consolidated.NN.pth per
+    model-parallel rank, each holding that rank's pieces under Meta's tensor names, as Meta's model.py lays them
+    out (fairscale ColumnParallelLinear wq/wk/wv/w1/w3/output: rows split; RowParallelLinear wo/w2: columns split;
+    tok_embeddings a ParallelEmbedding, embedding dim split, or with vocab_parallel_embedding Llama 3's
+    VocabParallelEmbedding, rows split; norms replicated). wq / wk are random in Meta's own (interleaved rotary)
+    layout: nothing here knows about HF's. `params` override META_PARAMS; returns the params written."""
+    import json
+    import math
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    p = dict(META_PARAMS, **params)
+    n = num_shards
+    dim, heads, kv_heads = p["dim"], p["n_heads"], p["n_kv_heads"] or p["n_heads"]
+    head_dim = dim // heads
+    hidden = int(2 * (4 * dim) / 3)
+    if p.get("ffn_dim_multiplier") is not None:
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    hidden = p["multiple_of"] * math.ceil(hidden / p["multiple_of"])
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=0.15, mean=0.0):
+        return mean + std * torch.randn(shape, generator=generator)
+
+    norms = {"norm.weight": randn(dim, std=0.1, mean=1.0)}
+    for i in range(p["n_layers"]):
+        norms[f"layers.{i}.attention_norm.weight"] = randn(dim, std=0.1, mean=1.0)
+        norms[f"layers.{i}.ffn_norm.weight"] = randn(dim, std=0.1, mean=1.0)
+    for rank in range(n):
+        shard = dict(norms)  # replicated on every rank
+        shard["tok_embeddings.weight"] = (randn(vocab_size // n, dim, std=1.0) if vocab_parallel_embedding
+                                          else randn(vocab_size, dim // n, std=1.0))
+        shard["output.weight"] = randn(vocab_size // n, dim, std=0.3)
+        for i in range(p["n_layers"]):
+            layer = f"layers.{i}."
+            shard[layer + "attention.wq.weight"] = randn(heads * head_dim // n, dim)
+            shard[layer + "attention.wk.weight"] = randn(kv_heads * head_dim // n, dim)
+            shard[layer + "attention.wv.weight"] = randn(kv_heads * head_dim // n, dim)
+            shard[layer + "attention.wo.weight"] = randn(dim, heads * head_dim // n)
+            shard[layer + "feed_forward.w1.weight"] = randn(hidden // n, dim)
+            shard[layer + "feed_forward.w2.weight"] = randn(dim, hidden // n)
+            shard[layer + "feed_forward.w3.weight"] = randn(hidden // n, dim)
+        torch.save({k: v.clone() for k, v in shard.items()}, path / f"consolidated.{rank:02d}.pth")
+    (path / "params.json").write_text(json.dumps({k: v for k, v in p.items() if v is not None}))
+    return p
+
+
+def save_tiny_sentencepiece(path, vocab_size: int = 320) -> None:
+    """Train a SentencePiece BPE tokenizer.model (Llama's settings: byte fallback, <unk>=0 <s>=1 </s>=2, no
+    normalization, digits split) on a few sentences into `path`; exactly `vocab_size` pieces."""
+    import io
+    from pathlib import Path
+
+    import sentencepiece as spm
+    from tiny_tokenizer import SENTENCES
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 20), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    (Path(path) / "tokenizer.model").write_bytes(model.getvalue())

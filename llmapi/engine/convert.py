@@ -1,4 +1,5 @@
-"""Convert a model source (HF directory or GGUF file) into an engine directory through its family's convert_hf."""
+"""Convert a model source (HF directory, Meta checkpoint or GGUF file) into an engine directory through its family's
+convert_hf."""
 
 from __future__ import annotations
 
@@ -42,7 +43,12 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device
 
 
 def checkpoint_dtype(source: ModelSource) -> str | None:
-    """The torch_dtype an HF directory's config.json declares (None for GGUF or when absent)."""
+    """The torch_dtype an HF directory's config.json declares, a Meta checkpoint's tensor dtype (None for GGUF
+    or when absent)."""
+    if source.kind == "meta":
+        from llmapi.engine import meta
+
+        return meta.checkpoint_dtype(source.path)
     if source.kind != "hf_dir":
         return None
     config = _read_hf_config(source.path)
@@ -165,6 +171,59 @@ def _quantize(engine_config: dict, weights: dict, quant: QuantConfig | None, tok
     return quantize_engine_weights(engine_config, weights, quant, stats)
 
 
+def _read_hf_dir(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
+    hf_config = _read_hf_config(source.path)
+    check(hf_config)  # fail fast, before any weight is read
+    fmt.copy_tokenizer_files(source.path, out_dir)
+    gen_path = source.path / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    if dummy:
+        return hf_config, None, generation
+    files = weight_files(source.path)
+    if not files:
+        raise ModelNotFoundError(f"{source.name or source.path}: no weights (*.safetensors or pytorch_model*.bin)")
+    return hf_config, LazyStateDict(files, desc=f"Converting {source.path.name}"), generation
+
+
+def _read_gguf(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
+    from llmapi.engine import gguf
+
+    state_dict = None
+    if dummy:
+        hf_config, generation = gguf.load_gguf_config(source.path)
+        check(hf_config)
+    else:  # the architecture is checked before any tensor is dequantized
+        hf_config, state_dict, generation = gguf.load_gguf(source.path, check_config=check)
+    gguf.save_gguf_tokenizer(source.path, out_dir, generation)
+    fmt.write_json(out_dir / "generation_config.json", generation)
+    return hf_config, state_dict, generation
+
+
+def _read_meta(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
+    from llmapi.engine import meta
+
+    hf_config, state_dict = meta.load_meta(source.path)  # shards memory-mapped, shapes checked, nothing read yet
+    try:
+        generation = meta.save_meta_tokenizer(source.path, out_dir)
+        hf_config.update(generation)
+        check(hf_config)
+    except BaseException:
+        state_dict.close()
+        raise
+    fmt.write_json(out_dir / "generation_config.json", generation)
+    if dummy:
+        state_dict.close()
+        return hf_config, None, generation
+    return hf_config, state_dict, generation
+
+
+# Source kind -> reader: (source, out_dir, dummy, check) -> (HF config dict, HF-named state dict or None when
+# dummy, generation config). A reader calls check(hf_config) before it reads any weight, and writes the
+# tokenizer files into out_dir. A non-HF format becomes an HF-shaped config and state dict here, so the
+# family's convert_hf serves every format.
+_SOURCE_READERS = {"hf_dir": _read_hf_dir, "gguf": _read_gguf, "meta": _read_meta}
+
+
 def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:
     """Write a complete engine for `source` into the (empty) `out_dir`; returns its config.
 
@@ -186,30 +245,10 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
         family(hf_config)
         check_mapping(models.config_from_hf(hf_config, dtype), mapping, settings.embedding_sharding_dim)
 
-    if source.kind == "gguf":
-        from llmapi.engine import gguf
-
-        if dummy:
-            hf_config, generation = gguf.load_gguf_config(source.path)
-            check(hf_config)
-        else:  # the architecture is checked before any tensor is dequantized
-            hf_config, state_dict, generation = gguf.load_gguf(source.path, check_config=check)
-        gguf.save_gguf_tokenizer(source.path, out_dir, generation)
-        fmt.write_json(out_dir / "generation_config.json", generation)
-    elif source.kind == "hf_dir":
-        hf_config = _read_hf_config(source.path)
-        check(hf_config)  # fail fast, before any weight is read
-        fmt.copy_tokenizer_files(source.path, out_dir)
-        gen_path = source.path / "generation_config.json"
-        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        if not dummy:
-            files = weight_files(source.path)
-            if not files:
-                raise ModelNotFoundError(
-                    f"{source.name or source.path}: no weights (*.safetensors or pytorch_model*.bin)")
-            state_dict = LazyStateDict(files, desc=f"Converting {source.path.name}")
-    else:
+    reader = _SOURCE_READERS.get(source.kind)
+    if reader is None:
         raise ValueError(f"cannot convert a source of kind {source.kind!r}")
+    hf_config, state_dict, generation = reader(source, out_dir, dummy, check)
 
     engine_arch = family(hf_config)
     weights = None
@@ -226,7 +265,7 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
                 engine_config, weights = models.convert_hf(hf_config, state_dict, dtype)
                 weights = _quantize(engine_config, weights, quant, out_dir)
         finally:
-            if isinstance(state_dict, LazyStateDict):
+            if hasattr(state_dict, "close"):
                 state_dict.close()
     engine_config = dict(engine_config)
     engine_config.update(architecture=engine_arch, dtype=settings.dtype,
