@@ -155,8 +155,10 @@ class GPTDecoderLayer(nn.Module):
         """The residual stream is residual + x (x alone on the first layer, where residual is None; post-norm
         layers always hand on residual None)."""
         if self.post_norm:
-            x = self.input_layernorm(self.attention(x, rotary, kv_cache, attn), x)[0]
-            return self.post_layernorm(self.mlp(x), x)[0], None
+            # The block's output is the norms' residual argument: on CUDA the sum is written there, in a temporary
+            # rather than in x (the layer's input, which may be a buffer the caller keeps).
+            x = self.input_layernorm(x, self.attention(x, rotary, kv_cache, attn))[0]
+            return self.post_layernorm(x, self.mlp(x))[0], None
         # Each norm writes its output as the next linear's quantized input where that is an FP8 linear.
         scale = fused_input_scale(self.attention.qkv, x)
         if residual is None:
