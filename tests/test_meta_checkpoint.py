@@ -67,9 +67,9 @@ def test_hf_state_dict_is_what_transformers_reads(name, meta_dirs):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-def test_engine_config_follows_params_json(meta_dirs):
+def test_engine_config_follows_params_json(meta_dirs, tmp_path):
     def config(name):
-        with LLM(str(meta_dirs[name]), skip_tokenizer_init=True) as llm:
+        with LLM(str(meta_dirs[name]) if name in meta_dirs else name, skip_tokenizer_init=True) as llm:
             assert llm.engine_info.source.kind == "meta"
             return llm.engine_info.config
 
@@ -85,6 +85,9 @@ def test_engine_config_follows_params_json(meta_dirs):
     assert cfg["rotary_base"] == 500000.0
     assert cfg["rotary_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    path = _copy(meta_dirs["llama2-1shard"], tmp_path)
+    _params(path, max_seq_len=512)  # when params.json names the context, it is the engine's
+    assert config(str(path))["max_position_embeddings"] == 512
 
 
 def test_text_prompts_tokenize_as_sentencepiece(meta_dir):
@@ -165,6 +168,13 @@ def test_shards_of_unequal_pieces(tmp_path, meta_dir):
     torch.save(shard, path / "consolidated.01.pth")
     with pytest.raises(UnsupportedModelError, match=r"layers\.1\.feed_forward\.w1\.weight is \[96, 64\] in "
                                                     r"consolidated\.00\.pth but \[64, 64\] in consolidated\.01\.pth"):
+        LLM(str(path))
+
+
+def test_unreadable_shard(tmp_path, meta_dir):
+    path = _copy(meta_dir, tmp_path)
+    (path / "consolidated.01.pth").write_bytes(b"not a torch file")
+    with pytest.raises(UnsupportedModelError, match=r"cannot read Meta checkpoint shard .*consolidated\.01\.pth"):
         LLM(str(path))
 
 

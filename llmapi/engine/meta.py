@@ -207,7 +207,11 @@ class MetaCheckpoint(Mapping):
     def _embedding_split(self) -> str:
         """"col" (vocabulary rows, Llama 3's VocabParallelEmbedding) or "row" (embedding dim, ParallelEmbedding)."""
         n, dim = len(self._shards), self.params["dim"]
-        rows, cols = self._shards[0]["tok_embeddings.weight"].shape
+        shape = tuple(self._shards[0]["tok_embeddings.weight"].shape)
+        if len(shape) != 2:
+            raise UnsupportedModelError(
+                f"Meta checkpoint shard {self.files[0].name}: tok_embeddings.weight is {list(shape)}, expected a matrix")
+        rows, cols = shape
         if n == 1 or cols == dim:
             return "col"
         if cols * n == dim:
@@ -221,6 +225,9 @@ class MetaCheckpoint(Mapping):
         shapes = [tuple(s[meta_name].shape) for s in self._shards]
         dim = _SPLIT_DIMS.get(split)
         for file, shape in zip(self.files, shapes):
+            if len(shape) != (1 if split == "rep" else 2):
+                raise UnsupportedModelError(f"Meta checkpoint shard {file.name}: {meta_name} is {list(shape)}, "
+                                            f"expected a {'vector' if split == 'rep' else 'matrix'}")
             other = [d for i, d in enumerate(shape) if i != dim]
             ref = [d for i, d in enumerate(shapes[0]) if i != dim]
             if len(shape) != len(shapes[0]) or other != ref or (dim is not None and shape[dim] != shapes[0][dim]):
