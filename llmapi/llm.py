@@ -114,6 +114,8 @@ class LLM:
                 max_inflight_batches=1 if args.async_scheduling else mapping.pp_size,
                 async_scheduling=args.async_scheduling,
                 vocab_size=self.vocab_size,  # out-of-vocabulary ids fail their request, never the step
+                # KV blocks behind a request's sliding window (engines saved before the key have none) go back.
+                sliding_window=cfg.get("sliding_window") or 0,
             )
             load_format = info.build_config.get("load_format", "auto")
             try:

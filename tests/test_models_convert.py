@@ -104,7 +104,7 @@ def llama_dict(**fields):
     (dict(hidden_act="xielu"), "activation 'xielu'"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic'"),
     (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "rope type 'longrope'"),
-    (dict(architectures=["MistralForCausalLM"], sliding_window=128), "sliding_window=128"),
+    (dict(architectures=["MistralForCausalLM"], sliding_window=0), "'sliding_window' must be a positive integer"),
 ])
 def test_bad_llama_configs_are_refused(fields, message):
     with pytest.raises(UnsupportedModelError, match=message):
@@ -115,6 +115,16 @@ def test_mistral_without_active_window_converts():
     for window in (None, 256, 4096):
         cfg = config_from_hf(llama_dict(architectures=["MistralForCausalLM"], sliding_window=window), torch.float16)
         assert cfg["architecture"] == "LlamaForCausalLM" and cfg["dtype"] == "float16"
+        assert cfg["sliding_window"] is None  # a window of at least max_position_embeddings is no window
+
+
+def test_mistral_sliding_window_is_recorded_unless_turned_off():
+    cfg = config_from_hf(llama_dict(architectures=["MistralForCausalLM"], sliding_window=128), torch.float16)
+    assert cfg["sliding_window"] == 128
+    off = llama_dict(architectures=["MistralForCausalLM"], sliding_window=128, use_sliding_window=False)
+    assert config_from_hf(off, torch.float16)["sliding_window"] is None
+    # transformers' Llama ignores the key: so does its conversion.
+    assert config_from_hf(llama_dict(sliding_window=128), torch.float16)["sliding_window"] is None
 
 
 def test_bad_gpt2_configs_are_refused():

@@ -49,10 +49,13 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     if head_dim % 2:
         raise UnsupportedModelError(f"head_dim {head_dim} must be even for rotary embeddings")
     max_pos = hf_config["max_position_embeddings"]
-    window = hf_config.get("sliding_window")
-    if window is not None and hf_config.get("use_sliding_window", True) is not False and window < max_pos:
-        raise UnsupportedModelError(
-            f"sliding-window attention (sliding_window={window} < max_position_embeddings={max_pos}) is not supported")
+    # transformers' Mistral applies `sliding_window` to every layer; its Llama ignores the key.
+    mistral = "MistralForCausalLM" in (hf_config.get("architectures") or []) or hf_config.get("model_type") == "mistral"
+    window = hf_config.get("sliding_window") if mistral else None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise UnsupportedModelError(f"config field 'sliding_window' must be a positive integer or null, got {window!r}")
+    if hf_config.get("use_sliding_window", True) is False or (window is not None and window >= max_pos):
+        window = None  # inactive: every query sees its whole context
     theta, scaling = _rope_from_hf(hf_config)
     get_activation(hf_config.get("hidden_act", "silu"))  # unknown activations fail at conversion, not at load
     rope_inv_freq(head_dim, theta, scaling, max_pos, device="meta")  # likewise unknown rope types
@@ -77,6 +80,7 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
         "rotary_scaling": scaling,
         "attention_bias": bool(hf_config.get("attention_bias", False)),
         "mlp_bias": bool(hf_config.get("mlp_bias", False)),
+        "sliding_window": window,  # Mistral: every layer attends to the last this many positions
         "tie_word_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
         "bos_token_id": hf_config.get("bos_token_id"),
         "eos_token_id": token_id_list(hf_config.get("eos_token_id")),
