@@ -222,3 +222,105 @@ def save_tiny_sentencepiece(path, vocab_size: int = 320) -> None:
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
     (Path(path) / "tokenizer.model").write_bytes(model.getvalue())
+
+
+def make_tiny_starcoder2(path=None, seed: int = 0, **overrides):
+    """A tiny transformers Starcoder2ForCausalLM (GQA, biases, LayerNorm, gelu_pytorch_tanh MLP, rope_theta 1e6,
+    tied head) in float32; saved to `path` if given. `overrides` are Starcoder2Config fields, e.g.
+    sliding_window=16 (None: no window)."""
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, norm_epsilon=1e-5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=16, use_bias=True,
+                  hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = Starcoder2ForCausalLM(Starcoder2Config(**fields)).eval()
+    _spread_weights(model, seed, std=0.15, embed_std=1.0)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+QUANT_MODE_BOUNDS = {
+    "int8_weight_only": 0.03, "int4_weight_only": 0.45, "int4_awq": 0.45, "fp8": 0.16, "fp8_per_token": 0.14,
+    "smoothquant": 0.06, "int8_kv_cache": 0.03, "fp8_kv_cache": 0.06,
+}
+"""Every LLM(quant=...) mode a family must take, with the relative logits error bound the tiny Llama's tests set for
+it (tests/test_quant_*.py, tests/test_kv_cache_quant.py; see check_quant_mode)."""
+
+
+def write_word_calibration(directory, vocab_size: int, lines: int = 16, words_per_line: int = 40):
+    """A calibration text file for the tiny word-level tokenizer: its sentences, then lines of its filler words
+    w<id> in a shuffled order (English text would read as <unk> to it). Returns the file's path."""
+    import random
+    from pathlib import Path
+
+    from tiny_tokenizer import SENTENCES
+
+    words = [f"w{i}" for i in random.Random(0).sample(range(32, vocab_size), vocab_size - 32)]
+    text = list(SENTENCES) + [" ".join(words[i:i + words_per_line]) for i in range(0, len(words), words_per_line)]
+    path = Path(directory) / "calibration.txt"
+    path.write_text("\n".join(text[:lines]) + "\n")
+    return path
+
+
+def quant_mode_config(mode: str, calibration=None):
+    """The QuantConfig of LLM(quant=mode); calibrated modes read `calibration` (16 samples of <= 64 tokens). AWQ
+    takes groups of 64, which divide the tiny models' 64 hidden features (its default 128 does not)."""
+    import dataclasses
+
+    from llmapi.quantization import resolve_quant
+
+    quant = resolve_quant(mode)
+    if quant.quant_algo == "W4A16_AWQ":
+        quant = dataclasses.replace(quant, group_size=64)
+    if quant.needs_calibration and calibration is not None:
+        quant = dataclasses.replace(quant, calibration_dataset=str(calibration), calibration_samples=16,
+                                    calibration_max_seq_len=64, calibration_dataset_sha256=None)
+    return quant
+
+
+def cached_logits(engine_dir, prompts, steps: int = 3) -> torch.Tensor:
+    """Logits [sum L, V] of an engine's model (quantized weights and KV cache as its config says) over `prompts`,
+    each fed in `steps` chunks, so later chunks read the earlier ones' K/V back from the cache."""
+    from llmapi.distributed.mapping import Mapping
+    from llmapi.distributed.sharding import build_rank_model, load_rank_model
+    from llmapi.engine import read_engine
+    from llmapi.quantization import kv_cache
+
+    cfg, _ = read_engine(engine_dir)
+    model = build_rank_model(cfg, Mapping(1, 1), "cpu", torch.float32)
+    load_rank_model(model, engine_dir, 0, False, cfg, torch.float32, "cpu")
+    driver = PagedDriver(model.eval(), cfg, dtype=kv_cache.kv_cache_dtype(cfg, torch.float32))
+    outs = {i: [] for i in range(len(prompts))}
+    for s in range(steps):
+        chunk = {i: p[s * len(p) // steps:(s + 1) * len(p) // steps] for i, p in enumerate(prompts)}
+        for i, logits in driver.step(chunk).items():
+            outs[i].append(logits)
+    return torch.cat([torch.cat(outs[i]) for i in range(len(prompts))])
+
+
+CACHE_PROMPTS = [[5, 9, 17, 33, 4, 100, 7, 250, 11, 12, 13, 14, 40, 41, 42, 43, 44, 45, 46, 47, 48],
+                 [3, 60, 61, 62, 80, 90, 91, 92, 93]]
+"""Prompts of check_quant_mode: the first is longer than a window of 16."""
+
+
+def check_quant_mode(model, mode: str, calibration=None, prompts=CACHE_PROMPTS) -> float:
+    """LLM(model, quant=mode) converts the model (calibrating on `calibration` where the mode needs it) and generates
+    greedily; returns |quantized - float| / |float| of the logits over `prompts` through each engine's cache."""
+    from llmapi import LLM, SamplingParams
+    from llmapi.engine import build_engine
+
+    quant = quant_mode_config(mode, calibration)
+    with LLM(str(model), device="cpu", quant=quant) as llm:
+        assert llm.engine_info.config["quantization"] == quant.to_dict()
+        out = llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 4
+        quantized = llm.engine_info.path
+    float_engine = build_engine(str(model), device_type="cpu").path
+    fp = cached_logits(float_engine, prompts)
+    return float((cached_logits(quantized, prompts) - fp).norm() / fp.norm())
