@@ -32,8 +32,9 @@ with LLM(sys.argv[1], tp=2) as llm:
         layer.mlp.register_forward_pre_hook(lambda module, args, i=i: comm.mark(f"layer {i} mlp"))
     model.lm_head.register_forward_pre_hook(lambda module, args: comm.mark("head"))
     out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    print("LOG", json.dumps({"log": comm.log, "tokens": out[0].outputs[0].token_ids, "hidden": model.config["hidden_size"],
-                             "vocab": model.config["vocab_size"], "layers": len(model.transformer.layers)}), flush=True)
+    cfg = model.config
+    print("LOG", json.dumps({"log": comm.log, "tokens": out[0].outputs[0].token_ids, "hidden": cfg["hidden_size"],
+                             "vocab": cfg["vocab_size"], "layers": len(model.transformer.layers)}), flush=True)
 """
 
 

@@ -267,9 +267,9 @@ class RankWorker:
 
 
 def _agree_loaded(session: Session, error: Exception | None, what: str = "load the engine") -> None:
-    """Every rank learns whether every rank loaded its shard (or did `what`). If one did not, rank 0 raises its error (rank 0's
-    own, or the first failed rank's message, which crosses as bytes: a CorruptEngineError stays one, naming
-    the file), and the other ranks raise theirs or RuntimeError."""
+    """Every rank learns whether every rank loaded its shard (or did `what`). If one did not, rank 0 raises its
+    error (rank 0's own, or the first failed rank's message, which crosses as bytes: a CorruptEngineError stays
+    one, naming the file), and the other ranks raise theirs or RuntimeError."""
     codes = torch.zeros(session.world_size, dtype=torch.int64)  # per rank: 0 loaded, 1 corrupt engine, 2 other
     codes[session.rank] = 0 if error is None else 1 if isinstance(error, CorruptEngineError) else 2
     dist.all_reduce(codes, group=session.control)

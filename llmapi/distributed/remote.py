@@ -288,7 +288,8 @@ class RemoteExecutor:
         return self._call("stats")
 
     def runner_stats(self) -> dict:
-        """Rank 0's DistributedRunner.stats(): its steps, their order of submit and collect, its runner's stats."""
+        """Rank 0's DistributedRunner.runner_stats(): its steps, the order of their submit and collect, and its
+        runner's stats."""
         return self._call("runner_stats")
 
     def await_responses(self, timeout_s: Optional[float] = None) -> list:

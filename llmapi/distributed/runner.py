@@ -18,7 +18,7 @@ from llmapi.runtime.watchdog import stalled_ranks
 
 logger = logging.getLogger(__name__)
 
-EVENTS_KEPT = 4096  # submit / collect events kept for stats()
+EVENTS_KEPT = 4096  # submit / collect events kept for runner_stats()
 
 
 class ProcessorTable:
@@ -62,7 +62,7 @@ class DistributedRunner:
     fails every request at once.
 
     `events` keeps the latest submit and collect calls in order (("submit", step, steps in flight, placeholder
-    tokens) and ("collect", step)); `stats()` gives them with the counts and rank 0's runner stats.
+    tokens) and ("collect", step)); `runner_stats()` gives them with the counts and rank 0's runner stats.
 
     `processors` takes the requests' pickled logits processors (for the sampling rank) and `records` their
     prompt logprobs and logits outputs, which arrive from the sampling rank with each step's answer; the
@@ -116,7 +116,7 @@ class DistributedRunner:
         self.records.add(prompt, generation)
         return out
 
-    def stats(self) -> dict:
+    def runner_stats(self) -> dict:
         """Steps submitted, of them those submitted while another was in flight (overlapped), the latest
         submit / collect events in order, and rank 0's runner stats (steps, graph_steps, tokens, ...)."""
         return dict(steps=self._submitted, overlapped_steps=self._overlapped, events=list(self.events),

@@ -140,7 +140,7 @@ def _serve_calls(conn, executor, runner: DistributedRunner, send) -> None:
         elif kind == "stats":
             send(("reply", msg[1], None, dict(executor.stats())))
         elif kind == "runner_stats":
-            send(("reply", msg[1], None, runner.stats()))
+            send(("reply", msg[1], None, runner.runner_stats()))
         elif kind == "shutdown":
             return
         else:
