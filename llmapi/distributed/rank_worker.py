@@ -83,7 +83,12 @@ class RankWorker:
     """Runs this rank's layers on each step's micro-batches; receives and sends hidden states between stages.
 
     init: the INIT call's settings (engine_dir, engine_config, mapping, device_type, kv_cache_config,
-    tokens_per_block, load_format). Every rank builds one; the cache size is the smallest any rank can hold.
+    tokens_per_block, load_format; max_batch_size when known). Every rank builds one; the cache size is the
+    smallest any rank can hold. On CUDA every rank then captures its layers' decode graphs (the same sizes on
+    every rank), and a decode micro-batch replays the graph its size picks, on every rank of the stage alike.
+
+    A batch's placeholders (async scheduling: tokens the step before samples) are filled on the first stage from
+    that step's ids, which the sampling rank sends there on the device (TokenFeed).
 
     A step whose batch uses a decoding feature beyond sampling (see ModelRunner.needs_decode) runs the same
     ModelRunner.decode_step as one rank, on the sampling rank (the last stage's first TP rank), which keeps the
