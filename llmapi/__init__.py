@@ -2,9 +2,10 @@
 
 from .config import KvCacheConfig, LlmArgs
 from .errors import (CorruptEngineError, EngineCacheError, EngineLockTimeoutError, ExecutorDeadError,
-                     ExecutorError, LaunchError, LLMAPIError, LogitsProcessorError, ModelNotFoundError,
-                     RequestAbortedError, RequestError, StepTimeoutError, UnsupportedModelError,
+                     ExecutorError, GuidedDecodingError, LaunchError, LLMAPIError, LogitsProcessorError,
+                     ModelNotFoundError, RequestAbortedError, RequestError, StepTimeoutError, UnsupportedModelError,
                      WorkerDiedError)
+from .guided_decoding import GuidedDecodingParams, StructuredOutputsParams
 from .llm import LLM
 from .quantization import QuantConfig
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -13,9 +14,10 @@ from .sampling_params import SamplingParams
 __version__ = "0.2.0"
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "KvCacheConfig", "LlmArgs", "QuantConfig",
+    "LLM", "SamplingParams", "GuidedDecodingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+    "Logprob", "KvCacheConfig", "LlmArgs", "QuantConfig",
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
     "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
     "WorkerDiedError", "LaunchError", "StepTimeoutError", "EngineLockTimeoutError",
-    "LogitsProcessorError",
+    "LogitsProcessorError", "GuidedDecodingError",
 ]

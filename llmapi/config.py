@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy")
+_GUIDED_DECODING_BACKENDS = ("xgrammar",)
 
 
 def _check(ok: bool, name: str, value: Any, must: str) -> None:
@@ -148,6 +149,9 @@ class LlmArgs:
     cache_lock_timeout: float = 3600.0
     """Seconds to wait for another process that is building the same engine before EngineLockTimeoutError
     names it; the holder's pid is in the lock file."""
+    guided_decoding_backend: str = "xgrammar"
+    """The library that compiles SamplingParams.guided_decoding grammars and masks the logits with them:
+    xgrammar (the only one)."""
     quant: Any = None
     """Quantization: None, a short string ("int8_weight_only", "int4_weight_only", "int4_awq", "fp8",
     "fp8_per_token", "smoothquant", "fp8_kv_cache", "int8_kv_cache") or a QuantConfig (see llmapi.quantization;
@@ -159,6 +163,8 @@ class LlmArgs:
         _check(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
         _check(self.load_format in _LOAD_FORMATS, "load_format", self.load_format,
                f"must be one of {_LOAD_FORMATS}")
+        _check(self.guided_decoding_backend in _GUIDED_DECODING_BACKENDS, "guided_decoding_backend",
+               self.guided_decoding_backend, f"must be one of {_GUIDED_DECODING_BACKENDS}")
         _check(isinstance(self.async_scheduling, bool), "async_scheduling", self.async_scheduling,
                "must be True or False")
         _check(_is_int(self.max_logprobs) and self.max_logprobs >= 0, "max_logprobs", self.max_logprobs,

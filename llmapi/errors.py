@@ -40,6 +40,12 @@ class LogitsProcessorError(RequestError):
     that request alone fails with it."""
 
 
+class GuidedDecodingError(RequestError):
+    """A request's guided decoding (SamplingParams.guided_decoding) cannot be had: its JSON schema, regex or
+    grammar is invalid (raised by generate() before the request is queued), or its grammar matcher failed
+    during generation (that request alone fails with it)."""
+
+
 class RequestAbortedError(LLMAPIError):
     """The request was aborted before it finished."""
 
@@ -74,7 +80,7 @@ class LaunchError(LLMAPIError, RuntimeError):
 def runner_error(message: str) -> LLMAPIError:
     """The error of a request that failed in the executor: the type named at the head of the message
     ("Type: ...") when it is one of these request-level or fatal types, else ExecutorError."""
-    for cls in (WorkerDiedError, LogitsProcessorError):
+    for cls in (WorkerDiedError, LogitsProcessorError, GuidedDecodingError):
         if message.startswith(f"{cls.__name__}:"):
             return cls(message)
     return ExecutorError(message)

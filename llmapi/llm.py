@@ -7,6 +7,7 @@ import functools
 import itertools
 import logging
 import secrets
+import threading
 import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -243,7 +244,31 @@ class LLM:
                               max_num_tokens=self.args.max_num_tokens, tokenizer=self.tokenizer)
         if self.world_size > 1:
             check_multi_rank(params)
+        if params.guided_decoding is not None:
+            self._guide(params, None)  # compiles the grammar (once per distinct one): an invalid one raises here
         return params
+
+    _grammars_lock = threading.Lock()
+
+    def _guide(self, params: SamplingParams, processor):
+        """A request's GrammarGuide for the runner (its grammar compiled, or found in the compiled-grammar cache),
+        with the request's own logits processor `processor`; GuidedDecodingError when the grammar is invalid."""
+        from .guided_decoding import GrammarBackend, GrammarGuide
+
+        if self.tokenizer is None:
+            raise RequestError("guided decoding needs a tokenizer (skip_tokenizer_init=True)")
+        end_ids = [params.end_id] if params.end_id is not None else self.eos_token_ids
+        if not end_ids:
+            raise RequestError("guided decoding ends a request at its grammar's end through EOS, and this model "
+                               "has no eos_token_id: set SamplingParams.end_id")
+        with self._grammars_lock:
+            backend = getattr(self, "_grammars", None)
+            if backend is None:
+                backend = self._grammars = GrammarBackend(self.tokenizer, self.vocab_size)
+        spec = params.guided_decoding.spec()
+        return GrammarGuide(spec, end_ids, processor, compiled=backend.compile(spec),
+                            tokenizer_source=str(self.args.tokenizer or self.engine_info.path),
+                            vocab_size=self.vocab_size)
 
     def _prepare(self, prompt: Prompt, checked_params: SamplingParams):
         """(text, ids, params) of a prompt checked against this LLM; the params come checked (_check_params)."""
@@ -266,6 +291,8 @@ class LLM:
                     # Sequences that may be dropped (best_of > n) or reordered (beams) are reported at the end.
                     stream = streaming and not beam and params.num_sequences == params.n
                     processor = params.combined_logits_processor()
+                    if params.guided_decoding is not None:
+                        processor = self._guide(params, processor)
                     rid = next(self._ids)
                     request = core_request(
                         rid, ids, params, eos_token_ids=self.eos_token_ids, max_seq_len=self.max_seq_len,

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .config import rejects_unknown_arguments
+from .guided_decoding import GuidedDecodingParams
 
 _SEED_MASK = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1  # the core holds counts, widths and token ids as int32
+_GUIDED = ("guided_decoding", "structured_outputs")  # one setting under TensorRT-LLM's and vLLM's names
 
 
 def _short_repr(value) -> str:
@@ -185,6 +187,14 @@ class SamplingParams:
     early_stopping: Union[bool, str] = False
     """Beam search: True stops once beam-width hypotheses are finished; False stops when no running
     beam can still win (transformers' heuristic); "never" only when none can at max length."""
+    guided_decoding: Optional[GuidedDecodingParams] = None
+    """Structured outputs: the output follows this grammar (a GuidedDecodingParams, or a dict of its fields:
+    a JSON schema, any JSON object, a regex, an EBNF grammar or a list of choices). The request ends where
+    the grammar ends, as on EOS (finish_reason "stop"); min_tokens keeps EOS masked, so the output goes on
+    inside the grammar and the request fails (GuidedDecodingError) if the grammar can only end before
+    min_tokens; a stop string still ends the text where it matches. Not with use_beam_search or ignore_eos."""
+    structured_outputs: Optional[GuidedDecodingParams] = None
+    """vLLM's name for guided_decoding: either one sets both."""
 
     _checked = False  # not a field: set once __post_init__ has validated, so writes re-validate
 
@@ -199,12 +209,15 @@ class SamplingParams:
         if name not in self.__dataclass_fields__:  # a misspelt field would otherwise be ignored silently
             raise AttributeError(f"SamplingParams has no field {name!r}; its fields are: "
                                  f"{', '.join(sorted(self.__dataclass_fields__))}")
-        old = self.__dict__[name]
-        object.__setattr__(self, name, value)
+        names = _GUIDED if name in _GUIDED else (name,)  # a write to either guided name sets both
+        old = {n: self.__dict__[n] for n in names}
+        for n in names:
+            object.__setattr__(self, n, value)
         try:
             self.validate()
         except BaseException:
-            object.__setattr__(self, name, old)
+            for n, v in old.items():
+                object.__setattr__(self, n, v)
             raise
 
     def validate(self) -> None:
@@ -224,6 +237,7 @@ class SamplingParams:
         self._check_sequences()
         self._check_knobs()
         self._check_outputs(normalised)
+        self._check_guided(normalised)
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
 
@@ -297,6 +311,24 @@ class SamplingParams:
         for name in ("return_context_logits", "return_generation_logits"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
+
+    def _check_guided(self, normalised: dict) -> None:
+        values = [GuidedDecodingParams.coerce(getattr(self, n), n) for n in _GUIDED]
+        if None not in values and values[0] != values[1]:
+            raise ValueError(f"SamplingParams.guided_decoding={_short_repr(values[0])} and structured_outputs="
+                             f"{_short_repr(values[1])} disagree (structured_outputs is vLLM's name for "
+                             "guided_decoding); pass one of them")
+        guided = values[0] if values[0] is not None else values[1]
+        if guided is None:
+            return
+        guided.validate()  # its fields may have changed in place
+        if self.use_beam_search:
+            _fail("guided_decoding", guided, "beam search with guided decoding is not supported "
+                                             "(use_beam_search=True)")
+        if self.ignore_eos:
+            _fail("guided_decoding", guided, "a guided request ends at its grammar's end through EOS, so it "
+                                             "cannot have ignore_eos=True")
+        normalised.update(dict.fromkeys(_GUIDED, guided))
 
     @property
     def stop_strings(self) -> List[str]:

@@ -1,4 +1,5 @@
-"""One step's decoding on the device: logits processors, then sampling or beam candidates, then logprobs."""
+"""One step's decoding on the device: logits processors and grammar masks, then sampling or beam candidates, then
+logprobs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import LogitsProcessorError
+from ..guided_decoding import GrammarGuide, apply_grammar_masks
 from .logits_processing import apply_logit_bias_, apply_penalties_
 from .request_state import RequestState
 from .sampler import GREEDY_TEMPERATURE_EPS, sample, suppress_
@@ -62,7 +64,9 @@ def _apply_processors(logits: torch.Tensor, batch, rows: np.ndarray, processors:
     for r in rows:
         rid = int(request_ids[r])
         fn = processors.get(rid)
-        if fn is None:  # the request finished on the Python side (a stop string) meanwhile
+        if isinstance(fn, GrammarGuide):  # guided decoding: the request's own processor runs before the mask
+            fn = fn.processor
+        if fn is None:  # the request finished on the Python side (a stop string) meanwhile, or has no processor
             continue
         history = state.histories.get(int(slots[r]), [])
         prompt, output = history[:prompt_lens[r]], history[prompt_lens[r]:]
@@ -111,8 +115,12 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
 
     errors: Dict[int, str] = {}
     if processor_rows.any():
-        errors = _apply_processors(logits, batch, np.nonzero(processor_rows & do_sample)[0], processors, state)
+        rows = np.nonzero(processor_rows & do_sample)[0]
+        errors = _apply_processors(logits, batch, rows, processors, state)
         state.processor_request = None
+        # Grammars (guided decoding) mask their rows after the request's own processor, in one batched pass.
+        errors.update(apply_grammar_masks(logits, batch, rows[~np.isin(rows, list(errors))], processors,
+                                          state.histories))
     apply_logit_bias_(logits, _t(batch.bias_offsets, dev), _t(batch.bias_ids, dev, torch.long),
                       _t(batch.bias_values, dev, torch.float32))
     suppress_(logits, _t(batch.suppress_offsets, dev), _t(batch.suppress_ids, dev, torch.long))
