@@ -1,5 +1,5 @@
-"""Resolve a model source (hub id, local HF directory, Meta checkpoint, GGUF file or saved engine) and its cache
-identity."""
+"""Resolve a model source (hub id, local HF directory, Meta checkpoint, NeMo .nemo file, GGUF file or saved engine) and
+its cache identity."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from llmapi.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["hf_dir", "meta", "gguf", "engine"]
+SourceKind = Literal["hf_dir", "meta", "nemo", "gguf", "engine"]
 
 # What a hub download fetches: configs and tokenizer files first, safetensors only when weights are needed.
 CONFIG_PATTERNS = [
@@ -36,10 +36,10 @@ class ModelSource:
     """A resolved model: where it lies on disk and what identifies its content for the engine cache."""
 
     kind: SourceKind
-    """"hf_dir" (config.json + weights), "meta" (Meta's params.json + consolidated.NN.pth), "gguf" (one .gguf
-    file) or "engine" (a saved llmapi engine)."""
+    """"hf_dir" (config.json + weights), "meta" (Meta's params.json + consolidated.NN.pth), "nemo" (one NeMo .nemo
+    file), "gguf" (one .gguf file) or "engine" (a saved llmapi engine)."""
     path: Path
-    """The directory (hf_dir, meta, engine) or the .gguf file."""
+    """The directory (hf_dir, meta, engine) or the .nemo / .gguf file."""
     identity: dict = field(compare=False)
     """JSON-able dict that changes whenever the content changes: the engine cache keys on it."""
     name: str = ""
@@ -70,7 +70,7 @@ def resolve_source(
 
 def _looks_like_path(name: str) -> bool:
     # A hub id is "name" or "org/name"; anything else that does not exist is a missing local path.
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".gguf", ".nemo"))
             or (os.sep != "/" and os.sep in name))
 
 
@@ -99,9 +99,12 @@ def weight_files(path: Path) -> list[Path]:
 
 def _resolve_local(path: Path, name: str, weights: bool) -> ModelSource:
     if path.is_file():
+        if path.suffix == ".nemo":
+            return ModelSource("nemo", path, _file_identity(path, "nemo"), name)
         if path.suffix != ".gguf":
-            raise ModelNotFoundError(f"{name!r} is a file but not a .gguf file; pass a model directory or a .gguf file")
-        return ModelSource("gguf", path, _gguf_identity(path), name)
+            raise ModelNotFoundError(
+                f"{name!r} is a file but not a .gguf or .nemo file; pass a model directory, a .gguf or a .nemo file")
+        return ModelSource("gguf", path, _file_identity(path, "gguf"), name)
     if is_engine_dir(path):
         manifest = (path / "manifest.json").read_bytes()
         identity = {"kind": "engine", "path": str(path), "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
@@ -117,20 +120,26 @@ def _resolve_local(path: Path, name: str, weights: bool) -> ModelSource:
             return ModelSource("meta", path, _dir_identity(path, "meta"), name)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return ModelSource("gguf", ggufs[0], _gguf_identity(ggufs[0]), name)
+        return ModelSource("gguf", ggufs[0], _file_identity(ggufs[0], "gguf"), name)
     if len(ggufs) > 1:
         raise ModelNotFoundError(
             f"directory {name!r} holds {len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs)}); "
             "pass one file's path")
+    nemos = sorted(path.glob("*.nemo"))
+    if len(nemos) == 1 and not has_config:  # e.g. a NeMo model's hub repo: the .nemo file and a README
+        return ModelSource("nemo", nemos[0], _file_identity(nemos[0], "nemo"), name)
     if has_config:
         raise ModelNotFoundError(
             f"directory {name!r} has a config.json but no weights (*.safetensors or pytorch_model*.bin)")
+    if len(nemos) > 1:
+        raise ModelNotFoundError(f"directory {name!r} holds {len(nemos)} .nemo files "
+                                 f"({', '.join(p.name for p in nemos)}); pass one file's path")
     if (path / "params.json").is_file():
         raise ModelNotFoundError(
             f"directory {name!r} has a params.json but no consolidated.NN.pth weights (a Meta checkpoint needs both)")
     raise ModelNotFoundError(
         f"directory {name!r} is not a model: expected config.json + weights, params.json + consolidated.NN.pth "
-        "(a Meta checkpoint), a .gguf file, or a saved llmapi engine")
+        "(a Meta checkpoint), a .gguf or .nemo file, or a saved llmapi engine")
 
 
 def safetensors_header_sha256(path: Path) -> str:
@@ -156,9 +165,9 @@ def _dir_identity(path: Path, kind: str = "hf_dir") -> dict:
     return {"kind": kind, "path": str(path), "files": files}
 
 
-def _gguf_identity(path: Path) -> dict:
+def _file_identity(path: Path, kind: str) -> dict:
     st = path.stat()
-    return {"kind": "gguf", "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    return {"kind": kind, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "head_sha256": _sha256_head(path, _HEAD_BYTES)}
 
 

@@ -244,6 +244,29 @@ def make_tiny_starcoder2(path=None, seed: int = 0, **overrides):
     return model
 
 
+def make_tiny_nemotron(path=None, seed: int = 0, **overrides):
+    """A tiny transformers NemotronForCausalLM (LayerNorm1P, squared-ReLU MLP, partial rotary 0.5, GQA, untied head)
+    in float32; saved to `path` if given. LayerNorm1P stores w - 1, so its norm weights are drawn around 0."""
+    from transformers import NemotronConfig, NemotronForCausalLM
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, norm_eps=1e-5,
+                  hidden_act="relu2", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                       "partial_rotary_factor": 0.5},
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = NemotronForCausalLM(NemotronConfig(**fields)).eval()
+    _spread_weights(model, seed, std=0.15, embed_std=1.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm.weight" in name or name == "model.norm.weight":
+                p.sub_(1.0)  # stored as w - 1: the model runs with weights around 1
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
 QUANT_MODE_BOUNDS = {
     "int8_weight_only": 0.03, "int4_weight_only": 0.45, "int4_awq": 0.45, "fp8": 0.16, "fp8_per_token": 0.14,
     "smoothquant": 0.06, "int8_kv_cache": 0.03, "fp8_kv_cache": 0.06,

@@ -1,5 +1,5 @@
-"""Convert a model source (HF directory, Meta checkpoint or GGUF file) into an engine directory through its family's
-convert_hf."""
+"""Convert a model source (HF directory, Meta checkpoint, NeMo .nemo file or GGUF file) into an engine directory
+through its family's convert_hf."""
 
 from __future__ import annotations
 
@@ -43,8 +43,12 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device
 
 
 def checkpoint_dtype(source: ModelSource) -> str | None:
-    """The torch_dtype an HF directory's config.json declares, a Meta checkpoint's tensor dtype (None for GGUF
-    or when absent)."""
+    """The torch_dtype an HF directory's config.json declares, a Meta checkpoint's tensor dtype, a .nemo file's
+    training precision (None for GGUF or when absent)."""
+    if source.kind == "nemo":
+        from llmapi.engine import nemo
+
+        return nemo.checkpoint_dtype(source.path)
     if source.kind == "meta":
         from llmapi.engine import meta
 
@@ -217,11 +221,32 @@ def _read_meta(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[
     return hf_config, state_dict, generation
 
 
+def _read_nemo(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
+    from llmapi.engine import nemo
+
+    # Options are checked before the archive is extracted (beside out_dir: the same disk), the shards then
+    # memory-mapped and their shapes checked, nothing read yet.
+    nemo_config, hf_config, state_dict = nemo.load_nemo(source.path, work_dir=out_dir.parent)
+    try:
+        generation = nemo.save_nemo_tokenizer(state_dict.root, nemo_config, out_dir, f".nemo file {source.path.name}")
+        generation = {k: v for k, v in generation.items() if v is not None}  # no tokenizer: no special ids
+        hf_config.update(generation)
+        check(hf_config)
+    except BaseException:
+        state_dict.close()
+        raise
+    fmt.write_json(out_dir / "generation_config.json", generation)
+    if dummy:
+        state_dict.close()
+        return hf_config, None, generation
+    return hf_config, state_dict, generation
+
+
 # Source kind -> reader: (source, out_dir, dummy, check) -> (HF config dict, HF-named state dict or None when
 # dummy, generation config). A reader calls check(hf_config) before it reads any weight, and writes the
 # tokenizer files into out_dir. A non-HF format becomes an HF-shaped config and state dict here, so the
 # family's convert_hf serves every format.
-_SOURCE_READERS = {"hf_dir": _read_hf_dir, "gguf": _read_gguf, "meta": _read_meta}
+_SOURCE_READERS = {"hf_dir": _read_hf_dir, "gguf": _read_gguf, "meta": _read_meta, "nemo": _read_nemo}
 
 
 def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:

@@ -22,6 +22,7 @@ ACTIVATIONS = {
     "gelu_new": _gelu_tanh_python,
     "gelu_python_tanh": _gelu_tanh_python,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: torch.square(F.relu(x)),  # squared ReLU (Nemotron, NeMo's "squared-relu")
 }
 
 
