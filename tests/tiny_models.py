@@ -224,6 +224,96 @@ def save_tiny_sentencepiece(path, vocab_size: int = 320) -> None:
     (Path(path) / "tokenizer.model").write_bytes(model.getvalue())
 
 
+def make_tiny_gpt_bigcode(path=None, seed: int = 0, **overrides):
+    """A tiny transformers GPTBigCodeForCausalLM (multi-query by default, tied head, gelu_pytorch_tanh) in float32;
+    saved to `path` if given. `overrides` are GPTBigCodeConfig fields, e.g. multi_query=False. Its weights are
+    spread wider than the GPT-2's (std 0.3, embeddings 1.0): at 0.15 most prompts' greedy tokens repeat one token."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    fields = dict(vocab_size=288, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**fields)).eval()
+    _spread_weights(model, seed, std=0.3, embed_std=1.0)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def make_tiny_opt(path=None, seed: int = 0, **overrides):
+    """A tiny transformers OPTForCausalLM (pre-norm, ReLU, tied head) in float32; saved to `path` if given.
+    `overrides` are OPTConfig fields, e.g. do_layer_norm_before=False, word_embed_proj_dim=32 (OPT-350m's shape)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    fields = dict(vocab_size=288, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(OPTConfig(**fields)).eval()
+    _spread_weights(model, seed, std=0.15, embed_std=0.5)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def save_santacoder_checkpoint(hf_model, path) -> None:
+    """Write `hf_model`'s weights into `path` in the original bigcode/santacoder remote-code layout
+    (modeling_gpt2_mq.py / configuration_gpt2_mq.py): a GPT-2 config with `attention_head_type` and architectures
+    ["GPT2LMHeadCustomModel"], GPT-2 tensor names, every linear a GPT-2 Conv1D (weight [in, out]).
+
+    A GPTBigCodeForCausalLM with multi_query=True becomes "multiquery": c_attn's rows (q [H], k [hd], v [hd]) are
+    SantaCoder's attn.q_attn ([H, H]) and attn.kv_attn ([H, 2 hd], key then value). A GPT2LMHeadModel becomes
+    "multihead": its blocks are SantaCoder's multi-head blocks (attn.c_attn [H, 3H], q, k, v blocks) unchanged.
+    Each layer also holds the causal-mask buffers (attn.bias, attn.masked_bias) the remote code saved."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    cfg = hf_model.config
+    hidden, heads, layers = cfg.n_embd, cfg.n_head, cfg.n_layer
+    sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    out = {k: sd[k] for k in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                              "transformer.ln_f.bias")}
+    gpt2 = cfg.model_type == "gpt2"
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
+                     "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
+            out[p + name] = sd[p + name]
+        for name in ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+            out[p + name] = sd[p + name] if gpt2 else sd[p + name].t()  # nn.Linear [out, in] -> Conv1D [in, out]
+        if gpt2:
+            for name in ("attn.c_attn.weight", "attn.c_attn.bias"):
+                out[p + name] = sd[p + name]
+        else:
+            w, b = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]  # [H + 2hd, H], [H + 2hd]
+            out[p + "attn.q_attn.weight"], out[p + "attn.kv_attn.weight"] = w[:hidden].t(), w[hidden:].t()
+            out[p + "attn.q_attn.bias"], out[p + "attn.kv_attn.bias"] = b[:hidden], b[hidden:]
+        positions = cfg.n_positions
+        out[p + "attn.bias"] = torch.tril(torch.ones(positions, positions, dtype=torch.uint8))[None, None]
+        out[p + "attn.masked_bias"] = torch.tensor(-1e4)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path / "model.safetensors"))
+    config = {
+        "architectures": ["GPT2LMHeadCustomModel"], "model_type": "gpt2",
+        "auto_map": {"AutoConfig": "configuration_gpt2_mq.GPT2CustomConfig",
+                     "AutoModelForCausalLM": "modeling_gpt2_mq.GPT2LMHeadCustomModel"},
+        "attention_head_type": "multihead" if gpt2 else "multiquery",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": hidden, "n_layer": layers,
+        "n_head": heads, "n_inner": cfg.n_inner, "activation_function": cfg.activation_function,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon, "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+
+
 def make_tiny_starcoder2(path=None, seed: int = 0, **overrides):
     """A tiny transformers Starcoder2ForCausalLM (GQA, biases, LayerNorm, gelu_pytorch_tanh MLP, rope_theta 1e6,
     tied head) in float32; saved to `path` if given. `overrides` are Starcoder2Config fields, e.g.

@@ -14,6 +14,11 @@ def _gelu_tanh_python(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    # transformers' FastGELUActivation (SantaCoder's remote-code config): the tanh approximation, written its way.
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -23,6 +28,7 @@ ACTIVATIONS = {
     "gelu_python_tanh": _gelu_tanh_python,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu2": lambda x: torch.square(F.relu(x)),  # squared ReLU (Nemotron, NeMo's "squared-relu")
+    "gelu_fast": _gelu_fast,
 }
 
 

@@ -13,10 +13,10 @@ from types import ModuleType
 import torch
 
 from llmapi.errors import UnsupportedModelError
-from llmapi.models import gpt2, llama, nemotron, starcoder2
+from llmapi.models import gpt2, gpt_bigcode, llama, nemotron, opt, starcoder2
 from llmapi.models.gpt import GPTForCausalLM, LinearSpec, complete_config, layer_linears
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gpt2, starcoder2, nemotron)
+FAMILIES: tuple[ModuleType, ...] = (llama, gpt2, gpt_bigcode, opt, starcoder2, nemotron)
 """The family modules, in the order their architectures are listed to users."""
 
 SUPPORTED_HF_ARCHITECTURES = {arch: family for family in FAMILIES for arch in family.HF_ARCHITECTURES}
