@@ -130,7 +130,8 @@ class LLM:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
                                 kv_cache_config=dataclasses.asdict(args.kv_cache_config),
-                                tokens_per_block=args.tokens_per_block, load_format=load_format)
+                                tokens_per_block=args.tokens_per_block, load_format=load_format,
+                                max_batch_size=args.max_batch_size)  # the decode graphs' largest batch
                     if remote is not None:
                         remote.start(init, executor_kwargs)
                     else:
