@@ -23,13 +23,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from family_parity import check_multi_rank, check_parity, hf_greedy, mixed_prompts
+from family_parity import check_multi_rank, check_parity, mixed_prompts
 from tiny_models import (QUANT_MODE_BOUNDS, check_quant_mode, make_tiny_nemotron, save_tiny_sentencepiece,
                          write_word_calibration)
 from tiny_tokenizer import save_tiny_tokenizer
 
 from llmapi import LLM, SamplingParams
-from llmapi.errors import UnsupportedModelError
+from llmapi.errors import ModelNotFoundError, UnsupportedModelError
 from llmapi.hub import resolve_source
 
 VOCAB = 320  # the tokenizer's pieces; prompts are drawn below it
@@ -461,6 +461,9 @@ def test_hub_resolves_nemo_files(nemotron_nemo, tmp_path):
     assert resolve_source(str(nemotron_nemo[2].parent)).kind == "nemo"  # a folder with one .nemo (a hub repo)
     copy = tmp_path / "copy.nemo"
     copy.write_bytes(nemotron_nemo[1].read_bytes())
+    (tmp_path / "other.nemo").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="2 .nemo files"):
+        resolve_source(str(tmp_path))
     before = resolve_source(str(copy)).identity
     assert resolve_source(str(copy)).identity == before
     copy.write_bytes(nemotron_nemo[2].read_bytes())  # new content: a new engine cache key
@@ -513,6 +516,27 @@ def test_broken_archives_get_typed_errors(nemotron_dir, spm_model, tmp_path):
     }
     for name, (c, s, match) in cases.items():
         path = write_nemo(tmp_path / f"{name}.nemo", c, s, spm_model)
+        with pytest.raises(UnsupportedModelError, match=match):
+            LLM(str(path), dtype="float32")
+    # Layouts of the archive this reader does not take, each named.
+    config_yaml = yaml.safe_dump(cfg).encode()
+    shard_bytes = io.BytesIO()
+    torch.save(shards[0], shard_bytes)
+    layouts = {
+        "gap": ({"mp_rank_00/model_weights.ckpt": shard_bytes.getvalue(),
+                 "mp_rank_02/model_weights.ckpt": shard_bytes.getvalue()}, "mp_rank_01"),
+        "pipeline": ({"tp_rank_00_pp_rank_000/model_weights.ckpt": shard_bytes.getvalue()}, "pipeline-parallel"),
+        "distributed": ({"model_weights/common.pt": b"0" * 16}, "distributed checkpoint"),
+        "both": ({"model_weights.ckpt": shard_bytes.getvalue(), "mp_rank_00/model_weights.ckpt":
+                  shard_bytes.getvalue()}, "both"),
+    }
+    for name, (files, match) in layouts.items():
+        path = tmp_path / f"{name}.nemo"
+        with tarfile.open(path, "w") as tar:
+            for member, data in {"model_config.yaml": config_yaml, **files}.items():
+                info = tarfile.TarInfo("./" + member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
         with pytest.raises(UnsupportedModelError, match=match):
             LLM(str(path), dtype="float32")
     (tmp_path / "junk.nemo").write_bytes(b"not a tar archive at all" * 100)
