@@ -135,6 +135,15 @@ def test_greedy_parity_with_preemption(mistral_dir, reference):
     assert got == reference(prompts)
 
 
+def test_greedy_parity_across_pipeline_stages(mistral_dir, reference):
+    # Two ranks, two steps in flight (one per stage): blocks go back only once no step in flight reads them.
+    prompts = _prompts(320, MIXED, seed=1)
+    with LLM(str(mistral_dir), pipeline_parallel_size=2, tokens_per_block=4) as llm:
+        got = _generate(llm, prompts)
+        assert llm.get_stats()["num_used_blocks"] == 0
+    assert got == reference(prompts)
+
+
 def test_beam_search_and_samples_match_transformers_over_released_blocks(mistral_dir):
     from test_beam_search import MAX_TOKENS as BEAM_TOKENS
     from test_beam_search import _hf_beams
@@ -242,3 +251,39 @@ def test_tiny_mistral_through_kernels_with_released_blocks_poisoned(monkeypatch)
         got.append(driver.step({0: [a[i]]})[0])
     assert -1 in driver.blocks[0]
     torch.testing.assert_close(torch.cat(got), ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ GPU: compiled kernels, graphs
+@pytest.mark.gpu
+def test_gpu_greedy_parity_with_released_blocks(mistral_dir, reference):
+    # fp32 (IEEE dots): the Triton kernels and the decode CUDA graphs give transformers' tokens.
+    prompts = _prompts(320, MIXED, seed=1)
+    with LLM(str(mistral_dir), device="cuda", dtype="float32", tokens_per_block=4) as llm:
+        watch = BlockWatch(llm)
+        got = _generate(llm, prompts)
+        assert llm.get_stats()["num_used_blocks"] == 0
+    assert watch.released > 0
+    assert got == reference(prompts)
+
+
+@pytest.mark.gpu
+def test_gpu_real_shaped_mistral_is_token_exact(tmp_path_factory):
+    # SmolLM2-135M's head shapes (GQA 9/3, head_dim 64) with a window of 96, prompts up to 3x the window.
+    from transformers import AutoModelForCausalLM
+
+    path = _model_dir(tmp_path_factory, "real-shaped-mistral", vocab_size=320, hidden_size=576,
+                      intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9, num_key_value_heads=3,
+                      max_position_embeddings=4096, sliding_window=96)
+    prompts = _prompts(320, [5, 17, 300, 200, 96, 97, 1], seed=12)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    with LLM(str(path), device="cuda", dtype="float32", tokens_per_block=16) as llm:
+        watch = BlockWatch(llm)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert watch.released > 0
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    with torch.inference_mode():
+        for prompt, ours in zip(prompts, got):
+            ids = torch.tensor([prompt], device="cuda")
+            want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            assert ours == want
