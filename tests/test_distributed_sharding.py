@@ -187,6 +187,7 @@ def test_slice_batch_keeps_each_request_whole():
         query_lens=np.array([2, 1, 3]), context_lens=np.array([2, 5, 3]), do_sample=np.array([1, 1, 1]),
         temperature=np.zeros(3), top_k=np.zeros(3), top_p=np.ones(3), seeds=np.arange(3), output_index=np.zeros(3),
         logprobs=np.array([-1, 3, 0]), input_ids=np.arange(6), positions=np.array([0, 1, 4, 0, 1, 2]), slot_mapping=np.arange(6),
+        prev_rows=np.array([-1, -1, 0, -1, -1, -1]),
         suppress_offsets=np.array([0, 1, 1, 3]), suppress_ids=np.array([7, 8, 9]),
         block_tables=np.array([[0, 0], [1, 2], [3, 0]]))
     mb = slice_batch(batch, 1, 3)
@@ -194,6 +195,7 @@ def test_slice_batch_keeps_each_request_whole():
     assert mb.suppress_offsets.tolist() == [0, 0, 2] and mb.suppress_ids.tolist() == [8, 9]
     assert mb.block_tables.tolist() == [[1, 2], [3, 0]] and mb.num_tokens == 4 and mb.num_requests == 2
     assert mb.logprobs.tolist() == [3, 0]
+    assert mb.prev_rows.tolist() == [0, -1, -1, -1]  # per token, like input_ids
 
 
 def test_engine_has_one_file_per_rank_and_a_saved_engine_keeps_its_split(tiny_llama_dir, tmp_path):

@@ -100,9 +100,10 @@ def check_mapping(engine_config: dict, mapping: Mapping, embedding_sharding_dim:
             f"tensor_parallel_size={tp} does not divide intermediate_size={cfg['intermediate_size']}")
     if embedding_sharding_dim not in (0, 1):
         raise ValueError(f"embedding_sharding_dim={embedding_sharding_dim!r} is invalid: must be 0 (vocab) or 1 (hidden)")
-    if embedding_sharding_dim == 1 and cfg["hidden_size"] % tp:
+    width = cfg.get("embedding_projection") or cfg["hidden_size"]  # the embedding's width (OPT-350m: 512)
+    if embedding_sharding_dim == 1 and width % tp:
         raise UnsupportedModelError(
-            f"tensor_parallel_size={tp} does not divide hidden_size={cfg['hidden_size']} "
+            f"tensor_parallel_size={tp} does not divide the embedding width {width} "
             "(needed to split the embedding along the hidden size; use embedding_sharding_dim=0)")
     if cfg["num_hidden_layers"] < pp:
         raise UnsupportedModelError(
