@@ -42,21 +42,30 @@ def attention_kernels():
             yield (f"decode {cache} quant_out={quant} splits={splits}", _decode_split_kernel, args,
                    dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=32 if kv_quant else 64,
                         NUM_SPLITS=splits, DOT_DTYPE=tl.float16 if kv_quant else tl.bfloat16, PRECISION="tf32",
-                        KV_QUANT=kv_quant, QUANT_OUT=quant),
+                        KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0),
                    dict(num_warps=1 if kv_quant else 4, num_stages=2 if kv_quant else 3))
         yield (f"merge quant_out={quant}", _merge_splits_kernel,
                {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}", "q_ptr": "*bf16",
                 "qs_ptr": "*fp32", "out_stride_t": "i32", "out_stride_h": "i32"},
                dict(NH=32, HD=128, BLOCK_D=128, NUM_SPLITS=4, BLOCK_S=4, QUANT_OUT=quant), dict(num_warps=1))
-        yield (f"packed {cache} quant_out={quant}", _packed_attention_kernel,
-               {"q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "out_ptr": f"*{out}",
-                "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32", "block_tables_ptr": "*i32",
-                "scale_ptr": "*fp32", "qs_ptr": "*fp32", "num_requests": "i32", "q_stride_t": "i32",
-                "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32",
-                "cache_stride_block": "i32", "scale_log2": "fp32"},
+        packed_args = {"q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "out_ptr": f"*{out}",
+                       "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32", "block_tables_ptr": "*i32",
+                       "scale_ptr": "*fp32", "qs_ptr": "*fp32", "num_requests": "i32", "q_stride_t": "i32",
+                       "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32",
+                       "cache_stride_block": "i32", "scale_log2": "fp32"}
+        yield (f"packed {cache} quant_out={quant}", _packed_attention_kernel, packed_args,
                dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64,
-                    DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=quant),
+                    DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0),
                dict(num_warps=4, num_stages=2))
+        if cache == "bf16" and not quant:  # a sliding window (StarCoder2-7B's 4096): the windowed tile ranges
+            yield (f"decode {cache} window=4096", _decode_split_kernel, args,
+                   dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=4,
+                        DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096),
+                   dict(num_warps=4, num_stages=3))
+            yield (f"packed {cache} window=4096", _packed_attention_kernel, packed_args,
+                   dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64,
+                        DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096),
+                   dict(num_warps=4, num_stages=2))
 
 
 def other_kernels():
