@@ -35,6 +35,32 @@ def require_positive(cfg: dict, *keys: str) -> None:
             raise UnsupportedModelError(f"config field {key!r} must be a positive integer, got {value!r}")
 
 
+def attention_shape(hf_config: dict) -> tuple[int, int, int]:
+    """(num_attention_heads, num_key_value_heads, head_dim) of an HF config that names them as Llama does (KV heads
+    default to the heads, head_dim to hidden_size / heads); UnsupportedModelError names a shape that cannot be."""
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    head_dim = hf_config.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise UnsupportedModelError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    return heads, kv_heads, head_dim
+
+
+def sliding_window(hf_config: dict, max_positions: int) -> int | None:
+    """The config's `sliding_window` in positions, or None when there is none or it never binds (at least
+    max_positions, or `use_sliding_window` false); UnsupportedModelError names a value that is not a window."""
+    window = hf_config.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise UnsupportedModelError(f"config field 'sliding_window' must be a positive integer or null, got {window!r}")
+    if hf_config.get("use_sliding_window", True) is False or (window is not None and window >= max_positions):
+        return None  # every query sees its whole context
+    return window
+
+
 class HFTensors:
     """Reads an HF state dict once, by name, with shape checks; reports missing and unknown names."""
 
@@ -64,6 +90,14 @@ class HFTensors:
     def skip(self, name: str) -> None:
         """Mark `name` as read on purpose without using it (e.g. the duplicate of a tied head)."""
         self._used.add(name)
+
+    def take_head(self, weights: dict, tied: bool, shape: tuple[int, int], name: str = "lm_head.weight") -> None:
+        """An untied head's matrix into weights["lm_head.weight"]; a tied head is the input embedding, and a copy
+        of it saved under the head's name too is read on purpose and dropped."""
+        if not tied:
+            weights["lm_head.weight"] = self.take(name, shape)
+        elif self.has(name):
+            self.skip(name)
 
     def check_all_used(self) -> None:
         """Unknown tensors mean a layout we do not understand (quantized, another variant): refuse it."""

@@ -198,9 +198,6 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
         linear(dst + "mlp.fc", src + "mlp.c_fc", hidden, inter)
         linear(dst + "mlp.proj", src + "mlp.c_proj", inter, hidden)
     layernorm("transformer.ln_f", "ln_f")
-    if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = hf.take("lm_head.weight", (vocab, hidden))
-    elif hf.has("lm_head.weight"):
-        hf.skip("lm_head.weight")  # the tied head saved under its own name too
+    hf.take_head(w, cfg["tie_word_embeddings"], (vocab, hidden))
     hf.check_all_used()
     return cfg, w

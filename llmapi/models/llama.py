@@ -7,7 +7,7 @@ import torch
 from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
 from llmapi.layers.rotary import rope_inv_freq
-from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
+from llmapi.models.base import HFTensors, attention_shape, dtype_name, require_positive, sliding_window, token_id_list
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 ENGINE_ARCHITECTURE = "LlamaForCausalLM"  # the engine config's name (engines of every family run models/gpt.py)
@@ -37,25 +37,14 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     """Engine config.json fields (all but mapping/quantization) from an HF Llama/Mistral config.json dict."""
     require_positive(hf_config, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings")
-    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim")
-    if head_dim is None:
-        if hidden % heads:
-            raise UnsupportedModelError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        head_dim = hidden // heads
-    if heads % kv_heads:
-        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    hidden = hf_config["hidden_size"]
+    heads, kv_heads, head_dim = attention_shape(hf_config)
     if head_dim % 2:
         raise UnsupportedModelError(f"head_dim {head_dim} must be even for rotary embeddings")
     max_pos = hf_config["max_position_embeddings"]
     # transformers' Mistral applies `sliding_window` to every layer; its Llama ignores the key.
     mistral = "MistralForCausalLM" in (hf_config.get("architectures") or []) or hf_config.get("model_type") == "mistral"
-    window = hf_config.get("sliding_window") if mistral else None
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise UnsupportedModelError(f"config field 'sliding_window' must be a positive integer or null, got {window!r}")
-    if hf_config.get("use_sliding_window", True) is False or (window is not None and window >= max_pos):
-        window = None  # inactive: every query sees its whole context
+    window = sliding_window(hf_config, max_pos) if mistral else None
     theta, scaling = _rope_from_hf(hf_config)
     get_activation(hf_config.get("hidden_act", "silu"))  # unknown activations fail at conversion, not at load
     rope_inv_freq(head_dim, theta, scaling, max_pos, device="meta")  # likewise unknown rope types
@@ -128,10 +117,7 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
             for name in ("mlp.gate_up", "mlp.proj"):
                 w[dst + name + "." + kind] = _stacked(hf, *linears[dst + name], kind)
     w["transformer.ln_f.weight"] = hf.take("norm.weight", (hidden,))
-    if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = hf.take("lm_head.weight", (vocab, hidden))
-    elif hf.has("lm_head.weight"):
-        hf.skip("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    hf.take_head(w, cfg["tie_word_embeddings"], (vocab, hidden))
     hf.check_all_used()
     return cfg, w
 

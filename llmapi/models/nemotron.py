@@ -18,7 +18,7 @@ import torch
 from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
 from llmapi.layers.rotary import rope_inv_freq
-from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
+from llmapi.models.base import HFTensors, attention_shape, dtype_name, require_positive, token_id_list
 
 HF_ARCHITECTURES = ("NemotronForCausalLM",)
 ENGINE_ARCHITECTURE = "GPTForCausalLM"
@@ -53,15 +53,8 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     options of this module's docstring)."""
     require_positive(hf_config, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings")
-    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim")
-    if head_dim is None:
-        if hidden % heads:
-            raise UnsupportedModelError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        head_dim = hidden // heads
-    if heads % kv_heads:
-        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    hidden = hf_config["hidden_size"]
+    heads, kv_heads, head_dim = attention_shape(hf_config)
     normalization = hf_config.get("normalization", "layernorm1p")
     if normalization not in NORMALIZATIONS:
         raise UnsupportedModelError(f"normalization {normalization!r} is not supported (supported: {NORMALIZATIONS})")
@@ -150,9 +143,6 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
                 w[dst + "mlp.fc." + kind] = up
             w[dst + "mlp.proj." + kind] = linear(src + "mlp.down_proj", hidden, inter, kind)
     norm("transformer.ln_f", "norm")
-    if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = hf.take("lm_head.weight", (vocab, hidden))
-    elif hf.has("lm_head.weight"):
-        hf.skip("lm_head.weight")  # the tied head saved under its own name too
+    hf.take_head(w, cfg["tie_word_embeddings"], (vocab, hidden))
     hf.check_all_used()
     return cfg, w

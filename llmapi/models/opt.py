@@ -121,9 +121,6 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
         for kind in ("weight", "bias"):  # a norm transformers does not build, as it ignores a saved one
             if hf.has(f"decoder.final_layer_norm.{kind}"):
                 hf.skip(f"decoder.final_layer_norm.{kind}")
-    if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = hf.take("lm_head.weight", (vocab, width))
-    elif hf.has("lm_head.weight"):
-        hf.skip("lm_head.weight")  # the tied head saved under its own name too
+    hf.take_head(w, cfg["tie_word_embeddings"], (vocab, width))
     hf.check_all_used()
     return cfg, w

@@ -8,7 +8,7 @@ import torch
 from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
 from llmapi.layers.rotary import rope_inv_freq
-from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
+from llmapi.models.base import HFTensors, attention_shape, dtype_name, require_positive, sliding_window, token_id_list
 from llmapi.models.llama import _rope_from_hf
 
 HF_ARCHITECTURES = ("Starcoder2ForCausalLM",)
@@ -20,23 +20,12 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     """Engine config.json fields (all but mapping/quantization) from an HF Starcoder2Config dict."""
     require_positive(hf_config, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings")
-    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim")
-    if head_dim is None:
-        if hidden % heads:
-            raise UnsupportedModelError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        head_dim = hidden // heads
-    if heads % kv_heads:
-        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    hidden = hf_config["hidden_size"]
+    heads, kv_heads, head_dim = attention_shape(hf_config)
     if head_dim % 2:
         raise UnsupportedModelError(f"head_dim {head_dim} must be even for rotary embeddings")
     max_pos = hf_config["max_position_embeddings"]
-    window = hf_config.get("sliding_window")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise UnsupportedModelError(f"config field 'sliding_window' must be a positive integer or null, got {window!r}")
-    if window is not None and window >= max_pos:
-        window = None  # no sequence is longer than the window: plain causal attention
+    window = sliding_window(hf_config, max_pos)
     theta, scaling = _rope_from_hf(hf_config)
     act = hf_config.get("hidden_act", "gelu_pytorch_tanh")
     get_activation(act)  # unknown activations fail at conversion, not at load
@@ -99,9 +88,6 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
             w[dst + "mlp.fc." + kind] = linear(src + "mlp.c_fc", inter, hidden, kind)
             w[dst + "mlp.proj." + kind] = linear(src + "mlp.c_proj", hidden, inter, kind)
     layernorm("transformer.ln_f", "norm")
-    if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = hf.take("lm_head.weight", (vocab, hidden))
-    elif hf.has("lm_head.weight"):
-        hf.skip("lm_head.weight")  # the tied head saved under its own name too
+    hf.take_head(w, cfg["tie_word_embeddings"], (vocab, hidden))
     hf.check_all_used()
     return cfg, w
