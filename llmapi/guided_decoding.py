@@ -45,7 +45,7 @@ def _is_model_class(value: Any) -> bool:
     return isinstance(value, type) and hasattr(value, "model_json_schema")
 
 
-@dataclass
+@dataclass(repr=False)
 class GuidedDecodingParams:
     """The grammar a request's output must follow: exactly one field is set (TensorRT-LLM's names; vLLM's
     StructuredOutputsParams is the same class)."""
@@ -103,6 +103,12 @@ class GuidedDecodingParams:
               or any(not isinstance(c, str) or not c for c in value)):
             raise ValueError(f"GuidedDecodingParams.choice={_short(value)} is invalid: must be a non-empty list of "
                              "non-empty strings")
+
+    def __repr__(self) -> str:  # the fields that are set
+        shown = [f"{k}={getattr(self, k)!r}" for k in _KINDS if getattr(self, k) not in (None, False)]
+        if self.disable_any_whitespace is not False:
+            shown.append(f"disable_any_whitespace={self.disable_any_whitespace!r}")
+        return f"GuidedDecodingParams({', '.join(shown)})"
 
     @property
     def kind(self) -> str:

@@ -260,7 +260,7 @@ MALFORMED = [
     (CHAT, {"messages": OK_MESSAGES, "top_logprobs": 3}, "top_logprobs"),
     (CHAT, {"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     (CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    (CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "xml"}}, "response_format.type"),
     ("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": 5}, "prompt"),
     ("/detokenize", {"tokens": [99999]}, "tokens"), ("/detokenize", {"tokens": "abc"}, "tokens"),
 ]

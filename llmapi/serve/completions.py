@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import ExecutorDeadError, RequestError
+from ..errors import ExecutorDeadError, GuidedDecodingError, RequestError
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import RequestTimer
@@ -80,6 +80,9 @@ class _Job:
                 self.timers.append(RequestTimer(self.start))
                 state.track(out)
                 state.metrics.enqueued(len(out.prompt_token_ids))
+        except GuidedDecodingError as e:  # an invalid schema, regex or grammar: the field that gave it
+            self.close()
+            raise APIError(str(e), renamed.get("guided_decoding", prompt_field)) from None
         except RequestError as e:
             self.close()
             raise APIError(str(e), prompt_field) from None
@@ -267,7 +270,7 @@ async def complete(state, body: CompletionRequest, request: Request):
     body.check(has_tokenizer=llm.tokenizer is not None)
     _log_ignored(body)
     params = body.sampling_params(llm.get_default_sampling_params())
-    job = _Job(state, body.prompts(), params, "prompt", {})
+    job = _Job(state, body.prompts(), params, "prompt", body.renamed())
     rid, created, model = _response_id("cmpl"), int(time.time()), state.config.served_model_name
 
     def prompt_text(out: RequestOutput) -> str:
@@ -367,7 +370,7 @@ async def chat(state, body: ChatCompletionRequest, request: Request):
     params = body.sampling_params(llm.get_default_sampling_params())
     ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
     job = _Job(state, [{"prompt_token_ids": ids}], params, "messages",
-               {"max_tokens": body.max_tokens_field, "logprobs": "top_logprobs"})
+               {"max_tokens": body.max_tokens_field, "logprobs": "top_logprobs", **body.renamed()})
     rid, created, model = _response_id("chatcmpl"), int(time.time()), state.config.served_model_name
     k = body.top_logprobs or 0
 

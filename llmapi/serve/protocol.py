@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from ..guided_decoding import GuidedDecodingParams
 from ..sampling_params import SamplingParams
 
 
@@ -63,11 +64,61 @@ class _Sampling(_Body):
     spaces_between_special_tokens: Optional[bool] = None
     include_stop_str_in_output: Optional[bool] = None
     stop_token_ids: Optional[List[int]] = None
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* extras and its structured_outputs object
+    response_format: Optional[Dict[str, Any]] = None
+    guided_json: Optional[Union[str, Dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[List[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[Dict[str, Any]] = None
 
     @field_validator("stop", mode="wrap")
     @classmethod
     def _stop(cls, value, handler):
         return _union(value, handler, "a string or a list of strings")
+
+    @field_validator("guided_json", mode="wrap")
+    @classmethod
+    def _guided_json(cls, value, handler):
+        return _union(value, handler, "a JSON schema (an object, or its JSON text)")
+
+    def guided(self) -> Tuple[Optional[GuidedDecodingParams], Optional[str]]:
+        """(the request's grammar, the body field that gave it), or (None, None); 400 naming the field when one
+        is malformed, or when more than one is given."""
+        given = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict):
+                    raise APIError("response_format of type json_schema needs a json_schema object "
+                                   '({"name": ..., "schema": {...}})', "response_format.json_schema")
+                if not isinstance(spec.get("schema"), dict):
+                    raise APIError("response_format.json_schema.schema must be a JSON schema object",
+                                   "response_format.json_schema.schema")
+                given.append(("response_format", {"json": spec["schema"]}))
+            elif kind != "text":
+                raise APIError(f"response_format type {kind!r} is not supported (text, json_object or json_schema)",
+                               "response_format.type")
+        for name, field in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                            ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given.append((name, {field: getattr(self, name)}))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        if not given:
+            return None, None
+        if len(given) > 1:
+            raise APIError(f"{given[0][0]} and {given[1][0]} both ask for structured output; give one",
+                           given[1][0])
+        name, fields = given[0]
+        try:
+            return GuidedDecodingParams.coerce(fields, name), name
+        except ValueError as e:
+            raise APIError(f"{name}: {e}", name) from None
 
     def check(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -97,7 +148,15 @@ class _Sampling(_Body):
             kw["stop"] = self.stop
         if self.logit_bias:
             kw["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+        guided, _ = self.guided()
+        if guided is not None:
+            kw["guided_decoding"] = guided
         return kw
+
+    def renamed(self) -> Dict[str, str]:
+        """SamplingParams fields under this request's names for them (for 400s naming the request's field)."""
+        _, field = self.guided()
+        return {} if field is None else {"guided_decoding": field, "structured_outputs": field}
 
 
 def _union(value, handler, what: str):
@@ -151,7 +210,7 @@ class CompletionRequest(_Sampling):
             kw["logprobs"] = self.logprobs
             if self.echo:
                 kw["prompt_logprobs"] = self.logprobs
-        return make_params(kw, {})
+        return make_params(kw, self.renamed())
 
 
 class TextPart(_Body):
@@ -184,7 +243,6 @@ class ChatCompletionRequest(_Sampling):
     """Deprecated by OpenAI in favour of max_completion_tokens; either one."""
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
-    response_format: Optional[Dict[str, Any]] = None
     tools: Optional[List[Any]] = None
     tool_choice: Optional[Any] = None
     add_generation_prompt: Optional[bool] = True
@@ -200,9 +258,6 @@ class ChatCompletionRequest(_Sampling):
             raise APIError("tool calling is not supported", "tools")
         if self.tool_choice not in (None, "none"):
             raise APIError("tool calling is not supported", "tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise APIError(f"response_format type {self.response_format.get('type')!r} is not supported "
-                           "(only 'text')", "response_format")
 
     @property
     def max_tokens_field(self) -> str:
@@ -215,7 +270,7 @@ class ChatCompletionRequest(_Sampling):
         kw["max_tokens"] = limit  # None: up to max_seq_len
         if self.logprobs:
             kw["logprobs"] = self.top_logprobs or 0
-        return make_params(kw, {"max_tokens": self.max_tokens_field, "logprobs": "top_logprobs"})
+        return make_params(kw, {"max_tokens": self.max_tokens_field, "logprobs": "top_logprobs", **self.renamed()})
 
 
 class TokenizeRequest(_Body):
