@@ -23,6 +23,7 @@
 #include "llmapi/response.h"
 #include "llmapi/runner.h"
 #include "llmapi/scheduler.h"
+#include "llmapi/speculative.h"
 #include "llmapi/stats.h"
 #include "llmapi/step_result.h"
 
@@ -41,7 +42,9 @@ py::dict stats_dict(const Stats& s) {
   return py::dict("num_free_blocks"_a = s.num_free_blocks, "num_used_blocks"_a = s.num_used_blocks,
                   "num_cached_blocks"_a = s.num_cached_blocks, "num_running"_a = s.num_running,
                   "num_waiting"_a = s.num_waiting, "num_prefix_hit_tokens"_a = s.num_prefix_hit_tokens,
-                  "num_preemptions"_a = s.num_preemptions, "num_steps"_a = s.num_steps);
+                  "num_preemptions"_a = s.num_preemptions, "num_steps"_a = s.num_steps,
+                  "num_draft_tokens"_a = s.num_draft_tokens,
+                  "num_accepted_draft_tokens"_a = s.num_accepted_draft_tokens);
 }
 
 // A read-only numpy view of a Batch vector; `owner` (the Python Batch) keeps the memory alive.
@@ -101,9 +104,15 @@ StepResult to_step_result(const py::object& out) {
   if (!get("logprobs").is_none()) s.logprobs = flat<float>(get("logprobs"), s.num_rows, s.num_candidates, "logprobs");
   if (!get("ranks").is_none()) s.ranks = flat<int32_t>(get("ranks"), s.num_rows, s.num_candidates, "ranks");
   if (!get("top_ids").is_none()) {
+    // [R, L], or [R, K * L] with top_per_token (a list per candidate).
+    s.top_per_token = py::bool_(py::getattr(out, "top_per_token", py::bool_(false)));
     s.top_ids = flat<int32_t>(get("top_ids"), s.num_rows, -1, "top_ids");
-    s.num_top = s.num_rows > 0 ? static_cast<int32_t>(s.top_ids.size() / s.num_rows) : 0;
-    s.top_logprobs = flat<float>(get("top_logprobs"), s.num_rows, s.num_top, "top_logprobs");
+    const int32_t lists = s.top_per_token ? s.num_candidates : 1;
+    s.num_top = s.num_rows > 0 ? static_cast<int32_t>(s.top_ids.size() / s.num_rows) / lists : 0;
+    if (static_cast<size_t>(s.num_top) * lists * s.num_rows != s.top_ids.size()) {
+      throw std::invalid_argument("step result field top_ids must be [R, K * L] with top_per_token");
+    }
+    s.top_logprobs = flat<float>(get("top_logprobs"), s.num_rows, s.num_top * lists, "top_logprobs");
   }
   py::object errors = get("errors");
   if (!errors.is_none()) {
@@ -257,21 +266,28 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
+  m.def("propose_ngram", &propose_ngram, "tokens"_a, "max_ngram_size"_a, "max_draft_len"_a,
+        "N-gram drafts: the tokens after the most recent earlier occurrence of the longest suffix of "
+        "`tokens` (max_ngram_size tokens down to 1), at most max_draft_len of them.");
+
   py::class_<ExecutorConfig>(m, "ExecutorConfig")
       .def(py::init([](int32_t max_batch_size, int32_t max_num_tokens, int32_t max_seq_len,
                        int32_t tokens_per_block, int32_t num_blocks, bool enable_prefix_caching,
                        bool enable_chunked_prefill, int32_t max_inflight_batches,
-                       bool async_scheduling, int32_t vocab_size, int32_t sliding_window) {
+                       bool async_scheduling, int32_t vocab_size, int32_t sliding_window,
+                       int32_t speculative_mode, int32_t max_draft_len, int32_t max_matching_ngram_size) {
              ExecutorConfig c{max_batch_size, max_num_tokens, max_seq_len, tokens_per_block,
                               num_blocks, enable_prefix_caching, enable_chunked_prefill,
-                              max_inflight_batches, async_scheduling, vocab_size, sliding_window};
+                              max_inflight_batches, async_scheduling, vocab_size, sliding_window,
+                              speculative_mode, max_draft_len, max_matching_ngram_size};
              c.validate();
              return c;
            }),
            "max_batch_size"_a, "max_num_tokens"_a, "max_seq_len"_a, "tokens_per_block"_a,
            "num_blocks"_a, "enable_prefix_caching"_a = true, "enable_chunked_prefill"_a = true,
            "max_inflight_batches"_a = 1, "async_scheduling"_a = false, "vocab_size"_a = 0,
-           "sliding_window"_a = 0)
+           "sliding_window"_a = 0, "speculative_mode"_a = 0, "max_draft_len"_a = 0,
+           "max_matching_ngram_size"_a = 0)
       .def_readonly("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readonly("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readonly("max_seq_len", &ExecutorConfig::max_seq_len)
@@ -283,6 +299,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("async_scheduling", &ExecutorConfig::async_scheduling)
       .def_readonly("vocab_size", &ExecutorConfig::vocab_size)
       .def_readonly("sliding_window", &ExecutorConfig::sliding_window)
+      .def_readonly("speculative_mode", &ExecutorConfig::speculative_mode)
+      .def_readonly("max_draft_len", &ExecutorConfig::max_draft_len)
+      .def_readonly("max_matching_ngram_size", &ExecutorConfig::max_matching_ngram_size)
       .def("__repr__", &ExecutorConfig::repr);
 
   py::class_<Request>(m, "Request")
@@ -400,6 +419,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("block_ids", &Request::block_ids)
       .def_readonly("num_cached_tokens", &Request::num_cached_tokens)
       .def_readonly("num_preemptions", &Request::num_preemptions)
+      .def_readonly("num_draft_computed", &Request::num_draft_computed)
+      .def_readonly("num_draft_tokens", &Request::num_draft_tokens)
+      .def_readonly("num_accepted_draft_tokens", &Request::num_accepted_draft_tokens)
       .def("__repr__", [](const Request& r) {
         return "Request(request_id=" + std::to_string(r.request_id) + ", status='" +
                to_string(r.status) + "', num_tokens=" + std::to_string(r.num_tokens()) +
@@ -423,6 +445,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("error", &Response::error)
       .def_readonly("num_prompt_tokens", &Response::num_prompt_tokens)
       .def_readonly("num_cached_tokens", &Response::num_cached_tokens)
+      .def_readonly("num_draft_tokens", &Response::num_draft_tokens)
+      .def_readonly("num_accepted_draft_tokens", &Response::num_accepted_draft_tokens)
       .def("__repr__", [](const Response& r) {
         return "Response(request_id=" + std::to_string(r.request_id) + ", seq_index=" +
                std::to_string(r.seq_index) + ", token_ids=" +
@@ -480,6 +504,10 @@ PYBIND11_MODULE(_core, m) {
   def_view(batch, "state_start", &Batch::state_start);
   def_view(batch, "state_offsets", &Batch::state_offsets);
   def_view(batch, "state_ids", &Batch::state_ids);
+  def_view(batch, "num_draft_tokens", &Batch::num_draft_tokens);
+  def_view(batch, "draft_start", &Batch::draft_start);
+  def_view(batch, "draft_offsets", &Batch::draft_offsets);
+  def_view(batch, "draft_input_ids", &Batch::draft_input_ids);
 
   py::class_<BlockManager> block_manager(m, "BlockManager");
   block_manager.attr("ROOT_HASH") = BlockManager::kRootHash;
@@ -517,6 +545,11 @@ PYBIND11_MODULE(_core, m) {
            }, "block_ids"_a, "count"_a)
       .def("cache_full_blocks", &BlockManager::cache_full_blocks, "block_ids"_a, "tokens"_a,
            "num_computed_tokens"_a)
+      .def("truncate",
+           [](BlockManager& bm, std::vector<int32_t> block_ids, int32_t num_tokens) {
+             bm.truncate(block_ids, num_tokens);
+             return block_ids;
+           }, "block_ids"_a, "num_tokens"_a)
       .def("ref_count", &BlockManager::ref_count, "block_id"_a)
       .def("block_hash", &BlockManager::block_hash, "block_id"_a)
       .def("free_queue", &BlockManager::free_queue)
@@ -531,7 +564,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("num_computed_tokens", &ScheduledRequest::num_computed_tokens)
       .def_readonly("num_new_tokens", &ScheduledRequest::num_new_tokens)
       .def_readonly("do_sample", &ScheduledRequest::do_sample)
-      .def_readonly("input_row", &ScheduledRequest::input_row);
+      .def_readonly("input_row", &ScheduledRequest::input_row)
+      .def_readonly("num_draft_tokens", &ScheduledRequest::num_draft_tokens)
+      .def_readonly("draft_start", &ScheduledRequest::draft_start);
 
   py::class_<SchedulerOutput>(m, "SchedulerOutput")
       .def_readonly("scheduled", &SchedulerOutput::scheduled)

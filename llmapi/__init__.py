@@ -8,14 +8,17 @@ from .errors import (CorruptEngineError, EngineCacheError, EngineLockTimeoutErro
 from .guided_decoding import GuidedDecodingParams, StructuredOutputsParams
 from .llm import LLM
 from .quantization import QuantConfig
-from .outputs import CompletionOutput, Logprob, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SpeculativeDecodingMetrics
 from .sampling_params import SamplingParams
+from .speculative import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
 
 __version__ = "0.2.0"
 
 __all__ = [
     "LLM", "SamplingParams", "GuidedDecodingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
     "Logprob", "KvCacheConfig", "LlmArgs", "QuantConfig",
+    "DraftTargetDecodingConfig", "NGramDecodingConfig", "EagleDecodingConfig", "RequestMetrics",
+    "SpeculativeDecodingMetrics",
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",
     "CorruptEngineError", "RequestError", "RequestAbortedError", "ExecutorError", "ExecutorDeadError",
     "WorkerDiedError", "LaunchError", "StepTimeoutError", "EngineLockTimeoutError",

@@ -152,6 +152,10 @@ class LlmArgs:
     guided_decoding_backend: str = "xgrammar"
     """The library that compiles SamplingParams.guided_decoding grammars and masks the logits with them:
     xgrammar (the only one)."""
+    speculative_config: Any = None
+    """Speculative decoding: a DraftTargetDecodingConfig (a draft model), NGramDecodingConfig (prompt lookup) or
+    EagleDecodingConfig (an EAGLE head), or a dict with TensorRT-LLM's decoding_type; None: off (see
+    llmapi.speculative and the README). One rank only; beam search is refused with it."""
     quant: Any = None
     """Quantization: None, a short string ("int8_weight_only", "int4_weight_only", "int4_awq", "fp8",
     "fp8_per_token", "smoothquant", "fp8_kv_cache", "int8_kv_cache") or a QuantConfig (see llmapi.quantization;
@@ -184,6 +188,13 @@ class LlmArgs:
             _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"), name, v,
                    "must be a finite number of seconds > 0")
         self.kv_cache_config = KvCacheConfig.coerce(self.kv_cache_config)
+        from .speculative.config import resolve_speculative_config
+
+        self.speculative_config = resolve_speculative_config(self.speculative_config)
+        if self.speculative_config is not None and self.world_size > 1:
+            raise ValueError(f"speculative_config={type(self.speculative_config).__name__}(...) is invalid with "
+                             f"tensor_parallel_size * pipeline_parallel_size = {self.world_size}: speculative "
+                             "decoding runs on one rank only")
         from .quantization.config import resolve_quant
 
         self.quant = resolve_quant(self.quant)  # None or a QuantConfig; bad values raise ValueError naming quant

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .errors import runner_error
-from .outputs import Logprob, RequestOutput, TokenLogprobs
+from .outputs import Logprob, RequestMetrics, RequestOutput, SpeculativeDecodingMetrics, TokenLogprobs
 from .sampling_params import SamplingParams
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher
 
@@ -32,6 +32,7 @@ class LiveRequest:
     tokenizer: object
     num_sequences: int
     abort_seq: Callable[[int], None]
+    speculative: bool = False  # responses carry draft counts (RequestOutput.metrics)
     sequences: Dict[int, _Sequence] = field(default_factory=dict)
 
     def _sequence(self, index: int) -> _Sequence:
@@ -72,16 +73,31 @@ class LiveRequest:
             return r.request_finished
         tokens = r.token_ids  # a new list
         finished = r.finished
+        if self.speculative:
+            self.output.metrics = RequestMetrics(SpeculativeDecodingMetrics(r.num_draft_tokens,
+                                                                            r.num_accepted_draft_tokens))
         text = ""
-        if seq.detok is not None and (tokens or finished):
+        matched = None
+        if seq.stops is not None and len(tokens) > 1:
+            # Several tokens at once (a speculative step): matched one by one, so that the output ends at the
+            # token that completes a stop string, as when the tokens come one per step.
+            for i, token in enumerate(tokens):
+                final = finished and i == len(tokens) - 1
+                piece, matched = seq.stops.feed(seq.detok.add([token], final=final), final=final)
+                text += piece
+                if matched is not None:
+                    tokens = tokens[:i + 1]
+                    break
+        elif seq.detok is not None and (tokens or finished):
             text = seq.detok.add(tokens, final=finished)
+            if seq.stops is not None:
+                text, matched = seq.stops.feed(text, final=finished)
         finish_reason = r.finish_reason if finished else None
         stop_reason = None
         if finished:
             stop_reason = r.stop_reason
             stop_reason = stop_reason if stop_reason >= 0 else None
         if seq.stops is not None:
-            text, matched = seq.stops.feed(text, final=finished)
             if matched is not None:
                 finish_reason, stop_reason = "stop", matched
                 if not finished:
@@ -93,6 +109,8 @@ class LiveRequest:
                                            r.num_top_logprobs)
         wants_cumulative = p.logprobs is not None or p.num_sequences > 1 or p.use_beam_search
         cumulative = r.cumulative_logprob if wants_cumulative else None
+        if cumulative is not None and logprobs is not None and len(tokens) < len(r.logprobs):
+            cumulative -= sum(r.logprobs[len(tokens):])  # tokens after a stop string are not the output's
         error = runner_error(r.error) if finish_reason == "error" else None
         seq.finished = finish_reason is not None
         self.output._add(tokens, text, finish_reason=finish_reason, stop_reason=stop_reason, error=error,

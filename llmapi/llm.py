@@ -22,7 +22,7 @@ from .live_request import LiveRequest
 from .llm_state import LLMState
 from .outputs import RequestOutput
 from .runtime.gc_freeze import frozen_heap
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, field_error
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -119,13 +119,16 @@ class LLM:
                 sliding_window=cfg.get("sliding_window") or 0,
             )
             load_format = info.build_config.get("load_format", "auto")
+            speculative = self._speculative_setup(cfg)
+            if speculative is not None:
+                executor_kwargs.update(speculative.executor_kwargs())
             try:
                 if mapping.world_size == 1:
                     from .runtime.model_runner import ModelRunner
 
                     runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
                                                        args.tokens_per_block, load_format=load_format,
-                                                       max_batch_size=args.max_batch_size)
+                                                       max_batch_size=args.max_batch_size, speculative=speculative)
                 else:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
@@ -193,6 +196,21 @@ class LLM:
             self.tokenizer = load_tokenizer(args.tokenizer or info.path)
         return info
 
+    def _speculative_setup(self, target_config: dict):
+        """The drafter's engine or EAGLE head for LlmArgs.speculative_config (None without it); the draft model's
+        engine is built like the target's (same dtype and load format, one rank, unquantized)."""
+        from .engine import build_engine
+        from .speculative.setup import prepare
+
+        args = self.args
+
+        def build(model: str):
+            return build_engine(model, dtype=args.dtype, load_format=args.load_format, token=args.hf_token,
+                                device_type=self.device.type, cache_dir=args.cache_dir,
+                                full_check=args.full_engine_check, cache_lock_timeout=args.cache_lock_timeout)
+
+        return prepare(args, target_config, self.device, build)
+
     def _start_responses(self) -> None:
         from .runtime.watchdog import StepWatchdog
 
@@ -245,6 +263,9 @@ class LLM:
                               max_num_tokens=self.args.max_num_tokens, tokenizer=self.tokenizer)
         if self.world_size > 1:
             check_multi_rank(params)
+        if params.use_beam_search and self.args.speculative_config is not None:
+            raise field_error("use_beam_search", True, "beam search cannot run with speculative decoding "
+                              "(LLM(speculative_config=...)); sample or decode greedily instead")
         if params.guided_decoding is not None:
             self._guide(params, None)  # compiles the grammar (once per distinct one): an invalid one raises here
         return params
@@ -305,7 +326,8 @@ class LLM:
                                         num_sequences=params.n if beam else params.num_sequences)
                     outs.append(out)
                     self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
-                                                  abort_seq=functools.partial(self._res.abort, rid))
+                                                  abort_seq=functools.partial(self._res.abort, rid),
+                                                  speculative=self.args.speculative_config is not None)
                     if processor is not None:
                         if self.world_size > 1 and id(params) not in pickled:
                             pickled[id(params)] = pickled_processor(processor)
@@ -433,7 +455,8 @@ class LLM:
             raise ExecutorDeadError("this LLM has been shut down")
 
     def get_stats(self) -> dict:
-        """Executor counters: free/used/cached KV blocks, running/waiting requests, cache hits."""
+        """Executor counters: free/used/cached KV blocks, running/waiting requests, cache hits, and the draft
+        tokens verified and accepted (speculative decoding)."""
         self._check_alive()
         return dict(self._executor.stats())
 

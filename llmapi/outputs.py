@@ -52,6 +52,27 @@ class CompletionOutput:
 
 
 @dataclass
+class SpeculativeDecodingMetrics:
+    """A request's speculative decoding so far (TensorRT-LLM's names): draft tokens verified, and accepted."""
+
+    total_draft_tokens: int = 0
+    total_accepted_draft_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts per drafted token (0.0 before any draft)."""
+        return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request metrics of a RequestOutput."""
+
+    speculative_decoding: Optional[SpeculativeDecodingMetrics] = None
+    """Set when the LLM decodes speculatively (LLM(speculative_config=...))."""
+
+
+@dataclass
 class _Update:
     seq_index: int
     token_ids: List[int]
@@ -79,6 +100,8 @@ class RequestOutput:
         """With return_context_logits: [prompt, vocab] float32 tensor, the logits at each prompt position."""
         self.finished = False
         self.num_cached_tokens = 0
+        self.metrics: Optional[RequestMetrics] = None
+        """Per-request metrics: speculative decoding's draft and accepted token counts."""
         self.error: Optional[BaseException] = None
         self._abort_fn = abort_fn
         self._streaming = streaming  # False: iteration yields once, when the request finishes
@@ -231,4 +254,5 @@ def _set_done(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-__all__ = ["CompletionOutput", "Logprob", "RequestOutput", "TokenLogprobs"]
+__all__ = ["CompletionOutput", "Logprob", "RequestOutput", "TokenLogprobs", "RequestMetrics",
+           "SpeculativeDecodingMetrics"]

@@ -189,7 +189,8 @@ def test_prefix_hits_and_stats():
         # 11 tokens computed: blocks [1..4] and [5..8] are full and cached; all blocks are free.
         assert ex.stats() == dict(num_free_blocks=16, num_used_blocks=0, num_cached_blocks=2,
                                   num_running=0, num_waiting=0, num_prefix_hit_tokens=0,
-                                  num_preemptions=0, num_steps=4)
+                                  num_preemptions=0, num_steps=4, num_draft_tokens=0,
+                                  num_accepted_draft_tokens=0)
         ex.enqueue(Request(2, [1, 2, 3, 4, 5, 6, 7, 8], max_tokens=1))
         (r,) = run_until_finished(ex, [2])[2]
         assert r.num_cached_tokens == 4  # the last block is recomputed to sample from it

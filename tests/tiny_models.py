@@ -437,3 +437,56 @@ def check_quant_mode(model, mode: str, calibration=None, prompts=CACHE_PROMPTS) 
     float_engine = build_engine(str(model), device_type="cpu").path
     fp = cached_logits(float_engine, prompts)
     return float((cached_logits(quantized, prompts) - fp).norm() / fp.norm())
+
+
+def make_tiny_draft_llama(path=None, seed: int = 1, **overrides):
+    """A smaller tiny Llama with make_tiny_llama's vocabulary (a speculative draft model): 1 layer, hidden 32, its
+    own weights (seed); saved to `path` if given. `overrides` are LlamaConfig fields."""
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1)
+    fields.update(overrides)
+    return make_tiny_llama(path, seed=seed, **fields)
+
+
+def make_tiny_eagle_head(path, target_config, seed: int = 0, num_layers: int = 1, fc_bias: bool = True,
+                         embed_tokens: bool = False) -> dict:
+    """A random-weight EAGLE-1 head for a Llama target (`target_config`: its transformers LlamaConfig), written in
+    EAGLE's published layout (SafeAILab/EAGLE, model/cnets1.py): config.json (the target's LlamaConfig with
+    num_hidden_layers=num_layers and "bias": fc_bias) and pytorch_model.bin holding fc.weight [H, 2H] (+ fc.bias),
+    layers.N.self_attn.{q,k,v,o}_proj, layers.N.mlp.{gate,up,down}_proj, layers.N.post_attention_layernorm and, for
+    N > 0, layers.N.input_layernorm (none on layer 0), and embed_tokens.weight if asked. Returns the state dict."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c = target_config
+    hidden, inter, heads, kv_heads = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads
+    head_dim = hidden // heads
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=0.15, mean=0.0):
+        return mean + std * torch.randn(shape, generator=generator)
+
+    state = {"fc.weight": randn(hidden, 2 * hidden, std=0.2)}
+    if fc_bias:
+        state["fc.bias"] = randn(hidden, std=0.05)
+    for i in range(num_layers):
+        layer = f"layers.{i}."
+        state[layer + "self_attn.q_proj.weight"] = randn(heads * head_dim, hidden)
+        state[layer + "self_attn.k_proj.weight"] = randn(kv_heads * head_dim, hidden)
+        state[layer + "self_attn.v_proj.weight"] = randn(kv_heads * head_dim, hidden)
+        state[layer + "self_attn.o_proj.weight"] = randn(hidden, heads * head_dim)
+        state[layer + "mlp.gate_proj.weight"] = randn(inter, hidden)
+        state[layer + "mlp.up_proj.weight"] = randn(inter, hidden)
+        state[layer + "mlp.down_proj.weight"] = randn(hidden, inter)
+        state[layer + "post_attention_layernorm.weight"] = randn(hidden, std=0.1, mean=1.0)
+        if i > 0:
+            state[layer + "input_layernorm.weight"] = randn(hidden, std=0.1, mean=1.0)
+    if embed_tokens:
+        state["embed_tokens.weight"] = randn(c.vocab_size, hidden, std=1.0)
+    config = c.to_dict()
+    config.update(num_hidden_layers=num_layers, bias=fc_bias, architectures=["LlamaForCausalLM"])
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    torch.save(state, path / "pytorch_model.bin")
+    return state

@@ -51,6 +51,7 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
   b.suppress_offsets.push_back(0);
   b.bias_offsets.push_back(0);
   b.state_offsets.push_back(0);
+  b.draft_offsets.push_back(0);
 
   for (size_t i = 0; i < R; ++i) {
     const Request& r = *requests[i];
@@ -68,8 +69,12 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
     b.context_lens.push_back(end);
     for (int32_t p = s.num_computed_tokens; p < end; ++p) {
       const bool known = p < r.num_tokens();
-      b.input_ids.push_back(known ? r.token_ids[p] : -1);
-      b.prev_rows.push_back(known ? -1 : s.input_row);
+      // Past the known tokens: a draft (n-gram drafts are known here, a drafter's are -1 for the
+      // runner), or the placeholder of a row ahead.
+      const size_t draft = static_cast<size_t>(p - r.num_tokens());
+      const bool ngram = !known && s.num_draft_tokens > 0 && draft < r.draft_token_ids.size();
+      b.input_ids.push_back(known ? r.token_ids[p] : ngram ? r.draft_token_ids[draft] : -1);
+      b.prev_rows.push_back(known || s.num_draft_tokens > 0 ? -1 : s.input_row);
       b.positions.push_back(p);
       b.slot_mapping.push_back(static_cast<int64_t>(r.block_ids[p / B]) * B + p % B);
     }
@@ -118,6 +123,14 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
       b.state_ids.insert(b.state_ids.end(), r.token_ids.begin() + s.state_from, r.token_ids.end());
     }
     b.state_offsets.push_back(static_cast<int32_t>(b.state_ids.size()));
+
+    b.num_draft_tokens.push_back(s.num_draft_tokens);
+    b.draft_start.push_back(s.draft_start);
+    if (s.draft_start >= 0) {  // the drafter catches up on its inputs up to the last known token
+      b.draft_input_ids.insert(b.draft_input_ids.end(), r.token_ids.begin() + s.draft_start,
+                               r.token_ids.begin() + s.num_computed_tokens + 1);
+    }
+    b.draft_offsets.push_back(static_cast<int32_t>(b.draft_input_ids.size()));
   }
   b.num_tokens = static_cast<int32_t>(b.input_ids.size());
   return b;

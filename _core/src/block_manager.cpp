@@ -163,6 +163,14 @@ void BlockManager::free(std::vector<int32_t>& block_ids) {
   block_ids.clear();
 }
 
+void BlockManager::truncate(std::vector<int32_t>& block_ids, int32_t num_tokens) {
+  const size_t keep = std::min(block_ids.size(), static_cast<size_t>(blocks_for(std::max(num_tokens, 0))));
+  if (keep == block_ids.size()) return;
+  std::vector<int32_t> tail(block_ids.begin() + static_cast<std::ptrdiff_t>(keep), block_ids.end());
+  free(tail);  // validates every id before it releases any
+  block_ids.resize(keep);
+}
+
 int32_t BlockManager::release_leading(std::vector<int32_t>& block_ids, int32_t count) {
   const size_t end = std::min(static_cast<size_t>(std::max(count, 0)), block_ids.size());
   for (size_t i = 0; i < end; ++i) {

@@ -32,6 +32,22 @@ void ExecutorConfig::validate() const {
     throw std::invalid_argument("sliding_window=" + std::to_string(sliding_window) +
                                 " is invalid: must be >= 0 (0: no window)");
   }
+  if (speculative_mode < 0 || speculative_mode > static_cast<int32_t>(SpeculativeMode::kEagle)) {
+    throw std::invalid_argument("speculative_mode=" + std::to_string(speculative_mode) +
+                                " is invalid: must be 0 (none), 1 (n-gram), 2 (draft model) or 3 (EAGLE)");
+  }
+  if (speculative_mode != 0) require_positive("max_draft_len", max_draft_len);
+  if (max_draft_len < 0) {
+    throw std::invalid_argument("max_draft_len=" + std::to_string(max_draft_len) + " is invalid: must be >= 0");
+  }
+  if (speculative_mode == static_cast<int32_t>(SpeculativeMode::kNgram)) {
+    require_positive("max_matching_ngram_size", max_matching_ngram_size);
+  }
+  if (speculative_mode != 0 && sliding_window > 0) {
+    throw std::invalid_argument("speculative_mode=" + std::to_string(speculative_mode) +
+                                " is invalid with sliding_window=" + std::to_string(sliding_window) +
+                                ": speculative decoding does not support a sliding window");
+  }
   if (async_scheduling && max_inflight_batches != 1) {
     throw std::invalid_argument("max_inflight_batches=" + std::to_string(max_inflight_batches) +
                                 " is invalid with async_scheduling: it keeps two steps in flight "
@@ -56,7 +72,9 @@ std::string ExecutorConfig::repr() const {
     << ", enable_chunked_prefill=" << (enable_chunked_prefill ? "True" : "False")
     << ", max_inflight_batches=" << max_inflight_batches
     << ", async_scheduling=" << (async_scheduling ? "True" : "False")
-    << ", vocab_size=" << vocab_size << ", sliding_window=" << sliding_window << ")";
+    << ", vocab_size=" << vocab_size << ", sliding_window=" << sliding_window
+    << ", speculative_mode=" << speculative_mode << ", max_draft_len=" << max_draft_len
+    << ", max_matching_ngram_size=" << max_matching_ngram_size << ")";
   return s.str();
 }
 

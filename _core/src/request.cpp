@@ -110,6 +110,8 @@ Response Response::of(const Request& request, int32_t first_output) {
   r.num_prompt_tokens = request.num_prompt_tokens;
   r.num_cached_tokens = request.num_cached_tokens;
   r.cumulative_logprob = request.cumulative_logprob;
+  r.num_draft_tokens = request.num_draft_tokens;
+  r.num_accepted_draft_tokens = request.num_accepted_draft_tokens;
   const int32_t k = request.sampling.logprobs;
   r.num_top_logprobs = k;
   if (k >= 0 && static_cast<size_t>(first_output) <= request.logprobs.size()) {

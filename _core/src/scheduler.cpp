@@ -211,6 +211,7 @@ bool Scheduler::schedule_running(SchedulerOutput& out, int32_t& budget) {
         n = 1;
       }
     }
+    if (left == 1 && budget > 1 && spec_eligible(r)) n += plan_drafts(r, budget - 1);
     const size_t before = running_.size();
     if (!allocate_step(unit, n, i, out)) {
       preempted = true;
@@ -351,6 +352,8 @@ void Scheduler::preempt(Request* r) {
   blocks_.free(r->block_ids);  // its full blocks stay cached: the recompute can reuse them
   release_slot(r);
   r->num_computed_tokens = 0;
+  r->num_draft_computed = 0;
+  r->draft_token_ids.clear();
   r->status = RequestStatus::kWaiting;
   ++r->num_preemptions;
   ++num_preemptions_;
@@ -363,7 +366,9 @@ void Scheduler::push_scheduled(SchedulerOutput& out, Request* r, int32_t n) {
   s.serial = r->serial;
   s.num_computed_tokens = r->num_computed_tokens;
   s.num_new_tokens = n;
-  s.do_sample = r->num_computed_tokens + n == r->num_tokens();
+  s.do_sample = r->num_computed_tokens + n >= r->num_tokens();
+  s.num_draft_tokens = std::max(0, r->num_computed_tokens + n - r->num_tokens());
+  if (s.num_draft_tokens > 0 && runner_drafts()) s.draft_start = r->num_draft_computed;
   if (r->slot >= 0) {
     s.slot = r->slot;
     s.slot_copy_from = r->slot_copy_from;
@@ -414,6 +419,8 @@ Stats Scheduler::stats() const {
   s.num_prefix_hit_tokens = num_prefix_hit_tokens_;
   s.num_preemptions = num_preemptions_;
   s.num_steps = num_steps_;
+  s.num_draft_tokens = num_draft_tokens_;
+  s.num_accepted_draft_tokens = num_accepted_draft_tokens_;
   return s;
 }
 

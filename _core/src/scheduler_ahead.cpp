@@ -18,6 +18,8 @@ bool Scheduler::can_run_ahead(const Request* r) const {
       s.generation_logits || s.needs_state()) {
     return false;
   }
+  // A request that may speculate waits for its step's accepted count instead (scheduler.h).
+  if (spec_eligible(r)) return false;
   if (std::any_of(s.bad_words.begin(), s.bad_words.end(),
                   [](const std::vector<int32_t>& word) { return word.size() > 1; })) {
     return false;

@@ -38,6 +38,10 @@ std::vector<Response> Scheduler::update(const SchedulerOutput& output, const Ste
     const uint64_t id = r->request_id;
     if (error.empty()) {
       try {
+        if (s.num_draft_tokens > 0) {  // a verified speculative step: one or more tokens
+          settle_drafts(r, s, result, row, responses);
+          continue;
+        }
         r->num_computed_tokens = s.num_computed_tokens + s.num_new_tokens;
         blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens);
         release_out_of_window(r);  // no later step (nor one in flight) reads before its window
@@ -226,6 +230,11 @@ std::vector<Response> Scheduler::finish_any(Request* r, const std::string& reaso
 
 Response Scheduler::finish(Request* r, const std::string& reason, const std::string& error,
                            bool last_token) {
+  return finish_at(r, reason, error, r->num_output_tokens() - (last_token ? 1 : 0));
+}
+
+Response Scheduler::finish_at(Request* r, const std::string& reason, const std::string& error,
+                              int32_t first_output) {
   // Unlink from the one queue that holds it (a stop rule may have marked it finished already:
   // it was running then). Aborting a waiting request is the only O(waiting) case.
   if (r->status == RequestStatus::kWaiting) {
@@ -236,7 +245,7 @@ Response Scheduler::finish(Request* r, const std::string& reason, const std::str
   r->status = RequestStatus::kFinished;
   r->finish_reason = reason;
   r->error = error;
-  Response response = Response::of(*r, r->num_output_tokens() - (last_token ? 1 : 0));
+  Response response = Response::of(*r, first_output);
   if (r->group) {
     auto& m = r->group->members;
     m.erase(std::remove(m.begin(), m.end(), r->request_id), m.end());

@@ -31,9 +31,14 @@ def _available_ram() -> int:
 
 
 def num_kv_blocks(engine_config: dict, cfg: KvCacheConfig, device: torch.device, dtype: torch.dtype,
-                  tokens_per_block: int, num_layers: int, num_kv_heads: int | None = None) -> int:
-    """Blocks the cache gets: a fraction of free GPU memory, or a token count / byte size on CPU."""
-    per_block = bytes_per_token(engine_config, dtype, num_layers, num_kv_heads) * tokens_per_block
+                  tokens_per_block: int, num_layers: int, num_kv_heads: int | None = None,
+                  extra_bytes_per_token: int = 0) -> int:
+    """Blocks the cache gets: a fraction of free GPU memory, or a token count / byte size on CPU.
+
+    extra_bytes_per_token: what else each cached token holds (a speculative drafter's KV, the target's hidden
+    states for an EAGLE head), in the same blocks."""
+    per_block = (bytes_per_token(engine_config, dtype, num_layers, num_kv_heads) + extra_bytes_per_token) \
+        * tokens_per_block
     per_token = per_block // tokens_per_block
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -74,7 +74,7 @@ class ModelRunner:
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
                  max_batch_size: int = 1024, cuda_graphs: bool = True,
-                 mapping: Optional[Mapping] = None, comm=None):
+                 mapping: Optional[Mapping] = None, comm=None, speculative=None):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -87,13 +87,19 @@ class ModelRunner:
         # Dummy weights are drawn where they are used: an 8B model's weights take minutes to draw on a CPU.
         dummy = load_format == "dummy" and not os.path.exists(os.path.join(engine_dir, rank_file(self.mapping.rank)))
         load_rank_model(self.model, engine_dir, self.mapping.rank, dummy, engine_config, self.dtype, device)
+        # Speculative decoding (llmapi.speculative.setup.SpeculativeSetup): its drafter's weights load before the
+        # cache is sized, and its KV (EAGLE: also the target's hidden states) lies in the same blocks.
+        self.spec = None if speculative is None else speculative.build(self.model, device, self.dtype,
+                                                                        tokens_per_block)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
         logger.info("weights loaded in %.2f s", time.perf_counter() - started)
         self.layers = self.mapping.stage_layers(engine_config["num_hidden_layers"])
         self.kv_heads = local_kv_heads(engine_config["num_key_value_heads"], self.mapping.tp_size)
         self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.kv_dtype,
-                                        tokens_per_block, len(self.layers), self.kv_heads)
+                                        tokens_per_block, len(self.layers), self.kv_heads,
+                                        extra_bytes_per_token=0 if self.spec is None else
+                                        self.spec.extra_bytes_per_token)
         self.kv_caches: List[torch.Tensor] = []
         self.allocate_kv_caches(self.num_blocks)
         self.stager = InputStager(device, tokens_per_block)
@@ -110,6 +116,8 @@ class ModelRunner:
         # (Batch.prev_rows) are filled from them there, without waiting for the step.
         self._prev_ids: Optional[torch.Tensor] = None
         # With several ranks the driver captures once the ranks agree on the cache size (graphs hold its address).
+        if self.spec is not None and self.spec.needs_every_forward:
+            cuda_graphs = False  # the EAGLE head reads every forward's hidden states (decode graphs keep none)
         if cuda_graphs and self.mapping.world_size == 1 and self.graphs_supported:
             self.capture_graphs(max_batch_size)
 
@@ -142,6 +150,8 @@ class ModelRunner:
         self.kv_caches = []  # the old cache goes first
         self.kv_caches = allocate_kv_caches(self.config, self.layers, num_blocks, self.tokens_per_block,
                                             self.device, self.kv_dtype, self.kv_heads)
+        if self.spec is not None:
+            self.spec.allocate(num_blocks)
 
     @torch.inference_mode()
     def copy_blocks(self, copies: np.ndarray) -> None:
@@ -150,7 +160,8 @@ class ModelRunner:
             return
         src = torch.tensor(copies[:, 0], dtype=torch.long, device=self.device)
         dst = torch.tensor(copies[:, 1], dtype=torch.long, device=self.device)
-        for cache in self.kv_caches:  # [2, num_blocks, block, kv_heads, head_dim]
+        drafter = [] if self.spec is None else self.spec.caches()
+        for cache in self.kv_caches + drafter:  # [2, num_blocks, block, kv_heads, head_dim]
             cache = as_bytes(cache)  # a float8 cache is copied as bytes: some CPU index kernels lack float8
             cache[:, dst] = cache[:, src]
 
@@ -184,6 +195,10 @@ class ModelRunner:
         # Kept until this step succeeds: the executor's placeholders refer to the last step whose
         # submit succeeded.
         prev_ids = self._prev_ids
+        if self.spec is not None and self.spec.handles(batch):  # draft tokens to verify
+            handle = self.spec.submit(self, batch, prev_ids)
+            self._prev_ids = handle.outputs["tokens"][:, 0]
+            return handle
         if self.needs_decode(batch):
             inputs = self.stager.stage(batch, prev_ids=prev_ids)
             out, prompt, generation = self.decode_step(batch, inputs, self.forward(inputs))
@@ -231,6 +246,8 @@ class ModelRunner:
             self.call_started = 0.0
 
     def _collect(self, handle):
+        if hasattr(handle, "collect"):  # a speculative step (llmapi.speculative.step.SpeculativeHandle)
+            return handle.collect()
         if isinstance(handle, dict):  # a decode() step
             host = {name: (t.to("cpu").numpy() if isinstance(t, torch.Tensor) else t) for name, t in handle.items()}
             return StepOutput(**host)
@@ -244,7 +261,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:  # [T, H]
         """This rank's layers; `hidden` [T, H] is the previous pipeline stage's output."""
-        return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches, hidden=hidden)
+        out = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches, hidden=hidden)
+        if self.spec is not None:
+            self.spec.after_forward(inputs, out)  # an EAGLE head keeps the target's hidden states
+        return out
 
     @torch.inference_mode()
     def logits(self, inputs: StepInputs, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:

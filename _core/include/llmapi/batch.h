@@ -63,6 +63,16 @@ struct Batch {
   std::vector<int32_t> state_start;       // [R] position of the first token appended to the state
   std::vector<int32_t> state_offsets;     // [R+1]
   std::vector<int32_t> state_ids;         // [H] tokens appended to the row's state this step
+  // Speculative decoding. A row with num_draft_tokens[r] = d > 0 computes its last known token and d
+  // drafts (query length 1 + d, do_sample): n-gram drafts are in input_ids, a drafter's are -1 there
+  // (the runner proposes them). Its result row holds the accepted drafts and one more token.
+  std::vector<int32_t> num_draft_tokens;  // [R]
+  // Draft model / EAGLE: the drafter's KV is valid before position draft_start[r] (-1: no drafting);
+  // draft_input_ids[draft_offsets[r]:draft_offsets[r+1]] are the tokens at positions draft_start[r]
+  // up to the row's last known token, which the drafter catches up on before it drafts.
+  std::vector<int32_t> draft_start;       // [R]
+  std::vector<int32_t> draft_offsets;     // [R+1]
+  std::vector<int32_t> draft_input_ids;   // [D]
 };
 
 // Builds the batch for `scheduled`; requests[i] is the request of scheduled[i], its block table

@@ -61,6 +61,10 @@ class BlockManager {
   // Releases a block table, last block first, and clears it.
   void free(std::vector<int32_t>& block_ids);
 
+  // Keeps the blocks holding the first `num_tokens` positions and releases the rest, last first (a
+  // speculative step's rejected drafts: blocks past the accepted tokens go back).
+  void truncate(std::vector<int32_t>& block_ids, int32_t num_tokens);
+
   // Hands back the blocks of the first `count` entries of `block_ids` that are not released yet, in
   // table order: each loses a reference and at 0 joins the free queue's tail, still findable by
   // hash (evictable, as a finished request's blocks); a block that others share stays theirs. The

@@ -6,6 +6,12 @@
 
 namespace llmapi {
 
+// Where a speculating request's draft tokens come from. kNgram: the scheduler proposes them from the
+// request's own tokens (Batch.input_ids holds them). kDraftModel / kEagle: the runner proposes them
+// before the verify forward (a draft model, or an EAGLE head over the target's hidden states); the
+// batch holds placeholders (-1) and the tokens the drafter must catch up on (Batch.draft_input_ids).
+enum class SpeculativeMode : int32_t { kNone = 0, kNgram = 1, kDraftModel = 2, kEagle = 3 };
+
 struct ExecutorConfig {
   int32_t max_batch_size = 0;   // most requests admitted (running) at once, so at most this many per step
   int32_t max_num_tokens = 0;   // token budget of one step (all requests' new tokens together)
@@ -25,6 +31,12 @@ struct ExecutorConfig {
   // The model's attention sees only the last this many positions (Mistral's sliding window); KV
   // blocks wholly before a request's window are handed back as it moves on. 0: no window.
   int32_t sliding_window = 0;
+  // Speculative decoding (SpeculativeMode): a decode step of a request that speculates carries up
+  // to max_draft_len draft tokens after its last token, verified in one forward of the target.
+  int32_t speculative_mode = 0;
+  int32_t max_draft_len = 0;
+  // kNgram: the longest suffix of a request's tokens that the scheduler looks for earlier in them.
+  int32_t max_matching_ngram_size = 0;
 
   // Throws std::invalid_argument naming the field and the bad value.
   void validate() const;

@@ -106,6 +106,12 @@ struct Request {
   double cumulative_logprob = 0.0;    // sum of the generated tokens' logprobs
   float beam_score = 0.0f;            // beam search: the running beam's accumulated score
 
+  // Speculative decoding.
+  std::vector<int32_t> draft_token_ids;  // n-gram drafts of the step last scheduled (its query's tail)
+  int32_t num_draft_computed = 0;        // draft model / EAGLE: positions whose drafter KV is valid
+  int64_t num_draft_tokens = 0;          // drafts verified over the request's life ...
+  int64_t num_accepted_draft_tokens = 0; // ... and how many of them were accepted
+
   std::string finish_reason;         // "" | "stop" | "length" | "abort" | "error"
   int32_t stop_reason = -1;          // the stop / eos token id that finished it
   std::string error;

@@ -28,6 +28,8 @@ struct Response {
   std::vector<int32_t> top_ids;
   std::vector<float> top_logprobs;
   double cumulative_logprob = 0.0;  // of every token of the sequence so far
+  int64_t num_draft_tokens = 0;           // speculative decoding: drafts verified for the request so far ...
+  int64_t num_accepted_draft_tokens = 0;  // ... and accepted
 
   // A response carrying `request`'s finish state (if any) and its output tokens from index
   // `first_output` on (with their logprobs).

@@ -47,6 +47,17 @@ namespace llmapi {
 // it finishes then and step N+1's token for it is dropped; its blocks are freed only when step
 // N+1 is collected (or fails), since that step still writes its KV.
 //
+// Speculative decoding (config.speculative_mode): a request that may speculate (spec_eligible: one
+// sequence, no beams, penalties, token history, generation logits or multi-token bad words), once its
+// prompt is computed and min_tokens reached, takes 1 + d tokens in a decode step: its last token and d
+// drafts (n-gram drafts proposed here from its own tokens; a draft model's or EAGLE head's proposed by
+// the runner, the batch holding placeholders). d is at most max_draft_len, keeps the step within the
+// budget, max_tokens and max_seq_len, and drafts never preempt anyone (short of blocks, d = 0). The
+// row's result holds the accepted drafts and one more token; they are appended one by one under the
+// stop rules, the computed tokens advance past the accepted ones only, and the blocks past the new
+// length go back (truncate). A request that may speculate never runs ahead (async scheduling): its
+// next step waits for this one's accepted count.
+//
 // A request never needs more blocks than the cache holds: add() rejects such prompts and update()
 // fails a request (finish "error") as soon as its tokens outgrow the cache, so scheduling always
 // makes progress when nothing is in flight.
@@ -159,6 +170,17 @@ class Scheduler {
   // the token appended last if `last_token`).
   Response finish(Request* request, const std::string& reason, const std::string& error,
                   bool last_token);
+  // finish() whose response carries the output tokens from index `first_output` on.
+  Response finish_at(Request* request, const std::string& reason, const std::string& error,
+                     int32_t first_output);
+  // Speculative decoding (scheduler_spec.cpp): whether the runner proposes the drafts (draft model,
+  // EAGLE); whether `request` may ever speculate; the drafts of its next decode step (at most
+  // `room`; n-gram drafts stored in request->draft_token_ids); settling a verified row.
+  bool runner_drafts() const;
+  bool spec_eligible(const Request* request) const;
+  int32_t plan_drafts(Request* request, int32_t room);
+  void settle_drafts(Request* request, const ScheduledRequest& s, const StepResult& result, int32_t row,
+                     std::vector<Response>& responses);
   // Ends a beam search: frees every beam, returns the best hypotheses (or, with an abort or
   // error reason, the reason alone).
   std::vector<Response> finish_beams(SequenceGroup& group, const std::string& reason,
@@ -183,6 +205,8 @@ class Scheduler {
   int64_t num_prefix_hit_tokens_ = 0;
   int64_t num_preemptions_ = 0;
   int64_t num_steps_ = 0;
+  int64_t num_draft_tokens_ = 0;
+  int64_t num_accepted_draft_tokens_ = 0;
 };
 
 }  // namespace llmapi

@@ -21,6 +21,12 @@ struct ScheduledRequest {
   // Async scheduling: >= 0 when the request is also in the step in flight, whose row input_row
   // samples the token this step takes as its first input (a placeholder until then).
   int32_t input_row = -1;
+  // Speculative decoding: the query's last num_draft_tokens tokens are drafts after the request's
+  // last known token (do_sample; the row's result holds the accepted drafts and one token more).
+  int32_t num_draft_tokens = 0;
+  // Draft model / EAGLE: the first position the drafter computes for this row (its KV before it is
+  // valid); -1 when the runner drafts nothing for it.
+  int32_t draft_start = -1;
 };
 
 struct SchedulerOutput {

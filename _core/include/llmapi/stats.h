@@ -14,6 +14,8 @@ struct Stats {
   int64_t num_prefix_hit_tokens = 0;  // tokens taken from the prefix cache over all admissions
   int64_t num_preemptions = 0;
   int64_t num_steps = 0;              // batches collected (or failed) so far
+  int64_t num_draft_tokens = 0;       // speculative decoding: draft tokens verified so far ...
+  int64_t num_accepted_draft_tokens = 0;  // ... and accepted
 };
 
 }  // namespace llmapi

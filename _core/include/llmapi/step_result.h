@@ -21,6 +21,9 @@ struct StepResult {
   std::vector<int32_t> ranks;         // [R, K] 1 + tokens with a higher raw logprob; or empty
   std::vector<int32_t> top_ids;       // [R, L] the row's most likely tokens, most likely first
   std::vector<float> top_logprobs;    // [R, L]
+  // top_ids / top_logprobs are [R, K, L]: a list per candidate (a speculative row's tokens come from
+  // different positions, each with its own top tokens); num_top is still L.
+  bool top_per_token = false;
   // Rows whose request failed on its own (a user logits processor raised, ...): that request
   // finishes "error" with the message; the step's other rows are settled as usual.
   std::vector<std::pair<int32_t, std::string>> row_errors;
@@ -46,9 +49,10 @@ inline void append_logprobs(Seq& seq, int32_t k, const StepResult& result, int32
   const float logprob = result.logprobs.empty() ? 0.0f : result.logprobs[at];
   seq.logprobs.push_back(logprob);
   seq.ranks.push_back(result.ranks.empty() ? 0 : result.ranks[at]);
+  const size_t list = result.top_per_token ? at : static_cast<size_t>(row);
   for (int32_t j = 0; j < k; ++j) {
     const bool have = j < result.num_top;
-    const size_t t = static_cast<size_t>(row) * result.num_top + j;
+    const size_t t = list * result.num_top + j;
     seq.top_ids.push_back(have ? result.top_ids[t] : -1);
     seq.top_logprobs.push_back(have ? result.top_logprobs[t] : 0.0f);
   }

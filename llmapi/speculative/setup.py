@@ -1,0 +1,97 @@
+"""From LLM(speculative_config=...) to the executor's settings and the runner's drafter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import UnsupportedModelError
+from .config import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig, SpeculativeConfig
+
+
+@dataclass
+class SpeculativeSetup:
+    """What the runner needs to build its drafter: the config and, for a draft model, its engine; for EAGLE, the
+    head's directory."""
+
+    config: SpeculativeConfig
+    draft_engine: Optional[object] = None  # llmapi.engine.EngineInfo
+    eagle_dir: Optional[Path] = None
+
+    def executor_kwargs(self) -> dict:
+        """ExecutorConfig's speculative fields."""
+        c = self.config
+        return dict(speculative_mode=c.mode, max_draft_len=c.max_draft_len,
+                    max_matching_ngram_size=getattr(c, "max_matching_ngram_size", 0))
+
+    def build(self, target_model, device: torch.device, dtype: torch.dtype, tokens_per_block: int):
+        """The runner's SpeculativeDecoder (its drafter's weights loaded on `device`)."""
+        from .step import SpeculativeDecoder
+
+        c = self.config
+        if isinstance(c, NGramDecodingConfig):
+            return SpeculativeDecoder(c.mode)
+        if isinstance(c, DraftTargetDecodingConfig):
+            import os
+
+            from ..distributed.mapping import Mapping
+            from ..distributed.sharding import build_rank_model, load_rank_model
+            from ..engine.format import rank_file
+            from ..runtime.model_runner import torch_dtype
+            from .drafter import DraftModelDrafter
+
+            info = self.draft_engine
+            cfg = info.config
+            draft_dtype = torch_dtype(cfg["dtype"])
+            model = build_rank_model(cfg, Mapping(), device, draft_dtype)
+            dummy = info.build_config.get("load_format") == "dummy" and not os.path.exists(
+                os.path.join(info.path, rank_file(0)))
+            load_rank_model(model, info.path, 0, dummy, cfg, draft_dtype, device)
+            return SpeculativeDecoder(c.mode, DraftModelDrafter(model.eval(), cfg, device, draft_dtype,
+                                                                tokens_per_block))
+        from .drafter import EagleDrafter
+        from .eagle import load_eagle_head
+
+        head = load_eagle_head(self.eagle_dir, target_model.config, device, dtype)
+        return SpeculativeDecoder(c.mode, EagleDrafter(head, target_model, device, dtype, tokens_per_block))
+
+
+def prepare(args, target_config: dict, device: torch.device, build_engine_fn) -> Optional[SpeculativeSetup]:
+    """Check LlmArgs.speculative_config against the target and fetch what its drafter needs: the draft model's
+    engine (built or found in the engine cache with the target's dtype, unquantized), or the EAGLE head's
+    directory. None without speculative decoding. `build_engine_fn(model)` builds an engine of the target's
+    settings on one rank."""
+    config = args.speculative_config
+    if config is None:
+        return None
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        raise ValueError(f"speculative_config={type(config).__name__}(...) is invalid with tensor_parallel_size * "
+                         "pipeline_parallel_size > 1: speculative decoding runs on one rank only")
+    if target_config.get("sliding_window"):
+        raise ValueError(f"speculative_config={type(config).__name__}(...) is invalid for this model: speculative "
+                         f"decoding does not support a sliding window (sliding_window="
+                         f"{target_config['sliding_window']})")
+    if isinstance(config, NGramDecodingConfig):
+        return SpeculativeSetup(config)
+    if isinstance(config, DraftTargetDecodingConfig):
+        info = build_engine_fn(config.speculative_model)
+        draft_vocab, vocab = info.config["vocab_size"], target_config["vocab_size"]
+        if draft_vocab != vocab:
+            raise ValueError(f"speculative_model={config.speculative_model!r} is invalid: its vocabulary has "
+                             f"{draft_vocab} tokens, the target's {vocab} (the draft must share the target's tokenizer)")
+        if info.config.get("quantization", {}).get("quant_algo"):
+            raise UnsupportedModelError(f"speculative_model={config.speculative_model!r}: a quantized draft model "
+                                        "is not supported")
+        return SpeculativeSetup(config, draft_engine=info)
+    assert isinstance(config, EagleDecodingConfig)
+    from .eagle import find_eagle_dir, head_config, read_eagle_config
+
+    path = find_eagle_dir(config.speculative_model, revision=None, token=args.hf_token)
+    head_config(read_eagle_config(path), target_config)  # a head that does not fit the target fails here, by name
+    return SpeculativeSetup(config, eagle_dir=path)
+
+
+__all__ = ["SpeculativeSetup", "prepare"]
