@@ -55,6 +55,19 @@ py::array view(const py::object& owner, const std::vector<T>& v, std::vector<py:
   return a;
 }
 
+// A request's adapter settings (see Request), checked: RequestError names a bad one.
+void set_adapters(Request& r, int32_t adapter_slot, uint64_t cache_salt, int32_t prompt_table_size) {
+  if (adapter_slot < -1) {
+    throw RequestError("adapter_slot=" + std::to_string(adapter_slot) + " is invalid: must be >= -1");
+  }
+  if (prompt_table_size < 0) {
+    throw RequestError("prompt_table_size=" + std::to_string(prompt_table_size) + " is invalid: must be >= 0");
+  }
+  r.adapter_slot = adapter_slot;
+  r.cache_salt = cache_salt;
+  r.prompt_table_size = prompt_table_size;
+}
+
 template <typename T>
 void def_view(py::class_<Batch, std::shared_ptr<Batch>>& cls, const char* name,
               std::vector<T> Batch::*member) {
@@ -314,7 +327,8 @@ PYBIND11_MODULE(_core, m) {
                        std::map<int32_t, float> logit_bias, int32_t num_sequences,
                        bool beam_search, float length_penalty, int32_t early_stopping,
                        int32_t num_returned, int32_t logprobs, int32_t prompt_logprobs,
-                       bool context_logits, bool generation_logits, bool token_history) {
+                       bool context_logits, bool generation_logits, bool token_history,
+                       int32_t adapter_slot, uint64_t cache_salt, int32_t prompt_table_size) {
              StopConfig stop{max_tokens, min_tokens, std::move(eos_token_ids),
                              std::move(stop_token_ids), ignore_eos};
              if (early_stopping < 0 || early_stopping > 2) {
@@ -345,7 +359,9 @@ PYBIND11_MODULE(_core, m) {
              c.context_logits = context_logits;
              c.generation_logits = generation_logits;
              c.token_history = token_history;
-             return Request(request_id, std::move(prompt_token_ids), std::move(stop), std::move(c));
+             Request r(request_id, std::move(prompt_token_ids), std::move(stop), std::move(c));
+             set_adapters(r, adapter_slot, cache_salt, prompt_table_size);
+             return r;
            }),
            "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a = 0,
            "eos_token_ids"_a = std::vector<int32_t>{}, "stop_token_ids"_a = std::vector<int32_t>{},
@@ -356,23 +372,27 @@ PYBIND11_MODULE(_core, m) {
            "logit_bias"_a = std::map<int32_t, float>{}, "num_sequences"_a = 1,
            "beam_search"_a = false, "length_penalty"_a = 1.0f, "early_stopping"_a = 0,
            "num_returned"_a = 1, "logprobs"_a = -1, "prompt_logprobs"_a = -1,
-           "context_logits"_a = false, "generation_logits"_a = false, "token_history"_a = false)
+           "context_logits"_a = false, "generation_logits"_a = false, "token_history"_a = false,
+           "adapter_slot"_a = -1, "cache_salt"_a = 0, "prompt_table_size"_a = 0)
       // A new request with this one's settings and another prompt, id, length limits and seed: what
       // the constructor would make of the same settings, without converting them again (the fast way
       // to build many requests that share their SamplingParams).
       .def(
           "with_prompt",
           [](const Request& r, uint64_t request_id, std::vector<int32_t> prompt_token_ids,
-             int32_t max_tokens, int32_t min_tokens, int64_t seed) {
+             int32_t max_tokens, int32_t min_tokens, int64_t seed, int32_t adapter_slot,
+             uint64_t cache_salt, int32_t prompt_table_size) {
             StopConfig stop = r.stop;
             stop.max_tokens = max_tokens;
             stop.min_tokens = min_tokens;
             SamplingConfig sampling = r.sampling;
             sampling.seed = seed;
-            return Request(request_id, std::move(prompt_token_ids), std::move(stop),
-                           std::move(sampling));
+            Request made(request_id, std::move(prompt_token_ids), std::move(stop), std::move(sampling));
+            set_adapters(made, adapter_slot, cache_salt, prompt_table_size);
+            return made;
           },
-          "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a, "seed"_a)
+          "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a, "seed"_a,
+          "adapter_slot"_a = -1, "cache_salt"_a = 0, "prompt_table_size"_a = 0)
       .def_readonly("request_id", &Request::request_id)
       .def_property_readonly("prompt_token_ids", &Request::prompt_token_ids)
       .def_property_readonly("output_token_ids", &Request::output_token_ids)
@@ -411,6 +431,9 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("context_logits", [](const Request& r) { return r.sampling.context_logits; })
       .def_property_readonly("generation_logits", [](const Request& r) { return r.sampling.generation_logits; })
       .def_property_readonly("token_history", [](const Request& r) { return r.sampling.token_history; })
+      .def_readonly("adapter_slot", &Request::adapter_slot)
+      .def_readonly("cache_salt", &Request::cache_salt)
+      .def_readonly("prompt_table_size", &Request::prompt_table_size)
       .def_readonly("user_id", &Request::user_id)
       .def_readonly("seq_index", &Request::seq_index)
       .def_readonly("slot", &Request::slot)
@@ -498,6 +521,7 @@ PYBIND11_MODULE(_core, m) {
   def_view(batch, "generation_logits", &Batch::generation_logits);
   def_view(batch, "prompt_lens", &Batch::prompt_lens);
   def_view(batch, "next_token_ids", &Batch::next_token_ids);
+  def_view(batch, "adapter_slots", &Batch::adapter_slots);
   def_view(batch, "slots", &Batch::slots);
   def_view(batch, "slot_copy_from", &Batch::slot_copy_from);
   def_view(batch, "slot_reset", &Batch::slot_reset);
@@ -521,7 +545,8 @@ PYBIND11_MODULE(_core, m) {
                         parent_hash.value_or(BlockManager::kRootHash), tokens.data(),
                         static_cast<int32_t>(tokens.size()));
                   }, "parent_hash"_a, "tokens"_a)
-      .def("lookup", &BlockManager::lookup, "tokens"_a)
+      .def_static("root_hash", &BlockManager::root_hash, "cache_salt"_a)
+      .def("lookup", &BlockManager::lookup, "tokens"_a, "root"_a = BlockManager::kRootHash)
       .def("fork", &BlockManager::fork, "block_ids"_a)
       .def("allocate_for_write",
            [](BlockManager& bm, std::vector<int32_t> block_ids, int32_t write_from,
@@ -544,7 +569,7 @@ PYBIND11_MODULE(_core, m) {
              return block_ids;
            }, "block_ids"_a, "count"_a)
       .def("cache_full_blocks", &BlockManager::cache_full_blocks, "block_ids"_a, "tokens"_a,
-           "num_computed_tokens"_a)
+           "num_computed_tokens"_a, "root"_a = BlockManager::kRootHash)
       .def("truncate",
            [](BlockManager& bm, std::vector<int32_t> block_ids, int32_t num_tokens) {
              bm.truncate(block_ids, num_tokens);

@@ -38,7 +38,9 @@ class Request:
     num_sequences > 1 forks the request when it first samples: into num_sequences samples, or
     (beam_search) beams of which num_returned hypotheses come back. early_stopping: 0 heuristic
     (transformers' False), 1 (True), 2 ("never"). logprobs / prompt_logprobs: -1 none, else the
-    top-k width. token_history: the runner keeps the request's token ids (a logits processor)."""
+    top-k width. token_history: the runner keeps the request's token ids (a logits processor).
+    adapter_slot: the runner's LoRA slot (-1 none); cache_salt: seeds the prefix-cache hash chain (0 none);
+    prompt_table_size: ids past vocab_size the prompt may hold (its prompt table's rows)."""
 
     def __init__(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
                  min_tokens: int = 0, eos_token_ids: Sequence[int] = ...,
@@ -50,9 +52,11 @@ class Request:
                  num_sequences: int = 1, beam_search: bool = False, length_penalty: float = 1.0,
                  early_stopping: int = 0, num_returned: int = 1, logprobs: int = -1,
                  prompt_logprobs: int = -1, context_logits: bool = False,
-                 generation_logits: bool = False, token_history: bool = False) -> None: ...
+                 generation_logits: bool = False, token_history: bool = False, adapter_slot: int = -1,
+                 cache_salt: int = 0, prompt_table_size: int = 0) -> None: ...
     def with_prompt(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
-                    min_tokens: int, seed: int) -> "Request": ...  # these settings, another prompt
+                    min_tokens: int, seed: int, adapter_slot: int = -1, cache_salt: int = 0,
+                    prompt_table_size: int = 0) -> "Request": ...  # these settings, another prompt
     @property
     def user_id(self) -> int: ...  # the enqueued id; request_id differs for forked sequences
     @property
@@ -92,6 +96,12 @@ class Request:
     def generation_logits(self) -> bool: ...
     @property
     def token_history(self) -> bool: ...
+    @property
+    def adapter_slot(self) -> int: ...
+    @property
+    def cache_salt(self) -> int: ...
+    @property
+    def prompt_table_size(self) -> int: ...
     @property
     def request_id(self) -> int: ...
     @property
@@ -239,6 +249,8 @@ class Batch:
     @property
     def next_token_ids(self) -> npt.NDArray[np.int32]: ...  # [R] token after this step's last, or -1
     @property
+    def adapter_slots(self) -> npt.NDArray[np.int32]: ...  # [R] the request's LoRA slot, -1 for none
+    @property
     def slots(self) -> npt.NDArray[np.int32]: ...  # [R] the runner's state row, -1 for none
     @property
     def slot_copy_from(self) -> npt.NDArray[np.int32]: ...  # [R] copy this row first (a fork), -1
@@ -261,7 +273,9 @@ class BlockManager:
                  enable_prefix_caching: bool = True) -> None: ...
     @staticmethod
     def hash_block_tokens(parent_hash: Optional[int], tokens: Sequence[int]) -> int: ...
-    def lookup(self, tokens: Sequence[int]) -> List[int]: ...
+    @staticmethod
+    def root_hash(cache_salt: int) -> int: ...  # the first block's parent: ROOT_HASH, or a salted root
+    def lookup(self, tokens: Sequence[int], root: int = ...) -> List[int]: ...
     def fork(self, block_ids: Sequence[int]) -> List[int]: ...  # reference counts + 1
     def allocate_for_write(self, block_ids: Sequence[int], write_from: int,
                            num_tokens: int) -> Optional[Tuple[List[int], List[int]]]: ...  # (table, copies)
@@ -271,7 +285,7 @@ class BlockManager:
     # Hands back the first `count` entries' blocks (reference count - 1); returns the table with them RELEASED.
     def release_leading(self, block_ids: Sequence[int], count: int) -> List[int]: ...
     def cache_full_blocks(self, block_ids: Sequence[int], tokens: Sequence[int],
-                          num_computed_tokens: int) -> None: ...
+                          num_computed_tokens: int, root: int = ...) -> None: ...
     def ref_count(self, block_id: int) -> int: ...
     def block_hash(self, block_id: int) -> Optional[int]: ...
     def free_queue(self) -> List[int]: ...  # eviction order, head first

@@ -142,6 +142,24 @@ class LlmArgs:
     next token of a plain request is scheduled before the last one is known."""
     max_logprobs: int = 20
     """Most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM."""
+    enable_lora: Optional[bool] = None
+    """Serve LoRA adapters per request (vLLM's switch; `lora_config=LoraConfig(...)` is TensorRT-LLM's): generate
+    takes lora_request=LoRARequest(...)."""
+    max_loras: Optional[int] = None
+    """With enable_lora: adapters held on the device at once (vLLM's default 1); see LoraConfig.max_loras."""
+    max_lora_rank: Optional[int] = None
+    """With enable_lora: the largest adapter rank (vLLM's default 16); see LoraConfig.max_lora_rank."""
+    max_cpu_loras: Optional[int] = None
+    """With enable_lora: adapters kept loaded in host memory (default max_loras); see LoraConfig.max_cpu_loras."""
+    lora_config: Any = None
+    """LoRA settings as a llmapi.LoraConfig (or its dict); the same settings as enable_lora / max_loras /
+    max_lora_rank / max_cpu_loras, which may be given too when they agree."""
+    enable_prompt_adapter: bool = False
+    """Serve prompt-tuning tables per request (prompt_adapter_request=PromptAdapterRequest(...))."""
+    max_prompt_adapters: Optional[int] = None
+    """With enable_prompt_adapter: prompt tables held on the device at once (default 1)."""
+    max_prompt_adapter_token: Optional[int] = None
+    """With enable_prompt_adapter: rows one table may have, all its tasks' virtual tokens together (default 512)."""
     step_timeout: float = 600.0
     """Seconds a step may run without finishing before the LLM gives up on it: every pending request
     fails with StepTimeoutError naming the stalled rank (or the request whose logits processor was
@@ -195,9 +213,20 @@ class LlmArgs:
             raise ValueError(f"speculative_config={type(self.speculative_config).__name__}(...) is invalid with "
                              f"tensor_parallel_size * pipeline_parallel_size = {self.world_size}: speculative "
                              "decoding runs on one rank only")
-        from .quantization.config import resolve_quant
+        from .quantization.config import SMOOTHQUANT_ALGOS, resolve_quant
 
         self.quant = resolve_quant(self.quant)  # None or a QuantConfig; bad values raise ValueError naming quant
+        from .lora.config import resolve_lora_config, resolve_prompt_adapter_config
+
+        # One LoraConfig (or None) from either spelling; the prompt-adapter settings as a PromptAdapterConfig.
+        self.lora_config = resolve_lora_config(self.lora_config, self.enable_lora, self.max_loras,
+                                               self.max_lora_rank, self.max_cpu_loras)
+        self.prompt_adapter_config = resolve_prompt_adapter_config(
+            self.enable_prompt_adapter, self.max_prompt_adapters, self.max_prompt_adapter_token)
+        if self.lora_config is not None and self.quant is not None and self.quant.quant_algo in SMOOTHQUANT_ALGOS:
+            raise ValueError(f"LoRA adapters (enable_lora / lora_config) and quant={self.quant.quant_algo!r} cannot "
+                             "be combined: SmoothQuant folds its smoothing into the norms, so a linear's input is not "
+                             "the activation an adapter was trained on")
 
     @property
     def world_size(self) -> int:

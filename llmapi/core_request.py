@@ -112,15 +112,18 @@ def _bad_words(params: SamplingParams, tokenizer) -> List[List[int]]:
 
 def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams, *, eos_token_ids: List[int],
                  max_seq_len: int, seed: int, tokenizer, token_history: bool,
-                 like: "_core.Request | None" = None) -> "_core.Request":
+                 like: "_core.Request | None" = None, adapter_slot: int = -1, cache_salt: int = 0,
+                 prompt_table_size: int = 0) -> "_core.Request":
     """The core's Request for a checked prompt and params (max_tokens capped by max_seq_len). `like`: a
     Request this function made from the same params and keyword arguments; its converted settings are
-    copied (Request.with_prompt) rather than converted again from Python, the larger part of the cost."""
+    copied (Request.with_prompt) rather than converted again from Python, the larger part of the cost.
+    adapter_slot, cache_salt, prompt_table_size: the request's adapters (llmapi.lora.manager.Prepared)."""
+    adapters = dict(adapter_slot=adapter_slot, cache_salt=cache_salt, prompt_table_size=prompt_table_size)
     room = max_seq_len - len(prompt_ids)
     max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
     min_tokens = min(params.min_tokens, max_tokens)
     if like is not None:
-        return like.with_prompt(request_id, prompt_ids, max_tokens, min_tokens, seed)
+        return like.with_prompt(request_id, prompt_ids, max_tokens, min_tokens, seed, **adapters)
     optional = (lambda v: -1 if v is None else v)
     return _core.Request(
         request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
@@ -136,7 +139,7 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
         length_penalty=float(params.length_penalty), early_stopping=_EARLY_STOPPING[params.early_stopping],
         num_returned=params.n, logprobs=optional(params.logprobs),
         prompt_logprobs=optional(params.prompt_logprobs), context_logits=params.return_context_logits,
-        generation_logits=params.return_generation_logits, token_history=token_history)
+        generation_logits=params.return_generation_logits, token_history=token_history, **adapters)
 
 
 __all__ = ["generation_defaults", "check_params", "check_multi_rank", "pickled_processor", "core_request"]

@@ -46,6 +46,16 @@ class GuidedDecodingError(RequestError):
     during generation (that request alone fails with it)."""
 
 
+class AdapterError(RequestError):
+    """A LoRA adapter or prompt-tuning table cannot be used: its files are not an adapter, its rank, modules or
+    shapes do not fit the base model or the LLM's settings, or the LLM was not started with adapters enabled; the
+    message names the problem."""
+
+
+class AdapterNotFoundError(AdapterError, FileNotFoundError):
+    """A LoRA adapter's or prompt table's path does not exist."""
+
+
 class RequestAbortedError(LLMAPIError):
     """The request was aborted before it finished."""
 

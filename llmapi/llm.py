@@ -20,6 +20,7 @@ from .core_request import check_multi_rank, check_params, core_request, generati
 from .errors import ExecutorDeadError, RequestError, WorkerDiedError
 from .live_request import LiveRequest
 from .llm_state import LLMState
+from .lora.setup import adapter_settings, per_prompt, start_adapters
 from .outputs import RequestOutput
 from .runtime.gc_freeze import frozen_heap
 from .sampling_params import SamplingParams, field_error
@@ -42,6 +43,12 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} is invalid: no CUDA device is available")
     return device
+
+
+def _enqueue_waiting(executor, make, ids, adapters, vocab_size: int, slots) -> None:
+    """Enqueue a request that waited for an adapter slot (AdapterManager.release calls it, on the response
+    thread): its core Request is made now that its slots are known."""
+    executor.enqueue(make(**adapters.core_fields(ids, slots, vocab_size)))
 
 
 class LLM:
@@ -119,6 +126,7 @@ class LLM:
                 sliding_window=cfg.get("sliding_window") or 0,
             )
             load_format = info.build_config.get("load_format", "auto")
+            cfg, adapters = adapter_settings(args, info)  # LoRA slots and prompt tables on the ranks, or None
             speculative = self._speculative_setup(cfg)
             if speculative is not None:
                 executor_kwargs.update(speculative.executor_kwargs())
@@ -128,13 +136,15 @@ class LLM:
 
                     runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
                                                        args.tokens_per_block, load_format=load_format,
-                                                       max_batch_size=args.max_batch_size, speculative=speculative)
+                                                       max_batch_size=args.max_batch_size, speculative=speculative,
+                                                       adapters=adapters)
                 else:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
                                 kv_cache_config=dataclasses.asdict(args.kv_cache_config),
                                 tokens_per_block=args.tokens_per_block, load_format=load_format,
-                                max_batch_size=args.max_batch_size)  # the decode graphs' largest batch
+                                max_batch_size=args.max_batch_size,  # the decode graphs' largest batch
+                                adapters=adapters)
                     if remote is not None:
                         remote.start(init, executor_kwargs)
                     else:
@@ -154,6 +164,8 @@ class LLM:
                     remote = self._executor = RemoteExecutor(mapping.world_size)
         # Where the requests' logits processors and logits records go (see LLMState).
         held = runner if remote is None else remote
+        if adapters:  # installs go to the in-process runner, rank 0's runner, or the spawned job's rank 0
+            self._res.adapters = start_adapters(args, cfg, held.queue_adapter, self._res)
         if mapping.world_size == 1:
             self._res.processors, self._res.records = runner.logits_processors, runner.records
         else:
@@ -220,7 +232,9 @@ class LLM:
         self._watchdog = StepWatchdog(watched, self._on_stall, self.args.step_timeout)
 
     # ------------------------------------------------------------------ requests
-    def _prompt_ids(self, prompt: Prompt) -> tuple:
+    def _prompt_ids(self, prompt: Prompt, virtual_tokens: int = 0) -> tuple:
+        """(text or None, token ids) of a prompt; with a prompt table (`virtual_tokens` per task) ids in
+        [vocab_size, vocab_size + virtual_tokens) are its task's virtual tokens."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = prompt["prompt_token_ids"]
@@ -242,8 +256,16 @@ class LLM:
         # Plain ints (the usual case) are checked by C loops: set of types, min, max.
         plain = set(map(type, ids)) == {int}
         if (not plain and any(not isinstance(t, int) or isinstance(t, bool) for t in ids)) \
-                or min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise RequestError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+                or min(ids) < 0 or max(ids) >= self.vocab_size + virtual_tokens:
+            if virtual_tokens and plain and min(ids) >= 0:
+                from .errors import AdapterError
+
+                raise AdapterError(f"prompt token id {max(ids)} is beyond the prompt table: ids from vocab_size="
+                                   f"{self.vocab_size} stand for the task's {virtual_tokens} virtual tokens, so "
+                                   f"they must be < {self.vocab_size + virtual_tokens}")
+            raise RequestError(f"prompt token ids must be ints in [0, {self.vocab_size})"
+                               + (" (a prompt table's virtual tokens need prompt_adapter_request=...)"
+                                  if plain and min(ids) >= 0 else ""))
         return None, ids
 
     def _check_length(self, ids: List[int]) -> None:
@@ -292,23 +314,50 @@ class LLM:
                             tokenizer_source=str(self.args.tokenizer or self.engine_info.path),
                             vocab_size=self.vocab_size)
 
-    def _prepare(self, prompt: Prompt, checked_params: SamplingParams):
-        """(text, ids, params) of a prompt checked against this LLM; the params come checked (_check_params)."""
-        text, ids = self._prompt_ids(prompt)
+    def _prepare(self, prompt: Prompt, checked_params: SamplingParams, lora_request=None,
+                 prompt_adapter_request=None):
+        """(text, ids, params, adapters) of a prompt checked against this LLM; the params come checked
+        (_check_params); adapters: the request's loaded LoRA adapter and prompt table (None: the base model)."""
+        adapters = None
+        if lora_request is not None or prompt_adapter_request is not None:
+            manager = self._res.adapters
+            if manager is None:
+                from .errors import AdapterError
+
+                which = "lora_request" if lora_request is not None else "prompt_adapter_request"
+                raise AdapterError(f"{which} needs an LLM started with adapters enabled: LLM(..., enable_lora=True) "
+                                   "or LLM(..., lora_config=LoraConfig(...)) for LoRA, LLM(..., "
+                                   "enable_prompt_adapter=True) for prompt tables")
+            adapters = manager.prepare(lora_request, prompt_adapter_request)
+        prompt_table = adapters.prompt if adapters is not None else None
+        text, ids = self._prompt_ids(prompt, prompt_table.num_tokens if prompt_table is not None else 0)
+        if prompt_table is not None:
+            vocab = self.vocab_size
+            if max(ids) < vocab:  # no virtual token given: the task's go in front (as vLLM prepends them)
+                count = prompt_adapter_request.prompt_adapter_num_virtual_tokens or prompt_table.num_tokens
+                ids = list(range(vocab, vocab + count)) + ids
+            if checked_params.prompt_logprobs is not None or checked_params.repetition_penalty != 1.0:
+                from .errors import AdapterError
+
+                raise AdapterError("prompt_logprobs and repetition_penalty read the prompt's token ids, which a "
+                                   "prompt table's virtual tokens are not: unset them for prompt-tuned requests")
         self._check_length(ids)
-        return text, ids, checked_params
+        return text, ids, checked_params, adapters
 
     def _enqueue(self, prepared: Sequence[tuple], streaming: bool) -> List[RequestOutput]:
-        """Enqueue checked (text, ids, params) triples in one executor call: the executor sees them together
-        (its next step schedules from all of them) and takes all or, on an error, none."""
+        """Enqueue checked (text, ids, params, adapters) in one executor call: the executor sees them together
+        (its next step schedules from all of them) and takes all or, on an error, none. A request whose adapter
+        finds no free device slot waits on the user's side until one frees (AdapterManager)."""
         self._check_alive()
         outs, requests = [], []
+        manager = self._res.adapters
+        slotted, waiting = [], []  # request ids that took adapter slots, and those waiting for one
         processors, records = self._res.processors, self._res.records
         made: Dict[int, Any] = {}  # id(params) -> a core Request made from them, whose settings the next reuse
         pickled: Dict[int, bytes] = {}  # id(params) -> their logits processor, pickled for the sampling rank
         with self._lock:
             try:
-                for text, ids, params in prepared:
+                for text, ids, params, adapters in prepared:
                     beam = params.use_beam_search
                     # Sequences that may be dropped (best_of > n) or reordered (beams) are reported at the end.
                     stream = streaming and not beam and params.num_sequences == params.n
@@ -316,12 +365,14 @@ class LLM:
                     if params.guided_decoding is not None:
                         processor = self._guide(params, processor)
                     rid = next(self._ids)
-                    request = core_request(
-                        rid, ids, params, eos_token_ids=self.eos_token_ids, max_seq_len=self.max_seq_len,
-                        seed=params.effective_seed(secrets.randbits(63)), tokenizer=self.tokenizer,
-                        token_history=processor is not None, like=made.get(id(params)))
-                    made.setdefault(id(params), request)
-                    requests.append(request)
+                    make = functools.partial(
+                        core_request, rid, params=params, eos_token_ids=self.eos_token_ids,
+                        max_seq_len=self.max_seq_len, seed=params.effective_seed(secrets.randbits(63)),
+                        tokenizer=self.tokenizer, token_history=processor is not None)
+                    if adapters is None:
+                        request = make(ids, like=made.get(id(params)))
+                        made.setdefault(id(params), request)
+                        requests.append(request)
                     out = RequestOutput(rid, text, ids, abort_fn=self._res.abort, streaming=stream,
                                         num_sequences=params.n if beam else params.num_sequences)
                     outs.append(out)
@@ -335,26 +386,42 @@ class LLM:
                     if (params.prompt_logprobs is not None or params.return_context_logits
                             or params.return_generation_logits):
                         records.open(rid)
+                    if adapters is not None:  # after the registrations above: a waiting one may start at once
+                        slots = manager.acquire(rid, adapters)
+                        if slots is None:  # every slot serves running requests: enqueued when one frees
+                            waiting.append((rid, adapters, functools.partial(
+                                _enqueue_waiting, self._executor, make, ids, adapters, self.vocab_size)))
+                        else:
+                            slotted.append(rid)
+                            requests.append(make(**adapters.core_fields(ids, slots, self.vocab_size)))
                 if len(requests) == 1:
                     self._executor.enqueue(requests[0])
-                else:
+                elif requests:
                     self._executor.enqueue_many(requests)
             except BaseException:
                 for out in outs:
                     self._live.pop(out.request_id, None)  # the response thread may have failed it already
                     processors.pop(out.request_id, None)
                     records.pop(out.request_id)
+                for rid in slotted:
+                    manager.release(rid)
                 raise
+        if waiting:  # once the others are in: a slot freed meanwhile serves them at once
+            for rid, adapters, start in waiting:
+                manager.wait(rid, adapters, start)
+            manager.release(None)
         return outs
 
     def generate_async(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
-                       streaming: bool = False) -> RequestOutput:
-        """Enqueue one request and return its RequestOutput at once (await, .result() or iterate it)."""
-        return self._enqueue([self._prepare(prompt, self._check_params(sampling_params))], streaming)[0]
+                       streaming: bool = False, lora_request=None, prompt_adapter_request=None) -> RequestOutput:
+        """Enqueue one request and return its RequestOutput at once (await, .result() or iterate it).
+        lora_request: a LoRARequest (None: the base model); prompt_adapter_request: a PromptAdapterRequest."""
+        return self._enqueue([self._prepare(prompt, self._check_params(sampling_params), lora_request,
+                                            prompt_adapter_request)], streaming)[0]
 
     def _generate_async_batch(self, prompts: Sequence[Prompt],
-                              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None
-                              ) -> List[RequestOutput]:
+                              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                              lora_request=None, prompt_adapter_request=None) -> List[RequestOutput]:
         """generate_async for a list of prompts in one executor call; every prompt is checked before any
         is enqueued, so a bad one leaves nothing half-done."""
         if isinstance(sampling_params, (list, tuple)):
@@ -364,27 +431,34 @@ class LLM:
         else:
             params = [sampling_params] * len(prompts)
         checked: Dict[int, SamplingParams] = {}  # id(params) -> checked params: one check per distinct object
+        loras = per_prompt(lora_request, len(prompts), "lora_request")
+        tables = per_prompt(prompt_adapter_request, len(prompts), "prompt_adapter_request")
         prepared = []
-        for prompt, sp in zip(prompts, params):
+        for prompt, sp, lora, table in zip(prompts, params, loras, tables):
             if id(sp) not in checked:
                 checked[id(sp)] = self._check_params(sp)
-            prepared.append(self._prepare(prompt, checked[id(sp)]))
+            prepared.append(self._prepare(prompt, checked[id(sp)], lora, table))
         return self._enqueue(prepared, streaming=False) if prepared else []
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> Union[RequestOutput, List[RequestOutput]]:
-        """Generate for one prompt or a list of prompts (text, token-id lists or dicts); blocks."""
+                 use_tqdm: bool = True, lora_request=None, prompt_adapter_request=None
+                 ) -> Union[RequestOutput, List[RequestOutput]]:
+        """Generate for one prompt or a list of prompts (text, token-id lists or dicts); blocks.
+        lora_request / prompt_adapter_request: one for every prompt, or a list with one per prompt (None in it:
+        the base model)."""
         single = isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and len(prompts) > 0
             and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts))
         if not single and not isinstance(prompts, Sequence):
             raise RequestError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         with frozen_heap():
-            return self._generate_wait([prompts] if single else list(prompts), sampling_params, single, use_tqdm)
+            return self._generate_wait([prompts] if single else list(prompts), sampling_params, single, use_tqdm,
+                                       lora_request, prompt_adapter_request)
 
-    def _generate_wait(self, prompts, sampling_params, single: bool, use_tqdm: bool):
-        outputs = self._generate_async_batch(prompts, sampling_params)
+    def _generate_wait(self, prompts, sampling_params, single: bool, use_tqdm: bool, lora_request=None,
+                       prompt_adapter_request=None):
+        outputs = self._generate_async_batch(prompts, sampling_params, lora_request, prompt_adapter_request)
         bar = None
         try:
             if use_tqdm and len(outputs) > 1:
@@ -418,8 +492,10 @@ class LLM:
                 pass
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True, **template_kwargs):
-        """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True, lora_request=None,
+             prompt_adapter_request=None, **template_kwargs):
+        """Apply the tokenizer's chat template to one conversation or a list of them, then generate (with
+        lora_request / prompt_adapter_request as generate takes them)."""
         if self.tokenizer is None:
             raise RequestError("chat() needs a tokenizer (skip_tokenizer_init=True)")
         single = bool(messages) and isinstance(messages[0], dict)
@@ -430,7 +506,8 @@ class LLM:
                                "or a list of conversations")
         prompts = [{"prompt_token_ids": self.chat_token_ids(c, add_generation_prompt, **template_kwargs)}
                    for c in convs]
-        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request,
+                             prompt_adapter_request=prompt_adapter_request)
         return outs[0] if single else outs
 
     def chat_token_ids(self, conversation, add_generation_prompt: bool = True, **template_kwargs) -> List[int]:
@@ -453,6 +530,29 @@ class LLM:
             raise dead(f"this LLM was shut down: {self._death}")
         if self._closed or self._executor is None:
             raise ExecutorDeadError("this LLM has been shut down")
+
+    # ------------------------------------------------------------------ adapters
+    def _adapters(self):
+        from .errors import AdapterError
+
+        self._check_alive()
+        if self._res.adapters is None or self.args.lora_config is None:
+            raise AdapterError("this LLM serves no LoRA adapters: start it with LLM(..., enable_lora=True) or "
+                               "LLM(..., lora_config=LoraConfig(...))")
+        return self._res.adapters
+
+    def add_lora(self, lora_request) -> bool:
+        """Load a LoRA adapter (into host memory; onto the device with its first request) and remember its name;
+        True if its id was new. Errors (a missing path, a rank above max_lora_rank, ...) raise AdapterError."""
+        return self._adapters().add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget adapter `lora_id` (its requests in flight finish with it); False if it was unknown."""
+        return self._adapters().remove_lora(lora_id)
+
+    def list_loras(self) -> set:
+        """The ids of the adapters added or requested so far (and not removed)."""
+        return set(self._adapters().list_loras())
 
     def get_stats(self) -> dict:
         """Executor counters: free/used/cached KV blocks, running/waiting requests, cache hits, and the draft

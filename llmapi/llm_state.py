@@ -25,7 +25,9 @@ class LLMState:
     in-process ModelRunner at world size 1. `processors` takes the requests' logits processors (request id ->
     the callable at one rank, its pickled bytes at several) and `records` keeps their prompt logprobs and
     logits outputs (open(id) before enqueueing, take(id) when finished): the in-process runner's, rank 0's
-    DistributedRunner's, or a spawned job's RemoteExecutor's."""
+    DistributedRunner's, or a spawned job's RemoteExecutor's. `adapters` (llmapi.lora.manager.AdapterManager,
+    with LoRA or prompt tables) hands a request's adapter slots back when the executor is done with it, and
+    holds the requests waiting for a slot."""
 
     def __init__(self):
         self.executor = None
@@ -33,6 +35,7 @@ class LLMState:
         self.local = None
         self.processors = None
         self.records = None
+        self.adapters = None
         self.device = None
         self.live: Dict[int, LiveRequest] = {}
         self.lock = threading.Lock()  # held while requests are enqueued
@@ -44,6 +47,10 @@ class LLMState:
     # ------------------------------------------------------------------ requests
     def abort(self, request_id: int, seq_index: int = -1) -> None:
         """Stop a request (or one of its sequences); a no-op once the LLM is shut down or collected."""
+        adapters = self.adapters
+        if adapters is not None and seq_index < 0 and adapters.cancel(request_id):
+            self.finish(request_id, "abort", None)  # it was waiting for an adapter slot: never enqueued
+            return
         executor = self.executor
         if executor is not None and not self.closed:
             executor.abort(request_id, seq_index)
@@ -73,6 +80,8 @@ class LLMState:
                     self.finish(r.request_id, "error", runner_error(str(e)))
 
     def _on_response(self, r) -> None:
+        if r.request_finished and self.adapters is not None:
+            self.adapters.release(r.request_id)  # the executor is done with it: its adapter slots may serve others
         live = self.live.get(r.request_id)
         if live is None:
             return
@@ -81,6 +90,8 @@ class LLMState:
             self.finish(r.request_id, r.finish_reason or None, error)
 
     def finish(self, rid: int, reason, error) -> None:
+        if self.adapters is not None:
+            self.adapters.cancel(rid)  # no longer waiting for an adapter slot, if it was
         live = self.live.pop(rid, None)
         processors, records = self.processors, self.records
         if processors is not None:

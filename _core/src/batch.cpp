@@ -114,6 +114,7 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
     b.generation_logits.push_back(s.do_sample && sc.generation_logits ? 1 : 0);
     b.prompt_lens.push_back(r.num_prompt_tokens);
     b.next_token_ids.push_back(end < r.num_tokens() ? r.token_ids[end] : -1);
+    b.adapter_slots.push_back(r.adapter_slot);
 
     b.slots.push_back(s.slot);
     b.slot_copy_from.push_back(s.slot_copy_from);

@@ -27,6 +27,10 @@ uint64_t BlockManager::hash_block_tokens(uint64_t parent_hash, const int32_t* to
   return mix(h ^ static_cast<uint64_t>(count));
 }
 
+uint64_t BlockManager::root_hash(uint64_t cache_salt) {
+  return cache_salt == 0 ? kRootHash : mix(mix(kRootHash) ^ cache_salt);
+}
+
 BlockManager::BlockManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_prefix_caching)
     : num_blocks_(num_blocks),
       tokens_per_block_(tokens_per_block),
@@ -54,12 +58,12 @@ std::optional<uint64_t> BlockManager::block_hash(int32_t block_id) const {
   return b.hashed ? std::optional<uint64_t>(b.hash) : std::nullopt;
 }
 
-std::vector<int32_t> BlockManager::lookup(const std::vector<int32_t>& tokens) const {
+std::vector<int32_t> BlockManager::lookup(const std::vector<int32_t>& tokens, uint64_t root) const {
   std::vector<int32_t> hits;
   if (!prefix_caching_ || tokens.empty()) return hits;
   const int32_t B = tokens_per_block_;
   const int32_t max_blocks = (static_cast<int32_t>(tokens.size()) - 1) / B;
-  uint64_t parent = kRootHash;
+  uint64_t parent = root;
   for (int32_t i = 0; i < max_blocks; ++i) {
     const int32_t* seg = tokens.data() + static_cast<size_t>(i) * B;
     const uint64_t h = hash_block_tokens(parent, seg, B);
@@ -194,12 +198,12 @@ int32_t BlockManager::release_leading(std::vector<int32_t>& block_ids, int32_t c
 
 void BlockManager::cache_full_blocks(const std::vector<int32_t>& block_ids,
                                      const std::vector<int32_t>& tokens,
-                                     int32_t num_computed_tokens) {
+                                     int32_t num_computed_tokens, uint64_t root) {
   if (!prefix_caching_) return;
   const int32_t B = tokens_per_block_;
   const int32_t computed = std::min(num_computed_tokens, static_cast<int32_t>(tokens.size()));
   const int32_t num_full = std::min(computed / B, static_cast<int32_t>(block_ids.size()));
-  uint64_t parent = kRootHash;
+  uint64_t parent = root;
   bool parent_known = true;  // false after released entries: their blocks' hashes are not at hand
   // Hashed blocks form a prefix of the table (released entries at its head), so this walks the
   // already-hashed ones for their chain and hashes the rest: O(table length), a few hundred steps.
@@ -217,7 +221,7 @@ void BlockManager::cache_full_blocks(const std::vector<int32_t>& block_ids,
     }
     if (!parent_known) {
       // Its parent was released before it filled (a window within one block): chain from the root.
-      parent = kRootHash;
+      parent = root;
       for (int32_t j = 0; j < i; ++j) {
         parent = hash_block_tokens(parent, tokens.data() + static_cast<size_t>(j) * B, B);
       }

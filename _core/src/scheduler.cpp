@@ -61,7 +61,9 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
   }
   // Out-of-vocabulary ids would fail the step's masks or embedding lookup for every request in it.
   const int32_t vocab = config.vocab_size;
-  require_in_vocab(request.token_ids, vocab, "prompt_token_ids");
+  // A prompt-tuned request's prompt may hold ids past the vocabulary: rows of its prompt table.
+  require_in_vocab(request.token_ids, vocab > 0 ? vocab + request.prompt_table_size : vocab,
+                   "prompt_token_ids");
   require_in_vocab(request.stop.eos_token_ids, vocab, "eos_token_ids (end_id)");
   require_in_vocab(request.stop.stop_token_ids, vocab, "stop_token_ids");
   for (const auto& word : request.sampling.bad_words) require_in_vocab(word, vocab, "bad_words");
@@ -309,7 +311,9 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
     if (seats_used + seats(r) > config_.max_batch_size) break;
     // Prompt logits need every prompt position computed, so such requests skip the prefix cache.
     const std::vector<int32_t> prefix =
-        r->sampling.needs_prompt_logits() ? std::vector<int32_t>{} : blocks_.lookup(r->token_ids);
+        r->sampling.needs_prompt_logits()
+            ? std::vector<int32_t>{}
+            : blocks_.lookup(r->token_ids, BlockManager::root_hash(r->cache_salt));
     const int32_t cached = static_cast<int32_t>(prefix.size()) * B;
     int32_t n = r->num_tokens() - cached;
     // A beam catching up computes all but its last token alone (see schedule_running).

@@ -24,7 +24,7 @@ REQUEST_FIELDS = ("request_id", "prompt_token_ids", "max_tokens", "min_tokens", 
                   "ignore_eos", "temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "bad_words", "logit_bias", "num_sequences", "beam_search",
                   "length_penalty", "early_stopping", "num_returned", "prompt_logprobs", "context_logits",
-                  "generation_logits", "token_history")
+                  "generation_logits", "token_history", "adapter_slot", "cache_salt", "prompt_table_size")
 """The _core.Request constructor's arguments, as the user's process sends them (`logprobs` is read as
 `requested_logprobs`)."""
 

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# Rank 0's calls to every rank: call(method, payload), as nano-vllm's model runner.
-INIT, STEP, RELEASE, EXIT = 1, 2, 3, 4
+# Rank 0's calls to every rank: call(method, payload), as nano-vllm's model runner. ADAPTER: an adapter into its
+# device slot (llmapi.lora.runtime.AdapterInstall as safetensors bytes), before the step that first uses it.
+INIT, STEP, RELEASE, EXIT, ADAPTER = 1, 2, 3, 4, 5
 
 # Batch arrays in wire order: name, dtype, length in terms of R (requests), T (tokens), B (blocks per row),
 # S (suppressed ids), C (block copies), N (logit bias entries), H (state entries).
@@ -34,6 +35,7 @@ _BATCH_FIELDS = (
     ("generation_logits", np.int8, "R"), ("prompt_lens", np.int32, "R"), ("next_token_ids", np.int32, "R"),
     ("slots", np.int32, "R"), ("slot_copy_from", np.int32, "R"), ("slot_reset", np.int8, "R"),
     ("state_start", np.int32, "R"), ("state_offsets", np.int32, "R+1"), ("state_ids", np.int32, "H"),
+    ("adapter_slots", np.int32, "R"),
 )
 _COUNTS = ("R", "T", "B", "S", "C", "N", "H")
 

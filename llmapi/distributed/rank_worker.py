@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from llmapi.config import KvCacheConfig
-from llmapi.distributed.comm import EXIT, INIT, RELEASE, STEP, ControlChannel, GroupComm, decode_batch
+from llmapi.distributed.comm import ADAPTER, EXIT, INIT, RELEASE, STEP, ControlChannel, GroupComm, decode_batch
 from llmapi.distributed.mapping import Mapping
 from llmapi.distributed.pipeline import micro_batches, slice_batch
 from llmapi.distributed.session import Session
@@ -109,7 +109,8 @@ class RankWorker:
             self.runner = ModelRunner(init["engine_dir"], init["engine_config"], self.device,
                                       KvCacheConfig(**init["kv_cache_config"]), init["tokens_per_block"],
                                       load_format=init["load_format"], mapping=mapping,
-                                      comm=GroupComm(session.tp_group, mapping.tp_size))
+                                      comm=GroupComm(session.tp_group, mapping.tp_size),
+                                      adapters=init.get("adapters"))
         except Exception as e:  # e.g. its file fails its checksum: every rank must learn it, or they hang
             error = e
         _agree_loaded(session, error)
@@ -131,6 +132,10 @@ class RankWorker:
         self.samples = session.rank == mapping.sampler_rank
         self.feed = TokenFeed(session.feed, session.rank, mapping, self.device)
         self._sends = []  # (work, tensor): isends in flight; the tensor must live until they complete
+
+    def install_adapter(self, install) -> None:
+        """An adapter into its device slot on this rank (its shard of it), between steps."""
+        self.runner.adapters.install(install)
 
     def _isend(self, tensor: torch.Tensor, dst: int, group=None) -> None:
         self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
@@ -316,6 +321,10 @@ def serve(session: Session) -> None:
             marks.call_started = time.monotonic()
             worker.start(decode_batch(payload))
             marks.call_started, marks.calls_done = 0.0, marks.calls_done + 1
+        elif method == ADAPTER:
+            from llmapi.lora.runtime import AdapterInstall
+
+            worker.install_adapter(AdapterInstall.from_bytes(payload))
         elif method == INIT:
             try:
                 worker = RankWorker(session, json.loads(payload))

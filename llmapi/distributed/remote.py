@@ -275,6 +275,11 @@ class RemoteExecutor:
             self._outstanding.difference_update(ids)
             raise
 
+    def queue_adapter(self, install) -> None:
+        """An adapter (llmapi.lora.runtime.AdapterInstall) for rank 0 to hand every rank before its next step;
+        returns once rank 0 has it, so a request enqueued after this finds it installed."""
+        self._call("adapter", install.to_bytes())
+
     def abort(self, request_id: int, seq_index: int = -1) -> None:
         if self._dead is not None:
             return

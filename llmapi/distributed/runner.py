@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from llmapi.distributed.comm import INIT, RELEASE, STEP, ControlChannel, decode_batch, encode_batch
+from llmapi.distributed.comm import ADAPTER, INIT, RELEASE, STEP, ControlChannel, decode_batch, encode_batch
 from llmapi.distributed.rank_worker import RankWorker, StepHandle
 from llmapi.distributed.session import Session
 from llmapi.errors import WorkerDiedError
@@ -77,6 +77,8 @@ class DistributedRunner:
         self.num_blocks = self.worker.num_blocks
         self.processors = ProcessorTable()
         self.records = LogitsRecords()
+        self._adapters: list = []  # AdapterInstalls queued by the user's side, handed out before the next step
+        self._adapters_lock = threading.Lock()
         self._closed = False
         self._inflight: dict[int, StepHandle] = {}  # submitted, not collected: drained before a release
         self.events = collections.deque(maxlen=EVENTS_KEPT)
@@ -90,6 +92,7 @@ class DistributedRunner:
         number, inflight = self._submitted, len(self._inflight)
         self.events.append(("submit", number, inflight, int((np.asarray(batch.prev_rows) >= 0).sum())))
         try:
+            self._send_adapters()
             payload = encode_batch(batch, *self.processors.take())
             self.channel.send(STEP, payload)  # on its way to the ranks while this rank stages its part
             handle = self.worker.start(decode_batch(payload))
@@ -101,6 +104,19 @@ class DistributedRunner:
         self._submitted, self._overlapped = number + 1, self._overlapped + bool(inflight)
         self._inflight[id(handle)] = handle
         return handle
+
+    def queue_adapter(self, install) -> None:
+        """From any thread: an adapter (llmapi.lora.runtime.AdapterInstall) every rank puts in its device slot
+        before the next step."""
+        with self._adapters_lock:
+            self._adapters.append(install)
+
+    def _send_adapters(self) -> None:
+        with self._adapters_lock:
+            installs, self._adapters = self._adapters, []
+        for install in installs:
+            self.channel.send(ADAPTER, install.to_bytes())
+            self.worker.install_adapter(install)
 
     def collect(self, handle: StepHandle):
         """The step's tokens [R], or a StepOutput: what the in-process runner's collect gives."""

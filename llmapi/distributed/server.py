@@ -135,6 +135,11 @@ def _serve_calls(conn, executor, runner: DistributedRunner, send) -> None:
             except LLMAPIError as e:
                 _unregister(runner, requests)
                 send(("reply", msg[1], (type(e).__name__, str(e)), None))
+        elif kind == "adapter":
+            from llmapi.lora.runtime import AdapterInstall
+
+            runner.queue_adapter(AdapterInstall.from_bytes(msg[2]))
+            send(("reply", msg[1], None, None))
         elif kind == "abort":
             executor.abort(msg[1], msg[2])
         elif kind == "stats":

@@ -293,7 +293,9 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
             if hasattr(state_dict, "close"):
                 state_dict.close()
     engine_config = dict(engine_config)
-    engine_config.update(architecture=engine_arch, dtype=settings.dtype,
+    # hf_architecture: the family that converted it, whose HF module names LoRA adapters are mapped by.
+    engine_config.update(architecture=engine_arch, hf_architecture=models.hf_architecture(hf_config),
+                         dtype=settings.dtype,
                          mapping=dict(settings.mapping), embedding_sharding_dim=settings.embedding_sharding_dim,
                          quantization=dict(settings.quantization))
 

@@ -3,8 +3,9 @@
 A family is a module of this package with `HF_ARCHITECTURES` (the `architectures` entries it converts),
 `ENGINE_ARCHITECTURE` (the `architecture` its engine configs carry), `MODEL_TYPES` (config `model_type` -> one
 of those, for configs without `architectures`), `config_from_hf` and `convert_hf`; it may have `fused_linears`
-(the HF linears stacked into each engine linear, which GPTQ reads). Every family converts to the general decoder
-of models/gpt.py.
+(the HF linears stacked into each engine linear, which LoRA adapters and, with GPTQ_CHECKPOINTS, GPTQ read) and
+`order_rows` (a stacked tensor's rows in the engine's order, where the converter regroups them). Every family
+converts to the general decoder of models/gpt.py.
 """
 
 from collections.abc import Mapping

@@ -54,6 +54,20 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     }
 
 
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears it holds: (name without "transformer.", out rows), in_features). GPT-2's
+    Conv1D c_attn already holds q, k and v rows in the engine's order."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    out = {}
+    for i in range(cfg["num_hidden_layers"]):
+        src, dst = f"h.{i}.", f"transformer.layers.{i}."
+        out[dst + "attention.qkv"] = ([(src + "attn.c_attn", 3 * hidden)], hidden)
+        out[dst + "attention.dense"] = ([(src + "attn.c_proj", hidden)], hidden)
+        out[dst + "mlp.fc"] = ([(src + "mlp.c_fc", inter)], hidden)
+        out[dst + "mlp.proj"] = ([(src + "mlp.c_proj", hidden)], inter)
+    return out
+
+
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
     """HF GPT-2 checkpoint -> (engine config, engine weights): Conv1D weights [in, out] become [out, in]."""
     cfg = config_from_hf(hf_config, dtype)

@@ -162,6 +162,30 @@ def _qkv_rows(t: torch.Tensor, heads: int, head_dim: int, multi_query: bool) -> 
     return t.reshape(heads, 3, head_dim, *rest).transpose(0, 1).reshape(t.shape).contiguous()
 
 
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears it holds: (name without "transformer.", out rows), in_features); c_attn's
+    rows take the engine's order through order_rows."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * cfg["head_dim"]
+    out = {}
+    for i in range(cfg["num_hidden_layers"]):
+        src, dst = f"h.{i}.", f"transformer.layers.{i}."
+        out[dst + "attention.qkv"] = ([(src + "attn.c_attn", qkv)], hidden)
+        out[dst + "attention.dense"] = ([(src + "attn.c_proj", hidden)], hidden)
+        out[dst + "mlp.fc"] = ([(src + "mlp.c_fc", inter)], hidden)
+        out[dst + "mlp.proj"] = ([(src + "mlp.c_proj", hidden)], inter)
+    return out
+
+
+def order_rows(cfg: dict, engine_linear: str, t: torch.Tensor) -> torch.Tensor:
+    """The rows of an engine linear's tensor stacked from its HF linears, in the engine's order: a multi-head
+    c_attn's per-head q, k, v rows regrouped as convert_hf regroups the weights."""
+    if not engine_linear.endswith("attention.qkv"):
+        return t
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    return _qkv_rows(t, heads, cfg["head_dim"], kv_heads == 1 and heads > 1)
+
+
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
     """HF GPTBigCode (or SantaCoder remote-code) checkpoint -> (engine config, engine weights)."""
     if is_santacoder_layout(hf_config):

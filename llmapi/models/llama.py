@@ -12,6 +12,7 @@ from llmapi.models.base import HFTensors, attention_shape, dtype_name, require_p
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 ENGINE_ARCHITECTURE = "LlamaForCausalLM"  # the engine config's name (engines of every family run models/gpt.py)
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+GPTQ_CHECKPOINTS = True  # GPTQ checkpoints convert (llmapi.quantization.gptq reads fused_linears)
 
 
 def _rope_from_hf(hf_config: dict) -> tuple[float, dict | None]:

@@ -73,6 +73,21 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     }
 
 
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears stacked into it: (name without "model.", out rows), in_features)."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    out = {}
+    for i in range(cfg["num_hidden_layers"]):
+        src, dst = f"decoder.layers.{i}.", f"transformer.layers.{i}."
+        attn = src + "self_attn."
+        out[dst + "attention.qkv"] = ([(attn + "q_proj", hidden), (attn + "k_proj", hidden),
+                                       (attn + "v_proj", hidden)], hidden)
+        out[dst + "attention.dense"] = ([(attn + "out_proj", hidden)], hidden)
+        out[dst + "mlp.fc"] = ([(src + "fc1", inter)], hidden)
+        out[dst + "mlp.proj"] = ([(src + "fc2", hidden)], inter)
+    return out
+
+
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
     """HF OPT checkpoint -> (engine config, engine weights): q/k/v stacked into qkv; the norms of a model without
     elementwise affine (layer_norm_elementwise_affine=False) get weight 1 and bias 0, which is the same norm."""

@@ -59,6 +59,21 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     }
 
 
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears stacked into it: (name without "model.", out rows), in_features)."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    q_size, kv_size = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    out = {}
+    for i in range(cfg["num_hidden_layers"]):
+        src, dst = f"layers.{i}.", f"transformer.layers.{i}."
+        out[dst + "attention.qkv"] = ([(src + "self_attn.q_proj", q_size), (src + "self_attn.k_proj", kv_size),
+                                       (src + "self_attn.v_proj", kv_size)], hidden)
+        out[dst + "attention.dense"] = ([(src + "self_attn.o_proj", hidden)], q_size)
+        out[dst + "mlp.fc"] = ([(src + "mlp.c_fc", inter)], hidden)
+        out[dst + "mlp.proj"] = ([(src + "mlp.c_proj", hidden)], inter)
+    return out
+
+
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
     """HF StarCoder2 checkpoint -> (engine config, engine weights): q/k/v fused into qkv, c_fc/c_proj as fc/proj."""
     cfg = config_from_hf(hf_config, dtype)

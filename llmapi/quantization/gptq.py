@@ -141,7 +141,7 @@ def convert_gptq(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype:
     from llmapi.models import convert_hf, family, hf_architecture
 
     converter = family(hf_config)
-    if not hasattr(converter, "fused_linears"):
+    if not getattr(converter, "GPTQ_CHECKPOINTS", False):
         raise UnsupportedModelError(f"GPTQ checkpoints of {hf_architecture(hf_config)} are not supported "
                                     "(supported: the Llama family)")
     table = converter.fused_linears(converter.config_from_hf(hf_config, dtype))

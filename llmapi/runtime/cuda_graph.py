@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..layers.attention import AttentionMetadata
@@ -74,7 +75,7 @@ class DecodeGraphs:
 
     def __init__(self, model, kv_caches: List[torch.Tensor], stager: InputStager, max_batch_size: int,
                  max_blocks: int, num_kv_heads: int, hidden: Optional[tuple[int, torch.dtype]] = None,
-                 last_stage: bool = True, distributed: bool = False):
+                 last_stage: bool = True, distributed: bool = False, adapters=None):
         from llmapi._kernels.decode_attention import num_splits_for
 
         self.model, self.kv_caches, self.stager = model, kv_caches, stager
@@ -92,6 +93,10 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         # [G, H]: the previous stage's output (received here), for a stage after the first.
         self.hidden_in = None if hidden is None else torch.zeros(largest, hidden[0], dtype=hidden[1], device=device)
+        # [G]: each row's LoRA adapter slot (-1: none), a static input as the ids are (llmapi.lora.runtime).
+        self.adapters = adapters
+        self.adapter_slots = None if adapters is None else torch.full((largest,), -1, dtype=torch.int32,
+                                                                      device=device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
         self.graphs, self.outputs, self.attn = {}, {}, {}
         pool = torch.cuda.graph_pool_handle() if cuda else None
@@ -131,12 +136,16 @@ class DecodeGraphs:
         """All rows padding (no KV write, empty context): what capture runs on."""
         ids, pos, slots, ctx, qsl = self._views(size)
         ids.zero_(), pos.zero_(), slots.fill_(-1), ctx.zero_()
+        if self.adapter_slots is not None:
+            self.adapter_slots.fill_(-1)
         qsl.copy_(torch.arange(size + 1, dtype=torch.int32, device=qsl.device))
 
     def _step(self, size: int) -> tuple:
         """(logits [G, V] in the model dtype, greedy ids [G]) on the last stage, else (hidden [G, H],)."""
         ids, pos, _, _, _ = self._views(size)
         hidden_in = None if self.hidden_in is None else self.hidden_in[:size]
+        if self.adapters is not None:  # the slots' grouping is computed inside the graph
+            self.adapters.begin(self.adapter_slots[:size])
         hidden = self.model(ids, pos, self.attn[size], self.kv_caches, hidden=hidden_in)  # [G, H]
         if not self.last_stage:
             return (hidden,)
@@ -166,6 +175,10 @@ class DecodeGraphs:
         if self.hidden_in is None:  # a later stage embeds nothing
             self.stager.fill_placeholders(dev, lay, prev_ids)
         self.block_tables[:r, :lay.width].copy_(lay.block_tables(dev))
+        if self.adapter_slots is not None:
+            slots = np.full(size, -1, dtype=np.int32)
+            slots[:r] = np.asarray(batch.adapter_slots)
+            self.adapter_slots[:size].copy_(torch.from_numpy(slots), non_blocking=True)
         self.graphs[size].replay()
         outputs = self.outputs[size]
         if self.last_stage:

@@ -74,7 +74,7 @@ class ModelRunner:
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
                  max_batch_size: int = 1024, cuda_graphs: bool = True,
-                 mapping: Optional[Mapping] = None, comm=None, speculative=None):
+                 mapping: Optional[Mapping] = None, comm=None, speculative=None, adapters: Optional[dict] = None):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -87,6 +87,13 @@ class ModelRunner:
         # Dummy weights are drawn where they are used: an 8B model's weights take minutes to draw on a CPU.
         dummy = load_format == "dummy" and not os.path.exists(os.path.join(engine_dir, rank_file(self.mapping.rank)))
         load_rank_model(self.model, engine_dir, self.mapping.rank, dummy, engine_config, self.dtype, device)
+        # LoRA slots and prompt tables (llmapi.lora.runtime), wrapped around the loaded model before the cache is
+        # sized: their device buffers come first.
+        self.adapters = None
+        if adapters:
+            from ..lora.runtime import RunnerAdapters
+
+            self.adapters = RunnerAdapters(self.model, engine_config, adapters, device, self.dtype)
         # Speculative decoding (llmapi.speculative.setup.SpeculativeSetup): its drafter's weights load before the
         # cache is sized, and its KV (EAGLE: also the target's hidden states) lies in the same blocks.
         self.spec = None if speculative is None else speculative.build(self.model, device, self.dtype,
@@ -141,7 +148,7 @@ class ModelRunner:
         with torch.inference_mode():
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size, max_blocks,
                                        self.kv_heads, hidden=hidden, last_stage=m.is_last_stage,
-                                       distributed=m.world_size > 1)
+                                       distributed=m.world_size > 1, adapters=self.adapters)
         logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     def allocate_kv_caches(self, num_blocks: int) -> None:
@@ -152,6 +159,11 @@ class ModelRunner:
                                             self.device, self.kv_dtype, self.kv_heads)
         if self.spec is not None:
             self.spec.allocate(num_blocks)
+
+    def queue_adapter(self, install) -> None:
+        """From any thread: an adapter (llmapi.lora.runtime.AdapterInstall) to put in its device slot before the
+        next step."""
+        self.adapters.queue(install)
 
     @torch.inference_mode()
     def copy_blocks(self, copies: np.ndarray) -> None:
@@ -190,6 +202,8 @@ class ModelRunner:
         return step
 
     def _submit(self, batch):
+        if self.adapters is not None:
+            self.adapters.apply_pending()  # adapters the user's side installed since the last step
         self.copy_blocks(np.asarray(batch.block_copies))
         self.stager.next_step()
         # Kept until this step succeeds: the executor's placeholders refer to the last step whose
@@ -261,6 +275,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:  # [T, H]
         """This rank's layers; `hidden` [T, H] is the previous pipeline stage's output."""
+        if self.adapters is not None:
+            self.adapters.begin(inputs.adapter_slots, inputs.adapter_slots_host)
         out = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches, hidden=hidden)
         if self.spec is not None:
             self.spec.after_forward(inputs, out)  # an EAGLE head keeps the target's hidden states

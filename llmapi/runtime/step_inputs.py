@@ -23,6 +23,20 @@ class StepInputs:
     sampling: dict  # the sampler's per-row tensors, by its argument names
     all_greedy: bool
     any_top_k_top_p: bool
+    adapter_slots: Optional[torch.Tensor] = None  # [T] int32 LoRA slot per token (-1: none); None: no adapter
+    adapter_slots_host: Optional[np.ndarray] = None  # the same on the host
+
+
+def token_adapter_slots(batch) -> Optional[np.ndarray]:
+    """[T] int32: the LoRA adapter slot of each of the batch's tokens (its request's), or None when no request
+    of the batch has an adapter."""
+    slots = getattr(batch, "adapter_slots", None)
+    if slots is None or len(slots) == 0:
+        return None
+    slots = np.asarray(slots, dtype=np.int32)
+    if slots.max() < 0:
+        return None
+    return np.repeat(slots, np.asarray(batch.query_lens))
 
 
 def _align(count: int) -> int:
@@ -220,5 +234,7 @@ class InputStager:
             tokens_per_block=self.tokens_per_block, num_kv_splits=num_kv_splits,
             num_decodes=int(longer[0]) if len(longer) else 0)  # the scheduler puts running decodes first
         sampling, all_greedy, any_filter = self.sampling(batch)
+        adapters = token_adapter_slots(batch)
         return StepInputs(lay.ids(dev), lay.positions(dev), attn, qsl[1:].long() - 1, sampling, all_greedy,
-                          any_filter)
+                          any_filter, None if adapters is None else torch.from_numpy(adapters).to(self.device),
+                          adapters)

@@ -56,6 +56,7 @@ struct Batch {
   std::vector<int8_t> generation_logits;  // [R] 1: keep the logits of the sampled token
   std::vector<int32_t> prompt_lens;       // [R]
   std::vector<int32_t> next_token_ids;    // [R] the token after this step's last one, -1 if unknown
+  std::vector<int32_t> adapter_slots;     // [R] the request's LoRA adapter slot, -1 for none
   // Per-request state rows of the runner (penalty counts, token history).
   std::vector<int32_t> slots;             // [R] the row's state slot, -1 for none
   std::vector<int32_t> slot_copy_from;    // [R] first copy this slot's state (a fork), -1 for none

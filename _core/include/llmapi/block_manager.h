@@ -35,12 +35,16 @@ class BlockManager {
   // Hash of a full block given its parent's hash (kRootHash for the first block).
   static uint64_t hash_block_tokens(uint64_t parent_hash, const int32_t* tokens, int32_t count);
 
+  // The parent hash of a sequence's first block: kRootHash, or for a request with a cache salt (its
+  // LoRA adapter, its prompt table) a root of its own, so its blocks never match another root's.
+  static uint64_t root_hash(uint64_t cache_salt);
+
   BlockManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_prefix_caching);
 
   // Cached blocks holding a prefix of `tokens`, verified token by token. At most
   // floor((len - 1) / B) blocks, so at least one token is left to compute (its logits sample the
   // next token). Empty when prefix caching is off. Touches nothing.
-  std::vector<int32_t> lookup(const std::vector<int32_t>& tokens) const;
+  std::vector<int32_t> lookup(const std::vector<int32_t>& tokens, uint64_t root = kRootHash) const;
 
   // Grows `block_ids` to cover `num_tokens` tokens. If `cached_prefix` (from lookup) is given,
   // `block_ids` must be empty and those blocks are taken first (reference count + 1). Returns
@@ -75,7 +79,7 @@ class BlockManager {
   // (whose KV is now in the cache) that are not hashed yet. No-op when prefix caching is off.
   // Released entries are passed over; a block right after them chains from its tokens' hashes.
   void cache_full_blocks(const std::vector<int32_t>& block_ids, const std::vector<int32_t>& tokens,
-                         int32_t num_computed_tokens);
+                         int32_t num_computed_tokens, uint64_t root = kRootHash);
 
   int32_t blocks_for(int32_t num_tokens) const {
     return (num_tokens + tokens_per_block_ - 1) / tokens_per_block_;

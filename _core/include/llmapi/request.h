@@ -83,6 +83,13 @@ struct Request {
   std::vector<int32_t> block_ids;    // block table: block i holds positions [i*B, (i+1)*B)
   int32_t num_cached_tokens = 0;     // prefix-cache hit at the first admission
   int32_t num_preemptions = 0;
+  // Adapters: the runner's device slot of the request's LoRA adapter (-1: none); the seed of its
+  // prefix-cache hash chain (0: none), so that KV computed under an adapter or prompt table is never
+  // shared with requests under another or none; how many ids past the vocabulary its prompt may
+  // hold (its prompt table's rows).
+  int32_t adapter_slot = -1;
+  uint64_t cache_salt = 0;
+  int32_t prompt_table_size = 0;
   bool in_flight = false;            // in a batch submitted and not collected
   // Async scheduling: also in a second, later batch in flight, which takes the token the first
   // samples as its input. Batches are collected in order: the next one collected is the first.
