@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -179,6 +180,36 @@ def bench_quant(quant: str | None, kv_cache_dtype: str):
     return dataclasses.replace(config, kv_cache_quant_algo=algo)
 
 
+def bench_speculative(a):
+    """LLM(speculative_config=...) for --speculative-model, --eagle-model or --ngram (with --max-draft-len,
+    --max-matching-ngram-size); None without them. A known config name as the draft model becomes its config
+    directory (dummy weights with --load-format dummy, as the target's)."""
+    from .speculative import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
+
+    chosen = [name for name, on in (("--speculative-model", a.speculative_model), ("--eagle-model", a.eagle_model),
+                                    ("--ngram", a.ngram)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} are exclusive: pick one kind of drafts")
+    if a.speculative_model:
+        return DraftTargetDecodingConfig(speculative_model=resolve_bench_model(a.speculative_model),
+                                         max_draft_len=a.max_draft_len)
+    if a.eagle_model:
+        return EagleDecodingConfig(speculative_model=a.eagle_model, max_draft_len=a.max_draft_len)
+    if a.ngram:
+        return NGramDecodingConfig(max_draft_len=a.max_draft_len, max_matching_ngram_size=a.max_matching_ngram_size)
+    return None
+
+
+def speculative_report(stats: dict, before: dict, output_tokens: int, steps: int) -> dict:
+    """Drafted and accepted tokens of the timed workload (executor counters `stats` minus `before`), and output
+    tokens per runner step."""
+    drafted = stats["num_draft_tokens"] - before["num_draft_tokens"]
+    accepted = stats["num_accepted_draft_tokens"] - before["num_accepted_draft_tokens"]
+    return {"draft_tokens": drafted, "accepted_draft_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "output_tokens_per_step": output_tokens / steps if steps else float("nan")}
+
+
 async def _stream_completion(client, body: dict) -> Timing:
     """One streamed /v1/completions request: arrival of the first event, of [DONE], and the usage's token count.
 
@@ -252,6 +283,8 @@ def main_openai(a) -> int:
         raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000)")
     if a.compare is not None:
         raise ValueError("--compare runs offline only (drop --backend openai)")
+    if bench_speculative(a) is not None:
+        raise ValueError("--speculative-model / --eagle-model / --ngram run offline only (drop --backend openai)")
     api_key = a.api_key or os.environ.get("LLMAPI_API_KEY") or os.environ.get("OPENAI_API_KEY")
     model = a.model or _served_model(a.base_url, api_key)
     workload = Workload(a.isl, a.osl, a.num_requests, a.concurrency, a.seed)
@@ -279,27 +312,34 @@ def main(a) -> int:
     model = resolve_bench_model(a.model)
     workload = Workload(a.isl, a.osl, a.num_requests, a.concurrency, a.seed)
     quant = bench_quant(a.quant, a.kv_cache_dtype)
+    speculative = bench_speculative(a)
     kv = {"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction}
     started = time.perf_counter()
     llm = LLM(model, dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=True,
               max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, kv_cache_config=kv,
               max_seq_len=a.isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
               pipeline_parallel_size=a.pipeline_parallel_size, quant=quant,
-              async_scheduling=not a.no_async_scheduling)
+              async_scheduling=not a.no_async_scheduling, speculative_config=speculative)
     from .sampling_params import SamplingParams
     llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
     results = {"startup_s": time.perf_counter() - started, "model": a.model, "dtype": llm.engine_info.config["dtype"],
                "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
-               "async_scheduling": not a.no_async_scheduling}
+               "async_scheduling": not a.no_async_scheduling,
+               "speculative_config": None if speculative is None else
+               {"decoding_type": speculative.decoding_type, **dataclasses.asdict(speculative)}}
     vocab = llm.vocab_size
     if a.warmup:
         run_workload(llm, Workload(a.isl, a.osl, a.warmup, a.concurrency, seed=a.seed + 1), vocab)
     runner = llm._runner  # the in-process runner; None with several ranks (theirs run in the MPI job)
     if runner is not None:
         runner.stats = type(runner.stats)()
+    counters = llm.get_stats()
     ours = run_workload(llm, workload, vocab)
     results["llmapi"] = ours
+    if speculative is not None:
+        steps = runner.stats.steps if runner is not None else llm.get_stats()["num_steps"] - counters["num_steps"]
+        ours["speculative"] = speculative_report(llm.get_stats(), counters, ours["output_tokens"], steps)
     if runner is not None:
         results["runner_steps"] = runner.stats.as_dict()
     if llm.device.type == "cuda":
@@ -310,6 +350,11 @@ def main(a) -> int:
         results["weight_bytes"] = sum(p.numel() * p.element_size() for p in rank_model.parameters())
         print(f"weights: {results['weight_bytes'] / 2**30:.2f} GiB ({a.quant or 'not quantized'})")
     print(format_report("llmapi", ours))
+    if speculative is not None:
+        sp = ours["speculative"]
+        print(f"speculative ({speculative.decoding_type}, max_draft_len {speculative.max_draft_len}): "
+              f"{sp['accepted_draft_tokens']} of {sp['draft_tokens']} drafts accepted "
+              f"({100 * sp['acceptance_rate']:.1f}%), {sp['output_tokens_per_step']:.2f} output tokens per step")
     if runner is not None:
         st = results["runner_steps"]
         print(f"runner: {st['steps']} steps ({st['graph_steps']} from CUDA graphs), {st['tokens']} tokens; "
@@ -376,6 +421,14 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
+    p.add_argument("--speculative-model", default=None,
+                   help="speculative decoding with this draft model (hub id, directory, or a known config name: "
+                   + ", ".join(known_config_names()) + ", with --load-format dummy as the target)")
+    p.add_argument("--eagle-model", default=None, help="speculative decoding with this EAGLE-1 head (directory or "
+                   "hub id)")
+    p.add_argument("--ngram", action="store_true", help="speculative decoding with n-gram (prompt lookup) drafts")
+    p.add_argument("--max-draft-len", type=int, default=4, help="draft tokens per step (speculative decoding)")
+    p.add_argument("--max-matching-ngram-size", type=int, default=4, help="--ngram: the longest suffix matched")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="hf: also run the workload through transformers (static cache + torch.compile)")
     p.add_argument("--hf-batch-size", type=int, default=0, help="transformers' batch (default: the concurrency)")
