@@ -32,7 +32,9 @@ import torch
 from .errors import GuidedDecodingError, MissingDependencyError
 
 _KINDS = ("json", "json_object", "regex", "grammar", "choice")
-_CACHE_ENTRIES = 512  # compiled grammars kept per backend (xgrammar keeps its own cache as well)
+# Compiled grammars a backend keeps (least recently used first out): at most this many, and this many bytes.
+_CACHE_ENTRIES = 512
+_CACHE_BYTES = 512 << 20
 
 
 def _short(value: Any) -> str:
@@ -135,16 +137,17 @@ class GuidedDecodingParams:
         return kind, value, True
 
     @classmethod
-    def coerce(cls, value, name: str = "guided_decoding") -> Optional["GuidedDecodingParams"]:
-        """None, a GuidedDecodingParams, or a dict of its fields (ValueError naming `name` otherwise)."""
+    def coerce(cls, value) -> Optional["GuidedDecodingParams"]:
+        """None, a GuidedDecodingParams, or one made from a dict of its fields; ValueError saying why not."""
         if value is None or isinstance(value, cls):
             return value
-        if isinstance(value, dict):
-            from .config import from_kwargs
+        if not isinstance(value, dict):
+            raise ValueError("must be a GuidedDecodingParams, a dict of its fields, or None")
+        if any(not isinstance(k, str) for k in value):
+            raise ValueError("a dict of GuidedDecodingParams fields must have field names (strings) as keys")
+        from .config import from_kwargs
 
-            return from_kwargs(cls, value, "GuidedDecodingParams()")
-        raise ValueError(f"SamplingParams.{name}={_short(value)} is invalid: must be a GuidedDecodingParams, a dict "
-                         "of its fields, or None")
+        return from_kwargs(cls, value, "GuidedDecodingParams()")
 
 
 StructuredOutputsParams = GuidedDecodingParams  # vLLM's name
@@ -202,15 +205,21 @@ def _json_schema_text(text: str) -> str:
 
 class GrammarBackend:
     """An xgrammar GrammarCompiler over one tokenizer and vocabulary size, with its compiled grammars cached by
-    content: a grammar is compiled once however many requests use it. Thread-safe."""
+    content (least recently used out past _CACHE_ENTRIES grammars or _CACHE_BYTES): a grammar is compiled once
+    however many requests use it. Thread-safe."""
 
     def __init__(self, tokenizer, vocab_size: int):
         xgr = _xgrammar()
         self.vocab_size = vocab_size
-        # Each request's matcher names its own end tokens (the request's EOS ids).
-        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        try:  # each request's matcher names its own end tokens (the request's EOS ids)
+            self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        except Exception as e:
+            raise GuidedDecodingError(f"guided decoding cannot use this tokenizer ({type(tokenizer).__name__}): "
+                                      f"{_xgrammar_message(e)}") from None
+        # This class's cache, bounded, is the only one: xgrammar's own would keep every grammar ever compiled.
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=min(8, os.cpu_count() or 1),
-                                            cache_enabled=True)
+                                            cache_enabled=False)
+        self._bytes = 0
         self._cache: "collections.OrderedDict[Tuple[str, str, bool], Any]" = collections.OrderedDict()
         self._lock = threading.Lock()
         self.compilations = 0
@@ -238,9 +247,12 @@ class GrammarBackend:
                                       f"{_xgrammar_message(e)}") from None
         with self._lock:
             self.compilations += 1
-            self._cache[spec] = compiled
-            while len(self._cache) > _CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+            if spec not in self._cache:  # another thread may have compiled it meanwhile
+                self._cache[spec] = compiled
+                self._bytes += compiled.memory_size_bytes
+            while len(self._cache) > 1 and (len(self._cache) > _CACHE_ENTRIES or self._bytes > _CACHE_BYTES):
+                _, dropped = self._cache.popitem(last=False)
+                self._bytes -= dropped.memory_size_bytes
         return compiled
 
 
@@ -373,6 +385,9 @@ def apply_grammar_masks(logits: torch.Tensor, batch, rows: np.ndarray, processor
     host = bitmask.numpy()
     offsets, suppressed = np.asarray(batch.suppress_offsets), np.asarray(batch.suppress_ids)
     for i, r in enumerate(good):
+        if r not in errors and not host[i].any():
+            errors[r] = _row_error(int(request_ids[r]), GuidedDecodingError(
+                "the grammar allows no token of this model's vocabulary here"))
         banned = suppressed[offsets[r]:offsets[r + 1]]
         if r not in errors and len(banned) and np.isin(_allowed_ids(host[i], vocab), banned).all():
             errors[r] = _row_error(int(request_ids[r]), GuidedDecodingError(

@@ -313,7 +313,12 @@ class SamplingParams:
                 _fail(name, getattr(self, name), "must be a bool")
 
     def _check_guided(self, normalised: dict) -> None:
-        values = [GuidedDecodingParams.coerce(getattr(self, n), n) for n in _GUIDED]
+        values = []
+        for name in _GUIDED:
+            try:
+                values.append(GuidedDecodingParams.coerce(getattr(self, name)))
+            except ValueError as e:
+                _fail(name, getattr(self, name), str(e))
         if None not in values and values[0] != values[1]:
             raise ValueError(f"SamplingParams.guided_decoding={_short_repr(values[0])} and structured_outputs="
                              f"{_short_repr(values[1])} disagree (structured_outputs is vLLM's name for "
@@ -321,7 +326,10 @@ class SamplingParams:
         guided = values[0] if values[0] is not None else values[1]
         if guided is None:
             return
-        guided.validate()  # its fields may have changed in place
+        try:
+            guided.validate()  # its fields may have changed in place
+        except ValueError as e:
+            _fail("guided_decoding", guided, str(e))
         if self.use_beam_search:
             _fail("guided_decoding", guided, "beam search with guided decoding is not supported "
                                              "(use_beam_search=True)")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmapi import LLM, LLMAPIError, SamplingParams
+from llmapi import LLM, GuidedDecodingParams, LLMAPIError, SamplingParams
 
 MAX_TOKENS = 4
 VOCAB = 320  # tiny_llama's; ids around it reach both sides of the vocabulary check
@@ -35,6 +35,10 @@ def _wrong_shape(output_ids, logits):
 
 
 ids = st.integers(0, VOCAB + 20)
+# Grammars over the tiny word-level vocabulary (json_object has no token to start with: it fails its request).
+grammars = st.none() | st.sampled_from([GuidedDecodingParams(choice=["the quick", "fox"]),
+                                        GuidedDecodingParams(regex="(the|quick|fox)+"),
+                                        GuidedDecodingParams(json_object=True), {"regex": "(brown|fox)+"}])
 words = st.text(alphabet="abquick fox\n", min_size=1, max_size=6)
 small_float = st.floats(-3, 3, allow_nan=False)
 
@@ -72,6 +76,8 @@ VALID = {
     "use_beam_search": st.booleans(),
     "length_penalty": small_float,
     "early_stopping": st.sampled_from([False, True, "never"]),
+    "guided_decoding": grammars,
+    "structured_outputs": grammars,
 }
 assert set(VALID) == set(FIELDS)
 

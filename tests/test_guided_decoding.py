@@ -179,6 +179,16 @@ def test_mask_equals_xgrammar_matcher_on_cuda():
     _check_mask_against_matchers(torch.device("cuda"))
 
 
+@pytest.mark.gpu
+def test_guided_generation_on_cuda(model_dir):
+    with LLM(str(model_dir), device="cuda", **SETTINGS) as llm:
+        for name, (guided, check) in CHECKS.items():
+            outs = llm.generate(["hello"] * 8, _sampled(guided, 8, n=2), use_tqdm=False)
+            texts = [c.text for o in outs for c in o.outputs]
+            assert all(c.finish_reason == "stop" for o in outs for c in o.outputs), (name, texts)
+            assert all(check(t) for t in texts), (name, texts)
+
+
 # ----------------------------------------------------------------------------------------- compile and refuse
 def test_grammars_compile_once_and_are_cached(llm):
     g = GuidedDecodingParams(regex="[a-z]{3}")
@@ -194,6 +204,22 @@ def test_grammars_compile_once_and_are_cached(llm):
     llm.generate(["hello"], SamplingParams(max_tokens=4, guided_decoding=GuidedDecodingParams(regex="[a-z]{4}")),
                  use_tqdm=False)
     assert backend.compilations == before + 1
+
+
+def test_compiled_grammar_cache_is_bounded(monkeypatch):
+    import llmapi.guided_decoding as gd
+
+    monkeypatch.setattr(gd, "_CACHE_ENTRIES", 2)
+    backend = GrammarBackend(make_byte_level_tokenizer(), VOCAB_SIZE)
+    specs = [GuidedDecodingParams(regex=f"[a-z]{{{k}}}").spec() for k in (1, 2, 3)]
+    first = backend.compile(specs[0])
+    backend.compile(specs[1])
+    assert backend.compile(specs[0]) is first and backend.compilations == 2  # a hit makes it the most recent
+    backend.compile(specs[2])  # the least recently used (specs[1]) goes
+    assert backend.compile(specs[0]) is first and backend.compilations == 3
+    backend.compile(specs[1])
+    assert backend.compilations == 4 and len(backend._cache) == 2
+    assert backend._bytes == sum(c.memory_size_bytes for c in backend._cache.values())
 
 
 @pytest.mark.parametrize("guided, message", [
@@ -239,6 +265,19 @@ def test_async_scheduling_masks_with_the_last_token(model_dir, llm):
     assert llm.args.async_scheduling
     got = llm.generate(["hello"] * 6, _sampled(guided, 6), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_preempted_requests_resume_their_grammar(model_dir, llm):
+    """A cache too small for the batch: preempted guided requests are recomputed, their matchers rebuilt from their
+    tokens, and they give the tokens of an unpreempted run."""
+    guided, check = CHECKS["json"]
+    want = llm.generate(["hello"] * 8, _sampled(guided, 8), use_tqdm=False)
+    small = dict(SETTINGS, kv_cache_config=KvCacheConfig(max_tokens=256, enable_block_reuse=False))
+    with LLM(str(model_dir), **small) as tight:
+        got = tight.generate(["hello"] * 8, _sampled(guided, 8), use_tqdm=False)
+        assert tight.get_stats()["num_preemptions"] > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(check(o.outputs[0].text) for o in got)
 
 
 def test_n_sequences_each_follow_the_grammar(llm):

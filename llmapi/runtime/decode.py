@@ -90,7 +90,7 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
 
     Returns device tensors named as StepOutput's fields. Index sets come from the batch's host
     arrays, so nothing here waits for the device; a Python loop runs only over rows whose
-    request has a Python logits processor.
+    request has a Python logits processor or a grammar (guided decoding: a GrammarGuide in `processors`).
     """
     dev = logits.device
     num_rows, vocab = logits.shape

@@ -116,7 +116,7 @@ class _Sampling(_Body):
                            given[1][0])
         name, fields = given[0]
         try:
-            return GuidedDecodingParams.coerce(fields, name), name
+            return GuidedDecodingParams.coerce(fields), name
         except ValueError as e:
             raise APIError(f"{name}: {e}", name) from None
 
