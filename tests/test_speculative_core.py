@@ -100,6 +100,21 @@ def test_a_decode_step_carries_ngram_drafts_and_keeps_the_accepted_ones():
     assert (st["num_draft_tokens"], st["num_accepted_draft_tokens"]) == (3, 2)
 
 
+def test_blocks_filled_by_accepted_drafts_are_cached_under_the_requests_salt():
+    s = make_scheduler()
+    prefill(s, 1, [5, 6, 5], 6, max_tokens=20, cache_salt=77)  # an adapter's requests hash apart
+    out = s.schedule()
+    assert s.make_batch(out).input_ids.tolist() == [6, 5, 6]  # [5, 6] recurs at 0
+    s.update(out, Result([[5, 6, 40]]))  # both accepted: positions 0..5 computed, block 0 full
+    bm = s.block_manager
+    first = s.request(1).block_ids[0]
+    root = _core.BlockManager.root_hash(77)
+    assert root != _core.BlockManager.ROOT_HASH
+    assert bm.block_hash(first) == _core.BlockManager.hash_block_tokens(root, [5, 6, 5, 6])
+    assert bm.lookup([5, 6, 5, 6, 1], root) == [first]
+    assert bm.lookup([5, 6, 5, 6, 1]) == []  # not under the plain root
+
+
 def test_rejected_drafts_blocks_go_back():
     s = make_scheduler(k=5)
     prefill(s, 1, [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1], 2, max_tokens=20)  # 14 tokens: blocks 0..3

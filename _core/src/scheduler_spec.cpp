@@ -98,7 +98,8 @@ void Scheduler::settle_drafts(Request* r, const ScheduledRequest& s, const StepR
     append_candidate(r, result, row, column);
     stopped = apply_stop_rules(*r, config_.max_seq_len);
   }
-  blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens);
+  blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens,
+                            BlockManager::root_hash(r->cache_salt));
   if (stopped) {
     responses.push_back(finish_at(r, r->finish_reason, "", first));
     return;
