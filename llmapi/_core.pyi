@@ -26,10 +26,20 @@ class ExecutorConfig:
     # The model's sliding window (attention sees the last this many positions): KV blocks wholly
     # before a request's window are handed back as it moves on. 0: none.
     sliding_window: int
+    # Speculative decoding: 0 none, 1 n-gram drafts (proposed by the scheduler), 2 a draft model, 3 an
+    # EAGLE head (the runner proposes their drafts); a decode step carries up to max_draft_len drafts.
+    speculative_mode: int
+    max_draft_len: int
+    max_matching_ngram_size: int  # n-gram: the longest suffix looked for earlier in a request's tokens
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
                  tokens_per_block: int, num_blocks: int, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_inflight_batches: int = 1,
-                 async_scheduling: bool = False, vocab_size: int = 0, sliding_window: int = 0) -> None: ...
+                 async_scheduling: bool = False, vocab_size: int = 0, sliding_window: int = 0,
+                 speculative_mode: int = 0, max_draft_len: int = 0, max_matching_ngram_size: int = 0) -> None: ...
+
+def propose_ngram(tokens: Sequence[int], max_ngram_size: int, max_draft_len: int) -> List[int]:
+    """The tokens after the most recent earlier occurrence of the longest suffix of `tokens` (max_ngram_size
+    tokens down to 1), at most max_draft_len of them; [] without a match."""
 
 class Request:
     """One request (invalid settings raise llmapi.errors.RequestError). Scheduler.request()
@@ -138,6 +148,12 @@ class Request:
     def num_cached_tokens(self) -> int: ...  # prefix-cache hit at the first admission
     @property
     def num_preemptions(self) -> int: ...
+    @property
+    def num_draft_computed(self) -> int: ...  # draft model / EAGLE: positions whose drafter KV is valid
+    @property
+    def num_draft_tokens(self) -> int: ...  # speculative decoding: drafts verified so far ...
+    @property
+    def num_accepted_draft_tokens(self) -> int: ...  # ... and accepted
 
 class Response:
     """Tokens generated since the sequence's previous response, and its finish state."""
@@ -174,6 +190,10 @@ class Response:
     def num_prompt_tokens(self) -> int: ...
     @property
     def num_cached_tokens(self) -> int: ...
+    @property
+    def num_draft_tokens(self) -> int: ...  # the request's drafts verified so far ...
+    @property
+    def num_accepted_draft_tokens(self) -> int: ...  # ... and accepted
 
 class Batch:
     """One step's inputs (R requests, T tokens); every array is a read-only view."""
@@ -262,6 +282,17 @@ class Batch:
     def state_offsets(self) -> npt.NDArray[np.int32]: ...  # [R+1]
     @property
     def state_ids(self) -> npt.NDArray[np.int32]: ...  # [H] tokens appended to the state rows
+    # Speculative decoding: row r's query ends in num_draft_tokens[r] drafts (n-gram ids, or -1 for the
+    # runner's drafter); the drafter's KV is valid before draft_start[r] (-1: no drafting) and
+    # draft_input_ids[draft_offsets[r]:draft_offsets[r+1]] are the tokens from there to the last known one.
+    @property
+    def num_draft_tokens(self) -> npt.NDArray[np.int32]: ...  # [R]
+    @property
+    def draft_start(self) -> npt.NDArray[np.int32]: ...  # [R]
+    @property
+    def draft_offsets(self) -> npt.NDArray[np.int32]: ...  # [R+1]
+    @property
+    def draft_input_ids(self) -> npt.NDArray[np.int32]: ...  # [D]
 
 class BlockManager:
     """Paged KV blocks with reference counts and a chained-hash prefix cache (see block_manager.h
@@ -286,6 +317,8 @@ class BlockManager:
     def release_leading(self, block_ids: Sequence[int], count: int) -> List[int]: ...
     def cache_full_blocks(self, block_ids: Sequence[int], tokens: Sequence[int],
                           num_computed_tokens: int, root: int = ...) -> None: ...
+    # Keeps the blocks of the first num_tokens positions, releases the rest (last first); returns the table.
+    def truncate(self, block_ids: Sequence[int], num_tokens: int) -> List[int]: ...
     def ref_count(self, block_id: int) -> int: ...
     def block_hash(self, block_id: int) -> Optional[int]: ...
     def free_queue(self) -> List[int]: ...  # eviction order, head first
@@ -311,6 +344,10 @@ class ScheduledRequest:
     def do_sample(self) -> bool: ...
     @property
     def input_row(self) -> int: ...  # >= 0: runs ahead on the token that row of the step in flight samples
+    @property
+    def num_draft_tokens(self) -> int: ...  # drafts after the last known token (speculative decoding)
+    @property
+    def draft_start(self) -> int: ...  # the drafter's first position to compute, -1: no drafter
 
 class SchedulerOutput:
     @property
