@@ -221,7 +221,7 @@ class LLM:
                                 device_type=self.device.type, cache_dir=args.cache_dir,
                                 full_check=args.full_engine_check, cache_lock_timeout=args.cache_lock_timeout)
 
-        return prepare(args, target_config, self.device, build)
+        return prepare(args, target_config, self.device, build, self.max_seq_len)
 
     def _start_responses(self) -> None:
         from .runtime.watchdog import StepWatchdog

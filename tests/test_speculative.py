@@ -291,6 +291,12 @@ def test_llm_refuses_bad_speculative_settings(tiny_llama_dir, tmp_path):
     make_tiny_llama(other, num_hidden_layers=1, vocab_size=256)
     with pytest.raises(ValueError, match="speculative_model.*256"):
         LLM(str(tiny_llama_dir), speculative_config=DraftTargetDecodingConfig(str(other)))
+    short = tmp_path / "short-draft"
+    make_tiny_llama(short, num_hidden_layers=1, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="speculative_model.*max_seq_len=256.*64 positions"):
+        LLM(str(tiny_llama_dir), speculative_config=DraftTargetDecodingConfig(str(short)))
+    with LLM(str(tiny_llama_dir), max_seq_len=64, speculative_config=DraftTargetDecodingConfig(str(short))) as llm:
+        assert len(llm.generate([5, 6, 7], SamplingParams(max_tokens=8, temperature=0)).outputs[0].token_ids) > 0
 
 
 def test_a_dict_config_with_decoding_type_works(tiny_llama_dir, plain):

@@ -154,10 +154,12 @@ def test_requests_that_cannot_speculate_decode_one_token():
     prefill_all(s, [(1, prompt, 7, dict(max_tokens=20, repetition_penalty=1.2)),  # a state row
                     (2, prompt, 7, dict(max_tokens=20, min_tokens=4)),
                     (3, prompt, 7, dict(max_tokens=20, bad_words=[[8, 9]])),
-                    (4, [1, 2, 3, 4], 9, dict(max_tokens=20))])  # no n-gram match: nothing to draft
+                    (4, [1, 2, 3, 4], 9, dict(max_tokens=20)),  # no n-gram match: nothing to draft
+                    (5, prompt, 7, dict(max_tokens=20, prompt_table_size=2)),  # virtual tokens: no drafter input
+                    (6, prompt, 7, dict(max_tokens=20))])
     out = s.schedule()
     assert [(x.request_id, x.num_new_tokens, x.num_draft_tokens) for x in out.scheduled] == [
-        (1, 1, 0), (2, 1, 0), (3, 1, 0), (4, 1, 0)]
+        (1, 1, 0), (2, 1, 0), (3, 1, 0), (4, 1, 0), (5, 1, 0), (6, 4, 3)]
 
 
 def test_drafts_never_preempt_and_wait_for_blocks():

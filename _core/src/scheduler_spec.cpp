@@ -36,8 +36,12 @@ bool Scheduler::spec_eligible(const Request* r) const {
   // Each verified position must be sampled as a plain decode step would sample it, from settings
   // that do not change within the step: no forks or beams, no penalties or token history (Python
   // logits processors, grammars), no per-token logits outputs, no bad words longer than a token.
+  // A prompt table's virtual tokens (ids past the vocabulary) are no drafter's input.
   const SamplingConfig& s = r->sampling;
-  if (r->group != nullptr || r->is_beam() || s.needs_state() || s.generation_logits) return false;
+  if (r->group != nullptr || r->is_beam() || s.needs_state() || s.generation_logits ||
+      r->prompt_table_size > 0) {
+    return false;
+  }
   return std::none_of(s.bad_words.begin(), s.bad_words.end(),
                       [](const std::vector<int32_t>& word) { return word.size() > 1; });
 }

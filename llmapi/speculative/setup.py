@@ -59,11 +59,12 @@ class SpeculativeSetup:
         return SpeculativeDecoder(c.mode, EagleDrafter(head, target_model, device, dtype, tokens_per_block))
 
 
-def prepare(args, target_config: dict, device: torch.device, build_engine_fn) -> Optional[SpeculativeSetup]:
+def prepare(args, target_config: dict, device: torch.device, build_engine_fn,
+            max_seq_len: int) -> Optional[SpeculativeSetup]:
     """Check LlmArgs.speculative_config against the target and fetch what its drafter needs: the draft model's
     engine (built or found in the engine cache with the target's dtype, unquantized), or the EAGLE head's
     directory. None without speculative decoding. `build_engine_fn(model)` builds an engine of the target's
-    settings on one rank."""
+    settings on one rank; `max_seq_len` is the LLM's (a draft model must hold as many positions)."""
     config = args.speculative_config
     if config is None:
         return None
@@ -74,6 +75,8 @@ def prepare(args, target_config: dict, device: torch.device, build_engine_fn) ->
         raise ValueError(f"speculative_config={type(config).__name__}(...) is invalid for this model: speculative "
                          f"decoding does not support a sliding window (sliding_window="
                          f"{target_config['sliding_window']})")
+    if target_config.get("is_encoder_decoder"):
+        raise ValueError(f"speculative_config={type(config).__name__}(...) is invalid for an encoder-decoder model")
     if isinstance(config, NGramDecodingConfig):
         return SpeculativeSetup(config)
     if isinstance(config, DraftTargetDecodingConfig):
@@ -82,7 +85,12 @@ def prepare(args, target_config: dict, device: torch.device, build_engine_fn) ->
         if draft_vocab != vocab:
             raise ValueError(f"speculative_model={config.speculative_model!r} is invalid: its vocabulary has "
                              f"{draft_vocab} tokens, the target's {vocab} (the draft must share the target's tokenizer)")
-        if info.config.get("quantization", {}).get("quant_algo"):
+        draft_positions = info.config["max_position_embeddings"]
+        if draft_positions < max_seq_len:
+            raise ValueError(f"speculative_model={config.speculative_model!r} is invalid with max_seq_len={max_seq_len}: "
+                             f"the draft model has {draft_positions} positions (max_position_embeddings); pass "
+                             f"LLM(max_seq_len={draft_positions}) or a draft with as many positions as the target")
+        if (info.config.get("quantization") or {}).get("quant_algo"):
             raise UnsupportedModelError(f"speculative_model={config.speculative_model!r}: a quantized draft model "
                                         "is not supported")
         return SpeculativeSetup(config, draft_engine=info)
