@@ -11,8 +11,10 @@ from llmapi.models.llama import config_from_hf
 def test_llama_3_2_1b_known_config_is_a_draft_for_llama_3_1_8b():
     import torch
 
-    small = config_from_hf(json.loads(open(f"{resolve_bench_model('llama-3.2-1b')}/config.json").read()), torch.bfloat16)
-    big = config_from_hf(json.loads(open(f"{resolve_bench_model('llama-3.1-8b')}/config.json").read()), torch.bfloat16)
+    def config(name):
+        return config_from_hf(json.loads(open(f"{resolve_bench_model(name)}/config.json").read()), torch.bfloat16)
+
+    small, big = config("llama-3.2-1b"), config("llama-3.1-8b")
     assert (small["hidden_size"], small["num_hidden_layers"], small["num_attention_heads"],
             small["num_key_value_heads"], small["head_dim"], small["intermediate_size"]) == (2048, 16, 32, 8, 64, 8192)
     assert small["tie_word_embeddings"] and small["rotary_scaling"]["factor"] == 32.0

@@ -165,8 +165,8 @@ class EagleDrafter:
         self.hidden_cache.index_copy_(0, slots, hidden[:slots.shape[0]].to(self.dtype))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.head.embed_tokens if self.head.embed_tokens is not None else self.target.transformer.vocab_embedding
-        return table(ids)
+        own = self.head.embed_tokens
+        return (own if own is not None else self.target.transformer.vocab_embedding)(ids)
 
     @torch.inference_mode()
     def propose(self, batch, inputs, settings: RowSettings, num_draft: np.ndarray):

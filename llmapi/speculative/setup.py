@@ -84,12 +84,14 @@ def prepare(args, target_config: dict, device: torch.device, build_engine_fn,
         draft_vocab, vocab = info.config["vocab_size"], target_config["vocab_size"]
         if draft_vocab != vocab:
             raise ValueError(f"speculative_model={config.speculative_model!r} is invalid: its vocabulary has "
-                             f"{draft_vocab} tokens, the target's {vocab} (the draft must share the target's tokenizer)")
+                             f"{draft_vocab} tokens, the target's {vocab} (the draft must share the target's "
+                             "tokenizer)")
         draft_positions = info.config["max_position_embeddings"]
         if draft_positions < max_seq_len:
-            raise ValueError(f"speculative_model={config.speculative_model!r} is invalid with max_seq_len={max_seq_len}: "
-                             f"the draft model has {draft_positions} positions (max_position_embeddings); pass "
-                             f"LLM(max_seq_len={draft_positions}) or a draft with as many positions as the target")
+            raise ValueError(f"speculative_model={config.speculative_model!r} is invalid with "
+                             f"max_seq_len={max_seq_len}: the draft model has {draft_positions} positions "
+                             f"(max_position_embeddings); pass LLM(max_seq_len={draft_positions}) or a draft with as "
+                             "many positions as the target")
         if (info.config.get("quantization") or {}).get("quant_algo"):
             raise UnsupportedModelError(f"speculative_model={config.speculative_model!r}: a quantized draft model "
                                         "is not supported")
