@@ -205,6 +205,24 @@ def test_max_tokens_inside_a_draft_ends_the_output_as_plain_decoding(plain, self
     assert got.finish_reason == want.finish_reason == "length"
 
 
+def test_streamed_updates_of_several_tokens_add_up_to_plain_decoding(plain, self_drafted):
+    import asyncio
+
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    want = plain.generate(STOP_PROMPT, params).outputs[0]
+
+    async def stream():
+        updates = []
+        async for out in self_drafted.generate_async(STOP_PROMPT, params, streaming=True):
+            updates.append((list(out.outputs[0].token_ids_diff), out.outputs[0].text_diff))
+        return updates
+
+    updates = asyncio.run(stream())
+    assert [t for ids, _ in updates for t in ids] == want.token_ids
+    assert "".join(text for _, text in updates) == want.text
+    assert max(len(ids) for ids, _ in updates) > 1  # verified steps streamed several tokens at once
+
+
 def test_logprobs_of_speculated_tokens_equal_plain_decoding(plain, self_drafted):
     params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True, logprobs=3)
     want = plain.generate(STOP_PROMPT, params).outputs[0]

@@ -194,6 +194,19 @@ def test_a_drafter_row_gets_placeholders_and_its_catch_up_inputs():
         assert b.draft_input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23][after:]
 
 
+def test_async_scheduling_waits_for_a_speculating_requests_step():
+    """A request that may speculate is not scheduled ahead of its step in flight (its accepted count decides the
+    next step's tokens): the next schedule has nothing for it until that step is collected."""
+    s = make_scheduler(async_scheduling=True)
+    prefill(s, 1, [5, 6, 7, 8, 5, 6], 7, max_tokens=20)
+    first = s.schedule()
+    assert [(x.request_id, x.num_draft_tokens) for x in first.scheduled] == [(1, 3)]
+    assert list(s.schedule().scheduled) == []  # in flight: not ahead
+    s.update(first, Result([[8, -1, -1, -1]]))
+    second = s.schedule()
+    assert [(x.request_id, x.num_computed_tokens, x.input_row) for x in second.scheduled] == [(1, 7, -1)]
+
+
 def test_an_abort_during_a_speculative_step_frees_every_block():
     ex_config = ExecutorConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64, tokens_per_block=4,
                                num_blocks=32, speculative_mode=NGRAM, max_draft_len=3, max_matching_ngram_size=3)
