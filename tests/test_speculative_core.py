@@ -173,25 +173,32 @@ def test_drafts_never_preempt_and_wait_for_blocks():
 
 
 def test_a_drafter_row_gets_placeholders_and_its_catch_up_inputs():
-    for mode, after in ((DRAFT_MODEL, 9), (EAGLE, 6)):
+    # The drafter computes what the target computes: a draft model's KV follows the computed tokens, an EAGLE head's
+    # all but the last (its pair needs the token after it).
+    for mode, behind in ((DRAFT_MODEL, 0), (EAGLE, 1)):
         s = make_scheduler(mode=mode, k=3)
         prefill(s, 1, [5, 6, 7, 8, 9, 10], 11, max_tokens=20)
+        assert s.request(1).num_draft_computed == 6 - behind
         out = s.schedule()
         b = s.make_batch(out)
-        assert out.scheduled[0].num_draft_tokens == 3 and b.draft_start.tolist() == [0]
+        assert out.scheduled[0].num_draft_tokens == 3 and b.draft_start.tolist() == [6 - behind]
         assert b.input_ids.tolist() == [11, -1, -1, -1]  # the runner fills the drafts
-        assert b.draft_offsets.tolist() == [0, 7]
-        assert b.draft_input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11]  # positions 0..6
+        assert b.draft_input_ids.tolist() == [10, 11][1 - behind:]  # from draft_start to the last known token
+        assert b.draft_offsets.tolist() == [0, 1 + behind]
         s.update(out, Result([[20, 21, 22, 23]]))  # every draft accepted
         req = s.request(1)
-        assert req.num_computed_tokens == 10
-        # The draft model took 11, 20, 21 as inputs (KV valid before 10 - 1: 22 was never an input); the EAGLE head
-        # read the target's hidden states before position 6.
-        assert req.num_draft_computed == after
+        assert req.num_computed_tokens == 10 and req.num_draft_computed == 10 - behind
+        b = s.make_batch(s.schedule())
+        assert b.draft_start.tolist() == [10 - behind]
+        assert b.draft_input_ids.tolist() == [22, 23][1 - behind:]
+    # A prefix hit: the cached blocks' drafter KV came with them (an EAGLE head's last pair is redone: the token
+    # after the hit may differ).
+    for mode, behind in ((DRAFT_MODEL, 0), (EAGLE, 1)):
+        s = make_scheduler(mode=mode, k=3)
+        prefill(s, 1, [5, 6, 7, 8, 9, 10, 11, 12, 13], 14, max_tokens=20)
+        s.add(Request(2, [5, 6, 7, 8, 9, 10, 11, 12, 40], max_tokens=20))
         out = s.schedule()
-        b = s.make_batch(out)
-        assert b.draft_start.tolist() == [after]
-        assert b.draft_input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23][after:]
+        assert s.request(2).num_cached_tokens == 8 and s.request(2).num_draft_computed == 8 - behind
 
 
 def test_async_scheduling_waits_for_a_speculating_requests_step():

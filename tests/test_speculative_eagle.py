@@ -125,13 +125,15 @@ def _fake_batch(ids, draft_start, num_draft):
             [num_draft], np.int32))
 
 
-def test_the_drafter_chain_equals_the_reference_chain(target, tmp_path):
-    """EagleDrafter.propose: the head reads the target's hidden states from its slot-indexed cache (the catch-up
-    pairs), drafts the first token, then feeds its own output with each draft; the reference recomputes the whole
-    chain without a cache at every step."""
+@pytest.mark.parametrize("draft_start", [8, 0])
+def test_the_drafter_chain_equals_the_reference_chain(target, tmp_path, draft_start):
+    """The target's prompt step (its hidden states kept per slot, the head run over its pairs: after_forward), then
+    EagleDrafter.propose: the head catches up on the pairs from draft_start (the prompt's last pair, whose next token
+    came after that step; or every pair, from the hidden-state cache), drafts the first token, then feeds its own
+    output with each draft; the reference recomputes the whole chain without a cache at every step."""
     from llmapi.engine import build_engine, load_rank_weights
     from llmapi.models import get_model_class
-    from llmapi.speculative.drafter import EagleDrafter
+    from llmapi.speculative.drafter import EagleDrafter, paged_metadata
     from llmapi.speculative.eagle import load_eagle_head
     from llmapi.speculative.rejection import RowSettings
     from tiny_models import make_tiny_eagle_head
@@ -144,14 +146,14 @@ def test_the_drafter_chain_equals_the_reference_chain(target, tmp_path):
     drafter = EagleDrafter(load_eagle_head(tmp_path, info.config, "cpu", torch.float32), model.eval(), "cpu",
                            torch.float32, TOKENS_PER_BLOCK)
     drafter.allocate(32)
-    ids = [5, 9, 17, 33, 4, 100, 7, 250, 11, 12]  # the last is the last known token
+    ids = [5, 9, 17, 33, 4, 100, 7, 250, 11, 12]  # a 9-token prompt, then the token its step sampled
     hidden, lm_head = _target_states(hf, ids)
     table = _scattered_table(len(ids) + 4, seed=1)
-    positions = torch.arange(len(ids))
-    slots = (table[positions // TOKENS_PER_BLOCK].long() * TOKENS_PER_BLOCK + positions % TOKENS_PER_BLOCK)
-    drafter.after_forward(SimpleNamespace(attn=SimpleNamespace(slot_mapping=slots)), hidden)  # the target's step
+    attn, pos = paged_metadata(table.unsqueeze(0), np.array([0]), np.array([9]), TOKENS_PER_BLOCK)
+    prompt_step = SimpleNamespace(input_ids=torch.tensor(ids[:9], dtype=torch.int32), positions=pos, attn=attn)
+    drafter.after_forward(prompt_step, hidden[:9])  # the target's prompt step
     k = 4
-    batch = _fake_batch(ids, draft_start=0, num_draft=k)
+    batch = _fake_batch(ids, draft_start=draft_start, num_draft=k)
     inputs = SimpleNamespace(attn=SimpleNamespace(block_tables=table.unsqueeze(0)))
     settings = RowSettings.from_batch(batch, np.array([0]), "cpu")
     drafts, probs = drafter.propose(batch, inputs, settings, np.array([k]))

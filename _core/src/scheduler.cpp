@@ -341,6 +341,7 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
     if (r->num_preemptions == 0) r->num_cached_tokens = cached;
     num_prefix_hit_tokens_ += cached;
     r->num_computed_tokens = cached;
+    sync_drafter(r);  // a cached block's drafter KV was computed with it
     r->status = RequestStatus::kRunning;
     if (r->sampling.needs_state()) r->slot = take_slot();
     running_.push_back(r);

@@ -31,6 +31,15 @@ bool Scheduler::runner_drafts() const {
   return mode == SpeculativeMode::kDraftModel || mode == SpeculativeMode::kEagle;
 }
 
+void Scheduler::sync_drafter(Request* r) const {
+  const auto mode = static_cast<SpeculativeMode>(config_.speculative_mode);
+  if (mode == SpeculativeMode::kDraftModel) {
+    r->num_draft_computed = r->num_computed_tokens;
+  } else if (mode == SpeculativeMode::kEagle) {
+    r->num_draft_computed = std::max(0, r->num_computed_tokens - 1);
+  }
+}
+
 bool Scheduler::spec_eligible(const Request* r) const {
   if (config_.speculative_mode == static_cast<int32_t>(SpeculativeMode::kNone)) return false;
   // Each verified position must be sampled as a plain decode step would sample it, from settings
@@ -89,13 +98,7 @@ void Scheduler::settle_drafts(Request* r, const ScheduledRequest& s, const StepR
   const int32_t c = s.num_computed_tokens;  // the position of the last known token
   // KV is right for that token and the accepted drafts; the rejected drafts' slots are dropped.
   r->num_computed_tokens = c + 1 + accepted;
-  if (config_.speculative_mode == static_cast<int32_t>(SpeculativeMode::kDraftModel)) {
-    // The draft model took the last token and the first drafts - 1 drafts as its inputs.
-    r->num_draft_computed = c + std::min(accepted, drafts - 1) + 1;
-  } else if (config_.speculative_mode == static_cast<int32_t>(SpeculativeMode::kEagle)) {
-    // The head's KV is right where it read the target's hidden states: positions before c.
-    r->num_draft_computed = c;
-  }
+  sync_drafter(r);
   const int32_t first = r->num_output_tokens();
   bool stopped = false;
   for (int32_t column = 0; column < count && !stopped; ++column) {

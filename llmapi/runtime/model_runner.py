@@ -124,7 +124,7 @@ class ModelRunner:
         self._prev_ids: Optional[torch.Tensor] = None
         # With several ranks the driver captures once the ranks agree on the cache size (graphs hold its address).
         if self.spec is not None and self.spec.needs_every_forward:
-            cuda_graphs = False  # the EAGLE head reads every forward's hidden states (decode graphs keep none)
+            cuda_graphs = False  # a drafter follows every forward (decode graphs would skip it)
         if cuda_graphs and self.mapping.world_size == 1 and self.graphs_supported:
             self.capture_graphs(max_batch_size)
 

@@ -1,11 +1,13 @@
 """Drafters that run in the model runner before the verify forward: a draft model, or an EAGLE head.
 
 Both keep their KV in tensors of the target's number of blocks, addressed by the target's block tables and slots,
-so the executor's one block manager serves both. A drafter's KV is valid before a request's `draft_start`
-(Batch.draft_start, kept by the core): each step it first catches up on the positions from there to the request's
-last known token (Batch.draft_input_ids), then drafts d tokens one at a time. Drafter KV only steers the drafts:
-the target verifies every token, so a stale entry (a block another request computed) costs acceptance, never
-correctness.
+so the executor's one block manager serves both. After every target forward the drafter computes the same tokens
+(`after_forward`: the same positions and slots; a verify step's drafts too, of which the accepted ones stay valid),
+so its KV follows the target's computed tokens (the core's `sync_drafter`). Before a verify forward it catches up on
+the positions from the request's `draft_start` (Batch.draft_start) to its last known token (Batch.draft_input_ids:
+that one token for a draft model; for an EAGLE head the pair before it, whose next token was not known at its
+forward), then drafts d tokens one at a time. Drafter KV only steers the drafts: the target verifies every token,
+so a stale entry costs acceptance, never correctness.
 """
 
 from __future__ import annotations
@@ -99,8 +101,10 @@ class DraftModelDrafter:
     def caches(self) -> List[torch.Tensor]:
         return self.kv_caches
 
+    @torch.inference_mode()
     def after_forward(self, inputs, hidden) -> None:
-        pass
+        """The target's forward: the draft model computes the same tokens into its own cache."""
+        self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
 
     @torch.inference_mode()
     def propose(self, batch, inputs, settings: RowSettings, num_draft: np.ndarray):
@@ -159,10 +163,17 @@ class EagleDrafter:
         hidden = self.hidden_cache.view(1, -1, self.tokens_per_block, self.hidden_size)
         return self.kv_caches + [hidden]
 
+    @torch.inference_mode()
     def after_forward(self, inputs, hidden: torch.Tensor) -> None:
-        """The target's forward: keep its last hidden state of each token at the token's slot."""
+        """The target's forward: keep its last hidden state of each token at the token's slot, and run the head over
+        the pairs (h_i, x_{i+1}) of the step's tokens, x_{i+1} the next input of the row (each row's last pair waits
+        for its next token: the core counts it as not computed)."""
         slots = inputs.attn.slot_mapping.long()  # [T] (staged as int32)
-        self.hidden_cache.index_copy_(0, slots, hidden[:slots.shape[0]].to(self.dtype))
+        tokens = slots.shape[0]
+        hidden = hidden[:tokens].to(self.dtype)
+        self.hidden_cache.index_copy_(0, slots, hidden)
+        following = torch.roll(inputs.input_ids[:tokens].long(), -1)  # a row's last: the next row's first, unused
+        self.head(hidden, self._embed(following), inputs.positions[:tokens], inputs.attn, self.kv_caches)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         own = self.head.embed_tokens

@@ -59,8 +59,8 @@ class SpeculativeDecoder:
 
     @property
     def needs_every_forward(self) -> bool:
-        """EAGLE reads the target's hidden state of every token: every forward runs eagerly (no decode graphs)."""
-        return self.mode == 3
+        """A drafter follows every target forward (after_forward): every forward runs eagerly (no decode graphs)."""
+        return self.drafter is not None
 
     def after_forward(self, inputs, hidden: torch.Tensor) -> None:
         if self.drafter is not None:

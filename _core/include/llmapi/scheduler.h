@@ -56,7 +56,9 @@ namespace llmapi {
 // row's result holds the accepted drafts and one more token; they are appended one by one under the
 // stop rules, the computed tokens advance past the accepted ones only, and the blocks past the new
 // length go back (truncate). A request that may speculate never runs ahead (async scheduling): its
-// next step waits for this one's accepted count.
+// next step waits for this one's accepted count. A drafter in the runner (draft model, EAGLE head)
+// computes what the target computes each step; a request's num_draft_computed (sync_drafter) says
+// how far its drafter KV is valid, and a speculating row hands the drafter the tokens from there.
 //
 // A request never needs more blocks than the cache holds: add() rejects such prompts and update()
 // fails a request (finish "error") as soon as its tokens outgrow the cache, so scheduling always
@@ -177,6 +179,10 @@ class Scheduler {
   // EAGLE); whether `request` may ever speculate; the drafts of its next decode step (at most
   // `room`; n-gram drafts stored in request->draft_token_ids); settling a verified row.
   bool runner_drafts() const;
+  // The runner's drafter computes every token the target computes (its forward follows each target
+  // forward), so its KV is valid up to the request's computed tokens: all of them for a draft model;
+  // for an EAGLE head all but the last, whose pair needs the token after it.
+  void sync_drafter(Request* request) const;
   bool spec_eligible(const Request* request) const;
   int32_t plan_drafts(Request* request, int32_t room);
   void settle_drafts(Request* request, const ScheduledRequest& s, const StepResult& result, int32_t row,
