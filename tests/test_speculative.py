@@ -324,3 +324,29 @@ def test_a_dict_config_with_decoding_type_works(tiny_llama_dir, plain):
         assert isinstance(llm.args.speculative_config, NGramDecodingConfig)
         got = llm.generate(prompt, params).outputs[0].token_ids
     assert got == plain.generate(prompt, params).outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft"])
+def test_lora_requests_speculate_with_their_adapter(tiny_llama_dir, draft_dir, tmp_path, kind):
+    """Requests under a LoRA adapter and under the base model, sharing a prompt (their KV must not be shared: each
+    adapter hashes its blocks apart, the blocks that accepted drafts fill too), give the tokens of the same LLM
+    without speculation. The draft runs the base model: the target's verification keeps the adapter's tokens."""
+    from llmapi import LoRARequest
+    from lora_adapters import make_peft_adapter
+
+    adapter = LoRARequest("a", 1, str(make_peft_adapter(tiny_llama_dir, tmp_path / "a", 8, ["q_proj", "v_proj"],
+                                                        seed=7)))
+    prompts = [[11, 12, 13, 14] * 3 + [5], [11, 12, 13, 14] * 3 + [6]] * 2
+    loras = [adapter, adapter, None, None]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    kw = dict(enable_lora=True, max_loras=1, max_lora_rank=8, tokens_per_block=4)
+    with LLM(str(tiny_llama_dir), **kw) as llm:
+        want = _tokens(llm.generate(prompts, params, lora_request=loras, use_tqdm=False))
+    spec = _config(kind, draft_dir, None, tiny_llama_dir)
+    with LLM(str(tiny_llama_dir), speculative_config=spec, **kw) as llm:
+        first = _tokens(llm.generate(prompts, params, lora_request=loras, use_tqdm=False))
+        again = _tokens(llm.generate(prompts[::-1], params, lora_request=loras[::-1], use_tqdm=False))  # cache hits
+        stats = llm.get_stats()
+    assert first == want and again == want[::-1]
+    assert want[0] != want[2]  # the adapter changes the output
+    assert stats["num_draft_tokens"] > 0 and stats["num_prefix_hit_tokens"] > 0

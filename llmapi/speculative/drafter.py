@@ -103,8 +103,10 @@ class DraftModelDrafter:
 
     @torch.inference_mode()
     def after_forward(self, inputs, hidden) -> None:
-        """The target's forward: the draft model computes the same tokens into its own cache."""
-        self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+        """The target's forward: the draft model computes the same tokens into its own cache (a prompt table's
+        virtual token ids, past the vocabulary, go in as id 0: such requests never speculate)."""
+        ids = inputs.input_ids.clamp(max=self.config["vocab_size"] - 1)
+        self.model(ids, inputs.positions, inputs.attn, self.kv_caches)
 
     @torch.inference_mode()
     def propose(self, batch, inputs, settings: RowSettings, num_draft: np.ndarray):
@@ -172,7 +174,9 @@ class EagleDrafter:
         tokens = slots.shape[0]
         hidden = hidden[:tokens].to(self.dtype)
         self.hidden_cache.index_copy_(0, slots, hidden)
-        following = torch.roll(inputs.input_ids[:tokens].long(), -1)  # a row's last: the next row's first, unused
+        # A row's last pair takes the next row's first token (counted as not computed); a prompt table's virtual
+        # token ids, past the vocabulary, go in as 0 (such requests never speculate).
+        following = torch.roll(inputs.input_ids[:tokens].long(), -1).clamp(max=self.head.config["vocab_size"] - 1)
         self.head(hidden, self._embed(following), inputs.positions[:tokens], inputs.attn, self.kv_caches)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
