@@ -6,8 +6,8 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Optional, Set
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Set
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +41,9 @@ class ServeConfig:
     stream_interval: float = 0.0
     """Seconds a stream waits after each chunk, so that the next carries every token made meanwhile
     (0: a chunk per engine update). Fewer, larger chunks leave more of the process to the engine."""
+    lora_modules: Dict[str, Any] = field(default_factory=dict)
+    """LoRA adapters served as models of their own: name -> LoRARequest (a request's `model` naming one runs
+    with it, as vLLM's --lora-modules)."""
 
     def __post_init__(self):
         if not isinstance(self.max_pending, int) or self.max_pending < 1:
@@ -86,9 +89,13 @@ class ServerState:
         if not self.live:
             self.idle.set()
 
-    def check_model(self, name: Optional[str]) -> None:
-        if name is not None and name != self.config.served_model_name:
-            raise APIError(f"The model `{name}` does not exist.", "model", status=404, code="model_not_found")
+    def check_model(self, name: Optional[str]):
+        """The LoRARequest of the adapter `name` names, or None for the base model; 404 for another name."""
+        if name is None or name == self.config.served_model_name:
+            return None
+        if name in self.config.lora_modules:
+            return self.config.lora_modules[name]
+        raise APIError(f"The model `{name}` does not exist.", "model", status=404, code="model_not_found")
 
     async def drain(self, timeout: float) -> None:
         """Let the requests in flight finish for up to `timeout` seconds, then abort the rest: their streams
@@ -177,7 +184,10 @@ def create_app(llm, config: ServeConfig) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{
             "id": config.served_model_name, "object": "model", "created": state.created, "owned_by": "llmapi",
-            "root": str(llm.args.model), "max_model_len": llm.max_seq_len}]}
+            "root": str(llm.args.model), "max_model_len": llm.max_seq_len}] + [{
+            "id": name, "object": "model", "created": state.created, "owned_by": "llmapi", "root": lora.lora_path,
+            "parent": config.served_model_name, "max_model_len": llm.max_seq_len}
+            for name, lora in config.lora_modules.items()]}
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request):

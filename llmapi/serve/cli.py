@@ -56,11 +56,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-async-scheduling", action="store_true")
     m.add_argument("--step-timeout", type=float, default=None)
     m.add_argument("--cache-dir", default=None, help="the engine cache (default $LLMAPI_CACHE_DIR)")
+    lora = p.add_argument_group("LoRA adapters")
+    lora.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                      help="LoRA adapters (PEFT directories or NeMo .nemo files) loaded at start, listed in /v1/models "
+                           "and used by requests whose `model` names them (turns on --enable-lora)")
+    lora.add_argument("--enable-lora", action="store_true", help="LLM(enable_lora=True)")
+    lora.add_argument("--max-loras", type=int, default=None, help="adapters on the device at once")
+    lora.add_argument("--max-lora-rank", type=int, default=None, help="the largest adapter rank")
+    lora.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in host memory")
 
 
 _LLM_OPTIONS = ("tokenizer", "dtype", "load_format", "revision", "device", "quant", "tensor_parallel_size",
                 "pipeline_parallel_size", "max_seq_len", "max_num_tokens", "max_batch_size", "tokens_per_block",
-                "max_logprobs", "step_timeout", "cache_dir")
+                "max_logprobs", "step_timeout", "cache_dir", "max_loras", "max_lora_rank", "max_cpu_loras")
 
 
 def llm_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
@@ -79,7 +87,24 @@ def llm_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
         kw["async_scheduling"] = False
     if a.skip_tokenizer_init:
         kw["skip_tokenizer_init"] = True
+    if a.enable_lora or a.lora_modules:
+        kw["enable_lora"] = True
     return kw
+
+
+def lora_modules(values) -> Dict[str, Any]:
+    """--lora-modules NAME=PATH ...: name -> LoRARequest (ids 1, 2, ... in order)."""
+    from ..lora import LoRARequest
+
+    out: Dict[str, Any] = {}
+    for i, value in enumerate(values or []):
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules {value!r} is invalid: must be NAME=PATH")
+        if name in out:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        out[name] = LoRARequest(name, i + 1, path)
+    return out
 
 
 def read_chat_template(value: Optional[str]) -> Optional[str]:
@@ -118,7 +143,9 @@ def main(a: argparse.Namespace) -> int:
     config = ServeConfig(served_model_name=a.served_model_name or model,
                          api_key=a.api_key or os.environ.get("LLMAPI_API_KEY") or None,
                          chat_template=read_chat_template(a.chat_template), max_pending=a.max_pending,
-                         stream_interval=a.stream_interval)
+                         stream_interval=a.stream_interval, lora_modules=lora_modules(a.lora_modules))
+    if config.served_model_name in config.lora_modules:
+        raise ValueError(f"--lora-modules names {config.served_model_name!r}, the served model's own name")
     old = signal.signal(signal.SIGTERM, _interrupt)
     try:
         llm = LLM(model, **llm_kwargs(a))
@@ -127,6 +154,8 @@ def main(a: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
     try:
+        for lora in config.lora_modules.values():  # loaded now: a bad adapter stops the server before it serves
+            llm.add_lora(lora)
         server = DrainingServer(create_app(llm, config), drain_timeout=a.drain_timeout, host=a.host, port=a.port,
                                 log_level=a.log_level, access_log=not a.no_access_log)
         server.run()

@@ -65,7 +65,8 @@ class _Job:
     """The engine requests of one HTTP request: submitted together, counted against max_pending, aborted
     together when the client goes, settled into the metrics once."""
 
-    def __init__(self, state, prompts: list, params: SamplingParams, prompt_field: str, renamed: Dict[str, str]):
+    def __init__(self, state, prompts: list, params: SamplingParams, prompt_field: str, renamed: Dict[str, str],
+                 lora_request=None):
         self.state, self.params = state, params
         self.start = time.perf_counter()
         self.outs: List[RequestOutput] = []
@@ -75,7 +76,7 @@ class _Job:
         llm = state.llm
         try:
             for prompt in prompts:
-                out = llm.generate_async(prompt, params, streaming=True)
+                out = llm.generate_async(prompt, params, streaming=True, lora_request=lora_request)
                 self.outs.append(out)
                 self.timers.append(RequestTimer(self.start))
                 state.track(out)
@@ -266,12 +267,13 @@ def _completion_logprobs(entries, token_ids: List[int], offset: int) -> dict:
 
 async def complete(state, body: CompletionRequest, request: Request):
     llm = state.llm
-    state.check_model(body.model)
+    lora = state.check_model(body.model)  # a LoRA adapter's name runs with it
     body.check(has_tokenizer=llm.tokenizer is not None)
     _log_ignored(body)
     params = body.sampling_params(llm.get_default_sampling_params())
-    job = _Job(state, body.prompts(), params, "prompt", body.renamed())
-    rid, created, model = _response_id("cmpl"), int(time.time()), state.config.served_model_name
+    job = _Job(state, body.prompts(), params, "prompt", body.renamed(), lora)
+    rid, created = _response_id("cmpl"), int(time.time())
+    model = lora.lora_name if lora is not None else state.config.served_model_name
 
     def prompt_text(out: RequestOutput) -> str:
         return out.prompt if out.prompt is not None else llm.tokenizer.decode(out.prompt_token_ids)
@@ -364,14 +366,15 @@ def chat_prompt_ids(state, messages, add_generation_prompt: bool) -> List[int]:
 
 async def chat(state, body: ChatCompletionRequest, request: Request):
     llm = state.llm
-    state.check_model(body.model)
+    lora = state.check_model(body.model)  # a LoRA adapter's name runs with it
     body.check()
     _log_ignored(body)
     params = body.sampling_params(llm.get_default_sampling_params())
     ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
     job = _Job(state, [{"prompt_token_ids": ids}], params, "messages",
-               {"max_tokens": body.max_tokens_field, "logprobs": "top_logprobs", **body.renamed()})
-    rid, created, model = _response_id("chatcmpl"), int(time.time()), state.config.served_model_name
+               {"max_tokens": body.max_tokens_field, "logprobs": "top_logprobs", **body.renamed()}, lora)
+    rid, created = _response_id("chatcmpl"), int(time.time())
+    model = lora.lora_name if lora is not None else state.config.served_model_name
     k = body.top_logprobs or 0
 
     if not body.stream:
