@@ -158,3 +158,16 @@ def test_prompt_table_with_a_lora_adapter(tiny_llama_dir, tmp_path):
                            lora_request=LoRARequest("l", 1, str(adapter)),
                            prompt_adapter_request=_request(tmp_path / "p.nemo", 0))
     assert out.outputs[0].token_ids == reference(tiny_llama_dir, tables, "sentiment", ids, 320, adapter=adapter)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_prompt_table_on_two_ranks(tiny_llama_dir, tmp_path, tp, pp):
+    """TP=2: the table beside the vocabulary-parallel embedding, whole on each rank; PP=2: on the first stage."""
+    tables = write_prompt_nemo(tmp_path / "p.nemo", 64, seed=8)
+    cases = [(0, [320, 321, 322, 323, 8, 9, 10]), (1, [40, 41])]
+    with LLM(str(tiny_llama_dir), tp=tp, pp=pp, enable_prompt_adapter=True) as llm:
+        outs = llm.generate([ids for _, ids in cases], SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+                            use_tqdm=False, prompt_adapter_request=[_request(tmp_path / "p.nemo", t) for t, _ in cases])
+    for (task, _), out in zip(cases, outs):
+        assert out.outputs[0].token_ids == reference(tiny_llama_dir, tables, list(TASKS)[task], out.prompt_token_ids,
+                                                     320)

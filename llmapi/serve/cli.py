@@ -89,6 +89,8 @@ def llm_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
         kw["skip_tokenizer_init"] = True
     if a.enable_lora or a.lora_modules:
         kw["enable_lora"] = True
+        if a.lora_modules and a.max_cpu_loras is None:  # every served adapter stays loaded: no disk read in a request
+            kw["max_cpu_loras"] = max(len(a.lora_modules), a.max_loras or 1)
     return kw
 
 
