@@ -13,6 +13,7 @@ from llmapi._kernels.argmax import CHUNK, _chunk_argmax_kernel
 from llmapi._kernels.decode_attention import _decode_split_kernel, _merge_splits_kernel
 from llmapi._kernels.prefill_attention import _packed_attention_kernel
 from llmapi._kernels.layer_norm import _layer_norm_kernel
+from llmapi._kernels.lora_sgmv import BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_R, _expand_kernel, _shrink_kernel
 from llmapi._kernels.rms_norm import _rms_norm_kernel
 from llmapi._kernels.rotary import _rotary_kernel
 
@@ -99,6 +100,21 @@ def other_kernels():
                     KV_QUANT=2 if cache == "fp8e4nv" else 0), dict(num_warps=4))
 
 
+def lora_kernels():
+    """Batched LoRA shrink and expand over bfloat16 (tensor cores) and float32 (IEEE) slots."""
+    for dtype, dot, precision in (("bf16", tl.bfloat16, "tf32"), ("fp32", tl.float32, "ieee")):
+        meta = {"order_ptr": "*i32", "starts_ptr": "*i32", "counts_ptr": "*i32"}
+        yield (f"lora shrink {dtype}", _shrink_kernel,
+               {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "s_ptr": "*fp32", **meta, "K": "i32", "R": "i32",
+                "stride_xm": "i32", "stride_as": "i32", "stride_ar": "i32", "stride_sm": "i32"},
+               dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K), {})
+        yield (f"lora expand {dtype}", _expand_kernel,
+               {"s_ptr": "*fp32", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", **meta, "N": "i32", "R": "i32",
+                "stride_sm": "i32", "stride_bs": "i32", "stride_bn": "i32", "stride_ym": "i32"},
+               dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R), {})
+
+
 if __name__ == "__main__":
-    for name, fn, signature, constexprs, options in itertools.chain(attention_kernels(), other_kernels()):
+    for name, fn, signature, constexprs, options in itertools.chain(attention_kernels(), other_kernels(),
+                                                                    lora_kernels()):
         print(f"{name}: {compile_for_sm90(fn, signature, constexprs, **options)} bytes", flush=True)
