@@ -225,8 +225,8 @@ class AdapterManager:
             prompt = self.load_prompt(prompt_request)
             task = prompt_request.task_id
             if task >= prompt.num_tasks:
-                raise AdapterError(f"task_id={task} is invalid: the prompt table {prompt_request.prompt_adapter_name!r} "
-                                   f"has {prompt.num_tasks} task(s)")
+                raise AdapterError(f"task_id={task} is invalid: the prompt table "
+                                   f"{prompt_request.prompt_adapter_name!r} has {prompt.num_tasks} task(s)")
             n = prompt_request.prompt_adapter_num_virtual_tokens
             if n is not None and n > prompt.num_tokens:
                 raise AdapterError(f"prompt_adapter_num_virtual_tokens={n} is more than the table's "

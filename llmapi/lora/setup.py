@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import AdapterError
-
 
 def adapter_settings(args, info) -> tuple[dict, Optional[dict]]:
     """(engine config, the runner's adapter settings or None): {"max_loras", "max_lora_rank"} with LoRA,
