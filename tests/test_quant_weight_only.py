@@ -75,10 +75,11 @@ def test_weight_only_linear_equals_dequantized_matmul(mode):
 
 
 @pytest.mark.parametrize("quant,bound", [("int8_weight_only", 0.03), (QuantConfig("W4A16", group_size=64), 0.45)])
-def test_quantized_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
-    ref = LLM(str(tiny_llama_dir), device="cpu")
+def test_quantized_tiny_llama_end_to_end(tiny_llama_dir, tmp_path, quant, bound):
+    # A cache of its own: other tests may have built this model in this mode in the session's cache already.
+    ref = LLM(str(tiny_llama_dir), device="cpu", cache_dir=str(tmp_path))
     builds = cache.stats.builds
-    llm = LLM(str(tiny_llama_dir), device="cpu", quant=quant)
+    llm = LLM(str(tiny_llama_dir), device="cpu", quant=quant, cache_dir=str(tmp_path))
     assert llm.engine_built and cache.stats.builds == builds + 1
     assert llm.engine_info.path != ref.engine_info.path  # its own cache key
     section = llm.engine_info.config["quantization"]
@@ -96,7 +97,8 @@ def test_quantized_tiny_llama_end_to_end(tiny_llama_dir, quant, bound):
         assert f"transformer.layers.1.{linear}.weights_scaling_factor" in names
     assert not any("scaling_factor" in n for n in names if "embedding" in n or "lm_head" in n or "norm" in n)
 
-    check_cached_engine_generates(tiny_llama_dir, llm, builds + 1, device="cpu", quant=quant)  # converts nothing
+    check_cached_engine_generates(tiny_llama_dir, llm, builds + 1, device="cpu", quant=quant,
+                                  cache_dir=str(tmp_path))  # converts nothing
     for x in (ref, llm):
         x.shutdown()
     rel = logits_rel_error(ref.engine_info.path, llm.engine_info.path)
