@@ -173,7 +173,7 @@ class LlmArgs:
     speculative_config: Any = None
     """Speculative decoding: a DraftTargetDecodingConfig (a draft model), NGramDecodingConfig (prompt lookup) or
     EagleDecodingConfig (an EAGLE head), or a dict with TensorRT-LLM's decoding_type; None: off (see
-    llmapi.speculative and the README). One rank only; beam search is refused with it."""
+    llmapi.speculative and the README). EAGLE on one rank only; beam search is refused with it."""
     quant: Any = None
     """Quantization: None, a short string ("int8_weight_only", "int4_weight_only", "int4_awq", "fp8",
     "fp8_per_token", "smoothquant", "fp8_kv_cache", "int8_kv_cache") or a QuantConfig (see llmapi.quantization;
@@ -206,13 +206,13 @@ class LlmArgs:
             _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"), name, v,
                    "must be a finite number of seconds > 0")
         self.kv_cache_config = KvCacheConfig.coerce(self.kv_cache_config)
-        from .speculative.config import resolve_speculative_config
+        from .speculative.config import EagleDecodingConfig, resolve_speculative_config
 
         self.speculative_config = resolve_speculative_config(self.speculative_config)
-        if self.speculative_config is not None and self.world_size > 1:
-            raise ValueError(f"speculative_config={type(self.speculative_config).__name__}(...) is invalid with "
-                             f"tensor_parallel_size * pipeline_parallel_size = {self.world_size}: speculative "
-                             "decoding runs on one rank only")
+        if isinstance(self.speculative_config, EagleDecodingConfig) and self.world_size > 1:
+            raise ValueError(f"speculative_config=EagleDecodingConfig(...) is invalid with tensor_parallel_size * "
+                             f"pipeline_parallel_size = {self.world_size}: an EAGLE head runs on one rank only "
+                             "(n-gram and draft-model speculative decoding run at every world size)")
         from .quantization.config import SMOOTHQUANT_ALGOS, resolve_quant
 
         self.quant = resolve_quant(self.quant)  # None or a QuantConfig; bad values raise ValueError naming quant

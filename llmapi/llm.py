@@ -144,7 +144,8 @@ class LLM:
                                 kv_cache_config=dataclasses.asdict(args.kv_cache_config),
                                 tokens_per_block=args.tokens_per_block, load_format=load_format,
                                 max_batch_size=args.max_batch_size,  # the decode graphs' largest batch
-                                adapters=adapters)
+                                adapters=adapters,
+                                speculative=None if speculative is None else speculative.to_dict())
                     if remote is not None:
                         remote.start(init, executor_kwargs)
                     else:

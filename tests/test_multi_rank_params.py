@@ -64,7 +64,7 @@ def test_processor_pickles_by_reference():
 def _batch(rng, r=3, t=7, b=2):
     fields = {}
     for name, dtype, kind in _BATCH_FIELDS:
-        n = {"T": t, "R": r, "RB": r * b, "R+1": r + 1, "S": 2, "C2": 4, "N": 3, "H": 5}[kind]
+        n = {"T": t, "R": r, "RB": r * b, "R+1": r + 1, "S": 2, "C2": 4, "N": 3, "H": 5, "D": 4}[kind]
         fields[name] = rng.integers(0, 50, n).astype(dtype)
     fields["block_tables"] = fields["block_tables"].reshape(r, b)
     fields["block_copies"] = fields["block_copies"].reshape(2, 2)

@@ -303,8 +303,9 @@ def test_llm_refuses_bad_speculative_settings(tiny_llama_dir, tmp_path):
         LLM(str(tiny_llama_dir), speculative_config="ngram")
     with pytest.raises(ValueError, match="decoding_type"):
         LLM(str(tiny_llama_dir), speculative_config={"max_draft_len": 3})
-    with pytest.raises(ValueError, match="speculative_config.*tensor_parallel_size"):
-        LLM(str(tiny_llama_dir), tensor_parallel_size=2, speculative_config=NGramDecodingConfig())
+    with pytest.raises(ValueError, match="EagleDecodingConfig.*tensor_parallel_size.*= 2.*EAGLE head runs on one"):
+        LLM(str(tiny_llama_dir), tensor_parallel_size=2,
+            speculative_config=EagleDecodingConfig(speculative_model="an/eagle-head"))
     other = tmp_path / "other-vocab"
     make_tiny_llama(other, num_hidden_layers=1, vocab_size=256)
     with pytest.raises(ValueError, match="speculative_model.*256"):

@@ -18,7 +18,7 @@ KEY_ENV = "LLMAPI_SESSION_KEY"
 RemoteResponse = namedtuple("RemoteResponse", [
     "request_id", "seq_index", "token_ids", "finished", "request_finished", "finish_reason", "stop_reason",
     "error", "num_prompt_tokens", "num_cached_tokens", "num_top_logprobs", "logprobs", "ranks", "top_ids",
-    "top_logprobs", "cumulative_logprob"])
+    "top_logprobs", "cumulative_logprob", "num_draft_tokens", "num_accepted_draft_tokens"])
 
 REQUEST_FIELDS = ("request_id", "prompt_token_ids", "max_tokens", "min_tokens", "eos_token_ids", "stop_token_ids",
                   "ignore_eos", "temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty",

@@ -18,7 +18,7 @@ import torch.distributed as dist
 INIT, STEP, RELEASE, EXIT, ADAPTER = 1, 2, 3, 4, 5
 
 # Batch arrays in wire order: name, dtype, length in terms of R (requests), T (tokens), B (blocks per row),
-# S (suppressed ids), C (block copies), N (logit bias entries), H (state entries).
+# S (suppressed ids), C (block copies), N (logit bias entries), H (state entries), D (drafter input ids).
 _BATCH_FIELDS = (
     ("input_ids", np.int32, "T"), ("prev_rows", np.int32, "T"), ("positions", np.int32, "T"),
     ("slot_mapping", np.int64, "T"),
@@ -36,8 +36,11 @@ _BATCH_FIELDS = (
     ("slots", np.int32, "R"), ("slot_copy_from", np.int32, "R"), ("slot_reset", np.int8, "R"),
     ("state_start", np.int32, "R"), ("state_offsets", np.int32, "R+1"), ("state_ids", np.int32, "H"),
     ("adapter_slots", np.int32, "R"),
+    # Speculative decoding: each row's drafts, and the drafter's catch-up inputs.
+    ("num_draft_tokens", np.int32, "R"), ("draft_start", np.int32, "R"), ("draft_offsets", np.int32, "R+1"),
+    ("draft_input_ids", np.int32, "D"),
 )
-_COUNTS = ("R", "T", "B", "S", "C", "N", "H")
+_COUNTS = ("R", "T", "B", "S", "C", "N", "H", "D")
 
 # One output tensor for every rank's part (torch >= 2.13 names it all_gather_single).
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -106,7 +109,7 @@ def encode_batch(batch, processors_added: dict | None = None, processors_dropped
     tables = np.asarray(batch.block_tables)
     counts = dict(R=int(batch.num_requests), T=int(batch.num_tokens), B=tables.shape[1] if tables.ndim == 2 else 0,
                   S=len(batch.suppress_ids), C=len(np.asarray(batch.block_copies)), N=len(batch.bias_ids),
-                  H=len(batch.state_ids))
+                  H=len(batch.state_ids), D=len(batch.draft_input_ids))
     parts = [np.array([counts[k] for k in _COUNTS], dtype=np.int64).tobytes()]
     for name, dtype, _ in _BATCH_FIELDS:
         parts.append(_aligned(np.ascontiguousarray(getattr(batch, name), dtype=dtype).tobytes()))

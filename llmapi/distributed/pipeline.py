@@ -15,10 +15,10 @@ REQUEST_FIELDS = ("query_lens", "context_lens", "do_sample", "temperature", "top
                   "output_index", "logprobs", "request_ids", "seq_index", "num_candidates", "beam", "min_p",
                   "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs", "context_logits",
                   "generation_logits", "prompt_lens", "next_token_ids", "slots", "slot_copy_from", "slot_reset",
-                  "state_start", "adapter_slots")
+                  "state_start", "adapter_slots", "num_draft_tokens", "draft_start")
 TOKEN_FIELDS = ("input_ids", "prev_rows", "positions", "slot_mapping")
 CSR_FIELDS = (("suppress_offsets", ("suppress_ids",)), ("bias_offsets", ("bias_ids", "bias_values")),
-              ("state_offsets", ("state_ids",)))
+              ("state_offsets", ("state_ids",)), ("draft_offsets", ("draft_input_ids",)))
 
 class StageLayers(nn.Module):
     """One stage's layers under their global indices (so their tensors keep the engine's names); it

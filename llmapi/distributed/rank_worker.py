@@ -25,6 +25,11 @@ from llmapi.errors import CorruptEngineError
 from llmapi.runtime.model_runner import ModelRunner
 from llmapi.runtime.sampler import first_argmax, sample
 from llmapi.runtime.watchdog import StepMarks, start_heartbeat
+from llmapi.speculative.rejection import RowSettings
+from llmapi.speculative.setup import SpeculativeSetup
+from llmapi.speculative.step import SpeculativeDecoder, StepPlan, verify_step
+
+DRAFTS_TAG = 1  # the drafts' messages on the tokens group (the answers to rank 0 go untagged)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +101,13 @@ class RankWorker:
     ranks take part in its collectives. Its answer crosses to rank 0 as a step_reply buffer. Such a step is
     cut into micro-batches too, unless a row forks another's state (a micro-batch would see the other's
     update of this step).
+
+    Speculative decoding (init's `speculative`: SpeculativeSetup.to_dict; n-gram or a draft model): a step with
+    speculating rows runs whole (one micro-batch) and answers as a decoding step. Every rank computes the
+    target over the rows' 1 + k tokens; the sampling rank verifies them (llmapi.speculative.step.verify_step)
+    and its reply carries each row's accepted tokens. A draft model runs whole, on the sampling rank alone (it
+    follows every forward there, placeholders filled from its own sampled ids), and its drafts cross to the
+    first stage's other ranks before the forward.
     """
 
     def __init__(self, session: Session, init: dict):
@@ -104,12 +116,20 @@ class RankWorker:
         session.configure(mapping)
         self.mapping = mapping
         self.device = session.device(init["device_type"])
+        self.samples = session.rank == mapping.sampler_rank
+        spec = init.get("speculative")
+        self.speculative = None if spec is None else SpeculativeSetup.from_dict(spec)
+        drafter = self.speculative is not None and self.speculative.has_drafter
+        self.drafts_here = drafter and self.samples  # this rank runs the draft model
+        self.drafts_to = [r for r in mapping.stage_ranks(0) if r != mapping.sampler_rank] if self.drafts_here else []
+        self.drafts_from = mapping.sampler_rank if drafter and mapping.is_first_stage and not self.samples else None
         error = None
         try:
             self.runner = ModelRunner(init["engine_dir"], init["engine_config"], self.device,
                                       KvCacheConfig(**init["kv_cache_config"]), init["tokens_per_block"],
                                       load_format=init["load_format"], mapping=mapping,
                                       comm=GroupComm(session.tp_group, mapping.tp_size),
+                                      speculative=None if drafter and not self.samples else self.speculative,
                                       adapters=init.get("adapters"))
         except Exception as e:  # e.g. its file fails its checksum: every rank must learn it, or they hang
             error = e
@@ -119,7 +139,7 @@ class RankWorker:
         if int(blocks) != self.runner.num_blocks:
             self.runner.allocate_kv_caches(int(blocks))
         self.num_blocks = int(blocks)
-        if self.runner.graphs_supported:
+        if self.runner.graphs_supported and not drafter:  # a drafter follows every forward: no decode graphs
             # Every rank captures the same sizes (without the executor's max_batch_size, as under llmapi-launch:
             # a decode batch never has more requests than blocks), and a rank that fails tells the others.
             error = None
@@ -129,7 +149,6 @@ class RankWorker:
                 error = e
             _agree_loaded(session, error, "capture its decode graphs")
         self.hidden_size = init["engine_config"]["hidden_size"]
-        self.samples = session.rank == mapping.sampler_rank
         self.feed = TokenFeed(session.feed, session.rank, mapping, self.device)
         self._sends = []  # (work, tensor): isends in flight; the tensor must live until they complete
 
@@ -137,9 +156,9 @@ class RankWorker:
         """An adapter into its device slot on this rank (its shard of it), between steps."""
         self.runner.adapters.install(install)
 
-    def _isend(self, tensor: torch.Tensor, dst: int, group=None) -> None:
+    def _isend(self, tensor: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
         self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
-        self._sends.append((dist.isend(tensor, dst, group=group), tensor))
+        self._sends.append((dist.isend(tensor, dst, group=group, tag=tag), tensor))
 
     def _take_processors(self, batch) -> None:
         """The sampling rank: load the logits processors of requests new in this step, drop finished ones."""
@@ -160,10 +179,14 @@ class RankWorker:
         if self.samples:
             self._take_processors(batch)
         decoding = runner.needs_decode(batch)
+        speculating = self.speculative is not None and SpeculativeDecoder.handles(batch)
         forks = decoding and bool((np.asarray(batch.slot_copy_from) >= 0).any())
-        ranges = micro_batches(np.asarray(batch.query_lens), 1 if forks else m.pp_size)
+        ranges = micro_batches(np.asarray(batch.query_lens), 1 if forks or speculating else m.pp_size)
         self.feed.begin(batch, ranges)
-        handle = StepHandle(ranges, decoding)
+        handle = StepHandle(ranges, decoding or speculating)
+        if speculating:
+            self._run_speculative(batch, handle)
+            return handle
         for start, stop in ranges:
             self._run(batch if len(ranges) == 1 else slice_batch(batch, start, stop), handle)
         return handle
@@ -175,7 +198,8 @@ class RankWorker:
         m, runner, stats = self.mapping, self.runner, self.runner.stats
         t = int(mb.num_tokens)
         stats.steps, stats.tokens = stats.steps + 1, stats.tokens + t
-        prev_ids = self.feed.prev_ids(mb) if m.is_first_stage else None
+        # The draft model follows every forward on the sampling rank: its inputs have their placeholders filled.
+        prev_ids = self.feed.prev_ids(mb) if m.is_first_stage or self.drafts_here else None
         runner.stager.next_step()  # host buffers in turn: a micro-batch's copies may still be queued
         size = runner.graphs.size_for(mb) if runner.graphs is not None and not handle.decoding else 0
         hidden = None
@@ -222,6 +246,49 @@ class RankWorker:
             ids = ids.to(torch.int32, copy=True)
             self.feed.sampled(ids)
             self._reply(handle, ids=ids)
+
+    @torch.inference_mode()
+    def _run_speculative(self, batch, handle: StepHandle) -> None:
+        """A step with speculating rows, whole: drafts (the batch's n-gram drafts, or the draft model's from the
+        sampling rank), the target over every token on every rank, verification on the sampling rank."""
+        m, runner, stats = self.mapping, self.runner, self.runner.stats
+        t = int(batch.num_tokens)
+        stats.steps, stats.tokens = stats.steps + 1, stats.tokens + t
+        prev_ids = self.feed.prev_ids(batch) if m.is_first_stage or self.drafts_here else None
+        runner.stager.next_step()
+        mb = batch
+        if prev_ids is None and (np.asarray(batch.prev_rows) >= 0).any():
+            mb = SimpleNamespace(**vars(batch))  # a later stage embeds nothing: no placeholder to fill
+            mb.prev_rows = np.full(t, -1, dtype=np.int32)
+        inputs = runner.stager.stage(mb, prev_ids=prev_ids)
+        plan = StepPlan(batch, self.device)
+        settings = RowSettings.from_batch(batch, plan.rows, self.device) if self.samples else None
+        drafts = draft_probs = None
+        if self.drafts_here:
+            drafts, draft_probs = runner.spec.drafter.propose(batch, inputs, settings, plan.num_draft)
+            host = drafts.to("cpu", torch.int64).contiguous()
+            for target in self.drafts_to:
+                self._isend(host, target, group=self.session.tokens, tag=DRAFTS_TAG)
+            plan.place(inputs, drafts)
+        elif self.drafts_from is not None:
+            host = torch.empty(len(plan.rows), plan.kmax, dtype=torch.int64)
+            dist.recv(host, self.drafts_from, group=self.session.tokens, tag=DRAFTS_TAG)
+            plan.place(inputs, host.to(self.device))
+        elif self.samples:  # n-gram drafts: in the batch's input ids, on every rank
+            drafts = plan.batch_drafts(inputs)
+        hidden = None
+        if not m.is_first_stage:
+            hidden = torch.empty(t, self.hidden_size, dtype=runner.dtype, device=self.device)
+            dist.recv(hidden, m.peer(m.pp_rank - 1))
+        hidden = runner.forward(inputs, hidden)  # [T, H]
+        if not m.is_last_stage:
+            self._isend(hidden, m.peer(m.pp_rank + 1))
+            return
+        out, prompt, generation = verify_step(runner, batch, inputs, hidden, plan, settings, drafts, draft_probs,
+                                              samples=self.samples)
+        if self.samples:
+            self.feed.sampled(out["tokens"][:, 0].contiguous())
+            self._reply(handle, decoded=(out, prompt, generation))
 
     def _reply(self, handle: StepHandle, ids=None, decoded=None) -> None:
         """The sampling rank: a micro-batch's answer to rank 0 (kept, when this is rank 0)."""

@@ -68,6 +68,8 @@ def pack_reply(out: dict, prompt: Sequence[PromptChunk], generation: Sequence[Ge
     arrays.append(np.array([[g.request_id, g.index, g.seqs[0], len(g.seqs)] for g in generation],
                            dtype=np.uint64).reshape(len(generation), 4))
     arrays.append(torch.stack([g.logits for g in generation]).cpu().numpy() if generation else None)
+    # A speculative step's top lists, one per token (SpeculativeStepOutput.top_per_token).
+    arrays.append(np.ones(1, dtype=np.uint8) if out.get("top_per_token") else None)
     return pack_arrays(arrays)
 
 
@@ -87,7 +89,11 @@ def unpack_reply(buf: np.ndarray):
         logits, *lp = (as_tensor(a) for a in rest[:5])
         rest = rest[5:]
         prompt.append(PromptChunk(rid, first, num, logits, *lp))
-    gen_meta, gen_logits = rest
+    gen_meta, gen_logits, per_token = rest
+    if per_token is not None:
+        from llmapi.speculative.step import SpeculativeStepOutput
+
+        out = SpeculativeStepOutput(**vars(out), top_per_token=True)
     generation = [GenerationRow(rid, index, range(start, start + count), as_tensor(gen_logits[i]))
                   for i, (rid, index, start, count) in enumerate(gen_meta.tolist())]
     return out, prompt, generation
@@ -105,7 +111,7 @@ def merge_outputs(parts: Sequence[StepOutput]) -> StepOutput:
     order, candidates padded with -1 to the widest, absent logprob outputs as decode() fills rows that
     asked for none (NaN, rank 0, id -1)."""
     if len(parts) == 1:
-        return parts[0]
+        return parts[0]  # a speculative step runs whole: its top_per_token stays
     rows = [p.tokens.shape[0] for p in parts]
     k = max(p.tokens.shape[1] for p in parts)
 

@@ -27,6 +27,31 @@ class SpeculativeSetup:
         return dict(speculative_mode=c.mode, max_draft_len=c.max_draft_len,
                     max_matching_ngram_size=getattr(c, "max_matching_ngram_size", 0))
 
+    def to_dict(self) -> dict:
+        """The setup as JSON for the ranks of a multi-rank job (n-gram or a draft model: EAGLE runs on one rank)."""
+        import dataclasses
+
+        out = dict(config={"decoding_type": self.config.decoding_type, **dataclasses.asdict(self.config)})
+        if self.draft_engine is not None:
+            info = self.draft_engine
+            out["draft_engine"] = dict(path=str(info.path), config=info.config, build_config=info.build_config)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SpeculativeSetup":
+        from types import SimpleNamespace
+
+        from .config import resolve_speculative_config
+
+        engine = data.get("draft_engine")
+        return cls(resolve_speculative_config(dict(data["config"])),
+                   draft_engine=None if engine is None else SimpleNamespace(**engine))
+
+    @property
+    def has_drafter(self) -> bool:
+        """Whether the runner drafts (a draft model or an EAGLE head); n-gram drafts come from the executor."""
+        return not isinstance(self.config, NGramDecodingConfig)
+
     def build(self, target_model, device: torch.device, dtype: torch.dtype, tokens_per_block: int):
         """The runner's SpeculativeDecoder (its drafter's weights loaded on `device`)."""
         from .step import SpeculativeDecoder
@@ -68,9 +93,10 @@ def prepare(args, target_config: dict, device: torch.device, build_engine_fn,
     config = args.speculative_config
     if config is None:
         return None
-    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
-        raise ValueError(f"speculative_config={type(config).__name__}(...) is invalid with tensor_parallel_size * "
-                         "pipeline_parallel_size > 1: speculative decoding runs on one rank only")
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    if isinstance(config, EagleDecodingConfig) and world > 1:
+        raise ValueError(f"speculative_config=EagleDecodingConfig(...) is invalid with tensor_parallel_size * "
+                         f"pipeline_parallel_size = {world}: an EAGLE head runs on one rank only")
     if target_config.get("sliding_window"):
         raise ValueError(f"speculative_config={type(config).__name__}(...) is invalid for this model: speculative "
                          f"decoding does not support a sliding window (sliding_window="

@@ -73,40 +73,71 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def submit(self, runner, batch, prev_ids: Optional[torch.Tensor]) -> SpeculativeHandle:
-        num_draft_all = np.asarray(batch.num_draft_tokens)
-        rows = np.flatnonzero(num_draft_all > 0)
-        num_draft = num_draft_all[rows].astype(np.int64)
         dev = runner.device
         inputs = runner.stager.stage(batch, prev_ids=prev_ids)
-        settings = RowSettings.from_batch(batch, rows, dev)
-        starts = np.concatenate([[0], np.cumsum(np.asarray(batch.query_lens))])[rows]  # each row's first token
-        kmax = int(num_draft.max())
-        col = np.arange(kmax)
-        valid = col[None, :] < num_draft[:, None]  # [S, kmax]
-        draft_rows, draft_cols = np.nonzero(valid)
-        flat = torch.tensor(starts[draft_rows] + 1 + draft_cols, device=dev)  # the drafts' token rows
+        plan = StepPlan(batch, dev)
+        settings = RowSettings.from_batch(batch, plan.rows, dev)
         draft_probs = None
         if self.drafter is not None:
-            drafts, draft_probs = self.drafter.propose(batch, inputs, settings, num_draft)
-            inputs.input_ids[flat] = drafts[torch.tensor(draft_rows, device=dev),
-                                            torch.tensor(draft_cols, device=dev)].to(inputs.input_ids.dtype)
+            drafts, draft_probs = self.drafter.propose(batch, inputs, settings, plan.num_draft)
+            plan.place(inputs, drafts)
         else:  # n-gram drafts: in the batch's input ids
-            drafts = torch.full((len(rows), kmax), -1, dtype=torch.int64, device=dev)
-            drafts[torch.tensor(draft_rows, device=dev), torch.tensor(draft_cols, device=dev)] = \
-                inputs.input_ids[flat].long()
+            drafts = plan.batch_drafts(inputs)
         hidden = runner.forward(inputs)  # [T, H]
-        # Every row as a plain step decodes it (a speculating row's own result is replaced below).
-        if runner.needs_decode(batch):
-            base, prompt, generation = runner.decode_step(batch, inputs, hidden)
-            runner.records.add(prompt, generation)
-        else:
-            base = {"tokens": runner.sample(inputs, runner.logits(inputs, hidden)).to(torch.int32).unsqueeze(1)}
-        # The speculating rows' logits at their last known token and each draft: 1 + d rows each.
-        positions = np.concatenate([starts[s] + np.arange(num_draft[s] + 1) for s in range(len(rows))])
-        logits = runner.model.compute_logits(hidden[torch.tensor(positions, device=dev)])  # [N, V] float32
-        raw = logits.clone() if (np.asarray(batch.logprobs)[rows] >= 0).any() else None
-        result = verify(settings, logits, num_draft, drafts, draft_probs)
-        return SpeculativeHandle(merge(base, batch, rows, result, raw))
+        out, prompt, generation = verify_step(runner, batch, inputs, hidden, plan, settings, drafts, draft_probs)
+        runner.records.add(prompt, generation)
+        return SpeculativeHandle(out)
+
+
+class StepPlan:
+    """Where a step's speculating rows and their drafts lie (host arrays of the batch): rows [S], num_draft [S],
+    each row's first token `starts` [S], and the drafts' (row, column) pairs and token rows."""
+
+    def __init__(self, batch, device):
+        num_draft_all = np.asarray(batch.num_draft_tokens)
+        self.device = device
+        self.rows = np.flatnonzero(num_draft_all > 0)
+        self.num_draft = num_draft_all[self.rows].astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(np.asarray(batch.query_lens))])[self.rows]
+        self.kmax = int(self.num_draft.max())
+        valid = np.arange(self.kmax)[None, :] < self.num_draft[:, None]  # [S, kmax]
+        draft_rows, draft_cols = np.nonzero(valid)
+        self.draft_rows = torch.tensor(draft_rows, device=device)
+        self.draft_cols = torch.tensor(draft_cols, device=device)
+        self.flat = torch.tensor(self.starts[draft_rows] + 1 + draft_cols, device=device)  # the drafts' token rows
+
+    def place(self, inputs, drafts: torch.Tensor) -> None:
+        """Drafts [S, kmax] into the step's input ids."""
+        inputs.input_ids[self.flat] = drafts[self.draft_rows, self.draft_cols].to(inputs.input_ids.dtype)
+
+    def batch_drafts(self, inputs) -> torch.Tensor:
+        """The drafts [S, kmax] (-1 after a row's own count) the batch's input ids hold (n-gram drafts)."""
+        drafts = torch.full((len(self.rows), self.kmax), -1, dtype=torch.int64, device=self.device)
+        drafts[self.draft_rows, self.draft_cols] = inputs.input_ids[self.flat].long()
+        return drafts
+
+
+def verify_step(runner, batch, inputs, hidden: torch.Tensor, plan: StepPlan, settings: Optional[RowSettings],
+                drafts: Optional[torch.Tensor], draft_probs: Optional[torch.Tensor], samples: bool = True):
+    """After the target forward (hidden [T, H]): every row decoded as a plain step decodes it, the speculating rows
+    verified -> (the step's outputs as StepOutput's fields, prompt chunks, generation rows). With several ranks
+    every rank of the last stage calls it (the head's all-gather is a collective); only the sampling rank
+    (`samples`, with settings and drafts) decodes and verifies, the others get (None, [], [])."""
+    prompt, generation = [], []
+    # Every row as a plain step decodes it (a speculating row's own result is replaced below).
+    if runner.needs_decode(batch):
+        base, prompt, generation = runner.decode_step(batch, inputs, hidden, samples=samples)
+    else:
+        logits = runner.logits(inputs, hidden)
+        base = {"tokens": runner.sample(inputs, logits).to(torch.int32).unsqueeze(1)} if samples else None
+    # The speculating rows' logits at their last known token and each draft: 1 + d rows each.
+    positions = np.concatenate([plan.starts[s] + np.arange(plan.num_draft[s] + 1) for s in range(len(plan.rows))])
+    logits = runner.model.compute_logits(hidden[torch.tensor(positions, device=plan.device)])  # [N, V] float32
+    if not samples:
+        return None, [], []
+    raw = logits.clone() if (np.asarray(batch.logprobs)[plan.rows] >= 0).any() else None
+    result = verify(settings, logits, plan.num_draft, drafts, draft_probs)
+    return merge(base, batch, plan.rows, result, raw), prompt, generation
 
 
 def _widen(t: torch.Tensor, width: int, fill) -> torch.Tensor:
@@ -173,4 +204,4 @@ def merge(base: dict, batch, rows: np.ndarray, result, raw: Optional[torch.Tenso
     return out
 
 
-__all__ = ["SpeculativeDecoder", "SpeculativeHandle", "SpeculativeStepOutput", "merge"]
+__all__ = ["SpeculativeDecoder", "SpeculativeHandle", "SpeculativeStepOutput", "StepPlan", "merge", "verify_step"]
