@@ -33,4 +33,6 @@ def test_first_example_runs_with_the_bundled_model(smollm2_gguf, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(printed) >= 2 and all(re.search(r"\w", line) for line in printed), proc.stdout
+    # The two greedy completions print words; the streamed story is sampled (unseeded), so its few tokens may be
+    # punctuation or newlines only.
+    assert len(printed) >= 2 and all(re.search(r"\w", line) for line in printed[:2]), proc.stdout
