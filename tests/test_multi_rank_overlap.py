@@ -2,21 +2,12 @@
 inputs include the tokens step N samples, before it collects step N, and the tokens equal one rank's (greedy,
 seeded sampling, n, beam search, stop rules, under preemption and with an abort), every KV block free after."""
 
-import json
 import random
 
 import pytest
+from test_multi_rank_decoding import SETTINGS, _prompts  # small blocks and cache: the mixed batch preempts
 
-from llmapi import LLM, KvCacheConfig, SamplingParams
-
-# Small blocks and cache: the mixed batch below preempts.
-SETTINGS = dict(tokens_per_block=4, kv_cache_config=KvCacheConfig(max_tokens=256, enable_block_reuse=False))
-
-
-def _prompts(model_dir, lengths, seed):
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+from llmapi import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ ENGINE_ARCHITECTURE = "GPT2LMHeadModel"  # the engine config's name (engines of 
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
 
 
-def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
-    """Engine config.json fields (all but mapping/quantization) from an HF GPT-2 config.json dict."""
+def gpt2_shape(hf_config: dict, family: str) -> dict:
+    """The base shape fields of a GPT-2-style config (n_embd, n_layer, n_head, n_positions or their long names),
+    checked; cross-attention and attention scales other than 1/sqrt(head_dim) get an error naming `family`."""
     cfg = {
         "vocab_size": hf_config.get("vocab_size"),
         "hidden_size": hf_config.get("n_embd", hf_config.get("hidden_size")),
@@ -27,9 +28,16 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     if hidden % heads:
         raise UnsupportedModelError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     if hf_config.get("add_cross_attention"):
-        raise UnsupportedModelError("GPT-2 with cross-attention (add_cross_attention) is not supported")
+        raise UnsupportedModelError(f"{family} with cross-attention (add_cross_attention) is not supported")
     if hf_config.get("scale_attn_weights", True) is not True or hf_config.get("scale_attn_by_inverse_layer_idx"):
-        raise UnsupportedModelError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+        raise UnsupportedModelError(f"{family} attention scaling other than 1/sqrt(head_dim) is not supported")
+    return cfg
+
+
+def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
+    """Engine config.json fields (all but mapping/quantization) from an HF GPT-2 config.json dict."""
+    cfg = gpt2_shape(hf_config, "GPT-2")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     act = hf_config.get("activation_function", "gelu_new")
     get_activation(act)  # unknown activations fail at conversion, not at load
     return {

@@ -10,6 +10,7 @@ import torch
 from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
 from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
+from llmapi.models.gpt2 import gpt2_shape
 
 HF_ARCHITECTURES = ("GPTBigCodeForCausalLM", "GPT2LMHeadCustomModel")
 ENGINE_ARCHITECTURE = "GPTForCausalLM"
@@ -111,21 +112,8 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     """Engine config.json fields (all but mapping/quantization) from an HF GPTBigCode (or SantaCoder) config dict."""
     if is_santacoder_layout(hf_config):
         hf_config = santacoder_config_to_hf(hf_config)
-    cfg = {
-        "vocab_size": hf_config.get("vocab_size"),
-        "hidden_size": hf_config.get("n_embd", hf_config.get("hidden_size")),
-        "num_hidden_layers": hf_config.get("n_layer", hf_config.get("num_hidden_layers")),
-        "num_attention_heads": hf_config.get("n_head", hf_config.get("num_attention_heads")),
-        "max_position_embeddings": hf_config.get("n_positions", hf_config.get("max_position_embeddings")),
-    }
-    require_positive(cfg, *cfg)
+    cfg = gpt2_shape(hf_config, "GPTBigCode")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if hidden % heads:
-        raise UnsupportedModelError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-    if hf_config.get("add_cross_attention"):
-        raise UnsupportedModelError("GPTBigCode with cross-attention (add_cross_attention) is not supported")
-    if hf_config.get("scale_attn_weights", True) is not True or hf_config.get("scale_attn_by_inverse_layer_idx"):
-        raise UnsupportedModelError("GPTBigCode attention scaling other than 1/sqrt(head_dim) is not supported")
     multi_query = hf_config.get("multi_query", True)
     if not isinstance(multi_query, bool):
         raise UnsupportedModelError(f"config field 'multi_query' must be true or false, got {multi_query!r}")
