@@ -40,6 +40,9 @@ class AttentionMetadata:
     num_decodes: int = 0
     """Leading requests with one query token each: in a step that also prefills, the Triton path runs these
     through the decode kernel and only the rest through the packed kernel (0: all through the packed one)."""
+    cross: "object | None" = None
+    """Encoder-decoder models: the step's encoder inputs and cross-attention blocks
+    (llmapi.layers.encdec_attention.CrossMetadata); None for decoder-only models."""
 
     @classmethod
     def build(cls, query_lens, context_lens, block_tables, tokens_per_block: int, slot_mapping=None, device=None):

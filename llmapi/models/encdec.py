@@ -1,0 +1,435 @@
+"""The encoder-decoder model every encoder-decoder family runs through (T5 / mT5 / ByT5, BART / mBART, FSMT): one
+model with options, as the general decoder of models/gpt.py is for decoder-only families.
+
+A step runs the encoder of the rows that start (their encoder inputs, never chunked), writes each decoder layer's
+cross-attention K/V of those inputs into the request's cross blocks of the paged cache (the same per-layer cache
+tensors as self-attention K/V), then runs the decoder over the step's decoder tokens: causal self-attention over
+the paged cache, cross-attention over the cross blocks.
+
+Engine config options (`complete_encdec_config` fills the defaults):
+- `position_embedding_type`: "relative" (T5's bucketed bias, from the first layer of each stack and shared by
+  the stack), "learned_absolute" (a table read at position + `position_offset`: BART's offset 2) or "sinusoidal"
+  (fairseq's table, read at position + `position_offset`: FSMT's padding index + 1);
+- `norm_type` "rmsnorm" (T5: no mean) or "layernorm"; `post_norm` (BART, FSMT) or pre-norm (T5, mBART);
+  `final_norm` (a norm after each stack's last layer: T5, mBART); `layernorm_embedding` (BART, mBART);
+- `embedding_scale` (sqrt(d_model) where the family scales embeddings), `attention_scale` (1.0 for T5, else
+  head_dim ** -0.5), `logits_scale` (T5's tied head: d_model ** -0.5), `final_logits_bias` (BART);
+- `gated_mlp` / `hidden_act` / `attention_bias` / `mlp_bias` as in the general decoder;
+- `encoder`: the encoder stack's `num_layers`, `intermediate_size`, `vocab_size`, `max_position_embeddings`.
+Heads, head size and hidden size are the same in both stacks, and every attention is multi-head (as in every
+family here): cross-attention K/V of a decoder layer have its self-attention K/V's shape.
+
+Linears: attention.qkv / attention.dense (self), cross_attention.q / cross_attention.kv / cross_attention.dense,
+mlp.gate_up or mlp.fc, mlp.proj; `encdec_linears` declares them for tensor parallelism and quantization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmapi.errors import UnsupportedModelError
+from llmapi.layers.activation import act_and_mul, get_activation
+from llmapi.layers.attention import AttentionMetadata
+from llmapi.layers.encdec_attention import CrossMetadata, encoder_attention, paged_attention, write_kv
+from llmapi.layers.norm import LayerNorm, RMSNorm
+from llmapi.models.base import CausalLM, embedding
+from llmapi.models.gpt import LinearSpec
+
+ARCHITECTURE = "EncoderDecoderModel"
+
+_DEFAULTS = dict(position_offset=0, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 post_norm=False, final_norm=True, layernorm_embedding=False, embedding_scale=1.0,
+                 logits_scale=1.0, final_logits_bias=False, attention_bias=False, mlp_bias=False)
+
+
+def complete_encdec_config(cfg: dict) -> dict:
+    out = {**_DEFAULTS, **cfg}
+    out.setdefault("attention_scale", out["head_dim"] ** -0.5)
+    return out
+
+
+def is_encoder_decoder(engine_config: dict) -> bool:
+    return bool(engine_config.get("is_encoder_decoder"))
+
+
+def check_encdec_config(cfg: dict) -> None:
+    """UnsupportedModelError naming a shape this model cannot run."""
+    if cfg["num_key_value_heads"] != cfg["num_attention_heads"]:
+        raise UnsupportedModelError("encoder-decoder models run multi-head attention only: num_key_value_heads "
+                                    f"{cfg['num_key_value_heads']} != num_attention_heads {cfg['num_attention_heads']}")
+    if cfg["position_embedding_type"] not in ("relative", "learned_absolute", "sinusoidal"):
+        raise UnsupportedModelError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported "
+                                    "by the encoder-decoder model")
+
+
+def _mlp_spec(cfg: dict) -> LinearSpec:
+    return LinearSpec("mlp.gate_up", "gate_up", "intermediate", None) if cfg["gated_mlp"] else \
+        LinearSpec("mlp.fc", "column", "intermediate", None)
+
+
+def encdec_linears(cfg: dict) -> dict[str, tuple[LinearSpec, ...]]:
+    """The quantizable linears of each encoder layer ("encoder") and decoder layer ("decoder"), in execution order.
+    `norm` is None everywhere: SmoothQuant, where asked, scales their inputs instead of folding into norms."""
+    self_attn = (LinearSpec("attention.qkv", "qkv", "heads", None), LinearSpec("attention.dense", "row", "heads", None))
+    mlp = (_mlp_spec(cfg), LinearSpec("mlp.proj", "row", "intermediate", None))
+    cross = (LinearSpec("cross_attention.q", "column", "heads", None),
+             LinearSpec("cross_attention.kv", "kv", "heads", None),
+             LinearSpec("cross_attention.dense", "row", "heads", None))
+    return {"encoder": self_attn + mlp, "decoder": self_attn + cross + mlp}
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's bucket of each relative position (key position - query position), as Mesh TensorFlow and
+    transformers compute it: exact buckets for small distances, logarithmic ones up to max_distance."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        relative_position = relative_position.abs()
+    else:
+        relative_position = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    large = max_exact + (torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, relative_position, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative attention bias of one stack: `weight` [num_buckets, heads] (its first layer's table), read
+    as the attention kernels' position_bias [heads, 2M - 1] over relative positions -(M-1) .. M-1 (M =
+    max_distance + 1: every bucket beyond is the same one). A tensor-parallel rank keeps its heads' columns."""
+
+    def __init__(self, num_buckets: int, num_heads: int, max_distance: int, bidirectional: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_buckets, num_heads))
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.heads = None  # (first, count): this rank's heads, under tensor parallelism
+
+    def init_buffers(self, device) -> None:
+        m = self.max_distance + 1
+        relative = torch.arange(-(m - 1), m, device=device)  # [2M-1]
+        self.register_buffer("bucket", relative_position_bucket(relative, self.bidirectional, self.num_buckets,
+                                                                self.max_distance), persistent=False)
+
+    def split_heads(self, first: int, count: int) -> None:
+        self.heads = (first, count)
+        self.weight = nn.Parameter(torch.empty(self.weight.shape[0], count, device=self.weight.device))
+
+    def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        if self.heads is None:
+            return full
+        first, count = self.heads
+        return full[:, first:first + count]
+
+    def forward(self) -> torch.Tensor:  # [heads, 2M-1] float32
+        return self.weight[self.bucket].t().float()
+
+
+def sinusoidal_table(num_embeddings: int, dim: int, padding_idx: int | None) -> torch.Tensor:
+    """fairseq's (tensor2tensor's) sinusoidal position table, as transformers' FSMT builds it."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -step)
+    angles = torch.arange(num_embeddings, dtype=torch.int64).float().unsqueeze(1) * freq.unsqueeze(0)
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).view(num_embeddings, -1)
+    if dim % 2 == 1:
+        table = torch.cat([table, torch.zeros(num_embeddings, 1)], dim=1)
+    if padding_idx is not None:
+        table[padding_idx, :] = 0
+    return table
+
+
+def _norm(cfg: dict) -> nn.Module:
+    cls = RMSNorm if cfg["norm_type"] == "rmsnorm" else LayerNorm
+    return cls(cfg["hidden_size"], cfg["norm_epsilon"])
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv projection and output projection; the encoder's attention or the decoder's (over the cache)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.num_heads = self.num_kv_heads = cfg["num_attention_heads"]
+        self.head_dim, self.scale = cfg["head_dim"], cfg["attention_scale"]
+        inner = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(cfg["hidden_size"], 3 * inner, bias=cfg["attention_bias"])
+        self.dense = nn.Linear(inner, cfg["hidden_size"], bias=cfg["attention_bias"])
+
+    def _qkv(self, x):
+        t, hd = x.shape[0], self.head_dim
+        q, k, v = self.qkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
+        return q.view(t, self.num_heads, hd), k.view(t, self.num_kv_heads, hd), v.view(t, self.num_kv_heads, hd)
+
+    def encoder(self, x, cross: CrossMetadata, bias):  # [E, H] -> [E, H]
+        q, k, v = self._qkv(x)
+        o = encoder_attention(q, k, v, cross, self.scale, bias)
+        return self.dense(o.reshape(x.shape[0], -1))
+
+    def decoder(self, x, kv_cache, attn: AttentionMetadata, bias):  # [T, H] -> [T, H]
+        q, k, v = self._qkv(x)
+        write_kv(k, v, kv_cache, attn.slot_mapping)
+        o = paged_attention(q, kv_cache, attn.query_start_loc, attn.context_lens, attn.block_tables,
+                            attn.max_query_len, attn.max_context_len, self.scale, True, bias)
+        return self.dense(o.reshape(x.shape[0], -1))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over the request's encoder output: K/V are computed once, at the encoder step
+    (`write_encoder_kv`), into the cross blocks; each step reads them."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.num_heads = self.num_kv_heads = cfg["num_attention_heads"]
+        self.head_dim, self.scale = cfg["head_dim"], cfg["attention_scale"]
+        inner = self.num_heads * self.head_dim
+        self.q = nn.Linear(cfg["hidden_size"], inner, bias=cfg["attention_bias"])
+        self.kv = nn.Linear(cfg["hidden_size"], 2 * inner, bias=cfg["attention_bias"])
+        self.dense = nn.Linear(inner, cfg["hidden_size"], bias=cfg["attention_bias"])
+
+    def write_encoder_kv(self, encoded, kv_cache, cross: CrossMetadata) -> None:  # encoded: [E, H]
+        e, hd = encoded.shape[0], self.head_dim
+        k, v = self.kv(encoded).split([self.num_kv_heads * hd] * 2, dim=-1)
+        write_kv(k.view(e, self.num_kv_heads, hd), v.view(e, self.num_kv_heads, hd), kv_cache,
+                 cross.encoder_slot_mapping)
+
+    def forward(self, x, kv_cache, attn: AttentionMetadata):  # [T, H] -> [T, H]
+        cross = attn.cross
+        q = self.q(x).view(x.shape[0], self.num_heads, self.head_dim)
+        o = paged_attention(q, kv_cache, attn.query_start_loc, cross.cross_lens, cross.cross_block_tables,
+                            attn.max_query_len, cross.max_cross_len, self.scale, False, None)
+        return self.dense(o.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    """Gated: proj(act(gate(x)) * up(x)) (T5 v1.1's gated-gelu); plain: proj(act(fc(x)))."""
+
+    def __init__(self, cfg: dict, intermediate: int):
+        super().__init__()
+        hidden, bias = cfg["hidden_size"], cfg["mlp_bias"]
+        self.gated = cfg["gated_mlp"]
+        if self.gated:
+            self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        else:
+            self.fc = nn.Linear(hidden, intermediate, bias=bias)
+        self.proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = get_activation(cfg["hidden_act"])
+
+    def forward(self, x):
+        if self.gated:
+            return self.proj(act_and_mul(self.gate_up(x), self.act))
+        return self.proj(self.act(self.fc(x)))
+
+
+def _block(norm: nn.Module, post_norm: bool, x: torch.Tensor, fn) -> torch.Tensor:
+    """One residual block: pre-norm x + fn(norm(x)), or post-norm norm(x + fn(x))."""
+    if post_norm:  # the block's output is the norm's residual argument (a temporary the fused kernel may overwrite)
+        return norm(x, fn(x))[0]
+    return x + fn(norm(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.post_norm = cfg["post_norm"]
+        self.input_layernorm = _norm(cfg)
+        self.attention = SelfAttention(cfg)
+        self.post_layernorm = _norm(cfg)
+        self.mlp = MLP(cfg, cfg["encoder"]["intermediate_size"])
+
+    def forward(self, x, cross: CrossMetadata, bias):
+        x = _block(self.input_layernorm, self.post_norm, x, lambda h: self.attention.encoder(h, cross, bias))
+        return _block(self.post_layernorm, self.post_norm, x, self.mlp)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.post_norm = cfg["post_norm"]
+        self.input_layernorm = _norm(cfg)
+        self.attention = SelfAttention(cfg)
+        self.cross_layernorm = _norm(cfg)
+        self.cross_attention = CrossAttention(cfg)
+        self.post_layernorm = _norm(cfg)
+        self.mlp = MLP(cfg, cfg["intermediate_size"])
+
+    def forward(self, x, kv_cache, attn: AttentionMetadata, bias):
+        x = _block(self.input_layernorm, self.post_norm, x, lambda h: self.attention.decoder(h, kv_cache, attn, bias))
+        x = _block(self.cross_layernorm, self.post_norm, x, lambda h: self.cross_attention(h, kv_cache, attn))
+        return _block(self.post_layernorm, self.post_norm, x, self.mlp)
+
+
+class Stack(nn.Module):
+    """Embeddings (tokens, positions, their norm), layers and final norm of the encoder or the decoder."""
+
+    def __init__(self, cfg: dict, decoder: bool):
+        super().__init__()
+        sizes = cfg if decoder else cfg["encoder"]
+        hidden = cfg["hidden_size"]
+        self.vocab_embedding = embedding(sizes["vocab_size"], hidden)
+        kind = cfg["position_embedding_type"]
+        if kind == "learned_absolute":
+            self.position_embedding = embedding(sizes["max_position_embeddings"] + cfg["position_offset"], hidden)
+        if kind == "relative":
+            self.relative_bias = RelativePositionBias(cfg["relative_attention_num_buckets"],
+                                                      cfg["num_attention_heads"],
+                                                      cfg["relative_attention_max_distance"], bidirectional=not decoder)
+        self.layernorm_embedding = _norm(cfg) if cfg["layernorm_embedding"] else None
+        layer = DecoderLayer if decoder else EncoderLayer
+        count = cfg["num_hidden_layers"] if decoder else cfg["encoder"]["num_layers"]
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(count))
+        self.ln_f = _norm(cfg) if cfg["final_norm"] else None
+        self.kind, self.offset, self.scale = kind, cfg["position_offset"], cfg["embedding_scale"]
+        self.max_positions = sizes["max_position_embeddings"]
+
+    def init_buffers(self, device, hidden: int) -> None:
+        if self.kind == "sinusoidal":  # fairseq's table, padding row (offset - 1) zero; not a checkpoint tensor
+            table = sinusoidal_table(self.max_positions + self.offset, hidden, self.offset - 1)
+            self.register_buffer("sinusoidal", table.to(device), persistent=False)
+        if self.kind == "relative":
+            self.relative_bias.init_buffers(device)
+
+    def embed(self, ids, positions):  # [N], [N] -> [N, H]
+        x = self.vocab_embedding(ids)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.kind == "learned_absolute":
+            x = x + self.position_embedding(positions + self.offset)
+        elif self.kind == "sinusoidal":
+            x = x + self.sinusoidal[(positions + self.offset).long()].to(x.dtype)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return x
+
+    def bias(self):  # [heads, 2M-1] float32, or None
+        return self.relative_bias() if self.kind == "relative" else None
+
+    def final(self, x):
+        return x if self.ln_f is None else self.ln_f(x)
+
+
+class EncoderDecoderModel(CausalLM):
+    """An encoder-decoder model over a packed batch (decoder tokens, plus the encoder inputs of the rows that
+    start); parameter names are the engine's tensor names."""
+
+    def __init__(self, engine_config: dict, device="cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        cfg = complete_encdec_config(engine_config)
+        check_encdec_config(cfg)
+        with torch.device("meta"):
+            self.encoder = Stack(cfg, decoder=False)
+            self.decoder = Stack(cfg, decoder=True)
+            self.lm_head = None if cfg["tie_word_embeddings"] else \
+                nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+            self.final_logits_bias = nn.Parameter(torch.empty(cfg["vocab_size"])) if cfg["final_logits_bias"] \
+                else None
+        self.config = cfg
+        self.materialize(device, dtype)
+
+    def init_buffers(self, device) -> None:
+        for stack in (self.encoder, self.decoder):
+            stack.init_buffers(device, self.config["hidden_size"])
+
+    def linear_layers(self):
+        """(layer, its LinearSpecs) of every encoder and decoder layer: what tensor parallelism and quantization
+        swap."""
+        specs = encdec_linears(self.config)
+        return [(layer, specs["encoder"]) for layer in self.encoder.layers] + \
+               [(layer, specs["decoder"]) for layer in self.decoder.layers]
+
+    def encode(self, cross: CrossMetadata, kv_caches) -> None:
+        """Run the encoder over the starting rows' inputs and write every decoder layer's cross K/V of them."""
+        enc = self.encoder
+        x = enc.embed(cross.encoder_ids, cross.encoder_positions)  # [E, H]
+        bias = enc.bias()
+        for layer in enc.layers:
+            x = layer(x, cross, bias)
+        x = enc.final(x)
+        for layer, cache in zip(self.decoder.layers, kv_caches):
+            layer.cross_attention.write_encoder_kv(x, cache, cross)
+
+    def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches, hidden=None):  # [T], [T] -> [T, H]
+        if hidden is not None:
+            raise UnsupportedModelError("encoder-decoder models do not run as pipeline stages")
+        cross = attn.cross
+        if cross is None or kv_caches is None:
+            raise RuntimeError("an encoder-decoder step needs its cross-attention metadata and the KV cache")
+        if cross.num_encoder_tokens:
+            self.encode(cross, kv_caches)
+        dec = self.decoder
+        x = dec.embed(input_ids, positions)  # [T, H]
+        bias = dec.bias()
+        for layer, cache in zip(dec.layers, kv_caches):
+            x = layer(x, cache, attn, bias)
+        return dec.final(x)
+
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:  # [N, H] -> [N, V]
+        scale = self.config["logits_scale"]
+        if scale != 1.0:
+            hidden = hidden * scale
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden, self.decoder.vocab_embedding.weight)
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        return logits.float() if float32 else logits
+
+
+def convert_layers(hf, cfg: dict, layer_names, bias: bool) -> dict:
+    """Engine tensors of every encoder and decoder layer from an HF checkpoint (`hf`: a models.base.HFTensors).
+
+    layer_names(stack, i) -> the HF names of layer i of "encoder" / "decoder": "q", "k", "v", "o" (self
+    attention), "cross_q", "cross_k", "cross_v", "cross_o" (decoder only), "fc" or ("gate", "up"), "proj", and the
+    norms "self_norm", "cross_norm", "mlp_norm" (each a prefix without ".weight"). Norms take a bias for LayerNorm."""
+    hidden, inner = cfg["hidden_size"], cfg["num_attention_heads"] * cfg["head_dim"]
+    kinds = ("weight", "bias") if bias else ("weight",)
+    norm_kinds = ("weight",) if cfg["norm_type"] == "rmsnorm" else ("weight", "bias")
+    w = {}
+
+    def linear(dst: str, srcs: list[str], in_features: int, out_features: int) -> None:
+        for kind in kinds:
+            parts = [hf.take(f"{src}.{kind}", (out_features, in_features) if kind == "weight" else (out_features,))
+                     for src in srcs]
+            w[f"{dst}.{kind}"] = parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def norm(dst: str, src: str) -> None:
+        for kind in norm_kinds:
+            w[f"{dst}.{kind}"] = hf.take(f"{src}.{kind}", (hidden,))
+
+    for stack, count, inter in (("encoder", cfg["encoder"]["num_layers"], cfg["encoder"]["intermediate_size"]),
+                                ("decoder", cfg["num_hidden_layers"], cfg["intermediate_size"])):
+        for i in range(count):
+            n, dst = layer_names(stack, i), f"{stack}.layers.{i}."
+            linear(dst + "attention.qkv", [n["q"], n["k"], n["v"]], hidden, inner)
+            linear(dst + "attention.dense", [n["o"]], inner, hidden)
+            norm(dst + "input_layernorm", n["self_norm"])
+            if stack == "decoder":
+                linear(dst + "cross_attention.q", [n["cross_q"]], hidden, inner)
+                linear(dst + "cross_attention.kv", [n["cross_k"], n["cross_v"]], hidden, inner)
+                linear(dst + "cross_attention.dense", [n["cross_o"]], inner, hidden)
+                norm(dst + "cross_layernorm", n["cross_norm"])
+            if cfg["gated_mlp"]:
+                linear(dst + "mlp.gate_up", [n["gate"], n["up"]], hidden, inter)
+            else:
+                linear(dst + "mlp.fc", [n["fc"]], hidden, inter)
+            linear(dst + "mlp.proj", [n["proj"]], inter, hidden)
+            norm(dst + "post_layernorm", n["mlp_norm"])
+    return w
+
+
+def encdec_config(family: str, dtype_name: str, *, hidden: int, heads: int, head_dim: int, vocab: int,
+                  decoder_layers: int, decoder_ffn: int, max_positions: int, encoder: dict, eos_token_id,
+                  **options) -> dict:
+    """The engine config of an encoder-decoder family: the decoder's fields at the top level (the KV cache, the
+    vocabulary and the sampler read them), the encoder stack's in `encoder`, and the family's options."""
+    return {"architecture": ARCHITECTURE, "is_encoder_decoder": True, "family": family, "dtype": dtype_name,
+            "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": head_dim,
+            "vocab_size": vocab, "num_hidden_layers": decoder_layers, "intermediate_size": decoder_ffn,
+            "max_position_embeddings": max_positions, "encoder": encoder, "eos_token_id": eos_token_id, **options}
