@@ -8,7 +8,9 @@
 # QUANT_OUT the output is stored as the E4M3 codes of the next FP8 linear (the output projection) at its
 # static input scale: the codes quantize_fp8 makes of the output rounded to the query's dtype. With a
 # sliding window (WINDOW > 0, a model constant: one compile) a request's splits share out only the tiles that
-# hold its last WINDOW positions; the keys before them are masked out of the loads and never read.
+# hold its last WINDOW positions; the keys before them are masked out of the loads and never read. With a
+# relative position bias (HAS_BIAS: T5's decoder), each score gets bias[h, clamp(pos - (ctx - 1), -(M-1), M-1)
+# + M - 1] from the float32 [nh, 2M-1] table, times log2(e) since the softmax runs in base 2.
 
 import torch
 import triton
@@ -18,18 +20,20 @@ from triton import knobs
 from .common import dot_args
 from .fp8_linear import FP8_DTYPE
 from .kv_write import fp8_codes, kv_quant_args, load_kv_scales
+from .paged_attention import check_position_bias
 
 BLOCK_N = 64  # keys per tile
 
 
 @triton.jit(do_not_specialize=["bt_stride"])  # the block-table width changes from step to step
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                         part_lse_ptr, out_ptr, scale_ptr, qs_ptr, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
-                         bt_stride, cache_stride_block, scale_log2,
+                         part_lse_ptr, out_ptr, scale_ptr, qs_ptr, bias_ptr, q_stride_t, q_stride_h, out_stride_t,
+                         out_stride_h, bt_stride, cache_stride_block, bias_m1, scale_log2,
                          NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                          HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                         KV_QUANT: tl.constexpr, QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr):
+                         KV_QUANT: tl.constexpr, QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -71,6 +75,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [GROUP_P, BLOCK_N]
+        if HAS_BIAS:
+            s += position_bias_log2(bias_ptr, bias_m1, head, pos, tl.zeros([GROUP_P], tl.int32) + ctx - 1,
+                                    row_ok[:, None] & key_ok[None, :])
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
@@ -88,6 +95,17 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     base = (r * NH + head) * NUM_SPLITS + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
     tl.store(part_out_ptr + base[:, None] * HD + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + base, lse, mask=row_ok)
+
+
+@triton.jit
+def position_bias_log2(bias_ptr, bias_m1, head, key_pos, query_pos, mask):
+    """[rows, keys] float32 bias of each row's head `head` [rows] for keys at `key_pos` [keys] seen from
+    `query_pos` [rows], from the contiguous [nh, 2M-1] table (bias_m1 = M - 1), in base 2 (times log2(e)) as
+    the scores; 0 where `mask` is False."""
+    rel = key_pos[None, :] - query_pos[:, None]
+    bucket = tl.minimum(tl.maximum(rel, -bias_m1), bias_m1) + bias_m1  # [rows, keys]
+    b = tl.load(bias_ptr + head[:, None] * (2 * bias_m1 + 1) + bucket, mask=mask, other=0.0)
+    return b * 1.4426950408889634
 
 
 @triton.jit
@@ -130,6 +148,15 @@ def attention_out(q: torch.Tensor, out: torch.Tensor | None, quant_scale: torch.
     return out
 
 
+def bias_args(position_bias: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(table pointer, M - 1) of a launch: the checked, contiguous [nh, 2M-1] float32 table; without a bias q
+    itself, never read, and 0."""
+    m = check_position_bias(position_bias, q.shape[1], q.device)
+    if position_bias is None:
+        return q, 0
+    return position_bias.contiguous(), m - 1
+
+
 def window_arg(sliding_window: int | None) -> int:
     """The WINDOW constexpr of the attention kernels: the window in positions, 0 for none."""
     if sliding_window is None:
@@ -160,17 +187,22 @@ def paged_decode_attention(
     num_stages: int | None = None,
     quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
     sliding_window: int | None = None,  # each query sees only the last this many positions
+    position_bias: torch.Tensor | None = None,  # [nh, 2M-1] float32 relative position bias (T5)
 ) -> torch.Tensor:
     """Attention of each request's single query over its whole cached context, or with `sliding_window` W over
     its last W positions (the blocks before those are never read: their block-table entries may be -1). Tiles
     of `block_n` keys,
     `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 (1 above 4,096 programs)
     for an int8 / fp8 one, the faster on H100 for each (sweeps over batch 1-1024, context 129-4096). With
-    `quant_scale` the output is the E4M3 codes quantize_fp8 makes of it at that static scale."""
+    `quant_scale` the output is the E4M3 codes quantize_fp8 makes of it at that static scale. With
+    `position_bias` each score gets that of its distance from the query at position context_len - 1, as
+    paged_attention_ref's. The same kernel serves cross-attention: the query sees every cached key of its
+    request (context_lens = the encoder lengths)."""
     num_requests, nh, hd = q.shape
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
     scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
+    bias_ptr, bias_m1 = bias_args(position_bias, q)
     out = attention_out(q, out, quant_scale)
     if num_requests == 0:
         return out
@@ -195,12 +227,13 @@ def paged_decode_attention(
     block_d = triton.next_power_of_2(hd)
     _decode_split_kernel[(num_requests, nkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale_ptr,
-        out if quant_scale is None else quant_scale, q.stride(0),
-        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
+        out if quant_scale is None else quant_scale, bias_ptr, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0), bias_m1,
         scale * 1.4426950408889634,
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None,
-        WINDOW=window_arg(sliding_window), **dot, num_warps=num_warps, num_stages=num_stages,
+        WINDOW=window_arg(sliding_window), HAS_BIAS=position_bias is not None, **dot, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits == 1:
         return out

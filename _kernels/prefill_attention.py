@@ -6,15 +6,18 @@
 # sized from the token and request counts alone, with no host sync. An int8 / fp8 cache is read as in
 # decode_attention: codes into the dots, the K scale in the softmax scale, the V scale on the output. With a
 # sliding window (WINDOW > 0) a program's key loop starts at the tile of the first key its first query sees,
-# and keys before that are masked out of the loads (never read); each row masks its own window.
+# and keys before that are masked out of the loads (never read); each row masks its own window. Without CAUSAL
+# (cross-attention) every query reads all its request's keys; with HAS_BIAS each score gets T5's relative
+# position bias, as in decode_attention.
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import dot_args
-from .decode_attention import _output, attention_out, window_arg
+from .decode_attention import _output, attention_out, bias_args, position_bias_log2, window_arg
 from .kv_write import kv_quant_args, load_kv_scales
+from .paged_attention import check_attention_mode
 
 BLOCK_M = 64  # tile rows: BLOCK_Q tokens x GROUP_P heads
 BLOCK_N = 32  # keys per tile
@@ -39,13 +42,14 @@ def _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q: tl.conste
 # compiled for each value class would stall serving for a second at a new batch shape).
 @triton.jit(do_not_specialize=["num_requests", "bt_stride"])
 def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, context_lens_ptr,
-                             block_tables_ptr, scale_ptr, qs_ptr, num_requests, q_stride_t, q_stride_h, out_stride_t,
-                             out_stride_h, bt_stride, cache_stride_block, scale_log2,
+                             block_tables_ptr, scale_ptr, qs_ptr, bias_ptr, num_requests, q_stride_t, q_stride_h,
+                             out_stride_t, out_stride_h, bt_stride, cache_stride_block, bias_m1, scale_log2,
                              NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                              HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                              BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, KV_QUANT: tl.constexpr,
-                             QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr):
+                             QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+                             HAS_BIAS: tl.constexpr):
     q_block = tl.program_id(0)
     kvh = tl.program_id(1)
     r = _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q)
@@ -66,7 +70,10 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
         q = tl.load(q_ptr + t_row[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_D]
         q_pos = first_pos + tok  # [BLOCK_M]
-        kv_end = first_pos + tl.minimum(q_len, (local + 1) * BLOCK_Q)  # keys past the block's last query: unused
+        if CAUSAL:
+            kv_end = first_pos + tl.minimum(q_len, (local + 1) * BLOCK_Q)  # keys past the block's last query: unused
+        else:
+            kv_end = ctx
         k_scale, v_scale = load_kv_scales(scale_ptr, KV_QUANT)
         qk_scale = scale_log2 * k_scale
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -90,7 +97,12 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
             k = tl.load(k_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            seen = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])  # [BLOCK_M, BLOCK_N]
+            if HAS_BIAS:
+                s += position_bias_log2(bias_ptr, bias_m1, head, pos, q_pos, row_ok[:, None] & key_ok[None, :])
+            if CAUSAL:
+                seen = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])  # [BLOCK_M, BLOCK_N]
+            else:
+                seen = key_ok[None, :]  # [1, BLOCK_N]
             if WINDOW > 0:
                 seen = seen & (pos[None, :] > q_pos[:, None] - WINDOW)
             s = tl.where(seen, s, float("-inf"))
@@ -124,9 +136,13 @@ def paged_packed_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     sliding_window: int | None = None,  # each query sees only the last this many positions (its own included)
+    causal: bool = True,
+    position_bias: torch.Tensor | None = None,  # [nh, 2M-1] float32 relative position bias (T5)
 ) -> torch.Tensor:
     """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref (with
-    `sliding_window`, its windowed mask; tiles wholly before a query block's window are skipped); with
+    `sliding_window`, its windowed mask; tiles wholly before a query block's window are skipped; with
+    `position_bias`, T5's relative bias on each score; with causal=False, cross-attention: every query of a
+    request attends to all its context_lens keys, whatever its query length, with no window or bias); with
     `quant_scale`, the E4M3 codes quantize_fp8 makes of that output at that static scale. Tiles of
     `block_m` (token, head) rows by `block_n` keys, `num_stages` deep: by default 32 keys, 2 stages for a
     float cache and 1 for an int8 / fp8 one (64 requests x 128 tokens of Llama-3.1-8B's heads on H100:
@@ -136,6 +152,8 @@ def paged_packed_attention(
     page, nkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
     scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
+    check_attention_mode(causal, position_bias, sliding_window)
+    bias_ptr, bias_m1 = bias_args(position_bias, q)
     out = attention_out(q, out, quant_scale)
     if num_tokens == 0:
         return out
@@ -148,11 +166,12 @@ def paged_packed_attention(
     grid = (num_tokens // block_q + num_requests, nkv)
     _packed_attention_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, context_lens, block_tables, scale_ptr,
-        out if quant_scale is None else quant_scale, num_requests,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0),
+        out if quant_scale is None else quant_scale, bias_ptr, num_requests,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0), bias_m1,
         scale * 1.4426950408889634, NKV=nkv, GROUP=group, GROUP_P=group_p, HD=hd,
         BLOCK_D=triton.next_power_of_2(hd), PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None, WINDOW=window_arg(sliding_window),
+        KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None, WINDOW=window_arg(sliding_window), CAUSAL=causal,
+        HAS_BIAS=position_bias is not None,
         **dot_args(q.dtype), num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -16,6 +16,7 @@ from llmapi._kernels.layer_norm import _layer_norm_kernel
 from llmapi._kernels.lora_sgmv import BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_R, _expand_kernel, _shrink_kernel
 from llmapi._kernels.rms_norm import _rms_norm_kernel
 from llmapi._kernels.rotary import _rotary_kernel
+from llmapi._kernels.varlen_attention import _varlen_attention_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -36,14 +37,14 @@ def attention_kernels():
         out = "fp8e4nv" if quant else "bf16"
         args = {"q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "block_tables_ptr": "*i32",
                 "context_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}",
-                "scale_ptr": "*fp32", "qs_ptr": "*fp32", "q_stride_t": "i32", "q_stride_h": "i32",
-                "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32", "cache_stride_block": "i32",
-                "scale_log2": "fp32"}
+                "scale_ptr": "*fp32", "qs_ptr": "*fp32", "bias_ptr": "*fp32", "q_stride_t": "i32",
+                "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32",
+                "cache_stride_block": "i32", "bias_m1": "i32", "scale_log2": "fp32"}
         for splits in (1, 4):
             yield (f"decode {cache} quant_out={quant} splits={splits}", _decode_split_kernel, args,
                    dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=32 if kv_quant else 64,
                         NUM_SPLITS=splits, DOT_DTYPE=tl.float16 if kv_quant else tl.bfloat16, PRECISION="tf32",
-                        KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0),
+                        KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0, HAS_BIAS=False),
                    dict(num_warps=1 if kv_quant else 4, num_stages=2 if kv_quant else 3))
         yield (f"merge quant_out={quant}", _merge_splits_kernel,
                {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}", "q_ptr": "*bf16",
@@ -51,22 +52,56 @@ def attention_kernels():
                dict(NH=32, HD=128, BLOCK_D=128, NUM_SPLITS=4, BLOCK_S=4, QUANT_OUT=quant), dict(num_warps=1))
         packed_args = {"q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "out_ptr": f"*{out}",
                        "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32", "block_tables_ptr": "*i32",
-                       "scale_ptr": "*fp32", "qs_ptr": "*fp32", "num_requests": "i32", "q_stride_t": "i32",
-                       "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32",
-                       "cache_stride_block": "i32", "scale_log2": "fp32"}
+                       "scale_ptr": "*fp32", "qs_ptr": "*fp32", "bias_ptr": "*fp32", "num_requests": "i32",
+                       "q_stride_t": "i32", "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32",
+                       "bt_stride": "i32", "cache_stride_block": "i32", "bias_m1": "i32", "scale_log2": "fp32"}
         yield (f"packed {cache} quant_out={quant}", _packed_attention_kernel, packed_args,
                dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64,
-                    DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0),
+                    DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0,
+                    CAUSAL=True, HAS_BIAS=False),
                dict(num_warps=4, num_stages=2))
         if cache == "bf16" and not quant:  # a sliding window (StarCoder2-7B's 4096): the windowed tile ranges
             yield (f"decode {cache} window=4096", _decode_split_kernel, args,
                    dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=4,
-                        DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096),
+                        DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096,
+                        HAS_BIAS=False),
                    dict(num_warps=4, num_stages=3))
             yield (f"packed {cache} window=4096", _packed_attention_kernel, packed_args,
                    dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64,
-                        DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096),
+                        DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096,
+                        CAUSAL=True, HAS_BIAS=False),
                    dict(num_warps=4, num_stages=2))
+
+
+def encdec_attention_kernels():
+    """At T5-base's heads (16 x 64, bfloat16): decode and packed attention with a relative position bias,
+    packed cross-attention (CAUSAL off) over a bf16 and an fp8 cache, and the varlen kernel as the encoder (not
+    causal, biased) and causal."""
+    signatures = {name: signature for name, _, signature, _, _ in attention_kernels()}
+    decode_args = signatures["decode bf16 quant_out=False splits=1"]
+    packed_args = signatures["packed bf16 quant_out=False"]
+    head = dict(HD=64, BLOCK_D=64, PAGE=16, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", QUANT_OUT=False, WINDOW=0)
+    yield ("decode bf16 bias", _decode_split_kernel, decode_args,
+           dict(NH=16, NKV=16, GROUP=1, GROUP_P=16, BLOCK_N=64, NUM_SPLITS=4, KV_QUANT=0, HAS_BIAS=True, **head),
+           dict(num_warps=4, num_stages=3))
+    for name, cache, causal, bias in (("bias", "bf16", True, True), ("cross", "bf16", False, False),
+                                      ("cross", "fp8e4nv", False, False)):
+        kv_quant = 2 if cache == "fp8e4nv" else 0
+        yield (f"packed {cache} {name}", _packed_attention_kernel,
+               dict(packed_args, k_cache_ptr=f"*{cache}", v_cache_ptr=f"*{cache}"),
+               dict(NKV=16, GROUP=1, GROUP_P=1, BLOCK_Q=64, BLOCK_M=64, BLOCK_N=32, KV_QUANT=kv_quant, CAUSAL=causal,
+                    HAS_BIAS=bias, **head),
+               dict(num_warps=4, num_stages=1 if kv_quant else 2))
+    varlen_args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
+                   "query_start_loc_ptr": "*i32", "bias_ptr": "*fp32", "max_q_blocks": "i32", "q_stride_t": "i32",
+                   "q_stride_h": "i32", "k_stride_t": "i32", "k_stride_h": "i32", "v_stride_t": "i32",
+                   "v_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bias_m1": "i32",
+                   "scale_log2": "fp32"}
+    for causal, bias in ((False, True), (True, False)):
+        yield (f"varlen causal={causal} bias={bias}", _varlen_attention_kernel, varlen_args,
+               dict(GROUP=1, GROUP_P=1, HD=64, BLOCK_D=64, BLOCK_Q=64, BLOCK_M=64, BLOCK_N=32, DOT_DTYPE=tl.bfloat16,
+                    PRECISION="tf32", CAUSAL=causal, HAS_BIAS=bias),
+               dict(num_warps=4, num_stages=2))
 
 
 def other_kernels():
@@ -115,6 +150,6 @@ def lora_kernels():
 
 
 if __name__ == "__main__":
-    for name, fn, signature, constexprs, options in itertools.chain(attention_kernels(), other_kernels(),
-                                                                    lora_kernels()):
+    for name, fn, signature, constexprs, options in itertools.chain(attention_kernels(), encdec_attention_kernels(),
+                                                                    other_kernels(), lora_kernels()):
         print(f"{name}: {compile_for_sm90(fn, signature, constexprs, **options)} bytes", flush=True)

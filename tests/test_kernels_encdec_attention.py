@@ -164,3 +164,204 @@ def test_reference_errors_name_the_problem():
         paged_attention_ref(*args, position_bias=torch.zeros(2, 7))
     with pytest.raises(ValueError, match="shape"):
         varlen_attention_ref(q, q[:, :2], q[:, :2], qsl, 1.0, position_bias=torch.zeros(4, 6))
+
+
+# ---- Triton kernels --------------------------------------------------------------------------------------------
+
+triton = pytest.importorskip("triton")
+
+from llmapi._kernels.decode_attention import paged_decode_attention  # noqa: E402
+from llmapi._kernels.kv_quant import dequantize_kv_ref, kv_scales_from_amax, quantize_kv_ref  # noqa: E402
+from llmapi._kernels.prefill_attention import paged_packed_attention  # noqa: E402
+from llmapi._kernels.varlen_attention import varlen_attention  # noqa: E402
+
+interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU these kernels run compiled: pytest -m gpu")
+CACHE_DTYPES = [torch.int8, torch.float8_e4m3fn]
+
+
+def _ref64(*tensors):
+    """float64 CPU copies of the float tensors (the oracle's inputs), other tensors on the CPU."""
+    return [t.cpu().double() if t.is_floating_point() else t.cpu() for t in tensors]
+
+
+def check_paged(kernel, query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed, causal=True, bias_m=0,
+                num_splits=1, cache_dtype=None, oracle="dense"):
+    """A kernel's output vs the dense attention of the same inputs (float64) and vs paged_attention_ref in
+    float64; with `cache_dtype` over the int8 / fp8 codes of the cache (the oracle sees their values)."""
+    q, kc, vc, qsl, ctx, tables, full_k, full_v = cache_case(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed)
+    bias = t5_bias(nh, bias_m, seed + 1) if bias_m else None
+    scale = hd**-0.5 if bias is None else 1.0  # T5 scales by 1
+    kv_scale = None
+    if cache_dtype is not None:
+        kv_scale = kv_scales_from_amax(float(kc.abs().max()), float(vc.abs().max()), cache_dtype).to(DEVICE)
+        kc, vc = quantize_kv_ref(kc, kv_scale[0], cache_dtype), quantize_kv_ref(vc, kv_scale[1], cache_dtype)
+        k_deq = dequantize_kv_ref(kc.cpu(), kv_scale[0].cpu(), torch.float64)
+        v_deq = dequantize_kv_ref(vc.cpu(), kv_scale[1].cpu(), torch.float64)
+        full_k = [k_deq[tables[r].cpu().long()].flatten(0, 1)[:c] for r, c in enumerate(ctx_lens)]
+        full_v = [v_deq[tables[r].cpu().long()].flatten(0, 1)[:c] for r, c in enumerate(ctx_lens)]
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    if kernel == "decode":
+        paged_decode_attention(q, kc, vc, ctx, tables, scale, num_splits, out=out, kv_scale=kv_scale,
+                               position_bias=bias)
+    else:
+        paged_packed_attention(q, kc, vc, qsl, ctx, tables, scale, out=out, kv_scale=kv_scale, causal=causal,
+                               position_bias=bias)
+    if oracle == "dense":
+        want = dense_paged(q, qsl, ctx_lens, full_k, full_v, scale, causal, bias)
+    else:  # large cases: the reference in float64
+        cache = (k_deq, v_deq) if cache_dtype is not None else _ref64(kc, vc)
+        want = paged_attention_ref(*_ref64(q), *cache, *_ref64(qsl, ctx, tables), scale, causal=causal,
+                                   position_bias=None if bias is None else bias.cpu())
+    err = rel_error(out.cpu(), want)
+    assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
+
+
+def check_varlen(lens, nh, nkv, hd, dtype, seed, causal, bias_m=0, fused=False, oracle="dense", **tiles):
+    q, k, v, qsl = varlen_case(lens, nh, nkv, hd, dtype, seed)
+    if fused:  # q, k, v as strided views of one [T, nh + 2 nkv, hd] projection, as in a model
+        qkv = torch.cat([q, k, v], dim=1)
+        q, k, v = qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:]
+    bias = t5_bias(nh, bias_m, seed + 1) if bias_m else None
+    scale = 1.0 if bias is not None else hd**-0.5
+    out = torch.full_like(q, float("nan"))
+    varlen_attention(q, k, v, qsl, max(lens), scale, causal=causal, position_bias=bias, out=out, **tiles)
+    if oracle == "dense":
+        want = dense_varlen(q, k, v, qsl, scale, causal, bias)
+    else:
+        want = varlen_attention_ref(*_ref64(q, k, v, qsl), scale, causal=causal,
+                                    position_bias=None if bias is None else bias.cpu())
+    err = rel_error(out.cpu(), want)
+    assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_bias_interpreted(dtype):
+    # GQA group 2; a context in one tile, several tiles, bias buckets clamped both ways (M = 6); 1 and 2 splits.
+    for num_splits in (1, 2):
+        check_paged("decode", [1, 1, 1, 1], [1, 5, 37, 80], nh=4, nkv=2, hd=16, block=4, dtype=dtype, seed=11,
+                    bias_m=6, num_splits=num_splits)
+
+
+@interpreted
+def test_decode_attention_cross_interpreted():
+    # Cross-attention decode is the plain kernel over the encoder lengths (a row with none gets 0).
+    check_paged("decode", [1, 1, 1], [13, 0, 70], nh=4, nkv=2, hd=16, block=4, dtype=torch.float32, seed=12,
+                causal=False, num_splits=2)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_m", [0, 5])
+def test_packed_attention_causal_bias_interpreted(dtype, bias_m):
+    # A whole prompt, chunks, decodes (one at position 0) in one launch; bias_m 0: the unchanged causal kernel.
+    check_packed_case = dict(nh=4, nkv=2, hd=16, block=4, dtype=dtype, seed=13, bias_m=bias_m)
+    check_paged("packed", SELF_QUERY, SELF_CTX, **check_packed_case)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_cross_interpreted(dtype):
+    # Decoder queries longer than the encoder input, decodes, a row with no encoder keys; and MHA with group 3.
+    check_paged("packed", CROSS_QUERY, CROSS_CTX, nh=4, nkv=2, hd=16, block=4, dtype=dtype, seed=14, causal=False)
+    check_paged("packed", [20, 1, 3], [7, 40, 11], nh=6, nkv=2, hd=8, block=4, dtype=torch.float32, seed=15,
+                causal=False)
+
+
+@interpreted
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_quantized_cache_bias_and_cross_interpreted(cache_dtype):
+    kw = dict(nh=4, nkv=2, hd=16, block=4, dtype=torch.float32, cache_dtype=cache_dtype)
+    check_paged("decode", [1, 1, 1], [3, 37, 70], seed=16, bias_m=4, num_splits=2, **kw)
+    check_paged("packed", SELF_QUERY, SELF_CTX, seed=17, bias_m=4, **kw)
+    check_paged("packed", CROSS_QUERY, CROSS_CTX, seed=18, causal=False, **kw)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias_m", [0, 6])
+def test_varlen_attention_interpreted(dtype, causal, bias_m):
+    # GQA group 2; rows of one token, none, within a tile, over several tiles with a partial last one.
+    check_varlen([23, 1, 0, 70, 9], nh=4, nkv=2, hd=16, dtype=dtype, seed=19, causal=causal, bias_m=bias_m,
+                 block_m=16, block_n=16)
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_fused_mha_default_tiles_interpreted(causal):
+    # Strided views of one QKV tensor, MHA, head_dim 24 (masked lanes), the default 64 x 32 tiles.
+    check_varlen([70, 33], nh=3, nkv=3, hd=24, dtype=torch.float32, seed=20, causal=causal, bias_m=8, fused=True)
+    check_varlen([5, 40], nh=6, nkv=2, hd=8, dtype=torch.float32, seed=21, causal=causal)  # group 3
+
+
+@interpreted
+def test_kernel_errors_name_the_problem():
+    q, kc, vc, qsl, ctx, tables, *_ = cache_case([2, 1], [3, 5], 4, 2, 8, 4, torch.float32, 22)
+    with pytest.raises(ValueError, match="causal"):
+        paged_packed_attention(q, kc, vc, qsl, ctx, tables, 1.0, causal=False, position_bias=torch.zeros(4, 7))
+    with pytest.raises(ValueError, match="causal"):
+        paged_packed_attention(q, kc, vc, qsl, ctx, tables, 1.0, causal=False, sliding_window=2)
+    with pytest.raises(ValueError, match="shape"):
+        paged_decode_attention(q[:2], kc, vc, ctx, tables, 1.0, 1, position_bias=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="float32"):
+        paged_decode_attention(q[:2], kc, vc, ctx, tables, 1.0, 1, position_bias=torch.zeros(4, 7).half())
+    q, k, v, qsl = varlen_case([3, 4], 4, 2, 8, torch.float32, 23)
+    with pytest.raises(ValueError, match="nkv"):
+        varlen_attention(q, k[:, :1].expand(-1, 3, -1), v, qsl, 4, 1.0)
+    with pytest.raises(ValueError, match="max_len"):
+        varlen_attention(q, k, v, qsl, 4.0, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        varlen_attention(q, k, v, qsl, 4, 1.0, causal=False, position_bias=torch.zeros(2, 7))
+
+
+# ---- GPU, at T5 / BART encoder-decoder sizes --------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias_m", [0, 128])
+def test_varlen_attention_gpu(causal, bias_m):
+    # The encoder of a 512-token batch: 256 rows x 512 tokens, 16 heads of 64; T5's bias table (M = 128).
+    check_varlen([512] * 256, nh=16, nkv=16, hd=64, dtype=torch.bfloat16, seed=30, causal=causal, bias_m=bias_m,
+                 oracle="ref")
+    g = torch.Generator().manual_seed(31)
+    lens = torch.randint(1, 513, (64,), generator=g).tolist() + [1, 64, 65, 512]
+    check_varlen(lens, nh=16, nkv=4, hd=64, dtype=torch.bfloat16, seed=32, causal=causal, bias_m=bias_m,
+                 oracle="ref")
+    check_varlen(lens, nh=8, nkv=8, hd=64, dtype=torch.float32, seed=33, causal=causal, bias_m=bias_m, fused=True,
+                 oracle="ref")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_attention_bias_gpu(dtype):
+    g = torch.Generator().manual_seed(34)
+    ctx_lens = torch.randint(1, 600, (60,), generator=g).tolist() + [1, 127, 128, 129]
+    for num_splits in (1, 4):
+        check_paged("decode", [1] * len(ctx_lens), ctx_lens, nh=16, nkv=16, hd=64, block=16, dtype=dtype, seed=35,
+                    bias_m=128, num_splits=num_splits, oracle="ref")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_attention_bias_and_cross_gpu(dtype, causal):
+    g = torch.Generator().manual_seed(36)
+    query_lens = [300, 1, 17, 1, 129, 64, 1, 2]
+    if causal:  # the decoder's self-attention with T5's bias: chunks after earlier ones, decodes
+        ctx_lens = [n + int(torch.randint(0, 400, (1,), generator=g)) for n in query_lens]
+    else:  # cross-attention: any encoder length, shorter or longer than the decoder's query
+        ctx_lens = [int(n) for n in torch.randint(1, 513, (len(query_lens),), generator=g)]
+    check_paged("packed", query_lens, ctx_lens, nh=16, nkv=16, hd=64, block=16, dtype=dtype, seed=37,
+                causal=causal, bias_m=128 if causal else 0, oracle="ref")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_quantized_cache_bias_and_cross_gpu(cache_dtype):
+    g = torch.Generator().manual_seed(38)
+    ctx_lens = torch.randint(1, 600, (32,), generator=g).tolist()
+    kw = dict(nh=16, nkv=16, hd=64, block=16, dtype=torch.bfloat16, cache_dtype=cache_dtype, oracle="ref")
+    check_paged("decode", [1] * 32, ctx_lens, seed=39, bias_m=128, num_splits=4, **kw)
+    check_paged("packed", [100, 1, 7, 1] * 8, [c + 100 for c in ctx_lens], seed=40, bias_m=128, **kw)
+    check_paged("packed", [100, 1, 7, 1] * 8, ctx_lens, seed=41, causal=False, **kw)
