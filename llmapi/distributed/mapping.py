@@ -105,6 +105,15 @@ def check_mapping(engine_config: dict, mapping: Mapping, embedding_sharding_dim:
         raise UnsupportedModelError(
             f"tensor_parallel_size={tp} does not divide the embedding width {width} "
             "(needed to split the embedding along the hidden size; use embedding_sharding_dim=0)")
+    if cfg.get("is_encoder_decoder"):
+        if pp > 1:
+            raise UnsupportedModelError(
+                f"pipeline_parallel_size={pp}: encoder-decoder models do not run as pipeline stages (a step runs the "
+                "encoder of its starting requests before the decoder, which every stage would wait for); use "
+                "tensor_parallel_size")
+        if cfg["encoder"]["intermediate_size"] % tp:
+            raise UnsupportedModelError(f"tensor_parallel_size={tp} does not divide the encoder's intermediate_size="
+                                        f"{cfg['encoder']['intermediate_size']}")
     if cfg["num_hidden_layers"] < pp:
         raise UnsupportedModelError(
             f"pipeline_parallel_size={pp} exceeds num_hidden_layers={cfg['num_hidden_layers']}")

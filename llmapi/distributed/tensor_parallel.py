@@ -138,15 +138,21 @@ def apply_tensor_parallel(model: nn.Module, cfg: dict, mapping: Mapping, comm, e
     tp, r = mapping.tp_size, mapping.tp_rank
     if tp == 1:
         return
-    nh, nkv, hd, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["intermediate_size"]
-    nh_l, nkv_l, inter_l = nh // tp, local_kv_heads(nkv, tp), inter // tp
+    nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    nh_l, nkv_l = nh // tp, local_kv_heads(nkv, tp)
     # With more ranks than KV heads, rank r serves q heads that all read KV head r // (tp // nkv).
     kv_first = r * nkv_l if nkv >= tp else r // (tp // nkv)
     q_rows = [(r * nh_l * hd, nh_l * hd)]
-    qkv_rows = q_rows + [((nh + kv_first) * hd, nkv_l * hd), ((nh + nkv + kv_first) * hd, nkv_l * hd)]
-    inter_rows = [(r * inter_l, inter_l)]
-    specs = layer_linears(cfg)
-    for layer in model.transformer.layers:  # this pipeline stage's
+    kv_rows = [(kv_first * hd, nkv_l * hd), ((nkv + kv_first) * hd, nkv_l * hd)]
+    qkv_rows = q_rows + [(nh * hd + start, count) for start, count in kv_rows]
+    if hasattr(model, "linear_layers"):  # a model with several stacks (encoder-decoder) lists its layers itself
+        layers = model.linear_layers()
+    else:
+        specs = layer_linears(cfg)
+        layers = [(layer, specs) for layer in model.transformer.layers]  # this pipeline stage's
+    for layer, specs in layers:
+        layer_inter = layer.mlp.proj.in_features  # the encoder's may differ from the decoder's
+        inter_rows = [(r * (layer_inter // tp), layer_inter // tp)]
         for spec in specs:
             block_name, linear_name = spec.name.split(".")
             block = getattr(layer, block_name)
@@ -154,14 +160,25 @@ def apply_tensor_parallel(model: nn.Module, cfg: dict, mapping: Mapping, comm, e
             rows = q_rows if spec.unit == "heads" else inter_rows
             if spec.split == "qkv":
                 parallel = ColumnParallelLinear(linear, qkv_rows)
+            elif spec.split == "kv":
+                parallel = ColumnParallelLinear(linear, kv_rows)
             elif spec.split == "gate_up":
-                parallel = ColumnParallelLinear(linear, inter_rows + [(inter + r * inter_l, inter_l)])
+                parallel = ColumnParallelLinear(linear, inter_rows + [(layer_inter + r * (layer_inter // tp),
+                                                                       layer_inter // tp)])
             elif spec.split == "column":
                 parallel = ColumnParallelLinear(linear, rows)
             else:
                 parallel = RowParallelLinear(linear, rows, comm)
             setattr(block, linear_name, parallel)
-        layer.attention.num_heads, layer.attention.num_kv_heads = nh_l, nkv_l
+            if spec.unit == "heads":
+                block.num_heads, block.num_kv_heads = nh_l, nkv_l
+    if hasattr(model, "linear_layers"):
+        # Encoder-decoder: the relative position biases keep this rank's heads; embeddings and head stay whole
+        # (each rank computes the full logits).
+        for module in model.modules():
+            if hasattr(module, "split_heads"):
+                module.split_heads(r * nh_l, nh_l)
+        return
 
     t = model.transformer
     embedding = t.vocab_embedding

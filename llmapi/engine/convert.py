@@ -1,5 +1,5 @@
-"""Convert a model source (HF directory, Meta checkpoint, NeMo .nemo file or GGUF file) into an engine directory
-through its family's convert_hf."""
+"""Convert a model source (HF directory, Meta checkpoint, NeMo .nemo file, GGUF file or fairseq checkpoint) into an
+engine directory through its family's convert_hf."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from llmapi.distributed.mapping import Mapping as RankMapping
 from llmapi.distributed.mapping import check_mapping
 from llmapi.engine import format as fmt
-from llmapi.errors import ModelNotFoundError
+from llmapi.errors import ModelNotFoundError, UnsupportedModelError
 from llmapi.hub import ModelSource, weight_files
 from llmapi.quantization.config import QuantConfig
 
@@ -242,11 +242,30 @@ def _read_nemo(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[
     return hf_config, state_dict, generation
 
 
+def _read_fairseq(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
+    from llmapi.engine import fairseq
+
+    # model.pt unpickled once (its globals checked first, its tensors memory-mapped when it is a zip file), read
+    # as an FSMT config and state dict; FSMTTokenizer's files written.
+    hf_config, state_dict, generation = fairseq.read_fairseq(source.path, out_dir)
+    try:
+        check(hf_config)
+    except BaseException:
+        state_dict.close()
+        raise
+    fmt.write_json(out_dir / "generation_config.json", generation)
+    if dummy:
+        state_dict.close()
+        return hf_config, None, generation
+    return hf_config, state_dict, generation
+
+
 # Source kind -> reader: (source, out_dir, dummy, check) -> (HF config dict, HF-named state dict or None when
 # dummy, generation config). A reader calls check(hf_config) before it reads any weight, and writes the
 # tokenizer files into out_dir. A non-HF format becomes an HF-shaped config and state dict here, so the
 # family's convert_hf serves every format.
-_SOURCE_READERS = {"hf_dir": _read_hf_dir, "gguf": _read_gguf, "meta": _read_meta, "nemo": _read_nemo}
+_SOURCE_READERS = {"hf_dir": _read_hf_dir, "gguf": _read_gguf, "meta": _read_meta, "nemo": _read_nemo,
+                   "fairseq": _read_fairseq}
 
 
 def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: Path) -> dict:
@@ -265,10 +284,19 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
     state_dict = None
     mapping = RankMapping.from_dict(settings.mapping)
 
+    quant = QuantConfig.from_dict(settings.quantization)
+
     def check(hf_config: dict) -> None:
         """A supported architecture whose shapes this mapping can split (before any weight is read)."""
         family(hf_config)
-        check_mapping(models.config_from_hf(hf_config, dtype), mapping, settings.embedding_sharding_dim)
+        engine_config = models.config_from_hf(hf_config, dtype)
+        check_mapping(engine_config, mapping, settings.embedding_sharding_dim)
+        if engine_config.get("is_encoder_decoder") and quant is not None and (
+                quant.needs_calibration or quant.kv_cache_quant_algo is not None):
+            raise UnsupportedModelError(
+                f"quantization {quant.quant_algo or quant.kv_cache_quant_algo} is not supported for encoder-decoder "
+                "models (its calibration runs decoder-only models); weight-only int8 / int4 (quant='int8_weight_only'"
+                " / 'int4_weight_only') are")
 
     reader = _SOURCE_READERS.get(source.kind)
     if reader is None:
@@ -277,7 +305,6 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
 
     engine_arch = family(hf_config)
     weights = None
-    quant = QuantConfig.from_dict(settings.quantization)
     if dummy:
         engine_config = models.config_from_hf(hf_config, dtype)
     else:

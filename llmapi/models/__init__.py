@@ -56,7 +56,12 @@ def hf_architecture(hf_config: dict) -> str:
     for name in names:
         if name in SUPPORTED_HF_ARCHITECTURES:
             return name
-    raise _unsupported(names[0] if names else str(hf_config.get("model_type")))
+    name = names[0] if names else str(hf_config.get("model_type"))
+    if hf_config.get("is_encoder_decoder"):
+        encdec = [arch for arch, fam in SUPPORTED_HF_ARCHITECTURES.items() if fam in (t5, bart, fsmt)]
+        raise UnsupportedModelError(f"encoder-decoder architecture {name!r} is not supported; supported "
+                                    f"encoder-decoder architectures: {', '.join(encdec)}")
+    raise _unsupported(name)
 
 
 def family(hf_config: dict) -> ModuleType:

@@ -31,7 +31,15 @@ def _quantized_linear(linear: nn.Linear, quant: QuantConfig, spec: LinearSpec) -
 
 
 def quantized_linears(engine_config: dict) -> dict[str, LinearSpec]:
-    """Full engine name ("transformer.layers.{i}.mlp.proj") -> declaration, of every linear quantization swaps."""
+    """Full engine name ("transformer.layers.{i}.mlp.proj"; "encoder.layers.{i}..." and "decoder.layers.{i}..." of
+    an encoder-decoder model) -> declaration, of every linear quantization swaps."""
+    if engine_config.get("is_encoder_decoder"):
+        from llmapi.models.encdec import encdec_linears
+
+        counts = {"encoder": engine_config["encoder"]["num_layers"], "decoder": engine_config["num_hidden_layers"]}
+        return {f"{stack}.layers.{i}.{spec.name}": spec
+                for stack, specs in encdec_linears(engine_config).items() for i in range(counts[stack])
+                for spec in specs}
     specs = layer_linears(engine_config)
     return {f"transformer.layers.{i}.{spec.name}": spec
             for i in range(engine_config["num_hidden_layers"]) for spec in specs}
@@ -47,8 +55,12 @@ def apply_quantization(model: nn.Module, quant: QuantConfig | None) -> None:
     # A rank's input features of a row-parallel linear: whole groups, and whole bytes of packed int4.
     four_bits = quant.quant_algo in WEIGHT_ONLY_BITS and quant.bits == 4
     unit = quant.group_size or (2 if four_bits else 1)
-    specs = layer_linears(model.config)
-    for layer in model.transformer.layers:
+    if hasattr(model, "linear_layers"):  # a model with several stacks (encoder-decoder) lists its layers itself
+        layers = model.linear_layers()
+    else:
+        specs = layer_linears(model.config)
+        layers = [(layer, specs) for layer in model.transformer.layers]
+    for layer, specs in layers:
         for spec in specs:
             block_name, linear_name = spec.name.split(".")
             block = getattr(layer, block_name)
