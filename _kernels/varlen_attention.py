@@ -6,7 +6,10 @@
 # adjacent so that they share its K/V in L2; blocks past a row's end return at once. K/V tiles stream with an
 # online softmax in base 2. Only the tiles that need it are masked: without CAUSAL the row's last, partly
 # filled tile; with CAUSAL those on the diagonal (the loop stops at the block's last query). With HAS_BIAS each
-# score gets T5's relative position bias as in decode_attention.
+# score gets T5's relative position bias as in decode_attention, gathered from the table only for the tiles
+# within M-1 positions of the block's tokens: farther tiles take each head's first or last bucket.
+
+import numbers
 
 import torch
 import triton
@@ -21,21 +24,29 @@ BLOCK_N = 32  # keys per tile
 
 
 @triton.jit
-def _attend_tiles(q, m, l, acc, k_base, v_base, k_stride_t, v_stride_t, bias_ptr, bias_m1, head, tok, row_ok, d,
-                  d_ok, lo, hi, kv_end, scale_log2, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  PRECISION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _attend_tiles(q, m, l, acc, k_base, v_base, k_stride_t, v_stride_t, bias_ptr, bias_m1, bias_before,
+                  bias_after, head, tok, tok_first, tok_last, row_ok, d, d_ok, lo, hi, kv_end, scale_log2,
+                  BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The online softmax over the key tiles starting at lo, lo + BLOCK_N, .. < hi; MASKED masks the keys at or
-    past kv_end and (CAUSAL) those after each row's token, else every key of the tiles counts."""
+    past kv_end and (CAUSAL) those after each row's token, else every key of the tiles counts. A tile whose
+    keys all lie M-1 or more after (before) every token of the block takes the bias of the table's last (first)
+    bucket, bias_after (bias_before) [BLOCK_M], with no gather."""
     n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         pos = start + n  # [BLOCK_N] key positions in the row
         key_ok = pos < kv_end
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + pos[:, None].to(tl.int64) * k_stride_t + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + pos[:, None].to(tl.int64) * v_stride_t + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + pos[:, None] * k_stride_t + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + pos[:, None] * v_stride_t + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
-            s += position_bias_log2(bias_ptr, bias_m1, head, pos, tok, row_ok[:, None] & key_ok[None, :])
+            if start - tok_last >= bias_m1:
+                s += bias_after[:, None]
+            elif start + BLOCK_N - 1 - tok_first <= -bias_m1:
+                s += bias_before[:, None]
+            else:
+                s += position_bias_log2(bias_ptr, bias_m1, head, pos, tok, row_ok[:, None] & key_ok[None, :])
         if MASKED:
             if CAUSAL:
                 s = tl.where(key_ok[None, :] & (pos[None, :] <= tok[:, None]), s, float("-inf"))
@@ -87,12 +98,23 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, 
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         k_base = k_ptr + q_start.to(tl.int64) * k_stride_t + kvh * k_stride_h
         v_base = v_ptr + q_start.to(tl.int64) * v_stride_t + kvh * v_stride_h
-        m, l, acc = _attend_tiles(q, m, l, acc, k_base, v_base, k_stride_t, v_stride_t, bias_ptr, bias_m1, head, tok,
-                                  row_ok, d, d_ok, 0, full_end, kv_end, scale_log2, BLOCK_N, DOT_DTYPE, PRECISION,
-                                  False, CAUSAL, HAS_BIAS)
-        m, l, acc = _attend_tiles(q, m, l, acc, k_base, v_base, k_stride_t, v_stride_t, bias_ptr, bias_m1, head, tok,
-                                  row_ok, d, d_ok, full_end, kv_end, kv_end, scale_log2, BLOCK_N, DOT_DTYPE,
-                                  PRECISION, True, CAUSAL, HAS_BIAS)
+        tok_first = local * BLOCK_Q
+        tok_last = tok_first + BLOCK_Q - 1
+        if HAS_BIAS:  # the two clamped ends of each row's head's bias (keys far before / after the token)
+            row_bias = bias_ptr + head * (2 * bias_m1 + 1)
+            bias_before = tl.load(row_bias, mask=row_ok, other=0.0) * 1.4426950408889634  # [BLOCK_M], base 2
+            bias_after = tl.load(row_bias + 2 * bias_m1, mask=row_ok, other=0.0) * 1.4426950408889634
+        else:
+            bias_before = tl.zeros([BLOCK_M], tl.float32)
+            bias_after = bias_before
+        m, l, acc = _attend_tiles(q, m, l, acc, k_base, v_base, k_stride_t, v_stride_t, bias_ptr, bias_m1,
+                                  bias_before, bias_after, head, tok, tok_first, tok_last, row_ok, d, d_ok, 0,
+                                  full_end, kv_end, scale_log2, BLOCK_N, DOT_DTYPE, PRECISION, False, CAUSAL,
+                                  HAS_BIAS)
+        m, l, acc = _attend_tiles(q, m, l, acc, k_base, v_base, k_stride_t, v_stride_t, bias_ptr, bias_m1,
+                                  bias_before, bias_after, head, tok, tok_first, tok_last, row_ok, d, d_ok,
+                                  full_end, kv_end, kv_end, scale_log2, BLOCK_N, DOT_DTYPE, PRECISION, True, CAUSAL,
+                                  HAS_BIAS)
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(out_ptr + t_row[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -103,7 +125,7 @@ def varlen_attention(
     k: torch.Tensor,  # [T, nkv, hd]
     v: torch.Tensor,  # [T, nkv, hd]
     query_start_loc: torch.Tensor,  # [R+1] int32, cumsum of the rows' lengths
-    max_len: int,  # an upper bound on the rows' lengths (the grid is sized from it: a longer row is cut)
+    max_len: int,  # >= every row's length: the grid is sized from it (not checked, that would wait for the GPU)
     scale: float,
     causal: bool = True,
     position_bias: torch.Tensor | None = None,  # [nh, 2M-1] float32 relative position bias (T5)
@@ -126,8 +148,11 @@ def varlen_attention(
                          f"with nkv dividing q's heads")
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("q, k and v must be contiguous in their last (head_dim) dimension")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 0:
         raise ValueError(f"max_len={max_len!r} is invalid: must be an int >= 0, the longest row")
+    max_len = int(max_len)
+    if max_len * max(k.stride(0), v.stride(0)) >= 2**31:  # a key's offset in its row is an int32 in the kernel
+        raise ValueError(f"max_len={max_len} is too long: rows of that many tokens overflow the kernel's offsets")
     check_attention_mode(causal, None, None)
     bias_ptr, bias_m1 = bias_args(position_bias, q)
     out = attention_out(q, out, None)
