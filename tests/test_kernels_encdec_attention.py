@@ -180,8 +180,8 @@ CACHE_DTYPES = [torch.int8, torch.float8_e4m3fn]
 
 
 def _ref64(*tensors):
-    """float64 CPU copies of the float tensors (the oracle's inputs), other tensors on the CPU."""
-    return [t.cpu().double() if t.is_floating_point() else t.cpu() for t in tensors]
+    """float64 copies of the float tensors (the oracle's inputs, on their device), the others as they are."""
+    return [t.double() if t.is_floating_point() else t for t in tensors]
 
 
 def check_paged(kernel, query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed, causal=True, bias_m=0,
@@ -195,10 +195,10 @@ def check_paged(kernel, query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed, c
     if cache_dtype is not None:
         kv_scale = kv_scales_from_amax(float(kc.abs().max()), float(vc.abs().max()), cache_dtype).to(DEVICE)
         kc, vc = quantize_kv_ref(kc, kv_scale[0], cache_dtype), quantize_kv_ref(vc, kv_scale[1], cache_dtype)
-        k_deq = dequantize_kv_ref(kc.cpu(), kv_scale[0].cpu(), torch.float64)
-        v_deq = dequantize_kv_ref(vc.cpu(), kv_scale[1].cpu(), torch.float64)
-        full_k = [k_deq[tables[r].cpu().long()].flatten(0, 1)[:c] for r, c in enumerate(ctx_lens)]
-        full_v = [v_deq[tables[r].cpu().long()].flatten(0, 1)[:c] for r, c in enumerate(ctx_lens)]
+        k_deq = dequantize_kv_ref(kc, kv_scale[0], torch.float64)  # the values the codes stand for
+        v_deq = dequantize_kv_ref(vc, kv_scale[1], torch.float64)
+        full_k = [k_deq.cpu()[tables[r].cpu().long()].flatten(0, 1)[:c] for r, c in enumerate(ctx_lens)]
+        full_v = [v_deq.cpu()[tables[r].cpu().long()].flatten(0, 1)[:c] for r, c in enumerate(ctx_lens)]
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     if kernel == "decode":
         paged_decode_attention(q, kc, vc, ctx, tables, scale, num_splits, out=out, kv_scale=kv_scale,
@@ -210,8 +210,8 @@ def check_paged(kernel, query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed, c
         want = dense_paged(q, qsl, ctx_lens, full_k, full_v, scale, causal, bias)
     else:  # large cases: the reference in float64
         cache = (k_deq, v_deq) if cache_dtype is not None else _ref64(kc, vc)
-        want = paged_attention_ref(*_ref64(q), *cache, *_ref64(qsl, ctx, tables), scale, causal=causal,
-                                   position_bias=None if bias is None else bias.cpu())
+        want = paged_attention_ref(*_ref64(q), *cache, qsl, ctx, tables, scale, causal=causal,
+                                   position_bias=bias).cpu()
     err = rel_error(out.cpu(), want)
     assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
 
@@ -228,8 +228,7 @@ def check_varlen(lens, nh, nkv, hd, dtype, seed, causal, bias_m=0, fused=False, 
     if oracle == "dense":
         want = dense_varlen(q, k, v, qsl, scale, causal, bias)
     else:
-        want = varlen_attention_ref(*_ref64(q, k, v, qsl), scale, causal=causal,
-                                    position_bias=None if bias is None else bias.cpu())
+        want = varlen_attention_ref(*_ref64(q, k, v), qsl, scale, causal=causal, position_bias=bias).cpu()
     err = rel_error(out.cpu(), want)
     assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
 
