@@ -74,8 +74,7 @@ def _bias_mask(position_bias, q_pos, k_pos, seen, dtype):
     """Additive mask [nh, *q_pos.shape, S]: each (query, key)'s bias entry (zeros without a bias), -inf where
     `seen` [*q_pos.shape, S] is False. q_pos [...], k_pos [..., S] (broadcast against q_pos[..., None])."""
     if position_bias is None:
-        mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
-        mask = mask[None]
+        mask = torch.zeros((1, *seen.shape), dtype=dtype, device=seen.device)
     else:
         m = (position_bias.shape[1] + 1) // 2
         rel = (k_pos - q_pos[..., None]).clamp(-(m - 1), m - 1) + m - 1  # [..., S] index into the table
