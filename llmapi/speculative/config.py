@@ -36,6 +36,11 @@ class DraftTargetDecodingConfig:
     """The draft model: a hub id, a local Hugging Face directory or a saved engine (any family llmapi runs)."""
     max_draft_len: int = 4
     """Draft tokens per step (k): a step verifies them in one target forward and keeps 1 to k + 1 tokens."""
+    accept_all_drafts: bool = False
+    """A benchmark aid, off by default: every draft is accepted without being checked against the target, so each
+    verify step keeps all k drafts and the target's token after them. The output is then the draft model's tokens
+    (with every (k + 1)-th token the target's), not the target's: it only times the verify path at 100% acceptance
+    (`llmapi bench --speculative-model M --accept-all-drafts`). One rank only; `llmapi serve` has no way to set it."""
 
     decoding_type: ClassVar[str] = "DraftTarget"
     mode: ClassVar[int] = 2  # the core's SpeculativeMode::kDraftModel
@@ -43,6 +48,8 @@ class DraftTargetDecodingConfig:
     def __post_init__(self):
         self.speculative_model = _check_model(self.speculative_model)
         _check_int("max_draft_len", self.max_draft_len, 1, MAX_DRAFT_LEN_LIMIT)
+        if not isinstance(self.accept_all_drafts, bool):
+            raise ValueError(f"accept_all_drafts={self.accept_all_drafts!r} is invalid: must be True or False")
 
 
 @rejects_unknown_arguments("NGramDecodingConfig()")

@@ -158,13 +158,15 @@ class Verified:
 
 
 def verify(settings: RowSettings, logits: torch.Tensor, num_draft: np.ndarray, drafts: torch.Tensor,
-           draft_probs: Optional[torch.Tensor]) -> Verified:
+           draft_probs: Optional[torch.Tensor], accept_all: bool = False) -> Verified:
     """Verify each row's drafts against the target's logits.
 
     logits: [N, V] float32, the target's raw logits at each row's 1 + d positions, rows back to back (N = sum of
     num_draft + 1), adjusted here (bias, suppressed ids); num_draft: [S] host; drafts: [S, kmax] int64 (-1 after a
     row's d); draft_probs: [S, kmax, V], the distribution q each draft was sampled from, or None for deterministic
-    drafts (n-gram: q is one-hot) or rows that are all greedy.
+    drafts (n-gram: q is one-hot) or rows that are all greedy. `accept_all` (DraftTargetDecodingConfig's benchmark
+    switch): every draft is accepted whatever the target says, and the row's last token is the target's own next
+    token after them (as after a genuine full acceptance), so the step does the work of one at 100% acceptance.
     """
     dev = logits.device
     num_rows = len(num_draft)
@@ -190,6 +192,8 @@ def verify(settings: RowSettings, logits: torch.Tensor, num_draft: np.ndarray, d
         u = uniform(settings.seeds.unsqueeze(1).expand(-1, kmax), SALT_ACCEPT, first_index)
         sampled_accept = u * q_draft < p_draft  # u < p / q, without dividing
         accept = torch.where(settings.greedy.unsqueeze(1), accept, sampled_accept)
+    if accept_all:
+        accept = torch.ones_like(accept)
     accept &= valid
     accepted = accept.to(torch.int64).cumprod(dim=1).sum(dim=1)  # [S] leading accepted drafts
     base_t = torch.tensor(base, device=dev)

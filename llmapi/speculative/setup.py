@@ -76,7 +76,7 @@ class SpeculativeSetup:
                 os.path.join(info.path, rank_file(0)))
             load_rank_model(model, info.path, 0, dummy, cfg, draft_dtype, device)
             return SpeculativeDecoder(c.mode, DraftModelDrafter(model.eval(), cfg, device, draft_dtype,
-                                                                tokens_per_block))
+                                                                tokens_per_block), accept_all=c.accept_all_drafts)
         from .drafter import EagleDrafter
         from .eagle import load_eagle_head
 
@@ -94,6 +94,10 @@ def prepare(args, target_config: dict, device: torch.device, build_engine_fn,
     if config is None:
         return None
     world = args.tensor_parallel_size * args.pipeline_parallel_size
+    if getattr(config, "accept_all_drafts", False) and world > 1:
+        raise ValueError(f"speculative_config=DraftTargetDecodingConfig(accept_all_drafts=True) is invalid with "
+                         f"tensor_parallel_size * pipeline_parallel_size = {world}: the benchmark switch runs on one "
+                         "rank only")
     if isinstance(config, EagleDecodingConfig) and world > 1:
         raise ValueError(f"speculative_config=EagleDecodingConfig(...) is invalid with tensor_parallel_size * "
                          f"pipeline_parallel_size = {world}: an EAGLE head runs on one rank only")

@@ -39,10 +39,11 @@ class SpeculativeHandle:
 
 class SpeculativeDecoder:
     """A runner's speculative decoding: the drafter (None for n-gram drafts, which the executor proposes) and the
-    speculative step. `mode` is the core's SpeculativeMode."""
+    speculative step. `mode` is the core's SpeculativeMode; `accept_all` (DraftTargetDecodingConfig's benchmark
+    switch) keeps every draft unchecked."""
 
-    def __init__(self, mode: int, drafter=None):
-        self.mode, self.drafter = mode, drafter
+    def __init__(self, mode: int, drafter=None, accept_all: bool = False):
+        self.mode, self.drafter, self.accept_all = mode, drafter, accept_all
 
     @property
     def extra_bytes_per_token(self) -> int:
@@ -84,7 +85,8 @@ class SpeculativeDecoder:
         else:  # n-gram drafts: in the batch's input ids
             drafts = plan.batch_drafts(inputs)
         hidden = runner.forward(inputs)  # [T, H]
-        out, prompt, generation = verify_step(runner, batch, inputs, hidden, plan, settings, drafts, draft_probs)
+        out, prompt, generation = verify_step(runner, batch, inputs, hidden, plan, settings, drafts, draft_probs,
+                                              accept_all=self.accept_all)
         runner.records.add(prompt, generation)
         return SpeculativeHandle(out)
 
@@ -118,11 +120,13 @@ class StepPlan:
 
 
 def verify_step(runner, batch, inputs, hidden: torch.Tensor, plan: StepPlan, settings: Optional[RowSettings],
-                drafts: Optional[torch.Tensor], draft_probs: Optional[torch.Tensor], samples: bool = True):
+                drafts: Optional[torch.Tensor], draft_probs: Optional[torch.Tensor], samples: bool = True,
+                accept_all: bool = False):
     """After the target forward (hidden [T, H]): every row decoded as a plain step decodes it, the speculating rows
     verified -> (the step's outputs as StepOutput's fields, prompt chunks, generation rows). With several ranks
     every rank of the last stage calls it (the head's all-gather is a collective); only the sampling rank
-    (`samples`, with settings and drafts) decodes and verifies, the others get (None, [], [])."""
+    (`samples`, with settings and drafts) decodes and verifies, the others get (None, [], []). `accept_all`: every
+    draft kept unchecked (the benchmark switch; see rejection.verify)."""
     prompt, generation = [], []
     # Every row as a plain step decodes it (a speculating row's own result is replaced below).
     if runner.needs_decode(batch):
@@ -136,7 +140,7 @@ def verify_step(runner, batch, inputs, hidden: torch.Tensor, plan: StepPlan, set
     if not samples:
         return None, [], []
     raw = logits.clone() if (np.asarray(batch.logprobs)[plan.rows] >= 0).any() else None
-    result = verify(settings, logits, plan.num_draft, drafts, draft_probs)
+    result = verify(settings, logits, plan.num_draft, drafts, draft_probs, accept_all=accept_all)
     return merge(base, batch, plan.rows, result, raw), prompt, generation
 
 
