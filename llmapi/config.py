@@ -119,6 +119,9 @@ class LlmArgs:
     """Most tokens (prefill chunks plus decodes) in one step."""
     max_seq_len: Optional[int] = None
     """Longest prompt plus output, in tokens; default: the model's max_position_embeddings."""
+    max_encoder_input_len: Optional[int] = None
+    """Encoder-decoder models: the longest encoder input, in tokens (never more than max_num_tokens - 1: the encoder
+    runs in one step); default: the model's position limit where it has one (BART, FSMT), else 1024 (T5)."""
     tokens_per_block: int = 32
     """Tokens per paged KV block."""
     kv_cache_config: Optional[KvCacheConfig] = None
@@ -197,6 +200,9 @@ class LlmArgs:
             _check(_is_int(v) and v >= 1, name, v, "must be an int >= 1")
         _check(self.max_seq_len is None or (_is_int(self.max_seq_len) and self.max_seq_len >= 2),
                "max_seq_len", self.max_seq_len, "must be an int >= 2 or None")
+        _check(self.max_encoder_input_len is None or (_is_int(self.max_encoder_input_len)
+                                                      and self.max_encoder_input_len >= 1),
+               "max_encoder_input_len", self.max_encoder_input_len, "must be an int >= 1 or None")
         _check(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
                "device", self.device, "must be auto, cpu, cuda or cuda:N")
         _check(self.embedding_sharding_dim in (0, 1) and _is_int(self.embedding_sharding_dim),

@@ -70,6 +70,10 @@ class LLM:
             self.shutdown()
             raise
 
+    is_encoder_decoder = False
+    """Whether the model is an encoder-decoder model (T5, BART, FSMT): prompts are then encoder inputs."""
+    _encdec = None  # its llmapi.encdec_prompts.EncoderDecoderSettings
+
     # The state's fields under the names the methods below use.
     _executor = _state_field("executor")
     _runner = _state_field("runner")
@@ -110,6 +114,15 @@ class LLM:
             self.eos_token_ids = list(cfg.get("eos_token_id") or [])
             self.vocab_size = cfg["vocab_size"]
             self._generation_defaults = generation_defaults(info.path)
+            self.is_encoder_decoder = bool(cfg.get("is_encoder_decoder"))
+            self._encdec = None
+            if self.is_encoder_decoder:
+                from .encdec_prompts import encdec_settings
+
+                self._encdec = encdec_settings(info.path, cfg, args.max_encoder_input_len, args.max_num_tokens)
+                self._generation_defaults = self._encdec.sampling_defaults  # transformers' generate settings
+                if args.speculative_config is not None:
+                    raise ValueError("speculative_config is not supported for encoder-decoder models")
             executor_kwargs = dict(
                 max_batch_size=args.max_batch_size,
                 max_num_tokens=args.max_num_tokens,
@@ -125,8 +138,12 @@ class LLM:
                 # KV blocks behind a request's sliding window (engines saved before the key have none) go back.
                 sliding_window=cfg.get("sliding_window") or 0,
             )
+            if self.is_encoder_decoder:
+                executor_kwargs["max_encoder_input_len"] = self._encdec.max_encoder_input_len
             load_format = info.build_config.get("load_format", "auto")
             cfg, adapters = adapter_settings(args, info)  # LoRA slots and prompt tables on the ranks, or None
+            if adapters and self.is_encoder_decoder:
+                raise ValueError("LoRA adapters and prompt tables are not supported for encoder-decoder models")
             speculative = self._speculative_setup(cfg)
             if speculative is not None:
                 executor_kwargs.update(speculative.executor_kwargs())
@@ -317,8 +334,22 @@ class LLM:
 
     def _prepare(self, prompt: Prompt, checked_params: SamplingParams, lora_request=None,
                  prompt_adapter_request=None):
-        """(text, ids, params, adapters) of a prompt checked against this LLM; the params come checked
-        (_check_params); adapters: the request's loaded LoRA adapter and prompt table (None: the base model)."""
+        """(text, ids, params, adapters, encoder) of a prompt checked against this LLM; the params come checked
+        (_check_params); adapters: the request's loaded LoRA adapter and prompt table (None: the base model);
+        encoder: an encoder-decoder model's (encoder text, encoder ids), where text and ids are the decoder's."""
+        if self.is_encoder_decoder:
+            from .encdec_prompts import split_prompt
+
+            if lora_request is not None or prompt_adapter_request is not None:
+                from .errors import AdapterError
+
+                raise AdapterError("LoRA adapters and prompt tables are not supported for encoder-decoder models")
+            text, ids, enc_text, enc_ids = split_prompt(prompt, self._encdec, self.tokenizer, self.vocab_size)
+            self._check_length(ids)
+            return text, ids, checked_params, None, (enc_text, enc_ids)
+        if isinstance(prompt, dict) and ("encoder_prompt" in prompt or "decoder_prompt" in prompt):
+            raise RequestError("'encoder_prompt' / 'decoder_prompt' are for encoder-decoder models; this model is "
+                               "decoder-only: pass 'prompt' or 'prompt_token_ids'")
         adapters = None
         if lora_request is not None or prompt_adapter_request is not None:
             manager = self._res.adapters
@@ -343,10 +374,10 @@ class LLM:
                 raise AdapterError("prompt_logprobs and repetition_penalty read the prompt's token ids, which a "
                                    "prompt table's virtual tokens are not: unset them for prompt-tuned requests")
         self._check_length(ids)
-        return text, ids, checked_params, adapters
+        return text, ids, checked_params, adapters, None
 
     def _enqueue(self, prepared: Sequence[tuple], streaming: bool) -> List[RequestOutput]:
-        """Enqueue checked (text, ids, params, adapters) in one executor call: the executor sees them together
+        """Enqueue checked (text, ids, params, adapters, encoder) in one executor call: the executor sees them together
         (its next step schedules from all of them) and takes all or, on an error, none. A request whose adapter
         finds no free device slot waits on the user's side until one frees (AdapterManager)."""
         self._check_alive()
@@ -358,7 +389,8 @@ class LLM:
         pickled: Dict[int, bytes] = {}  # id(params) -> their logits processor, pickled for the sampling rank
         with self._lock:
             try:
-                for text, ids, params, adapters in prepared:
+                encdec = self._encdec
+                for text, ids, params, adapters, encoder in prepared:
                     beam = params.use_beam_search
                     # Sequences that may be dropped (best_of > n) or reordered (beams) are reported at the end.
                     stream = streaming and not beam and params.num_sequences == params.n
@@ -370,12 +402,17 @@ class LLM:
                         core_request, rid, params=params, eos_token_ids=self.eos_token_ids,
                         max_seq_len=self.max_seq_len, seed=params.effective_seed(secrets.randbits(63)),
                         tokenizer=self.tokenizer, token_history=processor is not None)
+                    if encoder is not None:
+                        make = functools.partial(make, encoder_token_ids=encoder[1],
+                                                 forced_eos_token_id=encdec.forced_eos_token_id)
                     if adapters is None:
                         request = make(ids, like=made.get(id(params)))
                         made.setdefault(id(params), request)
                         requests.append(request)
                     out = RequestOutput(rid, text, ids, abort_fn=self._res.abort, streaming=stream,
                                         num_sequences=params.n if beam else params.num_sequences)
+                    if encoder is not None:
+                        out.encoder_prompt, out.encoder_prompt_token_ids = encoder
                     outs.append(out)
                     self._live[rid] = LiveRequest(out, params, self.tokenizer, len(out.outputs),
                                                   abort_seq=functools.partial(self._res.abort, rid),
@@ -497,6 +534,9 @@ class LLM:
              prompt_adapter_request=None, **template_kwargs):
         """Apply the tokenizer's chat template to one conversation or a list of them, then generate (with
         lora_request / prompt_adapter_request as generate takes them)."""
+        if self.is_encoder_decoder:
+            raise RequestError("chat() applies a chat template to a decoder-only model; this model is "
+                               "encoder-decoder: call generate() with the text to encode")
         if self.tokenizer is None:
             raise RequestError("chat() needs a tokenizer (skip_tokenizer_init=True)")
         single = bool(messages) and isinstance(messages[0], dict)

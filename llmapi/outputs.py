@@ -93,6 +93,11 @@ class RequestOutput:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
+        self.encoder_prompt: Optional[str] = None
+        """Encoder-decoder models: the encoder prompt's text (None when it was given as ids); prompt /
+        prompt_token_ids are then the decoder prompt's."""
+        self.encoder_prompt_token_ids: Optional[List[int]] = None
+        """Encoder-decoder models: the encoder input's token ids."""
         self.outputs = [CompletionOutput(index=i) for i in range(num_sequences)]
         self.prompt_logprobs: Optional[List[Optional[TokenLogprobs]]] = None
         """With SamplingParams.prompt_logprobs: None for the first prompt token, then one entry each."""

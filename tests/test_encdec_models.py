@@ -90,3 +90,44 @@ def test_relative_buckets_equal_transformers(bidirectional):
         ours = relative_position_bucket(relative, bidirectional, buckets, distance)
         ref = T5Attention._relative_position_bucket(relative, bidirectional, buckets, distance)
         assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("name", ["t5", "t5v1.1", "bart", "fsmt"])
+def test_tensor_parallel_logits_equal_one_rank(name):
+    """Two rank models (threads, summing collectives) of the converted model give one rank's logits."""
+    import threading
+
+    from test_distributed_sharding import ThreadComm, ThreadGroup
+    from llmapi.distributed.mapping import Mapping
+    from llmapi.distributed.sharding import build_rank_model, shard_weights
+
+    hf = MODELS[name]()
+    cfg, model = _converted(hf)
+    weights = {k: v for k, v in model.state_dict().items()}
+    start = hf.config.decoder_start_token_id
+    rows = [(enc, [start] + dec[:3]) for enc, dec in
+            zip(em.inputs(2, cfg["encoder"]["vocab_size"], seed=1), em.inputs(2, cfg["vocab_size"], seed=2))]
+    ids, positions, attn, caches = _step(cfg, rows)
+    with torch.no_grad():
+        want = model.compute_logits(model(ids, positions, attn, caches))
+    group, got, errors = ThreadGroup(2), [None, None], []
+
+    def run(rank):
+        try:
+            ranked = build_rank_model(cfg, Mapping(2, 1, rank), "cpu", torch.float32, ThreadComm(group, rank))
+            ranked.load_weights(shard_weights(ranked, weights))
+            _, _, rank_attn, rank_caches = _step({**cfg, "num_key_value_heads": cfg["num_key_value_heads"] // 2}, rows)
+            with torch.no_grad():
+                got[rank] = ranked.compute_logits(ranked(ids, positions, rank_attn, rank_caches))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for logits in got:
+        torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-3)

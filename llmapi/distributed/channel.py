@@ -24,7 +24,8 @@ REQUEST_FIELDS = ("request_id", "prompt_token_ids", "max_tokens", "min_tokens", 
                   "ignore_eos", "temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "bad_words", "logit_bias", "num_sequences", "beam_search",
                   "length_penalty", "early_stopping", "num_returned", "prompt_logprobs", "context_logits",
-                  "generation_logits", "token_history", "adapter_slot", "cache_salt", "prompt_table_size")
+                  "generation_logits", "token_history", "adapter_slot", "cache_salt", "prompt_table_size",
+                  "encoder_token_ids", "no_repeat_ngram_size", "forced_eos_token_id")
 """The _core.Request constructor's arguments, as the user's process sends them (`logprobs` is read as
 `requested_logprobs`)."""
 
@@ -51,7 +52,7 @@ def response_tuple(r) -> RemoteResponse:
 def request_fields(request) -> dict:
     """A _core.Request's constructor arguments."""
     fields = {name: getattr(request, name) for name in REQUEST_FIELDS}
-    for name in ("prompt_token_ids", "eos_token_ids", "stop_token_ids"):
+    for name in ("prompt_token_ids", "eos_token_ids", "stop_token_ids", "encoder_token_ids"):
         fields[name] = list(fields[name])
     fields["bad_words"] = [list(w) for w in fields["bad_words"]]
     fields["logit_bias"] = dict(fields["logit_bias"])

@@ -36,7 +36,7 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     pad = hf_config.get("pad_token_id", 1)
     positions = hf_config["max_position_embeddings"]
     return encdec_config(
-        "fsmt", dtype_name(dtype), hidden=hidden, heads=heads, head_dim=hidden // heads,
+        "fsmt", dtype_name(dtype), hf_config, hidden=hidden, heads=heads, head_dim=hidden // heads,
         vocab=hf_config["tgt_vocab_size"], decoder_layers=hf_config["decoder_layers"],
         decoder_ffn=hf_config["decoder_ffn_dim"], max_positions=positions,
         encoder={"num_layers": hf_config["encoder_layers"], "intermediate_size": hf_config["encoder_ffn_dim"],

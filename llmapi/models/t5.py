@@ -45,7 +45,7 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     scaled = hf_config.get("scale_decoder_outputs", tied) and hf_config.get("model_type") != "mt5"
     positions = hf_config.get("n_positions") or DEFAULT_MAX_POSITIONS
     return encdec_config(
-        "t5", dtype_name(dtype), hidden=hidden, heads=hf_config["num_heads"], head_dim=hf_config["d_kv"],
+        "t5", dtype_name(dtype), hf_config, hidden=hidden, heads=hf_config["num_heads"], head_dim=hf_config["d_kv"],
         vocab=vocab, decoder_layers=hf_config.get("num_decoder_layers") or hf_config["num_layers"], decoder_ffn=ffn,
         max_positions=positions,
         encoder={"num_layers": hf_config["num_layers"], "intermediate_size": ffn, "vocab_size": vocab,

@@ -124,6 +124,12 @@ def decode(logits: torch.Tensor, batch, state: RequestState, processors: Dict[in
     apply_logit_bias_(logits, _t(batch.bias_offsets, dev), _t(batch.bias_ids, dev, torch.long),
                       _t(batch.bias_values, dev, torch.float32))
     suppress_(logits, _t(batch.suppress_offsets, dev), _t(batch.suppress_ids, dev, torch.long))
+    forced = np.asarray(getattr(batch, "forced_token_ids", ()))
+    forced_rows = np.nonzero(forced >= 0)[0]
+    if len(forced_rows):  # the only token these rows may take (forced EOS), scored 0 as transformers' processors
+        idx = _t(forced_rows, dev, torch.long)
+        logits[idx] = float("-inf")
+        logits[idx, _t(forced[forced_rows], dev, torch.long)] = 0.0
     rep, pres, freq = (np.asarray(batch.repetition_penalty), np.asarray(batch.presence_penalty),
                        np.asarray(batch.frequency_penalty))
     slots = np.asarray(batch.slots)

@@ -109,7 +109,8 @@ class ModelRunner:
                                         self.spec.extra_bytes_per_token)
         self.kv_caches: List[torch.Tensor] = []
         self.allocate_kv_caches(self.num_blocks)
-        self.stager = InputStager(device, tokens_per_block)
+        self.encoder_decoder = bool(engine_config.get("is_encoder_decoder"))
+        self.stager = InputStager(device, tokens_per_block, encoder_decoder=self.encoder_decoder)
         self.state = RequestState(engine_config["vocab_size"], device)
         self.logits_processors: Dict[int, Callable] = {}
         self.records = LogitsRecords()
@@ -133,6 +134,8 @@ class ModelRunner:
         """Decode steps run as CUDA graphs on CUDA (and as their eager stand-in on the CPU, when asked)."""
         from .cuda_graph import graphs_on_cpu
 
+        if self.encoder_decoder:  # encoder-decoder steps run eagerly
+            return False
         return self.device.type == "cuda" or graphs_on_cpu()
 
     def capture_graphs(self, max_batch_size: int) -> None:
@@ -186,7 +189,8 @@ class ModelRunner:
                 or any_("num_candidates", lambda a: a > 1) or any_("beam", lambda a: a != 0)
                 or any_("logprobs", lambda a: a >= 0) or any_("min_p", lambda a: a > 0)
                 or any_("prompt_logprobs", lambda a: a >= 0) or any_("context_logits", lambda a: a != 0)
-                or any_("generation_logits", lambda a: a != 0))
+                or any_("generation_logits", lambda a: a != 0)
+                or any_("forced_token_ids", lambda a: a >= 0))
 
     @torch.inference_mode()
     def submit(self, batch):

@@ -39,6 +39,30 @@ def token_adapter_slots(batch) -> Optional[np.ndarray]:
     return np.repeat(slots, np.asarray(batch.query_lens))
 
 
+def cross_metadata(batch, device: torch.device):
+    """An encoder-decoder step's CrossMetadata (llmapi.layers.encdec_attention): the encoder inputs of the rows that
+    run their encoder now (Batch.encoder_lens > 0), their cross slots, and every row's cross blocks and length."""
+    from ..layers.encdec_attention import CrossMetadata
+
+    enc_lens = np.asarray(batch.encoder_lens, dtype=np.int32)  # [R]
+    starting = enc_lens[enc_lens > 0]  # [Re]
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in starting]) if len(starting) \
+        else np.zeros(0, dtype=np.int32)
+    start_loc = np.zeros(len(starting) + 1, dtype=np.int32)
+    np.cumsum(starting, out=start_loc[1:])
+    cross_lens = np.asarray(batch.cross_lens, dtype=np.int32)
+    tables = np.asarray(batch.cross_block_tables, dtype=np.int32).reshape(len(cross_lens), -1)
+
+    def dev(array, dtype=torch.int32):
+        return torch.from_numpy(np.array(array)).to(device=device, dtype=dtype, non_blocking=True)  # a writable copy
+
+    return CrossMetadata(
+        encoder_ids=dev(np.asarray(batch.encoder_input_ids)), encoder_positions=dev(positions),
+        encoder_start_loc=dev(start_loc), encoder_max_len=int(starting.max()) if len(starting) else 0,
+        encoder_slot_mapping=dev(np.asarray(batch.cross_slot_mapping), torch.int64), cross_lens=dev(cross_lens),
+        cross_block_tables=dev(tables), max_cross_len=int(cross_lens.max()) if len(cross_lens) else 0)
+
+
 def _align(count: int) -> int:
     """`count` int32 elements rounded up to 16 bytes."""
     return -(-count // 4) * 4
@@ -128,8 +152,9 @@ class InputStager:
     the copies of the step before last have run. The copies read the buffers asynchronously on CUDA.
     """
 
-    def __init__(self, device: torch.device, tokens_per_block: int):
+    def __init__(self, device: torch.device, tokens_per_block: int, encoder_decoder: bool = False):
         self.device, self.tokens_per_block = device, tokens_per_block
+        self.encoder_decoder = encoder_decoder  # steps carry encoder inputs and cross blocks (AttentionMetadata.cross)
         self._cuda = device.type == "cuda"
         self._sets = [_HostBuffers(self._cuda), _HostBuffers(self._cuda)]
         self._turn = 0
@@ -232,7 +257,8 @@ class InputStager:
             query_start_loc=qsl, block_tables=lay.block_tables(dev),
             max_query_len=int(q_lens.max()), max_context_len=int(np.asarray(batch.context_lens).max()),
             tokens_per_block=self.tokens_per_block, num_kv_splits=num_kv_splits,
-            num_decodes=int(longer[0]) if len(longer) else 0)  # the scheduler puts running decodes first
+            num_decodes=int(longer[0]) if len(longer) else 0,  # the scheduler puts running decodes first
+            cross=cross_metadata(batch, self.device) if self.encoder_decoder else None)
         sampling, all_greedy, any_filter = self.sampling(batch)
         adapters = token_adapter_slots(batch)
         return StepInputs(lay.ids(dev), lay.positions(dev), attn, qsl[1:].long() - 1, sampling, all_greedy,
