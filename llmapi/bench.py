@@ -569,7 +569,7 @@ def bench_offline(a, scratch: Path) -> int:
               f"wall {ours['wall_s']:.2f} s; allocator retries {results.get('allocator_retries', 0)}")
     device = llm.device
     batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)
-    floor_bytes = None if rank_model is None else decode_floor_s(rank_model, llm.engine_info.config, batch,
+    floor_bytes = None if rank_model is None or llm.is_encoder_decoder else decode_floor_s(rank_model, llm.engine_info.config, batch,
                                                                   isl + a.osl / 2, 1.0)
     ours_tokens = _tokens(outputs)
     llm.shutdown()

@@ -12,14 +12,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _load(model_dir: str, load_format: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    config = AutoConfig.from_pretrained(model_dir)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     if load_format == "dummy":
-        config = AutoConfig.from_pretrained(model_dir)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = auto.from_pretrained(model_dir, dtype=dtype).to(device)
     return model.eval()
 
 
@@ -36,7 +37,9 @@ def _timed_generate(model, ids: torch.Tensor, new_tokens: int, compile: bool) ->
     if ids.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    assert out.shape[1] == ids.shape[1] + new_tokens, "transformers stopped early"
+    # An encoder-decoder model's output is the decoder start token and the new tokens.
+    want = 1 + new_tokens if model.config.is_encoder_decoder else ids.shape[1] + new_tokens
+    assert out.shape[1] == want, "transformers stopped early"
     return elapsed
 
 
@@ -52,7 +55,7 @@ def run_hf(model_dir: str, load_format: str, dtype_name: str, device: str, workl
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     model = _load(model_dir, load_format, _DTYPES[dtype_name], dev)
-    prompts = workload.prompts(model.config.vocab_size)
+    prompts = workload.prompts(model.config.vocab_size)  # an encoder-decoder model's encoder inputs
     ids = torch.tensor(prompts[:batch_size], device=dev)  # [B, isl]
     if ids.shape[0] < batch_size:  # fewer requests than the batch: repeat them
         ids = ids.repeat(-(-batch_size // ids.shape[0]), 1)[:batch_size]
