@@ -480,6 +480,15 @@ def main(a) -> int:
         return bench_offline(a, Path(scratch))
 
 
+def _is_encoder_decoder(model: str) -> bool:
+    """Whether a model directory's config.json says is_encoder_decoder (False for anything else)."""
+    config = Path(model) / "config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("is_encoder_decoder"))
+    except (OSError, ValueError):
+        return False
+
+
 def bench_offline(a, scratch: Path) -> int:
     import torch
 
@@ -491,9 +500,11 @@ def bench_offline(a, scratch: Path) -> int:
     kv = {"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction}
     if a.guided_compare_unguided:  # two runs of the same prompts on one LLM: the second must not find them cached
         kv["enable_block_reuse"] = False
+    # An encoder-decoder model's prompts are its encoder inputs: its decoder holds the start token and the output.
+    seq_len = a.osl + 2 if _is_encoder_decoder(model) else isl + a.osl + 1
     kwargs = dict(dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=not text,
                   tokenizer=a.tokenizer, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens,
-                  kv_cache_config=kv, max_seq_len=isl + a.osl + 1, tensor_parallel_size=a.tensor_parallel_size,
+                  kv_cache_config=kv, max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                   pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
                   async_scheduling=not a.no_async_scheduling)
     extra = dict(speculative_config=speculative)
@@ -569,8 +580,8 @@ def bench_offline(a, scratch: Path) -> int:
               f"wall {ours['wall_s']:.2f} s; allocator retries {results.get('allocator_retries', 0)}")
     device = llm.device
     batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)
-    floor_bytes = None if rank_model is None or llm.is_encoder_decoder else decode_floor_s(rank_model, llm.engine_info.config, batch,
-                                                                  isl + a.osl / 2, 1.0)
+    floor_bytes = None if rank_model is None or llm.is_encoder_decoder else \
+        decode_floor_s(rank_model, llm.engine_info.config, batch, isl + a.osl / 2, 1.0)
     ours_tokens = _tokens(outputs)
     llm.shutdown()
     del llm, runner, rank_model, outputs  # the KV cache and graphs go before the next LLM or the bandwidth probe
