@@ -254,3 +254,33 @@ def test_typed_errors(model_dirs, tmp_path):
                                                      "model_type": "pegasus", "is_encoder_decoder": True}))
     with pytest.raises(UnsupportedModelError, match="encoder-decoder architecture 'PegasusForConditionalGeneration'"):
         _llm(pegasus, load_format="dummy")
+
+
+def test_text_prompts_through_the_tokenizer(tmp_path):
+    """ByT5's byte tokenizer (transformers', saved beside the model): text in, text out, as transformers."""
+    from transformers import ByT5Tokenizer
+
+    hf = em.t5("byt5", seed=3)
+    tokenizer = ByT5Tokenizer()
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    texts = ["translate English to German: The house is wonderful.", "summarize: bytes in, bytes out"]
+    with one_thread(), _llm(tmp_path, skip_tokenizer_init=False) as llm:
+        outs = llm.generate(texts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False)
+    for text, out in zip(texts, outs):
+        enc = tokenizer(text).input_ids
+        assert out.encoder_prompt == text and out.encoder_prompt_token_ids == enc
+        want = _hf_generate(hf, enc, [0], max_new_tokens=MAX_TOKENS)
+        assert list(out.outputs[0].token_ids) == want
+        assert out.outputs[0].text == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_decoder_only_model_refuses_encoder_prompts(tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with _llm(tmp_path) as llm:
+        with pytest.raises(RequestError, match="decoder-only"):
+            llm.generate({"encoder_prompt": [5, 6], "decoder_prompt": [1]}, SamplingParams(max_tokens=2))
