@@ -15,6 +15,11 @@ class UnsupportedModelError(LLMAPIError, ValueError):
     """The model's architecture or layout is not one llmapi can convert."""
 
 
+class UnsafeCheckpointError(UnsupportedModelError):
+    """A pickled checkpoint (e.g. a fairseq model.pt) names a global (class or function) outside the reader's
+    allow-list; it is refused before anything in it runs, and the message names the global."""
+
+
 class MissingDependencyError(LLMAPIError, ImportError):
     """An optional package a feature needs is not installed; the message says what to install."""
 

@@ -1,5 +1,5 @@
-"""Resolve a model source (hub id, local HF directory, Meta checkpoint, NeMo .nemo file, GGUF file or saved engine) and
-its cache identity."""
+"""Resolve a model source (hub id, local HF directory, Meta checkpoint, NeMo .nemo file, GGUF file, fairseq checkpoint
+or saved engine) and its cache identity."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from llmapi.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["hf_dir", "meta", "nemo", "gguf", "engine"]
+SourceKind = Literal["hf_dir", "meta", "nemo", "gguf", "fairseq", "engine"]
 
 # What a hub download fetches: configs and tokenizer files first, safetensors only when weights are needed.
 CONFIG_PATTERNS = [
@@ -37,9 +37,10 @@ class ModelSource:
 
     kind: SourceKind
     """"hf_dir" (config.json + weights), "meta" (Meta's params.json + consolidated.NN.pth), "nemo" (one NeMo .nemo
-    file), "gguf" (one .gguf file) or "engine" (a saved llmapi engine)."""
+    file), "gguf" (one .gguf file), "fairseq" (a fairseq translation checkpoint: model.pt beside dict.{lang}.txt and
+    bpecodes) or "engine" (a saved llmapi engine)."""
     path: Path
-    """The directory (hf_dir, meta, engine) or the .nemo / .gguf file."""
+    """The directory (hf_dir, meta, engine) or the .nemo / .gguf file, or the fairseq model.pt."""
     identity: dict = field(compare=False)
     """JSON-able dict that changes whenever the content changes: the engine cache keys on it."""
     name: str = ""
@@ -101,9 +102,12 @@ def _resolve_local(path: Path, name: str, weights: bool) -> ModelSource:
     if path.is_file():
         if path.suffix == ".nemo":
             return ModelSource("nemo", path, _file_identity(path, "nemo"), name)
+        if path.suffix == ".pt" and _is_fairseq_dir(path.parent):
+            return ModelSource("fairseq", path, _fairseq_identity(path), name)
         if path.suffix != ".gguf":
             raise ModelNotFoundError(
-                f"{name!r} is a file but not a .gguf or .nemo file; pass a model directory, a .gguf or a .nemo file")
+                f"{name!r} is a file but not a .gguf or .nemo file (nor a fairseq .pt beside dict.{{lang}}.txt); pass "
+                "a model directory, a .gguf or a .nemo file")
         return ModelSource("gguf", path, _file_identity(path, "gguf"), name)
     if is_engine_dir(path):
         manifest = (path / "manifest.json").read_bytes()
@@ -118,6 +122,11 @@ def _resolve_local(path: Path, name: str, weights: bool) -> ModelSource:
         if meta.is_meta_dir(path):
             meta.shard_files(path)  # a gap in the shard numbers is named here, before any lookup
             return ModelSource("meta", path, _dir_identity(path, "meta"), name)
+    if not has_config and _is_fairseq_dir(path):  # fairseq's translation releases: model.pt + dict.{lang}.txt
+        from llmapi.engine import fairseq
+
+        checkpoint = fairseq.checkpoint_file(path)  # model.pt, else the only *.pt; several are named here
+        return ModelSource("fairseq", checkpoint, _fairseq_identity(checkpoint), name)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelSource("gguf", ggufs[0], _file_identity(ggufs[0], "gguf"), name)
@@ -139,7 +148,8 @@ def _resolve_local(path: Path, name: str, weights: bool) -> ModelSource:
             f"directory {name!r} has a params.json but no consolidated.NN.pth weights (a Meta checkpoint needs both)")
     raise ModelNotFoundError(
         f"directory {name!r} is not a model: expected config.json + weights, params.json + consolidated.NN.pth "
-        "(a Meta checkpoint), a .gguf or .nemo file, or a saved llmapi engine")
+        "(a Meta checkpoint), a .gguf or .nemo file, model.pt + dict.{lang}.txt (a fairseq checkpoint), or a saved "
+        "llmapi engine")
 
 
 def safetensors_header_sha256(path: Path) -> str:
@@ -163,6 +173,22 @@ def _dir_identity(path: Path, kind: str = "hf_dir") -> dict:
             entry["sha256"] = _sha256_head(p, st.st_size)  # configs and tokenizer files: hash them whole
         files.append(entry)
     return {"kind": kind, "path": str(path), "files": files}
+
+
+def _is_fairseq_dir(path: Path) -> bool:
+    from llmapi.engine import fairseq
+
+    return fairseq.is_fairseq_dir(path)
+
+
+def _fairseq_identity(checkpoint: Path) -> dict:
+    """model.pt's identity (size, mtime, head) plus the hashes of the dictionaries and BPE codes beside it."""
+    from llmapi.engine import fairseq
+
+    identity = _file_identity(checkpoint, "fairseq")
+    identity["files"] = [{"name": p.name, "sha256": _sha256_head(p, p.stat().st_size)}
+                         for p in fairseq.side_files(checkpoint.parent)]
+    return identity
 
 
 def _file_identity(path: Path, kind: str) -> dict:
