@@ -363,33 +363,26 @@ class Job:
     unguided: object = None  # --guided-compare-unguided: the same params without the grammar
 
 
-def _tokenizer(llm, what: str):
-    if llm.tokenizer is None:  # LLM() loads one unless skip_tokenizer_init
-        raise ValueError(f"{what} needs a tokenizer: pass --tokenizer DIR for a model directory without one")
-    return llm.tokenizer
-
-
 def make_job(llm, a, isl: int, adapters) -> Job:
     """The workload of --workload / --guided-json as prompts and params: random token ids with ignore_eos (the
-    default), or real text without it (greedy either way); with adapters, a LoRARequest per request."""
+    default), or real text without it (greedy either way; the LLM has a tokenizer then); with adapters, a
+    LoRARequest per request."""
     from .sampling_params import SamplingParams
 
     warm = a.warmup
     if a.workload == "code-rewrite":
         from .bench_spec import code_rewrite_prompts
 
-        tok = _tokenizer(llm, "--workload code-rewrite")
-        prompts = code_rewrite_prompts(tok, a.num_requests, isl)
-        warmup = code_rewrite_prompts(tok, warm, isl, offset=a.num_requests) if warm else []
+        prompts = code_rewrite_prompts(llm.tokenizer, a.num_requests, isl)
+        warmup = code_rewrite_prompts(llm.tokenizer, warm, isl, offset=a.num_requests) if warm else []
         params = SamplingParams(max_tokens=a.osl, temperature=0.0, detokenize=False)
     elif a.guided_json is not None:
         from .bench_guided import json_prompts, load_schema
         from .guided_decoding import GuidedDecodingParams
 
         schema = load_schema(a.guided_json)
-        tok = _tokenizer(llm, "--guided-json")
-        prompts = json_prompts(tok, schema, isl, a.num_requests, a.seed)
-        warmup = json_prompts(tok, schema, isl, warm, a.seed + 1) if warm else []
+        prompts = json_prompts(llm.tokenizer, schema, isl, a.num_requests, a.seed)
+        warmup = json_prompts(llm.tokenizer, schema, isl, warm, a.seed + 1) if warm else []
         params = SamplingParams(max_tokens=a.osl, temperature=0.0, detokenize=False,
                                 guided_decoding=GuidedDecodingParams(json=schema))
     else:
@@ -492,6 +485,8 @@ def _is_encoder_decoder(model: str) -> bool:
 def bench_offline(a, scratch: Path) -> int:
     import torch
 
+    from .errors import LLMAPIError
+
     model = resolve_bench_model(a.model)
     text = a.workload == "code-rewrite" or a.guided_json is not None
     isl = a.isl if a.isl is not None else (CODE_REWRITE_ISL if a.workload == "code-rewrite" else 128)
@@ -512,7 +507,14 @@ def bench_offline(a, scratch: Path) -> int:
         from .bench_lora import lora_kwargs
 
         extra.update(lora_kwargs(a.num_loras, a.lora_rank))
-    llm, startup = _start_llm(model, {**kwargs, **extra})
+    try:
+        llm, startup = _start_llm(model, {**kwargs, **extra})
+    except LLMAPIError as e:
+        if text and a.tokenizer is None and str(e).startswith("cannot load a tokenizer"):
+            what = "--guided-json" if a.guided_json is not None else "--workload code-rewrite"
+            raise ValueError(f"{what} needs a tokenizer, and none loads from the model: pass --tokenizer DIR ({e})"
+                             ) from None
+        raise
     results = {"startup_s": startup, "model": a.model, "dtype": llm.engine_info.config["dtype"],
                "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "workload": a.workload, "isl": isl,
                "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,

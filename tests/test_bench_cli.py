@@ -250,6 +250,24 @@ def test_bench_guided_json_against_unguided(guided_dir, tmp_path, capsys):
     assert "4 of 4 outputs parse as JSON" in printed and "guided / unguided output tok/s" in printed
 
 
+def test_bench_guided_json_on_a_config_with_dummy_weights_and_a_tokenizer(guided_dir, tmp_path, capsys):
+    # As a known config is run: config.json alone, dummy weights, and the tokenizer from elsewhere (--tokenizer).
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((guided_dir / "config.json").read_text())
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"enum": ["yes", "no"]}))
+    flags = ["bench", "--model", str(config_only), "--load-format", "dummy", "--device", "cpu", "--isl", "300",
+             "--osl", "8", "--num-requests", "2", "--guided-json", str(schema)]
+    out = tmp_path / "bench.json"
+    assert main([*flags, "--tokenizer", str(guided_dir), "--json", str(out)]) == 0
+    g = json.loads(out.read_text())["guided"]
+    assert g["finished_stop"] == g["json_parsed"] == g["schema_valid"] == 2
+    capsys.readouterr()
+    assert main(flags) == 2
+    assert "--guided-json needs a tokenizer, and none loads from the model: pass --tokenizer" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- --workload code-rewrite, --speculative-compare-plain
 
 
