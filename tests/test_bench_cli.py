@@ -1,4 +1,7 @@
-"""`llmapi bench`: known config names, workload checks, and a tiny end-to-end run (with the transformers baseline) on CPU."""
+"""`llmapi bench` on CPU: known config names, workload checks, a tiny end-to-end run (with the transformers
+baseline); random LoRA adapters (against PEFT's reading of them) and the run against the base model; JSON-guided
+requests on real-text prompts against unguided ones; the code-rewrite workload with n-gram drafts against plain
+decoding; DraftTargetDecodingConfig(accept_all_drafts=True) against transformers token by token; refused flags."""
 
 import json
 
