@@ -30,12 +30,7 @@ def _is_mbart(hf_config: dict) -> bool:
 def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     require_positive(hf_config, "vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
                      "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings")
-    hidden, heads = hf_config["d_model"], hf_config["decoder_attention_heads"]
-    if hf_config["encoder_attention_heads"] != heads:
-        raise UnsupportedModelError(f"encoder_attention_heads {hf_config['encoder_attention_heads']} != "
-                                    f"decoder_attention_heads {heads}: unequal head counts are not supported")
-    if hidden % heads:
-        raise UnsupportedModelError(f"d_model {hidden} is not divisible by decoder_attention_heads {heads}")
+    hidden, heads = stack_shape(hf_config)
     act = hf_config.get("activation_function", "gelu")
     get_activation(act)
     mbart = _is_mbart(hf_config)
@@ -54,6 +49,18 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
         tie_word_embeddings=hf_config.get("tie_word_embeddings", True), final_logits_bias=True,
         pad_token_id=hf_config.get("pad_token_id", 1), bos_token_id=hf_config.get("bos_token_id", 0),
         decoder_start_token_id=hf_config.get("decoder_start_token_id", 2), max_encoder_input_len=positions)
+
+
+def stack_shape(hf_config: dict) -> tuple[int, int]:
+    """(d_model, heads) of a BART-style config (BART, FSMT): both stacks must have the same heads, which divide
+    d_model (UnsupportedModelError naming the numbers)."""
+    hidden, heads = hf_config["d_model"], hf_config["decoder_attention_heads"]
+    if hf_config["encoder_attention_heads"] != heads:
+        raise UnsupportedModelError(f"encoder_attention_heads {hf_config['encoder_attention_heads']} != "
+                                    f"decoder_attention_heads {heads}: unequal head counts are not supported")
+    if hidden % heads:
+        raise UnsupportedModelError(f"d_model {hidden} is not divisible by decoder_attention_heads {heads}")
+    return hidden, heads
 
 
 def layer_names(stack: str, i: int) -> dict:

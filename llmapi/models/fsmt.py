@@ -10,9 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
-from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
-from llmapi.models.bart import layer_names
+from llmapi.models.bart import layer_names, stack_shape
 from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
 from llmapi.models.encdec import ARCHITECTURE, convert_layers, encdec_config
 
@@ -25,12 +24,7 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     require_positive(hf_config, "src_vocab_size", "tgt_vocab_size", "d_model", "encoder_layers", "decoder_layers",
                      "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim",
                      "max_position_embeddings")
-    hidden, heads = hf_config["d_model"], hf_config["decoder_attention_heads"]
-    if hf_config["encoder_attention_heads"] != heads:
-        raise UnsupportedModelError(f"encoder_attention_heads {hf_config['encoder_attention_heads']} != "
-                                    f"decoder_attention_heads {heads}: unequal head counts are not supported")
-    if hidden % heads:
-        raise UnsupportedModelError(f"d_model {hidden} is not divisible by decoder_attention_heads {heads}")
+    hidden, heads = stack_shape(hf_config)
     act = hf_config.get("activation_function", "relu")
     get_activation(act)
     pad = hf_config.get("pad_token_id", 1)
