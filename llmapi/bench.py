@@ -417,6 +417,11 @@ def check_bench_args(a) -> None:
         raise ValueError(f"{' and '.join(compares)}: one comparison a run")
     if a.compare == "hf" and (a.num_loras or a.guided_json is not None or a.workload != "random"):
         raise ValueError("--compare hf runs the random-token workload without adapters only")
+    if a.speculative_compare_plain and not (a.speculative_model or a.eagle_model or a.ngram):
+        raise ValueError("--speculative-compare-plain needs --speculative-model, --eagle-model or --ngram")
+    if a.speculative_compare_plain and a.num_loras:
+        raise ValueError("--speculative-compare-plain and --num-loras: the plain run would lack the adapters too; "
+                         "compare one thing a run")
 
 
 def _start_llm(model: str, kwargs: dict):
@@ -638,7 +643,8 @@ def compare_without(a, model: str, kwargs: dict, job: Job, results: dict, ours_t
     (their kernels run in the decode CUDA graphs whatever the batch's adapters) and the slots take memory from the
     KV cache; speculation is the LLM's setting."""
     _release(device)
-    llm, startup = _start_llm(model, kwargs)
+    speculative = bench_speculative(a) if a.lora_compare_base else None  # the base model speculates as the first
+    llm, startup = _start_llm(model, {**kwargs, "speculative_config": speculative})
     blocks = kv_blocks(llm)
     name = "base" if a.lora_compare_base else "plain"
     if job.warmup_prompts:

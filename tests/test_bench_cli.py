@@ -410,6 +410,8 @@ def test_accept_all_drafts_is_refused_where_it_cannot_run(tiny_llama_dir, capsys
     (["--num-loras", "2", "--lora-compare-base", "--compare", "hf"], "one comparison a run"),
     (["--num-loras", "2", "--compare", "hf"], "--compare hf runs the random-token workload"),
     (["--guided-json", "builtin", "--workload", "code-rewrite"], "are exclusive"),
+    (["--speculative-compare-plain"], "--speculative-compare-plain needs --speculative-model"),
+    (["--ngram", "--speculative-compare-plain", "--num-loras", "2"], "compare one thing a run"),
     (["--backend", "openai", "--base-url", "http://x", "--model", "m", "--num-loras", "1"], "run offline only"),
 ])
 def test_bench_refuses_flags_that_do_not_go_together(tiny_llama_dir, capsys, flags, message):
