@@ -284,3 +284,21 @@ def test_decoder_only_model_refuses_encoder_prompts(tmp_path):
     with _llm(tmp_path) as llm:
         with pytest.raises(RequestError, match="decoder-only"):
             llm.generate({"encoder_prompt": [5, 6], "decoder_prompt": [1]}, SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_decode_graph_path_equals_transformers(model_dirs, name, monkeypatch):
+    """Decode steps through the decode-graph path (its CPU stand-in: the static, padded buffers with each row's
+    cross blocks) give transformers' tokens; steps that start a request (its encoder) run eagerly."""
+    from llmapi.runtime.cuda_graph import GRAPHS_ON_CPU_ENV
+
+    monkeypatch.setenv(GRAPHS_ON_CPU_ENV, "1")
+    path, hf = model_dirs(name)
+    requests = _requests(hf, count=6, seed=13)
+    with one_thread(), _llm(path, max_batch_size=8) as llm:
+        outs = llm.generate([_prompt(e, d) for e, d in requests], SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+                            use_tqdm=False)
+        stats = llm._runner.stats
+        assert 0 < stats.graph_steps < stats.steps
+    for (enc, dec), out in zip(requests, outs):
+        assert list(out.outputs[0].token_ids) == _hf_generate(hf, enc, dec, max_new_tokens=MAX_TOKENS)

@@ -75,7 +75,7 @@ class DecodeGraphs:
 
     def __init__(self, model, kv_caches: List[torch.Tensor], stager: InputStager, max_batch_size: int,
                  max_blocks: int, num_kv_heads: int, hidden: Optional[tuple[int, torch.dtype]] = None,
-                 last_stage: bool = True, distributed: bool = False, adapters=None):
+                 last_stage: bool = True, distributed: bool = False, adapters=None, max_cross_blocks: int = 0):
         from llmapi._kernels.decode_attention import num_splits_for
 
         self.model, self.kv_caches, self.stager = model, kv_caches, stager
@@ -97,6 +97,12 @@ class DecodeGraphs:
         self.adapters = adapters
         self.adapter_slots = None if adapters is None else torch.full((largest,), -1, dtype=torch.int32,
                                                                       device=device)
+        # Encoder-decoder models (max_cross_blocks > 0): each row's cross blocks and encoder length, static inputs
+        # of the cross-attention (decode steps run no encoder).
+        self.max_cross_blocks = max_cross_blocks
+        if max_cross_blocks:
+            self.cross_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+            self.cross_tables = torch.zeros(largest, max_cross_blocks, dtype=torch.int32, device=device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
         self.graphs, self.outputs, self.attn = {}, {}, {}
         pool = torch.cuda.graph_pool_handle() if cuda else None
@@ -126,11 +132,20 @@ class DecodeGraphs:
 
     def _metadata(self, size: int, splits: int) -> AttentionMetadata:
         _, _, slots, ctx, qsl = self._views(size)
+        cross = None
+        if self.max_cross_blocks:
+            from ..layers.encdec_attention import CrossMetadata
+
+            none = torch.zeros(0, dtype=torch.int32, device=ctx.device)
+            cross = CrossMetadata(encoder_ids=none, encoder_positions=none, encoder_start_loc=none[:0],
+                                  encoder_max_len=0, encoder_slot_mapping=none.long(),
+                                  cross_lens=self.cross_lens[:size], cross_block_tables=self.cross_tables[:size],
+                                  max_cross_len=self.max_cross_blocks * self.stager.tokens_per_block)
         return AttentionMetadata(
             slot_mapping=slots, query_lens=qsl[1:] - qsl[:-1], context_lens=ctx, query_start_loc=qsl,
             block_tables=self.block_tables[:size], max_query_len=1,
             max_context_len=self.max_blocks * self.stager.tokens_per_block,
-            tokens_per_block=self.stager.tokens_per_block, num_kv_splits=splits)
+            tokens_per_block=self.stager.tokens_per_block, num_kv_splits=splits, cross=cross)
 
     def _reset(self, size: int) -> None:
         """All rows padding (no KV write, empty context): what capture runs on."""
@@ -138,6 +153,8 @@ class DecodeGraphs:
         ids.zero_(), pos.zero_(), slots.fill_(-1), ctx.zero_()
         if self.adapter_slots is not None:
             self.adapter_slots.fill_(-1)
+        if self.max_cross_blocks:
+            self.cross_lens.zero_()
         qsl.copy_(torch.arange(size + 1, dtype=torch.int32, device=qsl.device))
 
     def _step(self, size: int) -> tuple:
@@ -158,6 +175,10 @@ class DecodeGraphs:
     def size_for(self, batch) -> int:
         """The graph size for this batch, or 0 when it must run eagerly (a prefill, or too large)."""
         tables = batch.block_tables
+        if self.max_cross_blocks:  # an encoder-decoder step: none may start (run its encoder) or outgrow the graphs
+            cross = np.asarray(batch.cross_block_tables)
+            if len(batch.encoder_input_ids) or (cross.ndim == 2 and cross.shape[1] > self.max_cross_blocks):
+                return 0
         return graph_size(self.sizes, self.max_blocks, int(batch.num_requests), int(batch.num_tokens),
                           tables.shape[1] if tables.ndim == 2 else 0)
 
@@ -179,6 +200,12 @@ class DecodeGraphs:
             slots = np.full(size, -1, dtype=np.int32)
             slots[:r] = np.asarray(batch.adapter_slots)
             self.adapter_slots[:size].copy_(torch.from_numpy(slots), non_blocking=True)
+        if self.max_cross_blocks:
+            lens = np.zeros(size, dtype=np.int32)
+            lens[:r] = np.asarray(batch.cross_lens)
+            self.cross_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
+            cross = np.asarray(batch.cross_block_tables, dtype=np.int32).reshape(r, -1)
+            self.cross_tables[:r, :cross.shape[1]].copy_(torch.from_numpy(np.array(cross)), non_blocking=True)
         self.graphs[size].replay()
         outputs = self.outputs[size]
         if self.last_stage:

@@ -110,6 +110,9 @@ class ModelRunner:
         self.kv_caches: List[torch.Tensor] = []
         self.allocate_kv_caches(self.num_blocks)
         self.encoder_decoder = bool(engine_config.get("is_encoder_decoder"))
+        # Encoder-decoder decode graphs hold each row's cross blocks, up to the longest encoder input's.
+        self.max_cross_blocks = -(-int(engine_config.get("max_encoder_input_len") or 1024) // tokens_per_block) \
+            if self.encoder_decoder else 0
         self.stager = InputStager(device, tokens_per_block, encoder_decoder=self.encoder_decoder)
         self.state = RequestState(engine_config["vocab_size"], device)
         self.logits_processors: Dict[int, Callable] = {}
@@ -134,8 +137,6 @@ class ModelRunner:
         """Decode steps run as CUDA graphs on CUDA (and as their eager stand-in on the CPU, when asked)."""
         from .cuda_graph import graphs_on_cpu
 
-        if self.encoder_decoder:  # encoder-decoder steps run eagerly
-            return False
         return self.device.type == "cuda" or graphs_on_cpu()
 
     def capture_graphs(self, max_batch_size: int) -> None:
@@ -151,7 +152,8 @@ class ModelRunner:
         with torch.inference_mode():
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size, max_blocks,
                                        self.kv_heads, hidden=hidden, last_stage=m.is_last_stage,
-                                       distributed=m.world_size > 1, adapters=self.adapters)
+                                       distributed=m.world_size > 1, adapters=self.adapters,
+                                       max_cross_blocks=self.max_cross_blocks)
         logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     def allocate_kv_caches(self, num_blocks: int) -> None:
