@@ -288,11 +288,13 @@ PYBIND11_MODULE(_core, m) {
                        int32_t tokens_per_block, int32_t num_blocks, bool enable_prefix_caching,
                        bool enable_chunked_prefill, int32_t max_inflight_batches,
                        bool async_scheduling, int32_t vocab_size, int32_t sliding_window,
-                       int32_t speculative_mode, int32_t max_draft_len, int32_t max_matching_ngram_size) {
+                       int32_t speculative_mode, int32_t max_draft_len, int32_t max_matching_ngram_size,
+                       int32_t max_encoder_input_len) {
              ExecutorConfig c{max_batch_size, max_num_tokens, max_seq_len, tokens_per_block,
                               num_blocks, enable_prefix_caching, enable_chunked_prefill,
                               max_inflight_batches, async_scheduling, vocab_size, sliding_window,
-                              speculative_mode, max_draft_len, max_matching_ngram_size};
+                              speculative_mode, max_draft_len, max_matching_ngram_size,
+                              max_encoder_input_len};
              c.validate();
              return c;
            }),
@@ -300,7 +302,7 @@ PYBIND11_MODULE(_core, m) {
            "num_blocks"_a, "enable_prefix_caching"_a = true, "enable_chunked_prefill"_a = true,
            "max_inflight_batches"_a = 1, "async_scheduling"_a = false, "vocab_size"_a = 0,
            "sliding_window"_a = 0, "speculative_mode"_a = 0, "max_draft_len"_a = 0,
-           "max_matching_ngram_size"_a = 0)
+           "max_matching_ngram_size"_a = 0, "max_encoder_input_len"_a = 0)
       .def_readonly("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readonly("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readonly("max_seq_len", &ExecutorConfig::max_seq_len)
@@ -315,6 +317,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("speculative_mode", &ExecutorConfig::speculative_mode)
       .def_readonly("max_draft_len", &ExecutorConfig::max_draft_len)
       .def_readonly("max_matching_ngram_size", &ExecutorConfig::max_matching_ngram_size)
+      .def_readonly("max_encoder_input_len", &ExecutorConfig::max_encoder_input_len)
       .def("__repr__", &ExecutorConfig::repr);
 
   py::class_<Request>(m, "Request")
@@ -328,9 +331,11 @@ PYBIND11_MODULE(_core, m) {
                        bool beam_search, float length_penalty, int32_t early_stopping,
                        int32_t num_returned, int32_t logprobs, int32_t prompt_logprobs,
                        bool context_logits, bool generation_logits, bool token_history,
-                       int32_t adapter_slot, uint64_t cache_salt, int32_t prompt_table_size) {
+                       int32_t adapter_slot, uint64_t cache_salt, int32_t prompt_table_size,
+                       std::vector<int32_t> encoder_token_ids, int32_t no_repeat_ngram_size,
+                       int32_t forced_eos_token_id) {
              StopConfig stop{max_tokens, min_tokens, std::move(eos_token_ids),
-                             std::move(stop_token_ids), ignore_eos};
+                             std::move(stop_token_ids), ignore_eos, forced_eos_token_id};
              if (early_stopping < 0 || early_stopping > 2) {
                throw RequestError("early_stopping=" + std::to_string(early_stopping) +
                                   " is invalid: must be 0 (heuristic), 1 (true) or 2 (never)");
@@ -359,8 +364,10 @@ PYBIND11_MODULE(_core, m) {
              c.context_logits = context_logits;
              c.generation_logits = generation_logits;
              c.token_history = token_history;
+             c.no_repeat_ngram_size = no_repeat_ngram_size;
              Request r(request_id, std::move(prompt_token_ids), std::move(stop), std::move(c));
              set_adapters(r, adapter_slot, cache_salt, prompt_table_size);
+             r.set_encoder_input(std::move(encoder_token_ids));  // after the salt: it mixes into it
              return r;
            }),
            "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a = 0,
@@ -373,7 +380,9 @@ PYBIND11_MODULE(_core, m) {
            "beam_search"_a = false, "length_penalty"_a = 1.0f, "early_stopping"_a = 0,
            "num_returned"_a = 1, "logprobs"_a = -1, "prompt_logprobs"_a = -1,
            "context_logits"_a = false, "generation_logits"_a = false, "token_history"_a = false,
-           "adapter_slot"_a = -1, "cache_salt"_a = 0, "prompt_table_size"_a = 0)
+           "adapter_slot"_a = -1, "cache_salt"_a = 0, "prompt_table_size"_a = 0,
+           "encoder_token_ids"_a = std::vector<int32_t>{}, "no_repeat_ngram_size"_a = 0,
+           "forced_eos_token_id"_a = -1)
       // A new request with this one's settings and another prompt, id, length limits and seed: what
       // the constructor would make of the same settings, without converting them again (the fast way
       // to build many requests that share their SamplingParams).
@@ -381,7 +390,7 @@ PYBIND11_MODULE(_core, m) {
           "with_prompt",
           [](const Request& r, uint64_t request_id, std::vector<int32_t> prompt_token_ids,
              int32_t max_tokens, int32_t min_tokens, int64_t seed, int32_t adapter_slot,
-             uint64_t cache_salt, int32_t prompt_table_size) {
+             uint64_t cache_salt, int32_t prompt_table_size, std::vector<int32_t> encoder_token_ids) {
             StopConfig stop = r.stop;
             stop.max_tokens = max_tokens;
             stop.min_tokens = min_tokens;
@@ -389,10 +398,12 @@ PYBIND11_MODULE(_core, m) {
             sampling.seed = seed;
             Request made(request_id, std::move(prompt_token_ids), std::move(stop), std::move(sampling));
             set_adapters(made, adapter_slot, cache_salt, prompt_table_size);
+            made.set_encoder_input(std::move(encoder_token_ids));
             return made;
           },
           "request_id"_a, "prompt_token_ids"_a, "max_tokens"_a, "min_tokens"_a, "seed"_a,
-          "adapter_slot"_a = -1, "cache_salt"_a = 0, "prompt_table_size"_a = 0)
+          "adapter_slot"_a = -1, "cache_salt"_a = 0, "prompt_table_size"_a = 0,
+          py::kw_only(), "encoder_token_ids"_a = std::vector<int32_t>{})
       .def_readonly("request_id", &Request::request_id)
       .def_property_readonly("prompt_token_ids", &Request::prompt_token_ids)
       .def_property_readonly("output_token_ids", &Request::output_token_ids)
@@ -431,6 +442,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("context_logits", [](const Request& r) { return r.sampling.context_logits; })
       .def_property_readonly("generation_logits", [](const Request& r) { return r.sampling.generation_logits; })
       .def_property_readonly("token_history", [](const Request& r) { return r.sampling.token_history; })
+      .def_property_readonly("no_repeat_ngram_size", [](const Request& r) { return r.sampling.no_repeat_ngram_size; })
+      .def_property_readonly("forced_eos_token_id", [](const Request& r) { return r.stop.forced_eos_token_id; })
+      .def_readonly("encoder_token_ids", &Request::encoder_token_ids)
+      .def_readonly("cross_block_ids", &Request::cross_block_ids)
       .def_readonly("adapter_slot", &Request::adapter_slot)
       .def_readonly("cache_salt", &Request::cache_salt)
       .def_readonly("prompt_table_size", &Request::prompt_table_size)
@@ -489,6 +504,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("block_copies", [](const py::object& self) {
         const Batch& b = self.cast<const Batch&>();
         return view(self, b.block_copies, {static_cast<py::ssize_t>(b.block_copies.size() / 2), 2});
+      })
+      .def_readonly("max_cross_blocks", &Batch::max_cross_blocks)
+      .def_property_readonly("cross_block_tables", [](const py::object& self) {
+        const Batch& b = self.cast<const Batch&>();
+        return view(self, b.cross_block_tables, {b.num_requests, b.max_cross_blocks});
       });
   def_view(batch, "request_ids", &Batch::request_ids);
   def_view(batch, "input_ids", &Batch::input_ids);
@@ -532,6 +552,11 @@ PYBIND11_MODULE(_core, m) {
   def_view(batch, "draft_start", &Batch::draft_start);
   def_view(batch, "draft_offsets", &Batch::draft_offsets);
   def_view(batch, "draft_input_ids", &Batch::draft_input_ids);
+  def_view(batch, "encoder_input_ids", &Batch::encoder_input_ids);
+  def_view(batch, "encoder_lens", &Batch::encoder_lens);
+  def_view(batch, "cross_slot_mapping", &Batch::cross_slot_mapping);
+  def_view(batch, "cross_lens", &Batch::cross_lens);
+  def_view(batch, "forced_token_ids", &Batch::forced_token_ids);
 
   py::class_<BlockManager> block_manager(m, "BlockManager");
   block_manager.attr("ROOT_HASH") = BlockManager::kRootHash;
@@ -588,6 +613,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("request_id", &ScheduledRequest::request_id)
       .def_readonly("num_computed_tokens", &ScheduledRequest::num_computed_tokens)
       .def_readonly("num_new_tokens", &ScheduledRequest::num_new_tokens)
+      .def_readonly("num_encoder_tokens", &ScheduledRequest::num_encoder_tokens)
       .def_readonly("do_sample", &ScheduledRequest::do_sample)
       .def_readonly("input_row", &ScheduledRequest::input_row)
       .def_readonly("num_draft_tokens", &ScheduledRequest::num_draft_tokens)

@@ -31,11 +31,15 @@ class ExecutorConfig:
     speculative_mode: int
     max_draft_len: int
     max_matching_ngram_size: int  # n-gram: the longest suffix looked for earlier in a request's tokens
+    # Encoder-decoder requests: the longest encoder input accepted (RequestError beyond it); 0: no limit besides
+    # max_num_tokens - 1 (the encoder runs unchunked in one step beside at least one decoder token).
+    max_encoder_input_len: int
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
                  tokens_per_block: int, num_blocks: int, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_inflight_batches: int = 1,
                  async_scheduling: bool = False, vocab_size: int = 0, sliding_window: int = 0,
-                 speculative_mode: int = 0, max_draft_len: int = 0, max_matching_ngram_size: int = 0) -> None: ...
+                 speculative_mode: int = 0, max_draft_len: int = 0, max_matching_ngram_size: int = 0,
+                 max_encoder_input_len: int = 0) -> None: ...
 
 def propose_ngram(tokens: Sequence[int], max_ngram_size: int, max_draft_len: int) -> List[int]:
     """The tokens after the most recent earlier occurrence of the longest suffix of `tokens` (max_ngram_size
@@ -50,7 +54,12 @@ class Request:
     (transformers' False), 1 (True), 2 ("never"). logprobs / prompt_logprobs: -1 none, else the
     top-k width. token_history: the runner keeps the request's token ids (a logits processor).
     adapter_slot: the runner's LoRA slot (-1 none); cache_salt: seeds the prefix-cache hash chain (0 none);
-    prompt_table_size: ids past vocab_size the prompt may hold (its prompt table's rows)."""
+    prompt_table_size: ids past vocab_size the prompt may hold (its prompt table's rows).
+    encoder_token_ids: an encoder-decoder request's encoder input (empty: decoder-only; prompt_token_ids is the
+    decoder prompt); with it, cache_salt becomes a nonzero hash of (the given cache_salt, these ids), so decoder
+    blocks of different sources never share the prefix cache. no_repeat_ngram_size: 0 off, n > 0 masks every
+    token that would repeat an n-gram of the request's tokens (transformers'). forced_eos_token_id: -1 off, else
+    the only id the last allowed token (output index max_tokens - 1) may be (Batch.forced_token_ids)."""
 
     def __init__(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
                  min_tokens: int = 0, eos_token_ids: Sequence[int] = ...,
@@ -63,10 +72,12 @@ class Request:
                  early_stopping: int = 0, num_returned: int = 1, logprobs: int = -1,
                  prompt_logprobs: int = -1, context_logits: bool = False,
                  generation_logits: bool = False, token_history: bool = False, adapter_slot: int = -1,
-                 cache_salt: int = 0, prompt_table_size: int = 0) -> None: ...
+                 cache_salt: int = 0, prompt_table_size: int = 0, encoder_token_ids: Sequence[int] = ...,
+                 no_repeat_ngram_size: int = 0, forced_eos_token_id: int = -1) -> None: ...
+    # These settings, another prompt (and encoder input: its salt is mixed anew from cache_salt).
     def with_prompt(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
                     min_tokens: int, seed: int, adapter_slot: int = -1, cache_salt: int = 0,
-                    prompt_table_size: int = 0) -> "Request": ...  # these settings, another prompt
+                    prompt_table_size: int = 0, *, encoder_token_ids: Sequence[int] = ...) -> "Request": ...
     @property
     def user_id(self) -> int: ...  # the enqueued id; request_id differs for forked sequences
     @property
@@ -109,7 +120,15 @@ class Request:
     @property
     def adapter_slot(self) -> int: ...
     @property
-    def cache_salt(self) -> int: ...
+    def cache_salt(self) -> int: ...  # with encoder ids: the hash mixed from the given salt and them
+    @property
+    def no_repeat_ngram_size(self) -> int: ...
+    @property
+    def forced_eos_token_id(self) -> int: ...
+    @property
+    def encoder_token_ids(self) -> List[int]: ...
+    @property
+    def cross_block_ids(self) -> List[int]: ...  # cross-attention KV blocks (empty until its encoder step)
     @property
     def prompt_table_size(self) -> int: ...
     @property
@@ -233,7 +252,7 @@ class Batch:
     @property
     def suppress_offsets(self) -> npt.NDArray[np.int32]: ...  # [R+1]
     @property
-    def suppress_ids(self) -> npt.NDArray[np.int32]: ...  # [S] min_tokens stops and bad words
+    def suppress_ids(self) -> npt.NDArray[np.int32]: ...  # [S] min_tokens stops, bad words, no-repeat n-grams
     @property
     def seq_index(self) -> npt.NDArray[np.int32]: ...  # [R] keys a sequence's sampling noise
     @property
@@ -293,6 +312,23 @@ class Batch:
     def draft_offsets(self) -> npt.NDArray[np.int32]: ...  # [R+1]
     @property
     def draft_input_ids(self) -> npt.NDArray[np.int32]: ...  # [D]
+    # Encoder-decoder (E = sum of encoder_lens): rows that run their encoder this step (their first, or first
+    # after a preemption) give its tokens back to back in row order (positions 0..len-1), and the slots of their
+    # cross-attention K/V in their cross blocks; every row of an encoder-decoder request reads cross_lens[r] keys
+    # through its cross block table.
+    max_cross_blocks: int  # cross_block_tables row length (0: no encoder-decoder row)
+    @property
+    def encoder_input_ids(self) -> npt.NDArray[np.int32]: ...  # [E]
+    @property
+    def encoder_lens(self) -> npt.NDArray[np.int32]: ...  # [R] encoder tokens run this step, else 0
+    @property
+    def cross_slot_mapping(self) -> npt.NDArray[np.int64]: ...  # [E] block * tokens_per_block + offset
+    @property
+    def cross_lens(self) -> npt.NDArray[np.int32]: ...  # [R] the encoder length (0: decoder-only row)
+    @property
+    def cross_block_tables(self) -> npt.NDArray[np.int32]: ...  # [R, max_cross_blocks] padded with 0
+    @property
+    def forced_token_ids(self) -> npt.NDArray[np.int32]: ...  # [R] -1, or the only id the row may sample
 
 class BlockManager:
     """Paged KV blocks with reference counts and a chained-hash prefix cache (see block_manager.h
@@ -340,6 +376,8 @@ class ScheduledRequest:
     def num_computed_tokens(self) -> int: ...  # before this step
     @property
     def num_new_tokens(self) -> int: ...
+    @property
+    def num_encoder_tokens(self) -> int: ...  # > 0: this step runs the request's encoder (counted in the budget)
     @property
     def do_sample(self) -> bool: ...
     @property

@@ -8,7 +8,7 @@ import json
 import pickle
 import types
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from . import _core
 from .errors import RequestError
@@ -113,17 +113,23 @@ def _bad_words(params: SamplingParams, tokenizer) -> List[List[int]]:
 def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams, *, eos_token_ids: List[int],
                  max_seq_len: int, seed: int, tokenizer, token_history: bool,
                  like: "_core.Request | None" = None, adapter_slot: int = -1, cache_salt: int = 0,
-                 prompt_table_size: int = 0) -> "_core.Request":
+                 prompt_table_size: int = 0, encoder_token_ids: Optional[List[int]] = None,
+                 forced_eos_token_id: int = -1) -> "_core.Request":
     """The core's Request for a checked prompt and params (max_tokens capped by max_seq_len). `like`: a
-    Request this function made from the same params and keyword arguments; its converted settings are
-    copied (Request.with_prompt) rather than converted again from Python, the larger part of the cost.
-    adapter_slot, cache_salt, prompt_table_size: the request's adapters (llmapi.lora.manager.Prepared)."""
+    Request this function made from the same params and keyword arguments (encoder_token_ids aside); its
+    converted settings are copied (Request.with_prompt) rather than converted again from Python, the larger
+    part of the cost. adapter_slot, cache_salt, prompt_table_size: the request's adapters
+    (llmapi.lora.manager.Prepared). Encoder-decoder models: `encoder_token_ids` is the encoder's input
+    (None or empty: a decoder-only request; prompt_ids is then the decoder prompt), and forced_eos_token_id
+    (-1: none) the only id its last allowed token may be (the model's generation config)."""
     adapters = dict(adapter_slot=adapter_slot, cache_salt=cache_salt, prompt_table_size=prompt_table_size)
+    encoder = list(encoder_token_ids or [])
     room = max_seq_len - len(prompt_ids)
     max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
     min_tokens = min(params.min_tokens, max_tokens)
     if like is not None:
-        return like.with_prompt(request_id, prompt_ids, max_tokens, min_tokens, seed, **adapters)
+        return like.with_prompt(request_id, prompt_ids, max_tokens, min_tokens, seed, **adapters,
+                                encoder_token_ids=encoder)
     optional = (lambda v: -1 if v is None else v)
     return _core.Request(
         request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
@@ -139,7 +145,9 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
         length_penalty=float(params.length_penalty), early_stopping=_EARLY_STOPPING[params.early_stopping],
         num_returned=params.n, logprobs=optional(params.logprobs),
         prompt_logprobs=optional(params.prompt_logprobs), context_logits=params.return_context_logits,
-        generation_logits=params.return_generation_logits, token_history=token_history, **adapters)
+        generation_logits=params.return_generation_logits, token_history=token_history,
+        encoder_token_ids=encoder, no_repeat_ngram_size=params.no_repeat_ngram_size,
+        forced_eos_token_id=forced_eos_token_id, **adapters)
 
 
 __all__ = ["generation_defaults", "check_params", "check_multi_rank", "pickled_processor", "core_request"]

@@ -195,6 +195,11 @@ class SamplingParams:
     min_tokens; a stop string still ends the text where it matches. Not with use_beam_search or ignore_eos."""
     structured_outputs: Optional[GuidedDecodingParams] = None
     """vLLM's name for guided_decoding: either one sets both."""
+    no_repeat_ngram_size: int = 0
+    """If > 0, every n-gram of this many tokens may occur only once: a token that would complete an n-gram
+    already in the request's tokens (prompt and output; for an encoder-decoder model the decoder's) is masked
+    (transformers' / TensorRT-LLM's no_repeat_ngram_size, NoRepeatNGramLogitsProcessor); with beam search each
+    beam's own tokens count. 0 is off."""
 
     _checked = False  # not a field: set once __post_init__ has validated, so writes re-validate
 
@@ -286,6 +291,7 @@ class SamplingParams:
             _float32(name, getattr(self, name), "must be a number in [-2, 2]", lambda v: -2 <= v <= 2)
         _float32("repetition_penalty", self.repetition_penalty, "must be a finite number > 0", lambda v: v > 0)
         _float32("min_p", self.min_p, "must be a number in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, "must be an int >= 0 (0 is off)")
         words = self.bad_token_ids
         if words is not None and not isinstance(words, (list, tuple)):
             _fail("bad_token_ids", words, "must be a list of token ids or of non-empty lists of them")

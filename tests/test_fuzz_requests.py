@@ -78,6 +78,7 @@ VALID = {
     "early_stopping": st.sampled_from([False, True, "never"]),
     "guided_decoding": grammars,
     "structured_outputs": grammars,
+    "no_repeat_ngram_size": st.integers(0, 3),
 }
 assert set(VALID) == set(FIELDS)
 

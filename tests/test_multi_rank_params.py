@@ -64,9 +64,11 @@ def test_processor_pickles_by_reference():
 def _batch(rng, r=3, t=7, b=2):
     fields = {}
     for name, dtype, kind in _BATCH_FIELDS:
-        n = {"T": t, "R": r, "RB": r * b, "R+1": r + 1, "S": 2, "C2": 4, "N": 3, "H": 5, "D": 4}[kind]
+        n = {"T": t, "R": r, "RB": r * b, "R+1": r + 1, "S": 2, "C2": 4, "N": 3, "H": 5, "D": 4, "E": 6,
+             "RX": r * 3}[kind]
         fields[name] = rng.integers(0, 50, n).astype(dtype)
     fields["block_tables"] = fields["block_tables"].reshape(r, b)
+    fields["cross_block_tables"] = fields["cross_block_tables"].reshape(r, 3)
     fields["block_copies"] = fields["block_copies"].reshape(2, 2)
     return SimpleNamespace(num_requests=r, num_tokens=t, **fields)
 

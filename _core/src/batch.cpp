@@ -10,8 +10,22 @@ namespace llmapi {
 
 namespace {
 
+// transformers' NoRepeatNGramLogitsProcessor: each n-token window of `tokens` whose first n - 1 tokens
+// equal the last n - 1 tokens of `tokens` bans its last token (n = 1: every token present). Appends
+// the banned ids (with repeats) to `banned`.
+void append_repeated_ngrams(const std::vector<int32_t>& tokens, int32_t n, std::vector<int32_t>& banned) {
+  const size_t len = tokens.size();
+  const size_t size = static_cast<size_t>(n);
+  if (n <= 0 || len < size) return;
+  const int32_t* suffix = tokens.data() + (len - (size - 1));
+  for (size_t i = 0; i + size <= len; ++i) {
+    if (std::equal(suffix, suffix + (size - 1), tokens.data() + i)) banned.push_back(tokens[i + size - 1]);
+  }
+}
+
 // The ids a sampling row masks: everything that would stop it while it is under min_tokens,
-// and the last token of each bad word whose other tokens end the sequence.
+// the last token of each bad word whose other tokens end the sequence, and every token that
+// would repeat an n-gram (no_repeat_ngram_size).
 void append_suppressed(const Request& r, int32_t pending, std::vector<int32_t>& out) {
   const size_t start = out.size();
   auto add = [&](int32_t id) {
@@ -30,6 +44,18 @@ void append_suppressed(const Request& r, int32_t pending, std::vector<int32_t>& 
       add(word.back());
     }
   }
+  if (r.sampling.no_repeat_ngram_size > 0) {
+    // The scheduler never runs such a request ahead.
+    if (pending > 0) throw std::logic_error("a row ahead needs its token history");
+    std::vector<int32_t> banned;
+    append_repeated_ngrams(tokens, r.sampling.no_repeat_ngram_size, banned);
+    std::sort(banned.begin(), banned.end());
+    banned.erase(std::unique(banned.begin(), banned.end()), banned.end());
+    const size_t others = out.size();  // the few ids above: a long history bans many, each once
+    for (int32_t id : banned) {
+      if (std::find(out.begin() + start, out.begin() + others, id) == out.begin() + others) out.push_back(id);
+    }
+  }
 }
 
 }  // namespace
@@ -45,8 +71,12 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
   for (const Request* r : requests) {
     b.max_blocks = std::max(b.max_blocks, static_cast<int32_t>(r->block_ids.size()));
   }
+  for (const Request* r : requests) {
+    b.max_cross_blocks = std::max(b.max_cross_blocks, static_cast<int32_t>(r->cross_block_ids.size()));
+  }
   const size_t R = scheduled.size();
   b.block_tables.assign(R * b.max_blocks, 0);
+  b.cross_block_tables.assign(R * b.max_cross_blocks, 0);
   b.block_copies = output.block_copies;
   b.suppress_offsets.push_back(0);
   b.bias_offsets.push_back(0);
@@ -132,6 +162,26 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
                                r.token_ids.begin() + s.num_computed_tokens + 1);
     }
     b.draft_offsets.push_back(static_cast<int32_t>(b.draft_input_ids.size()));
+
+    const int32_t encoder_len = r.num_encoder_tokens();
+    b.encoder_lens.push_back(s.num_encoder_tokens);
+    if (s.num_encoder_tokens > 0) {
+      if (s.num_encoder_tokens != encoder_len ||
+          static_cast<int64_t>(r.cross_block_ids.size()) * B < encoder_len) {
+        throw std::logic_error("an encoder step without the whole encoder input or its cross blocks");
+      }
+      b.encoder_input_ids.insert(b.encoder_input_ids.end(), r.encoder_token_ids.begin(),
+                                 r.encoder_token_ids.end());
+      for (int32_t p = 0; p < encoder_len; ++p) {
+        b.cross_slot_mapping.push_back(static_cast<int64_t>(r.cross_block_ids[p / B]) * B + p % B);
+      }
+    }
+    b.cross_lens.push_back(encoder_len);
+    std::copy(r.cross_block_ids.begin(), r.cross_block_ids.end(),
+              b.cross_block_tables.begin() + i * b.max_cross_blocks);
+    const bool forced = s.do_sample && r.stop.forced_eos_token_id >= 0 &&
+                        r.num_output_tokens() + pending == r.stop.max_tokens - 1;
+    b.forced_token_ids.push_back(forced ? r.stop.forced_eos_token_id : -1);
   }
   b.num_tokens = static_cast<int32_t>(b.input_ids.size());
   return b;

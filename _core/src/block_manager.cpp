@@ -82,13 +82,9 @@ bool BlockManager::allocate(std::vector<int32_t>& block_ids, int32_t num_tokens,
   if (!cached_prefix.empty() && !block_ids.empty()) {
     throw std::invalid_argument("a cached prefix can only start an empty block table");
   }
-  for (int32_t id : cached_prefix) check_block_id(id);
+  if (blocks_taken(block_ids, num_tokens, cached_prefix) > free_queue_.size()) return false;
   const int32_t have = static_cast<int32_t>(block_ids.size() + cached_prefix.size());
   const int32_t need_new = std::max(0, blocks_for(num_tokens) - have);
-  // Prefix blocks nobody references sit in the free queue: taking them uses up free blocks too.
-  int32_t prefix_in_free_queue = 0;
-  for (int32_t id : cached_prefix) prefix_in_free_queue += blocks_[id].ref_count == 0;
-  if (need_new > free_queue_.size() - prefix_in_free_queue) return false;
 
   for (int32_t id : cached_prefix) {
     Block& b = blocks_[id];
@@ -103,6 +99,17 @@ bool BlockManager::allocate(std::vector<int32_t>& block_ids, int32_t num_tokens,
     block_ids.push_back(id);
   }
   return true;
+}
+
+int32_t BlockManager::blocks_taken(const std::vector<int32_t>& block_ids, int32_t num_tokens,
+                                   const std::vector<int32_t>& cached_prefix) const {
+  for (int32_t id : cached_prefix) check_block_id(id);
+  const int32_t have = static_cast<int32_t>(block_ids.size() + cached_prefix.size());
+  const int32_t need_new = std::max(0, blocks_for(num_tokens) - have);
+  // Prefix blocks nobody references sit in the free queue: taking them uses up free blocks too.
+  int32_t prefix_in_free_queue = 0;
+  for (int32_t id : cached_prefix) prefix_in_free_queue += blocks_[id].ref_count == 0;
+  return need_new + prefix_in_free_queue;
 }
 
 bool BlockManager::allocate_for_write(std::vector<int32_t>& block_ids, int32_t write_from,

@@ -32,6 +32,10 @@ void ExecutorConfig::validate() const {
     throw std::invalid_argument("sliding_window=" + std::to_string(sliding_window) +
                                 " is invalid: must be >= 0 (0: no window)");
   }
+  if (max_encoder_input_len < 0) {
+    throw std::invalid_argument("max_encoder_input_len=" + std::to_string(max_encoder_input_len) +
+                                " is invalid: must be >= 0 (0: no limit besides max_num_tokens - 1)");
+  }
   if (speculative_mode < 0 || speculative_mode > static_cast<int32_t>(SpeculativeMode::kEagle)) {
     throw std::invalid_argument("speculative_mode=" + std::to_string(speculative_mode) +
                                 " is invalid: must be 0 (none), 1 (n-gram), 2 (draft model) or 3 (EAGLE)");
@@ -74,7 +78,8 @@ std::string ExecutorConfig::repr() const {
     << ", async_scheduling=" << (async_scheduling ? "True" : "False")
     << ", vocab_size=" << vocab_size << ", sliding_window=" << sliding_window
     << ", speculative_mode=" << speculative_mode << ", max_draft_len=" << max_draft_len
-    << ", max_matching_ngram_size=" << max_matching_ngram_size << ")";
+    << ", max_matching_ngram_size=" << max_matching_ngram_size
+    << ", max_encoder_input_len=" << max_encoder_input_len << ")";
   return s.str();
 }
 

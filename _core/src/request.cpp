@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "llmapi/block_manager.h"
 #include "llmapi/errors.h"
 #include "llmapi/response.h"
 
@@ -46,6 +47,8 @@ Request::Request(uint64_t id, std::vector<int32_t> prompt, StopConfig stop_confi
   require(stop.max_tokens >= 1, "max_tokens", std::to_string(stop.max_tokens), "must be >= 1");
   require(stop.min_tokens >= 0 && stop.min_tokens <= stop.max_tokens, "min_tokens",
           std::to_string(stop.min_tokens), "must be in [0, max_tokens]");
+  require(stop.forced_eos_token_id >= -1, "forced_eos_token_id", std::to_string(stop.forced_eos_token_id),
+          "must be -1 (off) or a token id >= 0");
   const SamplingConfig& s = sampling;
   require(std::isfinite(s.temperature) && s.temperature >= 0, "temperature",
           std::to_string(s.temperature), "must be a finite number >= 0");
@@ -77,11 +80,29 @@ Request::Request(uint64_t id, std::vector<int32_t> prompt, StopConfig stop_confi
   require(s.logprobs >= -1, "logprobs", std::to_string(s.logprobs), "must be >= -1");
   require(s.prompt_logprobs >= -1, "prompt_logprobs", std::to_string(s.prompt_logprobs),
           "must be >= -1");
+  require(s.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", std::to_string(s.no_repeat_ngram_size),
+          "must be >= 0 (0: off)");
   if (sampling.beam_search && sampling.num_sequences == 1) {
     // A beam of width 1 is greedy search (transformers runs num_beams=1 as greedy decoding).
     sampling.beam_search = false;
     sampling.temperature = 0.0f;
   }
+}
+
+void Request::set_encoder_input(std::vector<int32_t> ids) {
+  require_token_ids(ids, "encoder_token_ids");
+  encoder_token_ids = std::move(ids);
+  if (!encoder_token_ids.empty()) cache_salt = encoder_cache_salt(cache_salt, encoder_token_ids);
+}
+
+uint64_t encoder_cache_salt(uint64_t cache_salt, const std::vector<int32_t>& encoder_ids) {
+  // The encoder ids chained from a root of the salt's own, as a block of tokens is hashed; a tag keeps
+  // it apart from the salt's decoder root (BlockManager::root_hash).
+  constexpr uint64_t kEncoderTag = 0x656e636f646572ULL;  // "encoder"
+  const uint64_t h = BlockManager::hash_block_tokens(BlockManager::root_hash(cache_salt) ^ kEncoderTag,
+                                                     encoder_ids.data(),
+                                                     static_cast<int32_t>(encoder_ids.size()));
+  return h == 0 ? kEncoderTag : h;
 }
 
 bool Request::forks() const { return group != nullptr && !group->forked; }

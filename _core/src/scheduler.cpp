@@ -43,11 +43,31 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
     throw RequestError("the prompt has " + std::to_string(n) + " tokens, more than max_seq_len=" +
                        std::to_string(config.max_seq_len));
   }
-  const int32_t blocks = peak_blocks(config, n);
+  const int32_t e = request.num_encoder_tokens();
+  if (e > 0) {
+    if (config.max_encoder_input_len > 0 && e > config.max_encoder_input_len) {
+      throw RequestError("the encoder input has " + std::to_string(e) +
+                         " tokens, more than max_encoder_input_len=" +
+                         std::to_string(config.max_encoder_input_len));
+    }
+    if (e > config.max_num_tokens - 1) {
+      throw RequestError("the encoder input has " + std::to_string(e) +
+                         " tokens, more than max_num_tokens - 1 = " + std::to_string(config.max_num_tokens - 1) +
+                         " (max_num_tokens=" + std::to_string(config.max_num_tokens) +
+                         "): the encoder runs unchunked in one step with at least one decoder token");
+    }
+    if (config.sliding_window > 0) {
+      throw RequestError("an encoder-decoder request (encoder_token_ids) cannot run with sliding_window=" +
+                         std::to_string(config.sliding_window));
+    }
+  }
+  const int32_t cross = cross_blocks(config, request);
+  const int32_t blocks = peak_blocks(config, n) + cross;
   if (blocks > config.num_blocks) {
-    throw RequestError("the prompt needs " + std::to_string(blocks) + " KV blocks of " +
-                       std::to_string(config.tokens_per_block) + " tokens; the cache has " +
-                       std::to_string(config.num_blocks));
+    throw RequestError(std::string(cross > 0 ? "the prompt and its encoder input need " : "the prompt needs ") +
+                       std::to_string(blocks) + " KV blocks of " + std::to_string(config.tokens_per_block) +
+                       " tokens" + (cross > 0 ? " (" + std::to_string(cross) + " for cross-attention)" : "") +
+                       "; the cache has " + std::to_string(config.num_blocks));
   }
   if (request.sampling.num_sequences > config.max_batch_size) {
     throw RequestError("num_sequences=" + std::to_string(request.sampling.num_sequences) +
@@ -68,6 +88,19 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
   require_in_vocab(request.stop.stop_token_ids, vocab, "stop_token_ids");
   for (const auto& word : request.sampling.bad_words) require_in_vocab(word, vocab, "bad_words");
   require_in_vocab(request.sampling.logit_bias_ids, vocab, "logit_bias");
+  if (request.stop.forced_eos_token_id >= 0) {
+    require_in_vocab({request.stop.forced_eos_token_id}, vocab, "forced_eos_token_id");
+  }
+  // Encoder ids are not checked against vocab_size: the source vocabulary may differ (FSMT).
+}
+
+int32_t Scheduler::cross_blocks(const ExecutorConfig& config, const Request& request) {
+  const int32_t B = config.tokens_per_block;
+  return (request.num_encoder_tokens() + B - 1) / B;
+}
+
+int32_t Scheduler::blocks_to_hold(const Request* r) const {
+  return peak_blocks(config_, r->num_tokens()) + cross_blocks(config_, *r);
 }
 
 int32_t Scheduler::peak_blocks(const ExecutorConfig& config, int32_t num_tokens) {
@@ -310,18 +343,32 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
     Request* r = waiting_.front();
     if (seats_used + seats(r) > config_.max_batch_size) break;
     // Prompt logits need every prompt position computed, so such requests skip the prefix cache.
-    const std::vector<int32_t> prefix =
+    std::vector<int32_t> prefix =
         r->sampling.needs_prompt_logits()
             ? std::vector<int32_t>{}
             : blocks_.lookup(r->token_ids, BlockManager::root_hash(r->cache_salt));
-    const int32_t cached = static_cast<int32_t>(prefix.size()) * B;
-    int32_t n = r->num_tokens() - cached;
     // A beam catching up computes all but its last token alone (see schedule_running).
     const bool beam_member = r->is_beam() && r->group && r->group->forked;
+    // An encoder-decoder request runs its encoder now, beside at least one decoder token.
+    const int32_t encoder = r->cross_block_ids.empty() ? r->num_encoder_tokens() : 0;
+    if (encoder > 0 && beam_member && !prefix.empty() &&
+        r->num_tokens() - static_cast<int32_t>(prefix.size()) * B <= 1) {
+      prefix.pop_back();
+    }
+    const int32_t cached = static_cast<int32_t>(prefix.size()) * B;
+    int32_t n = r->num_tokens() - cached;
     if (beam_member) n -= 1;
-    if (!config_.enable_chunked_prefill && n > budget) break;
-    n = std::min(n, budget);
+    if (encoder > 0) {
+      if (!config_.enable_chunked_prefill) n = std::min(n, config_.max_num_tokens - encoder);
+      if (budget < encoder + 1 || (!config_.enable_chunked_prefill && encoder + n > budget)) break;
+      n = std::min(n, budget - encoder);
+      if (n < 1) throw std::logic_error("an encoder step without a decoder token");
+    } else {
+      if (!config_.enable_chunked_prefill && n > budget) break;
+      n = std::min(n, budget);
+    }
     if (config_.sliding_window > 0) {
+      if (encoder > 0) throw std::logic_error("an encoder-decoder request under a sliding window");
       // The prefix hit is taken first (no new block), its blocks before the window handed back
       // at once, then the step's blocks; if those are short, everything goes back.
       r->num_computed_tokens = cached;
@@ -334,7 +381,7 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
         r->num_computed_tokens = 0;
         break;
       }
-    } else if (!blocks_.allocate(r->block_ids, cached + n, prefix)) {
+    } else if (!allocate_admission(r, cached + n, prefix, encoder)) {
       break;
     }
     waiting_.pop_front();
@@ -347,13 +394,27 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
     running_.push_back(r);
     seats_used += seats(r);
     if (n > 0) {
-      push_scheduled(out, r, n);
-      budget -= n;
+      push_scheduled(out, r, n, encoder);
+      budget -= n + encoder;
     }
   }
 }
 
+bool Scheduler::allocate_admission(Request* r, int32_t num_tokens, const std::vector<int32_t>& prefix,
+                                   int32_t encoder_tokens) {
+  if (encoder_tokens == 0) return blocks_.allocate(r->block_ids, num_tokens, prefix);
+  // Counted first, so that a refusal changes nothing (no evictions either).
+  const int32_t cross = blocks_.blocks_for(encoder_tokens);
+  if (blocks_.blocks_taken(r->block_ids, num_tokens, prefix) + cross > blocks_.num_free_blocks()) return false;
+  if (!blocks_.allocate(r->block_ids, num_tokens, prefix) ||
+      !blocks_.allocate(r->cross_block_ids, encoder_tokens)) {
+    throw std::logic_error("an admission's blocks were counted short");
+  }
+  return true;
+}
+
 void Scheduler::preempt(Request* r) {
+  blocks_.free(r->cross_block_ids);  // first, so they are reused before the cached blocks below
   blocks_.free(r->block_ids);  // its full blocks stay cached: the recompute can reuse them
   release_slot(r);
   r->num_computed_tokens = 0;
@@ -365,12 +426,16 @@ void Scheduler::preempt(Request* r) {
   waiting_.push_front(r);
 }
 
-void Scheduler::push_scheduled(SchedulerOutput& out, Request* r, int32_t n) {
+void Scheduler::push_scheduled(SchedulerOutput& out, Request* r, int32_t n, int32_t encoder_tokens) {
+  if (r->is_encoder_decoder() && r->cross_block_ids.empty()) {  // allocated at admission
+    throw std::logic_error("an encoder-decoder request scheduled without its cross blocks");
+  }
   ScheduledRequest s;
   s.request_id = r->request_id;
   s.serial = r->serial;
   s.num_computed_tokens = r->num_computed_tokens;
   s.num_new_tokens = n;
+  s.num_encoder_tokens = encoder_tokens;
   s.do_sample = r->num_computed_tokens + n >= r->num_tokens();
   s.num_draft_tokens = std::max(0, r->num_computed_tokens + n - r->num_tokens());
   if (s.num_draft_tokens > 0 && runner_drafts()) s.draft_start = r->num_draft_computed;

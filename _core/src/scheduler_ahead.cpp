@@ -14,8 +14,9 @@ bool Scheduler::can_run_ahead(const Request* r) const {
   // but that token: no forks or beams, no per-token outputs, no state row, no history-dependent
   // bad words (see make_batch and the runner's decode path).
   const SamplingConfig& s = r->sampling;
+  // Nor an encoder-decoder request, nor a no-repeat n-gram rule (its bans need the pending token).
   if (r->group != nullptr || r->is_beam() || s.logprobs >= 0 || s.needs_prompt_logits() ||
-      s.generation_logits || s.needs_state()) {
+      s.generation_logits || s.needs_state() || r->is_encoder_decoder() || s.no_repeat_ngram_size > 0) {
     return false;
   }
   // A request that may speculate waits for its step's accepted count instead (scheduler.h).

@@ -63,17 +63,19 @@ void Scheduler::step_beams(SequenceGroup& group, const std::vector<std::pair<Req
     beams.push_back(fork(beams.front(), static_cast<int32_t>(beams.size())));
   }
   // New beam j continues running[j]'s parent: build every new state before freeing the old ones.
+  // Cross blocks (encoder-decoder) are forked from the parent as well: after a preemption the beams
+  // may hold copies of their own.
   struct State {
-    std::vector<int32_t> token_ids, block_ids, ranks, top_ids;
+    std::vector<int32_t> token_ids, block_ids, cross_block_ids, ranks, top_ids;
     std::vector<float> logprobs, top_logprobs;
     int32_t num_computed, slot, num_state_tokens;
   };
   std::vector<State> next;
   for (const BeamCandidate& x : step.running) {
     Request& parent = *beams[x.beam];
-    State s{parent.token_ids, blocks_.fork(parent.block_ids), parent.ranks, parent.top_ids,
-            parent.logprobs, parent.top_logprobs, parent.num_computed_tokens, parent.slot,
-            parent.num_state_tokens};
+    State s{parent.token_ids, blocks_.fork(parent.block_ids), blocks_.fork(parent.cross_block_ids),
+            parent.ranks, parent.top_ids, parent.logprobs, parent.top_logprobs, parent.num_computed_tokens,
+            parent.slot, parent.num_state_tokens};
     s.token_ids.push_back(x.token);
     if (k >= 0) append_logprobs(s, k, result, row_of.at(&parent), x.column);
     next.push_back(std::move(s));
@@ -82,9 +84,11 @@ void Scheduler::step_beams(SequenceGroup& group, const std::vector<std::pair<Req
   for (int32_t j = 0; j < width; ++j) {
     Request& b = *beams[j];
     State& s = next[j];
+    blocks_.free(b.cross_block_ids);
     blocks_.free(b.block_ids);
     b.token_ids = std::move(s.token_ids);
     b.block_ids = std::move(s.block_ids);
+    b.cross_block_ids = std::move(s.cross_block_ids);
     b.logprobs = std::move(s.logprobs);
     b.ranks = std::move(s.ranks);
     b.top_ids = std::move(s.top_ids);
@@ -101,6 +105,8 @@ void Scheduler::step_beams(SequenceGroup& group, const std::vector<std::pair<Req
   // needs its own.
   const int32_t shared = std::max(0, first.num_prompt_tokens / config_.tokens_per_block -
                                          blocks_before_window(first.num_tokens() - 1));
+  // Their cross blocks are shared too (the first beam's count: they all have the same encoder input).
+  blocks_needed += cross_blocks(config_, first);
   if (blocks_needed - (width - 1) * shared > blocks_.num_blocks()) {
     for (Response& x : finish_beams(group, "error",
                                     "the beams of request " + std::to_string(group.user_id) +

@@ -47,8 +47,11 @@ bool Scheduler::spec_eligible(const Request* r) const {
   // logits processors, grammars), no per-token logits outputs, no bad words longer than a token.
   // A prompt table's virtual tokens (ids past the vocabulary) are no drafter's input.
   const SamplingConfig& s = r->sampling;
+  // Nor do encoder-decoder requests, a no-repeat n-gram rule (its bans change with each token) or a
+  // forced EOS (it binds one position).
   if (r->group != nullptr || r->is_beam() || s.needs_state() || s.generation_logits ||
-      r->prompt_table_size > 0) {
+      r->prompt_table_size > 0 || r->is_encoder_decoder() || s.no_repeat_ngram_size > 0 ||
+      r->stop.forced_eos_token_id >= 0) {
     return false;
   }
   return std::none_of(s.bad_words.begin(), s.bad_words.end(),
@@ -112,7 +115,7 @@ void Scheduler::settle_drafts(Request* r, const ScheduledRequest& s, const StepR
     return;
   }
   blocks_.truncate(r->block_ids, r->num_tokens());
-  const int32_t needed = peak_blocks(config_, r->num_tokens());
+  const int32_t needed = blocks_to_hold(r);
   if (needed > blocks_.num_blocks()) {
     responses.push_back(finish_at(r, "error",
                                   "request " + std::to_string(r->user_id) + " needs " + std::to_string(needed) +

@@ -109,7 +109,7 @@ Response Scheduler::settle(Request* r) {
     return finish(r, "error", "the runner sampled token id -1", false);
   }
   if (apply_stop_rules(*r, config_.max_seq_len)) return finish(r, r->finish_reason, "", true);
-  const int32_t needed = peak_blocks(config_, r->num_tokens());
+  const int32_t needed = blocks_to_hold(r);
   if (needed > blocks_.num_blocks()) {
     // Its next step needs more blocks than exist: fail now rather than preempt forever.
     return finish(r, "error",
@@ -131,6 +131,7 @@ Request* Scheduler::fork(Request* parent, int32_t seq_index) {
   child->ahead = false;
   child->abort_requested = false;
   child->block_ids = blocks_.fork(parent->block_ids);
+  child->cross_block_ids = blocks_.fork(parent->cross_block_ids);  // shared, never written again
   child->slot = -1;
   if (parent->slot >= 0) {
     child->slot = take_slot();
@@ -256,10 +257,15 @@ Response Scheduler::finish_at(Request* r, const std::string& reason, const std::
   }
   const uint64_t id = r->request_id;  // erase() below destroys r
   if (r->in_flight) {
-    // Only a request that ran ahead finishes in flight: that step still writes its KV.
-    dropped_blocks_[r->serial] = std::move(r->block_ids);
+    // Only a request that ran ahead finishes in flight: that step still writes its KV. Its cross
+    // blocks go last in the list, so they are freed first (free() releases it in reverse).
+    std::vector<int32_t>& dropped = dropped_blocks_[r->serial];
+    dropped = std::move(r->block_ids);
+    dropped.insert(dropped.end(), r->cross_block_ids.begin(), r->cross_block_ids.end());
     r->block_ids.clear();
+    r->cross_block_ids.clear();
   } else {
+    blocks_.free(r->cross_block_ids);  // first: never cached, so reused before the decoder's blocks
     blocks_.free(r->block_ids);
   }
   release_slot(r);

@@ -18,7 +18,8 @@ import torch.distributed as dist
 INIT, STEP, RELEASE, EXIT, ADAPTER = 1, 2, 3, 4, 5
 
 # Batch arrays in wire order: name, dtype, length in terms of R (requests), T (tokens), B (blocks per row),
-# S (suppressed ids), C (block copies), N (logit bias entries), H (state entries), D (drafter input ids).
+# S (suppressed ids), C (block copies), N (logit bias entries), H (state entries), D (drafter input ids),
+# E (encoder tokens), X (cross blocks per row).
 _BATCH_FIELDS = (
     ("input_ids", np.int32, "T"), ("prev_rows", np.int32, "T"), ("positions", np.int32, "T"),
     ("slot_mapping", np.int64, "T"),
@@ -39,8 +40,12 @@ _BATCH_FIELDS = (
     # Speculative decoding: each row's drafts, and the drafter's catch-up inputs.
     ("num_draft_tokens", np.int32, "R"), ("draft_start", np.int32, "R"), ("draft_offsets", np.int32, "R+1"),
     ("draft_input_ids", np.int32, "D"),
+    # Encoder-decoder: the encoder inputs run this step, their cross-KV slots, each row's cross blocks; and the
+    # forced EOS of rows at their last token.
+    ("encoder_input_ids", np.int32, "E"), ("encoder_lens", np.int32, "R"), ("cross_slot_mapping", np.int64, "E"),
+    ("cross_lens", np.int32, "R"), ("cross_block_tables", np.int32, "RX"), ("forced_token_ids", np.int32, "R"),
 )
-_COUNTS = ("R", "T", "B", "S", "C", "N", "H", "D")
+_COUNTS = ("R", "T", "B", "S", "C", "N", "H", "D", "E", "X")
 
 # One output tensor for every rank's part (torch >= 2.13 names it all_gather_single).
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -89,8 +94,8 @@ class CountingComm:
 
 
 def _length(kind: str, counts: dict) -> int:
-    if kind == "RB":
-        return counts["R"] * counts["B"]
+    if kind in ("RB", "RX"):
+        return counts["R"] * counts[kind[1]]
     if kind == "R+1":
         return counts["R"] + 1
     if kind == "C2":
@@ -106,10 +111,11 @@ def encode_batch(batch, processors_added: dict | None = None, processors_dropped
     """A _core.Batch as bytes: a header of int64 counts, then each array, 8-byte aligned; then the logits
     processors the sampling rank takes on ({request id: pickled bytes}) or drops (request ids) before it runs
     this step: two int64 counts, the dropped ids, then per added one its id, its length and its bytes."""
-    tables = np.asarray(batch.block_tables)
+    tables, cross = np.asarray(batch.block_tables), np.asarray(batch.cross_block_tables)
     counts = dict(R=int(batch.num_requests), T=int(batch.num_tokens), B=tables.shape[1] if tables.ndim == 2 else 0,
                   S=len(batch.suppress_ids), C=len(np.asarray(batch.block_copies)), N=len(batch.bias_ids),
-                  H=len(batch.state_ids), D=len(batch.draft_input_ids))
+                  H=len(batch.state_ids), D=len(batch.draft_input_ids), E=len(batch.encoder_input_ids),
+                  X=cross.shape[1] if cross.ndim == 2 else 0)
     parts = [np.array([counts[k] for k in _COUNTS], dtype=np.int64).tobytes()]
     for name, dtype, _ in _BATCH_FIELDS:
         parts.append(_aligned(np.ascontiguousarray(getattr(batch, name), dtype=dtype).tobytes()))
@@ -134,6 +140,7 @@ def decode_batch(data: bytes) -> SimpleNamespace:
     r = counts["R"]
     fields["block_tables"] = fields["block_tables"].reshape(r, counts["B"])
     fields["block_copies"] = fields["block_copies"].reshape(counts["C"], 2)
+    fields["cross_block_tables"] = fields["cross_block_tables"].reshape(r, counts["X"])
     num_added, num_dropped = (int(v) for v in np.frombuffer(data, dtype=np.int64, count=2, offset=offset))
     offset += 16
     dropped = np.frombuffer(data, dtype=np.uint64, count=num_dropped, offset=offset).tolist()
@@ -144,8 +151,8 @@ def decode_batch(data: bytes) -> SimpleNamespace:
         offset += 16
         added[rid] = data[offset:offset + size]
         offset += size + (-size % 8)
-    return SimpleNamespace(num_requests=r, num_tokens=counts["T"], processors_added=added,
-                           processors_dropped=dropped, **fields)
+    return SimpleNamespace(num_requests=r, num_tokens=counts["T"], max_cross_blocks=counts["X"],
+                           processors_added=added, processors_dropped=dropped, **fields)
 
 class ControlChannel:
     """Rank 0 broadcasts calls over the control group; every other rank receives them in order."""

@@ -16,6 +16,7 @@ struct Batch {
   int32_t num_requests = 0;      // R
   int32_t tokens_per_block = 0;
   int32_t max_blocks = 0;        // block_tables row length: the longest block table in the batch
+  int32_t max_cross_blocks = 0;  // cross_block_tables row length: the longest cross table (0: none)
 
   std::vector<uint64_t> request_ids;   // [R] the user's request id (shared by forked sequences)
   std::vector<int32_t> seq_index;      // [R] which sequence of the request: keys its sampling noise
@@ -46,7 +47,7 @@ struct Batch {
   std::vector<int64_t> seeds;          // [R]
   std::vector<int32_t> output_index;   // [R] tokens generated so far = index of the token sampled now
   std::vector<int32_t> suppress_offsets;  // [R+1] row r masks suppress_ids[off[r]:off[r+1]]
-  std::vector<int32_t> suppress_ids;      // [S] min_tokens stops, bad words
+  std::vector<int32_t> suppress_ids;      // [S] min_tokens stops, bad words, no-repeat n-grams
   std::vector<int32_t> bias_offsets;      // [R+1]
   std::vector<int32_t> bias_ids;          // [Bn] logit_bias
   std::vector<float> bias_values;         // [Bn]
@@ -74,12 +75,25 @@ struct Batch {
   std::vector<int32_t> draft_start;       // [R]
   std::vector<int32_t> draft_offsets;     // [R+1]
   std::vector<int32_t> draft_input_ids;   // [D]
+  // Encoder-decoder (E = sum of encoder_lens). Rows that run their encoder this step (the request's
+  // first step, or its first after a preemption) hand their encoder tokens back to back in row order;
+  // the encoder's positions are 0..len-1. Its cross-attention K/V go to cross_slot_mapping; every row
+  // of an encoder-decoder request reads cross_lens[r] keys through its cross block table.
+  std::vector<int32_t> encoder_input_ids;   // [E]
+  std::vector<int32_t> encoder_lens;        // [R] encoder tokens run this step, else 0
+  std::vector<int64_t> cross_slot_mapping;  // [E] block * tokens_per_block + offset in the cross blocks
+  std::vector<int32_t> cross_lens;          // [R] the request's encoder length (0: decoder-only row)
+  std::vector<int32_t> cross_block_tables;  // [R, max_cross_blocks] row-major, padded with 0
+  // [R] -1, or the only id the row may sample (forced EOS on the last allowed token); it wins over
+  // the row's suppress_ids.
+  std::vector<int32_t> forced_token_ids;
 };
 
 // Builds the batch for `scheduled`; requests[i] is the request of scheduled[i], its block table
 // already grown to cover this step. Row r suppresses (EOS unless ignore_eos) + stop_token_ids
 // while it samples and has generated fewer than min_tokens, and the bad words that its last
-// tokens complete. A row with input_row >= 0 counts its pending token as generated
+// tokens complete, and (no_repeat_ngram_size = n > 0) every token that would complete an n-gram
+// already in its tokens. A row with input_row >= 0 counts its pending token as generated
 // (output_index, min_tokens) and takes it from prev_rows.
 Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOutput& output,
                  int32_t tokens_per_block);

@@ -52,6 +52,11 @@ class BlockManager {
   bool allocate(std::vector<int32_t>& block_ids, int32_t num_tokens,
                 const std::vector<int32_t>& cached_prefix = {});
 
+  // The free blocks allocate(block_ids, num_tokens, cached_prefix) takes (new blocks, and prefix
+  // blocks nobody references, which sit in the free queue). Touches nothing.
+  int32_t blocks_taken(const std::vector<int32_t>& block_ids, int32_t num_tokens,
+                       const std::vector<int32_t>& cached_prefix = {}) const;
+
   // As allocate, for a step that writes positions from `write_from` on: if the block holding
   // that position is shared (a forked sequence's last, partly filled block), it is replaced by a
   // new block and (source, destination) is appended to `copies`, for the runner to copy its KV

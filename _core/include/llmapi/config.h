@@ -37,6 +37,9 @@ struct ExecutorConfig {
   int32_t max_draft_len = 0;
   // kNgram: the longest suffix of a request's tokens that the scheduler looks for earlier in them.
   int32_t max_matching_ngram_size = 0;
+  // Encoder-decoder requests: the longest encoder input accepted (0: no limit besides max_num_tokens - 1,
+  // since the encoder runs unchunked in one step together with at least one decoder token).
+  int32_t max_encoder_input_len = 0;
 
   // Throws std::invalid_argument naming the field and the bad value.
   void validate() const;

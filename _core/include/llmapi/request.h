@@ -42,6 +42,10 @@ struct SamplingConfig {
   bool generation_logits = false;  // the runner keeps the logits of every sampled token
   bool token_history = false;      // the runner's per-request state holds the token ids (a Python
                                    // logits processor reads them)
+  // 0 = off; n > 0: a token that would complete an n-gram already present in the request's tokens
+  // (prompt + generated; for an encoder-decoder request the decoder's) is suppressed (transformers'
+  // NoRepeatNGramLogitsProcessor), computed in make_batch into the row's suppress_ids.
+  int32_t no_repeat_ngram_size = 0;
 
   bool needs_state() const {
     return repetition_penalty != 1.0f || presence_penalty != 0.0f || frequency_penalty != 0.0f ||
@@ -56,6 +60,9 @@ struct StopConfig {
   std::vector<int32_t> eos_token_ids;    // finish "stop" unless ignore_eos
   std::vector<int32_t> stop_token_ids;   // finish "stop", stop_reason = the id
   bool ignore_eos = false;
+  // -1 = off; else the only id the row that samples the last allowed token (output index
+  // max_tokens - 1) may produce (transformers' ForcedEOSTokenLogitsProcessor): Batch.forced_token_ids.
+  int32_t forced_eos_token_id = -1;
 };
 
 struct SequenceGroup;
@@ -90,6 +97,13 @@ struct Request {
   int32_t adapter_slot = -1;
   uint64_t cache_salt = 0;
   int32_t prompt_table_size = 0;
+  // Encoder-decoder: the encoder's input (empty: a decoder-only request), and the request's cross-
+  // attention KV blocks (blocks_for(encoder length), from the same BlockManager). Empty cross blocks
+  // mean the encoder runs in the request's next scheduled step, which allocates them with that step's
+  // decoder blocks. Forks share them by reference count; they are never hashed into the prefix cache
+  // and freed at finish, abort and preemption (which recomputes the encoder).
+  std::vector<int32_t> encoder_token_ids;
+  std::vector<int32_t> cross_block_ids;
   bool in_flight = false;            // in a batch submitted and not collected
   // Async scheduling: also in a second, later batch in flight, which takes the token the first
   // samples as its input. Batches are collected in order: the next one collected is the first.
@@ -127,9 +141,18 @@ struct Request {
   int32_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
   bool forks() const;        // its next sampled token forks it into num_sequences sequences
   bool is_beam() const { return sampling.beam_search; }
+  bool is_encoder_decoder() const { return !encoder_token_ids.empty(); }
+  int32_t num_encoder_tokens() const { return static_cast<int32_t>(encoder_token_ids.size()); }
+  // Sets the encoder input (RequestError for an id < 0) and, if it is non-empty, makes cache_salt
+  // encoder_cache_salt(cache_salt, ids): set cache_salt first.
+  void set_encoder_input(std::vector<int32_t> ids);
   std::vector<int32_t> prompt_token_ids() const;
   std::vector<int32_t> output_token_ids() const;
 };
+
+// The prefix-cache salt of a request with encoder input `encoder_ids` and salt `cache_salt` (its adapters'):
+// a 64-bit hash of both, never 0, so that decoder blocks computed for another source never match.
+uint64_t encoder_cache_salt(uint64_t cache_salt, const std::vector<int32_t>& encoder_ids);
 
 // A finished beam-search hypothesis.
 struct BeamHypothesis {

@@ -81,6 +81,22 @@ namespace llmapi {
 // computes its tokens but the last on its own (after a preemption), and the last tokens of all
 // beams go in one step, whose candidates the beam search turns into the next beams (forking
 // their parents' blocks again) and finished hypotheses; preempting a beam preempts its group.
+//
+// Encoder-decoder requests (Request::encoder_token_ids non-empty): the step that admits one (its
+// first, or its first after a preemption) also runs its encoder (ScheduledRequest::
+// num_encoder_tokens): the encoder tokens count against the step's budget besides its decoder tokens,
+// are never chunked, and need room for at least one decoder token beside them (without chunked
+// prefill: all its decoder tokens, or if even an empty step could not hold them, as many as such a
+// step holds). Its cross blocks are allocated in that step, all or nothing together with the step's
+// decoder blocks; a prefix-cache hit on decoder blocks (their hash chain seeded with the encoder
+// input, see Request::cache_salt) still runs the encoder, since cross KV is never cached. A beam
+// catching up after a preemption whose tokens are all cached but its last gives up its last cached
+// block, so that its admission step computes a decoder token beside the encoder. Forks share the
+// cross blocks by reference count (they are never written again); finish, abort and preemption free
+// them (each sequence re-admitted after a preemption runs the encoder for itself). Such requests, and
+// those with no_repeat_ngram_size > 0, never run ahead; neither they nor those with forced EOS
+// speculate. add() refuses an encoder input longer than max_encoder_input_len or max_num_tokens - 1,
+// and any encoder input under a sliding window.
 class Scheduler {
  public:
   explicit Scheduler(const ExecutorConfig& config);
@@ -91,6 +107,8 @@ class Scheduler {
   // The most KV blocks a request of `num_tokens` tokens must hold at once: all of them, or with a
   // sliding window and chunked prefill at most those of one window and the block being written.
   static int32_t peak_blocks(const ExecutorConfig& config, int32_t num_tokens);
+  // The cross-attention blocks of `request`'s encoder input (0 for a decoder-only request).
+  static int32_t cross_blocks(const ExecutorConfig& config, const Request& request);
 
   // Queues a request at the tail of the waiting queue. Throws RequestError (duplicate id too).
   void add(Request request);
@@ -136,6 +154,12 @@ class Scheduler {
   bool try_allocate(const std::vector<Request*>& unit, int32_t num_new_tokens,
                     std::vector<int32_t>& copies);
   void preempt(Request* request);
+  // peak_blocks of `request`'s tokens plus its cross blocks: what it must be able to hold at once.
+  int32_t blocks_to_hold(const Request* request) const;
+  // Admission: `request`'s decoder blocks for `num_tokens` tokens after `prefix` (a lookup hit) and, if
+  // `encoder_tokens` > 0, its cross blocks, all or nothing.
+  bool allocate_admission(Request* request, int32_t num_tokens, const std::vector<int32_t>& prefix,
+                          int32_t encoder_tokens);
   // Sliding window: the leading blocks no query at `position` or later reads (0 without a window).
   int32_t blocks_before_window(int32_t position) const;
   // Hands back the blocks before the window of `request`'s next token (num_computed_tokens).
@@ -152,7 +176,8 @@ class Scheduler {
   Request* settle_row(const ScheduledRequest& row);
   // Preempts `victim` and, for a beam, its whole group; returns (running_ index, id) of each.
   std::vector<std::pair<size_t, uint64_t>> preempt_unit(Request* victim);
-  void push_scheduled(SchedulerOutput& out, Request* request, int32_t num_new_tokens);
+  void push_scheduled(SchedulerOutput& out, Request* request, int32_t num_new_tokens,
+                      int32_t num_encoder_tokens = 0);
   int32_t seats(const Request* request) const;
   int32_t take_slot();
   void release_slot(Request* request);

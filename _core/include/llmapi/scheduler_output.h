@@ -11,6 +11,9 @@ struct ScheduledRequest {
   uint64_t serial = 0;              // the request's Request::serial
   int32_t num_computed_tokens = 0;  // before this step: the first new token's position
   int32_t num_new_tokens = 0;       // tokens computed this step
+  // Encoder-decoder: > 0 when this step runs the request's encoder over its encoder_token_ids (this
+  // many, counted against the step's budget besides num_new_tokens), writing its cross blocks.
+  int32_t num_encoder_tokens = 0;
   bool do_sample = false;           // this step reaches the request's last known token
   // The runner's state row: a fresh slot is cleared, a forked one starts as a copy of another;
   // then the request's tokens from state_from on are appended to it.
@@ -33,7 +36,7 @@ struct SchedulerOutput {
   std::vector<ScheduledRequest> scheduled;  // running requests first (admission order), then new
   std::vector<uint64_t> preempted;          // in preemption order
   std::vector<int32_t> block_copies;        // [C, 2] (source, destination), copy-on-write
-  int32_t num_tokens = 0;
+  int32_t num_tokens = 0;                   // the budget used: new tokens and encoder tokens
 };
 
 }  // namespace llmapi
