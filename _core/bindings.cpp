@@ -333,9 +333,9 @@ PYBIND11_MODULE(_core, m) {
                        bool context_logits, bool generation_logits, bool token_history,
                        int32_t adapter_slot, uint64_t cache_salt, int32_t prompt_table_size,
                        std::vector<int32_t> encoder_token_ids, int32_t no_repeat_ngram_size,
-                       int32_t forced_eos_token_id) {
+                       int32_t forced_eos_token_id, int32_t forced_bos_token_id) {
              StopConfig stop{max_tokens, min_tokens, std::move(eos_token_ids),
-                             std::move(stop_token_ids), ignore_eos, forced_eos_token_id};
+                             std::move(stop_token_ids), ignore_eos, forced_eos_token_id, forced_bos_token_id};
              if (early_stopping < 0 || early_stopping > 2) {
                throw RequestError("early_stopping=" + std::to_string(early_stopping) +
                                   " is invalid: must be 0 (heuristic), 1 (true) or 2 (never)");
@@ -382,7 +382,7 @@ PYBIND11_MODULE(_core, m) {
            "context_logits"_a = false, "generation_logits"_a = false, "token_history"_a = false,
            "adapter_slot"_a = -1, "cache_salt"_a = 0, "prompt_table_size"_a = 0,
            "encoder_token_ids"_a = std::vector<int32_t>{}, "no_repeat_ngram_size"_a = 0,
-           "forced_eos_token_id"_a = -1)
+           "forced_eos_token_id"_a = -1, "forced_bos_token_id"_a = -1)
       // A new request with this one's settings and another prompt, id, length limits and seed: what
       // the constructor would make of the same settings, without converting them again (the fast way
       // to build many requests that share their SamplingParams).
@@ -444,6 +444,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("token_history", [](const Request& r) { return r.sampling.token_history; })
       .def_property_readonly("no_repeat_ngram_size", [](const Request& r) { return r.sampling.no_repeat_ngram_size; })
       .def_property_readonly("forced_eos_token_id", [](const Request& r) { return r.stop.forced_eos_token_id; })
+      .def_property_readonly("forced_bos_token_id", [](const Request& r) { return r.stop.forced_bos_token_id; })
       .def_readonly("encoder_token_ids", &Request::encoder_token_ids)
       .def_readonly("cross_block_ids", &Request::cross_block_ids)
       .def_readonly("adapter_slot", &Request::adapter_slot)

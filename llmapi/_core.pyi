@@ -59,7 +59,9 @@ class Request:
     decoder prompt); with it, cache_salt becomes a nonzero hash of (the given cache_salt, these ids), so decoder
     blocks of different sources never share the prefix cache. no_repeat_ngram_size: 0 off, n > 0 masks every
     token that would repeat an n-gram of the request's tokens (transformers'). forced_eos_token_id: -1 off, else
-    the only id the last allowed token (output index max_tokens - 1) may be (Batch.forced_token_ids)."""
+    the only id the last allowed token (output index max_tokens - 1) may be (Batch.forced_token_ids).
+    forced_bos_token_id: -1 off, else the only id the token after a one-token prompt (an encoder-decoder model's
+    decoder start) may be; where both apply, the forced EOS wins (transformers' order)."""
 
     def __init__(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
                  min_tokens: int = 0, eos_token_ids: Sequence[int] = ...,
@@ -73,7 +75,8 @@ class Request:
                  prompt_logprobs: int = -1, context_logits: bool = False,
                  generation_logits: bool = False, token_history: bool = False, adapter_slot: int = -1,
                  cache_salt: int = 0, prompt_table_size: int = 0, encoder_token_ids: Sequence[int] = ...,
-                 no_repeat_ngram_size: int = 0, forced_eos_token_id: int = -1) -> None: ...
+                 no_repeat_ngram_size: int = 0, forced_eos_token_id: int = -1,
+                 forced_bos_token_id: int = -1) -> None: ...
     # These settings, another prompt (and encoder input: its salt is mixed anew from cache_salt).
     def with_prompt(self, request_id: int, prompt_token_ids: Sequence[int], max_tokens: int,
                     min_tokens: int, seed: int, adapter_slot: int = -1, cache_salt: int = 0,
@@ -125,6 +128,8 @@ class Request:
     def no_repeat_ngram_size(self) -> int: ...
     @property
     def forced_eos_token_id(self) -> int: ...
+    @property
+    def forced_bos_token_id(self) -> int: ...
     @property
     def encoder_token_ids(self) -> List[int]: ...
     @property
@@ -329,6 +334,7 @@ class Batch:
     def cross_block_tables(self) -> npt.NDArray[np.int32]: ...  # [R, max_cross_blocks] padded with 0
     @property
     def forced_token_ids(self) -> npt.NDArray[np.int32]: ...  # [R] -1, or the only id the row may sample
+    # (forced EOS on the last allowed token, forced BOS after a one-token prompt)
 
 class BlockManager:
     """Paged KV blocks with reference counts and a chained-hash prefix cache (see block_manager.h

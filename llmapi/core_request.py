@@ -114,14 +114,15 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
                  max_seq_len: int, seed: int, tokenizer, token_history: bool,
                  like: "_core.Request | None" = None, adapter_slot: int = -1, cache_salt: int = 0,
                  prompt_table_size: int = 0, encoder_token_ids: Optional[List[int]] = None,
-                 forced_eos_token_id: int = -1) -> "_core.Request":
+                 forced_eos_token_id: int = -1, forced_bos_token_id: int = -1) -> "_core.Request":
     """The core's Request for a checked prompt and params (max_tokens capped by max_seq_len). `like`: a
     Request this function made from the same params and keyword arguments (encoder_token_ids aside); its
     converted settings are copied (Request.with_prompt) rather than converted again from Python, the larger
     part of the cost. adapter_slot, cache_salt, prompt_table_size: the request's adapters
     (llmapi.lora.manager.Prepared). Encoder-decoder models: `encoder_token_ids` is the encoder's input
-    (None or empty: a decoder-only request; prompt_ids is then the decoder prompt), and forced_eos_token_id
-    (-1: none) the only id its last allowed token may be (the model's generation config)."""
+    (None or empty: a decoder-only request; prompt_ids is then the decoder prompt); forced_eos_token_id (-1:
+    none) is the only id its last allowed token may be, forced_bos_token_id (-1: none) the only id the token after
+    a one-token prompt (the decoder start) may be (the model's generation config)."""
     adapters = dict(adapter_slot=adapter_slot, cache_salt=cache_salt, prompt_table_size=prompt_table_size)
     encoder = list(encoder_token_ids or [])
     room = max_seq_len - len(prompt_ids)
@@ -147,7 +148,7 @@ def core_request(request_id: int, prompt_ids: List[int], params: SamplingParams,
         prompt_logprobs=optional(params.prompt_logprobs), context_logits=params.return_context_logits,
         generation_logits=params.return_generation_logits, token_history=token_history,
         encoder_token_ids=encoder, no_repeat_ngram_size=params.no_repeat_ngram_size,
-        forced_eos_token_id=forced_eos_token_id, **adapters)
+        forced_eos_token_id=forced_eos_token_id, forced_bos_token_id=forced_bos_token_id, **adapters)
 
 
 __all__ = ["generation_defaults", "check_params", "check_multi_rank", "pickled_processor", "core_request"]

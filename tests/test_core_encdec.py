@@ -51,13 +51,15 @@ def check_block_accounting(s):
     """Every block's reference count equals the number of tables (decoder and cross, over all unfinished
     sequences) that hold it, and the used blocks are exactly those held. Valid when no finished request's
     blocks wait for a step in flight."""
-    refs = Counter()
+    refs, tables = Counter(), {}
     for rid in s.running_ids + s.waiting_ids:
         r = s.request(rid)
         refs.update(r.block_ids)
         refs.update(r.cross_block_ids)
         if r.encoder_token_ids and r.cross_block_ids:
             assert len(r.cross_block_ids) == -(-len(r.encoder_token_ids) // s.block_manager.tokens_per_block)
+            # The sequences of one request (samples, beams) hold one copy of the cross blocks.
+            assert tables.setdefault(r.user_id, r.cross_block_ids) == r.cross_block_ids
     bm = s.block_manager
     assert {b: bm.ref_count(b) for b in refs} == dict(refs)
     assert bm.num_used_blocks == len(refs)
@@ -179,6 +181,13 @@ def test_encoder_inputs_over_a_limit_are_refused_by_name():
                        max_encoder_input_len=-1)
     with pytest.raises(RequestError, match=r"encoder_token_ids=.*-3.* is invalid"):
         Request(1, [0], max_tokens=2, encoder_token_ids=[4, -3])
+    for name in ("forced_eos_token_id", "forced_bos_token_id"):
+        with pytest.raises(RequestError, match=rf"{name}=-2 is invalid"):
+            Request(1, [0], max_tokens=2, **{name: -2})
+        with pytest.raises(RequestError, match=rf"{name} holds token id 50, outside the vocabulary"):
+            make_scheduler(vocab_size=50).add(Request(1, [0], max_tokens=2, **{name: 50}))
+    with pytest.raises(RequestError, match=r"no_repeat_ngram_size=-1 is invalid"):
+        Request(1, [0], max_tokens=2, no_repeat_ngram_size=-1)
     # Cross blocks and decoder blocks together must fit the cache: 3 + 2 > 4.
     s = make_scheduler(num_blocks=4)
     with pytest.raises(RequestError, match=r"prompt and its encoder input need 5 KV blocks .*3 for cross"):
@@ -346,6 +355,31 @@ def test_preemption_frees_the_cross_blocks_and_runs_the_encoder_again():
     assert used(s) == 0 and s.stats()["num_preemptions"] == 1
 
 
+def test_a_preempted_beam_group_comes_back_with_one_copy_of_the_cross_blocks():
+    # 10 blocks of 2 tokens: the beams' 4 shared cross blocks and their decoder blocks fit, two copies would
+    # not. The plain request, admitted first, grows and preempts the group; re-admitted, one beam runs the
+    # encoder and the other waits for it and shares its cross blocks.
+    s = make_scheduler(tokens_per_block=2, num_blocks=10, max_num_tokens=64)
+    s.add(Request(1, [3, 4, 5, 6, 7], max_tokens=12))
+    s.add(Request(7, [0], max_tokens=8, num_sequences=2, beam_search=True, eos_token_ids=[2],
+                  encoder_token_ids=list(range(10, 18))))
+    encoder_rows, group_preemptions = 0, 0
+    for i in range(100):
+        out = s.schedule()
+        assert out.scheduled  # never stuck
+        group_preemptions += any(rid != 1 for rid in out.preempted)  # every running beam goes at once
+        encoder_rows += sum(1 for x in out.scheduled if x.num_encoder_tokens)
+        n = len(out.scheduled)
+        s.update(out, step(np.tile([[20 + i % 7, 30 + i % 5, 40, 41]], (n, 1)),
+                           np.tile([[-0.1, -0.2, -0.3, -0.4]], (n, 1))))
+        check_block_accounting(s)
+        if not s.has_unfinished:
+            break
+    assert not s.has_unfinished and used(s) == 0
+    # Preempted at least once, and the encoder ran once per admission of the group.
+    assert group_preemptions >= 1 and encoder_rows == 1 + group_preemptions
+
+
 def test_prefix_cache_salt_keeps_sources_apart_and_same_source_hits():
     base = Request(1, [0, 4], max_tokens=2)
     a = Request(1, [0, 4], max_tokens=2, encoder_token_ids=[5, 6, 7])
@@ -469,3 +503,96 @@ def test_random_mixed_load_with_aborts_frees_every_block(async_scheduling, chunk
     stats = s.stats()
     assert stats["num_used_blocks"] == 0 and stats["num_free_blocks"] == 40
     assert stats["num_preemptions"] > 0 and reasons["abort"] > 0 and reasons["stop"] > 0 and reasons["length"] > 0
+
+
+class EncoderRunner:
+    """A runner that records each batch's encoder-decoder fields (with their dtypes and shapes) and samples
+    (last input token + 1) % 50, or the forced id."""
+
+    FIELDS = ("encoder_input_ids", "encoder_lens", "cross_slot_mapping", "cross_lens", "cross_block_tables",
+              "forced_token_ids")
+
+    def __init__(self):
+        self.batches = []
+
+    def submit(self, batch):
+        self.batches.append({name: np.array(getattr(batch, name)) for name in self.FIELDS})
+        self.batches[-1]["max_cross_blocks"] = batch.max_cross_blocks
+        ends = np.cumsum(batch.query_lens) - 1
+        forced = np.asarray(batch.forced_token_ids)
+        return np.where(forced >= 0, forced, (np.asarray(batch.input_ids)[ends] + 1) % 50).astype(np.int32)
+
+    def collect(self, handle):
+        return handle
+
+
+def test_executor_runs_encoder_decoder_requests_and_refuses_long_inputs():
+    from llmapi._core import Executor
+
+    runner = EncoderRunner()
+    ex = Executor(ExecutorConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=32, tokens_per_block=4,
+                                 num_blocks=32, max_encoder_input_len=12), runner)
+    try:
+        with pytest.raises(RequestError, match="max_encoder_input_len=12"):
+            ex.enqueue(Request(1, [0], max_tokens=3, encoder_token_ids=list(range(13))))
+        with pytest.raises(RequestError, match="max_encoder_input_len=12"):  # all or nothing: 4 is not queued
+            ex.enqueue_many([Request(4, [0], max_tokens=3, encoder_token_ids=[5]),
+                             Request(2, [0], max_tokens=3, encoder_token_ids=list(range(16)))])
+        ex.enqueue(Request(3, [0], max_tokens=3, encoder_token_ids=list(range(20, 29)), forced_eos_token_id=2))
+        tokens, finished = [], False
+        while not finished:
+            for r in ex.await_responses(10):
+                tokens += r.token_ids
+                finished = r.finished
+        assert tokens == [1, 2, 2]  # the third and last token forced
+        assert ex.stats()["num_used_blocks"] == 0
+    finally:
+        ex.shutdown()
+    first = runner.batches[0]
+    assert first["encoder_input_ids"].tolist() == list(range(20, 29)) and first["encoder_lens"].tolist() == [9]
+    assert {k: str(v.dtype) for k, v in first.items() if k != "max_cross_blocks"} == {
+        "encoder_input_ids": "int32", "encoder_lens": "int32", "cross_slot_mapping": "int64",
+        "cross_lens": "int32", "cross_block_tables": "int32", "forced_token_ids": "int32"}
+    assert first["cross_block_tables"].shape == (1, first["max_cross_blocks"]) == (1, 3)
+    assert [b["encoder_lens"].tolist() for b in runner.batches] == [[9], [0], [0]]
+    assert [b["forced_token_ids"].tolist() for b in runner.batches] == [[-1], [-1], [2]]
+
+
+def test_core_request_passes_the_encoder_input_and_decoding_rules():
+    from llmapi import SamplingParams
+    from llmapi.core_request import core_request
+
+    params = SamplingParams(max_tokens=6, temperature=0, no_repeat_ngram_size=3)
+
+    def make(rid, encoder, like=None, **kw):
+        return core_request(rid, [0, 5], params, eos_token_ids=[2], max_seq_len=32, seed=1, tokenizer=None,
+                            token_history=False, like=like, encoder_token_ids=encoder, **kw)
+
+    forced = dict(forced_eos_token_id=2, forced_bos_token_id=0)
+    first = make(1, [7, 8, 9], **forced)
+    assert (first.encoder_token_ids, first.no_repeat_ngram_size, first.forced_eos_token_id,
+            first.forced_bos_token_id) == ([7, 8, 9], 3, 2, 0)
+    fields = ("prompt_token_ids", "encoder_token_ids", "cache_salt", "no_repeat_ngram_size", "forced_eos_token_id",
+              "forced_bos_token_id", "max_tokens", "temperature")
+    for encoder in ([7, 8, 9], [4, 4], None):
+        got, want = make(2, encoder, like=first, **forced), make(2, encoder, **forced)
+        assert {f: getattr(got, f) for f in fields} == {f: getattr(want, f) for f in fields}
+    plain = make(3, None)
+    assert (plain.encoder_token_ids, plain.forced_eos_token_id, plain.forced_bos_token_id) == ([], -1, -1)
+    assert make(3, None).cache_salt == 0 and make(3, [4, 4]).cache_salt != make(3, [4, 5]).cache_salt
+
+
+def test_wire_format_carries_the_encoder_decoder_fields():
+    from llmapi.distributed.comm import _BATCH_FIELDS, decode_batch, encode_batch
+
+    s = make_scheduler()
+    s.add(Request(1, [0], max_tokens=4, encoder_token_ids=list(range(10, 16)), forced_eos_token_id=2))
+    s.add(Request(2, [3, 4], max_tokens=1, forced_eos_token_id=2))
+    s.add(Request(3, [0, 4], max_tokens=4, encoder_token_ids=list(range(20, 29))))
+    batch = s.make_batch(s.schedule())
+    decoded = decode_batch(encode_batch(batch))
+    for name, _, _ in _BATCH_FIELDS:
+        want = np.asarray(getattr(batch, name))
+        assert getattr(decoded, name).dtype == want.dtype and np.array_equal(getattr(decoded, name), want), name
+    assert decoded.cross_block_tables.shape == (3, 3) and decoded.max_cross_blocks == 3
+    assert decoded.forced_token_ids.tolist() == [-1, 2, -1]

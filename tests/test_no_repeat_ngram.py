@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.generation.logits_process import ForcedEOSTokenLogitsProcessor, NoRepeatNGramLogitsProcessor
+from transformers.generation.logits_process import (ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor,
+                                                   NoRepeatNGramLogitsProcessor)
 
 from llmapi import LLM, SamplingParams
 from llmapi._core import ExecutorConfig, Request, Scheduler
@@ -160,6 +161,30 @@ def test_forced_eos_sits_on_the_last_allowed_token(prompt_len, max_tokens):
             tokens.append(token)
     assert rows == [-1] * (max_tokens - 1) + [forced]
     assert tokens[prompt_len:] == [4] * (max_tokens - 1) + [forced]
+
+
+@pytest.mark.parametrize("prompt, max_tokens", [([2], 4), ([2, 7], 4), ([2], 1), ([2], 2)])
+def test_forced_bos_and_eos_where_transformers_forces_them(prompt, max_tokens):
+    """BART's generation config: forced BOS 0 after the decoder start, forced EOS 2 last. transformers applies
+    ForcedBOS then ForcedEOS, so EOS wins where both apply (max_tokens=1)."""
+    s = make_scheduler()
+    s.add(Request(1, prompt, max_tokens=max_tokens, forced_bos_token_id=0, forced_eos_token_id=2))
+    processors = [ForcedBOSTokenLogitsProcessor(bos_token_id=0),
+                  ForcedEOSTokenLogitsProcessor(max_length=len(prompt) + max_tokens, eos_token_id=2)]
+    tokens, seen = list(prompt), []
+    while s.has_unfinished:
+        out = s.schedule()
+        b = s.make_batch(out)
+        scores = torch.zeros(1, VOCAB)
+        for processor in processors:
+            scores = processor(torch.tensor([tokens]), scores)
+        want = int(scores[0].argmax()) if bool(torch.isinf(scores[0]).any()) else -1
+        assert b.forced_token_ids.tolist() == [want]
+        seen.append(want)
+        token = want if want >= 0 else 5
+        s.update(out, [token])
+        tokens.append(token)
+    assert (0 in seen) == (len(prompt) == 1 and max_tokens > 1) and seen[-1] == 2
 
 
 def test_forced_eos_counts_the_token_pending_in_a_step_ahead():

@@ -179,9 +179,14 @@ Batch make_batch(const std::vector<const Request*>& requests, const SchedulerOut
     b.cross_lens.push_back(encoder_len);
     std::copy(r.cross_block_ids.begin(), r.cross_block_ids.end(),
               b.cross_block_tables.begin() + i * b.max_cross_blocks);
-    const bool forced = s.do_sample && r.stop.forced_eos_token_id >= 0 &&
-                        r.num_output_tokens() + pending == r.stop.max_tokens - 1;
-    b.forced_token_ids.push_back(forced ? r.stop.forced_eos_token_id : -1);
+    int32_t forced = -1;
+    if (s.do_sample && r.stop.forced_eos_token_id >= 0 &&
+        r.num_output_tokens() + pending == r.stop.max_tokens - 1) {
+      forced = r.stop.forced_eos_token_id;
+    } else if (s.do_sample && r.stop.forced_bos_token_id >= 0 && r.num_tokens() + pending == 1) {
+      forced = r.stop.forced_bos_token_id;
+    }
+    b.forced_token_ids.push_back(forced);
   }
   b.num_tokens = static_cast<int32_t>(b.input_ids.size());
   return b;

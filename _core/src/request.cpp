@@ -49,6 +49,8 @@ Request::Request(uint64_t id, std::vector<int32_t> prompt, StopConfig stop_confi
           std::to_string(stop.min_tokens), "must be in [0, max_tokens]");
   require(stop.forced_eos_token_id >= -1, "forced_eos_token_id", std::to_string(stop.forced_eos_token_id),
           "must be -1 (off) or a token id >= 0");
+  require(stop.forced_bos_token_id >= -1, "forced_bos_token_id", std::to_string(stop.forced_bos_token_id),
+          "must be -1 (off) or a token id >= 0");
   const SamplingConfig& s = sampling;
   require(std::isfinite(s.temperature) && s.temperature >= 0, "temperature",
           std::to_string(s.temperature), "must be a finite number >= 0");

@@ -91,6 +91,9 @@ void Scheduler::check_request(const ExecutorConfig& config, const Request& reque
   if (request.stop.forced_eos_token_id >= 0) {
     require_in_vocab({request.stop.forced_eos_token_id}, vocab, "forced_eos_token_id");
   }
+  if (request.stop.forced_bos_token_id >= 0) {
+    require_in_vocab({request.stop.forced_bos_token_id}, vocab, "forced_bos_token_id");
+  }
   // Encoder ids are not checked against vocab_size: the source vocabulary may differ (FSMT).
 }
 
@@ -195,11 +198,15 @@ SchedulerOutput Scheduler::schedule() {
   int32_t budget = config_.max_num_tokens;
   // A step that had to preempt is short of blocks: admitting new requests would only preempt again.
   if (!schedule_running(out, budget)) {
+    const size_t running_before = running_.size();
     schedule_waiting(out, budget);
     const bool in_flight = std::any_of(running_.begin(), running_.end(),
                                        [](const Request* r) { return r->in_flight; });
-    if (out.scheduled.empty() && !in_flight && release_stalled_beams()) {
-      schedule_waiting(out, budget);
+    if (out.scheduled.empty() && !in_flight) {
+      // Beams admitted without a step of their own (every token but the last cached) may complete
+      // their group, whose last tokens can go now.
+      if (running_.size() > running_before) schedule_running(out, budget);
+      if (out.scheduled.empty() && release_stalled_beams()) schedule_waiting(out, budget);
     }
   }
   out.num_tokens = config_.max_num_tokens - budget;
@@ -349,8 +356,22 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
             : blocks_.lookup(r->token_ids, BlockManager::root_hash(r->cache_salt));
     // A beam catching up computes all but its last token alone (see schedule_running).
     const bool beam_member = r->is_beam() && r->group && r->group->forked;
-    // An encoder-decoder request runs its encoder now, beside at least one decoder token.
-    const int32_t encoder = r->cross_block_ids.empty() ? r->num_encoder_tokens() : 0;
+    // An encoder-decoder request runs its encoder now, beside at least one decoder token, unless a
+    // sibling's cross blocks hold its encoder's K/V already; it waits for a sibling's pending encoder.
+    const Request* sibling = nullptr;
+    if (r->is_encoder_decoder() && r->cross_block_ids.empty() && r->group) {
+      bool pending = false;
+      for (const Request* m : members(*r->group)) {
+        if (m == r || m->cross_block_ids.empty()) continue;
+        if (m->cross_ready) {
+          sibling = m;
+          break;
+        }
+        pending = true;
+      }
+      if (sibling == nullptr && pending) break;
+    }
+    const int32_t encoder = r->cross_block_ids.empty() && sibling == nullptr ? r->num_encoder_tokens() : 0;
     if (encoder > 0 && beam_member && !prefix.empty() &&
         r->num_tokens() - static_cast<int32_t>(prefix.size()) * B <= 1) {
       prefix.pop_back();
@@ -385,6 +406,10 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
       break;
     }
     waiting_.pop_front();
+    if (sibling != nullptr) {
+      r->cross_block_ids = blocks_.fork(sibling->cross_block_ids);
+      r->cross_ready = true;
+    }
     if (r->num_preemptions == 0) r->num_cached_tokens = cached;
     num_prefix_hit_tokens_ += cached;
     r->num_computed_tokens = cached;
@@ -415,6 +440,7 @@ bool Scheduler::allocate_admission(Request* r, int32_t num_tokens, const std::ve
 
 void Scheduler::preempt(Request* r) {
   blocks_.free(r->cross_block_ids);  // first, so they are reused before the cached blocks below
+  r->cross_ready = false;
   blocks_.free(r->block_ids);  // its full blocks stay cached: the recompute can reuse them
   release_slot(r);
   r->num_computed_tokens = 0;

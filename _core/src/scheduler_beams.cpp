@@ -69,13 +69,14 @@ void Scheduler::step_beams(SequenceGroup& group, const std::vector<std::pair<Req
     std::vector<int32_t> token_ids, block_ids, cross_block_ids, ranks, top_ids;
     std::vector<float> logprobs, top_logprobs;
     int32_t num_computed, slot, num_state_tokens;
+    bool cross_ready;
   };
   std::vector<State> next;
   for (const BeamCandidate& x : step.running) {
     Request& parent = *beams[x.beam];
     State s{parent.token_ids, blocks_.fork(parent.block_ids), blocks_.fork(parent.cross_block_ids),
             parent.ranks, parent.top_ids, parent.logprobs, parent.top_logprobs, parent.num_computed_tokens,
-            parent.slot, parent.num_state_tokens};
+            parent.slot, parent.num_state_tokens, parent.cross_ready};
     s.token_ids.push_back(x.token);
     if (k >= 0) append_logprobs(s, k, result, row_of.at(&parent), x.column);
     next.push_back(std::move(s));
@@ -89,6 +90,7 @@ void Scheduler::step_beams(SequenceGroup& group, const std::vector<std::pair<Req
     b.token_ids = std::move(s.token_ids);
     b.block_ids = std::move(s.block_ids);
     b.cross_block_ids = std::move(s.cross_block_ids);
+    b.cross_ready = s.cross_ready;
     b.logprobs = std::move(s.logprobs);
     b.ranks = std::move(s.ranks);
     b.top_ids = std::move(s.top_ids);

@@ -48,10 +48,10 @@ bool Scheduler::spec_eligible(const Request* r) const {
   // A prompt table's virtual tokens (ids past the vocabulary) are no drafter's input.
   const SamplingConfig& s = r->sampling;
   // Nor do encoder-decoder requests, a no-repeat n-gram rule (its bans change with each token) or a
-  // forced EOS (it binds one position).
+  // forced EOS / BOS (it binds one position).
   if (r->group != nullptr || r->is_beam() || s.needs_state() || s.generation_logits ||
       r->prompt_table_size > 0 || r->is_encoder_decoder() || s.no_repeat_ngram_size > 0 ||
-      r->stop.forced_eos_token_id >= 0) {
+      r->stop.forced_eos_token_id >= 0 || r->stop.forced_bos_token_id >= 0) {
     return false;
   }
   return std::none_of(s.bad_words.begin(), s.bad_words.end(),

@@ -43,6 +43,7 @@ std::vector<Response> Scheduler::update(const SchedulerOutput& output, const Ste
           continue;
         }
         r->num_computed_tokens = s.num_computed_tokens + s.num_new_tokens;
+        if (s.num_encoder_tokens > 0) r->cross_ready = true;
         sync_drafter(r);
         blocks_.cache_full_blocks(r->block_ids, r->token_ids, r->num_computed_tokens,
                                   BlockManager::root_hash(r->cache_salt));

@@ -84,8 +84,8 @@ struct Batch {
   std::vector<int64_t> cross_slot_mapping;  // [E] block * tokens_per_block + offset in the cross blocks
   std::vector<int32_t> cross_lens;          // [R] the request's encoder length (0: decoder-only row)
   std::vector<int32_t> cross_block_tables;  // [R, max_cross_blocks] row-major, padded with 0
-  // [R] -1, or the only id the row may sample (forced EOS on the last allowed token); it wins over
-  // the row's suppress_ids.
+  // [R] -1, or the only id the row may sample (forced EOS on the last allowed token, forced BOS on
+  // the token after a one-token prompt); it wins over the row's suppress_ids.
   std::vector<int32_t> forced_token_ids;
 };
 

@@ -63,6 +63,10 @@ struct StopConfig {
   // -1 = off; else the only id the row that samples the last allowed token (output index
   // max_tokens - 1) may produce (transformers' ForcedEOSTokenLogitsProcessor): Batch.forced_token_ids.
   int32_t forced_eos_token_id = -1;
+  // -1 = off; else the only id the row that samples the token at position 1 may produce, i.e. the first
+  // token after a one-token prompt (an encoder-decoder model's decoder start; transformers'
+  // ForcedBOSTokenLogitsProcessor). Where both apply, the forced EOS wins (transformers applies it last).
+  int32_t forced_bos_token_id = -1;
 };
 
 struct SequenceGroup;
@@ -104,6 +108,7 @@ struct Request {
   // and freed at finish, abort and preemption (which recomputes the encoder).
   std::vector<int32_t> encoder_token_ids;
   std::vector<int32_t> cross_block_ids;
+  bool cross_ready = false;  // its cross blocks hold the encoder's K/V: the step that ran it was collected
   bool in_flight = false;            // in a batch submitted and not collected
   // Async scheduling: also in a second, later batch in flight, which takes the token the first
   // samples as its input. Batches are collected in order: the next one collected is the first.

@@ -93,9 +93,11 @@ namespace llmapi {
 // catching up after a preemption whose tokens are all cached but its last gives up its last cached
 // block, so that its admission step computes a decoder token beside the encoder. Forks share the
 // cross blocks by reference count (they are never written again); finish, abort and preemption free
-// them (each sequence re-admitted after a preemption runs the encoder for itself). Such requests, and
-// those with no_repeat_ngram_size > 0, never run ahead; neither they nor those with forced EOS
-// speculate. add() refuses an encoder input longer than max_encoder_input_len or max_num_tokens - 1,
+// them. A sequence of a group (samples, beams) re-admitted after a preemption shares the cross blocks
+// of a sibling whose encoder step was collected instead of running the encoder, and while a sibling's
+// encoder step is pending it waits for it (so a preempted beam group holds one copy again, as before
+// its preemption); alone, it runs the encoder again. Such requests, and those with
+// no_repeat_ngram_size > 0, never run ahead; neither they nor those with a forced EOS or BOS speculate. add() refuses an encoder input longer than max_encoder_input_len or max_num_tokens - 1,
 // and any encoder input under a sliding window.
 class Scheduler {
  public:
