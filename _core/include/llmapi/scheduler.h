@@ -97,7 +97,8 @@ namespace llmapi {
 // of a sibling whose encoder step was collected instead of running the encoder, and while a sibling's
 // encoder step is pending it waits for it (so a preempted beam group holds one copy again, as before
 // its preemption); alone, it runs the encoder again. Such requests, and those with
-// no_repeat_ngram_size > 0, never run ahead; neither they nor those with a forced EOS or BOS speculate. add() refuses an encoder input longer than max_encoder_input_len or max_num_tokens - 1,
+// no_repeat_ngram_size > 0, never run ahead; neither they nor those with a forced EOS or BOS
+// speculate. add() refuses an encoder input longer than max_encoder_input_len or max_num_tokens - 1,
 // and any encoder input under a sliding window.
 class Scheduler {
  public:
