@@ -404,6 +404,7 @@ class LLM:
                         tokenizer=self.tokenizer, token_history=processor is not None)
                     if encoder is not None:
                         make = functools.partial(make, encoder_token_ids=encoder[1],
+                                                 forced_bos_token_id=encdec.forced_bos_token_id,
                                                  forced_eos_token_id=encdec.forced_eos_token_id)
                     if adapters is None:
                         request = make(ids, like=made.get(id(params)))

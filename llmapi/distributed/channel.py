@@ -25,7 +25,7 @@ REQUEST_FIELDS = ("request_id", "prompt_token_ids", "max_tokens", "min_tokens", 
                   "presence_penalty", "frequency_penalty", "bad_words", "logit_bias", "num_sequences", "beam_search",
                   "length_penalty", "early_stopping", "num_returned", "prompt_logprobs", "context_logits",
                   "generation_logits", "token_history", "adapter_slot", "cache_salt", "prompt_table_size",
-                  "encoder_token_ids", "no_repeat_ngram_size", "forced_eos_token_id")
+                  "encoder_token_ids", "no_repeat_ngram_size", "forced_eos_token_id", "forced_bos_token_id")
 """The _core.Request constructor's arguments, as the user's process sends them (`logprobs` is read as
 `requested_logprobs`)."""
 
