@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+import transformers
 
 import encdec_models as em
 from family_parity import one_thread
@@ -71,6 +72,21 @@ def _requests(hf, count=10, seed=0):
 
 def _hf_generate(hf, enc, dec, **kwargs):
     """transformers' continuation of decoder prompt `dec` for encoder input `enc` (fp32, one at a time)."""
+    if isinstance(hf, transformers.FSMTForConditionalGeneration) and len(dec) > 1 and kwargs.get("num_beams", 1) == 1:
+        # FSMT's cached forward has no causal mask over a multi-token decoder input (it builds the mask only with
+        # use_cache=False), so generate() would prefill the decoder prompt bidirectionally: greedy by full
+        # forwards instead.
+        out, steps = list(dec), kwargs["max_new_tokens"]
+        forced_eos = hf.generation_config.forced_eos_token_id
+        with torch.inference_mode():
+            for step in range(steps):
+                logits = hf(input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([out]),
+                            use_cache=False).logits[0, -1]
+                # transformers' ForcedEOSTokenLogitsProcessor: the last token allowed is the forced EOS.
+                out.append(int(forced_eos) if step == steps - 1 and forced_eos is not None else int(logits.argmax()))
+                if out[-1] == hf.config.eos_token_id:
+                    break
+        return out[len(dec):]
     with torch.inference_mode():
         gen = hf.generate(torch.tensor([enc]), attention_mask=torch.ones(1, len(enc), dtype=torch.long),
                           decoder_input_ids=torch.tensor([dec]), do_sample=False, **kwargs)
