@@ -291,12 +291,10 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
         family(hf_config)
         engine_config = models.config_from_hf(hf_config, dtype)
         check_mapping(engine_config, mapping, settings.embedding_sharding_dim)
-        if engine_config.get("is_encoder_decoder") and quant is not None and (
-                quant.needs_calibration or quant.kv_cache_quant_algo is not None):
+        if engine_config.get("is_encoder_decoder") and quant is not None and quant.kv_cache_quant_algo is not None:
             raise UnsupportedModelError(
-                f"quantization {quant.quant_algo or quant.kv_cache_quant_algo} is not supported for encoder-decoder "
-                "models (its calibration runs decoder-only models); weight-only int8 / int4 (quant='int8_weight_only'"
-                " / 'int4_weight_only') are")
+                f"KV-cache quantization ({quant.kv_cache_quant_algo}) is not supported for encoder-decoder models; "
+                "their linears take every weight and activation mode (e.g. quant='fp8', 'int8_weight_only')")
 
     reader = _SOURCE_READERS.get(source.kind)
     if reader is None:

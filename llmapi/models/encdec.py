@@ -441,3 +441,41 @@ def encdec_config(family: str, dtype_name: str, hf_config: dict, *, hidden: int,
             "vocab_size": vocab, "num_hidden_layers": decoder_layers, "intermediate_size": decoder_ffn,
             "max_position_embeddings": max_positions, "encoder": encoder, "eos_token_id": eos_token_id,
             "generation": generation, **options}
+
+
+def start_step(rows, tokens_per_block: int, device=None):
+    """A step that starts every (encoder ids, decoder ids) row at once (no cache yet): (decoder ids [T], positions
+    [T], AttentionMetadata with its CrossMetadata, number of KV blocks it needs). Each row's cross blocks come first,
+    then its decoder blocks; for calibration and tests, where no executor allocates them."""
+    def blocks(n):
+        return -(-n // tokens_per_block)
+
+    next_block, cross_tables, dec_tables, cross_slots = 0, [], [], []
+    for enc, _ in rows:
+        table = list(range(next_block, next_block + blocks(len(enc))))
+        next_block += len(table)
+        cross_tables.append(table)
+        cross_slots += [table[i // tokens_per_block] * tokens_per_block + i % tokens_per_block for i in range(len(enc))]
+    for _, dec in rows:
+        dec_tables.append(list(range(next_block, next_block + blocks(len(dec)))))
+        next_block += len(dec_tables[-1])
+
+    def padded(tables):
+        width = max(map(len, tables))
+        return [t + [0] * (width - len(t)) for t in tables]
+
+    enc_lens, dec_lens = [len(e) for e, _ in rows], [len(d) for _, d in rows]
+    attn = AttentionMetadata.build(dec_lens, dec_lens, padded(dec_tables), tokens_per_block, device=device)
+    as_int = dict(dtype=torch.int32, device=device)
+    start_loc = torch.zeros(len(rows) + 1, **as_int)
+    start_loc[1:] = torch.cumsum(torch.tensor(enc_lens, **as_int), 0)
+    attn.cross = CrossMetadata(
+        encoder_ids=torch.tensor([t for e, _ in rows for t in e], **as_int),
+        encoder_positions=torch.tensor([p for n in enc_lens for p in range(n)], **as_int),
+        encoder_start_loc=start_loc, encoder_max_len=max(enc_lens),
+        encoder_slot_mapping=torch.tensor(cross_slots, dtype=torch.int64, device=device),
+        cross_lens=torch.tensor(enc_lens, **as_int), cross_block_tables=torch.tensor(padded(cross_tables), **as_int),
+        max_cross_len=max(enc_lens))
+    ids = torch.tensor([t for _, d in rows for t in d], **as_int)
+    positions = torch.tensor([p for n in dec_lens for p in range(n)], **as_int)
+    return ids, positions, attn, next_block

@@ -85,8 +85,10 @@ class _Recorder:
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.kv_amax: dict[int, list[float]] = {}
+        self.rows: dict = {}  # rows each linear saw (its means' divisor)
 
     def linear_input(self, name: str, x: torch.Tensor) -> None:  # x: [T, K]
+        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
         x = x.detach().float()
         amax = x.abs().amax(dim=0)  # [K]
         self.amax[name] = amax if name not in self.amax else torch.maximum(self.amax[name], amax)
@@ -132,6 +134,40 @@ def _text_batches(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[lis
     return batches + ([current] if current else [])
 
 
+def _run_encoder_decoder(model, config: dict, recorder: _Recorder, batches, device, dtype) -> int:
+    """An encoder-decoder model over the calibration batches: each text is the encoder input and, after the
+    decoder start token, the decoder's input too (teacher-forced; ids past a separate target vocabulary dropped).
+    Records every encoder and decoder linear's input (each linear's means divide by the rows it saw: encoder tokens
+    for the encoder's linears and cross-attention's K/V, decoder tokens for the rest); returns the decoder tokens."""
+    from llmapi.models.encdec import encdec_linears, start_step
+
+    specs = encdec_linears(config)
+    handles = []
+    for stack in ("encoder", "decoder"):
+        for i, layer in enumerate(getattr(model, stack).layers):
+            for spec in specs[stack]:
+                block, attr = spec.name.split(".")
+                full = f"{stack}.layers.{i}.{spec.name}"
+                handles.append(getattr(getattr(layer, block), attr).register_forward_pre_hook(
+                    lambda mod, args, full=full: recorder.linear_input(full, args[0])))
+    start, vocab = config.get("decoder_start_token_id", 0), config["vocab_size"]
+    block = 16
+    num_tokens = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                rows = [(ids, [start] + [t for t in ids if t < vocab][:len(ids) - 1]) for ids in batch]
+                ids, positions, attn, num_blocks = start_step(rows, block, device)
+                caches = [torch.zeros(2, num_blocks, block, config["num_key_value_heads"], config["head_dim"],
+                                      dtype=dtype, device=device) for _ in range(config["num_hidden_layers"])]
+                model(ids, positions, attn, caches)
+                num_tokens += int(ids.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return num_tokens
+
+
 def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], tokenizer, texts: Sequence[str],
                              max_seq_len: int = 512, hessians: bool = False, device=None) -> ActivationStats:
     """Run the float engine model (engine config + engine-named float weights) over `texts`; return its statistics.
@@ -157,6 +193,13 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
     model.load_weights(weights)
     model.eval()
     recorder = _Recorder(hessians)
+    if config.get("is_encoder_decoder"):
+        num_tokens = _run_encoder_decoder(model, config, recorder, batches, device, dtype)
+        return ActivationStats(
+            input_amax={name: amax.cpu() for name, amax in recorder.amax.items()},
+            input_abs_mean={name: (total / recorder.rows[name]).cpu() for name, total in recorder.abs_sum.items()},
+            input_hessian={name: (xtx / recorder.rows[name]).cpu() for name, xtx in recorder.xtx.items()},
+            kv_amax={}, num_tokens=num_tokens)
     handles = []
     for i, layer in enumerate(model.transformer.layers):
         for spec in layer_linears(config):  # the linears quantization swaps
