@@ -6,10 +6,8 @@ import pytest
 import torch
 
 import encdec_models as em
-from llmapi.layers.attention import AttentionMetadata
-from llmapi.layers.encdec_attention import CrossMetadata
 from llmapi.models import convert_hf, get_model_class
-from llmapi.models.encdec import relative_position_bucket
+from llmapi.models.encdec import relative_position_bucket, start_step
 
 BLOCK = 4
 
@@ -24,34 +22,10 @@ def _converted(hf):
 
 
 def _step(cfg, rows):
-    """Metadata of one step that starts every (encoder ids, decoder ids) row: cross blocks from block 0 up, decoder
-    blocks after them, every row's encoder in this step."""
-    caches = [torch.zeros(2, 64, BLOCK, cfg["num_key_value_heads"], cfg["head_dim"])
+    """A step that starts every (encoder ids, decoder ids) row (models.encdec.start_step) and a cache for it."""
+    ids, positions, attn, num_blocks = start_step(rows, BLOCK)
+    caches = [torch.zeros(2, num_blocks, BLOCK, cfg["num_key_value_heads"], cfg["head_dim"])
               for _ in range(cfg["num_hidden_layers"])]
-    next_block, cross_tables, dec_tables, slots = 0, [], [], []
-    for enc, dec in rows:
-        blocks = list(range(next_block, next_block + -(-len(enc) // BLOCK)))
-        next_block += len(blocks)
-        cross_tables.append(blocks)
-        slots += [blocks[i // BLOCK] * BLOCK + i % BLOCK for i in range(len(enc))]
-    for enc, dec in rows:
-        dec_tables.append(list(range(next_block, next_block + -(-len(dec) // BLOCK))))
-        next_block += len(dec_tables[-1])
-    width = max(map(len, cross_tables))
-    dec_width = max(map(len, dec_tables))
-    enc_lens = [len(e) for e, _ in rows]
-    dec_lens = [len(d) for _, d in rows]
-    attn = AttentionMetadata.build(dec_lens, dec_lens, [t + [0] * (dec_width - len(t)) for t in dec_tables], BLOCK)
-    attn.cross = CrossMetadata(
-        encoder_ids=torch.tensor([t for e, _ in rows for t in e]),
-        encoder_positions=torch.tensor([p for e, _ in rows for p in range(len(e))], dtype=torch.int32),
-        encoder_start_loc=torch.tensor([0] + torch.cumsum(torch.tensor(enc_lens), 0).tolist(), dtype=torch.int32),
-        encoder_max_len=max(enc_lens), encoder_slot_mapping=torch.tensor(slots),
-        cross_lens=torch.tensor(enc_lens, dtype=torch.int32),
-        cross_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in cross_tables], dtype=torch.int32),
-        max_cross_len=max(enc_lens))
-    ids = torch.tensor([t for _, d in rows for t in d])
-    positions = torch.tensor([p for _, d in rows for p in range(len(d))], dtype=torch.int32)
     return ids, positions, attn, caches
 
 
