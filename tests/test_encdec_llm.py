@@ -318,3 +318,50 @@ def test_decode_graph_path_equals_transformers(model_dirs, name, monkeypatch):
         assert 0 < stats.graph_steps < stats.steps
     for (enc, dec), out in zip(requests, outs):
         assert list(out.outputs[0].token_ids) == _hf_generate(hf, enc, dec, max_new_tokens=MAX_TOKENS)
+
+
+def test_t5_sentencepiece_tokenizer(tmp_path):
+    """A T5 SentencePiece (Unigram) tokenizer trained here, loaded through transformers: text prompts equal
+    transformers' generate on the tokenizer's ids."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    texts = ["translate English to German: The house is wonderful.", "summarize: the quick brown fox jumps",
+             "once upon a time there was a small language model", "a cache must never convert a model twice"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts * 20), model_writer=model, vocab_size=96,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "spiece.model").write_bytes(model.getvalue())
+    tokenizer = T5Tokenizer.from_pretrained(tmp_path, extra_ids=0)
+    tokenizer.save_pretrained(tmp_path)
+    hf = em.t5("t5", seed=6)
+    hf.save_pretrained(tmp_path)
+    with one_thread(), _llm(tmp_path, skip_tokenizer_init=False) as llm:
+        outs = llm.generate(texts[:2], SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False)
+    for text, out in zip(texts, outs):
+        enc = tokenizer(text).input_ids
+        assert out.encoder_prompt_token_ids == enc and enc[-1] == 1  # T5 appends EOS
+        want = _hf_generate(hf, enc, [0], max_new_tokens=MAX_TOKENS)
+        assert list(out.outputs[0].token_ids) == want
+        assert out.outputs[0].text == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_saved_engine_generates_the_same(model_dirs, tmp_path):
+    """LLM.save writes the encoder-decoder engine (config.json says is_encoder_decoder, with encoder and decoder
+    sections; encoder.* and decoder.* tensors); an LLM from the saved directory gives the same tokens."""
+    path, hf = model_dirs("bart")
+    prompts = [_prompt(e, d) for e, d in _requests(hf, count=3, seed=21)]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    with one_thread(), _llm(path) as llm:
+        first = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.save(str(tmp_path / "engine"))
+    config = json.loads((tmp_path / "engine" / "config.json").read_text())
+    assert config["is_encoder_decoder"] and config["encoder"]["num_layers"] == 2
+    assert config["decoder"]["num_layers"] == config["num_hidden_layers"] == 2
+    with one_thread(), _llm(tmp_path / "engine") as llm:
+        assert not llm.engine_built
+        again = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert again == first

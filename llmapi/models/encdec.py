@@ -433,14 +433,16 @@ def encdec_config(family: str, dtype_name: str, hf_config: dict, *, hidden: int,
                   vocab: int, decoder_layers: int, decoder_ffn: int, max_positions: int, encoder: dict, eos_token_id,
                   **options) -> dict:
     """The engine config of an encoder-decoder family: the decoder's fields at the top level (the KV cache, the
-    vocabulary and the sampler read them), the encoder stack's in `encoder`, the generation settings config.json
-    holds in `generation`, and the family's options."""
+    vocabulary and the sampler read them, repeated in `decoder`), the encoder stack's in `encoder`, the generation
+    settings config.json holds in `generation`, and the family's options."""
     generation = {key: hf_config[key] for key in GENERATION_KEYS if hf_config.get(key) is not None}
     return {"architecture": ARCHITECTURE, "is_encoder_decoder": True, "family": family, "dtype": dtype_name,
             "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": head_dim,
             "vocab_size": vocab, "num_hidden_layers": decoder_layers, "intermediate_size": decoder_ffn,
-            "max_position_embeddings": max_positions, "encoder": encoder, "eos_token_id": eos_token_id,
-            "generation": generation, **options}
+            "max_position_embeddings": max_positions, "encoder": encoder,
+            "decoder": {"num_layers": decoder_layers, "intermediate_size": decoder_ffn, "vocab_size": vocab,
+                        "max_position_embeddings": max_positions},
+            "eos_token_id": eos_token_id, "generation": generation, **options}
 
 
 def start_step(rows, tokens_per_block: int, device=None):
