@@ -286,3 +286,14 @@ def test_no_repeat_ngram_size_is_validated():
     with pytest.raises(ValueError, match=r"no_repeat_ngram_size"):
         params.no_repeat_ngram_size = -2
     assert params.no_repeat_ngram_size == 3  # a refused write leaves the old value
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_no_repeat_ngram_at_two_ranks_equals_one_rank(setup, tiny_llama_dir, tp, pp):
+    """The bans come with the batch (make_batch's suppressed ids), so two ranks give one rank's tokens."""
+    llm, hf, prompts = setup
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, no_repeat_ngram_size=2)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with LLM(str(tiny_llama_dir), tokens_per_block=4, tensor_parallel_size=tp, pipeline_parallel_size=pp) as ranks:
+        got = [o.outputs[0].token_ids for o in ranks.generate(prompts, params, use_tqdm=False)]
+    assert got == want
