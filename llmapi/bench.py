@@ -1,7 +1,8 @@
 """`llmapi bench`: a fixed-length synthetic workload through LLM, or through a running OpenAI-compatible server
 (--backend openai): output tok/s, TTFT/TPOT, decode vs bandwidth. Offline it also runs random LoRA adapters
 (bench_lora.py), JSON-guided requests (bench_guided.py), a code-rewriting workload for speculative decoding
-(bench_spec.py), each against the same workload without them in the same run."""
+(bench_spec.py), each against the same workload without them in the same run; --grid trtllm runs TensorRT-LLM's
+published ISL/OSL grid (bench_grid.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import numpy as np
 KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
 CODE_REWRITE_ISL = 512
 """--workload code-rewrite's default --isl: its most prompt tokens (max_seq_len is --isl + --osl + 1)."""
+DEFAULT_OSL = 128
+DEFAULT_NUM_REQUESTS = 1024
 
 
 def known_config_names() -> list[str]:
@@ -467,6 +470,15 @@ def guided_report(llm, outputs, schema_arg: str) -> dict:
 
 
 def main(a) -> int:
+    from .bench_grid import check_grid_args, run_grid
+
+    check_grid_args(a)
+    if a.grid is not None:
+        if a.model is None:
+            raise ValueError(f"llmapi bench --grid {a.grid} needs --model")
+        return run_grid(a)
+    a.osl = DEFAULT_OSL if a.osl is None else a.osl
+    a.num_requests = DEFAULT_NUM_REQUESTS if a.num_requests is None else a.num_requests
     if a.backend == "openai":
         return main_openai(a)
     if a.model is None:
@@ -487,6 +499,17 @@ def _is_encoder_decoder(model: str) -> bool:
         return False
 
 
+def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
+    """LLM() arguments from the bench's options (dtype, quantization, batch and token limits, KV cache share,
+    parallelism, scheduling) for sequences of up to `seq_len` tokens; `text`: prompts need the tokenizer."""
+    return dict(dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=not text,
+                tokenizer=a.tokenizer, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens,
+                kv_cache_config={"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction},
+                max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
+                pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
+                async_scheduling=not a.no_async_scheduling)
+
+
 def bench_offline(a, scratch: Path) -> int:
     import torch
 
@@ -497,16 +520,11 @@ def bench_offline(a, scratch: Path) -> int:
     isl = a.isl if a.isl is not None else (CODE_REWRITE_ISL if a.workload == "code-rewrite" else 128)
     workload = Workload(isl, a.osl, a.num_requests, a.concurrency, a.seed)
     speculative = bench_speculative(a)
-    kv = {"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction}
-    if a.guided_compare_unguided:  # two runs of the same prompts on one LLM: the second must not find them cached
-        kv["enable_block_reuse"] = False
     # An encoder-decoder model's prompts are its encoder inputs: its decoder holds the start token and the output.
     seq_len = a.osl + 2 if _is_encoder_decoder(model) else isl + a.osl + 1
-    kwargs = dict(dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=not text,
-                  tokenizer=a.tokenizer, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens,
-                  kv_cache_config=kv, max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
-                  pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
-                  async_scheduling=not a.no_async_scheduling)
+    kwargs = offline_llm_kwargs(a, seq_len, text)
+    if a.guided_compare_unguided:  # two runs of the same prompts on one LLM: the second must not find them cached
+        kwargs["kv_cache_config"]["enable_block_reuse"] = False
     extra = dict(speculative_config=speculative)
     if a.num_loras:
         from .bench_lora import lora_kwargs
@@ -700,15 +718,17 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--isl", type=int, default=None, help="input tokens per request (default 128); --workload "
                    f"code-rewrite: the most a prompt may have (default {CODE_REWRITE_ISL})")
-    p.add_argument("--osl", type=int, default=128, help="output tokens per request (ignore_eos); with real-text "
-                   "prompts (--workload code-rewrite, --guided-json) the most, EOS honoured")
+    p.add_argument("--osl", type=int, default=None, help=f"output tokens per request (default {DEFAULT_OSL}; "
+                   "ignore_eos); with real-text prompts (--workload code-rewrite, --guided-json) the most, EOS "
+                   "honoured")
     p.add_argument("--workload", choices=["random", "code-rewrite"], default="random",
                    help="random: random token ids, ignore_eos; code-rewrite: chat prompts asking to rewrite a code "
                    "snippet with a variable renamed (real text for speculative decoding; needs a tokenizer)")
     p.add_argument("--tokenizer", default=None, help="the tokenizer for real-text prompts (default: the model's)")
-    p.add_argument("--num-requests", type=int, default=1024)
+    p.add_argument("--num-requests", type=int, default=None, help=f"default {DEFAULT_NUM_REQUESTS}")
     p.add_argument("--concurrency", type=int, default=0, help="requests in flight; 0: all at once")
-    p.add_argument("--warmup", type=int, default=0, help="requests run (and not timed) before the workload")
+    p.add_argument("--warmup", type=int, default=0, help="requests run (and not timed) before the workload (--grid: "
+                   "before each row, of its lengths)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
@@ -746,6 +766,16 @@ def add_arguments(p) -> None:
                    help="also run the same prompts unguided on the same LLM (prefix caching off): the ratio")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="hf: also run the workload through transformers (static cache + torch.compile)")
-    p.add_argument("--hf-batch-size", type=int, default=0, help="transformers' batch (default: the concurrency)")
+    p.add_argument("--hf-batch-size", type=int, default=0, help="transformers' batch (default: the concurrency; "
+                   "with --grid 64)")
     p.add_argument("--hf-no-compile", action="store_true", help="transformers without torch.compile")
+    p.add_argument("--grid", choices=["trtllm"], default=None,
+                   help="trtllm: TensorRT-LLM's published Llama-3.1-8B grid (ten ISL/OSL rows, each with its own "
+                   "request count, all at once) through one LLM; a table of output tok/s, the most requests in flight "
+                   "and the ratio to TensorRT-LLM's v1.0 figure for the device (H100 or H200)")
+    p.add_argument("--grid-rows", default=None, metavar="ROWS",
+                   help="--grid: only these rows, e.g. 128/128,2048/128 (default: all)")
+    p.add_argument("--grid-requests-scale", type=float, default=None, metavar="F",
+                   help="--grid: scale each row's request count by F (default 1; a row warns when its count falls "
+                   "under 3x the most requests in flight)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")

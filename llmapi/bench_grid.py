@@ -1,0 +1,305 @@
+"""`llmapi bench --grid trtllm`: TensorRT-LLM's published Llama-3.1-8B throughput grid (ten ISL/OSL rows) through
+one LLM, each row's output tok/s beside TensorRT-LLM's figure for the device, with the most requests in flight."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+GRID_SOURCE = "TensorRT-LLM v1.0 performance overview, PyTorch backend, Llama-3.1-8B-Instruct-FP8, TP1"
+STEADY_FACTOR = 3
+"""A row is a steady state when its request count is at least this many times its most requests in flight."""
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One workload of the grid: fixed lengths, and TensorRT-LLM's output tok/s for it on each device."""
+
+    isl: int
+    osl: int
+    requests: int
+    """Requests at --grid-requests-scale 1 and the default --max-batch-size (see TRTLLM_GRID)."""
+    h100: float
+    h200: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.isl}/{self.osl}"
+
+    def figure(self, device: Optional[str]) -> Optional[float]:
+        """TensorRT-LLM's output tok/s on `device` ("H100", "H200"), None for any other."""
+        return {"H100": self.h100, "H200": self.h200}.get(device)
+
+
+# TensorRT-LLM's figures: the v1.0 performance overview, PyTorch backend, Llama-3.1-8B-Instruct-FP8, TP1, output
+# tok/s (trtllm-bench, CUDA graphs up to 8,192 rows, kv_cache_free_gpu_mem_fraction 0.95 where it fits), on H100
+# SXM 80GB and H200 SXM 141GB.
+#
+# Request counts: 3x the most requests the scheduler's admission rule (first come first served while the step's
+# token budget, the batch slots and the KV blocks last; preemption of the latest admitted when a running request
+# lacks a block) holds at once for the row, at the bench's defaults (FP8 weights and KV cache, max_batch_size 2048,
+# max_num_tokens 8192, 0.9 of free memory for the cache: about 1.0M cached tokens on an H100, 1.9M on an H200),
+# the larger of the two devices, rounded up to a multiple of 128. That peak, from a step-by-step simulation of the
+# rule: 2048 (max_batch_size: short prompts are all admitted before the cache fills) for 128/x and 500/2000;
+# 1,698 for 1000/x (the H200's cache; 955 on an H100); 494 for 2048/128 (the token budget: four prompts a step
+# against 128 steps a request); 884 for 2048/2048; 376 for 5000/500; 96 for 20000/2000. The run checks the
+# count against the peak it measures, which the estimate need not match.
+TRTLLM_GRID = (
+    GridRow(128, 128, 6144, 28312, 27911),
+    GridRow(128, 2048, 6144, 22714, 26221),
+    GridRow(128, 4096, 6144, 14325, 18027),
+    GridRow(500, 2000, 6144, 17660, 20770),
+    GridRow(1000, 1000, 5120, 15220, 17744),
+    GridRow(1000, 2000, 5120, 13899, 16828),
+    GridRow(2048, 128, 1536, 3450, 3538),
+    GridRow(2048, 2048, 2688, 9305, 12194),
+    GridRow(5000, 500, 1152, 3459, 3902),
+    GridRow(20000, 2000, 384, 1351, 1804),
+)
+GRIDS = {"trtllm": TRTLLM_GRID}
+HF_ROWS = ("128/128", "1000/1000")
+"""--compare hf runs transformers for these rows only (the issue's bf16 comparison)."""
+HF_GRID_BATCH = 64
+"""transformers' batch with --grid and --compare hf, unless --hf-batch-size says otherwise."""
+
+
+def select_rows(grid: str, names: Optional[str]) -> list[GridRow]:
+    """The rows named in `names` ("ISL/OSL" separated by commas), in the grid's order; all without names.
+    ValueError naming what is not a row, or a row named twice."""
+    rows = GRIDS[grid]
+    if names is None:
+        return list(rows)
+    wanted = [n.strip() for n in names.split(",")]
+    known = {r.name for r in rows}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown)
+        raise ValueError(f"--grid-rows: {shown} {'is not a row' if len(unknown) == 1 else 'are not rows'} of the "
+                         f"{grid} grid (its rows: {', '.join(r.name for r in rows)})")
+    twice = sorted({n for n in wanted if wanted.count(n) > 1})
+    if twice:
+        raise ValueError(f"--grid-rows names {', '.join(twice)} more than once")
+    return [r for r in rows if r.name in wanted]
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"--grid-requests-scale={scale!r} is invalid: must be a finite number > 0")
+    return float(scale)
+
+
+def row_requests(row: GridRow, max_batch_size: int, scale: float) -> int:
+    """The row's request count: its own, or 3x --max-batch-size when that is fewer (no more requests can be in
+    flight then), times `scale`, rounded up; at least 1."""
+    return max(1, math.ceil(scale * min(row.requests, STEADY_FACTOR * max_batch_size)))
+
+
+def reference_device(name: Optional[str]) -> Optional[str]:
+    """"H100" or "H200" for the SXM parts TensorRT-LLM measured, from torch.cuda.get_device_name(); None for any
+    other device (GH200, the PCIe and NVL parts, CPU)."""
+    if not name or re.search(r"pcie|nvl", name, re.IGNORECASE):
+        return None
+    for device in ("H100", "H200"):
+        if re.search(rf"\b{device}\b", name):
+            return device
+    return None
+
+
+class InFlightSampler:
+    """The most requests running at once while the block runs: a thread reading get_stats()'s num_running (the
+    admitted requests, partly prefilled ones included; published after every executor step) every few ms."""
+
+    def __init__(self, llm, interval_s: float = 0.005):
+        self.llm, self.interval_s, self.most = llm, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmapi-bench-in-flight", daemon=True)
+
+    def _sample(self) -> None:
+        self.most = max(self.most, int(self.llm.get_stats()["num_running"]))
+
+    def _run(self) -> None:
+        from .errors import LLMAPIError
+
+        try:
+            while not self._stop.wait(self.interval_s):
+                self._sample()
+        except LLMAPIError:  # the LLM died: the run itself reports why
+            pass
+
+    def __enter__(self) -> "InFlightSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def row_workload(row: GridRow, requests: int, seed: int, warmup: bool):
+    """Random token ids of the row's lengths. The seed covers the row and the warm-up, so no two rows or warm-ups
+    share prompts (or cached prefix blocks)."""
+    import numpy as np
+
+    from .bench import Workload
+
+    row_seed = int(np.random.SeedSequence([seed, row.isl, row.osl, int(warmup)]).generate_state(1)[0])
+    return Workload(row.isl, row.osl, requests, 0, seed=row_seed)
+
+
+def run_row(llm, row: GridRow, requests: int, seed: int, warmup: int) -> dict:
+    """One row: `warmup` untimed requests, then `requests` all at once (as fast as the engine takes them), timed
+    by the wall clock while the most requests in flight are sampled."""
+    from .bench import _drive, summarize
+    from .sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=row.osl, temperature=0.0, ignore_eos=True, detokenize=False)
+    if warmup:
+        _drive(llm, row_workload(row, warmup, seed, True).prompts(llm.vocab_size), params, 0)
+    prompts = row_workload(row, requests, seed, False).prompts(llm.vocab_size)
+    lengths = [len(p) for p in prompts]
+    before = llm.get_stats()
+    with InFlightSampler(llm) as sampler:
+        start = time.perf_counter()
+        timings = _drive(llm, prompts, params, 0)
+        wall = time.perf_counter() - start
+    after = llm.get_stats()
+    return {"row": row.name, "isl": row.isl, "osl": row.osl, **summarize(timings, wall),
+           "max_in_flight": sampler.most, "steady_state": requests >= STEADY_FACTOR * sampler.most,
+           "prompt_tokens": [min(lengths), max(lengths)],
+           "output_tokens_per_request": [min(t.num_tokens for t in timings), max(t.num_tokens for t in timings)],
+           "steps": after["num_steps"] - before["num_steps"],
+           "preemptions": after["num_preemptions"] - before["num_preemptions"]}
+
+
+def device_name(llm) -> Optional[str]:
+    """torch.cuda.get_device_name() of the LLM's device; None on CPU."""
+    if llm.device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(llm.device)
+
+
+def format_table(rows: list[dict], reference: Optional[str]) -> str:
+    head = f"TensorRT-LLM {reference}" if reference else "TensorRT-LLM"
+    lines = [f"{'ISL/OSL':>11} {'requests':>9} {'max in flight':>14} {'output tok/s':>13} {head:>18} {'ratio':>7}"]
+    for r in rows:
+        figure = "-" if r["trtllm_output_tok_s"] is None else f"{r['trtllm_output_tok_s']:,.0f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        note = "" if r["steady_state"] else \
+            f"  warning: fewer than {STEADY_FACTOR}x the requests in flight, not a steady state"
+        lines.append(f"{r['row']:>11} {r['requests']:>9,} {r['max_in_flight']:>14,} {r['output_tok_s']:>13,.1f} "
+                     f"{figure:>18} {ratio:>7}{note}")
+    return "\n".join(lines)
+
+
+def fp8_like_reference(a) -> bool:
+    """Whether the run quantizes as TensorRT-LLM's figures do: FP8 weights (W8A8) and an FP8 KV cache."""
+    from .bench import bench_quant
+    from .quantization.config import FP8_ALGOS, resolve_quant
+
+    config = resolve_quant(bench_quant(a.quant, a.kv_cache_dtype))
+    return config is not None and config.quant_algo in FP8_ALGOS and config.kv_cache_quant_algo == "FP8"
+
+
+def check_grid_args(a) -> None:
+    """ValueError for flags that --grid does not take (it sets the lengths, counts and concurrency itself)."""
+    if a.grid is None:
+        used = [f for f, on in (("--grid-rows", a.grid_rows is not None),
+                                ("--grid-requests-scale", a.grid_requests_scale is not None)) if on]
+        if used:
+            raise ValueError(f"{' and '.join(used)} {'needs' if len(used) == 1 else 'need'} --grid trtllm")
+        return
+    check_scale(a.grid_requests_scale if a.grid_requests_scale is not None else 1.0)
+    if a.warmup < 0:
+        raise ValueError(f"--warmup={a.warmup} is invalid: must be >= 0")
+    fixed = [f for f, on in (("--backend openai", a.backend == "openai"), ("--isl", a.isl is not None),
+                             ("--osl", a.osl is not None), ("--num-requests", a.num_requests is not None),
+                             ("--concurrency", a.concurrency != 0), ("--workload", a.workload != "random"),
+                             ("--num-loras", a.num_loras != 0), ("--guided-json", a.guided_json is not None),
+                             ("--speculative-model / --eagle-model / --ngram",
+                              bool(a.speculative_model or a.eagle_model or a.ngram)),
+                             ("--lora-compare-base", a.lora_compare_base),
+                             ("--guided-compare-unguided", a.guided_compare_unguided),
+                             ("--speculative-compare-plain", a.speculative_compare_plain)) if on]
+    if fixed:
+        raise ValueError(f"--grid {a.grid} sets each row's lengths, request count and concurrency itself and runs "
+                         f"the random-token workload: drop {', '.join(fixed)}")
+
+
+def run_grid(a) -> int:
+    """--grid: every selected row through one LLM built for the longest of them; the table; --json after each
+    row (a run cut short keeps the rows done)."""
+    from .bench import _is_encoder_decoder, _start_llm, kv_blocks, offline_llm_kwargs, resolve_bench_model
+
+    rows = select_rows(a.grid, a.grid_rows)
+    scale = check_scale(a.grid_requests_scale if a.grid_requests_scale is not None else 1.0)
+    model = resolve_bench_model(a.model)
+    if _is_encoder_decoder(model):
+        raise ValueError(f"--grid {a.grid} runs decoder-only models (the grid is Llama-3.1-8B's); {a.model} is an "
+                         "encoder-decoder model")
+    seq_len = max(r.isl + r.osl + 1 for r in rows)
+    llm, startup = _start_llm(model, offline_llm_kwargs(a, seq_len))
+    name = device_name(llm)
+    reference = reference_device(name)
+    results = {"grid": a.grid, "source": GRID_SOURCE, "device": name or str(llm.device),
+               "reference_device": reference, "model": a.model, "dtype": llm.engine_info.config["dtype"],
+               "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "max_seq_len": seq_len,
+               "max_batch_size": a.max_batch_size, "max_num_tokens": a.max_num_tokens,
+               "kv_cache_free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction,
+               "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
+               "async_scheduling": not a.no_async_scheduling, "requests_scale": scale, "warmup": a.warmup,
+               "fp8_like_reference": fp8_like_reference(a), "startup_s": startup, "kv_blocks": kv_blocks(llm),
+               "rows": []}
+    print(f"grid {a.grid}: {GRID_SOURCE}; device {results['device']}, TensorRT-LLM's figures for "
+          f"{reference or 'it: none (H100 and H200 SXM only)'}; max_seq_len {seq_len}, {results['kv_blocks']} KV "
+          f"blocks, startup {startup:.1f} s", flush=True)
+    for i, row in enumerate(rows):
+        requests = row_requests(row, a.max_batch_size, scale)
+        print(f"[{i + 1}/{len(rows)}] {row.name}: {requests:,} requests", flush=True)
+        r = run_row(llm, row, requests, a.seed, a.warmup)
+        figure = row.figure(reference)
+        r.update(requests=requests, trtllm_output_tok_s=figure,
+                 ratio=None if figure is None else r["output_tok_s"] / figure)
+        results["rows"].append(r)
+        print(f"[{i + 1}/{len(rows)}] {row.name}: {r['output_tok_s']:,.1f} output tok/s, max in flight "
+              f"{r['max_in_flight']:,}, {r['preemptions']:,} preemptions, wall {r['wall_s']:.1f} s", flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=1))
+    device = llm.device
+    llm.shutdown()
+    del llm
+    print(format_table(results["rows"], reference))
+    if reference and not results["fp8_like_reference"]:
+        print("note: TensorRT-LLM's figures are for FP8 weights and KV cache (--quant fp8 --kv-cache-dtype fp8); "
+              f"this run: --quant {a.quant}, --kv-cache-dtype {a.kv_cache_dtype}, dtype {results['dtype']}")
+    if a.compare == "hf":
+        compare_hf(a, model, device, results)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def compare_hf(a, model: str, device, results: dict) -> None:
+    """--compare hf: transformers (static cache, torch.compile unless --hf-no-compile) on the rows of HF_ROWS
+    that ran, after the LLM is gone; each row's result gets "hf" and "speedup_vs_hf"."""
+    from .bench import _release
+    from .bench_hf import run_hf
+
+    batch = a.hf_batch_size or HF_GRID_BATCH
+    for r in results["rows"]:
+        if r["row"] not in HF_ROWS:
+            continue
+        _release(device)
+        row = next(g for g in GRIDS[a.grid] if g.name == r["row"])
+        hf = r["hf"] = run_hf(model, a.load_format, results["dtype"], a.device,
+                              row_workload(row, r["requests"], a.seed, False), batch, compile=not a.hf_no_compile)
+        r["speedup_vs_hf"] = r["output_tok_s"] / hf["output_tok_s"]
+        print(f"{r['row']}: transformers bs={batch} {hf['output_tok_s']:,.1f} output tok/s; llmapi / transformers "
+              f"{r['speedup_vs_hf']:.2f}x")

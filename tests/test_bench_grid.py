@@ -1,0 +1,169 @@
+"""`llmapi bench --grid trtllm` on CPU: a tiny Llama through two rows of the grid (request counts, lengths, output
+tokens, the most requests in flight against the scheduler's admission, the steady-state check and its warning,
+the JSON, transformers on the 128/128 row only), TensorRT-LLM's figure and ratio for an H100, the device names that
+pick a reference, and refused rows, scales and flags."""
+
+import json
+import math
+
+import pytest
+
+from llmapi.bench_grid import GRID_SOURCE, TRTLLM_GRID, reference_device, row_requests, select_rows
+from llmapi.cli import main
+
+
+@pytest.fixture(scope="module")
+def long_llama_dir(tmp_path_factory):
+    """The tiny Llama with room for the 2048/128 row (2,177 positions)."""
+    from tiny_models import make_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama-4k")
+    make_tiny_llama(path, max_position_embeddings=4096)
+    return path
+
+
+def test_grid_has_the_ten_rows_in_order():
+    assert [r.name for r in TRTLLM_GRID] == ["128/128", "128/2048", "128/4096", "500/2000", "1000/1000", "1000/2000",
+                                             "2048/128", "2048/2048", "5000/500", "20000/2000"]
+    assert all(r.requests % 128 == 0 and r.h100 > 0 and r.h200 > 0 for r in TRTLLM_GRID)
+    assert [r.name for r in select_rows("trtllm", " 2048/128,128/128")] == ["128/128", "2048/128"]  # the grid's order
+
+
+def test_request_counts_follow_scale_and_max_batch_size():
+    row = select_rows("trtllm", "1000/1000")[0]
+    assert row_requests(row, 2048, 1.0) == 5120
+    assert row_requests(row, 2048, 0.001) == 6  # ceil(5.12)
+    assert row_requests(row, 100, 1.0) == 300  # 3x --max-batch-size: no more can be in flight
+    assert row_requests(row, 2048, 1e-9) == 1
+
+
+@pytest.mark.parametrize("name,device", [
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"), ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None),
+    ("NVIDIA GH200 480GB", None), ("NVIDIA A100-SXM4-80GB", None), (None, None)])
+def test_reference_device_from_the_device_name(name, device):
+    assert reference_device(name) == device
+
+
+def test_grid_two_rows_on_cpu_with_transformers(long_llama_dir, tmp_path, capsys, monkeypatch):
+    # transformers' run itself is bench_hf's (test_bench_cli runs it); here a stand-in records what the grid asks
+    # of it, since 128 eager decode steps of generate() take seconds on CPU.
+    import llmapi.bench_hf as bench_hf
+
+    calls = []
+
+    def fake_run_hf(model_dir, load_format, dtype_name, device, workload, batch_size, compile=True):
+        calls.append((workload.isl, workload.osl, workload.num_requests, dtype_name, batch_size, compile))
+        return {"batch_size": batch_size, "output_tok_s": 100.0}
+
+    monkeypatch.setattr(bench_hf, "run_hf", fake_run_hf)
+    out = tmp_path / "grid.json"
+    scale = 0.002
+    rc = main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm",
+               "--grid-rows", "128/128,2048/128", "--grid-requests-scale", str(scale), "--compare", "hf",
+               "--hf-no-compile", "--hf-batch-size", "4", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["grid"] == "trtllm" and result["source"] == GRID_SOURCE
+    assert result["reference_device"] is None and result["device"] == "cpu"
+    assert result["max_seq_len"] == 2048 + 128 + 1  # the longest row's
+    first, second = result["rows"]
+    # Counts by hand: ceil(6144 * 0.002) = 13 and ceil(1536 * 0.002) = 4.
+    for r, (isl, osl, requests) in zip((first, second), ((128, 128, 13), (2048, 128, 4))):
+        assert (r["isl"], r["osl"], r["requests"]) == (isl, osl, requests)
+        assert r["requests"] == math.ceil(scale * next(g.requests for g in TRTLLM_GRID if g.name == r["row"]))
+        assert r["prompt_tokens"] == [isl, isl] and r["output_tokens_per_request"] == [osl, osl]
+        assert r["output_tokens"] == requests * osl
+        assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["wall_s"])
+        # The CPU cache (32,768 tokens) holds them all and one step's budget (8,192 tokens) admits them all at once.
+        assert r["max_in_flight"] == requests
+        assert r["steady_state"] is False  # fewer than 3x
+        assert r["trtllm_output_tok_s"] is None and r["ratio"] is None
+        assert r["preemptions"] == 0 and r["steps"] >= osl
+    # transformers on 128/128 and 1000/1000 only: here the first row, with its lengths, in the LLM's dtype.
+    assert calls == [(128, 128, 13, "float32", 4, False)]
+    assert first["hf"]["batch_size"] == 4 and "hf" not in second
+    assert first["speedup_vs_hf"] == pytest.approx(first["output_tok_s"] / 100.0)
+    printed = capsys.readouterr().out
+    table = printed[printed.index("ISL/OSL"):].splitlines()
+    assert table[1].split()[:4] == ["128/128", "13", "13", f"{first['output_tok_s']:,.1f}"]
+    assert table[2].split()[:4] == ["2048/128", "4", "4", f"{second['output_tok_s']:,.1f}"]
+    assert table[1].split()[4:6] == ["-", "-"] and "not a steady state" in table[1] and "not a steady state" in table[2]
+    assert "128/128: transformers bs=4" in printed
+
+
+def test_grid_steady_row_against_the_h100_figure(long_llama_dir, tmp_path, capsys, monkeypatch):
+    # --max-batch-size 2 caps the requests in flight: 3 x 2 = 6 requests make a steady state. The device name is
+    # an H100's, so the table shows TensorRT-LLM's H100 figure and the ratio.
+    import llmapi.bench_grid as grid
+
+    monkeypatch.setattr(grid, "device_name", lambda llm: "NVIDIA H100 80GB HBM3")
+    out = tmp_path / "grid.json"
+    rc = main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm", "--grid-rows",
+               "128/128", "--max-batch-size", "2", "--dtype", "bfloat16", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["reference_device"] == "H100" and result["max_seq_len"] == 257
+    assert result["dtype"] == "bfloat16" and result["quant"] is None and result["fp8_like_reference"] is False
+    (r,) = result["rows"]
+    assert r["requests"] == 6 and r["output_tokens"] == 6 * 128
+    assert r["max_in_flight"] == 2 and r["steady_state"] is True
+    assert r["trtllm_output_tok_s"] == 28312 and r["ratio"] == pytest.approx(r["output_tok_s"] / 28312)
+    printed = capsys.readouterr().out
+    row_line = printed[printed.index("ISL/OSL"):].splitlines()[1]
+    assert "TensorRT-LLM H100" in printed and row_line.split()[4:6] == ["28,312", f"{r['ratio']:.2f}x"]
+    assert "warning" not in row_line
+    assert "note: TensorRT-LLM's figures are for FP8 weights and KV cache" in printed  # this run is bf16
+
+
+@pytest.mark.parametrize("quant,kv,like", [
+    ("fp8", "fp8", True), ("fp8_per_token", "fp8", True), ("fp8", "auto", False), (None, "fp8", False),
+    ("int4_weight_only", "fp8", False), (None, "auto", False)])
+def test_fp8_like_reference(quant, kv, like):
+    from types import SimpleNamespace
+
+    from llmapi.bench_grid import fp8_like_reference
+
+    assert fp8_like_reference(SimpleNamespace(quant=quant, kv_cache_dtype=kv)) is like
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grid-rows", "128/129"], "--grid-rows: '128/129' is not a row of the trtllm grid (its rows: 128/128, "),
+    (["--grid-rows", "128/128,foo,,"], "'foo', '', '' are not rows of the trtllm grid"),
+    (["--grid-rows", "128/128,128/128"], "--grid-rows names 128/128 more than once"),
+    (["--grid-requests-scale", "0"], "--grid-requests-scale=0.0 is invalid: must be a finite number > 0"),
+    (["--grid-requests-scale", "-0.5"], "--grid-requests-scale=-0.5 is invalid"),
+    (["--grid-requests-scale", "nan"], "--grid-requests-scale=nan is invalid"),
+    (["--grid-requests-scale", "inf"], "--grid-requests-scale=inf is invalid"),
+    (["--isl", "64"], "drop --isl"),
+    (["--osl", "64", "--num-requests", "8"], "drop --osl, --num-requests"),
+    (["--concurrency", "4"], "drop --concurrency"),
+    (["--ngram"], "drop --speculative-model / --eagle-model / --ngram"),
+    (["--num-loras", "2"], "drop --num-loras"),
+    (["--warmup", "-1"], "--warmup=-1 is invalid"),
+])
+def test_grid_refuses_bad_rows_scales_and_flags(long_llama_dir, capsys, flags, message):
+    assert main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_grid_options_need_grid(long_llama_dir, capsys):
+    assert main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid-rows", "128/128"]) == 2
+    assert "--grid-rows needs --grid trtllm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not a grid, not a number
+        main(["bench", "--model", str(long_llama_dir), "--grid", "vllm"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", str(long_llama_dir), "--grid", "trtllm", "--grid-requests-scale", "half"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'vllm'" in err and "invalid float value: 'half'" in err
+
+
+def test_rows_and_warmups_draw_their_own_prompts():
+    # 128/128 and 128/2048 share a prompt length: with one seed they would share prompts and cached prefix blocks.
+    from llmapi.bench_grid import row_workload
+
+    short, long_ = select_rows("trtllm", "128/128,128/2048")
+    timed = row_workload(short, 4, 0, False).prompts(1000)
+    assert timed == row_workload(short, 4, 0, False).prompts(1000)  # reproducible
+    others = [row_workload(long_, 4, 0, False).prompts(1000), row_workload(short, 4, 0, True).prompts(1000),
+              row_workload(short, 4, 1, False).prompts(1000)]
+    assert all({tuple(p) for p in timed}.isdisjoint(tuple(p) for p in other) for other in others)
