@@ -142,8 +142,6 @@ class LLM:
                 executor_kwargs["max_encoder_input_len"] = self._encdec.max_encoder_input_len
             load_format = info.build_config.get("load_format", "auto")
             cfg, adapters = adapter_settings(args, info)  # LoRA slots and prompt tables on the ranks, or None
-            if adapters and self.is_encoder_decoder:
-                raise ValueError("LoRA adapters and prompt tables are not supported for encoder-decoder models")
             speculative = self._speculative_setup(cfg)
             if speculative is not None:
                 executor_kwargs.update(speculative.executor_kwargs())
@@ -337,19 +335,6 @@ class LLM:
         """(text, ids, params, adapters, encoder) of a prompt checked against this LLM; the params come checked
         (_check_params); adapters: the request's loaded LoRA adapter and prompt table (None: the base model);
         encoder: an encoder-decoder model's (encoder text, encoder ids), where text and ids are the decoder's."""
-        if self.is_encoder_decoder:
-            from .encdec_prompts import split_prompt
-
-            if lora_request is not None or prompt_adapter_request is not None:
-                from .errors import AdapterError
-
-                raise AdapterError("LoRA adapters and prompt tables are not supported for encoder-decoder models")
-            text, ids, enc_text, enc_ids = split_prompt(prompt, self._encdec, self.tokenizer, self.vocab_size)
-            self._check_length(ids)
-            return text, ids, checked_params, None, (enc_text, enc_ids)
-        if isinstance(prompt, dict) and ("encoder_prompt" in prompt or "decoder_prompt" in prompt):
-            raise RequestError("'encoder_prompt' / 'decoder_prompt' are for encoder-decoder models; this model is "
-                               "decoder-only: pass 'prompt' or 'prompt_token_ids'")
         adapters = None
         if lora_request is not None or prompt_adapter_request is not None:
             manager = self._res.adapters
@@ -361,6 +346,15 @@ class LLM:
                                    "or LLM(..., lora_config=LoraConfig(...)) for LoRA, LLM(..., "
                                    "enable_prompt_adapter=True) for prompt tables")
             adapters = manager.prepare(lora_request, prompt_adapter_request)
+        if self.is_encoder_decoder:
+            from .encdec_prompts import split_prompt
+
+            text, ids, enc_text, enc_ids = split_prompt(prompt, self._encdec, self.tokenizer, self.vocab_size)
+            self._check_length(ids)
+            return text, ids, checked_params, adapters, (enc_text, enc_ids)
+        if isinstance(prompt, dict) and ("encoder_prompt" in prompt or "decoder_prompt" in prompt):
+            raise RequestError("'encoder_prompt' / 'decoder_prompt' are for encoder-decoder models; this model is "
+                               "decoder-only: pass 'prompt' or 'prompt_token_ids'")
         prompt_table = adapters.prompt if adapters is not None else None
         text, ids = self._prompt_ids(prompt, prompt_table.num_tokens if prompt_table is not None else 0)
         if prompt_table is not None:

@@ -51,6 +51,13 @@ class LoraBatch:
         else:
             self.groups = slot_groups(token_slots)
 
+    def state(self) -> tuple:
+        """What `set` decided, for `restore` after a pass over other tokens (an encoder's)."""
+        return self.active, self.order, self.groups
+
+    def restore(self, state: tuple) -> None:
+        self.active, self.order, self.groups = state
+
     def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """y += (x @ A[slot]^T) @ B[slot]^T per token, in place."""
         if self.order is not None:

@@ -185,6 +185,8 @@ class AdapterManager:
         return loaded
 
     def load_prompt(self, request: PromptAdapterRequest) -> LoadedPrompt:
+        if self.engine_config.get("is_encoder_decoder"):
+            raise AdapterError("prompt_adapter_request: prompt tables are not supported for encoder-decoder models")
         if self.prompt_config is None:
             raise AdapterError("prompt_adapter_request needs an LLM started with prompt tuning enabled: "
                                "LLM(..., enable_prompt_adapter=True)")

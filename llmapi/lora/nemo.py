@@ -75,6 +75,9 @@ def load_nemo_lora(path: str, engine_config: dict, max_lora_rank: int, dtype: to
 
     p = check_adapter_path(path)
     where = f"NeMo LoRA adapter {path}"
+    if engine_config.get("is_encoder_decoder"):
+        raise AdapterError(f"{where}: NeMo LoRA checkpoints adapt decoder-only GPT models; this model is "
+                           "encoder-decoder (use a Hugging Face PEFT adapter, lora_ckpt_source='hf')")
     if p.is_dir():
         raise AdapterError(f"{where} is a directory; a .nemo file is expected (or lora_ckpt_source='hf' for PEFT)")
     cfg, weights = _read(p, where)

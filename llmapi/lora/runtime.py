@@ -1,5 +1,8 @@
 """A rank's adapters: the wrappers applied to its model, and the installs of adapters into device slots.
 
+An encoder-decoder model's linears of both stacks are wrapped (its linear_layers()), and its encoder's tokens run
+with their request's slot as its decoder tokens do (encoder_scope).
+
 The user's side decides which adapter sits in which slot (llmapi.lora.manager) and sends an AdapterInstall
 before the first request that uses it; the runner applies it between steps (ModelRunner: at the next submit;
 several ranks: rank 0 hands it to every rank before the next step). Installs go in stream order behind the steps
@@ -8,6 +11,7 @@ already queued, and a slot is reused only once no request that used it is left i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ import torch
 
 from ..models.gpt import layer_linears
 from .layers import LoraBatch, LoraLinear, PromptTableEmbedding
-from .weights import rank_capacity
+from .weights import linear_parts, rank_capacity
 
 
 @dataclass
@@ -65,6 +69,31 @@ def _full_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
             "mlp.gate_up": (hidden, 2 * inter), "mlp.fc": (hidden, inter), "mlp.proj": (inter, hidden)}
 
 
+def _declared_shapes(cfg: dict) -> dict[str, tuple[int, int, int]]:
+    """Engine linear name -> (in_features, out_features, HF linears stacked in it), from the family's
+    fused_linears declaration."""
+    return {part.engine: (part.in_features, part.total_rows, part.parts) for part in linear_parts(cfg).values()}
+
+
+def encoder_token_slots(token_slots: torch.Tensor, attn) -> torch.Tensor:
+    """[E] int32: the adapter slot of each encoder token of an encoder-decoder step (its request's), from the
+    step's decoder token slots [T] (each row's first token carries its row's slot).
+
+    The encoder's rows are the rows that run their encoder now, in row order; which rows those are is told by the
+    cross blocks: the first token of each encoder input is written to the first of its own row's cross blocks
+    (cross blocks belong to one request, shared only by its own sequences, which share its adapter). All on the
+    device: no host sync."""
+    cross = attn.cross
+    row_slots = token_slots[attn.query_start_loc[:-1].long()]  # [R]
+    starts = cross.encoder_start_loc.long()  # [Re+1]
+    first_blocks = cross.encoder_slot_mapping[starts[:-1]] // attn.tokens_per_block  # [Re]
+    owners = (cross.cross_block_tables[:, 0].long()[None, :] == first_blocks[:, None]) \
+        & (cross.cross_lens > 0)[None, :]  # [Re, R]
+    input_slots = row_slots[owners.int().argmax(dim=1)]  # [Re]
+    return torch.repeat_interleave(input_slots, starts[1:] - starts[:-1],
+                                   output_size=cross.num_encoder_tokens).to(torch.int32)
+
+
 class RunnerAdapters:
     """The adapters of one rank's model: LoraLinear wrappers around each layer's declared linears (max_loras slots
     of max_lora_rank per HF linear), the prompt-table embedding (on the first pipeline stage), and the installs
@@ -80,10 +109,13 @@ class RunnerAdapters:
         self.embedding: Optional[PromptTableEmbedding] = None
         self._pending: list[AdapterInstall] = []
         self._lock = threading.Lock()
+        self._token_slots: Optional[torch.Tensor] = None  # the step's, from begin()
         if settings.get("max_loras"):
             self._wrap_linears(model, engine_config, settings["max_loras"], settings["max_lora_rank"], device, dtype)
-        t = model.transformer
-        if settings.get("prompt_slots") and t.vocab_embedding is not None:
+            if hasattr(model, "encoder_scope"):  # encoder-decoder: the encoder's tokens take their requests' slots
+                model.encoder_scope = self.encoder_scope
+        t = getattr(model, "transformer", None)  # encoder-decoder models take no prompt tables
+        if settings.get("prompt_slots") and t is not None and t.vocab_embedding is not None:
             rows = settings["prompt_slots"] * settings["prompt_rows"]
             self.embedding = PromptTableEmbedding(t.vocab_embedding, engine_config["vocab_size"], rows,
                                                   engine_config["hidden_size"], dtype, device)
@@ -91,18 +123,35 @@ class RunnerAdapters:
 
     def _wrap_linears(self, model, cfg: dict, slots: int, max_rank: int, device, dtype) -> None:
         self.batch = LoraBatch(slots)
+        for name, block, linear_name, in_f, out_f, rank in self._targets(model, cfg, max_rank):
+            wrapped = LoraLinear(getattr(block, linear_name), in_f, out_f, slots, rank, self.batch, dtype, device)
+            setattr(block, linear_name, wrapped)
+            self.linears[name] = wrapped
+
+    @staticmethod
+    def _targets(model, cfg: dict, max_rank: int):
+        """(engine linear name, its block, the linear's attribute, full in / out features, slot rank) of every
+        linear that takes adapters."""
+        if hasattr(model, "linear_layers"):  # several stacks (encoder-decoder): the model lists its layers
+            names = {id(module): name for name, module in model.named_modules()}  # as the engine's tensors name them
+            declared = _declared_shapes(cfg)
+            for layer, specs in model.linear_layers():
+                for spec in specs:
+                    name = f"{names[id(layer)]}.{spec.name}"
+                    if name in declared:  # a linear the family names no HF module for takes no adapter
+                        in_f, out_f, parts = declared[name]
+                        block_name, linear_name = spec.name.split(".")
+                        yield name, getattr(layer, block_name), linear_name, in_f, out_f, parts * max_rank
+            return
         capacity = rank_capacity(cfg, max_rank)
         shapes = _full_shapes(cfg)
         specs = layer_linears(cfg)
         for index, layer in model.transformer.layers.named_children():  # this pipeline stage's, global indices
             for spec in specs:
                 block_name, linear_name = spec.name.split(".")
-                block = getattr(layer, block_name)
                 in_f, out_f = shapes[spec.name]
-                wrapped = LoraLinear(getattr(block, linear_name), in_f, out_f, slots,
-                                     capacity.get(spec.name, max_rank), self.batch, dtype, device)
-                setattr(block, linear_name, wrapped)
-                self.linears[f"transformer.layers.{index}.{spec.name}"] = wrapped
+                yield (f"transformer.layers.{index}.{spec.name}", getattr(layer, block_name), linear_name,
+                       in_f, out_f, capacity.get(spec.name, max_rank))
 
     # ---------------------------------------------------------------- installs
     def queue(self, install: AdapterInstall) -> None:
@@ -135,6 +184,22 @@ class RunnerAdapters:
         """Before a forward: the step's adapter slot per token ([T] on the device, -1: none), or None (no adapter)."""
         if self.batch is not None:
             self.batch.set(token_slots, host_slots)
+            self._token_slots = token_slots
+
+    @contextlib.contextmanager
+    def encoder_scope(self, attn):
+        """An encoder-decoder step's encoder pass (EncoderDecoderModel.encoder_scope): its tokens run with their
+        requests' slots, the cross-attention K/V of its output too; the decoder tokens' come back after."""
+        batch = self.batch
+        if batch is None or not batch.active:  # no request of the step has an adapter
+            yield
+            return
+        decoder = batch.state()
+        batch.set(encoder_token_slots(self._token_slots, attn))
+        try:
+            yield
+        finally:
+            batch.restore(decoder)
 
 
 __all__ = ["AdapterInstall", "RunnerAdapters"]

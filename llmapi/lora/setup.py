@@ -27,6 +27,11 @@ def adapter_settings(args, info) -> tuple[dict, Optional[dict]]:
         linear_parts(cfg)  # AdapterError now when the family cannot take adapters
         settings.update(max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank)
     if prompt is not None:
+        if cfg.get("is_encoder_decoder"):
+            from ..errors import AdapterError
+
+            raise AdapterError("prompt tables (enable_prompt_adapter) are not supported for encoder-decoder models: "
+                               "their virtual tokens have no place in the encoder's or the decoder's input yet")
         settings.update(prompt_slots=prompt.max_prompt_adapters, prompt_rows=prompt.max_prompt_adapter_token)
     return cfg, settings
 

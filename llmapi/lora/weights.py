@@ -1,6 +1,7 @@
 """LoRA adapters in the engine's terms, and the Hugging Face PEFT reader.
 
-An adapter becomes, per fused engine linear it touches (transformer.layers.{i}.attention.qkv, ...), one pair
+An adapter becomes, per fused engine linear it touches (transformer.layers.{i}.attention.qkv, ...; an
+encoder-decoder model's encoder.layers.{i}.* and decoder.layers.{i}.*, cross-attention included), one pair
 A [r, in] and B [out, r] with its scale folded into B, so that the linear's output gains (x @ A^T) @ B^T. A fused
 linear stacks several HF linears (q/k/v into qkv, gate/up into gate_up): their pairs are stacked into one of rank
 r_q + r_k + r_v whose B is block diagonal (each HF linear's rows read its own rank columns), so every engine
@@ -96,6 +97,13 @@ def rank_capacity(engine_config: dict, max_lora_rank: int) -> dict[str, int]:
     return out
 
 
+def _layer_count(engine_config: dict) -> str:
+    decoder = engine_config["num_hidden_layers"]
+    if engine_config.get("is_encoder_decoder"):
+        return f"{engine_config['encoder']['num_layers']} encoder and {decoder} decoder layers"
+    return f"{decoder} layers"
+
+
 def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -117,7 +125,7 @@ def assemble(engine_config: dict, modules: dict[str, tuple[torch.Tensor, torch.T
         if hf is None:
             if leaf in leaves:
                 raise AdapterError(f"{where}: adapts {path!r}, a module the base model does not have (it has "
-                                   f"{engine_config['num_hidden_layers']} layers): an adapter for another base model?")
+                                   f"{_layer_count(engine_config)}): an adapter for another base model?")
             raise AdapterError(f"{where}: adapts {path!r}, but {family.HF_ARCHITECTURES[0]} has no linear {leaf!r} "
                                f"that takes LoRA (its modules: {', '.join(leaves)})")
         if target_modules and leaf not in target_modules:

@@ -76,6 +76,36 @@ def layer_names(stack: str, i: int) -> dict:
     return names
 
 
+def stacked_linears(cfg: dict, names) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears stacked into it: (name without "model.", out rows), in_features) of every
+    encoder and decoder layer, from a family's layer names (`names(stack, i)`, as models.encdec.convert_layers
+    reads them): q/k/v into attention.qkv, cross k/v into cross_attention.kv, gate/up into mlp.gate_up."""
+    hidden, inner = cfg["hidden_size"], cfg["num_attention_heads"] * cfg["head_dim"]
+    out = {}
+    for stack, count, inter in (("encoder", cfg["encoder"]["num_layers"], cfg["encoder"]["intermediate_size"]),
+                                ("decoder", cfg["num_hidden_layers"], cfg["intermediate_size"])):
+        for i in range(count):
+            n, dst = names(stack, i), f"{stack}.layers.{i}."
+            out[dst + "attention.qkv"] = ([(n["q"], inner), (n["k"], inner), (n["v"], inner)], hidden)
+            out[dst + "attention.dense"] = ([(n["o"], hidden)], inner)
+            if stack == "decoder":
+                out[dst + "cross_attention.q"] = ([(n["cross_q"], inner)], hidden)
+                out[dst + "cross_attention.kv"] = ([(n["cross_k"], inner), (n["cross_v"], inner)], hidden)
+                out[dst + "cross_attention.dense"] = ([(n["cross_o"], hidden)], inner)
+            if cfg["gated_mlp"]:
+                out[dst + "mlp.gate_up"] = ([(n["gate"], inter), (n["up"], inter)], hidden)
+            else:
+                out[dst + "mlp.fc"] = ([(n["fc"], inter)], hidden)
+            out[dst + "mlp.proj"] = ([(n["proj"], hidden)], inter)
+    return out
+
+
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears stacked into it, in_features): self_attn.{q,k,v,out}_proj, encoder_attn
+    (decoder layers), fc1 and fc2 of both stacks, as LoRA adapters name them."""
+    return stacked_linears(cfg, layer_names)
+
+
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
     cfg = config_from_hf(hf_config, dtype)
     hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]

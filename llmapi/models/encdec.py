@@ -25,6 +25,7 @@ mlp.gate_up or mlp.fc, mlp.proj; `encdec_linears` declares them for tensor paral
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -343,6 +344,10 @@ class EncoderDecoderModel(CausalLM):
         return [(layer, specs["encoder"]) for layer in self.encoder.layers] + \
                [(layer, specs["decoder"]) for layer in self.decoder.layers]
 
+    encoder_scope = None
+    """Set from outside where the encoder's tokens need their own per-token state (LoRA: llmapi.lora.runtime gives
+    them their requests' adapter slots): AttentionMetadata -> the context manager the encoder pass runs in."""
+
     def encode(self, cross: CrossMetadata, kv_caches) -> None:
         """Run the encoder over the starting rows' inputs and write every decoder layer's cross K/V of them."""
         enc = self.encoder
@@ -361,7 +366,8 @@ class EncoderDecoderModel(CausalLM):
         if cross is None or kv_caches is None:
             raise RuntimeError("an encoder-decoder step needs its cross-attention metadata and the KV cache")
         if cross.num_encoder_tokens:
-            self.encode(cross, kv_caches)
+            with contextlib.nullcontext() if self.encoder_scope is None else self.encoder_scope(attn):
+                self.encode(cross, kv_caches)
         dec = self.decoder
         x = dec.embed(input_ids, positions)  # [T, H]
         bias = dec.bias()

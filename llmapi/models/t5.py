@@ -11,6 +11,7 @@ import torch
 
 from llmapi.errors import UnsupportedModelError
 from llmapi.layers.activation import get_activation
+from llmapi.models.bart import stacked_linears
 from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
 from llmapi.models.encdec import ARCHITECTURE, convert_layers, encdec_config
 
@@ -72,6 +73,12 @@ def _layer_names(stack: str, i: int) -> dict:
         names.update({f"cross_{x}": f"{p}1.EncDecAttention.{x}" for x in "qkvo"})
         names["cross_norm"] = p + "1.layer_norm"
     return names
+
+
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears stacked into it, in_features): SelfAttention.{q,k,v,o}, EncDecAttention
+    (decoder layers), DenseReluDense.wi (or wi_0 / wi_1) and wo of both stacks, as LoRA adapters name them."""
+    return stacked_linears(cfg, _layer_names)
 
 
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
