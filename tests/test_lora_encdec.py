@@ -129,6 +129,30 @@ def test_mixed_batch_gives_each_request_its_own_tokens(bart, bart_llm):
     assert bart_llm.get_stats()["num_steps"] - steps < len(batch) * MAX_TOKENS // 2  # they ran together
 
 
+def test_waiting_for_a_slot_and_preemption(bart):
+    """max_loras=1 (the lora_dir's adapters, ids 1, 2, 3): requests of the other adapters wait outside the executor
+    and are enqueued, encoder ids and all, when a slot frees; a cache of 24 blocks preempts requests, whose encoders
+    run again under their adapters."""
+    from llmapi import LoraConfig
+
+    model_dir, requests, adapters, base = bart
+    names = list(adapters)
+    config = LoraConfig(lora_dir=[adapters[n][0].lora_path for n in names], max_loras=1, max_lora_rank=8,
+                        max_cpu_loras=3)
+    with one_thread(), _llm(model_dir, lora_config=config, kv_cache_config={"max_tokens": 24 * BLOCK}) as llm:
+        loras = [LoRARequest(n, i + 1, adapters[n][0].lora_path) for i, n in enumerate(names)]
+        got = generate(llm, requests * 4, [r for r in loras for _ in requests] + [None] * len(requests))
+        stats, manager = llm.get_stats(), llm._res.adapters
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+        outs = [llm.generate_async({"encoder_prompt": e, "decoder_prompt": d}, params, lora_request=loras[1])
+                for e, d in requests]
+        assert [list(o.result().outputs[0].token_ids) for o in outs] == adapters[names[1]][1]
+        assert llm.get_stats()["num_free_blocks"] == llm.num_kv_blocks
+    assert got == [t for n in names for t in adapters[n][1]] + base
+    assert manager.counts["waited"] >= 2 * len(requests) and manager.num_waiting() == 0
+    assert stats["num_preemptions"] > 0, "the small cache should have forced preemptions"
+
+
 def test_beam_search_with_an_adapter(bart, bart_llm):
     model_dir, requests, adapters, _ = bart
     request, _ = adapters["qv_fc1"]
