@@ -203,6 +203,16 @@ def _read_gguf(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[
     return hf_config, state_dict, generation
 
 
+def _read_done(out_dir: Path, dummy: bool, hf_config: dict, state_dict, generation: dict):
+    """A foreign-format reader's result: its generation settings written beside the engine; the state dict closed
+    and dropped for dummy weights."""
+    fmt.write_json(out_dir / "generation_config.json", generation)
+    if dummy:
+        state_dict.close()
+        return hf_config, None, generation
+    return hf_config, state_dict, generation
+
+
 def _read_meta(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
     from llmapi.engine import meta
 
@@ -214,11 +224,7 @@ def _read_meta(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[
     except BaseException:
         state_dict.close()
         raise
-    fmt.write_json(out_dir / "generation_config.json", generation)
-    if dummy:
-        state_dict.close()
-        return hf_config, None, generation
-    return hf_config, state_dict, generation
+    return _read_done(out_dir, dummy, hf_config, state_dict, generation)
 
 
 def _read_nemo(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
@@ -235,11 +241,7 @@ def _read_nemo(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[
     except BaseException:
         state_dict.close()
         raise
-    fmt.write_json(out_dir / "generation_config.json", generation)
-    if dummy:
-        state_dict.close()
-        return hf_config, None, generation
-    return hf_config, state_dict, generation
+    return _read_done(out_dir, dummy, hf_config, state_dict, generation)
 
 
 def _read_fairseq(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[dict, Mapping | None, dict]:
@@ -253,11 +255,7 @@ def _read_fairseq(source: ModelSource, out_dir: Path, dummy: bool, check) -> tup
     except BaseException:
         state_dict.close()
         raise
-    fmt.write_json(out_dir / "generation_config.json", generation)
-    if dummy:
-        state_dict.close()
-        return hf_config, None, generation
-    return hf_config, state_dict, generation
+    return _read_done(out_dir, dummy, hf_config, state_dict, generation)
 
 
 # Source kind -> reader: (source, out_dir, dummy, check) -> (HF config dict, HF-named state dict or None when
