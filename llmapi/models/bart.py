@@ -36,7 +36,8 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     mbart = _is_mbart(hf_config)
     vocab, positions = hf_config["vocab_size"], hf_config["max_position_embeddings"]
     return encdec_config(
-        "mbart" if mbart else "bart", dtype_name(dtype), hf_config, hidden=hidden, heads=heads, head_dim=hidden // heads,
+        "mbart" if mbart else "bart", dtype_name(dtype), hf_config, hidden=hidden, heads=heads,
+        head_dim=hidden // heads,
         vocab=vocab, decoder_layers=hf_config["decoder_layers"], decoder_ffn=hf_config["decoder_ffn_dim"],
         max_positions=positions,
         encoder={"num_layers": hf_config["encoder_layers"], "intermediate_size": hf_config["encoder_ffn_dim"],

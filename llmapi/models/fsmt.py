@@ -50,7 +50,8 @@ def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: t
     hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
     # The sinusoidal tables are computed, not read (transformers does not save them either).
     hf = HFTensors(state_dict, "model.", dtype, ignore=[r"embed_positions\.weight$"])
-    w = {"encoder.vocab_embedding.weight": hf.take("encoder.embed_tokens.weight", (cfg["encoder"]["vocab_size"], hidden)),
+    source_vocab = cfg["encoder"]["vocab_size"]
+    w = {"encoder.vocab_embedding.weight": hf.take("encoder.embed_tokens.weight", (source_vocab, hidden)),
          "decoder.vocab_embedding.weight": hf.take("decoder.embed_tokens.weight", (vocab, hidden))}
     w.update(convert_layers(hf, cfg, layer_names, bias=True))
     hf.take_head(w, cfg["tie_word_embeddings"], (vocab, hidden), name="decoder.output_projection.weight")

@@ -40,8 +40,9 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
     act, gated = mlp_kind(hf_config)
     hidden, vocab, ffn = hf_config["d_model"], hf_config["vocab_size"], hf_config["d_ff"]
     tied = hf_config.get("tie_word_embeddings", True)
-    # The original T5 scales the decoder output before its (tied) head, v1.1 and mT5 do not. Configs saved by transformers
-    # 5 say so in `scale_decoder_outputs` (their tie_word_embeddings is always true); older ones by an untied head.
+    # The original T5 scales the decoder output before its (tied) head, v1.1 and mT5 do not. Configs saved by
+    # transformers 5 say so in `scale_decoder_outputs` (their tie_word_embeddings is always true); older ones by an
+    # untied head.
     # transformers' mT5 never scales.
     scaled = hf_config.get("scale_decoder_outputs", tied) and hf_config.get("model_type") != "mt5"
     positions = hf_config.get("n_positions") or DEFAULT_MAX_POSITIONS
