@@ -353,6 +353,9 @@ def chat_prompt_ids(state, messages, add_generation_prompt: bool) -> List[int]:
     """The chat template applied to `messages` (the server's --chat-template, else the tokenizer's)."""
     llm = state.llm
     template = state.config.chat_template
+    if llm.is_encoder_decoder:
+        raise APIError("chat completions apply a chat template to a decoder-only model; this model is "
+                       "encoder-decoder: use /v1/completions with the text to encode", "messages")
     if llm.tokenizer is None:
         raise APIError("this model was loaded without a tokenizer", "messages")
     if template is None and not getattr(llm.tokenizer, "chat_template", None):
