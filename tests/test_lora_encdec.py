@@ -29,8 +29,10 @@ BART_ADAPTERS = {  # name -> (rank, PEFT target_modules, options)
 OTHER_ADAPTERS = {  # family -> (rank, target_modules)
     "mbart": (8, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
     "t5v1.1": (4, ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]),  # gated: wi_0 / wi_1 stacked into gate_up
+    "fsmt": (4, ["q_proj", "v_proj", "out_proj", "fc1", "fc2"]),
 }
-MODELS = {"bart": lambda: em.bart(), "mbart": lambda: em.bart(mbart=True, seed=1), "t5v1.1": lambda: em.t5("t5v1.1")}
+MODELS = {"bart": lambda: em.bart(), "mbart": lambda: em.bart(mbart=True, seed=1), "t5v1.1": lambda: em.t5("t5v1.1"),
+          "fsmt": lambda: em.fsmt(seed=2)}
 
 
 def make_adapter(model_dir, path, r: int, targets, seed: int, **options):
@@ -178,12 +180,14 @@ def test_decode_graph_path_with_adapters(bart, monkeypatch):
 
 
 @pytest.mark.parametrize("family", list(OTHER_ADAPTERS))
-def test_mbart_and_t5_adapters_equal_transformers_peft(family, tmp_path):
+def test_mbart_t5_and_fsmt_adapters_equal_transformers_peft(family, tmp_path):
     em_model = MODELS[family]()
     em_model.save_pretrained(tmp_path / "model")
     r, targets = OTHER_ADAPTERS[family]
     path = make_adapter(tmp_path / "model", tmp_path / "adapter", r, targets, seed=7)
     requests = make_requests(em_model.config.decoder_start_token_id, 3, seed=4)
+    if family == "fsmt":  # transformers' FSMT prefills a multi-token decoder prompt without its causal mask
+        requests = [(enc, dec[:1]) for enc, dec in requests]
     want, base = reference(tmp_path / "model", path, requests), reference(tmp_path / "model", None, requests)
     with one_thread(), _llm(tmp_path / "model", enable_lora=True, max_lora_rank=8) as llm:
         got = generate(llm, requests * 2, [LoRARequest("a", 1, path)] * len(requests) + [None] * len(requests))

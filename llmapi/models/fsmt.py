@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 
 from llmapi.layers.activation import get_activation
-from llmapi.models.bart import layer_names, stack_shape
+from llmapi.models.bart import layer_names, stack_shape, stacked_linears
 from llmapi.models.base import HFTensors, dtype_name, require_positive, token_id_list
 from llmapi.models.encdec import ARCHITECTURE, convert_layers, encdec_config
 
@@ -43,6 +43,12 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype) -> dict:
         tie_word_embeddings=hf_config.get("tie_word_embeddings", False), pad_token_id=pad,
         bos_token_id=hf_config.get("bos_token_id", 0),
         decoder_start_token_id=hf_config.get("decoder_start_token_id", 2), max_encoder_input_len=positions)
+
+
+def fused_linears(cfg: dict) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Engine linear -> (the HF linears stacked into it, in_features): BART's names (self_attn, encoder_attn, fc1,
+    fc2 of both stacks), as LoRA adapters name them."""
+    return stacked_linears(cfg, layer_names)
 
 
 def convert_hf(hf_config: dict, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict, dict]:
