@@ -295,28 +295,27 @@ def test_int8_weight_only_base_with_an_adapter(bart):
     assert rel(base, want) > 100 * rel(got, want)  # the adapter is in
 
 
-def test_encoder_token_slots_follow_their_rows():
-    """A step of four rows: rows 1 and 3 start their encoders (cross blocks not in row order), rows 0 and 2
-    decode: each encoder token gets its own row's slot, as np.repeat(row slots, encoder lens) would give it."""
-    from llmapi.layers.attention import AttentionMetadata
-    from llmapi.layers.encdec_attention import CrossMetadata
-    from llmapi.lora.runtime import encoder_token_slots
+def test_encoder_tokens_take_their_rows_adapter_slots():
+    """A step of four rows: rows 1 and 3 start their encoders, rows 0 and 2 decode: the staged cross metadata gives
+    each encoder token its own row's slot (np.repeat of the row slots by this step's encoder lengths), and the LoRA
+    runtime's encoder pass reads those; without any adapter in the step there are none."""
+    from types import SimpleNamespace
 
-    row_slots, query_lens = np.array([2, 0, -1, 1]), np.array([1, 3, 1, 2])
-    enc_lens = np.array([0, 5, 0, 3])  # this step's encoder inputs
-    cross_lens = np.array([6, 5, 2, 3])
-    tables = np.array([[7, 8], [11, 12], [3, 0], [9, 0]])  # each row's cross blocks (BLOCK tokens each)
-    slots = [tables[r, i // BLOCK] * BLOCK + i % BLOCK for r in range(4) for i in range(enc_lens[r])]
-    attn = AttentionMetadata.build(query_lens, query_lens + 4, [[20 + 2 * r, 21 + 2 * r] for r in range(4)], BLOCK)
-    i32 = dict(dtype=torch.int32)
-    attn.cross = CrossMetadata(
-        encoder_ids=torch.zeros(int(enc_lens.sum()), **i32), encoder_positions=torch.zeros(8, **i32),
-        encoder_start_loc=torch.tensor([0, 5, 8], **i32), encoder_max_len=5,
-        encoder_slot_mapping=torch.tensor(slots, dtype=torch.int64), cross_lens=torch.tensor(cross_lens, **i32),
-        cross_block_tables=torch.tensor(tables, **i32), max_cross_len=6)
-    token_slots = torch.from_numpy(np.repeat(row_slots, query_lens).astype(np.int32))
-    got = encoder_token_slots(token_slots, attn)
-    assert got.tolist() == np.repeat(row_slots, enc_lens).tolist()
+    from llmapi.layers.attention import AttentionMetadata
+    from llmapi.lora.runtime import encoder_token_slots
+    from llmapi.runtime.step_inputs import cross_metadata
+
+    enc_lens = np.array([0, 5, 0, 3], dtype=np.int32)
+    batch = SimpleNamespace(encoder_lens=enc_lens, encoder_input_ids=np.arange(8, dtype=np.int32),
+                            cross_slot_mapping=np.arange(8, dtype=np.int64), cross_lens=np.array([6, 5, 2, 3]),
+                            cross_block_tables=np.array([[7, 8], [11, 12], [3, 0], [9, 0]], dtype=np.int32),
+                            adapter_slots=np.array([2, 0, -1, 1], dtype=np.int32))
+    attn = AttentionMetadata.build([1, 1, 1, 1], [5, 6, 3, 4], [[0, 1]] * 4, BLOCK)
+    attn.cross = cross_metadata(batch, torch.device("cpu"))
+    assert encoder_token_slots(attn).tolist() == [0] * 5 + [1] * 3
+    batch.adapter_slots = np.full(4, -1, dtype=np.int32)
+    attn.cross = cross_metadata(batch, torch.device("cpu"))
+    assert attn.cross.encoder_adapter_slots is None and encoder_token_slots(attn).tolist() == [-1] * 8
 
 
 # ---------------------------------------------------------------------- errors

@@ -35,6 +35,9 @@ class CrossMetadata:
     """[R, max_cross_blocks] int32: every row's cross blocks, padded with 0."""
     max_cross_len: int
     """Largest cross_lens entry."""
+    encoder_adapter_slots: torch.Tensor | None = None
+    """[E] int32: each encoder token's LoRA adapter slot (its request's; -1: none), or None when no request of the
+    step has an adapter."""
 
     @property
     def num_encoder_tokens(self) -> int:

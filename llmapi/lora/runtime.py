@@ -75,23 +75,13 @@ def _declared_shapes(cfg: dict) -> dict[str, tuple[int, int, int]]:
     return {part.engine: (part.in_features, part.total_rows, part.parts) for part in linear_parts(cfg).values()}
 
 
-def encoder_token_slots(token_slots: torch.Tensor, attn) -> torch.Tensor:
-    """[E] int32: the adapter slot of each encoder token of an encoder-decoder step (its request's), from the
-    step's decoder token slots [T] (each row's first token carries its row's slot).
-
-    The encoder's rows are the rows that run their encoder now, in row order; which rows those are is told by the
-    cross blocks: the first token of each encoder input is written to the first of its own row's cross blocks
-    (cross blocks belong to one request, shared only by its own sequences, which share its adapter). All on the
-    device: no host sync."""
+def encoder_token_slots(attn) -> torch.Tensor:
+    """[E] int32: the adapter slot of each encoder token of an encoder-decoder step (its request's, -1 for none),
+    as the runner staged them (CrossMetadata.encoder_adapter_slots)."""
     cross = attn.cross
-    row_slots = token_slots[attn.query_start_loc[:-1].long()]  # [R]
-    starts = cross.encoder_start_loc.long()  # [Re+1]
-    first_blocks = cross.encoder_slot_mapping[starts[:-1]] // attn.tokens_per_block  # [Re]
-    owners = (cross.cross_block_tables[:, 0].long()[None, :] == first_blocks[:, None]) \
-        & (cross.cross_lens > 0)[None, :]  # [Re, R]
-    input_slots = row_slots[owners.int().argmax(dim=1)]  # [Re]
-    return torch.repeat_interleave(input_slots, starts[1:] - starts[:-1],
-                                   output_size=cross.num_encoder_tokens).to(torch.int32)
+    if cross.encoder_adapter_slots is not None:
+        return cross.encoder_adapter_slots
+    return torch.full((cross.num_encoder_tokens,), -1, dtype=torch.int32, device=cross.encoder_ids.device)
 
 
 class RunnerAdapters:
@@ -109,7 +99,6 @@ class RunnerAdapters:
         self.embedding: Optional[PromptTableEmbedding] = None
         self._pending: list[AdapterInstall] = []
         self._lock = threading.Lock()
-        self._token_slots: Optional[torch.Tensor] = None  # the step's, from begin()
         if settings.get("max_loras"):
             self._wrap_linears(model, engine_config, settings["max_loras"], settings["max_lora_rank"], device, dtype)
             if hasattr(model, "encoder_scope"):  # encoder-decoder: the encoder's tokens take their requests' slots
@@ -184,7 +173,6 @@ class RunnerAdapters:
         """Before a forward: the step's adapter slot per token ([T] on the device, -1: none), or None (no adapter)."""
         if self.batch is not None:
             self.batch.set(token_slots, host_slots)
-            self._token_slots = token_slots
 
     @contextlib.contextmanager
     def encoder_scope(self, attn):
@@ -195,7 +183,7 @@ class RunnerAdapters:
             yield
             return
         decoder = batch.state()
-        batch.set(encoder_token_slots(self._token_slots, attn))
+        batch.set(encoder_token_slots(attn))
         try:
             yield
         finally:

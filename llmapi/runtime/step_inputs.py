@@ -56,11 +56,14 @@ def cross_metadata(batch, device: torch.device):
     def dev(array, dtype=torch.int32):
         return torch.from_numpy(np.array(array)).to(device=device, dtype=dtype, non_blocking=True)  # a writable copy
 
+    adapters = np.asarray(getattr(batch, "adapter_slots", ()), dtype=np.int32)  # [R]
     return CrossMetadata(
         encoder_ids=dev(np.asarray(batch.encoder_input_ids)), encoder_positions=dev(positions),
         encoder_start_loc=dev(start_loc), encoder_max_len=int(starting.max()) if len(starting) else 0,
         encoder_slot_mapping=dev(np.asarray(batch.cross_slot_mapping), torch.int64), cross_lens=dev(cross_lens),
-        cross_block_tables=dev(tables), max_cross_len=int(cross_lens.max()) if len(cross_lens) else 0)
+        cross_block_tables=dev(tables), max_cross_len=int(cross_lens.max()) if len(cross_lens) else 0,
+        # A request's encoder tokens take its LoRA adapter, as its decoder tokens do.
+        encoder_adapter_slots=dev(np.repeat(adapters, enc_lens)) if len(adapters) and adapters.max() >= 0 else None)
 
 
 def _align(count: int) -> int:
