@@ -103,15 +103,21 @@ def encdec_settings(engine_dir, engine_config: dict, max_encoder_input_len: Opti
         encoder_vocab_size=engine_config["encoder"]["vocab_size"], sampling_defaults=sampling_defaults(generation))
 
 
+def unwrap_prompt(prompt: Any, what: str = "a dict prompt") -> Any:
+    """A vLLM-style {"prompt_token_ids": ...} / {"prompt": ...} dict's ids or text; anything else unchanged.
+    RequestError ("{what} needs ...") for a dict with neither."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return prompt["prompt_token_ids"]
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise RequestError(f"{what} needs 'prompt' or 'prompt_token_ids'")
+
+
 def _ids(part: Any, name: str, tokenizer, vocab_size: int, special_tokens: bool) -> tuple[Optional[str], List[int]]:
     """(text or None, ids) of one side's prompt: text (tokenized), a list of ids, or a vLLM-style dict."""
-    if isinstance(part, dict):
-        if "prompt_token_ids" in part:
-            part = part["prompt_token_ids"]
-        elif "prompt" in part:
-            part = part["prompt"]
-        else:
-            raise RequestError(f"the {name} dict needs 'prompt' or 'prompt_token_ids'")
+    part = unwrap_prompt(part, f"the {name} dict")
     if isinstance(part, str):
         if tokenizer is None:
             raise RequestError(f"a text {name} needs a tokenizer (skip_tokenizer_init=True)")

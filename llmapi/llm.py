@@ -17,6 +17,7 @@ import torch
 from . import _core
 from .config import validated_kwargs
 from .core_request import check_multi_rank, check_params, core_request, generation_defaults, pickled_processor
+from .encdec_prompts import encdec_settings, split_prompt, unwrap_prompt
 from .errors import ExecutorDeadError, RequestError, WorkerDiedError
 from .live_request import LiveRequest
 from .llm_state import LLMState
@@ -117,8 +118,6 @@ class LLM:
             self.is_encoder_decoder = bool(cfg.get("is_encoder_decoder"))
             self._encdec = None
             if self.is_encoder_decoder:
-                from .encdec_prompts import encdec_settings
-
                 self._encdec = encdec_settings(info.path, cfg, args.max_encoder_input_len, args.max_num_tokens)
                 self._generation_defaults = self._encdec.sampling_defaults  # transformers' generate settings
                 if args.speculative_config is not None:
@@ -251,13 +250,7 @@ class LLM:
     def _prompt_ids(self, prompt: Prompt, virtual_tokens: int = 0) -> tuple:
         """(text or None, token ids) of a prompt; with a prompt table (`virtual_tokens` per task) ids in
         [vocab_size, vocab_size + virtual_tokens) are its task's virtual tokens."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise RequestError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        prompt = unwrap_prompt(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("a text prompt needs a tokenizer (skip_tokenizer_init=True)")
@@ -347,8 +340,6 @@ class LLM:
                                    "enable_prompt_adapter=True) for prompt tables")
             adapters = manager.prepare(lora_request, prompt_adapter_request)
         if self.is_encoder_decoder:
-            from .encdec_prompts import split_prompt
-
             text, ids, enc_text, enc_ids = split_prompt(prompt, self._encdec, self.tokenizer, self.vocab_size)
             self._check_length(ids)
             return text, ids, checked_params, adapters, (enc_text, enc_ids)
