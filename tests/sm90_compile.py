@@ -141,12 +141,15 @@ def lora_kernels():
         meta = {"order_ptr": "*i32", "starts_ptr": "*i32", "counts_ptr": "*i32"}
         yield (f"lora shrink {dtype}", _shrink_kernel,
                {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "s_ptr": "*fp32", **meta, "K": "i32", "R": "i32",
-                "stride_xm": "i32", "stride_as": "i32", "stride_ar": "i32", "stride_sm": "i32"},
-               dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K), {})
+                "K_PER_SPLIT": "i32", "stride_xm": "i32", "stride_as": "i32", "stride_ar": "i32", "stride_ss": "i32",
+                "stride_sm": "i32"},
+               dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, SPLIT=16), {})
         yield (f"lora expand {dtype}", _expand_kernel,
                {"s_ptr": "*fp32", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", **meta, "N": "i32", "R": "i32",
-                "stride_sm": "i32", "stride_bs": "i32", "stride_bn": "i32", "stride_ym": "i32"},
-               dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R), {})
+                "NUM_SPLITS": "i32", "stride_ss": "i32", "stride_sm": "i32", "stride_bs": "i32", "stride_bn": "i32",
+                "stride_ym": "i32"},
+               dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+                    SPLIT_P=16), {})
 
 
 if __name__ == "__main__":

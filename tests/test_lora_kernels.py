@@ -19,6 +19,8 @@ CASES = [  # tokens, in features, out features, rank, slots, dtype
     (37, 64, 192, 48, 3, torch.float32),  # a fused qkv's block-diagonal rank
     (9, 100, 70, 20, 2, torch.bfloat16),  # nothing a multiple of the tiles
     (24, 128, 64, 8, 4, torch.float16),
+    (3, 1100, 40, 16, 2, torch.float32),  # a decode step: K split in 4 uneven parts
+    (5, 4096, 64, 16, 3, torch.bfloat16),  # ... in 16
 ]
 
 
@@ -83,18 +85,25 @@ def test_all_tokens_without_adapter_change_nothing():
 
 
 @interpreted
-def test_shrink_and_expand_separately():
-    x, a, b, slots = _case(11, 64, 40, 16, 2, torch.float32, 5, none_share=0.0)
+@pytest.mark.parametrize("t, k, splits", [(11, 64, 1), (11, 1100, 4), (65, 1100, 1)])
+def test_shrink_and_expand_separately(t, k, splits):
+    """The shrink's planes (K split for few tokens) sum to x @ A^T; the expand adds their sum's product."""
+    x, a, b, slots = _case(t, k, 40, 16, 2, torch.float32, 5, none_share=0.0)
     order = slot_order(slots, 2)
     s = lora_shrink(x, a, order)
-    ref_s = torch.stack([x[i].double() @ a[slots[i]].double().t() for i in range(11)])
-    assert rel_error(s, ref_s) < 1e-5
-    y = lora_expand(torch.zeros(11, 40), s, b, order)
-    assert rel_error(y, torch.stack([ref_s[i] @ b[slots[i]].double().t() for i in range(11)])) < 1e-5
+    assert s.shape == (splits, t, 16)
+    ref_s = torch.stack([x[i].double() @ a[slots[i]].double().t() for i in range(t)])
+    assert rel_error(s.sum(0), ref_s) < 1e-5
+    if splits > 1:  # every plane holds a part: none is the whole sum
+        assert all(rel_error(plane, ref_s) > 1e-3 for plane in s)
+    y = lora_expand(torch.zeros(t, 40), s, b, order)
+    assert rel_error(y, torch.stack([ref_s[i] @ b[slots[i]].double().t() for i in range(t)])) < 1e-5
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES + [(2048, 4096, 6144, 48, 4, torch.bfloat16),
+                                          (1, 14336, 4096, 16, 8, torch.bfloat16),  # bs 1 decode: K split
+                                          (8, 4096, 28672, 16, 8, torch.bfloat16),
                                           (256, 14336, 4096, 16, 8, torch.bfloat16),
                                           (64, 4096, 28672, 32, 2, torch.float16)])
 def test_lora_kernels_gpu(case):
