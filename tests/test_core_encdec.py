@@ -281,20 +281,23 @@ def test_abort_in_flight_with_async_scheduling():
     s.add(Request(2, [3, 4, 5], max_tokens=8))  # plain: runs ahead
     out1 = s.schedule()
     assert plan(out1) == [(1, 2, 10, True), (2, 3, 0, True)]
-    out2 = s.schedule()  # the encoder-decoder request never runs ahead of its step in flight
-    assert [(x.request_id, x.input_row) for x in out2.scheduled] == [(2, 1)]
+    out2 = s.schedule()  # both run ahead, the encoder-decoder request of its encoder step too
+    assert [(x.request_id, x.input_row, x.num_encoder_tokens) for x in out2.scheduled] == [(1, 0, 0), (2, 1, 0)]
+    b2 = s.make_batch(out2)  # the row ahead reads the cross blocks its step in flight writes
+    assert b2.cross_lens.tolist() == [10, 0] and len(b2.encoder_input_ids) == 0
+    assert b2.cross_block_tables[0].tolist() == s.request(1).cross_block_ids
     assert s.abort(1) == [] and s.abort(2) == []  # both in flight
     r = s.update(out1, [40, 41])
     assert sorted((x.request_id, x.finish_reason) for x in r) == [(1, "abort"), (2, "abort")]
-    assert used(s) == 1  # request 2's block written by step 2, still in flight
-    assert s.update(out2, [42]) == [] and used(s) == 0 and not s.has_unfinished
+    assert used(s) == 1 + 1 + 3  # blocks step 2 writes, still in flight: request 2's, request 1's decoder and cross
+    assert s.update(out2, [42, 43]) == [] and used(s) == 0 and not s.has_unfinished
 
     # Finished by its own token while another step is in flight: freed at once.
     s.add(Request(3, [0], max_tokens=1, encoder_token_ids=list(range(10, 20))))
     s.add(Request(4, [3, 4], max_tokens=3))
     out1 = s.schedule()
     out2 = s.schedule()
-    assert [x.request_id for x in out2.scheduled] == [4]
+    assert [x.request_id for x in out2.scheduled] == [4]  # 3 has no token left to run ahead for
     s.update(out1, [40, 41])
     assert s.request(4).num_tokens == 3 and used(s) == 1  # 3's freed; 4's block (positions 0-3, one ahead)
     while s.has_unfinished:
@@ -490,7 +493,9 @@ def test_random_mixed_load_with_aborts_frees_every_block(async_scheduling, chunk
                 req = s.request(x.request_id)
                 assert b.cross_lens[row] == len(req.encoder_token_ids)
                 assert x.num_encoder_tokens in (0, len(req.encoder_token_ids))
-                assert x.input_row < 0 or not req.encoder_token_ids  # never ahead
+                if x.input_row >= 0:  # ahead: a decode row, its encoder run (or running) before
+                    assert x.num_encoder_tokens == 0 and x.num_new_tokens == 1
+                    assert b.cross_block_tables[row][:len(req.cross_block_ids)].tolist() == req.cross_block_ids
             inflight.append((out, b))
         if inflight:
             out, b = inflight.popleft()

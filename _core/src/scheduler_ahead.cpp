@@ -14,9 +14,11 @@ bool Scheduler::can_run_ahead(const Request* r) const {
   // but that token: no forks or beams, no per-token outputs, no state row, no history-dependent
   // bad words (see make_batch and the runner's decode path).
   const SamplingConfig& s = r->sampling;
-  // Nor an encoder-decoder request, nor a no-repeat n-gram rule (its bans need the pending token).
+  // Nor a no-repeat n-gram rule (its bans need the pending token). An encoder-decoder request does
+  // run ahead, also of its encoder step: its cross blocks are fixed from admission, and the step ahead
+  // reads their K/V after the step in flight wrote them (one stream order on every rank).
   if (r->group != nullptr || r->is_beam() || s.logprobs >= 0 || s.needs_prompt_logits() ||
-      s.generation_logits || s.needs_state() || r->is_encoder_decoder() || s.no_repeat_ngram_size > 0) {
+      s.generation_logits || s.needs_state() || s.no_repeat_ngram_size > 0) {
     return false;
   }
   // A request that may speculate waits for its step's accepted count instead (scheduler.h).
