@@ -98,6 +98,29 @@ def test_greedy_equals_plain_decoding_with_prefix_reuse_and_preemption(kind, tin
     assert (drafted, accepted) == (stats["num_draft_tokens"], stats["num_accepted_draft_tokens"])
 
 
+def test_ngram_verify_graphs_give_plain_decoding_tokens(tiny_llama_dir, reference, monkeypatch):
+    """n-gram verify steps replayed from the verify graphs (their CPU stand-in: the same static, padded buffers),
+    rows of 0 to 3 drafts padded to 4 tokens, with prefix reuse and preemption: the plain greedy tokens. A batch
+    that needs more than greedy matching (logprobs) runs its verify steps eagerly beside them."""
+    monkeypatch.setenv("LLMAPI_DECODE_GRAPHS_ON_CPU", "1")
+    kv = KvCacheConfig(max_tokens=96)
+    spec = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=3)
+    with LLM(str(tiny_llama_dir), tokens_per_block=4, kv_cache_config=kv, speculative_config=spec,
+             max_batch_size=8) as llm:
+        graphs = llm._runner.spec.graphs
+        assert graphs.sizes == [1, 2, 4, 8] and graphs.q == 4
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        stats = llm.get_stats()
+        replays = graphs.replays
+        assert replays > 0 and stats["num_accepted_draft_tokens"] > 0 and stats["num_preemptions"] > 0
+        assert _tokens(outs) == reference
+        with_logprobs = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=1)
+        outs = llm.generate(PROMPTS[8:14], with_logprobs, use_tqdm=False)
+        assert graphs.replays == replays  # every such step ran eagerly
+        assert _tokens(outs) == reference[8:14]
+        assert llm.get_stats()["num_draft_tokens"] > stats["num_draft_tokens"]
+
+
 def _clear_margin(model_dir, prompts, outputs, margin=1e-3):
     """The indices of prompts whose greedy outputs never have a runner-up logit within `margin` of the top one
     (transformers' forward of the model): there the draft's own forward, in another batch shape, cannot round to a

@@ -1,6 +1,6 @@
 """Speculative decoding on a GPU (marked gpu): the verify steps through the Triton kernels (decode kernel for the
-one-token rows, packed kernel for the 1 + k rows), the drafters' steps, and the plain decode graphs between them
-give plain decoding's greedy tokens in float32; a draft equal to the target gives plain sampling's tokens."""
+one-token rows, packed kernel for the 1 + k rows; n-gram's in verify CUDA graphs), the drafters' steps, and the
+plain decode graphs between them give plain decoding's greedy tokens in float32; a draft equal to the target gives plain sampling's tokens."""
 
 import random
 
@@ -38,6 +38,10 @@ def test_greedy_on_cuda_equals_plain_decoding(tiny_llama_dir, drafts, kind):
              tokens_per_block=16) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         stats = llm.get_stats()
+        if kind == "ngram":  # greedy matching only: the verify steps replay CUDA graphs (up to 16 rows here)
+            replays = llm._runner.spec.graphs.replays
+            alone = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[-1], params, use_tqdm=False)]
+            assert replays > 0 and llm._runner.spec.graphs.replays > replays and alone == want[-1:]
     assert got == want
     assert stats["num_draft_tokens"] > 0 and stats["num_used_blocks"] == 0
 

@@ -154,6 +154,9 @@ class ModelRunner:
                                        self.kv_heads, hidden=hidden, last_stage=m.is_last_stage,
                                        distributed=m.world_size > 1, adapters=self.adapters,
                                        max_cross_blocks=self.max_cross_blocks)
+            if self.spec is not None and m.world_size == 1 and self.adapters is None:
+                self.spec.capture_graphs(self.model, self.kv_caches, self.tokens_per_block, max_batch_size,
+                                         max_blocks)
         logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     def allocate_kv_caches(self, num_blocks: int) -> None:

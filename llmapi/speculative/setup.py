@@ -58,7 +58,7 @@ class SpeculativeSetup:
 
         c = self.config
         if isinstance(c, NGramDecodingConfig):
-            return SpeculativeDecoder(c.mode)
+            return SpeculativeDecoder(c.mode, max_draft_len=c.max_draft_len)
         if isinstance(c, DraftTargetDecodingConfig):
             import os
 

@@ -3,7 +3,8 @@ every row, the plain rows decoded as usual and the speculating rows verified, on
 
 A speculating row (Batch.num_draft_tokens[r] = d > 0) computes its last known token and d drafts; its result row
 holds the accepted drafts, then the target's own next token (a correction, or the bonus token after all d), -1
-after. Such steps run eagerly (no CUDA graph: their query lengths are 1 + d).
+after. Such steps run eagerly (their query lengths are 1 + d), except n-gram steps that need nothing but greedy
+matching, which replay a verify graph (llmapi.speculative.graphs) on one rank.
 """
 
 from __future__ import annotations
@@ -42,8 +43,19 @@ class SpeculativeDecoder:
     speculative step. `mode` is the core's SpeculativeMode; `accept_all` (DraftTargetDecodingConfig's benchmark
     switch) keeps every draft unchecked."""
 
-    def __init__(self, mode: int, drafter=None, accept_all: bool = False):
+    def __init__(self, mode: int, drafter=None, accept_all: bool = False, max_draft_len: int = 0):
         self.mode, self.drafter, self.accept_all = mode, drafter, accept_all
+        self.max_draft_len = max_draft_len
+        self.graphs = None  # VerifyGraphs (n-gram drafts, one rank): capture_graphs
+
+    def capture_graphs(self, model, kv_caches, tokens_per_block: int, max_batch_size: int, max_blocks: int) -> None:
+        """Capture the verify graphs (n-gram drafts only: a drafter follows every forward)."""
+        from .graphs import VerifyGraphs
+
+        if self.drafter is None and self.max_draft_len > 0:
+            self.graphs = None  # a new capture's memory comes after the old graphs are gone
+            self.graphs = VerifyGraphs(model, kv_caches, tokens_per_block, max_batch_size, max_blocks,
+                                       self.max_draft_len)
 
     @property
     def extra_bytes_per_token(self) -> int:
@@ -74,6 +86,13 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def submit(self, runner, batch, prev_ids: Optional[torch.Tensor]) -> SpeculativeHandle:
+        if self.graphs is not None and not self.accept_all:
+            from .graphs import applies
+
+            size = self.graphs.size_for(batch) if applies(runner, batch) else 0
+            if size:
+                runner.stats.graph_steps += 1
+                return SpeculativeHandle({"tokens": self.graphs.run(batch, size)})
         dev = runner.device
         inputs = runner.stager.stage(batch, prev_ids=prev_ids)
         plan = StepPlan(batch, dev)
