@@ -25,6 +25,21 @@ def test_known_config_resolves_to_a_convertible_directory():
     assert resolve_bench_model("some/hub-id") == "some/hub-id"
 
 
+def test_known_config_llama_3_3_70b_has_the_published_shape():
+    """Llama-3.3-70B's shape (multi-GPU runs: tensor parallelism 2 to 8): 70,553,706,496 parameters, counted here
+    from the published layout (untied embedding and head, 80 layers of GQA attention and a SwiGLU MLP)."""
+    assert "llama-3.3-70b" in known_config_names()
+    hf = json.loads(open(f"{resolve_bench_model('llama-3.3-70b')}/config.json").read())
+    cfg = config_from_hf(hf, __import__("torch").bfloat16)
+    h, inter, layers, heads, kv, hd, vocab = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+                                              cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+                                              cfg["vocab_size"])
+    assert (h, inter, layers, heads, kv, hd, vocab) == (8192, 28672, 80, 64, 8, 128, 128256)
+    per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
+    assert 2 * vocab * h + layers * per_layer + h == 70_553_706_496
+    assert cfg["rotary_scaling"]["rope_type"] == "llama3" and not cfg.get("tie_word_embeddings")
+
+
 @pytest.mark.parametrize("field,value", [("isl", 0), ("osl", -1), ("num_requests", 0), ("concurrency", -2)])
 def test_workload_rejects_bad_sizes(field, value):
     kwargs = dict(isl=4, osl=4, num_requests=2, concurrency=0)
