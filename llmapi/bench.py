@@ -7,6 +7,7 @@ published ISL/OSL grid (bench_grid.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -167,6 +168,55 @@ def timed(llm, prompts, params, concurrency: int, loras=None, outputs=None) -> d
     start = time.perf_counter()
     timings = _drive(llm, prompts, params, concurrency, loras, outputs)
     return summarize(timings, time.perf_counter() - start)
+
+
+class KernelProfile:
+    """--profile: the timed run under torch.profiler, device kernels only (CUDA; on the CPU, torch's CPU ops), for
+    where the time goes: each kernel's summed time and calls, and their total against the run's wall time."""
+
+    def __init__(self, device):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.cuda = device.type == "cuda"
+        extra = {}
+        if not self.cuda:  # the steps run on the executor's thread: CPU ops are recorded per thread
+            from torch._C._profiler import _ExperimentalConfig
+
+            try:
+                extra["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
+            except TypeError:  # an older torch: the calling thread's ops only
+                pass
+        self._prof = profile(activities=[ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU], **extra)
+
+    def __enter__(self):
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._prof.__exit__(*exc)
+
+    def summary(self, top: int = 15) -> dict:
+        """{"kernel_ms": summed self time of every kernel, "top": [{"name", "calls", "ms"}] by time}."""
+        rows = []
+        for event in self._prof.key_averages():
+            if self.cuda:
+                us = getattr(event, "self_device_time_total", None)
+                us = event.self_cuda_time_total if us is None else us
+            else:
+                us = event.self_cpu_time_total
+            if us > 0:
+                rows.append({"name": event.key, "calls": int(event.count), "ms": us / 1e3})
+        rows.sort(key=lambda r: -r["ms"])
+        return {"kernel_ms": sum(r["ms"] for r in rows), "top": rows[:top]}
+
+
+def format_profile(profile: dict, wall_s: float) -> str:
+    what = "device kernels" if profile.get("device", True) else "CPU ops"
+    lines = [f"profile: {what} {profile['kernel_ms']:.1f} ms over a {1e3 * wall_s:.1f} ms run "
+             f"({100 * profile['kernel_ms'] / (1e3 * wall_s):.0f}% busy if nothing overlaps)"]
+    for row in profile["top"]:
+        lines.append(f"  {row['ms']:9.2f} ms {row['calls']:7d} calls  {row['name'][:100]}")
+    return "\n".join(lines)
 
 
 def measure_bandwidth(device) -> float:
@@ -560,7 +610,11 @@ def bench_offline(a, scratch: Path) -> int:
         runner.stats = type(runner.stats)()
     counters = llm.get_stats()
     outputs: list = []
-    ours = results["llmapi"] = timed(llm, job.prompts, job.params, a.concurrency, job.loras, outputs)
+    profiler = KernelProfile(llm.device) if a.profile else contextlib.nullcontext()
+    with profiler:
+        ours = results["llmapi"] = timed(llm, job.prompts, job.params, a.concurrency, job.loras, outputs)
+    if a.profile:
+        results["profile"] = dict(profiler.summary(), device=profiler.cuda)
     if speculative is not None:
         steps = runner.stats.steps if runner is not None else llm.get_stats()["num_steps"] - counters["num_steps"]
         ours["speculative"] = speculative_report(llm.get_stats(), counters, ours["output_tokens"], steps)
@@ -579,6 +633,8 @@ def bench_offline(a, scratch: Path) -> int:
               f"written in {lo['write_s']:.1f} s and loaded in {lo['load_s']:.1f} s; requests "
               f"{'all on the first adapter (concurrency 1)' if a.concurrency == 1 else 'round-robin over them'}")
     print(format_report("lora" if a.num_loras else "guided" if a.guided_json else "llmapi", ours))
+    if a.profile:
+        print(format_profile(results["profile"], ours["wall_s"]))
     if speculative is not None:
         sp = ours["speculative"]
         print(f"speculative ({speculative.decoding_type}, max_draft_len {speculative.max_draft_len}"
@@ -779,3 +835,6 @@ def add_arguments(p) -> None:
                    help="--grid: scale each row's request count by F (default 1; a row warns when its count falls "
                    "under 3x the most requests in flight)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="run the timed requests under torch.profiler and print the kernels that took the most "
+                   "device time (CPU ops on the CPU), with their total against the wall time")

@@ -82,6 +82,21 @@ def test_bench_runs_tiny_model_with_hf_baseline(tiny_llama_dir, tmp_path, capsys
     assert "output tok/s" in printed and "llmapi / transformers" in printed
 
 
+def test_bench_profile_lists_where_the_time_went(tiny_llama_dir, tmp_path, capsys):
+    """--profile: the timed run's ops (CPU ops here, device kernels on a GPU) by summed time, busiest first; the
+    model's matmuls are among them."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--isl", "6", "--osl", "5",
+                 "--num-requests", "4", "--profile", "--json", str(out)]) == 0
+    profile = json.loads(out.read_text())["profile"]
+    times = [row["ms"] for row in profile["top"]]
+    assert profile["device"] is False and times == sorted(times, reverse=True) and len(times) == 15
+    assert 0 < times[0] and sum(times) <= profile["kernel_ms"] + 1e-6
+    assert any(row["name"] in ("aten::mm", "aten::addmm", "aten::linear") for row in profile["top"])
+    assert all(row["calls"] > 0 for row in profile["top"])
+    assert "profile: CPU ops" in capsys.readouterr().out
+
+
 def test_bench_runs_two_ranks_quantized(tiny_llama_dir, tmp_path):
     # Several ranks: the runners live in the MPI job, so the report has no runner statistics or weight bytes.
     out = tmp_path / "bench.json"
