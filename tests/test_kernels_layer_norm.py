@@ -70,6 +70,22 @@ def _same_codes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.float(), b.float())
 
 
+def _codes_match(codes: torch.Tensor, unfused: torch.Tensor, scale: torch.Tensor) -> None:
+    """The fused kernel's codes are quantize_fp8's of the unfused output, bit for bit, but where the unfused value
+    (over the scale) lies on a rounding boundary between the two codes, within float32's last bits: the fused and
+    unfused compilations may sum a row's mean and variance in another order (float32 outputs keep those bits; the
+    16-bit ones round them away). At most a few such codes, each next to the other."""
+    want = quantize_fp8(unfused, scale)
+    if _same_codes(codes, want):
+        return
+    a, b = codes.cpu().float(), want.cpu().float()
+    differ = a != b
+    assert unfused.dtype == torch.float32 and int(differ.sum()) <= 8, f"{int(differ.sum())} codes differ"
+    value = (unfused.float().cpu() / scale.cpu())[differ]
+    boundary = (a[differ] + b[differ]) / 2
+    assert ((value - boundary).abs() <= 1e-5 * boundary.abs()).all(), (value, a[differ], b[differ])
+
+
 def check_quantized_output(rows, hidden, dtype, scale, seed):
     """E4M3 output: the codes quantize_fp8 makes of the unfused kernel's output, with and without the residual."""
     x, res, w, b = (t.to(DEVICE) for t in _inputs(rows, hidden, dtype, seed))
@@ -78,11 +94,11 @@ def check_quantized_output(rows, hidden, dtype, scale, seed):
     out = layer_norm(x, w, b, 1e-5, quant_scale=s)
     assert isinstance(out, Fp8Input) and out.dtype == dtype and out.shape == x.shape
     assert out.q.dtype == torch.float8_e4m3fn
-    assert _same_codes(out.q, quantize_fp8(layer_norm(x, w, b, 1e-5), s))
+    _codes_match(out.q, layer_norm(x, w, b, 1e-5), s)
     q, new_res = layer_norm(x, w, b, 1e-5, residual=res.clone(), quant_scale=s)
     want, want_res = layer_norm(x, w, b, 1e-5, residual=res.clone())
     assert torch.equal(new_res, want_res)
-    assert _same_codes(q.q, quantize_fp8(want, s))
+    _codes_match(q.q, want, s)
 
 
 @interpreted

@@ -197,6 +197,11 @@ class ModelRunner:
                 or any_("generation_logits", lambda a: a != 0)
                 or any_("forced_token_ids", lambda a: a >= 0))
 
+    @staticmethod
+    def needs_prompt_rows(batch) -> bool:
+        """Whether the batch asks for prompt logprobs or context logits (they need the step's hidden states)."""
+        return bool((np.asarray(batch.prompt_logprobs) >= 0).any() or (np.asarray(batch.context_logits) != 0).any())
+
     @torch.inference_mode()
     def submit(self, batch):
         started = time.perf_counter()
@@ -222,13 +227,23 @@ class ModelRunner:
             handle = self.spec.submit(self, batch, prev_ids)
             self._prev_ids = handle.outputs["tokens"][:, 0]
             return handle
+        size = self.graphs.size_for(batch) if self.graphs is not None else 0
         if self.needs_decode(batch):
-            inputs = self.stager.stage(batch, prev_ids=prev_ids)
-            out, prompt, generation = self.decode_step(batch, inputs, self.forward(inputs))
-            self.records.add(prompt, generation)
+            if size and not self.needs_prompt_rows(batch):
+                # A decode batch (one token a row) with decoding features (logprobs, beams, penalties, grammars,
+                # forced tokens, ...): the graph's logits, then decode() as after an eager forward.
+                self.stats.graph_steps += 1
+                logits, _ = self.graphs.run(batch, size, prev_ids)  # [R, V] model dtype, static
+                logits = logits.to(torch.float32, copy=True)  # its own copy: decode() writes into it
+                generation = generation_rows(batch, logits)
+                out = decode(logits, batch, self.state, self.logits_processors)
+                self.records.add([], generation)
+            else:
+                inputs = self.stager.stage(batch, prev_ids=prev_ids)
+                out, prompt, generation = self.decode_step(batch, inputs, self.forward(inputs))
+                self.records.add(prompt, generation)
             self._prev_ids = out["tokens"][:, 0]  # [R]: the next step's placeholders read column 0
             return out
-        size = self.graphs.size_for(batch) if self.graphs is not None else 0
         self.stats.graph_steps += bool(size)
         # What sample() gives greedy rows with nothing suppressed: the argmax of the model-dtype logits (their
         # widening to float32 is exact), with no float32 copies of [R, V].
