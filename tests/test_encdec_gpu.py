@@ -13,7 +13,10 @@ NEW_TOKENS = 24
 
 
 def _models():
-    return {"t5": em.t5("t5", layers=4), "t5v1.1": em.t5("t5v1.1", layers=4),
+    # T5 does not scale its attention scores: narrower weights than the CPU tests' keep a 4-layer model's float32
+    # logits within 1e-4 of float64 (at std 0.5 float32's own rounding moves them by 0.1, and transformers' bf16
+    # leaves fp32's top 5 on its own).
+    return {"t5": em.t5("t5", layers=4, std=0.2), "t5v1.1": em.t5("t5v1.1", layers=4, std=0.15),
             "bart": em.bart(encoder_layers=3, decoder_layers=2)}
 
 
