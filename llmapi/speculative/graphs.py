@@ -20,7 +20,6 @@ beams, bias, suppressed ids, forced tokens, ...), no placeholder ids, one rank, 
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import numpy as np
 import torch
@@ -74,11 +73,12 @@ class VerifyGraphs:
         logger.info("captured verify %s for batch sizes %s (%d tokens a request)",
                     "CUDA graphs" if cuda else "steps (CPU)", self.sizes, self.q)
 
-    def _views(self, size: int):
-        """(ids, positions, slots [size*Q], context lens, drafts [size], block tables [size, W]) of the buffer."""
-        o, b, n = self._offsets, self.ints, size * self.q
+    def _views(self, size: int, buffer=None):
+        """(ids, positions, slots [size*Q], context lens, drafts [size], block tables [size, W]) of the static
+        buffer, or of a host array laid out as it is."""
+        o, b, n = self._offsets, self.ints if buffer is None else buffer, size * self.q
         return (b[o[0]:o[0] + n], b[o[1]:o[1] + n], b[o[2]:o[2] + n], b[o[3]:o[3] + size], b[o[4]:o[4] + size],
-                b[o[5]:o[5] + size * self.max_blocks].view(size, self.max_blocks))
+                b[o[5]:o[5] + size * self.max_blocks].reshape(size, self.max_blocks))
 
     def _metadata(self, size: int) -> AttentionMetadata:
         _, _, slots, ctx, _, tables = self._views(size)
@@ -128,7 +128,7 @@ class VerifyGraphs:
         r, q = int(batch.num_requests), self.q
         q_lens = np.asarray(batch.query_lens)
         host = np.zeros(len(self.ints), dtype=np.int32)  # only this size's sections are read
-        ids, pos, slots, ctx, drafts, tables = (v for v in self._host_views(host, size))
+        ids, pos, slots, ctx, drafts, tables = self._views(size, host)
         starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]])  # each row's first token in the batch
         col = np.arange(q)[None, :]  # [1, Q]
         real = col < q_lens[:, None]  # [R, Q]
@@ -147,11 +147,6 @@ class VerifyGraphs:
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size][0][:r].clone()
-
-    def _host_views(self, host: np.ndarray, size: int):
-        o, n = self._offsets, size * self.q
-        return (host[o[0]:o[0] + n], host[o[1]:o[1] + n], host[o[2]:o[2] + n], host[o[3]:o[3] + size],
-                host[o[4]:o[4] + size], host[o[5]:o[5] + size * self.max_blocks].reshape(size, self.max_blocks))
 
 
 def applies(runner, batch) -> bool:
