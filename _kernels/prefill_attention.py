@@ -38,6 +38,52 @@ def _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q: tl.conste
     return left - 1
 
 
+@triton.jit
+def _tile(q, m, l, acc, start, kv_end, lo, q_pos, row_ok, head, kv_col, d, d_ok, bt_row, k_cache_ptr, v_cache_ptr,
+          cache_stride_block, bias_ptr, bias_m1, qk_scale, NKV: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr,
+          BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+          CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over the BLOCK_N keys from `start`: (m, l, acc) updated. Without MASKED every
+    key of the tile exists and every row sees it: no length, causal or window masks."""
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    if MASKED:
+        key_ok = pos < kv_end
+        if WINDOW > 0:
+            key_ok = key_ok & (pos >= lo)
+        block = tl.load(bt_row + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+    else:
+        block = tl.load(bt_row + pos // PAGE).to(tl.int64)
+        kv_mask = d_ok[None, :]
+    kv_row = block * cache_stride_block + (pos % PAGE) * (NKV * HD) + kv_col
+    k = tl.load(k_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        if MASKED:
+            bias_mask = row_ok[:, None] & key_ok[None, :]
+        else:
+            bias_mask = row_ok[:, None] & (pos >= 0)[None, :]
+        s += position_bias_log2(bias_ptr, bias_m1, head, pos, q_pos, bias_mask)
+    if MASKED:
+        if CAUSAL:
+            seen = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])  # [BLOCK_M, BLOCK_N]
+        else:
+            seen = key_ok[None, :]  # [1, BLOCK_N]
+        if WINDOW > 0:
+            seen = seen & (pos[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    shift = m_new
+    if WINDOW > 0:  # a later row's window may start past this tile: no key yet, weights 0 (not NaN)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - shift[:, None])
+    alpha = tl.exp2(m - shift)
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+    return m_new, l, acc
+
+
 # The request count and block-table width change from step to step: not specialized on (a kernel
 # compiled for each value class would stall serving for a second at a new batch shape).
 @triton.jit(do_not_specialize=["num_requests", "bt_stride"])
@@ -79,42 +125,28 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        n = tl.arange(0, BLOCK_N)
         bt_row = block_tables_ptr + r * bt_stride
+        kv_col = kvh * HD
+        lo = 0
         if WINDOW > 0:  # the block's first query (position first_pos + local * BLOCK_Q) sees keys >= lo
             lo = tl.maximum(first_pos + local * BLOCK_Q - WINDOW + 1, 0)
-            kv_begin = lo // BLOCK_N * BLOCK_N
+        kv_begin = lo // BLOCK_N * BLOCK_N
+        # Tiles every valid row sees whole (before the block's first query when causal; all but a partial last
+        # tile when not) run without the key masks; the rest (the diagonal, a window's edge) with them.
+        if WINDOW > 0:
+            full_end = kv_begin
+        elif CAUSAL:
+            full_end = (first_pos + local * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
         else:
-            kv_begin = 0
-        for start in range(kv_begin, kv_end, BLOCK_N):
-            pos = start + n  # [BLOCK_N]
-            key_ok = pos < kv_end
-            if WINDOW > 0:
-                key_ok = key_ok & (pos >= lo)
-            block = tl.load(bt_row + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
-            kv_row = block * cache_stride_block + (pos % PAGE) * (NKV * HD) + kvh * HD
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if HAS_BIAS:
-                s += position_bias_log2(bias_ptr, bias_m1, head, pos, q_pos, row_ok[:, None] & key_ok[None, :])
-            if CAUSAL:
-                seen = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])  # [BLOCK_M, BLOCK_N]
-            else:
-                seen = key_ok[None, :]  # [1, BLOCK_N]
-            if WINDOW > 0:
-                seen = seen & (pos[None, :] > q_pos[:, None] - WINDOW)
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            shift = m_new
-            if WINDOW > 0:  # a later row's window may start past this tile: no key yet, weights 0 (not NaN)
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - shift[:, None])
-            alpha = tl.exp2(m - shift)
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-            m = m_new
+            full_end = kv_end // BLOCK_N * BLOCK_N
+        for start in range(kv_begin, full_end, BLOCK_N):
+            m, l, acc = _tile(q, m, l, acc, start, kv_end, lo, q_pos, row_ok, head, kv_col, d, d_ok, bt_row,
+                              k_cache_ptr, v_cache_ptr, cache_stride_block, bias_ptr, bias_m1, qk_scale, NKV, HD,
+                              PAGE, BLOCK_N, DOT_DTYPE, PRECISION, WINDOW, CAUSAL, HAS_BIAS, False)
+        for start in range(full_end, kv_end, BLOCK_N):
+            m, l, acc = _tile(q, m, l, acc, start, kv_end, lo, q_pos, row_ok, head, kv_col, d, d_ok, bt_row,
+                              k_cache_ptr, v_cache_ptr, cache_stride_block, bias_ptr, bias_m1, qk_scale, NKV, HD,
+                              PAGE, BLOCK_N, DOT_DTYPE, PRECISION, WINDOW, CAUSAL, HAS_BIAS, True)
         out = acc / tl.where(l > 0, l, 1.0)[:, None] * v_scale
         tl.store(out_ptr + t_row[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
                  _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=row_ok[:, None] & d_ok[None, :])

@@ -1,4 +1,6 @@
-"""Paged decode attention vs device memory bandwidth: `python -m llmapi.bench_kernels [--batch 64 --context 1024]`."""
+"""Paged decode attention vs device memory bandwidth: `python -m llmapi.bench_kernels [--batch 64 --context 1024]`;
+`--prefill`: the packed (prefill) attention kernel's FLOP rate on the long-prompt steps of the throughput grid, for
+each tile configuration in PREFILL_CONFIGS, beside torch's flash attention on the same causal prompts."""
 
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=32)
+    p.add_argument("--prefill", action="store_true", help="sweep the packed attention kernel's tile configurations")
+    p.add_argument("--kv-dtype", choices=["bfloat16", "fp8"], default="bfloat16", help="--prefill: the cache's dtype")
     a = p.parse_args(argv)
+    if a.prefill:
+        return prefill_sweep(a)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     blocks_per_seq = -(-a.context // a.block)
     num_blocks = a.batch * blocks_per_seq
@@ -46,6 +52,85 @@ def main(argv=None) -> int:
         moved = kv_bytes + 2 * q.numel() * q.element_size()
         print(f"splits {splits:2d}{' (default)' if splits == chosen else '          '}: {ms * 1e3:7.1f} us  "
               f"{moved / (ms * 1e-3) / 1e12:.2f} TB/s = {100 * moved / (ms * 1e-3) / bandwidth:.0f}% of the copy")
+    return 0
+
+
+# (name, query lengths, context lengths) of packed steps at max_num_tokens 8192: four 2048-token prompts
+# (2048/128), a 5000-token prompt with a 3192-token chunk of the next (5000/500), the last 8192-token chunk of a
+# 20000-token prompt (20000/2000), 64 128-token prompts (128/x).
+PREFILL_STEPS = (
+    ("4 x 2048", [2048] * 4, [2048] * 4),
+    ("5000 + 3192", [5000, 3192], [5000, 3192]),
+    ("8192 @ 16384", [8192], [16384]),
+    ("3616 @ 20000", [3616], [20000]),
+    ("64 x 128", [128] * 64, [128] * 64),
+)
+# (block_m, block_n, num_warps, num_stages); the first is the kernel's default for a quantized cache.
+PREFILL_CONFIGS = ((64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 4, 2),
+                   (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3))
+
+
+def prefill_sweep(a) -> int:
+    """Each PREFILL_STEPS step through paged_packed_attention at each PREFILL_CONFIGS tiling: microseconds,
+    TFLOP/s (4 * heads * head_dim per query-key pair seen) and the largest difference from the first config's
+    output; then torch's scaled_dot_product_attention (bfloat16, contiguous K/V, causal) per prompt."""
+    import torch.nn.functional as F
+    import triton.testing
+
+    from llmapi._kernels.prefill_attention import paged_packed_attention
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    print(f"{torch.cuda.get_device_name(dev)}, heads {a.heads}/{a.kv_heads}, head_dim {a.head_dim}, "
+          f"cache {a.kv_dtype}, block {a.block}")
+    for name, q_lens, ctx_lens in PREFILL_STEPS:
+        blocks = [-(-c // a.block) for c in ctx_lens]
+        num_blocks = sum(blocks)
+        perm = torch.randperm(num_blocks, device=dev, generator=g).to(torch.int32)
+        tables = torch.zeros(len(blocks), max(blocks), dtype=torch.int32, device=dev)
+        at = 0
+        for r, n in enumerate(blocks):
+            tables[r, :n] = perm[at:at + n]
+            at += n
+        shape = (num_blocks, a.block, a.kv_heads, a.head_dim)
+        k_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
+        v_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
+        kv_scale = None
+        if a.kv_dtype == "fp8":
+            k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+            kv_scale = torch.ones(2, device=dev)
+        q = torch.randn(sum(q_lens), a.heads, a.head_dim, device=dev, generator=g, dtype=torch.bfloat16)
+        qsl = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
+        ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=dev)
+        pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(q_lens, ctx_lens))
+        flops = 4 * a.heads * a.head_dim * pairs
+        print(f"step {name}: {sum(q_lens)} query tokens, {flops / 1e12:.2f} TFLOP")
+        first = None
+        for bm, bn, warps, stages in PREFILL_CONFIGS:
+            def run(out=None):
+                return paged_packed_attention(q, k_cache, v_cache, qsl, ctx, tables, a.head_dim**-0.5, out=out,
+                                              kv_scale=kv_scale, block_m=bm, block_n=bn, num_warps=warps,
+                                              num_stages=stages)
+            try:
+                out = run()
+                ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")
+            except Exception as e:  # a tiling that does not fit the device (shared memory): say so and go on
+                print(f"  {bm:3d}x{bn:<3d} w{warps} s{stages}: failed ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            first = out if first is None else first
+            diff = (out.float() - first.float()).abs().max().item()
+            print(f"  {bm:3d}x{bn:<3d} w{warps} s{stages}: {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} "
+                  f"TFLOP/s  max diff {diff:.2e}")
+        # torch's flash attention over the same prompts (whole prompts from position 0 only: ctx == query)
+        if all(ql == c for ql, c in zip(q_lens, ctx_lens)):
+            qs = [t.transpose(0, 1).unsqueeze(0) for t in q.split(q_lens)]
+            ks = [torch.randn(1, a.kv_heads, ql, a.head_dim, device=dev, dtype=torch.bfloat16) for ql in q_lens]
+
+            def sdpa():
+                for qq, kk in zip(qs, ks):
+                    F.scaled_dot_product_attention(qq, kk, kk, is_causal=True, enable_gqa=True)
+            ms = triton.testing.do_bench(sdpa, warmup=10, rep=100, return_mode="median")
+            print(f"  torch sdpa (bf16, per prompt): {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s")
     return 0
 
 

@@ -30,10 +30,10 @@ def check_decode(ctx_lens, nh, nkv, hd, block, dtype, num_splits, seed):
     assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
 
 
-def check_packed(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed):
+def check_packed(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed, **tiling):
     q, kc, vc, qsl, ctx, tables = paged_case(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed)
     out = torch.full_like(q, float("nan"))
-    paged_packed_attention(q, kc, vc, qsl, ctx, tables, hd**-0.5, out=out)
+    paged_packed_attention(q, kc, vc, qsl, ctx, tables, hd**-0.5, out=out, **tiling)
     err = rel_error(out.cpu(), _reference(q, kc, vc, qsl, ctx, tables, hd**-0.5))
     assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
 
@@ -71,6 +71,16 @@ def test_decode_attention_interpreted_odd_head_dim_mha():
 def test_packed_attention_interpreted(dtype):
     # A whole prompt, a later chunk ending mid-block, decodes: one launch.
     check_packed([9, 5, 1, 1], [9, 14, 7, 33], nh=4, nkv=2, hd=16, block=4, dtype=dtype, seed=3)
+
+
+@interpreted
+@pytest.mark.parametrize("block_m,block_n", [(8, 4), (16, 8)])
+def test_packed_attention_interpreted_unmasked_tiles(block_m, block_n):
+    # Small tiles over long queries and contexts: most key tiles lie wholly before their query block (the loop
+    # without masks), the rest on the diagonal; a prompt from 0, chunks after context (one starting mid-tile),
+    # a decode past many tiles.
+    check_packed([45, 19, 1, 30], [45, 61, 53, 101], nh=4, nkv=2, hd=16, block=4, dtype=torch.float32, seed=5,
+                 block_m=block_m, block_n=block_n)
 
 
 @interpreted
