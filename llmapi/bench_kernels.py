@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--prefill", action="store_true", help="sweep the packed attention kernel's tile configurations")
-    p.add_argument("--kv-dtype", choices=["bfloat16", "fp8"], default="bfloat16", help="--prefill: the cache's dtype")
+    p.add_argument("--kv-dtype", choices=["bfloat16", "fp8"], default="bfloat16", help="the cache's dtype")
     a = p.parse_args(argv)
     if a.prefill:
         return prefill_sweep(a)
@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     tables = torch.randperm(num_blocks, device=dev).view(a.batch, blocks_per_seq).to(torch.int32)
     k_cache = torch.randn(num_blocks, a.block, a.kv_heads, a.head_dim, device=dev, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
+    kv_scale = None
+    if a.kv_dtype == "fp8":
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+        kv_scale = torch.ones(2, device=dev)
     q = torch.randn(a.batch, a.heads, a.head_dim, device=dev, dtype=dtype)
     ctx = torch.full((a.batch,), a.context, dtype=torch.int32, device=dev)
     kv_bytes = 2 * a.batch * a.context * a.kv_heads * a.head_dim * k_cache.element_size()
@@ -41,13 +45,14 @@ def main(argv=None) -> int:
     copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     bandwidth = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
     print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (bytes read + written)")
-    print(f"batch {a.batch}, context {a.context}, heads {a.heads}/{a.kv_heads}, head_dim {a.head_dim}: "
+    print(f"batch {a.batch}, context {a.context}, heads {a.heads}/{a.kv_heads}, head_dim {a.head_dim}, {a.kv_dtype}: "
           f"{kv_bytes / 1e6:.0f} MB of K/V")
     num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     chosen = num_splits_for(a.batch, a.kv_heads, a.context, num_sms)
     for splits in sorted({1, 2, 4, 8, chosen}):
         ms = triton.testing.do_bench(
-            lambda: paged_decode_attention(q, k_cache, v_cache, ctx, tables, a.head_dim**-0.5, splits),
+            lambda: paged_decode_attention(q, k_cache, v_cache, ctx, tables, a.head_dim**-0.5, splits,
+                                           kv_scale=kv_scale),
             warmup=50, rep=300, return_mode="median")
         moved = kv_bytes + 2 * q.numel() * q.element_size()
         print(f"splits {splits:2d}{' (default)' if splits == chosen else '          '}: {ms * 1e3:7.1f} us  "
