@@ -115,6 +115,18 @@ def test_packed_attention_gpu(dtype, nh, nkv, hd):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_m,block_n,num_warps,num_stages", [(64, 32, 4, 1), (128, 64, 8, 2), (128, 64, 4, 3),
+                                                                  (128, 128, 8, 2)])
+def test_packed_attention_tilings_gpu(dtype, block_m, block_n, num_warps, num_stages):
+    # Long prompts and chunks after long contexts (most key tiles unmasked) at each tiling the kernel may pick.
+    query_lens = [1024, 1, 700, 1500, 5]
+    ctx_lens = [1024, 2500, 1800, 2600, 5]
+    check_packed(query_lens, ctx_lens, 32, 8, 128, block=32, dtype=dtype, seed=block_m + block_n, block_m=block_m,
+                 block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv_gpu(dtype):
     check_write_kv(3000, nkv=8, hd=128, block=32, dtype=dtype, seed=6)
