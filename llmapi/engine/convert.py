@@ -13,7 +13,7 @@ import torch
 from llmapi.distributed.mapping import Mapping as RankMapping
 from llmapi.distributed.mapping import check_mapping
 from llmapi.engine import format as fmt
-from llmapi.errors import ModelNotFoundError, UnsupportedModelError
+from llmapi.errors import ModelNotFoundError
 from llmapi.hub import ModelSource, weight_files
 from llmapi.quantization.config import QuantConfig
 
@@ -289,10 +289,6 @@ def build_engine_dir(source: ModelSource, settings: fmt.BuildSettings, out_dir: 
         family(hf_config)
         engine_config = models.config_from_hf(hf_config, dtype)
         check_mapping(engine_config, mapping, settings.embedding_sharding_dim)
-        if engine_config.get("is_encoder_decoder") and quant is not None and quant.kv_cache_quant_algo is not None:
-            raise UnsupportedModelError(
-                f"KV-cache quantization ({quant.kv_cache_quant_algo}) is not supported for encoder-decoder models; "
-                "their linears take every weight and activation mode (e.g. quant='fp8', 'int8_weight_only')")
 
     reader = _SOURCE_READERS.get(source.kind)
     if reader is None:

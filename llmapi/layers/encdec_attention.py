@@ -54,8 +54,17 @@ def encoder_attention(q, k, v, cross: CrossMetadata, scale: float, bias: torch.T
     return varlen_attention_ref(q, k, v, cross.encoder_start_loc, scale, causal=False, position_bias=bias)
 
 
+def _check_kv_scale(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
+    # A quantized (int8 / float8) cache is written and read with its attention's [2] (K, V) scales, a float one
+    # without: the model gives every attention over the cache a scale exactly when the runner quantizes the cache.
+    assert (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn)), \
+        f"KV cache of dtype {kv_cache.dtype} with kv_scale {'set' if kv_scale is not None else 'None'}"
+
+
 def write_kv(k, v, kv_cache, slot_mapping, kv_scale=None) -> None:
-    """K/V [N, nkv, hd] into the layer's paged cache at `slot_mapping` [N]."""
+    """K/V [N, nkv, hd] into the layer's paged cache at `slot_mapping` [N]; a quantized cache takes the codes of
+    K / kv_scale[0] and V / kv_scale[1]."""
+    _check_kv_scale(kv_cache, kv_scale)
     if use_triton(k):
         from llmapi._kernels.kv_write import write_kv as write_kv_triton
 
@@ -67,7 +76,9 @@ def write_kv(k, v, kv_cache, slot_mapping, kv_scale=None) -> None:
 def paged_attention(q, kv_cache, query_start_loc, context_lens, block_tables, max_query_len: int, max_context_len: int,
                     scale: float, causal: bool, bias: torch.Tensor | None, kv_scale=None) -> torch.Tensor:
     """[T, nh, hd] -> [T, nh, hd] over the paged cache: causal (the decoder's self attention, the query's position
-    is its row's context length minus the tokens after it) or not (cross-attention: every cached key of the row)."""
+    is its row's context length minus the tokens after it) or not (cross-attention: every cached key of the row).
+    A quantized cache is read as codes times kv_scale [2] (K, V)."""
+    _check_kv_scale(kv_cache, kv_scale)
     if use_triton(q):
         from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention
         from llmapi._kernels.prefill_attention import paged_packed_attention

@@ -21,6 +21,11 @@ family here): cross-attention K/V of a decoder layer have its self-attention K/V
 
 Linears: attention.qkv / attention.dense (self), cross_attention.q / cross_attention.kv / cross_attention.dense,
 mlp.gate_up or mlp.fc, mlp.proj; `encdec_linears` declares them for tensor parallelism and quantization.
+
+A quantized KV cache (int8 / float8, kv_cache_quant_algo) holds both caches of a decoder layer as codes: its
+self-attention and its cross-attention each get their own [2] (K, V) `kv_cache_scaling_factor`
+(llmapi.quantization.kv_cache gives them to the modules `kv_cache_attentions` lists), written quantized and read
+dequantized by every write and read of that cache. The encoder's attention uses no cache and no scale.
 """
 
 from __future__ import annotations
@@ -162,6 +167,7 @@ class SelfAttention(nn.Module):
         inner = self.num_heads * self.head_dim
         self.qkv = nn.Linear(cfg["hidden_size"], 3 * inner, bias=cfg["attention_bias"])
         self.dense = nn.Linear(inner, cfg["hidden_size"], bias=cfg["attention_bias"])
+        self.register_parameter("kv_cache_scaling_factor", None)  # [2] (K, V) with a quantized cache (decoder)
 
     def _qkv(self, x):
         t, hd = x.shape[0], self.head_dim
@@ -175,9 +181,10 @@ class SelfAttention(nn.Module):
 
     def decoder(self, x, kv_cache, attn: AttentionMetadata, bias):  # [T, H] -> [T, H]
         q, k, v = self._qkv(x)
-        write_kv(k, v, kv_cache, attn.slot_mapping)
+        kv_scale = self.kv_cache_scaling_factor
+        write_kv(k, v, kv_cache, attn.slot_mapping, kv_scale)
         o = paged_attention(q, kv_cache, attn.query_start_loc, attn.context_lens, attn.block_tables,
-                            attn.max_query_len, attn.max_context_len, self.scale, True, bias)
+                            attn.max_query_len, attn.max_context_len, self.scale, True, bias, kv_scale)
         return self.dense(o.reshape(x.shape[0], -1))
 
 
@@ -193,18 +200,20 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(cfg["hidden_size"], inner, bias=cfg["attention_bias"])
         self.kv = nn.Linear(cfg["hidden_size"], 2 * inner, bias=cfg["attention_bias"])
         self.dense = nn.Linear(inner, cfg["hidden_size"], bias=cfg["attention_bias"])
+        self.register_parameter("kv_cache_scaling_factor", None)  # [2] (K, V) with a quantized cache
 
     def write_encoder_kv(self, encoded, kv_cache, cross: CrossMetadata) -> None:  # encoded: [E, H]
         e, hd = encoded.shape[0], self.head_dim
         k, v = self.kv(encoded).split([self.num_kv_heads * hd] * 2, dim=-1)
         write_kv(k.view(e, self.num_kv_heads, hd), v.view(e, self.num_kv_heads, hd), kv_cache,
-                 cross.encoder_slot_mapping)
+                 cross.encoder_slot_mapping, self.kv_cache_scaling_factor)
 
     def forward(self, x, kv_cache, attn: AttentionMetadata):  # [T, H] -> [T, H]
         cross = attn.cross
         q = self.q(x).view(x.shape[0], self.num_heads, self.head_dim)
         o = paged_attention(q, kv_cache, attn.query_start_loc, cross.cross_lens, cross.cross_block_tables,
-                            attn.max_query_len, cross.max_cross_len, self.scale, False, None)
+                            attn.max_query_len, cross.max_cross_len, self.scale, False, None,
+                            self.kv_cache_scaling_factor)
         return self.dense(o.reshape(x.shape[0], -1))
 
 
@@ -343,6 +352,12 @@ class EncoderDecoderModel(CausalLM):
         specs = encdec_linears(self.config)
         return [(layer, specs["encoder"]) for layer in self.encoder.layers] + \
                [(layer, specs["decoder"]) for layer in self.decoder.layers]
+
+    def kv_cache_attentions(self) -> list[nn.Module]:
+        """The attentions over the paged cache, each holding its own kv_cache_scaling_factor when the cache is
+        quantized: every decoder layer's self-attention and cross-attention (named decoder.layers.{i}.attention
+        and decoder.layers.{i}.cross_attention)."""
+        return [m for layer in self.decoder.layers for m in (layer.attention, layer.cross_attention)]
 
     encoder_scope = None
     """Set from outside where the encoder's tokens need their own per-token state (LoRA: llmapi.lora.runtime gives

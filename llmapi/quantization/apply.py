@@ -98,7 +98,8 @@ def quantize_engine_weights(engine_config: dict, weights: Mapping[str, torch.Ten
     if quant is None:
         return dict(weights)
     if quant.kv_cache_quant_algo is not None:
-        weights = {**weights, **kv_cache_scales(quant, weights, None if stats is None else stats.kv_amax)}
+        kv_amax = (None, None) if stats is None else (stats.kv_amax, stats.cross_kv_amax)
+        weights = {**weights, **kv_cache_scales(quant, weights, *kv_amax)}
     if quant.quant_algo is None:
         return dict(weights)
     algo = quant.quant_algo

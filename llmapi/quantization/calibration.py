@@ -29,7 +29,11 @@ class ActivationStats:
     """Same keys -> [K, K] float32 mean of x^T x over calibration tokens (hessians=True): the mean squared output
     error of a weight error D [N, K] is tr(D H D^T)."""
     kv_amax: dict[int, tuple[float, float]] = field(default_factory=dict)
-    """Layer -> (max |k| after rotary, max |v|) over calibration tokens."""
+    """Layer -> (max |k| after rotary, max |v|) over calibration tokens; an encoder-decoder model's decoder
+    layer -> its self-attention's (max |k|, max |v|) over the decoder tokens."""
+    cross_kv_amax: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Encoder-decoder models: decoder layer -> its cross-attention's (max |k|, max |v|), the K/V of the encoder
+    output (over the encoder tokens); empty for decoder-only models."""
     num_tokens: int = 0
     """Calibration tokens the statistics cover."""
 
@@ -85,6 +89,7 @@ class _Recorder:
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.kv_amax: dict[int, list[float]] = {}
+        self.cross_kv_amax: dict[int, list[float]] = {}
         self.rows: dict = {}  # rows each linear saw (its means' divisor)
 
     def linear_input(self, name: str, x: torch.Tensor) -> None:  # x: [T, K]
@@ -100,9 +105,11 @@ class _Recorder:
         self.abs_sum[name] += x.abs().sum(dim=0)
         self.xtx[name].addmm_(x.T, x)
 
-    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        old = self.kv_amax.get(layer, [0.0, 0.0])
-        self.kv_amax[layer] = [max(old[0], float(k.detach().abs().amax())), max(old[1], float(v.detach().abs().amax()))]
+    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, cross: bool = False) -> None:
+        """Running max |k| and max |v| of a layer's cache (`cross`: an encoder-decoder layer's cross-attention)."""
+        seen = self.cross_kv_amax if cross else self.kv_amax
+        old = seen.get(layer, [0.0, 0.0])
+        seen[layer] = [max(old[0], float(k.detach().abs().amax())), max(old[1], float(v.detach().abs().amax()))]
 
 
 def _attention_hook(recorder: _Recorder, layer: int):
@@ -115,6 +122,17 @@ def _attention_hook(recorder: _Recorder, layer: int):
         if rotary is not None:
             k = rotate_qk(q, k, *rotary)[1]
         recorder.kv(layer, k, v)
+
+    return hook
+
+
+def _cached_kv_hook(recorder: _Recorder, layer: int, cross: bool):
+    """A forward hook on an encoder-decoder decoder layer's fused K/V projection (self-attention's qkv: [T, 3I],
+    cross-attention's kv: [E, 2I]): records |k| and |v| as its output gives them to the cache (no rotary)."""
+
+    def hook(module, args, out):
+        parts = out.chunk(2 if cross else 3, dim=-1)
+        recorder.kv(layer, parts[-2], parts[-1], cross=cross)
 
     return hook
 
@@ -138,7 +156,9 @@ def _run_encoder_decoder(model, config: dict, recorder: _Recorder, batches, devi
     """An encoder-decoder model over the calibration batches: each text is the encoder input and, after the
     decoder start token, the decoder's input too (teacher-forced; ids past a separate target vocabulary dropped).
     Records every encoder and decoder linear's input (each linear's means divide by the rows it saw: encoder tokens
-    for the encoder's linears and cross-attention's K/V, decoder tokens for the rest); returns the decoder tokens."""
+    for the encoder's linears and cross-attention's K/V, decoder tokens for the rest) and each decoder layer's cached
+    K/V ranges (self-attention's over the decoder tokens, cross-attention's over the encoder output); returns the
+    decoder tokens."""
     from llmapi.models.encdec import encdec_linears, start_step
 
     specs = encdec_linears(config)
@@ -150,6 +170,9 @@ def _run_encoder_decoder(model, config: dict, recorder: _Recorder, batches, devi
                 full = f"{stack}.layers.{i}.{spec.name}"
                 handles.append(getattr(getattr(layer, block), attr).register_forward_pre_hook(
                     lambda mod, args, full=full: recorder.linear_input(full, args[0])))
+    for i, layer in enumerate(model.decoder.layers):
+        handles.append(layer.attention.qkv.register_forward_hook(_cached_kv_hook(recorder, i, cross=False)))
+        handles.append(layer.cross_attention.kv.register_forward_hook(_cached_kv_hook(recorder, i, cross=True)))
     start, vocab = config.get("decoder_start_token_id", 0), config["vocab_size"]
     block = 16
     num_tokens = 0
@@ -199,7 +222,9 @@ def collect_activation_stats(config: dict, weights: Mapping[str, torch.Tensor], 
             input_amax={name: amax.cpu() for name, amax in recorder.amax.items()},
             input_abs_mean={name: (total / recorder.rows[name]).cpu() for name, total in recorder.abs_sum.items()},
             input_hessian={name: (xtx / recorder.rows[name]).cpu() for name, xtx in recorder.xtx.items()},
-            kv_amax={}, num_tokens=num_tokens)
+            kv_amax={layer: (k, v) for layer, (k, v) in recorder.kv_amax.items()},
+            cross_kv_amax={layer: (k, v) for layer, (k, v) in recorder.cross_kv_amax.items()},
+            num_tokens=num_tokens)
     handles = []
     for i, layer in enumerate(model.transformer.layers):
         for spec in layer_linears(config):  # the linears quantization swaps
