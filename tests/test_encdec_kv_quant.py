@@ -15,7 +15,14 @@ from tiny_tokenizer import make_tiny_tokenizer, save_tiny_tokenizer
 
 import encdec_models as em
 from family_parity import one_thread
+from kernel_cases import DEVICE
 from llmapi import LLM, QuantConfig, SamplingParams
+from llmapi.distributed.mapping import Mapping
+from llmapi.distributed.sharding import build_rank_model, load_rank_model
+from llmapi.engine import read_engine
+from llmapi.layers.attention import AttentionMetadata
+from llmapi.layers.encdec_attention import CrossMetadata
+from llmapi.models.encdec import start_step
 from llmapi.quantization.calibration import calibration_texts
 
 SELF = "decoder.layers.{}.attention.kv_cache_scaling_factor"
@@ -25,10 +32,13 @@ CACHE_DTYPE = {"FP8": torch.float8_e4m3fn, "INT8": torch.int8}
 NEW_TOKENS = 4
 
 
-def _models():
-    # The 2-layer T5 at the parity tests' std 0.5 (its unscaled attention is sharp at that width, but a 2-layer
-    # model's float32 stays token exact there), BART at the builders' 0.3.
-    return {"t5": em.t5("t5", seed=1), "bart": em.bart(seed=2)}
+MODELS = {
+    # The 2-layer T5s at the parity tests' std 0.5 (T5's unscaled attention is sharp at that width, but a 2-layer
+    # model's float32 stays token exact there); the BART family and FSMT at the builders' 0.3.
+    "t5": lambda: em.t5("t5", seed=1), "t5v1.1": lambda: em.t5("t5v1.1"), "mt5": lambda: em.t5("mt5"),
+    "byt5": lambda: em.t5("byt5"), "bart": lambda: em.bart(seed=2), "mbart": lambda: em.bart(mbart=True),
+    "fsmt": lambda: em.fsmt(),
+}
 
 
 def _calibration_lines() -> list[str]:
@@ -42,18 +52,29 @@ def _calibration_lines() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """name -> (directory with the model and the tiny tokenizer, transformers model, calibration file)."""
-    root = tmp_path_factory.mktemp("encdec-kv")
-    calibration = root / "calibration.txt"
-    calibration.write_text("\n".join(_calibration_lines()) + "\n")
-    out = {}
-    for name, hf in _models().items():
-        path = root / name
-        hf.save_pretrained(path)
-        save_tiny_tokenizer(path, em.VOCAB)
-        out[name] = (path, hf, calibration)
-    return out
+def calibration(tmp_path_factory):
+    """The calibration text file every engine here converts with."""
+    path = tmp_path_factory.mktemp("encdec-kv-calibration") / "calibration.txt"
+    path.write_text("\n".join(_calibration_lines()) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, calibration):
+    """name -> (directory with the model and the tiny tokenizer, transformers model, calibration file), each
+    model saved once for the module."""
+    made = {}
+
+    class Saved:
+        def __getitem__(self, name):
+            if name not in made:
+                hf = MODELS[name]()
+                path = tmp_path_factory.mktemp(name.replace(".", "_"))
+                hf.save_pretrained(path)
+                save_tiny_tokenizer(path, em.VOCAB)
+                made[name] = (path, hf, calibration)
+            return made[name]
+    return Saved()
 
 
 def _quant(algo: str | None, calibration, weights: str | None = None) -> QuantConfig | None:
@@ -63,7 +84,8 @@ def _quant(algo: str | None, calibration, weights: str | None = None) -> QuantCo
 
 
 def _requests(hf) -> list[list[int]]:
-    return em.inputs(6, hf.config.vocab_size, seed=7, lengths=(3, 20))
+    vocab = getattr(hf.config, "src_vocab_size", hf.config.vocab_size)  # FSMT: the source vocabulary
+    return em.inputs(6, vocab, seed=7, lengths=(3, 20))
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +116,14 @@ def runs(saved):
 def _kv_projections(hf):
     """(layer, "self" / "cross", K projection, V projection) of every decoder layer of transformers' model."""
     out = []
-    if hf.config.model_type == "bart":
-        for i, layer in enumerate(hf.model.decoder.layers):
-            out += [(i, "self", layer.self_attn.k_proj, layer.self_attn.v_proj),
-                    (i, "cross", layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)]
-    else:  # T5
+    if hf.config.model_type in ("t5", "mt5"):
         for i, block in enumerate(hf.decoder.block):
             out += [(i, "self", block.layer[0].SelfAttention.k, block.layer[0].SelfAttention.v),
                     (i, "cross", block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v)]
+    else:  # BART, mBART, FSMT
+        for i, layer in enumerate(hf.model.decoder.layers):
+            out += [(i, "self", layer.self_attn.k_proj, layer.self_attn.v_proj),
+                    (i, "cross", layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)]
     return out
 
 
@@ -210,7 +232,7 @@ def test_caches_hold_codes_with_calibrated_scales(saved, runs, name, algo):
         assert f.get_tensor("decoder.layers.0.attention.qkv.weight").dtype == torch.float32  # weights stay float
 
 
-@pytest.mark.parametrize("name", ["t5", "bart"])
+@pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("algo", ["FP8", "INT8"])
 def test_logprobs_equal_transformers_with_quantized_kv(saved, runs, name, algo):
     """Greedy logprobs through the quantized caches (prefill, then decode steps reading both caches) equal
@@ -264,3 +286,190 @@ def test_quantized_cache_stays_near_float_cache(saved, runs, name, algo):
             changes.append(abs(ql[i][qt[i]] - fl[i][ft[i]]))
     assert len(changes) >= len(requests)  # at least the first token of each request (in practice nearly all)
     assert 0 < max(changes) < bound, (max(changes), bound)  # quantized (not the float cache), and near it
+
+
+def _engine_model(engine):
+    """The engine's model (its scales included), loaded on the CPU in float32, and its config."""
+    cfg, _ = read_engine(engine)
+    model = build_rank_model(cfg, Mapping(1, 1), "cpu", torch.float32)
+    load_rank_model(model, engine, 0, False, cfg, torch.float32, "cpu")
+    return model.eval(), cfg
+
+
+def _prefill_then_decode(model, cfg, rows, cache_dtype, block=4):
+    """Logits of each row's last decoder prompt token (one step: encoders, cross K/V, packed decoder prefill),
+    then of one decode step on the greedy token (decode attention over both caches); and the caches."""
+    ids, positions, attn, num_blocks = start_step(rows, block)
+    caches = [torch.zeros(2, num_blocks, block, cfg["num_key_value_heads"], cfg["head_dim"]).to(cache_dtype)
+              for _ in range(cfg["num_hidden_layers"])]
+    with torch.no_grad():
+        hidden = model(ids, positions, attn, caches)
+        first = model.compute_logits(hidden[attn.query_start_loc[1:].long() - 1])  # [R, V]
+        lens = [len(dec) for _, dec in rows]  # none a multiple of `block`: the next position is in the last block
+        step = AttentionMetadata.build([1] * len(rows), [n + 1 for n in lens], attn.block_tables, block)
+        none = torch.zeros(0, dtype=torch.int32)
+        step.cross = CrossMetadata(
+            encoder_ids=none, encoder_positions=none, encoder_start_loc=torch.zeros(1, dtype=torch.int32),
+            encoder_max_len=0, encoder_slot_mapping=none.long(), cross_lens=attn.cross.cross_lens,
+            cross_block_tables=attn.cross.cross_block_tables, max_cross_len=attn.cross.max_cross_len)
+        hidden = model(first.argmax(-1).int(), torch.tensor(lens, dtype=torch.int32), step, caches)
+        second = model.compute_logits(hidden)  # [R, V]
+    return first, second, caches
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernels run compiled: the GPU test below")
+@pytest.mark.parametrize("name", ["t5", "bart"])
+@pytest.mark.parametrize("algo", ["FP8", "INT8"])
+def test_triton_kernels_read_and_write_both_caches(saved, runs, name, algo, monkeypatch):
+    """The Triton path (the kernels under Triton's interpreter on CPU: KV write, packed prefill attention with T5's
+    bias over the self cache and non-causal over the cross cache, split-K decode attention) gives the torch
+    references' logits and cache codes for the engine's quantized caches."""
+    pytest.importorskip("triton")
+    import llmapi.layers.dispatch as dispatch
+
+    path, hf, _ = saved[name]
+    *_, engine, _, _ = runs(name, algo)
+    model, cfg = _engine_model(engine)
+    requests = _requests(hf)[:3]
+    rows = [(enc, [hf.config.decoder_start_token_id] + enc[:n]) for enc, n in zip(requests, (2, 4, 6))]
+    ref = _prefill_then_decode(model, cfg, rows, CACHE_DTYPE[algo])
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", True)
+    got = _prefill_then_decode(model, cfg, rows, CACHE_DTYPE[algo])
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got[2], ref[2]):  # each layer's cache: self and cross blocks
+        assert a.dtype == b.dtype == CACHE_DTYPE[algo]
+        a, b = a.float(), b.float()  # codes (an fp8 zero's sign aside)
+        # Codes may part only on a rounding boundary, one code apart: the cross K/V come from encoder outputs that
+        # the Triton encoder attention sums in another order (measured: 0-4 of 8704 codes).
+        step = torch.ones_like(b) if algo == "INT8" else torch.clamp(b.abs() / 8, min=2 ** -9)
+        assert ((a - b).abs() <= step).all()
+        assert (a != b).float().mean() < 1e-3
+
+
+def test_weight_modes_with_a_quantized_kv_cache(saved, runs):
+    """KV-cache quantization combines with the weight modes (int8 weight-only, FP8): the linears are quantized,
+    the caches hold codes, and the K/V scales are the KV-only engine's (calibration runs the float model)."""
+    for name, weights, algo, weight_dtype in (("bart", "W8A16", "INT8", torch.int8),
+                                              ("t5", "FP8", "FP8", torch.float8_e4m3fn)):
+        path, hf, calibration = saved[name]
+        quant = _quant(algo, calibration, weights)
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+        with one_thread(), LLM(str(path), dtype="float32", device="cpu", tokens_per_block=4, quant=quant) as llm:
+            outs = llm.generate(_requests(hf), params, use_tqdm=False)
+            assert {c.dtype for c in llm._local.kv_caches} == {CACHE_DTYPE[algo]}
+            engine, config = llm.engine_info.path, llm.engine_info.config
+        assert config["quantization"] == quant.to_dict()
+        assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
+        with safe_open(str(engine / "rank0.safetensors"), "pt") as f:
+            assert f.get_tensor("decoder.layers.1.cross_attention.kv.weight").dtype == weight_dtype
+            assert f.get_tensor("encoder.layers.0.attention.qkv.weight").dtype == weight_dtype
+        layers = config["num_hidden_layers"]
+        assert _engine_scales(engine, layers) == _engine_scales(runs(name, algo)[2], layers)
+
+
+def test_unknown_kv_cache_algorithms_fail_clearly(saved, tmp_path):
+    from llmapi.errors import CorruptEngineError
+    from llmapi.quantization.kv_cache import kv_cache_dtype
+
+    path, _, _ = saved["bart"]
+    with pytest.raises(ValueError, match="kv_cache_quant_algo='FP16' is invalid"):
+        LLM(str(path), device="cpu", quant=QuantConfig(quant_algo=None, kv_cache_quant_algo="FP16"))
+    with pytest.raises(ValueError, match="unknown.*fp8_kv_cache.*int8_kv_cache"):
+        LLM(str(path), device="cpu", quant="int4_kv_cache")
+    with pytest.raises(CorruptEngineError, match="kv_cache_quant_algo='FP4'"):  # an engine config edited by hand
+        kv_cache_dtype({"is_encoder_decoder": True, "quantization": {"kv_cache_quant_algo": "FP4"}}, torch.float32)
+
+
+def _t5_large_config() -> dict:
+    from llmapi.bench import resolve_bench_model
+
+    return json.loads(open(f"{resolve_bench_model('t5-large')}/config.json").read())
+
+
+@pytest.mark.parametrize("algo", ["FP8", "INT8"])
+def test_t5_large_dummy_engine_gets_default_scales(algo):
+    """llmapi bench --model t5-large --load-format dummy --kv-cache-dtype fp8|int8: the model built for the known
+    config (on meta) holds a scale for each of its 24 decoder layers' self- and cross-attention, none in the
+    encoder, and the dummy weights supply exactly those, with the decoder-only defaults (FP8 1.0; INT8 4 / 127)."""
+    from llmapi.models import config_from_hf
+    from llmapi.quantization.apply import quantize_engine_weights
+
+    quant = QuantConfig(quant_algo=None, kv_cache_quant_algo=algo)
+    cfg = {**config_from_hf(_t5_large_config(), torch.bfloat16), "quantization": quant.to_dict()}
+    model = build_rank_model(cfg, Mapping(1, 1), "meta", torch.bfloat16)
+    names = {n for n in model.state_dict() if n.endswith("kv_cache_scaling_factor")}
+    assert names == {name.format(i) for i in range(24) for name in (SELF, CROSS)}
+    float_weights = {n: t for n, t in model.state_dict().items() if n not in names}  # what dummy weights draw
+    scales = {n: t for n, t in quantize_engine_weights(cfg, float_weights, quant).items() if n in names}
+    assert set(scales) == names
+    default = {"FP8": 1.0, "INT8": 4.0 / 127}[algo]
+    for t in scales.values():
+        assert t.dtype == torch.bfloat16 and t.tolist() == [torch.tensor(default).bfloat16().item()] * 2
+
+
+def test_bench_runs_a_t5_large_shape_with_an_fp8_kv_cache(tmp_path):
+    """The known config at a tiny scale through `llmapi bench --load-format dummy --kv-cache-dtype fp8` on the CPU
+    (the bench passes the cache dtype on; conversion no longer refuses it)."""
+    from llmapi.cli import main
+
+    tiny = tmp_path / "t5-large-tiny"
+    tiny.mkdir()
+    (tiny / "config.json").write_text(json.dumps({**_t5_large_config(), "d_model": 64, "d_kv": 16, "d_ff": 128,
+                                                  "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+                                                  "vocab_size": 256}))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny), "--load-format", "dummy", "--device", "cpu", "--kv-cache-dtype",
+                 "fp8", "--isl", "6", "--osl", "4", "--num-requests", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kv_cache_dtype"] == "fp8" and result["llmapi"]["output_tokens"] == 16
+    # The same settings through LLM: float8 caches, every scale the dummy default 1.0.
+    with LLM(str(tiny), load_format="dummy", device="cpu", quant="fp8_kv_cache", skip_tokenizer_init=True) as llm:
+        assert {c.dtype for c in llm._local.kv_caches} == {torch.float8_e4m3fn}
+        scales = {n: p.tolist() for n, p in llm._local.model.named_parameters() if "kv_cache_scaling_factor" in n}
+    assert scales == {name.format(i): [1.0, 1.0] for i in range(2) for name in (SELF, CROSS)}
+
+
+GPU_NEW_TOKENS = 24
+
+
+def _gpu_models():
+    # test_encdec_gpu's models: T5 does not scale its attention scores, a 4-layer one at std 0.2 keeps float32
+    # within 1e-4 of float64 and bf16 within fp32's top 5.
+    return {"t5": em.t5("t5", layers=4, std=0.2), "bart": em.bart(encoder_layers=3, decoder_layers=2)}
+
+
+def _gpu_requests(hf):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 64, 120, 33, 1, 90, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["t5", "bart"])
+@pytest.mark.parametrize("algo", ["FP8", "INT8"])
+def test_gpu_bf16_quantized_cache_agrees_with_cpu_fp32_by_top5_rule(calibration, tmp_path, name, algo):
+    """On the GPU in bfloat16 with the quantized caches (Triton kernels, decode CUDA graphs): up to the first
+    mismatch the greedy tokens equal the CPU's float32 run with a float cache; there our token is in fp32
+    transformers' top 5."""
+    hf = _gpu_models()[name]
+    hf.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path, em.VOCAB)
+    requests = _gpu_requests(hf)
+    params = SamplingParams(max_tokens=GPU_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with LLM(str(tmp_path), dtype="float32", device="cpu", tokens_per_block=16) as llm:
+        want = [list(o.outputs[0].token_ids) for o in llm.generate(requests, params, use_tqdm=False)]
+    with LLM(str(tmp_path), dtype="bfloat16", device="cuda", tokens_per_block=16,
+             quant=_quant(algo, calibration)) as llm:
+        outs = llm.generate(requests, params, use_tqdm=False)  # one batch: encoders, then graph decodes
+        assert {c.dtype for c in llm._local.kv_caches} == {CACHE_DTYPE[algo]}
+        assert llm._runner.stats.graph_steps > 0
+    start = hf.config.decoder_start_token_id
+    for enc, out, ref in zip(requests, outs, want):
+        for i, (a, b) in enumerate(zip(out.outputs[0].token_ids, ref)):
+            if a == b:
+                continue
+            with torch.no_grad():
+                logits = hf(input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([[start] + ref[:i]]),
+                            use_cache=False).logits[0, -1]
+            assert a in logits.topk(5).indices.tolist(), f"our token {a} at {i} is not in fp32's top 5"
+            break

@@ -13,7 +13,6 @@ import encdec_models as em
 from family_parity import one_thread
 from llmapi import LLM, SamplingParams
 from llmapi._kernels.fp8_linear import FP8_DTYPE
-from llmapi.errors import UnsupportedModelError
 from llmapi.quantization.calibration import calibration_texts
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
@@ -73,7 +72,19 @@ def test_fp8_activation_scale_is_the_calibration_amax(bart_dir):
     assert scale == pytest.approx(float(torch.cat(seen).abs().max()) / 448, rel=1e-5)
 
 
-def test_kv_cache_quantization_is_refused(bart_dir):
+def test_kv_cache_quantization_with_the_default_calibration_text(bart_dir):
+    """The quantized KV cache (once refused for encoder-decoder models) converts on the default calibration text:
+    float8 caches, a (K, V) scale pair for each decoder layer's self- and cross-attention. Its accuracy checks
+    against transformers are in test_encdec_kv_quant."""
     path, _ = bart_dir
-    with pytest.raises(UnsupportedModelError, match="KV-cache quantization"):
-        LLM(str(path), dtype="float32", device="cpu", quant="fp8_kv_cache")
+    with one_thread(), LLM(str(path), dtype="float32", device="cpu", quant="fp8_kv_cache", tokens_per_block=4) as llm:
+        assert {c.dtype for c in llm._local.kv_caches} == {torch.float8_e4m3fn}
+        out = llm.generate([[5, 9, 17, 33, 4]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+        engine = llm.engine_info.path
+    assert len(out.token_ids) == 4
+    with safe_open(str(engine / "rank0.safetensors"), "pt") as f:
+        names = {n for n in f.keys() if n.endswith("kv_cache_scaling_factor")}
+        assert names == {f"decoder.layers.{i}.{a}.kv_cache_scaling_factor"
+                         for i in range(2) for a in ("attention", "cross_attention")}
+        assert all(float(f.get_tensor(n).min()) > 0 for n in names)
