@@ -288,6 +288,68 @@ def test_quantized_cache_stays_near_float_cache(saved, runs, name, algo):
     assert 0 < max(changes) < bound, (max(changes), bound)  # quantized (not the float cache), and near it
 
 
+def _hf_generate_quantized(hf, enc, dec, scales, algo, **kwargs) -> list[int]:
+    """transformers' generate (its own KV cache, float) with every decoder K/V replaced, as it is computed, by what
+    the quantized cache would read back: the continuation of decoder prompt `dec`."""
+    handles = [proj.register_forward_hook(
+        lambda m, a, out, key=(layer, kind), slot=slot: _fake_quant(out, scales[key][slot], algo))
+        for layer, kind, k_proj, v_proj in _kv_projections(hf) for slot, proj in enumerate((k_proj, v_proj))]
+    try:
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([enc]), attention_mask=torch.ones(1, len(enc), dtype=torch.long),
+                              decoder_input_ids=torch.tensor([dec]), do_sample=False, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gen[0, len(dec):].tolist()
+
+
+def _prompts(hf, count, seed) -> list[tuple[list[int], list[int]]]:
+    """Encoder inputs of 3 to 40 tokens, each with a decoder prompt: the start token alone for half of them, else
+    the start and 1 to 13 tokens (decoder prompts that run in chunks)."""
+    rng, start = random.Random(seed), hf.config.decoder_start_token_id
+    return [([rng.randrange(3, hf.config.vocab_size) for _ in range(rng.randrange(3, 41))],
+             [start] + ([rng.randrange(3, hf.config.vocab_size) for _ in range(rng.randrange(1, 14))] if i % 2 else []))
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+@pytest.mark.parametrize("algo", ["FP8", "INT8"])
+def test_greedy_beams_preemption_and_graphs_equal_transformers(saved, runs, name, algo, monkeypatch):
+    """Through the quantized caches, token for token what transformers generates with its K/V quantized the same
+    way: greedy with decoder prompts in chunks and preemption forced by a small cache (recomputed requests write
+    their cross codes again), decode steps through the decode-graph path (its CPU stand-in), and beam search (forked
+    beams copy self-attention codes and share the cross blocks)."""
+    from llmapi.runtime.cuda_graph import GRAPHS_ON_CPU_ENV
+
+    path, hf, _ = saved[name]
+    *_, engine, _, config = runs(name, algo)
+    scales = _engine_scales(engine, config["num_hidden_layers"])
+    quant = config["quantization"]
+    requests = _prompts(hf, 8, seed=11)
+    prompts = [{"encoder_prompt": e, "decoder_prompt": d} for e, d in requests]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = [_hf_generate_quantized(hf, e, d, scales, algo, max_new_tokens=8, eos_token_id=None, num_beams=1)
+            for e, d in requests]
+    with one_thread(), LLM(str(path), dtype="float32", device="cpu", tokens_per_block=4, max_num_tokens=48,
+                           kv_cache_config={"max_tokens": 24 * 4}, quant=QuantConfig.from_dict(quant)) as llm:
+        assert llm.engine_info.path == engine  # the same engine (a cache hit): the same scales
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        assert llm.get_stats()["num_preemptions"] > 0
+    assert got == want
+    monkeypatch.setenv(GRAPHS_ON_CPU_ENV, "1")
+    beams = SamplingParams(use_beam_search=True, best_of=3, n=1, max_tokens=8, temperature=0)
+    with one_thread(), LLM(str(path), dtype="float32", device="cpu", tokens_per_block=4, max_batch_size=8,
+                           quant=QuantConfig.from_dict(quant)) as llm:
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        assert 0 < llm._runner.stats.graph_steps < llm._runner.stats.steps
+        beamed = [list(o.outputs[0].token_ids) for o in llm.generate(prompts[:4], beams, use_tqdm=False)]
+        assert llm.get_stats()["num_free_blocks"] == llm.num_kv_blocks
+    assert got == want
+    assert beamed == [_hf_generate_quantized(hf, e, d, scales, algo, max_new_tokens=8, num_beams=3,
+                                             early_stopping=False, length_penalty=1.0) for e, d in requests[:4]]
+
+
 def _engine_model(engine):
     """The engine's model (its scales included), loaded on the CPU in float32, and its config."""
     cfg, _ = read_engine(engine)
@@ -473,3 +535,20 @@ def test_gpu_bf16_quantized_cache_agrees_with_cpu_fp32_by_top5_rule(calibration,
                             use_cache=False).logits[0, -1]
             assert a in logits.topk(5).indices.tolist(), f"our token {a} at {i} is not in fp32's top 5"
             break
+
+
+def test_tensor_parallel_two_ranks_equal_one(saved, runs):
+    """Two tensor-parallel ranks (each with half the heads, in its own quantized caches, with the layer's whole
+    scales) give one rank's tokens."""
+    path, hf, _ = saved["bart"]
+    *_, engine, _, config = runs("bart", "INT8")
+    prompts = [{"encoder_prompt": e, "decoder_prompt": d} for e, d in _prompts(hf, 6, seed=7)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    quant = QuantConfig.from_dict(config["quantization"])
+    with one_thread():
+        with LLM(str(path), dtype="float32", device="cpu", tokens_per_block=4, quant=quant) as llm:
+            one = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        with LLM(str(path), dtype="float32", device="cpu", tokens_per_block=4, quant=quant,
+                 tensor_parallel_size=2) as llm:
+            two = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert two == one
