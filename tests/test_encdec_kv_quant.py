@@ -409,9 +409,10 @@ def test_triton_kernels_read_and_write_both_caches(saved, runs, name, algo, monk
         assert (a != b).float().mean() < 1e-3
 
 
-def test_weight_modes_with_a_quantized_kv_cache(saved, runs):
+def test_weight_modes_with_a_quantized_kv_cache(saved, runs, tmp_path):
     """KV-cache quantization combines with the weight modes (int8 weight-only, FP8): the linears are quantized,
-    the caches hold codes, and the K/V scales are the KV-only engine's (calibration runs the float model)."""
+    the caches hold codes, and the K/V scales are the KV-only engine's (calibration runs the float model). The
+    engine saved with LLM.save loads (its manifest checked) and gives the same tokens."""
     for name, weights, algo, weight_dtype in (("bart", "W8A16", "INT8", torch.int8),
                                               ("t5", "FP8", "FP8", torch.float8_e4m3fn)):
         path, hf, calibration = saved[name]
@@ -421,8 +422,14 @@ def test_weight_modes_with_a_quantized_kv_cache(saved, runs):
             outs = llm.generate(_requests(hf), params, use_tqdm=False)
             assert {c.dtype for c in llm._local.kv_caches} == {CACHE_DTYPE[algo]}
             engine, config = llm.engine_info.path, llm.engine_info.config
+            llm.save(str(tmp_path / name))
         assert config["quantization"] == quant.to_dict()
         assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
+        with one_thread(), LLM(str(tmp_path / name), device="cpu", tokens_per_block=4) as llm:
+            assert not llm.engine_built and llm.engine_info.config["quantization"] == quant.to_dict()
+            assert {c.dtype for c in llm._local.kv_caches} == {CACHE_DTYPE[algo]}
+            again = llm.generate(_requests(hf), params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
         with safe_open(str(engine / "rank0.safetensors"), "pt") as f:
             assert f.get_tensor("decoder.layers.1.cross_attention.kv.weight").dtype == weight_dtype
             assert f.get_tensor("encoder.layers.0.attention.qkv.weight").dtype == weight_dtype
