@@ -96,7 +96,9 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, KV_QUANT: tl.constexpr,
                              QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
                              HAS_BIAS: tl.constexpr):
-    q_block = tl.program_id(0)
+    # Last q blocks first: with causal attention a request's later blocks read the most keys, and starting them
+    # first leaves the short ones to fill the last wave.
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     r = _find_request(query_start_loc_ptr, num_requests, q_block, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + r)
