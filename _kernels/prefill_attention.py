@@ -21,6 +21,14 @@ from .paged_attention import check_attention_mode
 
 BLOCK_M = 64  # tile rows: BLOCK_Q tokens x GROUP_P heads
 BLOCK_N = 32  # keys per tile
+LONG_QUERY = 256
+"""A step whose longest query has at least this many tokens (a long prompt's prefill) takes LONG_TILING."""
+LONG_TILING = (128, 64, 8, 2)
+"""(block_m, block_n, num_warps, num_stages) for long queries: 128 query rows by 64 keys over 8 warps,
+double-buffered, the tiling flash-attention kernels commonly take for head_dim 128 on long sequences (fewer,
+larger programs, each K/V tile feeding twice the rows), where the short-step defaults keep 64 x 32 tiles for the
+many small programs of short prompts. Not yet tuned on a GPU: `python -m llmapi.bench_kernels --prefill` times
+it against the other tilings on the grid's long-prompt steps."""
 
 
 @triton.jit
@@ -154,6 +162,14 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
                  _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=row_ok[:, None] & d_ok[None, :])
 
 
+def packed_tiling(max_query_len: int | None, kv_quant: bool) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) for a step whose longest query has `max_query_len` tokens
+    (None: unknown, the short-step tiling)."""
+    if max_query_len is not None and max_query_len >= LONG_QUERY:
+        return LONG_TILING
+    return BLOCK_M, BLOCK_N, 4, 1 if kv_quant else 2
+
+
 def paged_packed_attention(
     q: torch.Tensor,  # [T, nh, hd]
     k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
@@ -165,22 +181,24 @@ def paged_packed_attention(
     out: torch.Tensor | None = None,  # [T, nh, hd]
     kv_scale: torch.Tensor | None = None,  # [2] (K, V) scales of an int8 / fp8 cache
     quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
-    num_warps: int = 4,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int | None = None,
     sliding_window: int | None = None,  # each query sees only the last this many positions (its own included)
     causal: bool = True,
     position_bias: torch.Tensor | None = None,  # [nh, 2M-1] float32 relative position bias (T5)
+    max_query_len: int | None = None,  # the longest query (host int): picks the tiling
 ) -> torch.Tensor:
     """Causal attention of a packed batch (any query lengths) over the cache, as paged_attention_ref (with
     `sliding_window`, its windowed mask; tiles wholly before a query block's window are skipped; with
     `position_bias`, T5's relative bias on each score; with causal=False, cross-attention: every query of a
     request attends to all its context_lens keys, whatever its query length, with no window or bias); with
     `quant_scale`, the E4M3 codes quantize_fp8 makes of that output at that static scale. Tiles of
-    `block_m` (token, head) rows by `block_n` keys, `num_stages` deep: by default 32 keys, 2 stages for a
-    float cache and 1 for an int8 / fp8 one (64 requests x 128 tokens of Llama-3.1-8B's heads on H100:
-    110 -> 90 us bfloat16, 147 -> 118 us fp8, from 64-key tiles)."""
+    `block_m` (token, head) rows by `block_n` keys, `num_stages` deep: by default (packed_tiling) 64 x 32, 4
+    warps, 2 stages for a float cache and 1 for an int8 / fp8 one (64 requests x 128 tokens of Llama-3.1-8B's
+    heads on H100: 110 -> 90 us bfloat16, 147 -> 118 us fp8, from 64-key tiles); LONG_TILING when
+    `max_query_len` reaches LONG_QUERY."""
     num_tokens, nh, hd = q.shape
     num_requests = context_lens.shape[0]
     page, nkv = k_cache.shape[1], k_cache.shape[2]
@@ -191,7 +209,9 @@ def paged_packed_attention(
     out = attention_out(q, out, quant_scale)
     if num_tokens == 0:
         return out
-    num_stages = num_stages or (1 if kv_quant else 2)
+    tiling = packed_tiling(max_query_len, bool(kv_quant))
+    block_m, block_n = block_m or tiling[0], block_n or tiling[1]
+    num_warps, num_stages = num_warps or tiling[2], num_stages or tiling[3]
     group = nh // nkv
     group_p = triton.next_power_of_2(group)
     block_m = max(block_m, group_p)

@@ -11,7 +11,7 @@ from triton.compiler import ASTSource
 from llmapi._kernels.activation import _silu_and_mul_kernel
 from llmapi._kernels.argmax import CHUNK, _chunk_argmax_kernel
 from llmapi._kernels.decode_attention import _decode_split_kernel, _merge_splits_kernel
-from llmapi._kernels.prefill_attention import _packed_attention_kernel
+from llmapi._kernels.prefill_attention import LONG_TILING, _packed_attention_kernel
 from llmapi._kernels.layer_norm import _layer_norm_kernel
 from llmapi._kernels.lora_sgmv import BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_R, _expand_kernel, _shrink_kernel
 from llmapi._kernels.rms_norm import _rms_norm_kernel
@@ -60,6 +60,13 @@ def attention_kernels():
                     DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0,
                     CAUSAL=True, HAS_BIAS=False),
                dict(num_warps=4, num_stages=2))
+        if not quant:  # LONG_TILING, which long prompts' steps take
+            block_m, block_n, warps, stages = LONG_TILING
+            yield (f"packed {cache} long tiling", _packed_attention_kernel, packed_args,
+                   dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=block_m // 4, BLOCK_M=block_m,
+                        BLOCK_N=block_n, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=False,
+                        WINDOW=0, CAUSAL=True, HAS_BIAS=False),
+                   dict(num_warps=warps, num_stages=stages))
         if cache == "bf16" and not quant:  # a sliding window (StarCoder2-7B's 4096): the windowed tile ranges
             yield (f"decode {cache} window=4096", _decode_split_kernel, args,
                    dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=4,

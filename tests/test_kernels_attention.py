@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 
 from llmapi._kernels.decode_attention import paged_decode_attention  # noqa: E402
 from llmapi._kernels.kv_write import write_kv  # noqa: E402
-from llmapi._kernels.prefill_attention import paged_packed_attention  # noqa: E402
+from llmapi._kernels.prefill_attention import LONG_QUERY, paged_packed_attention  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU these kernels run compiled: pytest -m gpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -74,13 +74,14 @@ def test_packed_attention_interpreted(dtype):
 
 
 @interpreted
-@pytest.mark.parametrize("block_m,block_n", [(8, 4), (16, 8)])
-def test_packed_attention_interpreted_unmasked_tiles(block_m, block_n):
+@pytest.mark.parametrize("tiling", [dict(block_m=8, block_n=4), dict(block_m=16, block_n=8),
+                                    dict(max_query_len=LONG_QUERY)])
+def test_packed_attention_interpreted_unmasked_tiles(tiling):
     # Small tiles over long queries and contexts: most key tiles lie wholly before their query block (the loop
     # without masks), the rest on the diagonal; a prompt from 0, chunks after context (one starting mid-tile),
-    # a decode past many tiles.
+    # a decode past many tiles. And the tiling a step with a long query takes (LONG_TILING).
     check_packed([45, 19, 1, 30], [45, 61, 53, 101], nh=4, nkv=2, hd=16, block=4, dtype=torch.float32, seed=5,
-                 block_m=block_m, block_n=block_n)
+                 **tiling)
 
 
 @interpreted

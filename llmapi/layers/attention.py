@@ -152,7 +152,7 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
                                       attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale,
-                                      sliding_window=window)
+                                      sliding_window=window, max_query_len=attn.max_query_len)
     # The leading decodes (rows 0..d-1, one per request) through the decode kernel: the packed kernel gives a
     # one-token request a whole query tile. The tails are copied: a view d rows in would move the kernels'
     # pointer alignment from step to step (Triton compiles a kernel per alignment).
@@ -162,5 +162,5 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
                            splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window)
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
                            attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,
-                           quant_scale=quant_scale, sliding_window=window)
+                           quant_scale=quant_scale, sliding_window=window, max_query_len=attn.max_query_len)
     return out

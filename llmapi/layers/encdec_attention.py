@@ -88,6 +88,7 @@ def paged_attention(q, kv_cache, query_start_loc, context_lens, block_tables, ma
             return paged_decode_attention(q, kv_cache[0], kv_cache[1], context_lens, block_tables, scale, splits,
                                           kv_scale=kv_scale, position_bias=bias)
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], query_start_loc, context_lens, block_tables, scale,
-                                      kv_scale=kv_scale, causal=causal, position_bias=bias)
+                                      kv_scale=kv_scale, causal=causal, position_bias=bias,
+                                      max_query_len=max_query_len)
     return paged_attention_ref(q, kv_cache[0], kv_cache[1], query_start_loc, context_lens, block_tables, scale,
                                kv_scale, causal=causal, position_bias=bias)
