@@ -383,9 +383,10 @@ def apply_grammar_masks(logits: torch.Tensor, batch, rows: np.ndarray, processor
         except Exception as e:
             errors[good[i]] = _row_error(int(request_ids[good[i]]), e)
     host = bitmask.numpy()
+    allows_any = host[:len(good)].any(axis=1)  # [G]: one pass over the batch, not a call per row
     offsets, suppressed = np.asarray(batch.suppress_offsets), np.asarray(batch.suppress_ids)
     for i, r in enumerate(good):
-        if r not in errors and not host[i].any():
+        if r not in errors and not allows_any[i]:
             errors[r] = _row_error(int(request_ids[r]), GuidedDecodingError(
                 "the grammar allows no token of this model's vocabulary here"))
         banned = suppressed[offsets[r]:offsets[r + 1]]
