@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from llmapi import LLM, SamplingParams
+from llmapi import LLM, KvCacheConfig, SamplingParams
 from llmapi.runtime.cuda_graph import GRAPHS_ON_CPU_ENV, graph_size, graph_sizes
 
 MAX_BATCH = 16
@@ -60,6 +60,25 @@ def test_decode_graph_path_on_cpu_equals_eager_one_rank(tp, pp, tiny_llama_dir, 
     assert got == want
     # Every decode step (micro-batch, at PP=2) of 7 requests ran in a graph: all steps but the prefills.
     assert stats["graph_steps"] >= stats["steps"] - 4 * pp and stats["graph_steps"] >= 10
+
+
+def test_graph_ladder_stops_at_the_cache_blocks(tiny_llama_dir, monkeypatch):
+    # A cache of 12 blocks runs at most 12 sequences at once: no graph is captured past that, whatever
+    # max_batch_size says; the decode steps still replay graphs, with the same tokens.
+    monkeypatch.setenv(GRAPHS_ON_CPU_ENV, "1")
+    prompts = _prompts(tiny_llama_dir, [1, 5, 17, 3], seed=3)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    with LLM(str(tiny_llama_dir), max_batch_size=2048, tokens_per_block=8,
+             kv_cache_config=KvCacheConfig(max_tokens=96)) as llm:
+        assert llm._runner.num_blocks == 12
+        assert llm._runner.graphs.sizes == graph_sizes(12) == [1, 2, 4, 8]
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm._runner.stats.as_dict()["graph_steps"] > 0
+    monkeypatch.delenv(GRAPHS_ON_CPU_ENV)
+    with LLM(str(tiny_llama_dir), max_batch_size=2048, tokens_per_block=8,
+             kv_cache_config=KvCacheConfig(max_tokens=96)) as eager:
+        assert eager._runner.graphs is None
+        assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
 
 
 # ---------------------------------------------------------------- GPUs

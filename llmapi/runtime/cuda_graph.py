@@ -31,7 +31,7 @@ GRAPHS_ON_CPU_ENV = "LLMAPI_DECODE_GRAPHS_ON_CPU"
 
 # Batch sizes with a graph: a decode batch of R requests runs in the smallest one >= R.
 # Decode steps are bound by reading the weights: a few padded rows cost little, and fewer graphs capture faster.
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 def graphs_on_cpu() -> bool:

@@ -141,9 +141,12 @@ class ModelRunner:
 
     def capture_graphs(self, max_batch_size: int) -> None:
         """Capture the decode graphs of this rank's layers (its pipeline stage's), for batch sizes up to
-        `max_batch_size`; with tensor parallelism every rank of the stage must call this at once."""
+        `max_batch_size`, and never more than the cache's blocks (each running sequence holds one at least: a
+        larger decode batch cannot happen, and its graph's memory would be wasted); with tensor parallelism every
+        rank of the stage must call this at once (they hold the same number of blocks)."""
         from .cuda_graph import DecodeGraphs
 
+        max_batch_size = min(max_batch_size, self.num_blocks)
         m = self.mapping
         max_blocks = -(-self.config["max_position_embeddings"] // self.tokens_per_block)
         hidden = None if m.is_first_stage else (self.config["hidden_size"], self.dtype)
