@@ -15,6 +15,9 @@ from typing import Optional
 GRID_SOURCE = "TensorRT-LLM v1.0 performance overview, PyTorch backend, Llama-3.1-8B-Instruct-FP8, TP1"
 STEADY_FACTOR = 3
 """A row is a steady state when its request count is at least this many times its most requests in flight."""
+WARMUP_OUTPUT_TOKENS = 16
+"""Output tokens of each warm-up request (at most the row's): 128/4096's or 20000/2000's whole outputs would take
+tens of seconds of decode steps that compile nothing new."""
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,10 @@ def run_row(llm, row: GridRow, requests: int, seed: int, warmup: int) -> dict:
     from .sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=row.osl, temperature=0.0, ignore_eos=True, detokenize=False)
-    if warmup:
-        _drive(llm, row_workload(row, warmup, seed, True).prompts(llm.vocab_size), params, 0)
+    if warmup:  # the row's prompt shapes and a few decode steps compile what the row runs; its long tail would not
+        warm = SamplingParams(max_tokens=min(row.osl, WARMUP_OUTPUT_TOKENS), temperature=0.0, ignore_eos=True,
+                              detokenize=False)
+        _drive(llm, row_workload(row, warmup, seed, True).prompts(llm.vocab_size), warm, 0)
     prompts = row_workload(row, requests, seed, False).prompts(llm.vocab_size)
     lengths = [len(p) for p in prompts]
     before = llm.get_stats()

@@ -96,11 +96,18 @@ def test_grid_steady_row_against_the_h100_figure(long_llama_dir, tmp_path, capsy
     # an H100's, so the table shows TensorRT-LLM's H100 figure and the ratio.
     import llmapi.bench_grid as grid
 
+    import llmapi.bench as bench
+
     monkeypatch.setattr(grid, "device_name", lambda llm: "NVIDIA H100 80GB HBM3")
+    drives, drive = [], bench._drive
+    monkeypatch.setattr(bench, "_drive", lambda llm, prompts, params, *rest: drives.append(
+        (len(prompts), params.max_tokens)) or drive(llm, prompts, params, *rest))
     out = tmp_path / "grid.json"
     rc = main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm", "--grid-rows",
-               "128/128", "--max-batch-size", "2", "--dtype", "bfloat16", "--json", str(out)])
+               "128/128", "--max-batch-size", "2", "--dtype", "bfloat16", "--warmup", "2", "--json", str(out)])
     assert rc == 0
+    # The warm-up requests stop after WARMUP_OUTPUT_TOKENS; the timed ones run the row's 128.
+    assert drives == [(2, grid.WARMUP_OUTPUT_TOKENS), (6, 128)] and grid.WARMUP_OUTPUT_TOKENS < 128
     result = json.loads(out.read_text())
     assert result["reference_device"] == "H100" and result["max_seq_len"] == 257
     assert result["dtype"] == "bfloat16" and result["quant"] is None and result["fp8_like_reference"] is False
