@@ -289,12 +289,12 @@ PYBIND11_MODULE(_core, m) {
                        bool enable_chunked_prefill, int32_t max_inflight_batches,
                        bool async_scheduling, int32_t vocab_size, int32_t sliding_window,
                        int32_t speculative_mode, int32_t max_draft_len, int32_t max_matching_ngram_size,
-                       int32_t max_encoder_input_len) {
+                       int32_t max_encoder_input_len, int32_t capacity_scheduler_policy) {
              ExecutorConfig c{max_batch_size, max_num_tokens, max_seq_len, tokens_per_block,
                               num_blocks, enable_prefix_caching, enable_chunked_prefill,
                               max_inflight_batches, async_scheduling, vocab_size, sliding_window,
                               speculative_mode, max_draft_len, max_matching_ngram_size,
-                              max_encoder_input_len};
+                              max_encoder_input_len, capacity_scheduler_policy};
              c.validate();
              return c;
            }),
@@ -302,7 +302,7 @@ PYBIND11_MODULE(_core, m) {
            "num_blocks"_a, "enable_prefix_caching"_a = true, "enable_chunked_prefill"_a = true,
            "max_inflight_batches"_a = 1, "async_scheduling"_a = false, "vocab_size"_a = 0,
            "sliding_window"_a = 0, "speculative_mode"_a = 0, "max_draft_len"_a = 0,
-           "max_matching_ngram_size"_a = 0, "max_encoder_input_len"_a = 0)
+           "max_matching_ngram_size"_a = 0, "max_encoder_input_len"_a = 0, "capacity_scheduler_policy"_a = 0)
       .def_readonly("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readonly("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readonly("max_seq_len", &ExecutorConfig::max_seq_len)
@@ -318,6 +318,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("max_draft_len", &ExecutorConfig::max_draft_len)
       .def_readonly("max_matching_ngram_size", &ExecutorConfig::max_matching_ngram_size)
       .def_readonly("max_encoder_input_len", &ExecutorConfig::max_encoder_input_len)
+      .def_readonly("capacity_scheduler_policy", &ExecutorConfig::capacity_scheduler_policy)
       .def("__repr__", &ExecutorConfig::repr);
 
   py::class_<Request>(m, "Request")

@@ -1,6 +1,6 @@
 """llmapi: LLM inference from Hugging Face models through cached engines and a C++ executor."""
 
-from .config import KvCacheConfig, LlmArgs
+from .config import CapacitySchedulerPolicy, KvCacheConfig, LlmArgs, SchedulerConfig
 from .errors import (AdapterError, AdapterNotFoundError, CorruptEngineError, EngineCacheError,
                      EngineLockTimeoutError, ExecutorDeadError, ExecutorError, GuidedDecodingError, LaunchError,
                      LLMAPIError, LogitsProcessorError, ModelNotFoundError, RequestAbortedError, RequestError,
@@ -17,7 +17,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "LLM", "SamplingParams", "GuidedDecodingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
-    "Logprob", "KvCacheConfig", "LlmArgs", "QuantConfig", "LoRARequest", "LoraConfig", "PromptAdapterRequest",
+    "Logprob", "KvCacheConfig", "SchedulerConfig", "CapacitySchedulerPolicy", "LlmArgs", "QuantConfig", "LoRARequest",
+    "LoraConfig", "PromptAdapterRequest",
     "DraftTargetDecodingConfig", "NGramDecodingConfig", "EagleDecodingConfig", "RequestMetrics",
     "SpeculativeDecodingMetrics",
     "LLMAPIError", "ModelNotFoundError", "UnsupportedModelError", "EngineCacheError",

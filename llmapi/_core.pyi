@@ -34,12 +34,16 @@ class ExecutorConfig:
     # Encoder-decoder requests: the longest encoder input accepted (RequestError beyond it); 0: no limit besides
     # max_num_tokens - 1 (the encoder runs unchunked in one step beside at least one decoder token).
     max_encoder_input_len: int
+    # Admission (TensorRT-LLM's CapacitySchedulerPolicy): 0 max utilization (a request is admitted when its next
+    # step's blocks fit; running requests short of a block preempt the latest admitted), 1 guaranteed no evict (the
+    # free blocks must also cover its blocks to completion and what the running requests still need to reach theirs).
+    capacity_scheduler_policy: int
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
                  tokens_per_block: int, num_blocks: int, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_inflight_batches: int = 1,
                  async_scheduling: bool = False, vocab_size: int = 0, sliding_window: int = 0,
                  speculative_mode: int = 0, max_draft_len: int = 0, max_matching_ngram_size: int = 0,
-                 max_encoder_input_len: int = 0) -> None: ...
+                 max_encoder_input_len: int = 0, capacity_scheduler_policy: int = 0) -> None: ...
 
 def propose_ngram(tokens: Sequence[int], max_ngram_size: int, max_draft_len: int) -> List[int]:
     """The tokens after the most recent earlier occurrence of the longest suffix of `tokens` (max_ngram_size

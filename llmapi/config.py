@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -94,6 +95,59 @@ class KvCacheConfig:
         raise ValueError(f"kv_cache_config={value!r} is invalid: must be a KvCacheConfig or a dict")
 
 
+class CapacitySchedulerPolicy(str, enum.Enum):
+    """How the scheduler admits waiting requests against the KV cache (TensorRT-LLM's CapacitySchedulerPolicy)."""
+
+    MAX_UTILIZATION = "MAX_UTILIZATION"
+    """Admit a request as soon as the blocks of its next step fit; a running request that later lacks a block
+    preempts the most recently admitted one, which recomputes its tokens when it is admitted again (vLLM's
+    behaviour). Our default."""
+    GUARANTEED_NO_EVICT = "GUARANTEED_NO_EVICT"
+    """Admit a request only if the free blocks hold it to completion (prompt + max_tokens for every sequence it runs,
+    less the prefix-cache blocks it reuses) besides what the running requests still need to reach theirs, so
+    running requests are not preempted. A request whose completion exceeds the whole cache is admitted under
+    MAX_UTILIZATION's rule instead. TensorRT-LLM's default."""
+
+    @classmethod
+    def coerce(cls, value: Union["CapacitySchedulerPolicy", str]) -> "CapacitySchedulerPolicy":
+        """The policy `value` names: a member, or its name in any case ("guaranteed_no_evict")."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and value.upper() in cls.__members__:
+            return cls[value.upper()]
+        allowed = ", ".join(m.name for m in cls)
+        raise ValueError(f"capacity_scheduler_policy={value!r} is invalid: must be one of {allowed} "
+                         f"(a CapacitySchedulerPolicy or its name, in any case)")
+
+    @property
+    def core_value(self) -> int:
+        """The executor core's number for it (ExecutorConfig.capacity_scheduler_policy)."""
+        return {CapacitySchedulerPolicy.MAX_UTILIZATION: 0, CapacitySchedulerPolicy.GUARANTEED_NO_EVICT: 1}[self]
+
+
+@rejects_unknown_arguments("SchedulerConfig()")
+@dataclass
+class SchedulerConfig:
+    """How requests are admitted (TensorRT-LLM's SchedulerConfig). A runtime setting: the engine is the same."""
+
+    capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.MAX_UTILIZATION
+    """MAX_UTILIZATION (our default) or GUARANTEED_NO_EVICT (TensorRT-LLM's default), or either name as a string in
+    any case; see CapacitySchedulerPolicy."""
+
+    def __post_init__(self):
+        self.capacity_scheduler_policy = CapacitySchedulerPolicy.coerce(self.capacity_scheduler_policy)
+
+    @classmethod
+    def coerce(cls, value: Union["SchedulerConfig", dict, None]) -> "SchedulerConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return from_kwargs(cls, value, "SchedulerConfig()")
+        raise ValueError(f"scheduler_config={value!r} is invalid: must be a SchedulerConfig or a dict")
+
+
 @dataclass
 class LlmArgs:
     """Every argument of `LLM(...)`; each is validated on construction."""
@@ -128,6 +182,8 @@ class LlmArgs:
     """KV cache size and block reuse, see KvCacheConfig."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps so decodes keep running."""
+    scheduler_config: Optional[SchedulerConfig] = None
+    """Admission policy (SchedulerConfig(capacity_scheduler_policy=...)); default MAX_UTILIZATION."""
     load_format: str = "auto"
     """auto: read the checkpoint; dummy: random weights from the config (for speed work)."""
     revision: Optional[str] = None
@@ -212,6 +268,7 @@ class LlmArgs:
             _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"), name, v,
                    "must be a finite number of seconds > 0")
         self.kv_cache_config = KvCacheConfig.coerce(self.kv_cache_config)
+        self.scheduler_config = SchedulerConfig.coerce(self.scheduler_config)
         from .speculative.config import EagleDecodingConfig, resolve_speculative_config
 
         self.speculative_config = resolve_speculative_config(self.speculative_config)

@@ -129,6 +129,9 @@ class LLM:
                 tokens_per_block=args.tokens_per_block,
                 enable_prefix_caching=args.kv_cache_config.enable_block_reuse,
                 enable_chunked_prefill=args.enable_chunked_prefill,
+                # A runtime setting (never part of the engine's cache key); on several ranks it reaches rank 0's
+                # executor with the rest of these arguments.
+                capacity_scheduler_policy=args.scheduler_config.capacity_scheduler_policy.core_value,
                 # Pipeline stages overlap when the next step starts before the last stage ends this one; async
                 # scheduling keeps two steps in flight itself (at every world size: the ranks fill placeholders).
                 max_inflight_batches=1 if args.async_scheduling else mapping.pp_size,

@@ -40,6 +40,11 @@ void ExecutorConfig::validate() const {
     throw std::invalid_argument("speculative_mode=" + std::to_string(speculative_mode) +
                                 " is invalid: must be 0 (none), 1 (n-gram), 2 (draft model) or 3 (EAGLE)");
   }
+  if (capacity_scheduler_policy < 0 ||
+      capacity_scheduler_policy > static_cast<int32_t>(CapacitySchedulerPolicy::kGuaranteedNoEvict)) {
+    throw std::invalid_argument("capacity_scheduler_policy=" + std::to_string(capacity_scheduler_policy) +
+                                " is invalid: must be 0 (max utilization) or 1 (guaranteed no evict)");
+  }
   if (speculative_mode != 0) require_positive("max_draft_len", max_draft_len);
   if (max_draft_len < 0) {
     throw std::invalid_argument("max_draft_len=" + std::to_string(max_draft_len) + " is invalid: must be >= 0");
@@ -79,7 +84,8 @@ std::string ExecutorConfig::repr() const {
     << ", vocab_size=" << vocab_size << ", sliding_window=" << sliding_window
     << ", speculative_mode=" << speculative_mode << ", max_draft_len=" << max_draft_len
     << ", max_matching_ngram_size=" << max_matching_ngram_size
-    << ", max_encoder_input_len=" << max_encoder_input_len << ")";
+    << ", max_encoder_input_len=" << max_encoder_input_len
+    << ", capacity_scheduler_policy=" << capacity_scheduler_policy << ")";
   return s.str();
 }
 

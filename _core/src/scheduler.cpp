@@ -106,6 +106,52 @@ int32_t Scheduler::blocks_to_hold(const Request* r) const {
   return peak_blocks(config_, r->num_tokens()) + cross_blocks(config_, *r);
 }
 
+int32_t Scheduler::completion_blocks(const Request* r) const {
+  const int32_t B = config_.tokens_per_block;
+  // The last token sampled is never computed, so prompt + max_tokens over-counts by at most a block.
+  const int64_t last = std::min<int64_t>(static_cast<int64_t>(r->num_prompt_tokens) + r->stop.max_tokens,
+                                         config_.max_seq_len);
+  const int32_t per = peak_blocks(config_, static_cast<int32_t>(std::max<int64_t>(last, r->num_tokens())));
+  // Sequences: num_sequences until the group forks, then those not finished yet.
+  int64_t k = 1;
+  if (r->group) {
+    k = r->group->forked ? static_cast<int64_t>(r->group->members.size()) : r->group->num_sequences;
+  }
+  // Forks share the prompt's full blocks; a sequence's blocks after them are its own (the block
+  // holding the prompt's tail is copied on write). Under a sliding window, no sharing is counted.
+  const int64_t shared =
+      k > 1 && config_.sliding_window <= 0 ? std::min(per, r->num_prompt_tokens / B) : 0;
+  const int64_t total = shared + k * (per - shared) + cross_blocks(config_, *r);
+  return static_cast<int32_t>(std::min<int64_t>(total, std::numeric_limits<int32_t>::max()));
+}
+
+int32_t Scheduler::held_blocks(const Request* r) const {
+  const auto count = [](const std::vector<int32_t>& ids) {
+    return static_cast<int32_t>(std::count_if(ids.begin(), ids.end(),
+                                              [](int32_t id) { return id != BlockManager::kReleased; }));
+  };
+  if (!r->group) return count(r->block_ids) + count(r->cross_block_ids);
+  std::unordered_set<int32_t> held;  // forks share blocks: each counted once
+  for (const Request* m : members(*r->group)) {
+    if (m->status != RequestStatus::kRunning) continue;
+    for (int32_t id : m->block_ids) {
+      if (id != BlockManager::kReleased) held.insert(id);
+    }
+    held.insert(m->cross_block_ids.begin(), m->cross_block_ids.end());
+  }
+  return static_cast<int32_t>(held.size());
+}
+
+int64_t Scheduler::reserved_blocks() const {
+  int64_t total = 0;
+  std::unordered_set<const SequenceGroup*> seen;
+  for (const Request* r : running_) {
+    if (r->group && !seen.insert(r->group.get()).second) continue;
+    total += std::max(0, completion_blocks(r) - held_blocks(r));
+  }
+  return total;
+}
+
 int32_t Scheduler::peak_blocks(const ExecutorConfig& config, int32_t num_tokens) {
   const int32_t B = config.tokens_per_block;
   const int32_t all = (num_tokens + B - 1) / B;
@@ -346,6 +392,9 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
   const int32_t B = config_.tokens_per_block;
   int32_t seats_used = 0;
   for (const Request* r : running_) seats_used += seats(r);
+  // GUARANTEED_NO_EVICT: the free blocks left once the running requests' completions are set aside.
+  const bool no_evict = config_.guaranteed_no_evict() && !waiting_.empty();
+  int64_t available = no_evict ? blocks_.num_free_blocks() - reserved_blocks() : 0;
   while (!waiting_.empty() && budget > 0) {
     Request* r = waiting_.front();
     if (seats_used + seats(r) > config_.max_batch_size) break;
@@ -388,6 +437,18 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
       if (!config_.enable_chunked_prefill && n > budget) break;
       n = std::min(n, budget);
     }
+    // GUARANTEED_NO_EVICT (see scheduler.h): its completion must fit beside the running requests'.
+    // A sequence of a forked group (back after a fallback preemption) is not counted again.
+    int64_t need = 0;
+    if (no_evict && !(r->group && r->group->forked)) {
+      need = completion_blocks(r);
+      if (need <= config_.num_blocks) {
+        // Prefix blocks others hold already cost no free block; those in the free queue do.
+        for (int32_t id : prefix) need -= blocks_.ref_count(id) > 0;
+        if (need > available) break;
+      }
+      // Else it could never pass: MAX_UTILIZATION's rule admits it, and nobody behind it while it runs.
+    }
     if (config_.sliding_window > 0) {
       if (encoder > 0) throw std::logic_error("an encoder-decoder request under a sliding window");
       // The prefix hit is taken first (no new block), its blocks before the window handed back
@@ -406,6 +467,7 @@ void Scheduler::schedule_waiting(SchedulerOutput& out, int32_t& budget) {
       break;
     }
     waiting_.pop_front();
+    available -= need;
     if (sibling != nullptr) {
       r->cross_block_ids = blocks_.fork(sibling->cross_block_ids);
       r->cross_ready = true;

@@ -12,6 +12,14 @@ namespace llmapi {
 // batch holds placeholders (-1) and the tokens the drafter must catch up on (Batch.draft_input_ids).
 enum class SpeculativeMode : int32_t { kNone = 0, kNgram = 1, kDraftModel = 2, kEagle = 3 };
 
+// How admission weighs the KV cache (TensorRT-LLM's CapacitySchedulerPolicy).
+// kMaxUtilization: a waiting request is admitted when the blocks of its next step fit; a running
+// request short of a block later preempts the latest admitted one (recompute).
+// kGuaranteedNoEvict: a waiting request is admitted only if the free blocks also cover its own blocks
+// to completion (prompt + max_tokens, every sequence) and what the running requests still need to
+// reach theirs, so running requests are not preempted for lack of blocks (see scheduler.h).
+enum class CapacitySchedulerPolicy : int32_t { kMaxUtilization = 0, kGuaranteedNoEvict = 1 };
+
 struct ExecutorConfig {
   int32_t max_batch_size = 0;   // most requests admitted (running) at once, so at most this many per step
   int32_t max_num_tokens = 0;   // token budget of one step (all requests' new tokens together)
@@ -40,7 +48,12 @@ struct ExecutorConfig {
   // Encoder-decoder requests: the longest encoder input accepted (0: no limit besides max_num_tokens - 1,
   // since the encoder runs unchunked in one step together with at least one decoder token).
   int32_t max_encoder_input_len = 0;
+  // CapacitySchedulerPolicy: 0 max utilization, 1 guaranteed no evict.
+  int32_t capacity_scheduler_policy = 0;
 
+  bool guaranteed_no_evict() const {
+    return capacity_scheduler_policy == static_cast<int32_t>(CapacitySchedulerPolicy::kGuaranteedNoEvict);
+  }
   // Throws std::invalid_argument naming the field and the bad value.
   void validate() const;
   std::string repr() const;

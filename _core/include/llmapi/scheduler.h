@@ -60,6 +60,22 @@ namespace llmapi {
 // computes what the target computes each step; a request's num_draft_computed (sync_drafter) says
 // how far its drafter KV is valid, and a speculating row hands the drafter the tokens from there.
 //
+// Capacity policy (config.capacity_scheduler_policy, TensorRT-LLM's CapacitySchedulerPolicy): step 2
+// above is MAX_UTILIZATION. Under GUARANTEED_NO_EVICT a waiting request is admitted only if, besides
+// its step's blocks, the free blocks (evictable cached blocks counted free, as allocation does) cover
+// its completion_blocks -- prompt + max_tokens (capped to max_seq_len) for every sequence it will run:
+// the prompt's full blocks once and each sequence's blocks after them (an extra sample's or beam's
+// own blocks and its copy-on-write block), plus its cross blocks -- less the prefix-cache blocks it
+// reuses that others reference already, plus what every running request still needs to reach its
+// own completion (its completion_blocks less the blocks it holds). Running requests then never lack
+// a block, so they are never preempted; preemption stays as the fallback should an estimate fall
+// short. A request whose completion_blocks exceed the whole cache could never pass this rule: it is
+// admitted under MAX_UTILIZATION's rule instead (it runs, and may be preempted by those admitted
+// before it, which keep their guarantee: nobody is admitted behind it while it runs), and like any
+// request fails once its tokens outgrow the cache. One that fits an empty cache waits for the running
+// requests to finish. A sequence of a forked group back in the queue after such a fallback
+// preemption is re-admitted under MAX_UTILIZATION's rule too (its group was admitted already).
+//
 // A request never needs more blocks than the cache holds: add() rejects such prompts and update()
 // fails a request (finish "error") as soon as its tokens outgrow the cache, so scheduling always
 // makes progress when nothing is in flight.
@@ -163,6 +179,13 @@ class Scheduler {
   // `encoder_tokens` > 0, its cross blocks, all or nothing.
   bool allocate_admission(Request* request, int32_t num_tokens, const std::vector<int32_t>& prefix,
                           int32_t encoder_tokens);
+  // GUARANTEED_NO_EVICT: the most blocks `request` (with the unfinished sequences of its group, its
+  // cross blocks included) holds at once up to its completion (prompt + max_tokens, within max_seq_len).
+  int32_t completion_blocks(const Request* request) const;
+  // The distinct blocks (cross blocks included) that `request` and the running sequences of its group hold.
+  int32_t held_blocks(const Request* request) const;
+  // Blocks the running requests still need to reach their completion (each group counted once).
+  int64_t reserved_blocks() const;
   // Sliding window: the leading blocks no query at `position` or later reads (0 without a window).
   int32_t blocks_before_window(int32_t position) const;
   // Hands back the blocks before the window of `request`'s next token (num_computed_tokens).
