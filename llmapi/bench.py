@@ -557,7 +557,8 @@ def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
                 kv_cache_config={"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction},
                 max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
-                async_scheduling=not a.no_async_scheduling)
+                async_scheduling=not a.no_async_scheduling,
+                scheduler_config={"capacity_scheduler_policy": a.capacity_scheduler_policy})
 
 
 def bench_offline(a, scratch: Path) -> int:
@@ -592,8 +593,8 @@ def bench_offline(a, scratch: Path) -> int:
                "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "workload": a.workload, "isl": isl,
                "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
-               "async_scheduling": not a.no_async_scheduling, "speculative_config": speculative_dict(speculative),
-               "kv_blocks": kv_blocks(llm)}
+               "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
+               "speculative_config": speculative_dict(speculative), "kv_blocks": kv_blocks(llm)}
     adapters = None
     if a.num_loras:
         results["lora"] = add_bench_adapters(llm, a, scratch)
@@ -613,6 +614,7 @@ def bench_offline(a, scratch: Path) -> int:
     profiler = KernelProfile(llm.device) if a.profile else contextlib.nullcontext()
     with profiler:
         ours = results["llmapi"] = timed(llm, job.prompts, job.params, a.concurrency, job.loras, outputs)
+    ours["preemptions"] = llm.get_stats()["num_preemptions"] - counters["num_preemptions"]
     if a.profile:
         results["profile"] = dict(profiler.summary(), device=profiler.cuda)
     if speculative is not None:
@@ -632,7 +634,8 @@ def bench_offline(a, scratch: Path) -> int:
         print(f"LoRA: {lo['num_loras']} random adapters of rank {lo['rank']} over {', '.join(lo['targets'])}, "
               f"written in {lo['write_s']:.1f} s and loaded in {lo['load_s']:.1f} s; requests "
               f"{'all on the first adapter (concurrency 1)' if a.concurrency == 1 else 'round-robin over them'}")
-    print(format_report("lora" if a.num_loras else "guided" if a.guided_json else "llmapi", ours))
+    print(format_report("lora" if a.num_loras else "guided" if a.guided_json else "llmapi", ours)
+          + f"  {ours['preemptions']:,} preemptions ({a.capacity_scheduler_policy})")
     if a.profile:
         print(format_profile(results["profile"], ours["wall_s"]))
     if speculative is not None:
@@ -793,6 +796,12 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
+    p.add_argument("--capacity-scheduler-policy", choices=["max_utilization", "guaranteed_no_evict"],
+                   default="max_utilization",
+                   help="admission against the KV cache (LLM(scheduler_config=SchedulerConfig("
+                   "capacity_scheduler_policy=...))): max_utilization (default) admits a request once its next step "
+                   "fits and preempts when running requests run short; guaranteed_no_evict (TensorRT-LLM's default) "
+                   "admits only what the cache holds to completion, so nothing is preempted")
     p.add_argument("--speculative-model", default=None,
                    help="speculative decoding with this draft model (hub id, directory, or a known config name: "
                    + ", ".join(known_config_names()) + ", with --load-format dummy as the target)")

@@ -259,7 +259,8 @@ def run_grid(a) -> int:
                "max_batch_size": a.max_batch_size, "max_num_tokens": a.max_num_tokens,
                "kv_cache_free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
-               "async_scheduling": not a.no_async_scheduling, "requests_scale": scale, "warmup": a.warmup,
+               "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
+               "requests_scale": scale, "warmup": a.warmup,
                "fp8_like_reference": fp8_like_reference(a), "startup_s": startup, "kv_blocks": kv_blocks(llm),
                "rows": []}
     print(f"grid {a.grid}: {GRID_SOURCE}; device {results['device']}, TensorRT-LLM's figures for "

@@ -325,3 +325,55 @@ def test_scheduler_config_arguments():
         LlmArgs(model="m", scheduler_config="guaranteed_no_evict")
     assert CapacitySchedulerPolicy.GUARANTEED_NO_EVICT.core_value == NO_EVICT
     assert CapacitySchedulerPolicy.MAX_UTILIZATION.core_value == MAX_UTIL
+
+
+# --- llmapi bench ---------------------------------------------------------------------------------------------------
+
+def test_bench_flag_reaches_the_llm_and_reports_preemptions(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import argparse
+    import json
+
+    from llmapi import bench
+    from llmapi.cli import main
+
+    seen = []
+    start = bench._start_llm
+
+    def recording(model, kwargs):
+        llm, startup = start(model, kwargs)
+        seen.append(llm.args.scheduler_config.capacity_scheduler_policy)
+        return llm, startup
+
+    monkeypatch.setattr(bench, "_start_llm", recording)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--isl", "6", "--osl", "5",
+                 "--num-requests", "4", "--capacity-scheduler-policy", "guaranteed_no_evict", "--json", str(out)]) == 0
+    assert seen == [CapacitySchedulerPolicy.GUARANTEED_NO_EVICT]
+    result = json.loads(out.read_text())
+    assert result["capacity_scheduler_policy"] == "guaranteed_no_evict"
+    assert result["llmapi"]["preemptions"] == 0 and result["llmapi"]["output_tokens"] == 20
+    assert "0 preemptions (guaranteed_no_evict)" in capsys.readouterr().out
+    # The grid builds its LLM from the same arguments; the default stays max_utilization.
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    kwargs = bench.offline_llm_kwargs(p.parse_args([]), 64)
+    assert kwargs["scheduler_config"] == {"capacity_scheduler_policy": "max_utilization"}
+    assert SchedulerConfig.coerce(kwargs["scheduler_config"]) == SchedulerConfig()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--capacity-scheduler-policy", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+# --- several ranks --------------------------------------------------------------------------------------------------
+
+def test_no_evict_reaches_rank_0_executor_on_two_ranks(squeezed, tiny_llama_dir):
+    """tp=2: the spawned job's rank 0 runs the executor; the policy travels with its other settings."""
+    prompts, runs = squeezed
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    preemptions = {}
+    for policy in ("max_utilization", "guaranteed_no_evict"):
+        with _llm(tiny_llama_dir, policy, tp=2) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            preemptions[policy] = llm.get_stats()["num_preemptions"]
+        assert [o.outputs[0].token_ids for o in outs] == runs["no_evict"][0], policy
+    assert preemptions["max_utilization"] > 0 and preemptions["guaranteed_no_evict"] == 0
