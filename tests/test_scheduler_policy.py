@@ -127,6 +127,24 @@ def test_core_counts_every_sequence_of_a_sample_group():
     assert drive(make_scheduler(MAX_UTIL, tokens_per_block=B, num_blocks=group))[3]["num_preemptions"] == 0
 
 
+def test_core_counts_an_encoder_decoder_request_s_cross_blocks():
+    B = 4
+    # Decoder start token + 7 tokens: 2 blocks; an 8-token encoder input: 2 cross blocks; 4 to completion. Once
+    # admitted, the first holds 1 + 2 and sets 1 aside: the second's 4 fit 8 - 3 - 1 = 4, not 7 - 3 - 1 = 3.
+    per = blocks(1 + 7, B) + blocks(8, B)
+    assert per == 4
+    for policy, num_blocks, together in ((NO_EVICT, 7, False), (NO_EVICT, 8, True), (MAX_UTIL, 7, True)):
+        s = make_scheduler(policy, tokens_per_block=B, num_blocks=num_blocks)
+        s.add(Request(1, [0], max_tokens=7, encoder_token_ids=list(range(10, 18))))
+        s.add(Request(2, [0], max_tokens=7, encoder_token_ids=list(range(20, 28))))
+        out = s.schedule()
+        assert s.running_ids == ([1, 2] if together else [1]), (policy, num_blocks)
+        outputs, reasons, _, stats = drive(s, out)
+        assert set(reasons.values()) == {"length"} and len(outputs[(2, 0)]) == 7
+        if policy == NO_EVICT:
+            assert stats["num_preemptions"] == 0
+
+
 def test_core_request_larger_than_the_cache_still_runs():
     B, num_blocks = 4, 8
     reasons_by_policy = {}
