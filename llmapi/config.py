@@ -59,6 +59,18 @@ def rejects_unknown_arguments(what: str):
     return wrap
 
 
+def _coerce_settings(cls, value, argument: str):
+    """An LLM argument holding settings of class `cls`: an instance, a dict of its fields, or None (the defaults);
+    anything else a ValueError naming `argument`."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return from_kwargs(cls, value, f"{cls.__name__}()")
+    raise ValueError(f"{argument}={value!r} is invalid: must be a {cls.__name__} or a dict")
+
+
 @rejects_unknown_arguments("KvCacheConfig()")
 @dataclass
 class KvCacheConfig:
@@ -86,13 +98,7 @@ class KvCacheConfig:
 
     @classmethod
     def coerce(cls, value: Union["KvCacheConfig", dict, None]) -> "KvCacheConfig":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return from_kwargs(cls, value, "KvCacheConfig()")
-        raise ValueError(f"kv_cache_config={value!r} is invalid: must be a KvCacheConfig or a dict")
+        return _coerce_settings(cls, value, "kv_cache_config")
 
 
 class CapacitySchedulerPolicy(str, enum.Enum):
@@ -139,13 +145,7 @@ class SchedulerConfig:
 
     @classmethod
     def coerce(cls, value: Union["SchedulerConfig", dict, None]) -> "SchedulerConfig":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return from_kwargs(cls, value, "SchedulerConfig()")
-        raise ValueError(f"scheduler_config={value!r} is invalid: must be a SchedulerConfig or a dict")
+        return _coerce_settings(cls, value, "scheduler_config")
 
 
 @dataclass
