@@ -23,12 +23,13 @@ BLOCK_M = 64  # tile rows: BLOCK_Q tokens x GROUP_P heads
 BLOCK_N = 32  # keys per tile
 LONG_QUERY = 256
 """A step whose longest query has at least this many tokens (a long prompt's prefill) takes LONG_TILING."""
-LONG_TILING = (128, 64, 8, 2)
-"""(block_m, block_n, num_warps, num_stages) for long queries: 128 query rows by 64 keys over 8 warps,
-double-buffered, the tiling flash-attention kernels commonly take for head_dim 128 on long sequences (fewer,
-larger programs, each K/V tile feeding twice the rows), where the short-step defaults keep 64 x 32 tiles for the
-many small programs of short prompts. Not yet tuned on a GPU: `python -m llmapi.bench_kernels --prefill` times
-it against the other tilings on the grid's long-prompt steps."""
+LONG_TILING = (128, 128, 8, 2)
+"""(block_m, block_n, num_warps, num_stages) for long queries of 2-byte dtypes: 128 (token, head) rows by 128 keys
+over 8 warps, double-buffered. H100, bfloat16 queries over an fp8 cache at Llama-3.1-8B's heads (`python -m
+llmapi.bench_kernels --prefill --kv-dtype fp8`): 4 x 2048-token prompts 708 -> 578 us, a 5000-token prompt with a
+3192-token chunk 1434 -> 1069 us, an 8192-token chunk after 8192 tokens 7452 -> 5358 us (221 -> 308 TFLOP/s), against
+the 64 x 32 tiles, which stay the faster for 64 x 128-token prompts (99 us against 155). float32 tiles of that size
+need 262,144 bytes of shared memory where an H100 has 232,448: float32 keeps the short tiling."""
 
 
 @triton.jit
@@ -162,10 +163,10 @@ def _packed_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_sta
                  _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def packed_tiling(max_query_len: int | None, kv_quant: bool) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages) for a step whose longest query has `max_query_len` tokens
-    (None: unknown, the short-step tiling)."""
-    if max_query_len is not None and max_query_len >= LONG_QUERY:
+def packed_tiling(max_query_len: int | None, kv_quant: bool, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) for a step of `dtype` queries whose longest query has
+    `max_query_len` tokens (None: unknown, the short-step tiling)."""
+    if max_query_len is not None and max_query_len >= LONG_QUERY and dtype.itemsize <= 2:
         return LONG_TILING
     return BLOCK_M, BLOCK_N, 4, 1 if kv_quant else 2
 
@@ -198,7 +199,7 @@ def paged_packed_attention(
     `block_m` (token, head) rows by `block_n` keys, `num_stages` deep: by default (packed_tiling) 64 x 32, 4
     warps, 2 stages for a float cache and 1 for an int8 / fp8 one (64 requests x 128 tokens of Llama-3.1-8B's
     heads on H100: 110 -> 90 us bfloat16, 147 -> 118 us fp8, from 64-key tiles); LONG_TILING when
-    `max_query_len` reaches LONG_QUERY."""
+    `max_query_len` reaches LONG_QUERY (2-byte queries)."""
     num_tokens, nh, hd = q.shape
     num_requests = context_lens.shape[0]
     page, nkv = k_cache.shape[1], k_cache.shape[2]
@@ -209,7 +210,7 @@ def paged_packed_attention(
     out = attention_out(q, out, quant_scale)
     if num_tokens == 0:
         return out
-    tiling = packed_tiling(max_query_len, bool(kv_quant))
+    tiling = packed_tiling(max_query_len, bool(kv_quant), q.dtype)
     block_m, block_n = block_m or tiling[0], block_n or tiling[1]
     num_warps, num_stages = num_warps or tiling[2], num_stages or tiling[3]
     group = nh // nkv

@@ -10,7 +10,8 @@ triton = pytest.importorskip("triton")
 
 from llmapi._kernels.decode_attention import paged_decode_attention  # noqa: E402
 from llmapi._kernels.kv_write import write_kv  # noqa: E402
-from llmapi._kernels.prefill_attention import LONG_QUERY, paged_packed_attention  # noqa: E402
+from llmapi._kernels.prefill_attention import (  # noqa: E402
+    LONG_QUERY, LONG_TILING, packed_tiling, paged_packed_attention)
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU these kernels run compiled: pytest -m gpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -74,14 +75,16 @@ def test_packed_attention_interpreted(dtype):
 
 
 @interpreted
-@pytest.mark.parametrize("tiling", [dict(block_m=8, block_n=4), dict(block_m=16, block_n=8),
-                                    dict(max_query_len=LONG_QUERY)])
-def test_packed_attention_interpreted_unmasked_tiles(tiling):
+@pytest.mark.parametrize("dtype,tiling", [(torch.float32, dict(block_m=8, block_n=4)),
+                                          (torch.float32, dict(block_m=16, block_n=8)),
+                                          (torch.bfloat16, dict(max_query_len=LONG_QUERY))])
+def test_packed_attention_interpreted_unmasked_tiles(dtype, tiling):
     # Small tiles over long queries and contexts: most key tiles lie wholly before their query block (the loop
     # without masks), the rest on the diagonal; a prompt from 0, chunks after context (one starting mid-tile),
-    # a decode past many tiles. And the tiling a step with a long query takes (LONG_TILING).
-    check_packed([45, 19, 1, 30], [45, 61, 53, 101], nh=4, nkv=2, hd=16, block=4, dtype=torch.float32, seed=5,
-                 **tiling)
+    # a decode past many tiles. And the tiling a bfloat16 step with a long query takes (LONG_TILING).
+    assert packed_tiling(LONG_QUERY, False, torch.bfloat16) == LONG_TILING
+    assert packed_tiling(LONG_QUERY, False, torch.float32) == packed_tiling(None, False, torch.bfloat16)
+    check_packed([45, 19, 1, 30], [45, 61, 53, 101], nh=4, nkv=2, hd=16, block=4, dtype=dtype, seed=5, **tiling)
 
 
 @interpreted
@@ -116,11 +119,12 @@ def test_packed_attention_gpu(dtype, nh, nkv, hd):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_m,block_n,num_warps,num_stages", [(64, 32, 4, 1), (128, 64, 8, 2), (128, 64, 4, 3),
-                                                                  (128, 128, 8, 2)])
+@pytest.mark.parametrize("dtype,block_m,block_n,num_warps,num_stages", [
+    (torch.float32, 64, 32, 4, 2), (torch.bfloat16, 64, 32, 4, 1), (torch.float32, 128, 64, 4, 3),
+    (torch.bfloat16, 128, 64, 8, 2), (torch.bfloat16, *LONG_TILING)])
 def test_packed_attention_tilings_gpu(dtype, block_m, block_n, num_warps, num_stages):
-    # Long prompts and chunks after long contexts (most key tiles unmasked) at each tiling the kernel may pick.
+    # Long prompts and chunks after long contexts (most key tiles unmasked) at tilings the kernel may pick (float32
+    # keeps the short one: LONG_TILING's float32 tiles do not fit an H100's shared memory).
     query_lens = [1024, 1, 700, 1500, 5]
     ctx_lens = [1024, 2500, 1800, 2600, 5]
     check_packed(query_lens, ctx_lens, 32, 8, 128, block=32, dtype=dtype, seed=block_m + block_n, block_m=block_m,
