@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmapi.errors import CorruptEngineError, UnsupportedModelError
+from llmapi.layers.attention import Attention
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -130,6 +131,11 @@ class CausalLM(nn.Module):
 
     def init_buffers(self, device) -> None:
         """Build the buffers computed from the config (not loaded), e.g. rotary frequencies."""
+
+    def kv_cache_attentions(self) -> list[nn.Module]:
+        """The attentions over the paged KV cache, each of which holds its own kv_cache_scaling_factor when the
+        cache is quantized: every Attention of a decoder-only model (an encoder-decoder model says its own)."""
+        return [module for module in self.modules() if isinstance(module, Attention)]
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Copy engine tensors into the parameters; missing, unexpected or misshapen names raise CorruptEngineError."""

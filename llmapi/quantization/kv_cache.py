@@ -22,7 +22,6 @@ from torch import nn
 
 from llmapi._kernels.kv_quant import CACHE_DTYPES, kv_scales_from_amax
 from llmapi.errors import CorruptEngineError, UnsupportedDeviceError
-from llmapi.layers.attention import Attention
 from llmapi.quantization.config import QuantConfig
 
 SCALE_NAME = "transformer.layers.{}.attention.attn.kv_cache_scaling_factor"
@@ -66,15 +65,11 @@ def check_kv_cache_device(engine_config: dict, device) -> None:
 
 def apply_kv_cache_quant(model: nn.Module, quant: QuantConfig | None) -> None:
     """Give every attention over the paged cache of `model` (built on meta) its [2] kv_cache_scaling_factor
-    parameter: each Attention of a decoder-only model; what `kv_cache_attentions` lists in a model that says
-    itself (an encoder-decoder model: its decoder layers' self- and cross-attention, not the encoder's)."""
+    parameter: those `model.kv_cache_attentions()` lists (each Attention of a decoder-only model; an
+    encoder-decoder model's decoder self- and cross-attention, not the encoder's)."""
     if quant is None or quant.kv_cache_quant_algo is None:
         return
-    if hasattr(model, "kv_cache_attentions"):
-        modules = model.kv_cache_attentions()
-    else:
-        modules = [module for module in model.modules() if isinstance(module, Attention)]
-    for module in modules:
+    for module in model.kv_cache_attentions():
         module.kv_cache_scaling_factor = nn.Parameter(torch.empty(2, device="meta"), requires_grad=False)
 
 
