@@ -22,10 +22,14 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--prefill", action="store_true", help="sweep the packed attention kernel's tile configurations")
+    p.add_argument("--decode-sweep", action="store_true",
+                   help="sweep the decode kernel's tilings and splits on the grid's decode steps")
     p.add_argument("--kv-dtype", choices=["bfloat16", "fp8"], default="bfloat16", help="the cache's dtype")
     a = p.parse_args(argv)
     if a.prefill:
         return prefill_sweep(a)
+    if a.decode_sweep:
+        return decode_sweep(a)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     blocks_per_seq = -(-a.context // a.block)
     num_blocks = a.batch * blocks_per_seq
@@ -40,10 +44,7 @@ def main(argv=None) -> int:
     q = torch.randn(a.batch, a.heads, a.head_dim, device=dev, dtype=dtype)
     ctx = torch.full((a.batch,), a.context, dtype=torch.int32, device=dev)
     kv_bytes = 2 * a.batch * a.context * a.kv_heads * a.head_dim * k_cache.element_size()
-    src = torch.empty(1 << 30, dtype=torch.int16, device=dev).random_()
-    dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    bandwidth = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
+    bandwidth = copy_bandwidth(dev)
     print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (bytes read + written)")
     print(f"batch {a.batch}, context {a.context}, heads {a.heads}/{a.kv_heads}, head_dim {a.head_dim}, {a.kv_dtype}: "
           f"{kv_bytes / 1e6:.0f} MB of K/V")
@@ -73,6 +74,87 @@ PREFILL_STEPS = (
 # (block_m, block_n, num_warps, num_stages); the first is the kernel's default for a quantized cache.
 PREFILL_CONFIGS = ((64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 4, 2),
                    (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3))
+
+
+# (name, rows, shortest context, longest context) of decode steps in the grid's rows at the bench's defaults (FP8
+# cache of about 1.0M tokens on an H100): each row's contexts spread evenly between the two lengths.
+DECODE_STEPS = (
+    ("128/128", 2048, 129, 256),
+    ("128/2048", 2048, 129, 900),
+    ("128/4096", 512, 129, 4224),
+    ("1000/1000", 955, 1001, 2000),
+    ("2048/2048", 400, 2049, 4096),
+    ("20000/2000", 48, 20001, 22000),
+)
+# (block_n, num_warps, num_stages) of the decode kernel; the first two are its defaults for a quantized cache.
+DECODE_CONFIGS = ((32, 1, 1), (32, 1, 2), (32, 1, 3), (32, 2, 2), (64, 1, 2), (64, 2, 2), (64, 2, 3), (64, 4, 2),
+                  (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2))
+
+
+def decode_sweep(a) -> int:
+    """Each DECODE_STEPS step through paged_decode_attention at each DECODE_CONFIGS tiling, with the default
+    split count and twice and four times it: microseconds and K/V bytes read per second, against a
+    device-to-device copy."""
+    import triton.testing
+
+    from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    bandwidth = copy_bandwidth(dev)
+    num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(f"{torch.cuda.get_device_name(dev)}, heads {a.heads}/{a.kv_heads}, head_dim {a.head_dim}, cache "
+          f"{a.kv_dtype}, block {a.block}; device-to-device copy {bandwidth / 1e12:.2f} TB/s")
+    for name, rows, lo, hi in DECODE_STEPS:
+        ctx = torch.linspace(lo, hi, rows, device=dev).round().to(torch.int32)
+        blocks = (ctx + a.block - 1) // a.block
+        num_blocks = int(blocks.sum())
+        width = int(blocks.max())
+        perm = torch.randperm(num_blocks, device=dev, generator=g).to(torch.int32)
+        tables = torch.zeros(rows, width, dtype=torch.int32, device=dev)
+        starts = (blocks.cumsum(0) - blocks).tolist()
+        for r, (at, n) in enumerate(zip(starts, blocks.tolist())):
+            tables[r, :n] = perm[at:at + n]
+        shape = (num_blocks, a.block, a.kv_heads, a.head_dim)
+        k_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
+        v_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
+        kv_scale = None
+        if a.kv_dtype == "fp8":
+            k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+            kv_scale = torch.ones(2, device=dev)
+        q = torch.randn(rows, a.heads, a.head_dim, device=dev, generator=g, dtype=torch.bfloat16)
+        moved = 2 * int(ctx.sum()) * a.kv_heads * a.head_dim * k_cache.element_size()
+        chosen = num_splits_for(rows, a.kv_heads, hi, num_sms)
+        print(f"step {name}: {rows} rows, context {lo}-{hi}, {moved / 1e6:.0f} MB of K/V, default splits {chosen}")
+        first = None
+        for splits in sorted({chosen, min(32, 2 * chosen), min(32, 4 * chosen)}):
+            for bn, warps, stages in DECODE_CONFIGS:
+                def run():
+                    return paged_decode_attention(q, k_cache, v_cache, ctx, tables, a.head_dim**-0.5, splits,
+                                                  kv_scale=kv_scale, block_n=bn, num_warps=warps, num_stages=stages)
+                try:
+                    out = run()
+                    ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+                except Exception as e:  # a tiling the device cannot run: say so and go on
+                    print(f"  splits {splits:2d} {bn:3d} w{warps} s{stages}: failed ({type(e).__name__}: "
+                          f"{str(e)[:80]})")
+                    continue
+                first = out if first is None else first
+                diff = (out.float() - first.float()).abs().max().item()
+                print(f"  splits {splits:2d} {bn:3d} w{warps} s{stages}: {ms * 1e3:8.1f} us  "
+                      f"{moved / (ms * 1e-3) / 1e12:5.2f} TB/s = {100 * moved / (ms * 1e-3) / bandwidth:3.0f}% of "
+                      f"the copy  max diff {diff:.1e}")
+    return 0
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.int16, device=dev).random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def prefill_sweep(a) -> int:
