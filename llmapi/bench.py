@@ -523,6 +523,7 @@ def main(a) -> int:
     from .bench_grid import check_grid_args, run_grid
 
     check_grid_args(a)
+    a.capacity_scheduler_policy = capacity_policy(a)
     if a.grid is not None:
         if a.model is None:
             raise ValueError(f"llmapi bench --grid {a.grid} needs --model")
@@ -549,6 +550,14 @@ def _is_encoder_decoder(model: str) -> bool:
         return False
 
 
+def capacity_policy(a) -> str:
+    """--capacity-scheduler-policy, or its default: LLM's (max_utilization), and with --grid TensorRT-LLM's
+    (guaranteed_no_evict), the policy its figures were measured with."""
+    if a.capacity_scheduler_policy is not None:
+        return a.capacity_scheduler_policy
+    return "max_utilization" if a.grid is None else "guaranteed_no_evict"
+
+
 def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
     """LLM() arguments from the bench's options (dtype, quantization, batch and token limits, KV cache share,
     parallelism, scheduling) for sequences of up to `seq_len` tokens; `text`: prompts need the tokenizer."""
@@ -558,7 +567,7 @@ def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
                 max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
                 async_scheduling=not a.no_async_scheduling,
-                scheduler_config={"capacity_scheduler_policy": a.capacity_scheduler_policy})
+                scheduler_config={"capacity_scheduler_policy": capacity_policy(a)})
 
 
 def bench_offline(a, scratch: Path) -> int:
@@ -797,11 +806,12 @@ def add_arguments(p) -> None:
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
     p.add_argument("--capacity-scheduler-policy", choices=["max_utilization", "guaranteed_no_evict"],
-                   default="max_utilization",
+                   default=None,
                    help="admission against the KV cache (LLM(scheduler_config=SchedulerConfig("
-                   "capacity_scheduler_policy=...))): max_utilization (default) admits a request once its next step "
-                   "fits and preempts when running requests run short; guaranteed_no_evict (TensorRT-LLM's default) "
-                   "admits only what the cache holds to completion, so nothing is preempted")
+                   "capacity_scheduler_policy=...))): max_utilization (LLM's default, and the bench's without "
+                   "--grid) admits a request once its next step fits and preempts when running requests run short; "
+                   "guaranteed_no_evict (TensorRT-LLM's default, and --grid's) admits only what the cache holds to "
+                   "completion, so nothing is preempted")
     p.add_argument("--speculative-model", default=None,
                    help="speculative decoding with this draft model (hub id, directory, or a known config name: "
                    + ", ".join(known_config_names()) + ", with --load-format dummy as the target)")

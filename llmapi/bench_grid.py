@@ -27,7 +27,8 @@ class GridRow:
     isl: int
     osl: int
     requests: int
-    """Requests at --grid-requests-scale 1 and the default --max-batch-size (see TRTLLM_GRID)."""
+    """Requests under MAX_UTILIZATION at --grid-requests-scale 1 and the default --max-batch-size (see
+    TRTLLM_GRID); the most under GUARANTEED_NO_EVICT (see row_requests)."""
     h100: float
     h200: float
 
@@ -44,15 +45,16 @@ class GridRow:
 # tok/s (trtllm-bench, CUDA graphs up to 8,192 rows, kv_cache_free_gpu_mem_fraction 0.95 where it fits), on H100
 # SXM 80GB and H200 SXM 141GB.
 #
-# Request counts: 3x the most requests the scheduler's admission rule (first come first served while the step's
-# token budget, the batch slots and the KV blocks last; preemption of the latest admitted when a running request
-# lacks a block) holds at once for the row, at the bench's defaults (FP8 weights and KV cache, max_batch_size 2048,
-# max_num_tokens 8192, 0.9 of free memory for the cache: about 1.0M cached tokens on an H100, 1.9M on an H200),
-# the larger of the two devices, rounded up to a multiple of 128. That peak, from a step-by-step simulation of the
-# rule: 2048 (max_batch_size: short prompts are all admitted before the cache fills) for 128/x and 500/2000;
-# 1,698 for 1000/x (the H200's cache; 955 on an H100); 494 for 2048/128 (the token budget: four prompts a step
-# against 128 steps a request); 884 for 2048/2048; 376 for 5000/500; 96 for 20000/2000. The run checks the
-# count against the peak it measures, which the estimate need not match.
+# Request counts under MAX_UTILIZATION: 3x the most requests its admission rule (first come first served while the
+# step's token budget, the batch slots and the KV blocks last; preemption of the latest admitted when a running
+# request lacks a block) holds at once for the row, at the bench's defaults (FP8 weights and KV cache,
+# max_batch_size 2048, max_num_tokens 8192, 0.9 of free memory for the cache: about 1.0M cached tokens on an H100,
+# 1.9M on an H200), the larger of the two devices, rounded up to a multiple of 128. That peak, from a step-by-step
+# simulation of the rule: 2048 (max_batch_size: short prompts are all admitted before the cache fills) for 128/x and
+# 500/2000; 1,698 for 1000/x (the H200's cache; 955 on an H100); 494 for 2048/128 (the token budget: four prompts a
+# step against 128 steps a request); 884 for 2048/2048; 376 for 5000/500; 96 for 20000/2000. Under
+# GUARANTEED_NO_EVICT (the grid's default policy, as TensorRT-LLM's) the peak is known before the run from the
+# cache itself (row_requests). The run checks the count against the peak it measures, which neither need match.
 TRTLLM_GRID = (
     GridRow(128, 128, 6144, 28312, 27911),
     GridRow(128, 2048, 6144, 22714, 26221),
@@ -97,10 +99,17 @@ def check_scale(scale) -> float:
     return float(scale)
 
 
-def row_requests(row: GridRow, max_batch_size: int, scale: float) -> int:
+def row_requests(row: GridRow, max_batch_size: int, scale: float, cache_blocks: Optional[int] = None,
+                 tokens_per_block: Optional[int] = None) -> int:
     """The row's request count: its own, or 3x --max-batch-size when that is fewer (no more requests can be in
-    flight then), times `scale`, rounded up; at least 1."""
-    return max(1, math.ceil(scale * min(row.requests, STEADY_FACTOR * max_batch_size)))
+    flight then), times `scale`, rounded up; at least 1. With `cache_blocks` (GUARANTEED_NO_EVICT's run), also no
+    more than 3x the requests whose whole lengths (prompt + output, in blocks of `tokens_per_block`) the cache
+    holds at once: that policy admits no more (the prompts are random, so no prefix blocks are shared)."""
+    most = min(row.requests, STEADY_FACTOR * max_batch_size)
+    if cache_blocks is not None:
+        completion = -(-(row.isl + row.osl) // tokens_per_block)
+        most = min(most, STEADY_FACTOR * max(1, cache_blocks // completion))
+    return max(1, math.ceil(scale * most))
 
 
 def reference_device(name: Optional[str]) -> Optional[str]:
@@ -266,8 +275,10 @@ def run_grid(a) -> int:
     print(f"grid {a.grid}: {GRID_SOURCE}; device {results['device']}, TensorRT-LLM's figures for "
           f"{reference or 'it: none (H100 and H200 SXM only)'}; max_seq_len {seq_len}, {results['kv_blocks']} KV "
           f"blocks, startup {startup:.1f} s", flush=True)
+    no_evict = a.capacity_scheduler_policy == "guaranteed_no_evict"
     for i, row in enumerate(rows):
-        requests = row_requests(row, a.max_batch_size, scale)
+        requests = row_requests(row, a.max_batch_size, scale, results["kv_blocks"] if no_evict else None,
+                                llm.args.tokens_per_block)
         print(f"[{i + 1}/{len(rows)}] {row.name}: {requests:,} requests", flush=True)
         r = run_row(llm, row, requests, a.seed, a.warmup)
         figure = row.figure(reference)

@@ -35,6 +35,12 @@ def test_request_counts_follow_scale_and_max_batch_size():
     assert row_requests(row, 2048, 0.001) == 6  # ceil(5.12)
     assert row_requests(row, 100, 1.0) == 300  # 3x --max-batch-size: no more can be in flight
     assert row_requests(row, 2048, 1e-9) == 1
+    # GUARANTEED_NO_EVICT: 3x the requests of 1000 + 1000 tokens (63 blocks of 32) the cache holds at once.
+    assert row_requests(row, 2048, 1.0, 32309, 32) == 3 * 512  # an H100's cache at the bench's defaults
+    assert row_requests(row, 2048, 1.0, 100_000, 32) == 3 * 1587
+    assert row_requests(row, 2048, 1.0, 10**7, 32) == 5120  # never more than under MAX_UTILIZATION
+    assert row_requests(row, 100, 0.5, 32309, 32) == 150
+    assert row_requests(row, 2048, 1.0, 10, 32) == 3  # a request longer than the cache still runs, alone
 
 
 @pytest.mark.parametrize("name,device", [
@@ -59,11 +65,13 @@ def test_grid_two_rows_on_cpu_with_transformers(long_llama_dir, tmp_path, capsys
     out = tmp_path / "grid.json"
     scale = 0.002
     rc = main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm",
-               "--grid-rows", "128/128,2048/128", "--grid-requests-scale", str(scale), "--compare", "hf",
+               "--capacity-scheduler-policy", "max_utilization",
+               "--grid-requests-scale", str(scale), "--grid-rows", "128/128,2048/128", "--compare", "hf",
                "--hf-no-compile", "--hf-batch-size", "4", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["grid"] == "trtllm" and result["source"] == GRID_SOURCE
+    assert result["capacity_scheduler_policy"] == "max_utilization"
     assert result["reference_device"] is None and result["device"] == "cpu"
     assert result["max_seq_len"] == 2048 + 128 + 1  # the longest row's
     first, second = result["rows"]
@@ -120,6 +128,22 @@ def test_grid_steady_row_against_the_h100_figure(long_llama_dir, tmp_path, capsy
     assert "TensorRT-LLM H100" in printed and row_line.split()[4:6] == ["28,312", f"{r['ratio']:.2f}x"]
     assert "warning" not in row_line
     assert "note: TensorRT-LLM's figures are for FP8 weights and KV cache" in printed  # this run is bf16
+
+
+def test_grid_runs_guaranteed_no_evict_by_default(long_llama_dir, tmp_path):
+    # TensorRT-LLM's default policy: the count is 3x the 2048/128 requests the cache holds to completion (its
+    # blocks over 68 blocks of 32 tokens), and no more than that many are ever in flight, none preempted.
+    out = tmp_path / "grid.json"
+    rc = main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm", "--grid-rows",
+               "2048/128", "--grid-requests-scale", "0.5", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["capacity_scheduler_policy"] == "guaranteed_no_evict"
+    held = result["kv_blocks"] // math.ceil((2048 + 128) / 32)
+    (r,) = result["rows"]
+    assert 0 < held < 1536 // 3 and r["requests"] == math.ceil(0.5 * 3 * held)
+    assert r["max_in_flight"] <= held and r["preemptions"] == 0
+    assert r["output_tokens"] == r["requests"] * 128
 
 
 @pytest.mark.parametrize("quant,kv,like", [

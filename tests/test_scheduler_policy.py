@@ -371,12 +371,18 @@ def test_bench_flag_reaches_the_llm_and_reports_preemptions(tiny_llama_dir, tmp_
     assert result["capacity_scheduler_policy"] == "guaranteed_no_evict"
     assert result["llmapi"]["preemptions"] == 0 and result["llmapi"]["output_tokens"] == 20
     assert "0 preemptions (guaranteed_no_evict)" in capsys.readouterr().out
-    # The grid builds its LLM from the same arguments; the default stays max_utilization.
+    # The grid builds its LLM from the same arguments; the default stays max_utilization (LLM's), and is
+    # guaranteed_no_evict with --grid (TensorRT-LLM's, whose figures the grid compares with).
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     kwargs = bench.offline_llm_kwargs(p.parse_args([]), 64)
     assert kwargs["scheduler_config"] == {"capacity_scheduler_policy": "max_utilization"}
     assert SchedulerConfig.coerce(kwargs["scheduler_config"]) == SchedulerConfig()
+    kwargs = bench.offline_llm_kwargs(p.parse_args(["--grid", "trtllm"]), 64)
+    assert kwargs["scheduler_config"] == {"capacity_scheduler_policy": "guaranteed_no_evict"}
+    kwargs = bench.offline_llm_kwargs(p.parse_args(["--grid", "trtllm", "--capacity-scheduler-policy",
+                                                    "max_utilization"]), 64)
+    assert kwargs["scheduler_config"] == {"capacity_scheduler_policy": "max_utilization"}
     with pytest.raises(SystemExit):
         p.parse_args(["--capacity-scheduler-policy", "fastest"])
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
