@@ -166,10 +166,36 @@ def window_arg(sliding_window: int | None) -> int:
     return sliding_window
 
 
-def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132) -> int:
-    """Splits that give about four programs per multiprocessor, never a split shorter than two tiles."""
-    want = triton.cdiv(4 * num_sms, max(1, num_requests * num_kv_heads))
+LONG_CONTEXT = 8192
+"""A quantized cache's one-warp programs over contexts this long take more splits (num_splits_for)."""
+LONG_SPLIT = 1024
+"""A quantized cache's splits of at least this many keys run unpipelined (paged_decode_attention)."""
+
+
+def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132,
+                   quantized: bool = False) -> int:
+    """Splits that give about four programs per multiprocessor (at most 32), never a split shorter than two
+    tiles. Over an int8 / fp8 cache (`quantized`) and contexts of LONG_CONTEXT keys or more, about sixteen: its
+    programs are one warp each (H100, 48 requests at 20,001-22,000 keys: 2 splits 951 us, 4 or 8 splits 766 us,
+    89% of a device copy's bandwidth)."""
+    per_sm = 16 if quantized and max_context_len >= LONG_CONTEXT else 4
+    want = triton.cdiv(per_sm * num_sms, max(1, num_requests * num_kv_heads))
     return int(max(1, min(want, triton.cdiv(max_context_len, 2 * BLOCK_N), 32)))
+
+
+def default_tiling(programs: int, num_splits: int, max_context_len: int | None, quantized: bool
+                   ) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of the decode kernel by default (see paged_decode_attention)."""
+    if not quantized:
+        return BLOCK_N, 4, 3
+    # A quantized cache with many programs (about thirty a multiprocessor and more) runs faster unpipelined:
+    # 1,024 requests x 8 kv heads at 129-256 context, 223 -> 187 us on H100; at 4,096 programs the two
+    # are even, below that two stages win. With long splits it does from about eight a multiprocessor (H100,
+    # `bench_kernels --decode-sweep`: 400 requests at 2,049-4,096 keys 1,086 -> 1,031 us, 512 at 129-4,224
+    # 1,079 -> 1,037 us, 48 at 20,001-22,000 in 4 splits 959 -> 767 us; in 2 splits, 768 programs, 2 stages
+    # stay ahead).
+    long_splits = max_context_len is not None and max_context_len >= LONG_SPLIT * num_splits
+    return 32, 1, 1 if programs > 4096 or (programs > 1024 and long_splits) else 2
 
 
 def paged_decode_attention(
@@ -188,12 +214,14 @@ def paged_decode_attention(
     quant_scale: torch.Tensor | None = None,  # [1] float32: store E4M3 codes at this scale (`out` E4M3)
     sliding_window: int | None = None,  # each query sees only the last this many positions
     position_bias: torch.Tensor | None = None,  # [nh, 2M-1] float32 relative position bias (T5)
+    max_context_len: int | None = None,  # the longest context (keys read) of these requests, when known
 ) -> torch.Tensor:
     """Attention of each request's single query over its whole cached context, or with `sliding_window` W over
     its last W positions (the blocks before those are never read: their block-table entries may be -1). Tiles
     of `block_n` keys,
-    `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 (1 above 4,096 programs)
-    for an int8 / fp8 one, the faster on H100 for each (sweeps over batch 1-1024, context 129-4096). With
+    `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 for an int8 / fp8 one, the
+    faster on H100 for each (sweeps over batch 1-1024, context 129-4096); the latter unpipelined (1 stage) above
+    4,096 programs, and above 1,024 when `max_context_len` gives splits of LONG_SPLIT keys or more. With
     `quant_scale` the output is the E4M3 codes quantize_fp8 makes of it at that static scale. With
     `position_bias` each score gets that of its distance from the query at position context_len - 1, as
     paged_attention_ref's. The same kernel serves cross-attention: the query sees every cached key of its
@@ -211,11 +239,7 @@ def paged_decode_attention(
         # An int8 / fp8 code is exact in float16 too, and converts in one instruction per two codes (several
         # to bfloat16): the dots run in float16, the query clamped to its range (|q| > 65504 is no real query).
         dot["DOT_DTYPE"] = tl.float16
-    # A quantized cache with many programs (about thirty a multiprocessor and more) runs faster unpipelined:
-    # 1,024 requests x 8 kv heads at 129-256 context, 223 -> 187 us on H100; at 4,096 programs the two
-    # are even, below that two stages win.
-    programs = num_requests * nkv * num_splits
-    defaults = (32, 1, 1 if programs > 4096 else 2) if kv_quant else (BLOCK_N, 4, 3)
+    defaults = default_tiling(num_requests * nkv * num_splits, num_splits, max_context_len, bool(kv_quant))
     block_n, num_warps, num_stages = (given or default for given, default in
                                       zip((block_n, num_warps, num_stages), defaults))
     group = nh // nkv

@@ -49,11 +49,11 @@ def main(argv=None) -> int:
     print(f"batch {a.batch}, context {a.context}, heads {a.heads}/{a.kv_heads}, head_dim {a.head_dim}, {a.kv_dtype}: "
           f"{kv_bytes / 1e6:.0f} MB of K/V")
     num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    chosen = num_splits_for(a.batch, a.kv_heads, a.context, num_sms)
+    chosen = num_splits_for(a.batch, a.kv_heads, a.context, num_sms, quantized=a.kv_dtype == "fp8")
     for splits in sorted({1, 2, 4, 8, chosen}):
         ms = triton.testing.do_bench(
             lambda: paged_decode_attention(q, k_cache, v_cache, ctx, tables, a.head_dim**-0.5, splits,
-                                           kv_scale=kv_scale),
+                                           kv_scale=kv_scale, max_context_len=a.context),
             warmup=50, rep=300, return_mode="median")
         moved = kv_bytes + 2 * q.numel() * q.element_size()
         print(f"splits {splits:2d}{' (default)' if splits == chosen else '          '}: {ms * 1e3:7.1f} us  "
@@ -124,7 +124,7 @@ def decode_sweep(a) -> int:
             kv_scale = torch.ones(2, device=dev)
         q = torch.randn(rows, a.heads, a.head_dim, device=dev, generator=g, dtype=torch.bfloat16)
         moved = 2 * int(ctx.sum()) * a.kv_heads * a.head_dim * k_cache.element_size()
-        chosen = num_splits_for(rows, a.kv_heads, hi, num_sms)
+        chosen = num_splits_for(rows, a.kv_heads, hi, num_sms, quantized=a.kv_dtype == "fp8")
         print(f"step {name}: {rows} rows, context {lo}-{hi}, {moved / 1e6:.0f} MB of K/V, default splits {chosen}")
         first = None
         for splits in sorted({chosen, min(32, 2 * chosen), min(32, 4 * chosen)}):

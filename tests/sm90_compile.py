@@ -45,7 +45,7 @@ def attention_kernels():
                    dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=32 if kv_quant else 64,
                         NUM_SPLITS=splits, DOT_DTYPE=tl.float16 if kv_quant else tl.bfloat16, PRECISION="tf32",
                         KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0, HAS_BIAS=False),
-                   dict(num_warps=1 if kv_quant else 4, num_stages=2 if kv_quant else 3))
+                   dict(num_warps=1 if kv_quant else 4, num_stages=(1 if splits > 1 else 2) if kv_quant else 3))
         yield (f"merge quant_out={quant}", _merge_splits_kernel,
                {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}", "q_ptr": "*bf16",
                 "qs_ptr": "*fp32", "out_stride_t": "i32", "out_stride_h": "i32"},

@@ -8,7 +8,7 @@ from llmapi._kernels.paged_attention import paged_attention_ref, write_kv_ref
 
 triton = pytest.importorskip("triton")
 
-from llmapi._kernels.decode_attention import paged_decode_attention  # noqa: E402
+from llmapi._kernels.decode_attention import default_tiling, num_splits_for, paged_decode_attention  # noqa: E402
 from llmapi._kernels.kv_write import write_kv  # noqa: E402
 from llmapi._kernels.prefill_attention import (  # noqa: E402
     LONG_QUERY, LONG_TILING, packed_tiling, paged_packed_attention)
@@ -60,6 +60,27 @@ def test_decode_attention_interpreted(dtype):
     # and one split (the kernel writes the output itself, no merge).
     for num_splits in (2, 1):
         check_decode([1, 37, 130], nh=4, nkv=2, hd=16, block=4, dtype=dtype, num_splits=num_splits, seed=1)
+
+
+def test_decode_splits_and_tiling_defaults():
+    # Splits: ceil(4 x 132 SMs / (requests x kv heads)), 16 x 132 over a quantized cache from 8,192 keys, never
+    # more than 32 or than two 64-key tiles a split.
+    assert num_splits_for(48, 8, 22001) == 2  # ceil(528 / 384)
+    assert num_splits_for(48, 8, 22001, quantized=True) == 6  # ceil(2112 / 384)
+    assert num_splits_for(48, 8, 8191, quantized=True) == 2
+    assert num_splits_for(1, 8, 8192, quantized=True) == num_splits_for(1, 8, 8192) == 32
+    assert num_splits_for(4, 8, 300, quantized=True) == 3  # ceil(300 / 128)
+    assert num_splits_for(400, 8, 4096, quantized=True) == 1
+    # Tiling: (64, 4, 3) for a float cache; (32, 1, 2) for a quantized one, one stage above 4,096 programs, or
+    # above 1,024 when each split reads 1,024 keys or more.
+    assert default_tiling(8192, 1, 256, False) == (64, 4, 3)
+    assert default_tiling(8192, 1, 256, True) == (32, 1, 1)
+    assert default_tiling(4096, 1, 256, True) == (32, 1, 2)
+    assert default_tiling(4096, 1, None, True) == (32, 1, 2)
+    assert default_tiling(3200, 1, 4096, True) == (32, 1, 1)
+    assert default_tiling(2304, 6, 22001, True) == (32, 1, 1)
+    assert default_tiling(768, 2, 22001, True) == (32, 1, 2)  # few programs: pipelined
+    assert default_tiling(2048, 4, 4000, True) == (32, 1, 2)  # splits of 1,000 keys
 
 
 @interpreted

@@ -142,12 +142,14 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     else:
         write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
     read = attn.max_context_len if window is None else min(attn.max_context_len, window)  # keys a query reads
+    quantized = kv_cache.element_size() == 1  # int8 / fp8 codes
     if attn.max_query_len == 1:  # decodes only: request r's token is row r
-        splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], read)
+        splits = attn.num_kv_splits or num_splits_for(q.shape[0], k.shape[1], read, quantized=quantized)
         if window is not None:  # a graph's splits are sized for its longest context, not for the window
-            splits = min(splits, num_splits_for(q.shape[0], k.shape[1], read))
+            splits = min(splits, num_splits_for(q.shape[0], k.shape[1], read, quantized=quantized))
         return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn.context_lens, attn.block_tables, scale,
-                                      splits, kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window)
+                                      splits, kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window,
+                                      max_context_len=read)
     d = attn.num_decodes
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
@@ -157,9 +159,10 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     # one-token request a whole query tile. The tails are copied: a view d rows in would move the kernels'
     # pointer alignment from step to step (Triton compiles a kernel per alignment).
     out = attention_out(q, None, quant_scale)
-    splits = num_splits_for(d, k.shape[1], read)
+    splits = num_splits_for(d, k.shape[1], read, quantized=quantized)
     paged_decode_attention(q[:d], kv_cache[0], kv_cache[1], attn.context_lens[:d], attn.block_tables[:d], scale,
-                           splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window)
+                           splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window,
+                           max_context_len=read)
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
                            attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,
                            quant_scale=quant_scale, sliding_window=window, max_query_len=attn.max_query_len)

@@ -84,9 +84,10 @@ def paged_attention(q, kv_cache, query_start_loc, context_lens, block_tables, ma
         from llmapi._kernels.prefill_attention import paged_packed_attention
 
         if max_query_len == 1:
-            splits = num_splits_for(q.shape[0], kv_cache.shape[3], max_context_len)
+            splits = num_splits_for(q.shape[0], kv_cache.shape[3], max_context_len,
+                                    quantized=kv_cache.element_size() == 1)
             return paged_decode_attention(q, kv_cache[0], kv_cache[1], context_lens, block_tables, scale, splits,
-                                          kv_scale=kv_scale, position_bias=bias)
+                                          kv_scale=kv_scale, position_bias=bias, max_context_len=max_context_len)
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], query_start_loc, context_lens, block_tables, scale,
                                       kv_scale=kv_scale, causal=causal, position_bias=bias,
                                       max_query_len=max_query_len)

@@ -107,7 +107,8 @@ class DecodeGraphs:
         self.graphs, self.outputs, self.attn = {}, {}, {}
         pool = torch.cuda.graph_pool_handle() if cuda else None
         for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
-            splits = num_splits_for(size, num_kv_heads, max_blocks * stager.tokens_per_block, num_sms) if cuda else 0
+            splits = num_splits_for(size, num_kv_heads, max_blocks * stager.tokens_per_block, num_sms,
+                                    quantized=kv_caches[0].element_size() == 1) if cuda else 0
             self.attn[size] = self._metadata(size, splits)
             self._reset(size)
             if not cuda:
