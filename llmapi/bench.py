@@ -563,7 +563,8 @@ def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
     parallelism, scheduling) for sequences of up to `seq_len` tokens; `text`: prompts need the tokenizer."""
     return dict(dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=not text,
                 tokenizer=a.tokenizer, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens,
-                kv_cache_config={"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction},
+                kv_cache_config={"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction,
+                                 "use_fp8_context_fmha": a.use_fp8_context_fmha},
                 max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
                 async_scheduling=not a.no_async_scheduling,
@@ -603,6 +604,7 @@ def bench_offline(a, scratch: Path) -> int:
                "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
                "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
+               "use_fp8_context_fmha": a.use_fp8_context_fmha,
                "speculative_config": speculative_dict(speculative), "kv_blocks": kv_blocks(llm)}
     adapters = None
     if a.num_loras:
@@ -803,6 +805,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch-size", type=int, default=2048)
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
+    p.add_argument("--use-fp8-context-fmha", action="store_true",
+                   help="with --kv-cache-dtype fp8: prefill attention on E4M3 operands (LLM(kv_cache_config="
+                   "KvCacheConfig(use_fp8_context_fmha=True)), TensorRT-LLM's FP8 context FMHA)")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
     p.add_argument("--capacity-scheduler-policy", choices=["max_utilization", "guaranteed_no_evict"],

@@ -85,6 +85,11 @@ class KvCacheConfig:
     """Cap on the KV cache size in bytes (CPU or GPU)."""
     enable_block_reuse: bool = True
     """Prefix caching: full KV blocks are kept by content hash and reused by later requests."""
+    use_fp8_context_fmha: bool = False
+    """With an fp8 KV cache (kv_cache_dtype fp8) and the Triton kernels (a GPU): the packed (prefill) attention's
+    Q.K and P.V on E4M3 operands, TensorRT-LLM's FP8 context FMHA (its benchmarks' setting for FP8 models): twice
+    bfloat16's tensor-core rate on Hopper, at FP8's precision for the queries and the softmax weights. Decoder-only
+    models."""
 
     def __post_init__(self):
         f = self.free_gpu_memory_fraction
@@ -93,8 +98,8 @@ class KvCacheConfig:
         for name in ("max_tokens", "max_bytes"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v > 0), name, v, "must be a positive int or None")
-        _check(isinstance(self.enable_block_reuse, bool), "enable_block_reuse",
-               self.enable_block_reuse, "must be a bool")
+        for name in ("enable_block_reuse", "use_fp8_context_fmha"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be a bool")
 
     @classmethod
     def coerce(cls, value: Union["KvCacheConfig", dict, None]) -> "KvCacheConfig":

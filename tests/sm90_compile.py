@@ -58,14 +58,22 @@ def attention_kernels():
         yield (f"packed {cache} quant_out={quant}", _packed_attention_kernel, packed_args,
                dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64,
                     DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0,
-                    CAUSAL=True, HAS_BIAS=False),
+                    CAUSAL=True, HAS_BIAS=False, FP8_ATTN=0),
                dict(num_warps=4, num_stages=2))
+        if cache == "fp8e4nv":  # FP8 attention (fp8_attention): E4M3 Q.K and P.V, both tilings
+            for block_m, block_n, warps, stages in ((64, 32, 4, 1), LONG_TILING):
+                yield (f"packed fp8 attention {block_m}x{block_n} quant_out={quant}", _packed_attention_kernel,
+                       packed_args,
+                       dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=block_m // 4,
+                            BLOCK_M=block_m, BLOCK_N=block_n, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=2,
+                            QUANT_OUT=quant, WINDOW=0, CAUSAL=True, HAS_BIAS=False, FP8_ATTN=1),
+                       dict(num_warps=warps, num_stages=stages))
         if not quant:  # LONG_TILING, which long prompts' steps take
             block_m, block_n, warps, stages = LONG_TILING
             yield (f"packed {cache} long tiling", _packed_attention_kernel, packed_args,
                    dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=block_m // 4, BLOCK_M=block_m,
                         BLOCK_N=block_n, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=kv_quant, QUANT_OUT=False,
-                        WINDOW=0, CAUSAL=True, HAS_BIAS=False),
+                        WINDOW=0, CAUSAL=True, HAS_BIAS=False, FP8_ATTN=0),
                    dict(num_warps=warps, num_stages=stages))
         if cache == "bf16" and not quant:  # a sliding window (StarCoder2-7B's 4096): the windowed tile ranges
             yield (f"decode {cache} window=4096", _decode_split_kernel, args,
@@ -76,7 +84,7 @@ def attention_kernels():
             yield (f"packed {cache} window=4096", _packed_attention_kernel, packed_args,
                    dict(NKV=8, GROUP=4, GROUP_P=4, HD=128, BLOCK_D=128, PAGE=32, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64,
                         DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096,
-                        CAUSAL=True, HAS_BIAS=False),
+                        CAUSAL=True, HAS_BIAS=False, FP8_ATTN=0),
                    dict(num_warps=4, num_stages=2))
 
 
@@ -97,7 +105,7 @@ def encdec_attention_kernels():
         yield (f"packed {cache} {name}", _packed_attention_kernel,
                dict(packed_args, k_cache_ptr=f"*{cache}", v_cache_ptr=f"*{cache}"),
                dict(NKV=16, GROUP=1, GROUP_P=1, BLOCK_Q=64, BLOCK_M=64, BLOCK_N=32, KV_QUANT=kv_quant, CAUSAL=causal,
-                    HAS_BIAS=bias, **head),
+                    HAS_BIAS=bias, FP8_ATTN=0, **head),
                dict(num_warps=4, num_stages=1 if kv_quant else 2))
     varlen_args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
                    "query_start_loc_ptr": "*i32", "bias_ptr": "*fp32", "max_q_blocks": "i32", "q_stride_t": "i32",

@@ -7,6 +7,7 @@ from torch import nn
 
 from llmapi._kernels.fp8_linear import Fp8Input
 from llmapi._kernels.paged_attention import paged_attention_ref, varlen_causal_attention_ref, write_kv_ref
+from llmapi.layers import dispatch
 from llmapi.layers.dispatch import use_triton
 from llmapi.layers.rotary import rotate_qk
 
@@ -93,6 +94,8 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.register_parameter("kv_cache_scaling_factor", None)  # [2] with a quantized cache
+        # KvCacheConfig.use_fp8_context_fmha (set by the runner over an fp8 cache): the packed kernel's FP8 dots.
+        self.fp8_context_fmha = False
 
     def forward(
         self,
@@ -110,7 +113,8 @@ class Attention(nn.Module):
         assert kv_cache is None or (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn))
         window = self.sliding_window
         if kv_cache is not None and use_triton(q):
-            out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale, window)
+            out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale, window,
+                                    self.fp8_context_fmha)
             return out if quant_scale is None else Fp8Input(out, quant_scale, q.dtype)
         if rotary is not None:
             q, k = rotate_qk(q, k, *rotary)
@@ -128,10 +132,28 @@ class Attention(nn.Module):
         return f"scale={self.scale:.4g}{window}"
 
 
+def enable_fp8_context_fmha(model: nn.Module, kv_dtype: torch.dtype, device: torch.device) -> int:
+    """KvCacheConfig.use_fp8_context_fmha: the model's Attention layers take the packed kernel's FP8 dots; how
+    many. ValueError unless the cache is fp8, the Triton kernels run on `device` and the model has such layers
+    (encoder-decoder models' attention does not take it)."""
+    if kv_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"use_fp8_context_fmha needs an fp8 KV cache (kv_cache_dtype fp8); this one is {kv_dtype}")
+    if device.type != "cuda" and not dispatch.TRITON_ON_CPU:
+        raise ValueError(f"use_fp8_context_fmha runs in the Triton kernels, on a GPU; the device is {device}")
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if not layers:
+        raise ValueError(f"use_fp8_context_fmha applies to decoder-only models' attention; "
+                         f"{type(model).__name__} has none")
+    for m in layers:
+        m.fp8_context_fmha = True
+    return len(layers)
+
+
 def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale,
-                      quant_scale=None, window: int | None = None) -> torch.Tensor:
+                      quant_scale=None, window: int | None = None, fp8_attention: bool = False) -> torch.Tensor:
     """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention (their
-    output E4M3 codes at `quant_scale` when given), each over the last `window` positions with a window."""
+    output E4M3 codes at `quant_scale` when given), each over the last `window` positions with a window; with
+    `fp8_attention` the packed kernel's dots on E4M3 operands."""
     from llmapi._kernels.decode_attention import attention_out, num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
     from llmapi._kernels.prefill_attention import paged_packed_attention
@@ -154,7 +176,8 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
                                       attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale,
-                                      sliding_window=window, max_query_len=attn.max_query_len)
+                                      sliding_window=window, max_query_len=attn.max_query_len,
+                                      fp8_attention=fp8_attention)
     # The leading decodes (rows 0..d-1, one per request) through the decode kernel: the packed kernel gives a
     # one-token request a whole query tile. The tails are copied: a view d rows in would move the kernels'
     # pointer alignment from step to step (Triton compiles a kernel per alignment).
@@ -165,5 +188,6 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
                            max_context_len=read)
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
                            attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,
-                           quant_scale=quant_scale, sliding_window=window, max_query_len=attn.max_query_len)
+                           quant_scale=quant_scale, sliding_window=window, max_query_len=attn.max_query_len,
+                           fp8_attention=fp8_attention)
     return out

@@ -98,6 +98,10 @@ class ModelRunner:
         # cache is sized, and its KV (EAGLE: also the target's hidden states) lies in the same blocks.
         self.spec = None if speculative is None else speculative.build(self.model, device, self.dtype,
                                                                         tokens_per_block)
+        if kv_cache_config.use_fp8_context_fmha:
+            from ..layers.attention import enable_fp8_context_fmha
+
+            enable_fp8_context_fmha(self.model, self.kv_dtype, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
         logger.info("weights loaded in %.2f s", time.perf_counter() - started)
