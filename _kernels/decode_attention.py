@@ -23,15 +23,20 @@ from .kv_write import fp8_codes, kv_quant_args, load_kv_scales
 from .paged_attention import check_position_bias
 
 BLOCK_N = 64  # keys per tile
+MAX_SPLITS = 32
+"""The most splits of a request's context (num_splits_for gives no more; the merge reads this many lanes)."""
 
 
-@triton.jit(do_not_specialize=["bt_stride"])  # the block-table width changes from step to step
+# The block-table width changes from step to step, and the split count with the batch: neither is specialized
+# on (a mixed step's decodes, 1 to hundreds of rows, would compile a kernel for each new count: a second each,
+# stalling the step). SPLIT says whether there are several.
+@triton.jit(do_not_specialize=["bt_stride", "num_splits"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
                          part_lse_ptr, out_ptr, scale_ptr, qs_ptr, bias_ptr, q_stride_t, q_stride_h, out_stride_t,
-                         out_stride_h, bt_stride, cache_stride_block, bias_m1, scale_log2,
+                         out_stride_h, bt_stride, cache_stride_block, bias_m1, scale_log2, num_splits,
                          NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                          HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                          KV_QUANT: tl.constexpr, QUANT_OUT: tl.constexpr, WINDOW: tl.constexpr,
                          HAS_BIAS: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -44,7 +49,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         first_tile = lo // BLOCK_N
     else:
         first_tile = 0
-    tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
     tile_begin = first_tile + split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     k_scale, v_scale = load_kv_scales(scale_ptr, KV_QUANT)
@@ -87,12 +92,12 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         m = m_new
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None] * v_scale
-    if NUM_SPLITS == 1:  # the whole context: the output itself, no merge (an empty context gives 0, as merged)
+    if not SPLIT:  # the whole context: the output itself, no merge (an empty context gives 0, as merged)
         tl.store(out_ptr + r * out_stride_t + head[:, None] * out_stride_h + d[None, :],
                  _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=row_ok[:, None] & d_ok[None, :])
         return
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
-    base = (r * NH + head) * NUM_SPLITS + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
+    base = (r * NH + head) * num_splits + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
     tl.store(part_out_ptr + base[:, None] * HD + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + base, lse, mask=row_ok)
 
@@ -118,21 +123,21 @@ def _output(out, q_ptr, qs_ptr, QUANT_OUT: tl.constexpr):
     return out
 
 
-@triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, q_ptr, qs_ptr, out_stride_t, out_stride_h,
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, q_ptr, qs_ptr, out_stride_t, out_stride_h, num_splits,
                          NH: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, QUANT_OUT: tl.constexpr):
+                         BLOCK_S: tl.constexpr, QUANT_OUT: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    base = (r * NH + h) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))  # [BLOCK_S]
+    base = (r * NH + h) * num_splits
+    lse = tl.load(part_lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))  # [BLOCK_S]
     top = tl.max(lse, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty context (padding row): all weights 0
     w = tl.exp2(lse - top)  # [BLOCK_S]
     parts = tl.load(part_out_ptr + (base + s)[:, None] * HD + d[None, :],
-                    mask=(s < NUM_SPLITS)[:, None] & (d < HD)[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+                    mask=(s < num_splits)[:, None] & (d < HD)[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
     total = tl.sum(w, axis=0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + r * out_stride_t + h * out_stride_h + d, _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=d < HD)
@@ -180,7 +185,7 @@ def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, n
     89% of a device copy's bandwidth)."""
     per_sm = 16 if quantized and max_context_len >= LONG_CONTEXT else 4
     want = triton.cdiv(per_sm * num_sms, max(1, num_requests * num_kv_heads))
-    return int(max(1, min(want, triton.cdiv(max_context_len, 2 * BLOCK_N), 32)))
+    return int(max(1, min(want, triton.cdiv(max_context_len, 2 * BLOCK_N), MAX_SPLITS)))
 
 
 def default_tiling(programs: int, num_splits: int, max_context_len: int | None, quantized: bool
@@ -232,6 +237,8 @@ def paged_decode_attention(
     scale_ptr, kv_quant = kv_quant_args(k_cache, kv_scale)
     bias_ptr, bias_m1 = bias_args(position_bias, q)
     out = attention_out(q, out, quant_scale)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits={num_splits!r} is invalid: must be an int in [1, {MAX_SPLITS}]")
     if num_requests == 0:
         return out
     dot = dot_args(q.dtype)
@@ -253,9 +260,9 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale_ptr,
         out if quant_scale is None else quant_scale, bias_ptr, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0), bias_m1,
-        scale * 1.4426950408889634,
+        scale * 1.4426950408889634, num_splits,
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None,
+        PAGE=page, BLOCK_N=block_n, SPLIT=num_splits > 1, KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None,
         WINDOW=window_arg(sliding_window), HAS_BIAS=position_bias is not None, **dot, num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -263,7 +270,7 @@ def paged_decode_attention(
         return out
     _merge_splits_kernel[(num_requests, nh)](
         part_out, part_lse, out, q, out if quant_scale is None else quant_scale, out.stride(0), out.stride(1),
-        NH=nh, HD=hd, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        QUANT_OUT=quant_scale is not None, num_warps=1,
+        num_splits, NH=nh, HD=hd, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS, QUANT_OUT=quant_scale is not None,
+        num_warps=1,
     )
     return out

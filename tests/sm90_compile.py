@@ -39,17 +39,17 @@ def attention_kernels():
                 "context_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}",
                 "scale_ptr": "*fp32", "qs_ptr": "*fp32", "bias_ptr": "*fp32", "q_stride_t": "i32",
                 "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32",
-                "cache_stride_block": "i32", "bias_m1": "i32", "scale_log2": "fp32"}
+                "cache_stride_block": "i32", "bias_m1": "i32", "scale_log2": "fp32", "num_splits": "i32"}
         for splits in (1, 4):
             yield (f"decode {cache} quant_out={quant} splits={splits}", _decode_split_kernel, args,
                    dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=32 if kv_quant else 64,
-                        NUM_SPLITS=splits, DOT_DTYPE=tl.float16 if kv_quant else tl.bfloat16, PRECISION="tf32",
+                        SPLIT=splits > 1, DOT_DTYPE=tl.float16 if kv_quant else tl.bfloat16, PRECISION="tf32",
                         KV_QUANT=kv_quant, QUANT_OUT=quant, WINDOW=0, HAS_BIAS=False),
                    dict(num_warps=1 if kv_quant else 4, num_stages=(1 if splits > 1 else 2) if kv_quant else 3))
         yield (f"merge quant_out={quant}", _merge_splits_kernel,
                {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}", "q_ptr": "*bf16",
-                "qs_ptr": "*fp32", "out_stride_t": "i32", "out_stride_h": "i32"},
-               dict(NH=32, HD=128, BLOCK_D=128, NUM_SPLITS=4, BLOCK_S=4, QUANT_OUT=quant), dict(num_warps=1))
+                "qs_ptr": "*fp32", "out_stride_t": "i32", "out_stride_h": "i32", "num_splits": "i32"},
+               dict(NH=32, HD=128, BLOCK_D=128, BLOCK_S=32, QUANT_OUT=quant), dict(num_warps=1))
         packed_args = {"q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "out_ptr": f"*{out}",
                        "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32", "block_tables_ptr": "*i32",
                        "scale_ptr": "*fp32", "qs_ptr": "*fp32", "bias_ptr": "*fp32", "num_requests": "i32",
@@ -77,7 +77,7 @@ def attention_kernels():
                    dict(num_warps=warps, num_stages=stages))
         if cache == "bf16" and not quant:  # a sliding window (StarCoder2-7B's 4096): the windowed tile ranges
             yield (f"decode {cache} window=4096", _decode_split_kernel, args,
-                   dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=4,
+                   dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=64, SPLIT=True,
                         DOT_DTYPE=tl.bfloat16, PRECISION="tf32", KV_QUANT=0, QUANT_OUT=False, WINDOW=4096,
                         HAS_BIAS=False),
                    dict(num_warps=4, num_stages=3))
@@ -97,7 +97,7 @@ def encdec_attention_kernels():
     packed_args = signatures["packed bf16 quant_out=False"]
     head = dict(HD=64, BLOCK_D=64, PAGE=16, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", QUANT_OUT=False, WINDOW=0)
     yield ("decode bf16 bias", _decode_split_kernel, decode_args,
-           dict(NH=16, NKV=16, GROUP=1, GROUP_P=16, BLOCK_N=64, NUM_SPLITS=4, KV_QUANT=0, HAS_BIAS=True, **head),
+           dict(NH=16, NKV=16, GROUP=1, GROUP_P=16, BLOCK_N=64, SPLIT=True, KV_QUANT=0, HAS_BIAS=True, **head),
            dict(num_warps=4, num_stages=3))
     for name, cache, causal, bias in (("bias", "bf16", True, True), ("cross", "bf16", False, False),
                                       ("cross", "fp8e4nv", False, False)):

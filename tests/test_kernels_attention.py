@@ -130,6 +130,30 @@ def test_decode_attention_gpu(dtype, nh, nkv, hd):
 
 
 @pytest.mark.gpu
+def test_decode_split_counts_share_one_compiled_kernel():
+    # A mixed step's decodes take a split count from their number (1 to hundreds of rows): each count must not
+    # compile a kernel of its own. One kernel serves every count above 1 (and one merge kernel).
+    from llmapi._kernels.decode_attention import _decode_split_kernel, _merge_splits_kernel
+
+    def compiled(fn):
+        return len(fn.device_caches[torch.cuda.current_device()][0])
+
+    ctx_lens = [700, 5, 1200, 64]
+    check_decode(ctx_lens, 32, 8, 128, block=32, dtype=torch.bfloat16, num_splits=2, seed=0)
+    before = compiled(_decode_split_kernel), compiled(_merge_splits_kernel)
+    for num_splits in (3, 5, 7, 11, 16, 17, 32):
+        check_decode(ctx_lens, 32, 8, 128, block=32, dtype=torch.bfloat16, num_splits=num_splits, seed=num_splits)
+    assert (compiled(_decode_split_kernel), compiled(_merge_splits_kernel)) == before
+
+
+def test_decode_split_count_is_checked():
+    q, kc, vc, qsl, ctx, tables = paged_case([1], [5], 2, 1, 16, 4, torch.float32, 0)
+    for bad in (0, 33, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_splits={bad!r} is invalid: must be an int in \\[1, 32\\]"):
+            paged_decode_attention(q, kc, vc, ctx, tables, 1.0, bad)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nh,nkv,hd", [(32, 8, 128), (9, 3, 64), (16, 16, 96)])
 def test_packed_attention_gpu(dtype, nh, nkv, hd):
