@@ -198,3 +198,21 @@ def test_rows_and_warmups_draw_their_own_prompts():
     others = [row_workload(long_, 4, 0, False).prompts(1000), row_workload(short, 4, 0, True).prompts(1000),
               row_workload(short, 4, 1, False).prompts(1000)]
     assert all({tuple(p) for p in timed}.isdisjoint(tuple(p) for p in other) for other in others)
+
+
+def test_decode_floor_counts_the_cache_dtype():
+    # The bytes a decode step must read: weights once (the embedding per row), K and V of every cached token in
+    # the cache's dtype (2 bytes bf16, 1 byte fp8): by hand, from the tiny Llama's shapes.
+    import torch
+    from tiny_models import make_tiny_llama, to_engine_model
+
+    from llmapi.bench import decode_floor_s
+    from llmapi.quantization.config import QuantConfig
+
+    model, cfg = to_engine_model(make_tiny_llama(), torch.bfloat16)
+    embed = model.transformer.vocab_embedding.weight
+    weights = sum(p.numel() * 2 for p in model.parameters()) - embed.numel() * 2 + 8 * embed.shape[1] * 2
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"]
+    assert decode_floor_s(model, cfg, 8, 100.0, 1.0) == weights + 8 * 100 * per_token * 2
+    fp8 = {**cfg, "quantization": QuantConfig(None, kv_cache_quant_algo="FP8").to_dict()}
+    assert decode_floor_s(model, fp8, 8, 100.0, 1.0) == weights + 8 * 100 * per_token
