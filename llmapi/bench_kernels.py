@@ -158,9 +158,10 @@ def copy_bandwidth(dev: torch.device) -> float:
 
 
 def prefill_sweep(a) -> int:
-    """Each PREFILL_STEPS step through paged_packed_attention at each PREFILL_CONFIGS tiling: microseconds,
-    TFLOP/s (4 * heads * head_dim per query-key pair seen) and the largest difference from the first config's
-    output; then torch's scaled_dot_product_attention (bfloat16, contiguous K/V, causal) per prompt."""
+    """Each PREFILL_STEPS step through paged_packed_attention at each PREFILL_CONFIGS tiling (over an fp8 cache,
+    also with fp8_attention): microseconds, TFLOP/s (4 * heads * head_dim per query-key pair seen) and the largest
+    difference from the first config's output; then torch's scaled_dot_product_attention (bfloat16, contiguous
+    K/V, causal) per prompt."""
     import torch.nn.functional as F
     import triton.testing
 
@@ -193,21 +194,23 @@ def prefill_sweep(a) -> int:
         flops = 4 * a.heads * a.head_dim * pairs
         print(f"step {name}: {sum(q_lens)} query tokens, {flops / 1e12:.2f} TFLOP")
         first = None
-        for bm, bn, warps, stages in PREFILL_CONFIGS:
+        # With an fp8 cache each tiling runs again with the FP8 dots (fp8_attention), after the bfloat16 ones.
+        for fp8, (bm, bn, warps, stages) in [(f, c) for f in ((False, True) if kv_scale is not None else (False,))
+                                             for c in PREFILL_CONFIGS]:
             def run(out=None):
                 return paged_packed_attention(q, k_cache, v_cache, qsl, ctx, tables, a.head_dim**-0.5, out=out,
                                               kv_scale=kv_scale, block_m=bm, block_n=bn, num_warps=warps,
-                                              num_stages=stages)
+                                              num_stages=stages, fp8_attention=fp8)
+            name = f"{'fp8 ' if fp8 else ''}{bm:3d}x{bn:<3d} w{warps} s{stages}"
             try:
                 out = run()
                 ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")
             except Exception as e:  # a tiling that does not fit the device (shared memory): say so and go on
-                print(f"  {bm:3d}x{bn:<3d} w{warps} s{stages}: failed ({type(e).__name__}: {str(e)[:80]})")
+                print(f"  {name}: failed ({type(e).__name__}: {str(e)[:80]})")
                 continue
             first = out if first is None else first
             diff = (out.float() - first.float()).abs().max().item()
-            print(f"  {bm:3d}x{bn:<3d} w{warps} s{stages}: {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} "
-                  f"TFLOP/s  max diff {diff:.2e}")
+            print(f"  {name}: {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s  max diff {diff:.2e}")
         # torch's flash attention over the same prompts (whole prompts from position 0 only: ctx == query)
         if all(ql == c for ql, c in zip(q_lens, ctx_lens)):
             qs = [t.transpose(0, 1).unsqueeze(0) for t in q.split(q_lens)]
