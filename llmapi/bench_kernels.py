@@ -107,21 +107,7 @@ def decode_sweep(a) -> int:
           f"{a.kv_dtype}, block {a.block}; device-to-device copy {bandwidth / 1e12:.2f} TB/s")
     for name, rows, lo, hi in DECODE_STEPS:
         ctx = torch.linspace(lo, hi, rows, device=dev).round().to(torch.int32)
-        blocks = (ctx + a.block - 1) // a.block
-        num_blocks = int(blocks.sum())
-        width = int(blocks.max())
-        perm = torch.randperm(num_blocks, device=dev, generator=g).to(torch.int32)
-        tables = torch.zeros(rows, width, dtype=torch.int32, device=dev)
-        starts = (blocks.cumsum(0) - blocks).tolist()
-        for r, (at, n) in enumerate(zip(starts, blocks.tolist())):
-            tables[r, :n] = perm[at:at + n]
-        shape = (num_blocks, a.block, a.kv_heads, a.head_dim)
-        k_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
-        v_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
-        kv_scale = None
-        if a.kv_dtype == "fp8":
-            k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
-            kv_scale = torch.ones(2, device=dev)
+        tables, k_cache, v_cache, kv_scale = paged_cache(a, ((ctx + a.block - 1) // a.block).tolist(), g)
         q = torch.randn(rows, a.heads, a.head_dim, device=dev, generator=g, dtype=torch.bfloat16)
         moved = 2 * int(ctx.sum()) * a.kv_heads * a.head_dim * k_cache.element_size()
         chosen = num_splits_for(rows, a.kv_heads, hi, num_sms, quantized=a.kv_dtype == "fp8")
@@ -145,6 +131,24 @@ def decode_sweep(a) -> int:
                       f"{moved / (ms * 1e-3) / 1e12:5.2f} TB/s = {100 * moved / (ms * 1e-3) / bandwidth:3.0f}% of "
                       f"the copy  max diff {diff:.1e}")
     return 0
+
+
+def paged_cache(a, blocks: list[int], g: torch.Generator):
+    """(block tables, K cache, V cache, kv_scale) on CUDA: each request's `blocks` at shuffled ids, random bfloat16
+    K/V (as E4M3 codes at scale 1 with --kv-dtype fp8, kv_scale None otherwise)."""
+    dev = g.device
+    perm = torch.randperm(sum(blocks), device=dev, generator=g).to(torch.int32)
+    tables = torch.zeros(len(blocks), max(blocks), dtype=torch.int32, device=dev)
+    at = 0
+    for r, n in enumerate(blocks):
+        tables[r, :n] = perm[at:at + n]
+        at += n
+    shape = (sum(blocks), a.block, a.kv_heads, a.head_dim)
+    k_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
+    v_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
+    if a.kv_dtype != "fp8":
+        return tables, k_cache, v_cache, None
+    return tables, k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn), torch.ones(2, device=dev)
 
 
 def copy_bandwidth(dev: torch.device) -> float:
@@ -172,21 +176,7 @@ def prefill_sweep(a) -> int:
     print(f"{torch.cuda.get_device_name(dev)}, heads {a.heads}/{a.kv_heads}, head_dim {a.head_dim}, "
           f"cache {a.kv_dtype}, block {a.block}")
     for name, q_lens, ctx_lens in PREFILL_STEPS:
-        blocks = [-(-c // a.block) for c in ctx_lens]
-        num_blocks = sum(blocks)
-        perm = torch.randperm(num_blocks, device=dev, generator=g).to(torch.int32)
-        tables = torch.zeros(len(blocks), max(blocks), dtype=torch.int32, device=dev)
-        at = 0
-        for r, n in enumerate(blocks):
-            tables[r, :n] = perm[at:at + n]
-            at += n
-        shape = (num_blocks, a.block, a.kv_heads, a.head_dim)
-        k_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
-        v_cache = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
-        kv_scale = None
-        if a.kv_dtype == "fp8":
-            k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
-            kv_scale = torch.ones(2, device=dev)
+        tables, k_cache, v_cache, kv_scale = paged_cache(a, [-(-c // a.block) for c in ctx_lens], g)
         q = torch.randn(sum(q_lens), a.heads, a.head_dim, device=dev, generator=g, dtype=torch.bfloat16)
         qsl = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
         ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=dev)
