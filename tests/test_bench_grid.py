@@ -216,3 +216,17 @@ def test_decode_floor_counts_the_cache_dtype():
     assert decode_floor_s(model, cfg, 8, 100.0, 1.0) == weights + 8 * 100 * per_token * 2
     fp8 = {**cfg, "quantization": QuantConfig(None, kv_cache_quant_algo="FP8").to_dict()}
     assert decode_floor_s(model, fp8, 8, 100.0, 1.0) == weights + 8 * 100 * per_token
+
+
+def test_use_fp8_context_fmha_flag_reaches_the_kv_cache_config():
+    import argparse
+
+    from llmapi import bench
+    from llmapi.config import KvCacheConfig
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    on = bench.offline_llm_kwargs(p.parse_args(["--kv-cache-dtype", "fp8", "--use-fp8-context-fmha"]), 64)
+    assert KvCacheConfig.coerce(on["kv_cache_config"]).use_fp8_context_fmha is True
+    off = bench.offline_llm_kwargs(p.parse_args(["--grid", "trtllm"]), 64)
+    assert KvCacheConfig.coerce(off["kv_cache_config"]).use_fp8_context_fmha is False
