@@ -676,7 +676,8 @@ def bench_offline(a, scratch: Path) -> int:
     if runner is not None:
         st = results["runner_steps"]
         print(f"runner: {st['steps']} steps ({st['graph_steps']} from CUDA graphs), {st['tokens']} tokens; "
-              f"host time in submit {st['submit_s']:.2f} s, waiting for the GPU {st['wait_s']:.2f} s, "
+              f"host time in submit {st['submit_s']:.2f} s (eager steps {st.get('eager_submit_s', 0.0):.2f} s, the "
+              f"longest {1e3 * st.get('max_submit_s', 0.0):.0f} ms), waiting for the GPU {st['wait_s']:.2f} s, "
               f"wall {ours['wall_s']:.2f} s; allocator retries {results.get('allocator_retries', 0)}")
     device = llm.device
     batch = min(a.concurrency or a.num_requests, a.num_requests, a.max_batch_size)

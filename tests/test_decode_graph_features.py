@@ -28,7 +28,12 @@ def _params():
 def _run(model_dir, prompts, params):
     with LLM(str(model_dir), max_batch_size=16, tokens_per_block=4) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
-        steps = llm._runner.stats.graph_steps
+        stats = llm._runner.stats
+        steps = stats.graph_steps
+        # The host time of the eager steps and the longest submit are parts of the whole; all steps eager
+        # without graphs.
+        assert 0 < stats.max_submit_s <= stats.submit_s and 0 < stats.eager_submit_s <= stats.submit_s
+        assert (stats.eager_submit_s == stats.submit_s) == (steps == 0)
     return [[(c.token_ids, c.logprobs) for c in o.outputs] for o in outs], steps
 
 

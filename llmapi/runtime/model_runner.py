@@ -46,6 +46,9 @@ class StepStats:
     def __init__(self):
         self.steps = self.graph_steps = self.tokens = 0
         self.submit_s = self.wait_s = 0.0
+        # Of submit_s: the steps that ran eagerly, and the longest single submit (a kernel compiling mid-run
+        # shows there: a second or more, where a step's launches take milliseconds).
+        self.eager_submit_s = self.max_submit_s = 0.0
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -213,13 +216,18 @@ class ModelRunner:
     def submit(self, batch):
         started = time.perf_counter()
         self.loop_thread, self.call_started = threading.get_ident(), time.monotonic()
+        stats = self.stats
+        graph_steps = stats.graph_steps
         try:
             step = self._submit(batch)
         finally:
             self.call_started = 0.0
-        stats = self.stats
+        took = time.perf_counter() - started
         stats.steps, stats.tokens = stats.steps + 1, stats.tokens + int(batch.num_tokens)
-        stats.submit_s += time.perf_counter() - started
+        stats.submit_s += took
+        stats.max_submit_s = max(stats.max_submit_s, took)
+        if stats.graph_steps == graph_steps:
+            stats.eager_submit_s += took
         return step
 
     def _submit(self, batch):
