@@ -34,7 +34,6 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmapi.errors import UnsupportedModelError
@@ -390,14 +389,14 @@ class EncoderDecoderModel(CausalLM):
             x = layer(x, cache, attn, bias)
         return dec.final(x)
 
+    def input_embedding(self) -> nn.Module:
+        return self.decoder.vocab_embedding
+
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:  # [N, H] -> [N, V]
         scale = self.config["logits_scale"]
         if scale != 1.0:
             hidden = hidden * scale
-        if self.lm_head is not None:
-            logits = self.lm_head(hidden)
-        else:
-            logits = F.linear(hidden, self.decoder.vocab_embedding.weight)
+        logits = self.head(hidden)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
         return logits.float() if float32 else logits

@@ -101,6 +101,8 @@ class ModelRunner:
         # cache is sized, and its KV (EAGLE: also the target's hidden states) lies in the same blocks.
         self.spec = None if speculative is None else speculative.build(self.model, device, self.dtype,
                                                                         tokens_per_block)
+        if self.mapping.world_size == 1:  # an odd vocabulary's head in aligned rows (a sharded head stays as it is)
+            self.model.align_head()
         if kv_cache_config.use_fp8_context_fmha:
             from ..layers.attention import enable_fp8_context_fmha
 
