@@ -6,6 +6,7 @@ published ISL/OSL grid (bench_grid.py)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -698,12 +699,17 @@ def bench_offline(a, scratch: Path) -> int:
         print(f"decode: TPOT p50 {ours['tpot_ms_p50']:.2f} ms vs bandwidth floor {1e3 * floor:.2f} ms at batch {batch} "
               f"({bandwidth / 1e12:.2f} TB/s measured): {100 * ours['decode_bandwidth_fraction']:.0f}% of the bound")
     if a.compare == "hf":
-        from .bench_hf import run_hf
+        from .bench_hf import run_hf_best
 
-        hf_batch = a.hf_batch_size or min(a.concurrency or a.num_requests, a.num_requests)
-        hf = run_hf(model, a.load_format, results["dtype"], a.device, workload, hf_batch, compile=not a.hf_no_compile)
+        batches = a.hf_batch_size or [min(a.concurrency or a.num_requests, a.num_requests)]
+        hf = run_hf_best(model, a.load_format, results["dtype"], a.device, workload, batches,
+                         compile=not a.hf_no_compile)
         results["hf"] = hf
-        print(format_report(f"hf bs={hf_batch}", hf))
+        if len(batches) > 1:
+            print("hf: " + ", ".join(f"bs={r['batch_size']} " + (f"{r['output_tok_s']:,.1f} output tok/s"
+                                                                  if "error" not in r else r["error"])
+                                     for r in hf["runs"]))
+        print(format_report(f"hf bs={hf['batch_size']}", hf))
         results["speedup_vs_hf"] = ours["output_tok_s"] / hf["output_tok_s"]
         print(f"llmapi / transformers output tok/s: {results['speedup_vs_hf']:.2f}x")
     if torch.cuda.is_available():
@@ -772,6 +778,17 @@ def compare_without(a, model: str, kwargs: dict, job: Job, results: dict, ours_t
     print(f"speculative / plain output tok/s: {ratio:.2f}x; {match['requests_equal']} of {match['requests_compared']} "
           "requests' tokens equal plain decoding's"
           + (" (drafts accepted unchecked: they are not expected to)" if unchecked else ""))
+
+
+def batch_sizes(text: str) -> list[int]:
+    """--hf-batch-size: one batch size or several, comma-separated, each an int >= 1."""
+    try:
+        sizes = [int(t) for t in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size or a comma-separated list of them (ints >= 1)")
+    return sizes
 
 
 def add_arguments(p) -> None:
@@ -852,8 +869,9 @@ def add_arguments(p) -> None:
                    help="also run the same prompts unguided on the same LLM (prefix caching off): the ratio")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="hf: also run the workload through transformers (static cache + torch.compile)")
-    p.add_argument("--hf-batch-size", type=int, default=0, help="transformers' batch (default: the concurrency; "
-                   "with --grid 64)")
+    p.add_argument("--hf-batch-size", type=batch_sizes, default=[], metavar="B[,B...]",
+                   help="transformers' batch (default: the concurrency; with --grid 64); several, comma-separated: "
+                   "each is run and the fastest compared (transformers at its best batch size)")
     p.add_argument("--hf-no-compile", action="store_true", help="transformers without torch.compile")
     p.add_argument("--grid", choices=["trtllm"], default=None,
                    help="trtllm: TensorRT-LLM's published Llama-3.1-8B grid (ten ISL/OSL rows, each with its own "

@@ -308,16 +308,18 @@ def compare_hf(a, model: str, device, results: dict) -> None:
     """--compare hf: transformers (static cache, torch.compile unless --hf-no-compile) on the rows of HF_ROWS
     that ran, after the LLM is gone; each row's result gets "hf" and "speedup_vs_hf"."""
     from .bench import _release
-    from .bench_hf import run_hf
+    from .bench_hf import run_hf_best
 
-    batch = a.hf_batch_size or HF_GRID_BATCH
+    batches = a.hf_batch_size or [HF_GRID_BATCH]
     for r in results["rows"]:
         if r["row"] not in HF_ROWS:
             continue
         _release(device)
         row = next(g for g in GRIDS[a.grid] if g.name == r["row"])
-        hf = r["hf"] = run_hf(model, a.load_format, results["dtype"], a.device,
-                              row_workload(row, r["requests"], a.seed, False), batch, compile=not a.hf_no_compile)
+        hf = r["hf"] = run_hf_best(model, a.load_format, results["dtype"], a.device,
+                                   row_workload(row, r["requests"], a.seed, False), batches,
+                                   compile=not a.hf_no_compile)
         r["speedup_vs_hf"] = r["output_tok_s"] / hf["output_tok_s"]
-        print(f"{r['row']}: transformers bs={batch} {hf['output_tok_s']:,.1f} output tok/s; llmapi / transformers "
-              f"{r['speedup_vs_hf']:.2f}x")
+        tried = f" (the best of bs {', '.join(str(b) for b in batches)})" if len(batches) > 1 else ""
+        print(f"{r['row']}: transformers bs={hf['batch_size']}{tried} {hf['output_tok_s']:,.1f} output tok/s; "
+              f"llmapi / transformers {r['speedup_vs_hf']:.2f}x")

@@ -43,6 +43,30 @@ def _timed_generate(model, ids: torch.Tensor, new_tokens: int, compile: bool) ->
     return elapsed
 
 
+def run_hf_best(model_dir: str, load_format: str, dtype_name: str, device: str, workload, batch_sizes: list[int],
+                compile: bool = True) -> dict:
+    """run_hf at each of `batch_sizes`: the fastest run's result, with "runs" (every batch size's output tok/s,
+    or the error of one that did not fit: out of device memory)."""
+    import torch
+
+    runs, best = [], None
+    for batch in batch_sizes:
+        try:
+            r = run_hf(model_dir, load_format, dtype_name, device, workload, batch, compile=compile)
+        except torch.OutOfMemoryError as e:
+            runs.append({"batch_size": batch, "error": f"out of memory: {str(e).splitlines()[0][:160]}"})
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        runs.append({"batch_size": batch, "output_tok_s": r["output_tok_s"]})
+        if best is None or r["output_tok_s"] > best["output_tok_s"]:
+            best = r
+    if best is None:
+        raise RuntimeError(f"transformers ran out of memory at every batch size tried: {batch_sizes}")
+    return {**best, "runs": runs}
+
+
 def run_hf(model_dir: str, load_format: str, dtype_name: str, device: str, workload, batch_size: int,
            compile: bool = True, timed_batches: int = 1) -> dict:
     """Output tok/s of transformers' generate at `batch_size` (the first batch, which compiles, is not timed).

@@ -479,3 +479,20 @@ def test_bench_ngram_on_smollm2_equals_plain_and_accepts(tmp_path):
     assert result["token_match"]["requests_equal"] == 2
     # The answer copies the snippet from the prompt: prompt lookup finds most of it.
     assert result["llmapi"]["speculative"]["acceptance_rate"] > 0.3
+
+
+def test_bench_compares_transformers_at_its_best_batch_size(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import llmapi.bench_hf as bench_hf
+
+    def fake_run_hf(model_dir, load_format, dtype_name, device, workload, batch_size, compile=True):
+        return {"batch_size": batch_size, "output_tok_s": 10.0 * batch_size, "ttft_ms_p50": 1.0,
+                "tpot_ms_p50": 1.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(bench_hf, "run_hf", fake_run_hf)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--isl", "6", "--osl", "5",
+                 "--num-requests", "4", "--compare", "hf", "--hf-batch-size", "3,2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["hf"]["batch_size"] == 3 and [r["batch_size"] for r in result["hf"]["runs"]] == [3, 2]
+    assert result["speedup_vs_hf"] == pytest.approx(result["llmapi"]["output_tok_s"] / 30.0)
+    assert "hf: bs=3 30.0 output tok/s, bs=2 20.0 output tok/s" in capsys.readouterr().out

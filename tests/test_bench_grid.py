@@ -230,3 +230,38 @@ def test_use_fp8_context_fmha_flag_reaches_the_kv_cache_config():
     assert KvCacheConfig.coerce(on["kv_cache_config"]).use_fp8_context_fmha is True
     off = bench.offline_llm_kwargs(p.parse_args(["--grid", "trtllm"]), 64)
     assert KvCacheConfig.coerce(off["kv_cache_config"]).use_fp8_context_fmha is False
+
+
+def test_transformers_at_its_best_batch_size(long_llama_dir, tmp_path, capsys, monkeypatch):
+    # --hf-batch-size 2,4,8: transformers runs at each (a stand-in here: 8 does not fit), the fastest is compared.
+    import torch
+
+    import llmapi.bench_hf as bench_hf
+
+    calls = []
+
+    def fake_run_hf(model_dir, load_format, dtype_name, device, workload, batch_size, compile=True):
+        calls.append(batch_size)
+        if batch_size == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"batch_size": batch_size, "output_tok_s": {2: 50.0, 4: 120.0}[batch_size]}
+
+    monkeypatch.setattr(bench_hf, "run_hf", fake_run_hf)
+    out = tmp_path / "grid.json"
+    assert main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm", "--grid-rows",
+                 "128/128", "--grid-requests-scale", "0.002", "--compare", "hf", "--hf-no-compile",
+                 "--hf-batch-size", "2,4,8", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert calls == [2, 4, 8]
+    assert r["hf"]["batch_size"] == 4 and r["hf"]["output_tok_s"] == 120.0
+    assert r["hf"]["runs"][:2] == [{"batch_size": 2, "output_tok_s": 50.0}, {"batch_size": 4, "output_tok_s": 120.0}]
+    assert r["hf"]["runs"][2]["batch_size"] == 8 and r["hf"]["runs"][2]["error"].startswith("out of memory")
+    assert r["speedup_vs_hf"] == pytest.approx(r["output_tok_s"] / 120.0)
+    assert "128/128: transformers bs=4 (the best of bs 2, 4, 8)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["0", "a,b", "4,,8", "-2"])
+def test_hf_batch_size_refuses_what_is_not_a_batch_size(bad, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "x", f"--hf-batch-size={bad}"])
+    assert "is not a batch size or a comma-separated list of them" in capsys.readouterr().err
