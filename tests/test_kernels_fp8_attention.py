@@ -31,9 +31,10 @@ def fp8_case(query_lens, context_lens, nh, nkv, hd, block, dtype, seed):
     return q.to(dtype), k8, v8, qsl, ctx, tables, kv_scale.to(q.device)
 
 
-def emulate(q, k8, v8, qsl, ctx, tables, scale, kv_scale, block_n):
+def emulate(q, k8, v8, qsl, ctx, tables, scale, kv_scale, block_n, window=None):
     """The FP8 mode's arithmetic in torch float32, keys in tiles of block_n from position 0 (a tile a row does not
-    see leaves its state as it is, as the kernel's masked or skipped tiles do)."""
+    see leaves its state as it is, as the kernel's masked or skipped tiles do); with `window` W each query sees
+    its last W positions."""
     q, k8, v8, qsl, ctx, tables, kv_scale = (t.cpu() for t in (q, k8, v8, qsl, ctx, tables, kv_scale))
     nh, hd = q.shape[1], q.shape[2]
     nkv, page = k8.shape[2], k8.shape[1]
@@ -60,10 +61,14 @@ def emulate(q, k8, v8, qsl, ctx, tables, scale, kv_scale, block_n):
             for start in range(0, c, block_n):
                 kpos = torch.arange(start, min(start + block_n, c))
                 s = (q8[t0:t0 + n, h] @ keys[kpos, kvh].T) * qk_scale
-                s = torch.where(kpos[None, :] <= pos[:, None], s, float("-inf"))
+                seen = kpos[None, :] <= pos[:, None]
+                if window is not None:
+                    seen &= kpos[None, :] > pos[:, None] - window
+                s = torch.where(seen, s, float("-inf"))
                 m_new = torch.maximum(m, s.amax(1))
-                p = torch.exp2(s - m_new[:, None])
-                alpha = torch.exp2(m - m_new)
+                shift = torch.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: weights 0, not NaN
+                p = torch.exp2(s - shift[:, None])
+                alpha = torch.exp2(m - shift)
                 l = l * alpha + p.sum(1) * P_SCALE.value
                 acc = acc * alpha[:, None] + _e4m3(p * P_SCALE.value) @ vals[kpos, kvh]
                 m = m_new
@@ -71,17 +76,17 @@ def emulate(q, k8, v8, qsl, ctx, tables, scale, kv_scale, block_n):
     return out
 
 
-def check_fp8(query_lens, context_lens, nh, nkv, hd, block, dtype, seed, **tiling):
+def check_fp8(query_lens, context_lens, nh, nkv, hd, block, dtype, seed, window=None, **tiling):
     q, k8, v8, qsl, ctx, tables, kv_scale = fp8_case(query_lens, context_lens, nh, nkv, hd, block, dtype, seed)
     scale = hd**-0.5
     out = torch.full_like(q, float("nan"))
     paged_packed_attention(q, k8, v8, qsl, ctx, tables, scale, out=out, kv_scale=kv_scale, fp8_attention=True,
-                           max_query_len=max(query_lens), **tiling)
+                           max_query_len=max(query_lens), sliding_window=window, **tiling)
     block_n = tiling.get("block_n") or (LONG_TILING[1] if max(query_lens) >= 256 else 32)
     # The same arithmetic. Interpreted, equal but for the output's rounding to the query dtype (within its eps;
     # the interpreter may truncate); emulated with other tiles than the kernel's, elements differ by orders of
     # magnitude more. On a GPU the tensor cores sum in their own order, which can flip a weight's rounding.
-    emulated = emulate(q, k8, v8, qsl, ctx, tables, scale, kv_scale, block_n)
+    emulated = emulate(q, k8, v8, qsl, ctx, tables, scale, kv_scale, block_n, window)
     if DEVICE == "cpu":
         eps = torch.finfo(q.dtype).eps
         assert ((out.float() - emulated).abs() <= eps * emulated.abs() + 1e-6).all()
@@ -89,11 +94,11 @@ def check_fp8(query_lens, context_lens, nh, nkv, hd, block, dtype, seed, **tilin
         assert rel_error(out.cpu().float(), emulated) < 1e-2
     # Against exact attention over the same cache: FP8's error, several times bfloat16's and no more.
     exact = paged_attention_ref(q.double().cpu(), k8.cpu(), v8.cpu(), qsl.cpu(), ctx.cpu(), tables.cpu(), scale,
-                                kv_scale.cpu().double())
+                                kv_scale.cpu().double(), window)
     err = rel_error(out.cpu(), exact)
     bf16 = torch.full_like(q, float("nan"))
     paged_packed_attention(q, k8, v8, qsl, ctx, tables, scale, out=bf16, kv_scale=kv_scale,
-                           max_query_len=max(query_lens), **tiling)
+                           max_query_len=max(query_lens), sliding_window=window, **tiling)
     assert err < 0.05, f"relative error {err:.2e}"
     assert rel_error(bf16.cpu(), exact) < err  # the test sees FP8's rounding: the modes differ
     return err
@@ -104,6 +109,13 @@ def check_fp8(query_lens, context_lens, nh, nkv, hd, block, dtype, seed, **tilin
 def test_fp8_attention_interpreted(dtype):
     # A whole prompt, a chunk after earlier context ending mid-block, decodes; GQA group 2.
     check_fp8([40, 23, 1, 1], [40, 60, 7, 90], nh=4, nkv=2, hd=32, block=16, dtype=dtype, seed=3,
+              block_m=32, block_n=16)
+
+
+@interpreted
+def test_fp8_attention_interpreted_sliding_window():
+    # Each query sees its last 20 positions: tiles before a block's window are skipped, rows start mid-tile.
+    check_fp8([40, 23, 1], [40, 60, 90], nh=4, nkv=2, hd=32, block=16, dtype=torch.bfloat16, seed=6, window=20,
               block_m=32, block_n=16)
 
 
