@@ -55,10 +55,7 @@ def run_hf_best(model_dir: str, load_format: str, dtype_name: str, device: str, 
             r = run_hf(model_dir, load_format, dtype_name, device, workload, batch, compile=compile)
         except torch.OutOfMemoryError as e:
             runs.append({"batch_size": batch, "error": f"out of memory: {str(e).splitlines()[0][:160]}"})
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
+            continue  # run_hf frees the device's cache before the next batch size
         runs.append({"batch_size": batch, "output_tok_s": r["output_tok_s"]})
         if best is None or r["output_tok_s"] > best["output_tok_s"]:
             best = r

@@ -164,17 +164,17 @@ class CausalLM(nn.Module):
         vocab-parallel head that gathers the full rows.
         """
         logits = self.head(hidden)
-        return logits.float() if float32 else logits
+        return (logits.float() if float32 else logits).contiguous()  # one copy at most (an aligned head's view)
 
     def input_embedding(self) -> nn.Module:
         """The token embedding (a tied head's weight)."""
         return self.transformer.vocab_embedding
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] in the model dtype
-        """hidden times the head: through align_head's padded copy when there is one (its vocabulary columns,
-        contiguous), else the head itself."""
+        """hidden times the head: through align_head's padded copy when there is one (a view of its vocabulary
+        columns, rows strided), else the head itself."""
         if self._aligned_head is not None:
-            return F.linear(hidden, self._aligned_head)[:, :self.config["vocab_size"]].contiguous()
+            return F.linear(hidden, self._aligned_head)[:, :self.config["vocab_size"]]
         if self.lm_head is not None:
             return self.lm_head(hidden)
         return F.linear(hidden, self.input_embedding().weight)

@@ -392,14 +392,13 @@ class EncoderDecoderModel(CausalLM):
     def input_embedding(self) -> nn.Module:
         return self.decoder.vocab_embedding
 
-    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:  # [N, H] -> [N, V]
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
+        """The tied head's d_model^-0.5 scaling (the original T5) and BART's final_logits_bias around the head."""
         scale = self.config["logits_scale"]
         if scale != 1.0:
             hidden = hidden * scale
-        logits = self.head(hidden)
-        if self.final_logits_bias is not None:
-            logits = logits + self.final_logits_bias
-        return logits.float() if float32 else logits
+        logits = super().head(hidden)
+        return logits if self.final_logits_bias is None else logits + self.final_logits_bias
 
 
 def convert_layers(hf, cfg: dict, layer_names, bias: bool) -> dict:
