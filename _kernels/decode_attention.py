@@ -30,10 +30,10 @@ MAX_SPLITS = 32
 # The block-table width changes from step to step, and the split count with the batch: neither is specialized
 # on (a mixed step's decodes, 1 to hundreds of rows, would compile a kernel for each new count: a second each,
 # stalling the step). SPLIT says whether there are several.
-@triton.jit(do_not_specialize=["bt_stride", "num_splits"])
+@triton.jit(do_not_specialize=["bt_stride", "num_splits", "min_tiles"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
                          part_lse_ptr, out_ptr, scale_ptr, qs_ptr, bias_ptr, q_stride_t, q_stride_h, out_stride_t,
-                         out_stride_h, bt_stride, cache_stride_block, bias_m1, scale_log2, num_splits,
+                         out_stride_h, bt_stride, cache_stride_block, bias_m1, scale_log2, num_splits, min_tiles,
                          NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                          HD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -49,7 +49,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         first_tile = lo // BLOCK_N
     else:
         first_tile = 0
-    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    # A row's context in num_splits even parts of min_tiles tiles at least (a short row leaves its last splits
+    # empty: they store no part, and the merge reads none of them).
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles - first_tile, num_splits), min_tiles)
     tile_begin = first_tile + split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     k_scale, v_scale = load_kv_scales(scale_ptr, KV_QUANT)
@@ -98,8 +100,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         return
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
     base = (r * NH + head) * num_splits + split  # [GROUP_P]: part_* are [R, nh, splits(, hd)]
-    tl.store(part_out_ptr + base[:, None] * HD + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(part_lse_ptr + base, lse, mask=row_ok)
+    tl.store(part_out_ptr + base[:, None] * HD + d[None, :], out,
+             mask=row_ok[:, None] & d_ok[None, :] & (tile_end > tile_begin))
+    tl.store(part_lse_ptr + base, lse, mask=row_ok)  # -inf: an empty split (its part is neither stored nor read)
 
 
 @triton.jit
@@ -137,7 +140,8 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, q_ptr, qs_ptr, out
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty context (padding row): all weights 0
     w = tl.exp2(lse - top)  # [BLOCK_S]
     parts = tl.load(part_out_ptr + (base + s)[:, None] * HD + d[None, :],
-                    mask=(s < num_splits)[:, None] & (d < HD)[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+                    mask=((s < num_splits) & (lse > float("-inf")))[:, None] & (d < HD)[None, :],
+                    other=0.0)  # [BLOCK_S, BLOCK_D]
     total = tl.sum(w, axis=0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + r * out_stride_t + h * out_stride_h + d, _output(out, q_ptr, qs_ptr, QUANT_OUT), mask=d < HD)
@@ -174,17 +178,25 @@ def window_arg(sliding_window: int | None) -> int:
 LONG_CONTEXT = 8192
 """A quantized cache's one-warp programs over contexts this long take more splits (num_splits_for)."""
 LONG_SPLIT = 1024
-"""A quantized cache's splits of at least this many keys run unpipelined (paged_decode_attention)."""
+"""A quantized cache's splits of at least this many keys run unpipelined (paged_decode_attention); from four
+of them a context (4,096 keys) takes a split per LONG_SPLIT keys (num_splits_for)."""
+MIN_SPLIT_KEYS = 256
+"""Where num_splits_for gave LONG_SPLIT splits, the shortest part of a row's context (paged_decode_attention)."""
 
 
 def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132,
                    quantized: bool = False) -> int:
     """Splits that give about four programs per multiprocessor (at most 32), never a split shorter than two
     tiles. Over an int8 / fp8 cache (`quantized`) and contexts of LONG_CONTEXT keys or more, about sixteen: its
-    programs are one warp each (H100, 48 requests at 20,001-22,000 keys: 2 splits 951 us, 4 or 8 splits 766 us,
-    89% of a device copy's bandwidth)."""
+    programs are one warp each. Over such a cache and contexts of 4 x LONG_SPLIT keys or more, at least one split
+    per LONG_SPLIT keys however many requests there are (H100, `bench_kernels --decode-sweep --kv-dtype fp8`:
+    48 requests at 20,001-22,000 keys 6 splits 848 us, 12 splits 736, 24 splits 748; 512 at 129-4,224 keys 1
+    split 1,020 us, 4 splits 928; 400 at 2,049-4,096 1,002 -> 966 us; 955 at 1,001-2,000 keys stay fastest in one
+    split, 1,105 us against 1,129 in two)."""
     per_sm = 16 if quantized and max_context_len >= LONG_CONTEXT else 4
     want = triton.cdiv(per_sm * num_sms, max(1, num_requests * num_kv_heads))
+    if quantized and max_context_len >= 4 * LONG_SPLIT:
+        want = max(want, triton.cdiv(max_context_len, LONG_SPLIT))
     return int(max(1, min(want, triton.cdiv(max_context_len, 2 * BLOCK_N), MAX_SPLITS)))
 
 
@@ -201,6 +213,13 @@ def default_tiling(programs: int, num_splits: int, max_context_len: int | None, 
     # stay ahead).
     long_splits = max_context_len is not None and max_context_len >= LONG_SPLIT * num_splits
     return 32, 1, 1 if programs > 4096 or (programs > 1024 and long_splits) else 2
+
+
+def default_min_split_keys(num_requests: int, num_kv_heads: int, max_context_len: int | None, quantized: bool
+                           ) -> int:
+    """The shortest part of a row's context a split reads by default (see paged_decode_attention)."""
+    long_rows = quantized and max_context_len is not None and max_context_len >= 4 * LONG_SPLIT
+    return MIN_SPLIT_KEYS if long_rows and num_requests * num_kv_heads >= 128 else 1
 
 
 def paged_decode_attention(
@@ -220,13 +239,18 @@ def paged_decode_attention(
     sliding_window: int | None = None,  # each query sees only the last this many positions
     position_bias: torch.Tensor | None = None,  # [nh, 2M-1] float32 relative position bias (T5)
     max_context_len: int | None = None,  # the longest context (keys read) of these requests, when known
+    min_split_keys: int | None = None,  # the shortest part of a row's context a split reads
 ) -> torch.Tensor:
     """Attention of each request's single query over its whole cached context, or with `sliding_window` W over
     its last W positions (the blocks before those are never read: their block-table entries may be -1). Tiles
     of `block_n` keys,
     `num_warps`, `num_stages`: by default 64, 4, 3 for a float cache and 32, 1, 2 for an int8 / fp8 one, the
     faster on H100 for each (sweeps over batch 1-1024, context 129-4096); the latter unpipelined (1 stage) above
-    4,096 programs, and above 1,024 when `max_context_len` gives splits of LONG_SPLIT keys or more. With
+    4,096 programs, and above 1,024 when `max_context_len` gives splits of LONG_SPLIT keys or more. Each row
+    splits its own context in `num_splits` even parts, each `min_split_keys` long at least: by default
+    MIN_SPLIT_KEYS over a quantized cache whose `max_context_len` is 4 x LONG_SPLIT or more with at least 128
+    (request, kv head) pairs (num_splits_for sized its splits for the longest context, which may be a CUDA
+    graph's bound: a short row then runs fewer, longer parts), else one tile. With
     `quant_scale` the output is the E4M3 codes quantize_fp8 makes of it at that static scale. With
     `position_bias` each score gets that of its distance from the query at position context_len - 1, as
     paged_attention_ref's. The same kernel serves cross-attention: the query sees every cached key of its
@@ -249,6 +273,10 @@ def paged_decode_attention(
     defaults = default_tiling(num_requests * nkv * num_splits, num_splits, max_context_len, bool(kv_quant))
     block_n, num_warps, num_stages = (given or default for given, default in
                                       zip((block_n, num_warps, num_stages), defaults))
+    if min_split_keys is None:
+        min_split_keys = default_min_split_keys(num_requests, nkv, max_context_len, bool(kv_quant))
+    if isinstance(min_split_keys, bool) or not isinstance(min_split_keys, int) or min_split_keys < 1:
+        raise ValueError(f"min_split_keys={min_split_keys!r} is invalid: must be an int >= 1")
     group = nh // nkv
     assert out.stride(2) == 1
     # One split writes the output itself; several write float32 parts that a second kernel merges.
@@ -260,7 +288,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, scale_ptr,
         out if quant_scale is None else quant_scale, bias_ptr, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(0), bias_m1,
-        scale * 1.4426950408889634, num_splits,
+        scale * 1.4426950408889634, num_splits, triton.cdiv(min_split_keys, block_n),
         NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=block_n, SPLIT=num_splits > 1, KV_QUANT=kv_quant, QUANT_OUT=quant_scale is not None,
         WINDOW=window_arg(sliding_window), HAS_BIAS=position_bias is not None, **dot, num_warps=num_warps,

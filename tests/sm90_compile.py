@@ -39,7 +39,8 @@ def attention_kernels():
                 "context_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{out}",
                 "scale_ptr": "*fp32", "qs_ptr": "*fp32", "bias_ptr": "*fp32", "q_stride_t": "i32",
                 "q_stride_h": "i32", "out_stride_t": "i32", "out_stride_h": "i32", "bt_stride": "i32",
-                "cache_stride_block": "i32", "bias_m1": "i32", "scale_log2": "fp32", "num_splits": "i32"}
+                "cache_stride_block": "i32", "bias_m1": "i32", "scale_log2": "fp32", "num_splits": "i32",
+                "min_tiles": "i32"}
         for splits in (1, 4):
             yield (f"decode {cache} quant_out={quant} splits={splits}", _decode_split_kernel, args,
                    dict(NH=32, NKV=8, GROUP=4, GROUP_P=16, HD=128, BLOCK_D=128, PAGE=32, BLOCK_N=32 if kv_quant else 64,

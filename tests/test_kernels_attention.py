@@ -8,7 +8,8 @@ from llmapi._kernels.paged_attention import paged_attention_ref, write_kv_ref
 
 triton = pytest.importorskip("triton")
 
-from llmapi._kernels.decode_attention import default_tiling, num_splits_for, paged_decode_attention  # noqa: E402
+from llmapi._kernels.decode_attention import (  # noqa: E402
+    default_min_split_keys, default_tiling, num_splits_for, paged_decode_attention)
 from llmapi._kernels.kv_write import write_kv  # noqa: E402
 from llmapi._kernels.prefill_attention import (  # noqa: E402
     LONG_QUERY, LONG_TILING, packed_tiling, paged_packed_attention)
@@ -23,10 +24,10 @@ def _reference(q, k_cache, v_cache, qsl, ctx, tables, scale):
                                ctx.cpu(), tables.cpu(), scale)
 
 
-def check_decode(ctx_lens, nh, nkv, hd, block, dtype, num_splits, seed):
+def check_decode(ctx_lens, nh, nkv, hd, block, dtype, num_splits, seed, **kw):
     q, kc, vc, qsl, ctx, tables = paged_case([1] * len(ctx_lens), ctx_lens, nh, nkv, hd, block, dtype, seed)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    paged_decode_attention(q, kc, vc, ctx, tables, hd**-0.5, num_splits, out=out)
+    paged_decode_attention(q, kc, vc, ctx, tables, hd**-0.5, num_splits, out=out, **kw)
     err = rel_error(out.cpu(), _reference(q, kc, vc, qsl, ctx, tables, hd**-0.5))
     assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
 
@@ -62,15 +63,34 @@ def test_decode_attention_interpreted(dtype):
         check_decode([1, 37, 130], nh=4, nkv=2, hd=16, block=4, dtype=dtype, num_splits=num_splits, seed=1)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_interpreted_min_split_keys(dtype):
+    # Each row splits its own context in 8 parts of 3 tiles (24 keys) at least: 130 keys in 6 parts (the last
+    # short), 37 in 2, 1 in 1; the empty splits store no part and the merge reads none.
+    check_decode([130, 37, 1, 9, 64], nh=4, nkv=2, hd=16, block=4, dtype=dtype, num_splits=8, seed=2, block_n=8,
+                 min_split_keys=24)
+    q, kc, vc, qsl, ctx, tables = paged_case([1], [5], 2, 1, 16, 4, torch.float32, 0)
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match=f"min_split_keys={bad!r} is invalid: must be an int >= 1"):
+            paged_decode_attention(q, kc, vc, ctx, tables, 1.0, 2, min_split_keys=bad)
+
+
 def test_decode_splits_and_tiling_defaults():
-    # Splits: ceil(4 x 132 SMs / (requests x kv heads)), 16 x 132 over a quantized cache from 8,192 keys, never
-    # more than 32 or than two 64-key tiles a split.
+    # Splits: ceil(4 x 132 SMs / (requests x kv heads)), 16 x 132 over a quantized cache from 8,192 keys, and
+    # there from 4,096 keys one a 1,024 at least; never more than 32 or than two 64-key tiles a split.
     assert num_splits_for(48, 8, 22001) == 2  # ceil(528 / 384)
-    assert num_splits_for(48, 8, 22001, quantized=True) == 6  # ceil(2112 / 384)
-    assert num_splits_for(48, 8, 8191, quantized=True) == 2
+    assert num_splits_for(48, 8, 22001, quantized=True) == 22  # ceil(22001 / 1024) > ceil(2112 / 384)
+    assert num_splits_for(48, 8, 8191, quantized=True) == 8  # ceil(8191 / 1024)
     assert num_splits_for(1, 8, 8192, quantized=True) == num_splits_for(1, 8, 8192) == 32
     assert num_splits_for(4, 8, 300, quantized=True) == 3  # ceil(300 / 128)
-    assert num_splits_for(400, 8, 4096, quantized=True) == 1
+    assert num_splits_for(400, 8, 4096, quantized=True) == 4
+    assert num_splits_for(400, 8, 4096) == num_splits_for(955, 8, 2000, quantized=True) == 1
+    assert num_splits_for(1, 8, 100_000, quantized=True) == 32
+    # A quantized cache from 4,096 keys with 128 (request, kv head) pairs or more: parts of 256 keys at least.
+    assert default_min_split_keys(16, 8, 4096, True) == 256
+    assert default_min_split_keys(15, 8, 22001, True) == default_min_split_keys(16, 8, 4095, True) == 1
+    assert default_min_split_keys(400, 8, 4096, False) == default_min_split_keys(400, 8, None, True) == 1
     # Tiling: (64, 4, 3) for a float cache; (32, 1, 2) for a quantized one, one stage above 4,096 programs, or
     # above 1,024 when each split reads 1,024 keys or more.
     assert default_tiling(8192, 1, 256, False) == (64, 4, 3)

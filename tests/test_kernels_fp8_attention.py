@@ -216,7 +216,7 @@ def test_llm_fp8_context_fmha_agrees_by_top5_rule(tmp_path):
     from tiny_models import make_tiny_llama
     from tiny_tokenizer import save_tiny_tokenizer
 
-    from llmapi import LLM, SamplingParams
+    from llmapi import LLM, QuantConfig, SamplingParams
 
     model = make_tiny_llama(tmp_path, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                             max_position_embeddings=1024)  # head_dim 32: E4M3 dots take 32-deep tiles
@@ -224,9 +224,13 @@ def test_llm_fp8_context_fmha_agrees_by_top5_rule(tmp_path):
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (300, 40, 700, 5)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=5, detokenize=False)
+    calibration = tmp_path / "calibration.txt"  # the cache's scales from these texts (not gensim's default)
+    calibration.write_text("\n".join(f"sample {i}: the house is wonderful and the cat sat on the mat number {i}"
+                                     for i in range(16)))
+    quant = QuantConfig(kv_cache_quant_algo="FP8", calibration_dataset=str(calibration))
     outs = []
     for fmha in (False, True):
-        with LLM(str(tmp_path), dtype="bfloat16", quant="fp8_kv_cache", skip_tokenizer_init=True,
+        with LLM(str(tmp_path), dtype="bfloat16", quant=quant, skip_tokenizer_init=True,
                  kv_cache_config={"use_fp8_context_fmha": fmha}) as llm:
             outs.append(llm.generate(prompts, params, use_tqdm=False))
     for plain, fp8 in zip(*outs):

@@ -11,7 +11,7 @@ from llmapi.layers.rotary import apply_rotary
 
 triton = pytest.importorskip("triton")
 
-from llmapi._kernels.decode_attention import paged_decode_attention  # noqa: E402
+from llmapi._kernels.decode_attention import num_splits_for, paged_decode_attention  # noqa: E402
 from llmapi._kernels.kv_write import write_kv  # noqa: E402
 from llmapi._kernels.prefill_attention import paged_packed_attention  # noqa: E402
 from llmapi._kernels.rotary import rotary_write_kv_  # noqa: E402
@@ -127,13 +127,13 @@ def check_write(num_tokens, nkv, hd, block, dtype, cache_dtype, seed, rotary=Fal
     assert _same_codes(cache_d.cpu(), expected)  # the same float32 operations: the same codes
 
 
-def check_attention(query_lens, ctx_lens, nh, nkv, hd, block, dtype, cache_dtype, seed, num_splits=0):
+def check_attention(query_lens, ctx_lens, nh, nkv, hd, block, dtype, cache_dtype, seed, num_splits=0, **decode_kw):
     q, kc, vc, qsl, ctx, tables = paged_case(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed)
     kv_scale = _scales(kc.float(), vc.float(), cache_dtype).to(device=kc.device)
     kq, vq = _quantized(kc, kv_scale[0], cache_dtype), _quantized(vc, kv_scale[1], cache_dtype)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     if num_splits:
-        paged_decode_attention(q, kq, vq, ctx, tables, hd**-0.5, num_splits, out=out, kv_scale=kv_scale)
+        paged_decode_attention(q, kq, vq, ctx, tables, hd**-0.5, num_splits, out=out, kv_scale=kv_scale, **decode_kw)
     else:
         paged_packed_attention(q, kq, vq, qsl, ctx, tables, hd**-0.5, out=out, kv_scale=kv_scale)
     # The oracle: the float64 reference over the cache's dequantized values.
@@ -188,6 +188,12 @@ def test_attention_quantized_gpu(cache_dtype, dtype, nh, nkv, hd):
     query_lens = [1000, 1, 17, 1, 300, 64, 1, 129]
     ctx_lens = [n + int(torch.randint(0, 900, (1,), generator=g)) for n in query_lens]
     check_attention(query_lens, ctx_lens, nh, nkv, hd, 32, dtype, cache_dtype, seed=2)
+    # Long rows with short ones, at the defaults for a bound of 5,000 keys (a CUDA graph's): one split per
+    # 1,024 keys of the bound, each row's parts 256 keys at least where there are 128 (request, kv head) pairs.
+    ctx_lens = torch.randint(3000, 5000, (12,), generator=g).tolist() + [1, 40, 257, 700, 2000]
+    splits = num_splits_for(len(ctx_lens), nkv, 5000, quantized=True)
+    check_attention([1] * len(ctx_lens), ctx_lens, nh, nkv, hd, 32, dtype, cache_dtype, seed=3, num_splits=splits,
+                    max_context_len=5000)
 
 
 @interpreted
