@@ -573,7 +573,7 @@ def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
                                  "use_fp8_context_fmha": a.use_fp8_context_fmha},
                 max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
-                async_scheduling=not a.no_async_scheduling,
+                async_scheduling=not a.no_async_scheduling, attn_backend=a.attn_backend,
                 scheduler_config={"capacity_scheduler_policy": capacity_policy(a)})
 
 
@@ -610,7 +610,7 @@ def bench_offline(a, scratch: Path) -> int:
                "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
                "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
-               "use_fp8_context_fmha": a.use_fp8_context_fmha,
+               "use_fp8_context_fmha": a.use_fp8_context_fmha, "attn_backend": a.attn_backend,
                "speculative_config": speculative_dict(speculative), "kv_blocks": kv_blocks(llm)}
     adapters = None
     if a.num_loras:
@@ -831,6 +831,8 @@ def add_arguments(p) -> None:
     p.add_argument("--use-fp8-context-fmha", action="store_true",
                    help="with --kv-cache-dtype fp8: prefill attention on E4M3 operands (LLM(kv_cache_config="
                    "KvCacheConfig(use_fp8_context_fmha=True)), TensorRT-LLM's FP8 context FMHA)")
+    p.add_argument("--attn-backend", choices=("triton", "flash"), default="triton",
+                   help="flash: prefill rows through torch's FlashAttention (LLM(attn_backend='flash'))")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
     p.add_argument("--capacity-scheduler-policy", choices=["max_utilization", "guaranteed_no_evict"],

@@ -164,12 +164,16 @@ def copy_bandwidth(dev: torch.device) -> float:
 def prefill_sweep(a) -> int:
     """Each PREFILL_STEPS step through paged_packed_attention at each PREFILL_CONFIGS tiling (over an fp8 cache,
     also with fp8_attention): microseconds, TFLOP/s (4 * heads * head_dim per query-key pair seen) and the largest
-    difference from the first config's output; then torch's scaled_dot_product_attention (bfloat16, contiguous
-    K/V, causal) per prompt."""
+    difference from the first config's output; then attn_backend="flash" (flash_prefill: the gathered copy and
+    torch's FlashAttention varlen call), and torch's scaled_dot_product_attention (bfloat16, contiguous K/V,
+    causal) per prompt."""
+    import numpy as np
     import torch.nn.functional as F
     import triton.testing
 
     from llmapi._kernels.prefill_attention import paged_packed_attention
+    from llmapi.layers.attention import AttentionMetadata
+    from llmapi.layers.flash_prefill import flash_prefill
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -201,6 +205,25 @@ def prefill_sweep(a) -> int:
             first = out if first is None else first
             diff = (out.float() - first.float()).abs().max().item()
             print(f"  {name}: {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s  max diff {diff:.2e}")
+        # attn_backend="flash": the gather of each row's context (its slots once a step, the copy each layer)
+        # and torch's FlashAttention varlen call, against the first tiling's output.
+        attn = AttentionMetadata(slot_mapping=qsl, query_lens=qsl[1:] - qsl[:-1], context_lens=ctx,
+                                 query_start_loc=qsl, block_tables=tables, max_query_len=max(q_lens),
+                                 max_context_len=max(ctx_lens), tokens_per_block=a.block,
+                                 context_lens_cpu=np.asarray(ctx_lens))
+        kv = torch.stack([k_cache, v_cache])
+        scales = None if kv_scale is None else tuple(kv_scale.tolist())
+
+        def flash(out=None):
+            return flash_prefill(q, kv, attn, 0, a.head_dim**-0.5, scales, out=out)
+        try:
+            out = flash()
+            ms = triton.testing.do_bench(flash, warmup=10, rep=100, return_mode="median")
+            diff = (out.float() - first.float()).abs().max().item() if first is not None else float("nan")
+            print(f"  flash backend (gather + varlen): {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s  "
+                  f"max diff {diff:.2e}")
+        except Exception as e:
+            print(f"  flash backend: failed ({type(e).__name__}: {str(e)[:120]})")
         # torch's flash attention over the same prompts (whole prompts from position 0 only: ctx == query)
         if all(ql == c for ql, c in zip(q_lens, ctx_lens)):
             qs = [t.transpose(0, 1).unsqueeze(0) for t in q.split(q_lens)]

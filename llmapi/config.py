@@ -201,6 +201,10 @@ class LlmArgs:
     """Engine cache root (default $LLMAPI_CACHE_DIR, $XDG_CACHE_HOME/llmapi or ~/.cache/llmapi)."""
     full_engine_check: bool = False
     """Verify every engine file's checksum on load, not only sizes and headers."""
+    attn_backend: str = "triton"
+    """Attention kernels (TensorRT-LLM's name for the switch): "triton" runs every step in the Triton kernels;
+    "flash" runs the prefill rows through torch's FlashAttention over a gathered copy of their contexts (a GPU,
+    bfloat16 / float16; decodes and sliding-window layers stay on the Triton kernels; llmapi.layers.flash_prefill)."""
     async_scheduling: bool = True
     """Schedule and stage step N+1 on the host while the device runs step N (at every world size): the
     next token of a plain request is scheduled before the last one is known."""
@@ -253,6 +257,8 @@ class LlmArgs:
                self.guided_decoding_backend, f"must be one of {_GUIDED_DECODING_BACKENDS}")
         _check(isinstance(self.async_scheduling, bool), "async_scheduling", self.async_scheduling,
                "must be True or False")
+        _check(self.attn_backend in ("triton", "flash"), "attn_backend", self.attn_backend,
+               "must be one of ('triton', 'flash')")
         _check(_is_int(self.max_logprobs) and self.max_logprobs >= 0, "max_logprobs", self.max_logprobs,
                "must be an int >= 0")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",

@@ -154,14 +154,14 @@ class LLM:
                     runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
                                                        args.tokens_per_block, load_format=load_format,
                                                        max_batch_size=args.max_batch_size, speculative=speculative,
-                                                       adapters=adapters)
+                                                       adapters=adapters, attn_backend=args.attn_backend)
                 else:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
                                 kv_cache_config=dataclasses.asdict(args.kv_cache_config),
                                 tokens_per_block=args.tokens_per_block, load_format=load_format,
                                 max_batch_size=args.max_batch_size,  # the decode graphs' largest batch
-                                adapters=adapters,
+                                adapters=adapters, attn_backend=args.attn_backend,
                                 speculative=None if speculative is None else speculative.to_dict())
                     if remote is not None:
                         remote.start(init, executor_kwargs)

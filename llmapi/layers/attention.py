@@ -1,7 +1,8 @@
 """Attention over the paged KV cache for a packed batch of prefill chunks and decodes (no padding)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +45,11 @@ class AttentionMetadata:
     cross: "object | None" = None
     """Encoder-decoder models: the step's encoder inputs and cross-attention blocks
     (llmapi.layers.encdec_attention.CrossMetadata); None for decoder-only models."""
+    context_lens_cpu: "object | None" = None
+    """[R] the context lengths on the host (a numpy array) where the step's builder has them (eager steps): what
+    attn_backend="flash" sizes its gathers by without a device sync; None elsewhere."""
+    scratch: dict = field(default_factory=dict, repr=False)
+    """What the step's first attention layer derives from this metadata for the others (flash_prefill)."""
 
     @classmethod
     def build(cls, query_lens, context_lens, block_tables, tokens_per_block: int, slot_mapping=None, device=None):
@@ -51,6 +57,7 @@ class AttentionMetadata:
 
         Arguments may be lists, numpy arrays or tensors; the result lives on `device`.
         """
+        host_lens = None if isinstance(context_lens, torch.Tensor) else context_lens  # lists, numpy arrays
         query_lens = torch.as_tensor(query_lens, dtype=torch.int32, device=device)  # [R]
         context_lens = torch.as_tensor(context_lens, dtype=torch.int32, device=device)  # [R]
         block_tables = torch.as_tensor(block_tables, dtype=torch.int32, device=device)  # [R, max_blocks]
@@ -71,6 +78,7 @@ class AttentionMetadata:
             max_query_len=int(query_lens.max()) if len(query_lens) else 0,
             max_context_len=int(context_lens.max()) if len(context_lens) else 0,
             tokens_per_block=int(tokens_per_block),
+            context_lens_cpu=None if host_lens is None else np.asarray(host_lens, dtype=np.int64),
         )
 
 
@@ -96,6 +104,10 @@ class Attention(nn.Module):
         self.register_parameter("kv_cache_scaling_factor", None)  # [2] with a quantized cache
         # KvCacheConfig.use_fp8_context_fmha (set by the runner over an fp8 cache): the packed kernel's FP8 dots.
         self.fp8_context_fmha = False
+        # LlmArgs.attn_backend == "flash" (set by the runner, set_attn_backend): prefill rows through torch's
+        # FlashAttention (llmapi.layers.flash_prefill) where the layer has no window.
+        self.flash_prefill = False
+        self._kv_scales = None  # the cache's (K, V) scales as Python floats, read once (flash_prefill)
 
     def forward(
         self,
@@ -113,8 +125,12 @@ class Attention(nn.Module):
         assert kv_cache is None or (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn))
         window = self.sliding_window
         if kv_cache is not None and use_triton(q):
+            flash = self.flash_prefill and window is None and attn.max_query_len > 1 \
+                and attn.context_lens_cpu is not None
+            if flash and kv_scale is not None and self._kv_scales is None:
+                self._kv_scales = tuple(float(x) for x in kv_scale.tolist())
             out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale, window,
-                                    self.fp8_context_fmha)
+                                    self.fp8_context_fmha, (self._kv_scales or None) if flash else False)
             return out if quant_scale is None else Fp8Input(out, quant_scale, q.dtype)
         if rotary is not None:
             q, k = rotate_qk(q, k, *rotary)
@@ -130,6 +146,34 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
         return f"scale={self.scale:.4g}{window}"
+
+
+def set_attn_backend(model: nn.Module, backend: str, dtype: torch.dtype, device: torch.device,
+                     fp8_context_fmha: bool = False) -> int:
+    """LlmArgs.attn_backend: "triton" (every step in the Triton kernels) or "flash" (the model's decoder-only
+    Attention layers take prefill rows through torch's FlashAttention, llmapi.layers.flash_prefill); how many
+    layers take it. ValueError where it cannot run (not a GPU, float32 activations, no such layers, or with
+    use_fp8_context_fmha, which is the packed kernel's)."""
+    from llmapi.layers.flash_prefill import BACKENDS, flash_unavailable
+
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend={backend!r} is invalid: must be one of {', '.join(BACKENDS)}")
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if backend == "triton":
+        return 0
+    if device.type == "cuda" or not dispatch.TRITON_ON_CPU:
+        reason = flash_unavailable(device, dtype)
+        if reason is not None:
+            raise ValueError(f"attn_backend='flash' {reason}")
+    if fp8_context_fmha:
+        raise ValueError("attn_backend='flash' and use_fp8_context_fmha exclude each other: the FP8 context FMHA "
+                         "is the Triton packed kernel's")
+    if not layers:
+        raise ValueError(f"attn_backend='flash' applies to decoder-only models' attention; "
+                         f"{type(model).__name__} has none")
+    for m in layers:
+        m.flash_prefill = True
+    return len(layers)
 
 
 def enable_fp8_context_fmha(model: nn.Module, kv_dtype: torch.dtype, device: torch.device) -> int:
@@ -150,10 +194,13 @@ def enable_fp8_context_fmha(model: nn.Module, kv_dtype: torch.dtype, device: tor
 
 
 def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale,
-                      quant_scale=None, window: int | None = None, fp8_attention: bool = False) -> torch.Tensor:
+                      quant_scale=None, window: int | None = None, fp8_attention: bool = False,
+                      flash=False) -> torch.Tensor:
     """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention (their
     output E4M3 codes at `quant_scale` when given), each over the last `window` positions with a window; with
-    `fp8_attention` the packed kernel's dots on E4M3 operands."""
+    `fp8_attention` the packed kernel's dots on E4M3 operands. `flash` other than False: the prefill rows
+    through flash_prefill instead of the packed kernel, None over a float cache, else the cache's (K, V)
+    scales as floats."""
     from llmapi._kernels.decode_attention import attention_out, num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
     from llmapi._kernels.prefill_attention import paged_packed_attention
@@ -173,6 +220,11 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
                                       splits, kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window,
                                       max_context_len=read)
     d = attn.num_decodes
+    if flash is not False:
+        from llmapi.layers.flash_prefill import flash_prefill
+
+        if d == 0:
+            return flash_prefill(q, kv_cache, attn, 0, scale, flash, quant_scale)
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
                                       attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale,
@@ -186,6 +238,9 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     paged_decode_attention(q[:d], kv_cache[0], kv_cache[1], attn.context_lens[:d], attn.block_tables[:d], scale,
                            splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window,
                            max_context_len=read)
+    if flash is not False:
+        flash_prefill(q[d:], kv_cache, attn, d, scale, flash, quant_scale, out=out[d:])
+        return out
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
                            attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,
                            quant_scale=quant_scale, sliding_window=window, max_query_len=attn.max_query_len,

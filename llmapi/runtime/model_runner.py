@@ -77,7 +77,8 @@ class ModelRunner:
     def __init__(self, engine_dir: str, engine_config: dict, device: torch.device,
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
                  max_batch_size: int = 1024, cuda_graphs: bool = True,
-                 mapping: Optional[Mapping] = None, comm=None, speculative=None, adapters: Optional[dict] = None):
+                 mapping: Optional[Mapping] = None, comm=None, speculative=None, adapters: Optional[dict] = None,
+                 attn_backend: str = "triton"):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -107,6 +108,10 @@ class ModelRunner:
             from ..layers.attention import enable_fp8_context_fmha
 
             enable_fp8_context_fmha(self.model, self.kv_dtype, device)
+        if attn_backend != "triton":
+            from ..layers.attention import set_attn_backend
+
+            set_attn_backend(self.model, attn_backend, self.dtype, device, kv_cache_config.use_fp8_context_fmha)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
         logger.info("weights loaded in %.2f s", time.perf_counter() - started)

@@ -261,7 +261,8 @@ class InputStager:
             max_query_len=int(q_lens.max()), max_context_len=int(np.asarray(batch.context_lens).max()),
             tokens_per_block=self.tokens_per_block, num_kv_splits=num_kv_splits,
             num_decodes=int(longer[0]) if len(longer) else 0,  # the scheduler puts running decodes first
-            cross=cross_metadata(batch, self.device) if self.encoder_decoder else None)
+            cross=cross_metadata(batch, self.device) if self.encoder_decoder else None,
+            context_lens_cpu=np.asarray(batch.context_lens))
         sampling, all_greedy, any_filter = self.sampling(batch)
         adapters = token_adapter_slots(batch)
         return StepInputs(lay.ids(dev), lay.positions(dev), attn, qsl[1:].long() - 1, sampling, all_greedy,
