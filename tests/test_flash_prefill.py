@@ -9,7 +9,7 @@ Triton backend.
 
 import pytest
 import torch
-from kernel_cases import DEVICE, REL_ERROR, paged_case, rel_error
+from kernel_cases import DEVICE, REL_ERROR, assert_top5_rule, paged_case, rel_error
 
 triton = pytest.importorskip("triton")
 
@@ -227,11 +227,7 @@ def test_llm_flash_backend_agrees_by_top5_rule(tmp_path):
             with LLM(str(tmp_path), dtype="bfloat16", quant=quant, skip_tokenizer_init=True, max_num_tokens=512,
                      attn_backend=backend) as llm:
                 outs.append(llm.generate(prompts, params, use_tqdm=False))
-        for plain, flash in zip(*outs):
-            a, b = plain.outputs[0], flash.outputs[0]
-            i = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
-            if i is not None:
-                assert a.token_ids[i] in b.logprobs[i] and b.token_ids[i] in a.logprobs[i]
+        assert_top5_rule(*outs)
 
 
 def test_cli_options_reach_llm():

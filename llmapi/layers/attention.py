@@ -158,7 +158,6 @@ def set_attn_backend(model: nn.Module, backend: str, dtype: torch.dtype, device:
 
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend={backend!r} is invalid: must be one of {', '.join(BACKENDS)}")
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
     if backend == "triton":
         return 0
     if device.type == "cuda" or not dispatch.TRITON_ON_CPU:
@@ -168,11 +167,17 @@ def set_attn_backend(model: nn.Module, backend: str, dtype: torch.dtype, device:
     if fp8_context_fmha:
         raise ValueError("attn_backend='flash' and use_fp8_context_fmha exclude each other: the FP8 context FMHA "
                          "is the Triton packed kernel's")
+    return _set_on_layers(model, "flash_prefill", "attn_backend='flash'")
+
+
+def _set_on_layers(model: nn.Module, flag: str, setting: str) -> int:
+    """Turns `flag` on in each of the model's decoder-only Attention layers; how many. ValueError naming `setting`
+    where there are none (encoder-decoder models' attention takes neither setting)."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
     if not layers:
-        raise ValueError(f"attn_backend='flash' applies to decoder-only models' attention; "
-                         f"{type(model).__name__} has none")
+        raise ValueError(f"{setting} applies to decoder-only models' attention; {type(model).__name__} has none")
     for m in layers:
-        m.flash_prefill = True
+        setattr(m, flag, True)
     return len(layers)
 
 
@@ -184,13 +189,7 @@ def enable_fp8_context_fmha(model: nn.Module, kv_dtype: torch.dtype, device: tor
         raise ValueError(f"use_fp8_context_fmha needs an fp8 KV cache (kv_cache_dtype fp8); this one is {kv_dtype}")
     if device.type != "cuda" and not dispatch.TRITON_ON_CPU:
         raise ValueError(f"use_fp8_context_fmha runs in the Triton kernels, on a GPU; the device is {device}")
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    if not layers:
-        raise ValueError(f"use_fp8_context_fmha applies to decoder-only models' attention; "
-                         f"{type(model).__name__} has none")
-    for m in layers:
-        m.fp8_context_fmha = True
-    return len(layers)
+    return _set_on_layers(model, "fp8_context_fmha", "use_fp8_context_fmha")
 
 
 def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale,
