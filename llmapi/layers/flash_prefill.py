@@ -74,8 +74,10 @@ def flash_prefill(q: torch.Tensor, kv_cache: torch.Tensor, attn, first: int, sca
     gives. Written into `out` [Tq, nh, hd] when given."""
     slots, cu_k, max_k = context_gather(attn, first)
     nkv, hd = kv_cache.shape[-2], kv_cache.shape[-1]
-    k = kv_cache[0].view(-1, nkv, hd).index_select(0, slots)
-    v = kv_cache[1].view(-1, nkv, hd).index_select(0, slots)
+    # One-byte codes are gathered as bytes (index kernels need not cover the float8 dtypes).
+    raw = kv_cache.view(torch.uint8) if kv_cache.element_size() == 1 else kv_cache
+    k = raw[0].view(-1, nkv, hd).index_select(0, slots).view(kv_cache.dtype)
+    v = raw[1].view(-1, nkv, hd).index_select(0, slots).view(kv_cache.dtype)
     if kv_scales is not None:  # int8 / fp8 codes: exact in bfloat16 and float16
         k, v = k.to(q.dtype), v.to(q.dtype)
         scale = scale * kv_scales[0]
