@@ -275,7 +275,8 @@ def run_grid(a) -> int:
                "rows": []}
     print(f"grid {a.grid}: {GRID_SOURCE}; device {results['device']}, TensorRT-LLM's figures for "
           f"{reference or 'it: none (H100 and H200 SXM only)'}; max_seq_len {seq_len}, {results['kv_blocks']} KV "
-          f"blocks, startup {startup:.1f} s", flush=True)
+          f"blocks, attention {a.attn_backend}{' + FP8 context FMHA' if a.use_fp8_context_fmha else ''}, "
+          f"{a.capacity_scheduler_policy}, startup {startup:.1f} s", flush=True)
     no_evict = a.capacity_scheduler_policy == "guaranteed_no_evict"
     for i, row in enumerate(rows):
         requests = row_requests(row, a.max_batch_size, scale, results["kv_blocks"] if no_evict else None,
