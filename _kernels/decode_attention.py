@@ -180,6 +180,11 @@ LONG_CONTEXT = 8192
 LONG_SPLIT = 1024
 """A quantized cache's splits of at least this many keys run unpipelined (paged_decode_attention); from four
 of them a context (4,096 keys) takes a split per LONG_SPLIT keys (num_splits_for)."""
+FLOOR_PROGRAMS = 16384
+"""The most programs (requests x kv heads x splits) the one-split-per-LONG_SPLIT-keys floor may ask for: a CUDA
+graph sizes its splits for its bound (max_seq_len, 131,072 for Llama 3.1 by default), and a large batch of short
+rows would otherwise launch mostly idle programs and a float32 part per split (1,024 requests at 32 splits: 537 MB
+a layer)."""
 MIN_SPLIT_KEYS = 256
 """Where num_splits_for gave LONG_SPLIT splits, the shortest part of a row's context (paged_decode_attention)."""
 
@@ -189,14 +194,15 @@ def num_splits_for(num_requests: int, num_kv_heads: int, max_context_len: int, n
     """Splits that give about four programs per multiprocessor (at most 32), never a split shorter than two
     tiles. Over an int8 / fp8 cache (`quantized`) and contexts of LONG_CONTEXT keys or more, about sixteen: its
     programs are one warp each. Over such a cache and contexts of 4 x LONG_SPLIT keys or more, at least one split
-    per LONG_SPLIT keys however many requests there are (H100, `bench_kernels --decode-sweep --kv-dtype fp8`:
+    per LONG_SPLIT keys, up to FLOOR_PROGRAMS programs (H100, `bench_kernels --decode-sweep --kv-dtype fp8`:
     48 requests at 20,001-22,000 keys 6 splits 848 us, 12 splits 736, 24 splits 748; 512 at 129-4,224 keys 1
     split 1,020 us, 4 splits 928; 400 at 2,049-4,096 1,002 -> 966 us; 955 at 1,001-2,000 keys stay fastest in one
     split, 1,105 us against 1,129 in two)."""
     per_sm = 16 if quantized and max_context_len >= LONG_CONTEXT else 4
-    want = triton.cdiv(per_sm * num_sms, max(1, num_requests * num_kv_heads))
+    pairs = max(1, num_requests * num_kv_heads)
+    want = triton.cdiv(per_sm * num_sms, pairs)
     if quantized and max_context_len >= 4 * LONG_SPLIT:
-        want = max(want, triton.cdiv(max_context_len, LONG_SPLIT))
+        want = max(want, min(triton.cdiv(max_context_len, LONG_SPLIT), triton.cdiv(FLOOR_PROGRAMS, pairs)))
     return int(max(1, min(want, triton.cdiv(max_context_len, 2 * BLOCK_N), MAX_SPLITS)))
 
 

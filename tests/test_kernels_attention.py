@@ -87,6 +87,10 @@ def test_decode_splits_and_tiling_defaults():
     assert num_splits_for(400, 8, 4096, quantized=True) == 4
     assert num_splits_for(400, 8, 4096) == num_splits_for(955, 8, 2000, quantized=True) == 1
     assert num_splits_for(1, 8, 100_000, quantized=True) == 32
+    # ... up to 16,384 programs: a large batch under a CUDA graph's bound of 131,072 keys stays near one split.
+    assert num_splits_for(512, 8, 4224, quantized=True) == 4  # 16,384 programs (5 by the keys)
+    assert num_splits_for(1024, 8, 131072, quantized=True) == 2
+    assert num_splits_for(2048, 8, 131072, quantized=True) == 1
     # A quantized cache from 4,096 keys with 128 (request, kv head) pairs or more: parts of 256 keys at least.
     assert default_min_split_keys(16, 8, 4096, True) == 256
     assert default_min_split_keys(15, 8, 22001, True) == default_min_split_keys(16, 8, 4095, True) == 1
