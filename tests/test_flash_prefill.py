@@ -103,6 +103,23 @@ def test_context_gather_slots(dtype):
         assert fp.context_gather(attn, first)[0] is slots  # once a step: the layers share it
 
 
+def test_which_steps_take_the_copy():
+    # Prompt chunks (a few keys per query token) do; rows of a few tokens over long contexts (speculative
+    # verification) and steps past MAX_KEYS keep the packed kernel; so does a step without host lengths.
+    def applies(query_lens, ctx_lens, first=0, host=True):
+        qsl = torch.tensor([0, *query_lens]).cumsum(0).to(torch.int32)
+        attn = _metadata(query_lens, ctx_lens, torch.zeros(len(ctx_lens), 1, dtype=torch.int32), 4, qsl,
+                         torch.tensor(ctx_lens, dtype=torch.int32))
+        attn.context_lens_cpu = attn.context_lens_cpu if host else None
+        return fp.flash_applies(attn, first, sum(query_lens[first:]))
+
+    assert applies([8192], [20000]) and applies([2048, 100], [2048, 100]) and applies([1, 1, 300], [5000, 9000, 300], 2)
+    assert not applies([4, 4, 4], [4000, 5000, 300])  # 9,300 keys for 12 queries
+    assert not applies([1, 1, 300], [5000, 9000, 300])  # the decodes are the decode kernel's: first=0 counts them
+    assert not applies([8192] * 4, [70000] * 4)  # 280,000 keys > MAX_KEYS
+    assert not applies([2048], [2048], host=False)
+
+
 @pytest.mark.usefixtures("reference_call")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] + ([torch.float32] if DEVICE != "cuda" else []))
 def test_flash_prefill_float_cache(dtype):

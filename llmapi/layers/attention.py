@@ -10,6 +10,7 @@ from llmapi._kernels.fp8_linear import Fp8Input
 from llmapi._kernels.paged_attention import paged_attention_ref, varlen_causal_attention_ref, write_kv_ref
 from llmapi.layers import dispatch
 from llmapi.layers.dispatch import use_triton
+from llmapi.layers.flash_prefill import flash_applies
 from llmapi.layers.rotary import rotate_qk
 
 
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         window = self.sliding_window
         if kv_cache is not None and use_triton(q):
             flash = self.flash_prefill and window is None and attn.max_query_len > 1 \
-                and attn.context_lens_cpu is not None
+                and flash_applies(attn, attn.num_decodes, q.shape[0] - attn.num_decodes)
             if flash and kv_scale is not None and self._kv_scales is None:
                 self._kv_scales = tuple(float(x) for x in kv_scale.tolist())
             out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale, window,

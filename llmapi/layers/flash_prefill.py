@@ -17,6 +17,14 @@ from llmapi._kernels.fp8_linear import quantize_fp8
 
 BACKENDS = ("triton", "flash")
 """LlmArgs.attn_backend's values: the Triton kernels for every step, or FlashAttention for prefill rows."""
+KEYS_PER_QUERY = 16
+"""A step's prefill rows take the gathered copy when their contexts hold at most this many keys per query token
+(a prompt chunk holds 1-3: its attention's work grows with queries x keys, the copy's with keys alone); rows of a
+few tokens over long contexts (speculative verification) stay on the packed kernel, which reads the cache in
+place."""
+MAX_KEYS = 262144
+"""... and at most this many keys in all: the copy's memory (K and V, 4 KiB a key at Llama-3.1-8B's 8 x 128 in
+bfloat16) stays within the headroom the KV cache leaves."""
 
 
 def flash_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -41,6 +49,18 @@ def _torch_flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> t
 
 flash_varlen = _torch_flash
 """The varlen attention call (a module attribute, so that CPU tests can put a plain-torch one in its place)."""
+
+
+def flash_applies(attn, first: int, query_tokens: int) -> bool:
+    """Whether the rows first.. of the step `attn` (query_tokens in all) take flash_prefill: their host context
+    lengths are known (an eager step), and their keys are within KEYS_PER_QUERY per query token and MAX_KEYS.
+    Decided once a step (cached on `attn`)."""
+    key = ("applies", first)
+    if key not in attn.scratch:
+        lens = attn.context_lens_cpu
+        keys = int(np.asarray(lens)[first:].sum()) if lens is not None else None
+        attn.scratch[key] = keys is not None and keys <= min(KEYS_PER_QUERY * query_tokens, MAX_KEYS)
+    return attn.scratch[key]
 
 
 def context_gather(attn, first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
