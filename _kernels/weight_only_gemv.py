@@ -71,6 +71,16 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 
 
 @triton.jit
+def _nibble(w, j: tl.constexpr):
+    """float32 value of the signed 4-bit field j of int32 words `w`, exact, without an int-to-float conversion
+    (a quarter-rate instruction, two per byte of weights): the field with its sign bit flipped, (u ^ 8) in 0..15,
+    set as the low mantissa bits of 2**23 (0x4B000000) gives the float 2**23 + (u ^ 8), and (u ^ 8) - 8 is the
+    field's two's-complement value."""
+    bits = ((w >> (4 * j)) & 0xF) ^ 0x4B000008
+    return bits.to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
 def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn,
                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -91,7 +101,7 @@ def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn
         if BITS == 4:
             for j in tl.static_range(8):
                 xj = tl.load(x_ptr + k0 + 8 * cols + j).to(tl.float32)  # [WIDTH] features 8c + j
-                acc += ((w << (28 - 4 * j)) >> 28).to(tl.float32) * xj[None, :]  # nibble j, sign-extended
+                acc += _nibble(w, j) * xj[None, :]  # nibble j, signed
                 if HAS_ZERO:
                     x_acc += xj
         else:
@@ -134,7 +144,7 @@ def _gemv_row_group_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, str
             xs = tl.zeros((NG, GW), dtype=tl.float32)
             for j in tl.static_range(8):
                 xj = tl.load(x_ptr + first + j).to(tl.float32)
-                prod += ((w << (28 - 4 * j)) >> 28).to(tl.float32) * xj[None]
+                prod += _nibble(w, j) * xj[None]
                 if HAS_ZERO:
                     xs += xj
         else:

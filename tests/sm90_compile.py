@@ -17,16 +17,25 @@ from llmapi._kernels.lora_sgmv import BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_R, _expan
 from llmapi._kernels.rms_norm import _rms_norm_kernel
 from llmapi._kernels.rotary import _rotary_kernel
 from llmapi._kernels.varlen_attention import _varlen_attention_kernel
+from llmapi._kernels.weight_only_gemv import _gemv_row_group_kernel, _gemv_row_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_sm90(fn, signature: dict, constexprs: dict, **options) -> int:
-    """Bytes of the cubin of `fn` compiled for sm_90 at these argument types and constexprs."""
+def compile_for_sm90(fn, signature: dict, constexprs: dict, **options):
+    """`fn` compiled for sm_90 at these argument types and constexprs (its .asm holds the PTX and cubin)."""
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90,
-                            options=options)
-    return len(kernel.asm["cubin"])
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options=options)
+
+
+def weight_only_kernels():
+    """The one-token int4 GEMVs (per channel and group-wise, with zero points) at Llama-3.1-8B's gate/up shape."""
+    common = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16",
+              "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
+    yield ("int4 gemv row", _gemv_row_kernel, common,
+           dict(BITS=4, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=2048), dict(num_warps=4))
+    yield ("int4 gemv row group", _gemv_row_group_kernel, dict(common, stride_sn="i32"),
+           dict(BITS=4, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024), dict(num_warps=8))
 
 
 def attention_kernels():
@@ -170,5 +179,9 @@ def lora_kernels():
 
 if __name__ == "__main__":
     for name, fn, signature, constexprs, options in itertools.chain(attention_kernels(), encdec_attention_kernels(),
-                                                                    other_kernels(), lora_kernels()):
-        print(f"{name}: {compile_for_sm90(fn, signature, constexprs, **options)} bytes", flush=True)
+                                                                    other_kernels(), lora_kernels(),
+                                                                    weight_only_kernels()):
+        kernel = compile_for_sm90(fn, signature, constexprs, **options)
+        if name.startswith("int4 gemv"):  # the codes become floats by bit operations, not conversions
+            assert "cvt.rn.f32.s32" not in kernel.asm["ptx"], f"{name}: an int-to-float conversion per code"
+        print(f"{name}: {len(kernel.asm['cubin'])} bytes", flush=True)
