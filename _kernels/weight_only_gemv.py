@@ -13,6 +13,16 @@ MAX_ROWS = 8
 """Most rows (tokens) this kernel takes."""
 
 
+@triton.jit
+def _nibble(w, j: tl.constexpr):
+    """float32 value of the signed 4-bit field j of int32 words `w`, exact, without an int-to-float conversion
+    (a quarter-rate instruction, two per byte of weights): the field with its sign bit flipped, (u ^ 8) in 0..15,
+    set as the low mantissa bits of 2**23 (0x4B000000) gives the float 2**23 + (u ^ 8), and (u ^ 8) - 8 is the
+    field's two's-complement value."""
+    bits = ((w >> (4 * j)) & 0xF) ^ 0x4B000008
+    return bits.to(tl.float32, bitcast=True) - 8388616.0
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -30,8 +40,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
             cols = k0 // 2 + tl.arange(0, HALF)  # [BK/2] packed bytes: low nibble = even feature, high = odd
             packed = tl.load(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], mask=mask_n[:, None],
                              other=0).to(tl.int32)  # [BN, BK/2], sign-extended
-            lo = ((packed << 28) >> 28).to(tl.float32)
-            hi = (packed >> 4).to(tl.float32)
+            lo = _nibble(packed, 0)
+            hi = _nibble(packed, 1)
             xe = tl.load(x_ptr + rows_m[:, None] * stride_xm + 2 * cols[None, :], mask=mask_m[:, None],
                          other=0.0).to(tl.float32)  # [BM, BK/2]
             xo = tl.load(x_ptr + rows_m[:, None] * stride_xm + 2 * cols[None, :] + 1, mask=mask_m[:, None],
@@ -68,16 +78,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
         acc += tl.load(b_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows_m[:, None] * stride_om + rows_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _nibble(w, j: tl.constexpr):
-    """float32 value of the signed 4-bit field j of int32 words `w`, exact, without an int-to-float conversion
-    (a quarter-rate instruction, two per byte of weights): the field with its sign bit flipped, (u ^ 8) in 0..15,
-    set as the low mantissa bits of 2**23 (0x4B000000) gives the float 2**23 + (u ^ 8), and (u ^ 8) - 8 is the
-    field's two's-complement value."""
-    bits = ((w >> (4 * j)) & 0xF) ^ 0x4B000008
-    return bits.to(tl.float32, bitcast=True) - 8388616.0
 
 
 @triton.jit
