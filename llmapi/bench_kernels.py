@@ -1,6 +1,8 @@
 """Paged decode attention vs device memory bandwidth: `python -m llmapi.bench_kernels [--batch 64 --context 1024]`;
 `--prefill`: the packed (prefill) attention kernel's FLOP rate on the long-prompt steps of the throughput grid, for
-each tile configuration in PREFILL_CONFIGS, beside torch's flash attention on the same causal prompts."""
+each tile configuration in PREFILL_CONFIGS, beside torch's flash attention on the same causal prompts; `--gemv`: one
+token through each Llama-3.1-8B linear, bfloat16 (F.linear) and int4 weight-only (per channel and group 128), as
+bandwidth."""
 
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ def main(argv=None) -> int:
     p.add_argument("--decode-sweep", action="store_true",
                    help="sweep the decode kernel's tilings and splits on the grid's decode steps")
     p.add_argument("--kv-dtype", choices=["bfloat16", "fp8"], default="bfloat16", help="the cache's dtype")
+    p.add_argument("--gemv", action="store_true", help="bs 1 linears: bfloat16 and int4 weight-only, as bandwidth")
     a = p.parse_args(argv)
+    if a.gemv:
+        return gemv_sweep()
     if a.prefill:
         return prefill_sweep(a)
     if a.decode_sweep:
@@ -234,6 +239,41 @@ def prefill_sweep(a) -> int:
                     F.scaled_dot_product_attention(qq, kk, kk, is_causal=True, enable_gqa=True)
             ms = triton.testing.do_bench(sdpa, warmup=10, rep=100, return_mode="median")
             print(f"  torch sdpa (bf16, per prompt): {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s")
+    return 0
+
+
+# (name, out features, in features) of Llama-3.1-8B's linears, the head last.
+GEMV_SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+               ("head", 128256, 4096))
+
+
+def gemv_sweep() -> int:
+    """One token through each GEMV_SHAPES linear: bfloat16 weights through F.linear (cuBLAS), int4 weight-only
+    through weight_only_gemv per channel and per group of 128: microseconds and the weights' bytes per second
+    against a device copy's (the bound of a bs 1 decode step)."""
+    import triton.testing
+
+    from llmapi._kernels.weight_only import quantize_weight_ref
+    from llmapi._kernels.weight_only_gemv import weight_only_gemv
+
+    dev = torch.device("cuda")
+    bandwidth = copy_bandwidth(dev)
+    print(f"{torch.cuda.get_device_name(dev)}: device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + written)")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, n, k in GEMV_SHAPES:
+        w = torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, k, device=dev, generator=g, dtype=torch.bfloat16)
+        runs = [("bf16 F.linear", w.numel() * 2, lambda: torch.nn.functional.linear(x, w))]
+        for group in (None, 128):
+            qw, scale = quantize_weight_ref(w, 4, group)
+            moved = qw.numel() + scale.numel() * scale.element_size()
+            runs.append((f"int4 {'group 128' if group else 'channel'}", moved,
+                         lambda qw=qw, scale=scale, group=group: weight_only_gemv(x, qw, scale, None, 4, group)))
+        for label, moved, fn in runs:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            rate = moved / (ms * 1e-3)
+            print(f"  {name:8s} {n:6d} x {k:5d} {label:16s}: {ms * 1e3:8.1f} us  {rate / 1e12:.2f} TB/s = "
+                  f"{100 * rate / bandwidth:.0f}% of the copy")
     return 0
 
 
