@@ -241,14 +241,12 @@ def decode_floor_s(model, config: dict, batch: int, context: float, bandwidth: f
     """Fewest seconds a decode step can take: every weight read once (the input embedding only per
     token row) plus each request's K/V in the cache's dtype (1 byte an element for int8 / fp8), over the
     measured bandwidth."""
-    import torch
-
     from .quantization.kv_cache import kv_cache_dtype
 
     embed = model.transformer.vocab_embedding.weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
     weights += batch * embed.shape[1] * embed.element_size()
-    elem = torch.empty(0, dtype=kv_cache_dtype(config, embed.dtype)).element_size()
+    elem = kv_cache_dtype(config, embed.dtype).itemsize
     kv = batch * context * 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * elem
     return (weights + kv) / bandwidth
 

@@ -131,7 +131,7 @@ class Attention(nn.Module):
             if flash and kv_scale is not None and self._kv_scales is None:
                 self._kv_scales = tuple(float(x) for x in kv_scale.tolist())
             out = _attention_triton(q, k, v, kv_cache, attn, self.scale, rotary, kv_scale, quant_scale, window,
-                                    self.fp8_context_fmha, (self._kv_scales or None) if flash else False)
+                                    self.fp8_context_fmha, flash, self._kv_scales)
             return out if quant_scale is None else Fp8Input(out, quant_scale, q.dtype)
         if rotary is not None:
             q, k = rotate_qk(q, k, *rotary)
@@ -195,12 +195,11 @@ def enable_fp8_context_fmha(model: nn.Module, kv_dtype: torch.dtype, device: tor
 
 def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, rotary, kv_scale,
                       quant_scale=None, window: int | None = None, fp8_attention: bool = False,
-                      flash=False) -> torch.Tensor:
+                      flash: bool = False, kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
     """The Triton kernels: (rotary +) KV write, then split-K decode attention or packed attention (their
     output E4M3 codes at `quant_scale` when given), each over the last `window` positions with a window; with
-    `fp8_attention` the packed kernel's dots on E4M3 operands. `flash` other than False: the prefill rows
-    through flash_prefill instead of the packed kernel, None over a float cache, else the cache's (K, V)
-    scales as floats."""
+    `fp8_attention` the packed kernel's dots on E4M3 operands. With `flash` the prefill rows go through
+    flash_prefill instead of the packed kernel (`kv_scales`: a quantized cache's (K, V) scales as floats)."""
     from llmapi._kernels.decode_attention import attention_out, num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
     from llmapi._kernels.prefill_attention import paged_packed_attention
@@ -220,11 +219,11 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
                                       splits, kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window,
                                       max_context_len=read)
     d = attn.num_decodes
-    if flash is not False:
+    if flash:
         from llmapi.layers.flash_prefill import flash_prefill
 
         if d == 0:
-            return flash_prefill(q, kv_cache, attn, 0, scale, flash, quant_scale)
+            return flash_prefill(q, kv_cache, attn, 0, scale, kv_scales, quant_scale)
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
                                       attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale,
@@ -238,8 +237,8 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     paged_decode_attention(q[:d], kv_cache[0], kv_cache[1], attn.context_lens[:d], attn.block_tables[:d], scale,
                            splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window,
                            max_context_len=read)
-    if flash is not False:
-        flash_prefill(q[d:], kv_cache, attn, d, scale, flash, quant_scale, out=out[d:])
+    if flash:
+        flash_prefill(q[d:], kv_cache, attn, d, scale, kv_scales, quant_scale, out=out[d:])
         return out
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
                            attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,

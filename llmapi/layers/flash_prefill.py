@@ -10,7 +10,6 @@ the Triton decode kernel, and a layer with a sliding window stays on the packed 
 window may be gone).
 """
 
-import numpy as np
 import torch
 
 from llmapi._kernels.fp8_linear import quantize_fp8
@@ -58,8 +57,8 @@ def flash_applies(attn, first: int, query_tokens: int) -> bool:
     key = ("applies", first)
     if key not in attn.scratch:
         lens = attn.context_lens_cpu
-        keys = int(np.asarray(lens)[first:].sum()) if lens is not None else None
-        attn.scratch[key] = keys is not None and keys <= min(KEYS_PER_QUERY * query_tokens, MAX_KEYS)
+        attn.scratch[key] = lens is not None and int(lens[first:].sum()) <= min(KEYS_PER_QUERY * query_tokens,
+                                                                              MAX_KEYS)
     return attn.scratch[key]
 
 
@@ -69,7 +68,7 @@ def context_gather(attn, first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     no device sync. Computed once a step (cached on `attn`)."""
     key = ("gather", first)
     if key not in attn.scratch:
-        lens = np.asarray(attn.context_lens_cpu)[first:]
+        lens = attn.context_lens_cpu[first:]
         rows = len(lens)
         ctx = attn.context_lens[first:first + rows]
         device = ctx.device
