@@ -65,7 +65,7 @@ def check(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed, cache=None, qua
     scale = hd**-0.5
     start = int(qsl[first])
     exact = paged_attention_ref(q.double().cpu(), kc.cpu(), vc.cpu(), qsl.cpu(), ctx.cpu(), tables.cpu(), scale,
-                                None if kv_scale is None else kv_scale.double())[start:]
+                                None if kv_scale is None else kv_scale.double().cpu())[start:]
     quant_scale = (exact.abs().max() / 448).float().reshape(1).to(q.device) if quant_out else None
     out = torch.full((len(q) - start, nh, hd), float("nan"), dtype=q.dtype, device=q.device)
     if quant_out:
@@ -105,7 +105,8 @@ def test_context_gather_slots(dtype):
 
 def test_which_steps_take_the_copy():
     # Prompt chunks (a few keys per query token) do; rows of a few tokens over long contexts (speculative
-    # verification) and steps past MAX_KEYS keep the packed kernel; so does a step without host lengths.
+    # verification), steps past MAX_KEYS and steps of short prompts only keep the packed kernel; so does a step
+    # without host lengths.
     def applies(query_lens, ctx_lens, first=0, host=True):
         qsl = torch.tensor([0, *query_lens]).cumsum(0).to(torch.int32)
         attn = _metadata(query_lens, ctx_lens, torch.zeros(len(ctx_lens), 1, dtype=torch.int32), 4, qsl,
@@ -118,6 +119,7 @@ def test_which_steps_take_the_copy():
     assert not applies([1, 1, 300], [5000, 9000, 300])  # the decodes are the decode kernel's: first=0 counts them
     assert not applies([8192] * 4, [70000] * 4)  # 280,000 keys > MAX_KEYS
     assert not applies([2048], [2048], host=False)
+    assert not applies([255, 100], [255, 100]) and applies([256, 100], [256, 100])  # MIN_QUERY: long steps only
 
 
 @pytest.mark.usefixtures("reference_call")
@@ -162,6 +164,7 @@ def test_tiny_llama_steps_through_flash_backend(monkeypatch):
         return varlen_reference(*args)
 
     monkeypatch.setattr(fp, "flash_varlen", counted)
+    monkeypatch.setattr(fp, "MIN_QUERY", 2)  # these steps' queries are short: let them take the copy
     drivers = [PagedDriver(model, cfg) for _ in range(2)]
     steps = [{0: [5, 9, 11, 3, 8, 21, 7], 1: [4, 17, 2]}, {0: [40], 1: [60, 61, 62, 63, 64]}]
     plain = [drivers[0].step(s) for s in steps]

@@ -22,10 +22,13 @@ def _spread_weights(model, seed: int, std: float, embed_std: float) -> None:
                 p.copy_(std * torch.randn(p.shape, generator=generator))
 
 
-def make_tiny_llama(path=None, seed: int = 0, **overrides):
+def make_tiny_llama(path=None, seed: int = 0, std: float = 0.15, **overrides):
     """A tiny transformers LlamaForCausalLM (GQA, untied head by default) in float32; saved to `path` if given.
 
-    `overrides` are LlamaConfig fields, e.g. tie_word_embeddings=True, rope_theta=..., rope_scaling={...}.
+    `overrides` are LlamaConfig fields, e.g. tie_word_embeddings=True, rope_theta=..., rope_scaling={...}. `std`: the
+    projections' weights (0.15 suits the default width 64; wider models that lossy paths are compared on by the
+    top-5 rule want about 0.15 * sqrt(64 / hidden_size), or their attention logits grow with the width until a
+    rounding flips which key wins).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -35,7 +38,7 @@ def make_tiny_llama(path=None, seed: int = 0, **overrides):
     fields.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
-    _spread_weights(model, seed, std=0.15, embed_std=1.0)
+    _spread_weights(model, seed, std=std, embed_std=1.0)
     if path is not None:
         model.save_pretrained(path)
     return model

@@ -13,6 +13,7 @@ window may be gone).
 import torch
 
 from llmapi._kernels.fp8_linear import quantize_fp8
+from llmapi._kernels.prefill_attention import LONG_QUERY
 
 BACKENDS = ("triton", "flash")
 """LlmArgs.attn_backend's values: the Triton kernels for every step, or FlashAttention for prefill rows."""
@@ -21,6 +22,12 @@ KEYS_PER_QUERY = 16
 (a prompt chunk holds 1-3: its attention's work grows with queries x keys, the copy's with keys alone); rows of a
 few tokens over long contexts (speculative verification) stay on the packed kernel, which reads the cache in
 place."""
+MIN_QUERY = LONG_QUERY
+"""... and when the step's longest query has at least this many tokens (the packed kernel's long tiling): on
+shorter prompts the copy and the varlen call cost more than the packed kernel's short tiles (H100, Llama-3.1-8B's
+heads over an fp8 cache, `bench_kernels --prefill`: 64 x 128-token prompts 190 us against 100), where on long
+steps they are even or ahead (4 x 2048 prompts 577 us against 571; an 8192-token chunk after 8192 tokens 4,789
+against 5,401)."""
 MAX_KEYS = 262144
 """... and at most this many keys in all: the copy's memory (K and V, 4 KiB a key at Llama-3.1-8B's 8 x 128 in
 bfloat16) stays within the headroom the KV cache leaves."""
@@ -52,13 +59,13 @@ flash_varlen = _torch_flash
 
 def flash_applies(attn, first: int, query_tokens: int) -> bool:
     """Whether the rows first.. of the step `attn` (query_tokens in all) take flash_prefill: their host context
-    lengths are known (an eager step), and their keys are within KEYS_PER_QUERY per query token and MAX_KEYS.
-    Decided once a step (cached on `attn`)."""
+    lengths are known (an eager step), the step's longest query has MIN_QUERY tokens or more, and their keys are
+    within KEYS_PER_QUERY per query token and MAX_KEYS. Decided once a step (cached on `attn`)."""
     key = ("applies", first)
     if key not in attn.scratch:
         lens = attn.context_lens_cpu
-        attn.scratch[key] = lens is not None and int(lens[first:].sum()) <= min(KEYS_PER_QUERY * query_tokens,
-                                                                              MAX_KEYS)
+        attn.scratch[key] = lens is not None and attn.max_query_len >= MIN_QUERY \
+            and int(lens[first:].sum()) <= min(KEYS_PER_QUERY * query_tokens, MAX_KEYS)
     return attn.scratch[key]
 
 
