@@ -1,7 +1,12 @@
 """Compile Triton kernels for sm_90 (H100) to a cubin, with no GPU: catches what Triton's CPU interpreter lets
 through (types, layouts, unsupported ops). Run without TRITON_INTERPRET (test_kernels_compile.py spawns it)."""
 
+import collections
 import itertools
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -22,6 +27,19 @@ from llmapi._kernels.weight_only_gemv import _gemv_row_group_kernel, _gemv_row_k
 SM90 = GPUTarget("cuda", 90, 32)
 
 
+def sass_ops(cubin: bytes) -> collections.Counter:
+    """How many of each SASS opcode (modifiers dropped) a cubin holds, by the nvdisasm that ships with Triton."""
+    import triton.backends.nvidia as nvidia
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(Path(nvidia.__file__).parent / "bin" / "nvdisasm"), "-c", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    return collections.Counter(m.group(1).split(".")[0] for m in
+                               re.finditer(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+
+
 def compile_for_sm90(fn, signature: dict, constexprs: dict, **options):
     """`fn` compiled for sm_90 at these argument types and constexprs (its .asm holds the PTX and cubin)."""
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
@@ -32,9 +50,9 @@ def weight_only_kernels():
     """The one-token int4 GEMVs (per channel and group-wise, with zero points) at Llama-3.1-8B's gate/up shape."""
     common = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16",
               "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
-    yield ("int4 gemv row", _gemv_row_kernel, common,
+    yield ("int4 gemv row", _gemv_row_kernel, dict(common, magic="i32"),
            dict(BITS=4, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=2048), dict(num_warps=4))
-    yield ("int4 gemv row group", _gemv_row_group_kernel, dict(common, stride_sn="i32"),
+    yield ("int4 gemv row group", _gemv_row_group_kernel, dict(common, stride_sn="i32", magic="i32"),
            dict(BITS=4, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024), dict(num_warps=8))
 
 
@@ -184,4 +202,8 @@ if __name__ == "__main__":
         kernel = compile_for_sm90(fn, signature, constexprs, **options)
         if name.startswith("int4 gemv"):  # the codes become floats by bit operations, not conversions
             assert "cvt.rn.f32.s32" not in kernel.asm["ptx"], f"{name}: an int-to-float conversion per code"
+            # ... masked in place (_scaled_nibble), not shifted down and sign-extended one by one (that took an
+            # SGXT per code: 192 for 272 FFMA in the one-token kernel; none now)
+            ops = sass_ops(kernel.asm["cubin"])
+            assert ops["SGXT"] <= ops["FFMA"] / 8, f"{name}: {ops['SGXT']} SGXT for {ops['FFMA']} FFMA"
         print(f"{name}: {len(kernel.asm['cubin'])} bytes", flush=True)
