@@ -24,22 +24,39 @@ def _load(model_dir: str, load_format: str, dtype: torch.dtype, device: torch.de
     return model.eval()
 
 
-def _timed_generate(model, ids: torch.Tensor, new_tokens: int, compile: bool) -> float:
-    from transformers import GenerationConfig
+WARMUP_TOKENS = 4
+"""The untimed first generate stops after this many new tokens: its static cache is sized for the whole output (the
+timed run's shapes), and the compile happens at its first decode step; the rest of a long output would only
+repeat the timed run's work."""
+
+
+def _timed_generate(model, ids: torch.Tensor, new_tokens: int, compile: bool, stop_after: int | None = None
+                    ) -> float:
+    """Seconds of one generate of `new_tokens` tokens per row (all of them: EOS off); with `stop_after`, the same
+    generate stopped after that many (the warm-up)."""
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = input_ids.shape[1] - start_len >= stop_after
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               cache_implementation="static", disable_compile=not compile,
                               pad_token_id=0, eos_token_id=None)
+    # An encoder-decoder model's output is the decoder start token and the new tokens.
+    start_len = 1 if model.config.is_encoder_decoder else ids.shape[1]
+    stopping = StoppingCriteriaList([StopAfter()] if stop_after else [])
     if ids.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model.generate(ids, generation_config=config, attention_mask=torch.ones_like(ids))
+    out = model.generate(ids, generation_config=config, attention_mask=torch.ones_like(ids),
+                         stopping_criteria=stopping)
     if ids.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    # An encoder-decoder model's output is the decoder start token and the new tokens.
-    want = 1 + new_tokens if model.config.is_encoder_decoder else ids.shape[1] + new_tokens
-    assert out.shape[1] == want, "transformers stopped early"
+    want = start_len + (min(stop_after, new_tokens) if stop_after else new_tokens)
+    assert out.shape[1] == want, f"transformers gave {out.shape[1] - start_len} new tokens, not {want - start_len}"
     return elapsed
 
 
@@ -66,7 +83,8 @@ def run_hf_best(model_dir: str, load_format: str, dtype_name: str, device: str, 
 
 def run_hf(model_dir: str, load_format: str, dtype_name: str, device: str, workload, batch_size: int,
            compile: bool = True, timed_batches: int = 1) -> dict:
-    """Output tok/s of transformers' generate at `batch_size` (the first batch, which compiles, is not timed).
+    """Output tok/s of transformers' generate at `batch_size` (a first generate, which compiles, is not timed:
+    it stops after WARMUP_TOKENS tokens).
 
     TPOT is (time of the whole generate - time of a one-token generate) / (osl - 1) at the same batch.
     """
@@ -81,7 +99,7 @@ def run_hf(model_dir: str, load_format: str, dtype_name: str, device: str, workl
     if ids.shape[0] < batch_size:  # fewer requests than the batch: repeat them
         ids = ids.repeat(-(-batch_size // ids.shape[0]), 1)[:batch_size]
     with torch.inference_mode():
-        _timed_generate(model, ids, workload.osl, compile)  # warm-up: compiles
+        _timed_generate(model, ids, workload.osl, compile, stop_after=WARMUP_TOKENS)  # warm-up: compiles
         full = [_timed_generate(model, ids, workload.osl, compile) for _ in range(timed_batches)]
         first = [_timed_generate(model, ids, 1, compile) for _ in range(timed_batches)]
     wall, prefill = float(np.median(full)), float(np.median(first))

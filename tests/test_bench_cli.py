@@ -496,3 +496,21 @@ def test_bench_compares_transformers_at_its_best_batch_size(tiny_llama_dir, tmp_
     assert result["hf"]["batch_size"] == 3 and [r["batch_size"] for r in result["hf"]["runs"]] == [3, 2]
     assert result["speedup_vs_hf"] == pytest.approx(result["llmapi"]["output_tok_s"] / 30.0)
     assert "hf: bs=3 30.0 output tok/s, bs=2 20.0 output tok/s" in capsys.readouterr().out
+
+
+
+def test_hf_warmup_stops_early_and_timed_run_gives_every_token(tiny_llama_dir):
+    """bench_hf's generate: the warm-up stops after stop_after new tokens (a decoder-only and an encoder-decoder
+    model, static cache), the timed run gives all of them: each call asserts the length transformers returned."""
+    import encdec_models as em
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import llmapi.bench_hf as bench_hf
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    for model in (llama, em.t5("t5").eval()):
+        ids = torch.randint(3, 60, (2, 5))
+        with torch.inference_mode():
+            assert bench_hf._timed_generate(model, ids, 7, compile=False, stop_after=2) > 0
+            assert bench_hf._timed_generate(model, ids, 7, compile=False) > 0
