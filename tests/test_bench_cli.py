@@ -498,7 +498,6 @@ def test_bench_compares_transformers_at_its_best_batch_size(tiny_llama_dir, tmp_
     assert "hf: bs=3 30.0 output tok/s, bs=2 20.0 output tok/s" in capsys.readouterr().out
 
 
-
 def test_hf_warmup_stops_early_and_timed_run_gives_every_token(tiny_llama_dir):
     """bench_hf's generate: the warm-up stops after stop_after new tokens (a decoder-only and an encoder-decoder
     model, static cache), the timed run gives all of them: each call asserts the length transformers returned."""
