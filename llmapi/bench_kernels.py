@@ -1,8 +1,8 @@
 """Paged decode attention vs device memory bandwidth: `python -m llmapi.bench_kernels [--batch 64 --context 1024]`;
 `--prefill`: the packed (prefill) attention kernel's FLOP rate on the long-prompt steps of the throughput grid, for
 each tile configuration in PREFILL_CONFIGS, beside torch's flash attention on the same causal prompts; `--gemv`: one
-token through each Llama-3.1-8B linear, bfloat16 (F.linear) and int4 weight-only (per channel and group 128), as
-bandwidth."""
+token through each Llama-3.1-8B linear, bfloat16 (F.linear and the Triton GEMV) and int4 weight-only (per channel
+and group 128), in CUDA graphs, as bandwidth."""
 
 from __future__ import annotations
 
@@ -247,12 +247,37 @@ GEMV_SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
                ("head", 128256, 4096))
 
 
-def gemv_sweep() -> int:
-    """One token through each GEMV_SHAPES linear: bfloat16 weights through F.linear (cuBLAS), int4 weight-only
-    through weight_only_gemv per channel and per group of 128: microseconds and the weights' bytes per second
-    against a device copy's (the bound of a bs 1 decode step)."""
-    import triton.testing
+GEMV_TILINGS = ((8, 1024, 4), (4, 1024, 4), (16, 1024, 8), (8, 512, 4), (8, 2048, 8))
+"""(BLOCK_N, BLOCK_K, num_warps) of the bf16 Triton GEMV that --gemv times."""
 
+
+def graph_us(fns, dev: torch.device, replays: int = 20) -> float:
+    """Microseconds per call of `fns` (one call each, in order) captured back to back in one CUDA graph: the
+    decode graphs' conditions (no launch gaps; distinct weights, so no call finds another's in L2)."""
+    for fn in fns:  # compile and warm outside the capture
+        fn()
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    stop.record()
+    torch.cuda.synchronize(dev)
+    return start.elapsed_time(stop) * 1e3 / (replays * len(fns))
+
+
+def gemv_sweep() -> int:
+    """One token through each GEMV_SHAPES linear, each kind called on enough distinct copies of the weights (256 MB
+    or more in all, past the L2) back to back in a CUDA graph: bfloat16 through F.linear (cuBLAS) and through the
+    Triton GEMV at each GEMV_TILINGS tiling, int4 weight-only through weight_only_gemv per channel and per group of
+    128: microseconds a call and the weights' bytes per second against a device copy's (the bound of a bs 1
+    decode step)."""
+    from llmapi._kernels.gemv import gemv
     from llmapi._kernels.weight_only import quantize_weight_ref
     from llmapi._kernels.weight_only_gemv import weight_only_gemv
 
@@ -261,19 +286,30 @@ def gemv_sweep() -> int:
     print(f"{torch.cuda.get_device_name(dev)}: device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + written)")
     g = torch.Generator(device=dev).manual_seed(0)
     for name, n, k in GEMV_SHAPES:
-        w = torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) * 0.02
+        copies = max(1, -(-(256 << 20) // (2 * n * k)))
+        ws = [torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         x = torch.randn(1, k, device=dev, generator=g, dtype=torch.bfloat16)
-        runs = [("bf16 F.linear", w.numel() * 2, lambda: torch.nn.functional.linear(x, w))]
+        kinds = [("bf16 F.linear", 2 * n * k, [lambda w=w: torch.nn.functional.linear(x, w) for w in ws])]
+        for bn, bk, warps in GEMV_TILINGS:
+            if k % bk == 0:
+                kinds.append((f"bf16 triton {bn}x{bk} w{warps}", 2 * n * k,
+                              [lambda w=w, bn=bn, bk=bk, warps=warps: gemv(x, w, block_n=bn, block_k=bk,
+                                                                          num_warps=warps) for w in ws]))
+        ref = torch.nn.functional.linear(x.float(), ws[0].float())
+        err = (gemv(x, ws[0]).float() - ref).abs().max().item()
         for group in (None, 128):
-            qw, scale = quantize_weight_ref(w, 4, group)
-            moved = qw.numel() + scale.numel() * scale.element_size()
-            runs.append((f"int4 {'group 128' if group else 'channel'}", moved,
-                         lambda qw=qw, scale=scale, group=group: weight_only_gemv(x, qw, scale, None, 4, group)))
-        for label, moved, fn in runs:
-            ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-            rate = moved / (ms * 1e-3)
-            print(f"  {name:8s} {n:6d} x {k:5d} {label:16s}: {ms * 1e3:8.1f} us  {rate / 1e12:.2f} TB/s = "
-                  f"{100 * rate / bandwidth:.0f}% of the copy")
+            packed = [quantize_weight_ref(w, 4, group) for w in ws]
+            moved = packed[0][0].numel() + packed[0][1].numel() * packed[0][1].element_size()
+            kinds.append((f"int4 {'group 128' if group else 'channel'}", moved,
+                          [lambda qw=qw, scale=scale, group=group: weight_only_gemv(x, qw, scale, None, 4, group)
+                           for qw, scale in packed]))
+        print(f"  {name} {n} x {k} ({copies} copies; triton GEMV's largest difference from float32: {err:.1e})")
+        for label, moved, fns in kinds:
+            us = graph_us(fns, dev)
+            rate = moved / (us * 1e-6)
+            print(f"    {label:26s}: {us:8.1f} us  {rate / 1e12:.2f} TB/s = {100 * rate / bandwidth:.0f}% of the copy")
+        del ws, kinds
+        torch.cuda.empty_cache()
     return 0
 
 

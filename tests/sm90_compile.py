@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 from llmapi._kernels.activation import _silu_and_mul_kernel
 from llmapi._kernels.argmax import CHUNK, _chunk_argmax_kernel
 from llmapi._kernels.decode_attention import _decode_split_kernel, _merge_splits_kernel
+from llmapi._kernels.gemv import _gemv_kernel
 from llmapi._kernels.prefill_attention import LONG_TILING, _packed_attention_kernel
 from llmapi._kernels.layer_norm import _layer_norm_kernel
 from llmapi._kernels.lora_sgmv import BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_R, _expand_kernel, _shrink_kernel
@@ -27,23 +28,33 @@ from llmapi._kernels.weight_only_gemv import _gemv_row_group_kernel, _gemv_row_k
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def sass_ops(cubin: bytes) -> collections.Counter:
-    """How many of each SASS opcode (modifiers dropped) a cubin holds, by the nvdisasm that ships with Triton."""
+def sass_text(cubin: bytes) -> str:
+    """A cubin's SASS, by the nvdisasm that ships with Triton."""
     import triton.backends.nvidia as nvidia
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([str(Path(nvidia.__file__).parent / "bin" / "nvdisasm"), "-c", f.name],
+        return subprocess.run([str(Path(nvidia.__file__).parent / "bin" / "nvdisasm"), "-c", f.name],
                               capture_output=True, text=True, check=True).stdout
+
+
+def sass_ops(cubin: bytes) -> collections.Counter:
+    """How many of each SASS opcode (modifiers dropped) a cubin holds."""
     return collections.Counter(m.group(1).split(".")[0] for m in
-                               re.finditer(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+                               re.finditer(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
+                                           sass_text(cubin)))
 
 
-def compile_for_sm90(fn, signature: dict, constexprs: dict, **options):
-    """`fn` compiled for sm_90 at these argument types and constexprs (its .asm holds the PTX and cubin)."""
+def compile_for_sm90(fn, signature: dict, constexprs: dict, divisible=(), **options):
+    """`fn` compiled for sm_90 at these argument types and constexprs (its .asm holds the PTX and cubin); the
+    arguments named in `divisible` specialized as multiples of 16 (pointers: 16-byte aligned), as Triton does at
+    launch for such values."""
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options=options)
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=SM90,
+                          options=options)
 
 
 def weight_only_kernels():
@@ -54,6 +65,11 @@ def weight_only_kernels():
            dict(BITS=4, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=2048), dict(num_warps=4))
     yield ("int4 gemv row group", _gemv_row_group_kernel, dict(common, stride_sn="i32", magic="i32"),
            dict(BITS=4, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024), dict(num_warps=8))
+    # The float GEMV at Llama-3.1-8B's qkv shape, aligned as at launch (torch's allocations, K a multiple of 16).
+    yield ("bf16 gemv", _gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
+                                       "N": "i32", "K": "i32", "stride_wn": "i32"},
+           dict(HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024),
+           dict(num_warps=4, divisible=("x_ptr", "w_ptr", "b_ptr", "out_ptr", "K", "stride_wn")))
 
 
 def attention_kernels():
@@ -206,4 +222,7 @@ if __name__ == "__main__":
             # SGXT per code: 192 for 272 FFMA in the one-token kernel; none now)
             ops = sass_ops(kernel.asm["cubin"])
             assert ops["SGXT"] <= ops["FFMA"] / 8, f"{name}: {ops['SGXT']} SGXT for {ops['FFMA']} FFMA"
+        if name == "bf16 gemv":  # the weights read 16 bytes a load, not 2
+            sass = sass_text(kernel.asm["cubin"])
+            assert "LDG.E.128" in sass and "LDG.E.U16" not in sass, f"{name}: scalar weight loads"
         print(f"{name}: {len(kernel.asm['cubin'])} bytes", flush=True)
