@@ -16,6 +16,7 @@ from ..config import KvCacheConfig
 from ..distributed.mapping import Mapping, local_kv_heads
 from ..distributed.sharding import build_rank_model, load_rank_model
 from ..engine.format import rank_file
+from ..layers.linear import one_token_gemv, use_triton_gemv
 from ..quantization.kv_cache import check_kv_cache_device, kv_cache_dtype
 from .decode import StepOutput, decode
 from .kv_cache import allocate_kv_caches, num_kv_blocks
@@ -112,6 +113,8 @@ class ModelRunner:
             from ..layers.attention import set_attn_backend
 
             set_attn_backend(self.model, attn_backend, self.dtype, device, kv_cache_config.use_fp8_context_fmha)
+        if one_token_gemv() == "triton":  # LLMAPI_ONE_TOKEN_GEMV: bs 1 linears through the Triton GEMV
+            logger.info("one-token GEMV: Triton, %d linears", use_triton_gemv(self.model))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
         logger.info("weights loaded in %.2f s", time.perf_counter() - started)
