@@ -120,6 +120,9 @@ def test_which_steps_take_the_copy():
     assert not applies([8192] * 4, [70000] * 4)  # 280,000 keys > MAX_KEYS
     assert not applies([2048], [2048], host=False)
     assert not applies([255, 100], [255, 100]) and applies([256, 100], [256, 100])  # MIN_QUERY: long steps only
+    from llmapi._kernels.prefill_attention import LONG_QUERY
+
+    assert fp.MIN_QUERY == LONG_QUERY  # the packed kernel's long tiling starts where the copy does
 
 
 @pytest.mark.usefixtures("reference_call")

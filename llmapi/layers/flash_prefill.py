@@ -13,7 +13,6 @@ window may be gone).
 import torch
 
 from llmapi._kernels.fp8_linear import quantize_fp8
-from llmapi._kernels.prefill_attention import LONG_QUERY
 
 BACKENDS = ("triton", "flash")
 """LlmArgs.attn_backend's values: the Triton kernels for every step, or FlashAttention for prefill rows."""
@@ -22,8 +21,10 @@ KEYS_PER_QUERY = 16
 (a prompt chunk holds 1-3: its attention's work grows with queries x keys, the copy's with keys alone); rows of a
 few tokens over long contexts (speculative verification) stay on the packed kernel, which reads the cache in
 place."""
-MIN_QUERY = LONG_QUERY
-"""... and when the step's longest query has at least this many tokens (the packed kernel's long tiling): on
+MIN_QUERY = 256
+"""... and when the step's longest query has at least this many tokens (the packed kernel's long tiling,
+_kernels.prefill_attention.LONG_QUERY, not imported here: importing a Triton kernel module defines its kernels,
+which must wait for the tests' TRITON_INTERPRET on a machine without a GPU): on
 shorter prompts the copy and the varlen call cost more than the packed kernel's short tiles (H100, Llama-3.1-8B's
 heads over an fp8 cache, `bench_kernels --prefill`: 64 x 128-token prompts 190 us against 100), where on long
 steps they are even or ahead (4 x 2048 prompts 577 us against 571; an 8192-token chunk after 8192 tokens 4,789
