@@ -272,8 +272,8 @@ def graph_us(fns, dev: torch.device, replays: int = 20) -> float:
 
 
 def gemv_sweep() -> int:
-    """One token through each GEMV_SHAPES linear, each kind called on enough distinct copies of the weights (256 MB
-    or more in all, past the L2) back to back in a CUDA graph: bfloat16 through F.linear (cuBLAS) and through the
+    """One token through each GEMV_SHAPES linear, each kind called on enough distinct copies of the weights (1 GiB
+    of bfloat16 or more in all, a quarter of that in int4: well past the L2) back to back in a CUDA graph: bfloat16 through F.linear (cuBLAS) and through the
     Triton GEMV at each GEMV_TILINGS tiling, int4 weight-only through weight_only_gemv per channel and per group of
     128: microseconds a call and the weights' bytes per second against a device copy's (the bound of a bs 1
     decode step)."""
@@ -286,7 +286,7 @@ def gemv_sweep() -> int:
     print(f"{torch.cuda.get_device_name(dev)}: device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + written)")
     g = torch.Generator(device=dev).manual_seed(0)
     for name, n, k in GEMV_SHAPES:
-        copies = max(1, -(-(256 << 20) // (2 * n * k)))
+        copies = max(1, -(-(1 << 30) // (2 * n * k)))  # int4's quarter of 1 GiB is still 5x the L2
         ws = [torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         x = torch.randn(1, k, device=dev, generator=g, dtype=torch.bfloat16)
         kinds = [("bf16 F.linear", 2 * n * k, [lambda w=w: torch.nn.functional.linear(x, w) for w in ws])]
