@@ -133,8 +133,9 @@ class RelativePositionBias(nn.Module):
         first, count = self.heads
         return full[:, first:first + count]
 
-    def forward(self) -> torch.Tensor:  # [heads, 2M-1] float32
-        return self.weight[self.bucket].t().float()
+    def forward(self) -> torch.Tensor:  # [heads, 2M-1] float32, contiguous
+        # Contiguous once a step here, where every layer's attention kernel would copy the transposed view again.
+        return self.weight[self.bucket].t().float().contiguous()
 
 
 def sinusoidal_table(num_embeddings: int, dim: int, padding_idx: int | None) -> torch.Tensor:
@@ -236,31 +237,44 @@ class MLP(nn.Module):
         return self.proj(self.act(self.fc(x)))
 
 
-def _block(norm: nn.Module, post_norm: bool, x: torch.Tensor, fn) -> torch.Tensor:
-    """One residual block: pre-norm x + fn(norm(x)), or post-norm norm(x + fn(x))."""
+def run_blocks(blocks, x: torch.Tensor, post_norm: bool, final: nn.Module | None) -> torch.Tensor:
+    """A stack's residual blocks, (norm, fn) pairs in order, over x [N, H], then its final norm (None: none).
+    Post-norm: x = norm(x + fn(x)) each. Pre-norm: x = x + fn(norm(x)) each, every residual add done by the next
+    norm (fused on CUDA: norm(out, residual) returns (norm(out + residual), out + residual), as the decoder-only
+    models carry their residual), the last one by the final norm."""
     if post_norm:  # the block's output is the norm's residual argument (a temporary the fused kernel may overwrite)
-        return norm(x, fn(x))[0]
-    return x + fn(norm(x))
+        for norm, fn in blocks:
+            x = norm(x, fn(x))[0]
+        return x if final is None else final(x)
+    residual, out = x, None  # the fused kernel updates the residual in place: it is x's buffer from here on
+    for norm, fn in blocks:
+        if out is None:
+            h = norm(residual)
+        else:
+            h, residual = norm(out, residual)
+        out = fn(h)
+    if out is None:
+        return x if final is None else final(x)
+    return residual + out if final is None else final(out, residual)[0]
 
 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        self.post_norm = cfg["post_norm"]
         self.input_layernorm = _norm(cfg)
         self.attention = SelfAttention(cfg)
         self.post_layernorm = _norm(cfg)
         self.mlp = MLP(cfg, cfg["encoder"]["intermediate_size"])
 
-    def forward(self, x, cross: CrossMetadata, bias):
-        x = _block(self.input_layernorm, self.post_norm, x, lambda h: self.attention.encoder(h, cross, bias))
-        return _block(self.post_layernorm, self.post_norm, x, self.mlp)
+    def blocks(self, cross: CrossMetadata, bias):
+        """The layer's residual blocks (run_blocks)."""
+        return [(self.input_layernorm, lambda h: self.attention.encoder(h, cross, bias)),
+                (self.post_layernorm, self.mlp)]
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        self.post_norm = cfg["post_norm"]
         self.input_layernorm = _norm(cfg)
         self.attention = SelfAttention(cfg)
         self.cross_layernorm = _norm(cfg)
@@ -268,10 +282,11 @@ class DecoderLayer(nn.Module):
         self.post_layernorm = _norm(cfg)
         self.mlp = MLP(cfg, cfg["intermediate_size"])
 
-    def forward(self, x, kv_cache, attn: AttentionMetadata, bias):
-        x = _block(self.input_layernorm, self.post_norm, x, lambda h: self.attention.decoder(h, kv_cache, attn, bias))
-        x = _block(self.cross_layernorm, self.post_norm, x, lambda h: self.cross_attention(h, kv_cache, attn))
-        return _block(self.post_layernorm, self.post_norm, x, self.mlp)
+    def blocks(self, kv_cache, attn: AttentionMetadata, bias):
+        """The layer's residual blocks (run_blocks)."""
+        return [(self.input_layernorm, lambda h: self.attention.decoder(h, kv_cache, attn, bias)),
+                (self.cross_layernorm, lambda h: self.cross_attention(h, kv_cache, attn)),
+                (self.post_layernorm, self.mlp)]
 
 
 class Stack(nn.Module):
@@ -295,6 +310,7 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(layer(cfg) for _ in range(count))
         self.ln_f = _norm(cfg) if cfg["final_norm"] else None
         self.kind, self.offset, self.scale = kind, cfg["position_offset"], cfg["embedding_scale"]
+        self.post_norm = cfg["post_norm"]
         self.max_positions = sizes["max_position_embeddings"]
 
     def init_buffers(self, device, hidden: int) -> None:
@@ -319,8 +335,10 @@ class Stack(nn.Module):
     def bias(self):  # [heads, 2M-1] float32, or None
         return self.relative_bias() if self.kind == "relative" else None
 
-    def final(self, x):
-        return x if self.ln_f is None else self.ln_f(x)
+    def run(self, x, layer_blocks):
+        """x [N, H] through the layers' residual blocks (`layer_blocks`: one blocks() list a layer, in order) and
+        the final norm."""
+        return run_blocks((block for blocks in layer_blocks for block in blocks), x, self.post_norm, self.ln_f)
 
 
 class EncoderDecoderModel(CausalLM):
@@ -367,9 +385,7 @@ class EncoderDecoderModel(CausalLM):
         enc = self.encoder
         x = enc.embed(cross.encoder_ids, cross.encoder_positions)  # [E, H]
         bias = enc.bias()
-        for layer in enc.layers:
-            x = layer(x, cross, bias)
-        x = enc.final(x)
+        x = enc.run(x, (layer.blocks(cross, bias) for layer in enc.layers))
         for layer, cache in zip(self.decoder.layers, kv_caches):
             layer.cross_attention.write_encoder_kv(x, cache, cross)
 
@@ -385,9 +401,7 @@ class EncoderDecoderModel(CausalLM):
         dec = self.decoder
         x = dec.embed(input_ids, positions)  # [T, H]
         bias = dec.bias()
-        for layer, cache in zip(dec.layers, kv_caches):
-            x = layer(x, cache, attn, bias)
-        return dec.final(x)
+        return dec.run(x, (layer.blocks(cache, attn, bias) for layer, cache in zip(dec.layers, kv_caches)))
 
     def input_embedding(self) -> nn.Module:
         return self.decoder.vocab_embedding
