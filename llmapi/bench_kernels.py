@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-sweep", action="store_true",
                    help="sweep the decode kernel's tilings and splits on the grid's decode steps")
     p.add_argument("--kv-dtype", choices=["bfloat16", "fp8"], default="bfloat16", help="the cache's dtype")
-    p.add_argument("--gemv", action="store_true", help="bs 1 linears: bfloat16 and int4 weight-only, as bandwidth")
+    p.add_argument("--gemv", action="store_true",
+                   help="bs 1 linears: bfloat16 (cuBLAS, Triton) and int4 weight-only, as bandwidth")
     a = p.parse_args(argv)
     if a.gemv:
         return gemv_sweep()
@@ -273,10 +274,10 @@ def graph_us(fns, dev: torch.device, replays: int = 20) -> float:
 
 def gemv_sweep() -> int:
     """One token through each GEMV_SHAPES linear, each kind called on enough distinct copies of the weights (1 GiB
-    of bfloat16 or more in all, a quarter of that in int4: well past the L2) back to back in a CUDA graph: bfloat16 through F.linear (cuBLAS) and through the
-    Triton GEMV at each GEMV_TILINGS tiling, int4 weight-only through weight_only_gemv per channel and per group of
-    128: microseconds a call and the weights' bytes per second against a device copy's (the bound of a bs 1
-    decode step)."""
+    of bfloat16 or more in all, a quarter of that in int4: well past the L2) back to back in a CUDA graph: bfloat16
+    through F.linear (cuBLAS) and through the Triton GEMV at each GEMV_TILINGS tiling, int4 weight-only through
+    weight_only_gemv per channel and per group of 128: microseconds a call and the weights' bytes per second
+    against a device copy's (the bound of a bs 1 decode step)."""
     from llmapi._kernels.gemv import gemv
     from llmapi._kernels.weight_only import quantize_weight_ref
     from llmapi._kernels.weight_only_gemv import weight_only_gemv
@@ -308,7 +309,7 @@ def gemv_sweep() -> int:
             us = graph_us(fns, dev)
             rate = moved / (us * 1e-6)
             print(f"    {label:26s}: {us:8.1f} us  {rate / 1e12:.2f} TB/s = {100 * rate / bandwidth:.0f}% of the copy")
-        del ws, kinds
+        del ws, packed, kinds
         torch.cuda.empty_cache()
     return 0
 

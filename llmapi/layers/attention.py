@@ -126,7 +126,7 @@ class Attention(nn.Module):
         assert kv_cache is None or (kv_scale is not None) == (kv_cache.dtype in (torch.int8, torch.float8_e4m3fn))
         window = self.sliding_window
         if kv_cache is not None and use_triton(q):
-            flash = self.flash_prefill and window is None and attn.max_query_len > 1 \
+            flash = self.flash_prefill and window is None \
                 and flash_applies(attn, attn.num_decodes, q.shape[0] - attn.num_decodes)
             if flash and kv_scale is not None and self._kv_scales is None:
                 self._kv_scales = tuple(float(x) for x in kv_scale.tolist())
