@@ -203,9 +203,12 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
     from llmapi._kernels.decode_attention import attention_out, num_splits_for, paged_decode_attention
     from llmapi._kernels.kv_write import write_kv
     from llmapi._kernels.prefill_attention import paged_packed_attention
-    from llmapi._kernels.rotary import rotary_write_kv_
+    from llmapi._kernels.rotary import rotary_qk_, rotary_write_kv_
 
-    if rotary is not None:
+    if rotary is not None and flash:  # flash_prefill reads this step's rotated keys: k is rotated in place too
+        rotary_qk_(q, k, *rotary)
+        write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
+    elif rotary is not None:
         rotary_write_kv_(q, k, v, *rotary, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
     else:
         write_kv(k, v, kv_cache[0], kv_cache[1], attn.slot_mapping, kv_scale)
@@ -223,7 +226,7 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
         from llmapi.layers.flash_prefill import flash_prefill
 
         if d == 0:
-            return flash_prefill(q, kv_cache, attn, 0, scale, kv_scales, quant_scale)
+            return flash_prefill(q, k, v, kv_cache, attn, 0, scale, kv_scales, quant_scale)
     if d == 0:
         return paged_packed_attention(q, kv_cache[0], kv_cache[1], attn.query_start_loc, attn.context_lens,
                                       attn.block_tables, scale, kv_scale=kv_scale, quant_scale=quant_scale,
@@ -238,7 +241,7 @@ def _attention_triton(q, k, v, kv_cache, attn: AttentionMetadata, scale: float, 
                            splits, out=out[:d], kv_scale=kv_scale, quant_scale=quant_scale, sliding_window=window,
                            max_context_len=read)
     if flash:
-        flash_prefill(q[d:], kv_cache, attn, d, scale, kv_scales, quant_scale, out=out[d:])
+        flash_prefill(q[d:], k[d:], v[d:], kv_cache, attn, d, scale, kv_scales, quant_scale, out=out[d:])
         return out
     paged_packed_attention(q[d:], kv_cache[0], kv_cache[1], attn.query_start_loc[d:] - d, attn.context_lens[d:].clone(),
                            attn.block_tables[d:].clone(), scale, out=out[d:], kv_scale=kv_scale,

@@ -1,13 +1,14 @@
 """Prefill attention through torch's FlashAttention (LlmArgs.attn_backend="flash").
 
 The packed Triton kernel reads K/V from the paged cache in place; FlashAttention's varlen kernel wants each
-request's keys contiguous. Each step gathers the prefill rows' whole contexts (this step's keys included, as
-written to the cache) into one contiguous [keys, kv heads, head_dim] copy per layer, dequantized to the query's
-dtype for an int8 / fp8 cache, and runs one varlen call, causal from the bottom right (query j of a request with
-L queries and C keys sees keys <= C - L + j). The copy reads each context once (a few percent of the attention's
-time on long prompts); the slots it reads are computed once per step and shared by the layers. Decodes stay on
-the Triton decode kernel, and a layer with a sliding window stays on the packed kernel (its blocks before the
-window may be gone).
+request's keys contiguous. This step's own keys and values are at hand as the layer computed them (K rotated,
+in the model dtype), so a step of whole prompts attends over them directly, with no copy; a row with earlier
+context (a prompt chunk after the first) has that context gathered from the cache, dequantized for an int8 / fp8
+cache, into one contiguous [keys, kv heads, head_dim] copy per layer beside the step's keys (what TensorRT-LLM's
+and vLLM's context attention read too: the fresh keys unquantized, the cached ones as cached). One varlen call,
+causal from the bottom right (query j of a request with L queries and C keys sees keys <= C - L + j). The copy's
+index plan is computed once per step and shared by the layers. Decodes stay on the Triton decode kernel, and a
+layer with a sliding window stays on the packed kernel (its blocks before the window may be gone).
 """
 
 import torch
@@ -70,49 +71,78 @@ def flash_applies(attn, first: int, query_tokens: int) -> bool:
     return attn.scratch[key]
 
 
-def context_gather(attn, first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(slots [K] int64, cu_k [R'+1] int32, longest context) of rows first.. of the step `attn`: every context
-    position's cache slot, request after request. Needs the host's context lengths (attn.context_lens_cpu):
-    no device sync. Computed once a step (cached on `attn`)."""
-    key = ("gather", first)
+def context_plan(attn, first: int, query_tokens: int) -> tuple:
+    """The copy of rows first.. of the step `attn` (query_tokens in all): (prefix_slots [P] int64, prefix_dst [P]
+    int64, fresh_dst [Tq] int64, cu_k [R'+1] int32, longest context). Row r's keys are its earlier context
+    (C - L positions, read from the cache at prefix_slots) then this step's L keys; prefix_dst and fresh_dst place
+    both in the copy. P = 0 (no row has earlier context: whole prompts) needs no copy, and then fresh_dst is None
+    and cu_k is the queries'. Sized by the host's context lengths (attn.context_lens_cpu): no device sync.
+    Computed once a step (cached on `attn`)."""
+    key = ("plan", first)
     if key not in attn.scratch:
         lens = attn.context_lens_cpu[first:]
         rows = len(lens)
+        total = int(lens.sum())
+        longest = int(lens.max()) if rows else 0
+        cu_q = attn.query_start_loc[first:] - attn.query_start_loc[first]
+        device = cu_q.device
+        prefix_total = total - query_tokens
+        if prefix_total == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            attn.scratch[key] = (empty, empty, None, cu_q, longest)
+            return attn.scratch[key]
         ctx = attn.context_lens[first:first + rows]
-        device = ctx.device
+        qlens = attn.query_lens[first:first + rows]
         cu_k = torch.zeros(rows + 1, dtype=torch.int32, device=device)
         cu_k[1:] = torch.cumsum(ctx, 0)
-        total = int(lens.sum())
-        req = torch.repeat_interleave(torch.arange(rows, device=device), ctx.long(), output_size=total)  # [K]
-        pos = torch.arange(total, device=device) - cu_k[req].long()  # [K]
+        prefix = (ctx - qlens).long()  # [R'] earlier context of each row
+        cu_p = torch.cumsum(prefix, 0) - prefix  # [R'] where each row's starts among the P
+        row_ids = torch.arange(rows, device=device)
+        req_q = torch.repeat_interleave(row_ids, qlens.long(), output_size=query_tokens)  # [Tq]
+        fresh_dst = cu_k[req_q].long() + prefix[req_q] + torch.arange(query_tokens, device=device) - cu_q[req_q]
+        req_p = torch.repeat_interleave(row_ids, prefix, output_size=prefix_total)  # [P]
+        pos_p = torch.arange(prefix_total, device=device) - cu_p[req_p]  # [P] position in its request
+        prefix_dst = cu_k[req_p].long() + pos_p
         block = attn.tokens_per_block
-        slots = attn.block_tables[first:first + rows][req, pos // block].long() * block + pos % block
-        attn.scratch[key] = (slots, cu_k, int(lens.max()) if rows else 0)
+        slots = attn.block_tables[first:first + rows][req_p, pos_p // block].long() * block + pos_p % block
+        attn.scratch[key] = (slots, prefix_dst, fresh_dst, cu_k, longest)
     return attn.scratch[key]
 
 
-def flash_prefill(q: torch.Tensor, kv_cache: torch.Tensor, attn, first: int, scale: float,
-                  kv_scales: tuple[float, float] | None, quant_scale: torch.Tensor | None = None,
+def _with_context(fresh: torch.Tensor, cache: torch.Tensor, plan: tuple, total: int, scale: float | None):
+    """[total, nkv, hd] in fresh's dtype: the cached context (codes times `scale` for a quantized cache) and the
+    step's `fresh` keys or values, each at its place in the copy."""
+    slots, prefix_dst, fresh_dst = plan[:3]
+    nkv, hd = cache.shape[-2], cache.shape[-1]
+    raw = cache.view(torch.uint8) if cache.element_size() == 1 else cache  # one-byte codes gathered as bytes
+    context = raw.view(-1, nkv, hd).index_select(0, slots).view(cache.dtype).to(fresh.dtype)
+    if scale is not None:
+        context.mul_(scale)
+    out = torch.empty((total, nkv, hd), dtype=fresh.dtype, device=fresh.device)
+    out.index_copy_(0, prefix_dst, context)
+    out.index_copy_(0, fresh_dst, fresh)
+    return out
+
+
+def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, attn, first: int,
+                  scale: float, kv_scales: tuple[float, float] | None, quant_scale: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of the prefill rows first.. of the step `attn` (their queries `q` [Tq, nh, hd], row first's
-    first token at q[0]) over their whole contexts in the paged `kv_cache` [2, blocks, block, nkv, hd], K/V of
-    this step already written. `kv_scales` (K, V) dequantize an int8 / fp8 cache (K's scale folds into the
-    softmax scale, V's multiplies the output); with `quant_scale` the result is the E4M3 codes quantize_fp8
-    gives. Written into `out` [Tq, nh, hd] when given."""
-    slots, cu_k, max_k = context_gather(attn, first)
-    nkv, hd = kv_cache.shape[-2], kv_cache.shape[-1]
-    # One-byte codes are gathered as bytes (index kernels need not cover the float8 dtypes).
-    raw = kv_cache.view(torch.uint8) if kv_cache.element_size() == 1 else kv_cache
-    k = raw[0].view(-1, nkv, hd).index_select(0, slots).view(kv_cache.dtype)
-    v = raw[1].view(-1, nkv, hd).index_select(0, slots).view(kv_cache.dtype)
-    if kv_scales is not None:  # int8 / fp8 codes: exact in bfloat16 and float16
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        scale = scale * kv_scales[0]
+    """Attention of the prefill rows first.. of the step `attn` (their queries `q` [Tq, nh, hd] and this step's
+    keys `k` (rotated) and values `v` [Tq, nkv, hd], row first's first token at index 0) over their whole
+    contexts: earlier context from the paged `kv_cache` [2, blocks, block, nkv, hd] (`kv_scales` (K, V)
+    dequantize an int8 / fp8 cache), this step's keys from `k` and `v`. With `quant_scale` the result is the
+    E4M3 codes quantize_fp8 gives. Written into `out` [Tq, nh, hd] when given."""
+    plan = context_plan(attn, first, q.shape[0])
+    cu_k, max_k = plan[3], plan[4]
+    if plan[2] is None:  # whole prompts: their keys are this step's
+        keys, values = k, v
+    else:
+        total = int(attn.context_lens_cpu[first:].sum())
+        keys = _with_context(k, kv_cache[0], plan, total, None if kv_scales is None else kv_scales[0])
+        values = _with_context(v, kv_cache[1], plan, total, None if kv_scales is None else kv_scales[1])
     cu_q = attn.query_start_loc[first:] - attn.query_start_loc[first]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    result = flash_varlen(q, k, v, cu_q, cu_k, attn.max_query_len, max_k, scale)
-    if kv_scales is not None and kv_scales[1] != 1.0:
-        result = result * kv_scales[1]
+    result = flash_varlen(q, keys, values, cu_q, cu_k, attn.max_query_len, max_k, scale)
     if quant_scale is not None:
         result = quantize_fp8(result, quant_scale)
     if out is None:
