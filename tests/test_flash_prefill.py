@@ -91,9 +91,12 @@ def check(query_lens, ctx_lens, nh, nkv, hd, block, dtype, seed, cache=None, qua
     got = fp.flash_prefill(q[start:], fresh_k[start:], fresh_v[start:], torch.stack([kc, vc]), attn, first, scale,
                            scales, quant_scale, out=out)
     assert got is out
-    if quant_out:  # the E4M3 codes of the output: within one code step of the reference's codes
+    if quant_out:  # the E4M3 codes of the output: within one code step of the reference's codes, plus what
+        # FlashAttention's P rounded to 16 bits before P.V costs (2^-8 of each head's largest output, so
+        # near-zero outputs of a row of large ones may round to another code)
         ref_codes = quantize_fp8(exact, quant_scale.cpu().double()).float()
-        assert (got.cpu().float() - ref_codes).abs().le(ref_codes.abs() / 8 + 2 ** -6).all()
+        row_top = ref_codes.abs().amax(-1, keepdim=True)
+        assert (got.cpu().float() - ref_codes).abs().le(ref_codes.abs() / 8 + 2 ** -8 * row_top + 2 ** -6).all()
         return
     err = rel_error(got.cpu(), exact)
     assert err < REL_ERROR[dtype], f"relative error {err:.2e}"
