@@ -171,8 +171,8 @@ def prefill_sweep(a) -> int:
     """Each PREFILL_STEPS step through paged_packed_attention at each PREFILL_CONFIGS tiling (over an fp8 cache,
     also with fp8_attention): microseconds, TFLOP/s (4 * heads * head_dim per query-key pair seen) and the largest
     difference from the first config's output; then attn_backend="flash" (flash_prefill: the step's own keys with
-    earlier context copied beside them, and torch's FlashAttention varlen call), and torch's scaled_dot_product_attention (bfloat16, contiguous K/V,
-    causal) per prompt."""
+    earlier context copied beside them, and torch's FlashAttention varlen call), and torch's
+    scaled_dot_product_attention (bfloat16, contiguous K/V, causal) per prompt."""
     import numpy as np
     import torch.nn.functional as F
     import triton.testing
