@@ -11,6 +11,8 @@ index plan is computed once per step and shared by the layers. Decodes stay on t
 layer with a sliding window stays on the packed kernel (its blocks before the window may be gone).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from llmapi._kernels.fp8_linear import quantize_fp8
@@ -71,7 +73,17 @@ def flash_applies(attn, first: int, query_tokens: int) -> bool:
     return attn.scratch[key]
 
 
-def context_plan(attn, first: int, query_tokens: int) -> tuple:
+class ContextPlan(NamedTuple):
+    """context_plan's result (see there)."""
+
+    prefix_slots: torch.Tensor
+    prefix_dst: torch.Tensor
+    fresh_dst: torch.Tensor | None
+    cu_k: torch.Tensor
+    max_k: int
+
+
+def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
     """The copy of rows first.. of the step `attn` (query_tokens in all): (prefix_slots [P] int64, prefix_dst [P]
     int64, fresh_dst [Tq] int64, cu_k [R'+1] int32, longest context). Row r's keys are its earlier context
     (C - L positions, read from the cache at prefix_slots) then this step's L keys; prefix_dst and fresh_dst place
@@ -89,7 +101,7 @@ def context_plan(attn, first: int, query_tokens: int) -> tuple:
         prefix_total = total - query_tokens
         if prefix_total == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
-            attn.scratch[key] = (empty, empty, None, cu_q, longest)
+            attn.scratch[key] = ContextPlan(empty, empty, None, cu_q, longest)
             return attn.scratch[key]
         ctx = attn.context_lens[first:first + rows]
         qlens = attn.query_lens[first:first + rows]
@@ -105,22 +117,22 @@ def context_plan(attn, first: int, query_tokens: int) -> tuple:
         prefix_dst = cu_k[req_p].long() + pos_p
         block = attn.tokens_per_block
         slots = attn.block_tables[first:first + rows][req_p, pos_p // block].long() * block + pos_p % block
-        attn.scratch[key] = (slots, prefix_dst, fresh_dst, cu_k, longest)
+        attn.scratch[key] = ContextPlan(slots, prefix_dst, fresh_dst, cu_k, longest)
     return attn.scratch[key]
 
 
-def _with_context(fresh: torch.Tensor, cache: torch.Tensor, plan: tuple, total: int, scale: float | None):
+def _with_context(fresh: torch.Tensor, cache: torch.Tensor, plan: ContextPlan, total: int,
+                  scale: float | None) -> torch.Tensor:
     """[total, nkv, hd] in fresh's dtype: the cached context (codes times `scale` for a quantized cache) and the
     step's `fresh` keys or values, each at its place in the copy."""
-    slots, prefix_dst, fresh_dst = plan[:3]
     nkv, hd = cache.shape[-2], cache.shape[-1]
     raw = cache.view(torch.uint8) if cache.element_size() == 1 else cache  # one-byte codes gathered as bytes
-    context = raw.view(-1, nkv, hd).index_select(0, slots).view(cache.dtype).to(fresh.dtype)
+    context = raw.view(-1, nkv, hd).index_select(0, plan.prefix_slots).view(cache.dtype).to(fresh.dtype)
     if scale is not None:
         context.mul_(scale)
     out = torch.empty((total, nkv, hd), dtype=fresh.dtype, device=fresh.device)
-    out.index_copy_(0, prefix_dst, context)
-    out.index_copy_(0, fresh_dst, fresh)
+    out.index_copy_(0, plan.prefix_dst, context)
+    out.index_copy_(0, plan.fresh_dst, fresh)
     return out
 
 
@@ -133,8 +145,7 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     dequantize an int8 / fp8 cache), this step's keys from `k` and `v`. With `quant_scale` the result is the
     E4M3 codes quantize_fp8 gives. Written into `out` [Tq, nh, hd] when given."""
     plan = context_plan(attn, first, q.shape[0])
-    cu_k, max_k = plan[3], plan[4]
-    if plan[2] is None:  # whole prompts: their keys are this step's
+    if plan.fresh_dst is None:  # whole prompts: their keys are this step's
         keys, values = k, v
     else:
         total = int(attn.context_lens_cpu[first:].sum())
@@ -142,7 +153,7 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
         values = _with_context(v, kv_cache[1], plan, total, None if kv_scales is None else kv_scales[1])
     cu_q = attn.query_start_loc[first:] - attn.query_start_loc[first]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    result = flash_varlen(q, keys, values, cu_q, cu_k, attn.max_query_len, max_k, scale)
+    result = flash_varlen(q, keys, values, cu_q, plan.cu_k, attn.max_query_len, plan.max_k, scale)
     if quant_scale is not None:
         result = quantize_fp8(result, quant_scale)
     if out is None:
