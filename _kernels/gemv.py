@@ -30,13 +30,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.con
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv_config(k: int, block_n: int | None = None, block_k: int | None = None, num_warps: int = 4
+def gemv_config(k: int, block_n: int | None = None, block_k: int | None = None, num_warps: int = 8
                 ) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): by default 8 rows a program and the longest power-of-two chunk up to 1024
-    features that tiles K (not yet tuned on a GPU)."""
+    """(BLOCK_N, BLOCK_K, num_warps): by default 16 rows a program, 8 warps and the longest power-of-two chunk up to
+    1024 features that tiles K (on an H100 this beat 8 rows / 4 warps and cuBLAS on all of Llama-3.1-8B's linears)."""
     if block_k is None:
         block_k = next((size for size in (1024, 512, 256, 128, 64, 32, 16) if k % size == 0), 0)
-    return block_n or 8, block_k, num_warps
+    return block_n or 16, block_k, num_warps
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

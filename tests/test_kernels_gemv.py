@@ -53,7 +53,7 @@ def test_gemv_supported_and_config():
     assert not gemv_supported(x, w.half())  # mixed dtypes
     assert not gemv_supported(x[:, :40], w[:, :40])  # K not a multiple of 16
     assert not gemv_supported(x, w.t().contiguous().t())  # weights' rows not contiguous
-    assert gemv_config(14336) == (8, 1024, 4) and gemv_config(96) == (8, 32, 4)
+    assert gemv_config(14336) == (16, 1024, 8) and gemv_config(96) == (16, 32, 8)
     assert gemv_config(4096, block_n=4, block_k=512, num_warps=8) == (4, 512, 8)
     with pytest.raises(AssertionError):
         gemv(torch.zeros(2, 64, dtype=torch.bfloat16), w)
