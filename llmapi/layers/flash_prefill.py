@@ -81,11 +81,15 @@ class ContextPlan(NamedTuple):
     fresh_dst: torch.Tensor | None
     cu_k: torch.Tensor
     max_k: int
+    cu_q: torch.Tensor
+    """[R'+1] int32: the rows' query offsets from row first's."""
+    total: int
+    """Keys in the copy: the rows' whole contexts."""
 
 
 def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
     """The copy of rows first.. of the step `attn` (query_tokens in all): (prefix_slots [P] int64, prefix_dst [P]
-    int64, fresh_dst [Tq] int64, cu_k [R'+1] int32, longest context). Row r's keys are its earlier context
+    int64, fresh_dst [Tq] int64, cu_k [R'+1] int32, longest context, cu_q, total). Row r's keys are its earlier context
     (C - L positions, read from the cache at prefix_slots) then this step's L keys; prefix_dst and fresh_dst place
     both in the copy. P = 0 (no row has earlier context: whole prompts) needs no copy, and then fresh_dst is None
     and cu_k is the queries'. Sized by the host's context lengths (attn.context_lens_cpu): no device sync.
@@ -101,7 +105,7 @@ def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
         prefix_total = total - query_tokens
         if prefix_total == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
-            attn.scratch[key] = ContextPlan(empty, empty, None, cu_q, longest)
+            attn.scratch[key] = ContextPlan(empty, empty, None, cu_q, longest, cu_q, total)
             return attn.scratch[key]
         ctx = attn.context_lens[first:first + rows]
         qlens = attn.query_lens[first:first + rows]
@@ -117,20 +121,20 @@ def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
         prefix_dst = cu_k[req_p].long() + pos_p
         block = attn.tokens_per_block
         slots = attn.block_tables[first:first + rows][req_p, pos_p // block].long() * block + pos_p % block
-        attn.scratch[key] = ContextPlan(slots, prefix_dst, fresh_dst, cu_k, longest)
+        attn.scratch[key] = ContextPlan(slots, prefix_dst, fresh_dst, cu_k, longest, cu_q, total)
     return attn.scratch[key]
 
 
-def _with_context(fresh: torch.Tensor, cache: torch.Tensor, plan: ContextPlan, total: int,
-                  scale: float | None) -> torch.Tensor:
-    """[total, nkv, hd] in fresh's dtype: the cached context (codes times `scale` for a quantized cache) and the
+def _with_context(fresh: torch.Tensor, cache: torch.Tensor, plan: ContextPlan, scale: float | None
+                  ) -> torch.Tensor:
+    """[plan.total, nkv, hd] in fresh's dtype: the cached context (codes times `scale` for a quantized cache) and the
     step's `fresh` keys or values, each at its place in the copy."""
     nkv, hd = cache.shape[-2], cache.shape[-1]
     raw = cache.view(torch.uint8) if cache.element_size() == 1 else cache  # one-byte codes gathered as bytes
     context = raw.view(-1, nkv, hd).index_select(0, plan.prefix_slots).view(cache.dtype).to(fresh.dtype)
     if scale is not None:
         context.mul_(scale)
-    out = torch.empty((total, nkv, hd), dtype=fresh.dtype, device=fresh.device)
+    out = torch.empty((plan.total, nkv, hd), dtype=fresh.dtype, device=fresh.device)
     out.index_copy_(0, plan.prefix_dst, context)
     out.index_copy_(0, plan.fresh_dst, fresh)
     return out
@@ -148,12 +152,10 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     if plan.fresh_dst is None:  # whole prompts: their keys are this step's
         keys, values = k, v
     else:
-        total = int(attn.context_lens_cpu[first:].sum())
-        keys = _with_context(k, kv_cache[0], plan, total, None if kv_scales is None else kv_scales[0])
-        values = _with_context(v, kv_cache[1], plan, total, None if kv_scales is None else kv_scales[1])
-    cu_q = attn.query_start_loc[first:] - attn.query_start_loc[first]
+        keys = _with_context(k, kv_cache[0], plan, None if kv_scales is None else kv_scales[0])
+        values = _with_context(v, kv_cache[1], plan, None if kv_scales is None else kv_scales[1])
     q = q if q.stride(-1) == 1 else q.contiguous()
-    result = flash_varlen(q, keys, values, cu_q, plan.cu_k, attn.max_query_len, plan.max_k, scale)
+    result = flash_varlen(q, keys, values, plan.cu_q, plan.cu_k, attn.max_query_len, plan.max_k, scale)
     if quant_scale is not None:
         result = quantize_fp8(result, quant_scale)
     if out is None:
