@@ -44,11 +44,12 @@ def paged_case(query_lens, context_lens, nh, nkv, hd, block, dtype, seed, device
             torch.tensor(context_lens, dtype=torch.int32, **to), torch.tensor(tables, dtype=torch.int32, **to))
 
 
-def assert_top5_rule(first, second) -> None:
+def assert_top5_rule(first, second, label: str = "") -> None:
     """Two runs' RequestOutputs of the same greedy requests (logprobs=5): up to the first mismatch the tokens are
-    equal, and there each side's token is in the other's top 5 (vLLM's rule)."""
+    equal, and there each side's token is in the other's top 5 (vLLM's rule). `label` names the case on failure."""
     for one, other in zip(first, second, strict=True):
         a, b = one.outputs[0], other.outputs[0]
         i = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
         if i is not None:
-            assert a.token_ids[i] in b.logprobs[i] and b.token_ids[i] in a.logprobs[i], f"request {one.request_id}"
+            assert a.token_ids[i] in b.logprobs[i] and b.token_ids[i] in a.logprobs[i], \
+                f"{label}request {one.request_id}, token {i}: {a.token_ids[i]} against {b.token_ids[i]}"

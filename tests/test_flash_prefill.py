@@ -212,6 +212,43 @@ def test_tiny_llama_steps_through_flash_backend(monkeypatch):
             assert rel_error(b[rid], a[rid]) < 1e-5
 
 
+@interpreted
+def test_llm_flash_backend_matches_triton_in_float32(monkeypatch, tmp_path):
+    """Through LLM(): the engine's own steps (prompts chunked at max_num_tokens, chunks after context beside
+    running decodes) give the same float32 logprobs with attn_backend "flash" as with "triton"."""
+    import llmapi.layers.dispatch as dispatch
+    from tiny_models import make_tiny_llama
+
+    from llmapi import LLM, SamplingParams
+
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", True)
+    calls = []
+
+    def counted(*args):
+        calls.append(int(args[4][-1]) - int(args[3][-1]))  # keys before the step's own: earlier context
+        return varlen_reference(*args)
+
+    monkeypatch.setattr(fp, "flash_varlen", counted)
+    monkeypatch.setattr(fp, "MIN_QUERY", 2)
+    make_tiny_llama(tmp_path)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (30, 4, 50, 2)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=5, detokenize=False)
+    outs = []
+    for backend in ("triton", "flash"):
+        with LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_num_tokens=24,
+                 attn_backend=backend) as llm:
+            outs.append(llm.generate(prompts, params, use_tqdm=False))
+        assert (len(calls) > 0) == (backend == "flash")
+    assert max(calls) > 0  # some step's rows had earlier context: the gathered copy ran
+    for one, other in zip(*outs, strict=True):
+        a, b = one.outputs[0], other.outputs[0]
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.keys() == y.keys()
+            assert max(abs(x[t].logprob - y[t].logprob) for t in x) < 1e-4
+
+
 def test_attn_backend_refusals(monkeypatch, tmp_path):
     import llmapi.layers.dispatch as dispatch
     from encdec_models import t5
@@ -268,7 +305,7 @@ def test_llm_flash_backend_agrees_by_top5_rule(tmp_path):
     from llmapi import LLM, QuantConfig, SamplingParams
 
     model = make_tiny_llama(tmp_path, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                            max_position_embeddings=2048)
+                            max_position_embeddings=2048, std=0.075)
     save_tiny_tokenizer(tmp_path, vocab_size=model.config.vocab_size)
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("\n".join(f"sample {i}: the cat sat on the mat number {i}" for i in range(16)))
@@ -281,7 +318,7 @@ def test_llm_flash_backend_agrees_by_top5_rule(tmp_path):
             with LLM(str(tmp_path), dtype="bfloat16", quant=quant, skip_tokenizer_init=True, max_num_tokens=512,
                      attn_backend=backend) as llm:
                 outs.append(llm.generate(prompts, params, use_tqdm=False))
-        assert_top5_rule(*outs)
+        assert_top5_rule(*outs, label=f"{'bf16' if quant is None else 'fp8'} cache, ")
 
 
 def test_cli_options_reach_llm():
