@@ -116,7 +116,7 @@ def test_context_plan():
     attn = _metadata(query_lens, ctx_lens, tables, 4, qsl, ctx)
     t = tables.cpu().tolist()
     for first in (0, 1):
-        slots, prefix_dst, fresh_dst, cu_k, max_k = fp.context_plan(attn, first, sum(query_lens[first:]))[:5]
+        slots, prefix_dst, fresh_dst, cu_k, max_k, *_ = fp.context_plan(attn, first, sum(query_lens[first:]))
         rows = range(first, 3)
         assert slots.cpu().tolist() == [t[r][p // 4] * 4 + p % 4 for r in rows
                                         for p in range(ctx_lens[r] - query_lens[r])]
@@ -130,8 +130,9 @@ def test_context_plan():
         assert fp.context_plan(attn, first, 0)[0] is slots  # once a step: the layers share it
     attn = _metadata([3, 5], [3, 5], tables[:2], 4, torch.tensor([0, 3, 8], dtype=torch.int32),
                      torch.tensor([3, 5], dtype=torch.int32))
-    slots, prefix_dst, fresh_dst, cu_k, max_k = fp.context_plan(attn, 0, 8)[:5]
-    assert slots.numel() == 0 and fresh_dst is None and cu_k.tolist() == [0, 3, 8] and max_k == 5
+    plan = fp.context_plan(attn, 0, 8)
+    assert plan.prefix_slots.numel() == 0 and plan.fresh_dst is None and plan.cu_k.tolist() == [0, 3, 8] \
+        and plan.max_k == 5
 
 
 def test_which_steps_take_the_copy():

@@ -74,13 +74,18 @@ def flash_applies(attn, first: int, query_tokens: int) -> bool:
 
 
 class ContextPlan(NamedTuple):
-    """context_plan's result (see there)."""
+    """The copy of a step's prefill rows first.. (R' rows, Tq query tokens, P earlier-context keys; context_plan)."""
 
     prefix_slots: torch.Tensor
+    """[P] int64: the cache slots of the rows' earlier context."""
     prefix_dst: torch.Tensor
+    """[P] int64: where each of those keys goes in the copy."""
     fresh_dst: torch.Tensor | None
+    """[Tq] int64: where each of this step's keys goes; None when P = 0 (no copy)."""
     cu_k: torch.Tensor
+    """[R'+1] int32: the rows' key offsets in the copy."""
     max_k: int
+    """The longest row's keys."""
     cu_q: torch.Tensor
     """[R'+1] int32: the rows' query offsets from row first's."""
     total: int
@@ -88,8 +93,7 @@ class ContextPlan(NamedTuple):
 
 
 def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
-    """The copy of rows first.. of the step `attn` (query_tokens in all): (prefix_slots [P] int64, prefix_dst [P]
-    int64, fresh_dst [Tq] int64, cu_k [R'+1] int32, longest context, cu_q, total). Row r's keys are its earlier context
+    """The copy of rows first.. of the step `attn` (query_tokens in all). Row r's keys are its earlier context
     (C - L positions, read from the cache at prefix_slots) then this step's L keys; prefix_dst and fresh_dst place
     both in the copy. P = 0 (no row has earlier context: whole prompts) needs no copy, and then fresh_dst is None
     and cu_k is the queries'. Sized by the host's context lengths (attn.context_lens_cpu): no device sync.
