@@ -2,9 +2,9 @@
 
 At one token the product is bound by reading W. Each program holds BLOCK_N rows of W and walks K in chunks of
 BLOCK_K, keeping its threads' partial products in registers and reducing them once at the end (the layout of
-weight_only_gemv's one-token kernels, without the codes' decode). A candidate for bs 1 decode beside cuBLAS
-(F.linear), which `python -m llmapi.bench_kernels --gemv` times on Llama-3.1-8B's linears; a model's linears take
-it only where LLMAPI_ONE_TOKEN_GEMV=triton (llmapi.layers.linear) until it is timed faster.
+weight_only_gemv's one-token kernels, without the codes' decode). A model's float linears on a GPU take it for bs 1
+decode instead of cuBLAS (F.linear) unless LLMAPI_ONE_TOKEN_GEMV=cublas (llmapi.layers.linear);
+`python -m llmapi.bench_kernels --gemv` times both on Llama-3.1-8B's linears.
 """
 
 import torch

@@ -113,7 +113,8 @@ class ModelRunner:
             from ..layers.attention import set_attn_backend
 
             set_attn_backend(self.model, attn_backend, self.dtype, device, kv_cache_config.use_fp8_context_fmha)
-        if one_token_gemv() == "triton":  # LLMAPI_ONE_TOKEN_GEMV: bs 1 linears through the Triton GEMV
+        # LLMAPI_ONE_TOKEN_GEMV (checked on every device): on a GPU, bs 1 linears through the Triton GEMV.
+        if one_token_gemv() == "triton" and device.type == "cuda":
             logger.info("one-token GEMV: Triton, %d linears", use_triton_gemv(self.model))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the loaded copies' memory goes back before the KV cache is sized
