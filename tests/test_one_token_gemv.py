@@ -4,10 +4,9 @@ CPU keeps nn.Linear; the setting's bad values are refused by name."""
 
 import pytest
 import torch
+from kernel_cases import DEVICE, rel_error  # first: it picks Triton's interpreter before triton is imported
 
 triton = pytest.importorskip("triton")
-
-from kernel_cases import DEVICE, rel_error  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
 
