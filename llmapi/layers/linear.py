@@ -1,9 +1,9 @@
 """One-token products of float linears through the Triton GEMV (_kernels/gemv.py) instead of cuBLAS.
 
 On by default for a model on a GPU (ModelRunner calls use_triton_gemv): on an H100 bs 1 decode of Llama-3.1-8B shapes
-ran 172-174 output tok/s through it against cuBLAS's 160-161, alternating on one machine. `LLMAPI_ONE_TOKEN_GEMV=cublas` in the
-environment of the process that loads the model keeps F.linear (`llmapi bench --concurrency 1` times either);
-`python -m llmapi.bench_kernels --gemv` compares the kernels alone.
+ran 172-174 output tok/s through it against cuBLAS's 160-161, alternating on one machine.
+`LLMAPI_ONE_TOKEN_GEMV=cublas` in the environment of the process that loads the model keeps F.linear
+(`llmapi bench --concurrency 1` times either); `python -m llmapi.bench_kernels --gemv` compares the kernels alone.
 """
 
 import os
