@@ -40,7 +40,7 @@ def smooth_weights(weights: Mapping[str, torch.Tensor], input_amax: Mapping[str,
     out = dict(weights)
     smoothed_amax = {}
     for name, amax in input_amax.items():  # "transformer.layers.{i}.attention.qkv"
-        layer, linear = name.split(".")[:3], ".".join(name.split(".")[3:])
+        layer = name.split(".")[:3]
         w = weights[f"{name}.weight"]  # [N, K]
         s = smoothing_factors(amax, w, alpha)  # [K]
         out[f"{name}.weight"] = (w.float() * s).to(w.dtype)
