@@ -572,6 +572,7 @@ def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
                 max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
                 async_scheduling=not a.no_async_scheduling, attn_backend=a.attn_backend,
+                cuda_graph_batch_sizes=a.cuda_graph_batch_sizes,
                 scheduler_config={"capacity_scheduler_policy": capacity_policy(a)})
 
 
@@ -609,6 +610,7 @@ def bench_offline(a, scratch: Path) -> int:
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
                "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
                "use_fp8_context_fmha": a.use_fp8_context_fmha, "attn_backend": a.attn_backend,
+               "cuda_graph_batch_sizes": a.cuda_graph_batch_sizes,
                "speculative_config": speculative_dict(speculative), "kv_blocks": kv_blocks(llm)}
     adapters = None
     if a.num_loras:
@@ -779,7 +781,7 @@ def compare_without(a, model: str, kwargs: dict, job: Job, results: dict, ours_t
 
 
 def batch_sizes(text: str) -> list[int]:
-    """--hf-batch-size: one batch size or several, comma-separated, each an int >= 1."""
+    """--hf-batch-size, --cuda-graph-batch-sizes: one batch size or several, comma-separated, each an int >= 1."""
     try:
         sizes = [int(t) for t in text.split(",")]
     except ValueError:
@@ -831,6 +833,9 @@ def add_arguments(p) -> None:
                    "KvCacheConfig(use_fp8_context_fmha=True)), TensorRT-LLM's FP8 context FMHA)")
     p.add_argument("--attn-backend", choices=("triton", "flash"), default="triton",
                    help="flash: prefill rows through torch's FlashAttention (LLM(attn_backend='flash'))")
+    p.add_argument("--cuda-graph-batch-sizes", type=batch_sizes, default=None, metavar="B[,B...]",
+                   help="the decode batch sizes captured as CUDA graphs (LLM(cuda_graph_batch_sizes=[...]); default: "
+                   "llmapi's ladder up to --max-batch-size)")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
     p.add_argument("--capacity-scheduler-policy", choices=["max_utilization", "guaranteed_no_evict"],

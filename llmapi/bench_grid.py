@@ -268,6 +268,7 @@ def run_grid(a) -> int:
                "max_batch_size": a.max_batch_size, "max_num_tokens": a.max_num_tokens,
                "kv_cache_free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction,
                "use_fp8_context_fmha": a.use_fp8_context_fmha, "attn_backend": a.attn_backend,
+               "cuda_graph_batch_sizes": a.cuda_graph_batch_sizes,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
                "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
                "requests_scale": scale, "warmup": a.warmup,

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy")
@@ -205,6 +205,11 @@ class LlmArgs:
     """Attention kernels (TensorRT-LLM's name for the switch): "triton" runs every step in the Triton kernels;
     "flash" runs the prefill rows through torch's FlashAttention over a gathered copy of their contexts (a GPU,
     bfloat16 / float16; decodes and sliding-window layers stay on the Triton kernels; llmapi.layers.flash_prefill)."""
+    cuda_graph_batch_sizes: Optional[List[int]] = None
+    """The decode batch sizes captured as CUDA graphs (TensorRT-LLM's `cuda_graph_config.batch_sizes`), up to
+    max_batch_size: a decode step of R requests replays the smallest one >= R (padded), a larger one runs eagerly.
+    Default: 1 to 2,048, finer past 256 (steps of 64 to 512, of 128 to 1,024, then of 256; GRAPH_BATCH_SIZES in
+    llmapi.runtime.cuda_graph)."""
     async_scheduling: bool = True
     """Schedule and stage step N+1 on the host while the device runs step N (at every world size): the
     next token of a plain request is scheduled before the last one is known."""
@@ -259,6 +264,10 @@ class LlmArgs:
                "must be True or False")
         _check(self.attn_backend in ("triton", "flash"), "attn_backend", self.attn_backend,
                "must be one of ('triton', 'flash')")
+        sizes = self.cuda_graph_batch_sizes
+        _check(sizes is None or (isinstance(sizes, (list, tuple)) and len(sizes) > 0
+                                 and all(_is_int(v) and v >= 1 for v in sizes)),
+               "cuda_graph_batch_sizes", sizes, "must be a non-empty list of ints >= 1, or None")
         _check(_is_int(self.max_logprobs) and self.max_logprobs >= 0, "max_logprobs", self.max_logprobs,
                "must be an int >= 0")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",

@@ -154,7 +154,8 @@ class LLM:
                     runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
                                                        args.tokens_per_block, load_format=load_format,
                                                        max_batch_size=args.max_batch_size, speculative=speculative,
-                                                       adapters=adapters, attn_backend=args.attn_backend)
+                                                       adapters=adapters, attn_backend=args.attn_backend,
+                                                       cuda_graph_batch_sizes=args.cuda_graph_batch_sizes)
                 else:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
@@ -162,6 +163,7 @@ class LLM:
                                 tokens_per_block=args.tokens_per_block, load_format=load_format,
                                 max_batch_size=args.max_batch_size,  # the decode graphs' largest batch
                                 adapters=adapters, attn_backend=args.attn_backend,
+                                cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
                                 speculative=None if speculative is None else speculative.to_dict())
                     if remote is not None:
                         remote.start(init, executor_kwargs)

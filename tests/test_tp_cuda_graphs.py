@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmapi import LLM, KvCacheConfig, SamplingParams
+from llmapi.config import LlmArgs
 from llmapi.runtime.cuda_graph import GRAPHS_ON_CPU_ENV, graph_size, graph_sizes
 
 MAX_BATCH = 16
@@ -31,6 +32,27 @@ def test_batch_size_ladder_and_bucketing():
     assert graph_size(sizes, 8, 17, 17, 3) == 0  # more requests than the largest graph
     assert graph_size(sizes, 8, 4, 9, 3) == 0  # a prefill chunk in the batch
     assert graph_size(sizes, 8, 4, 4, 9) == 0  # block tables wider than the graphs'
+
+
+def test_large_decode_batches_pad_little():
+    # Past 256 rows a decode step's GEMMs are bound by FLOPs, not by reading the weights: a padded row costs what a
+    # real one does, so no batch of more than 256 requests runs in a graph that is a fifth padding or more.
+    sizes = graph_sizes(2048)
+    assert sizes[-1] == 2048
+    for r in range(257, 2049):
+        g = graph_size(sizes, 8, r, r, 3)
+        assert r <= g and (g - r) / g < 0.2, (r, g)
+
+
+def test_cuda_graph_batch_sizes_setting():
+    # LLM(cuda_graph_batch_sizes=[...]): those sizes, sorted and deduplicated, up to max_batch_size.
+    assert graph_sizes(16, [8, 3, 8, 32]) == [3, 8]
+    assert graph_sizes(2, [4]) == [1]  # never empty
+    assert LlmArgs(model="m", cuda_graph_batch_sizes=[4, 2]).cuda_graph_batch_sizes == [4, 2]
+    for bad in ([], [0], [2, -1], "8", [True], [2.0]):
+        with pytest.raises(ValueError, match=r"cuda_graph_batch_sizes=.* is invalid: must be a non-empty list of "
+                                             r"ints >= 1, or None"):
+            LlmArgs(model="m", cuda_graph_batch_sizes=bad)
 
 
 # ---------------------------------------------------------------- the path on the CPU, replays run eagerly
@@ -60,6 +82,23 @@ def test_decode_graph_path_on_cpu_equals_eager_one_rank(tp, pp, tiny_llama_dir, 
     assert got == want
     # Every decode step (micro-batch, at PP=2) of 7 requests ran in a graph: all steps but the prefills.
     assert stats["graph_steps"] >= stats["steps"] - 4 * pp and stats["graph_steps"] >= 10
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["one-rank", "tp2"])
+def test_custom_graph_sizes_on_cpu_equal_eager(tp, tiny_llama_dir, reference, monkeypatch):
+    # The sizes reach every rank: 7 requests decode in the graph of 7, fewer (as they finish) in 3's or 7's.
+    prompts, params, want = reference
+    monkeypatch.setenv(GRAPHS_ON_CPU_ENV, "1")
+    with LLM(str(tiny_llama_dir), tp=tp, max_batch_size=MAX_BATCH, cuda_graph_batch_sizes=[7, 3]) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if tp == 1:
+            stats, sizes = llm._runner.stats.as_dict(), llm._runner.graphs.sizes
+        else:
+            ranks = llm._executor.runner_stats()
+            stats, sizes = ranks["rank0"], ranks["graph_sizes"]
+    assert sizes == [3, 7]
+    assert got == want
+    assert stats["graph_steps"] >= stats["steps"] - 4 and stats["graph_steps"] >= 10
 
 
 def test_graph_ladder_stops_at_the_cache_blocks(tiny_llama_dir, monkeypatch):

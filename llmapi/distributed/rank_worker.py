@@ -130,7 +130,8 @@ class RankWorker:
                                       load_format=init["load_format"], mapping=mapping,
                                       comm=GroupComm(session.tp_group, mapping.tp_size),
                                       speculative=None if drafter and not self.samples else self.speculative,
-                                      adapters=init.get("adapters"), attn_backend=init.get("attn_backend", "triton"))
+                                      adapters=init.get("adapters"), attn_backend=init.get("attn_backend", "triton"),
+                                      cuda_graph_batch_sizes=init.get("cuda_graph_batch_sizes"))
         except Exception as e:  # e.g. its file fails its checksum: every rank must learn it, or they hang
             error = e
         _agree_loaded(session, error)

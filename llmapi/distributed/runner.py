@@ -134,9 +134,11 @@ class DistributedRunner:
 
     def runner_stats(self) -> dict:
         """Steps submitted, of them those submitted while another was in flight (overlapped), the latest
-        submit / collect events in order, and rank 0's runner stats (steps, graph_steps, tokens, ...)."""
+        submit / collect events in order, rank 0's runner stats (steps, graph_steps, tokens, ...) and the batch
+        sizes of its decode graphs (None: none captured)."""
+        graphs = self.worker.runner.graphs
         return dict(steps=self._submitted, overlapped_steps=self._overlapped, events=list(self.events),
-                    rank0=self.worker.runner.stats.as_dict())
+                    rank0=self.worker.runner.stats.as_dict(), graph_sizes=None if graphs is None else graphs.sizes)
 
     def stall_detail(self) -> str:
         """For the in-process watchdog (llmapi-launch): the ranks that hold rank 0's step up, told by their

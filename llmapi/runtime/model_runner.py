@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ class ModelRunner:
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
                  max_batch_size: int = 1024, cuda_graphs: bool = True,
                  mapping: Optional[Mapping] = None, comm=None, speculative=None, adapters: Optional[dict] = None,
-                 attn_backend: str = "triton"):
+                 attn_backend: str = "triton", cuda_graph_batch_sizes: Optional[Sequence[int]] = None):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -141,6 +141,7 @@ class ModelRunner:
         self.call_started = 0.0
         self.loop_thread: Optional[int] = None
         self.graphs = None
+        self.cuda_graph_batch_sizes = cuda_graph_batch_sizes  # None: the default ladder (runtime.cuda_graph)
         # The last submitted step's sampled ids [R] on the device: the next step's placeholders
         # (Batch.prev_rows) are filled from them there, without waiting for the step.
         self._prev_ids: Optional[torch.Tensor] = None
@@ -158,10 +159,11 @@ class ModelRunner:
         return self.device.type == "cuda" or graphs_on_cpu()
 
     def capture_graphs(self, max_batch_size: int) -> None:
-        """Capture the decode graphs of this rank's layers (its pipeline stage's), for batch sizes up to
-        `max_batch_size`, and never more than the cache's blocks (each running sequence holds one at least: a
-        larger decode batch cannot happen, and its graph's memory would be wasted); with tensor parallelism every
-        rank of the stage must call this at once (they hold the same number of blocks)."""
+        """Capture the decode graphs of this rank's layers (its pipeline stage's), for batch sizes (those of
+        `cuda_graph_batch_sizes`, else the default ladder) up to `max_batch_size`, and never more than the cache's
+        blocks (each running sequence holds one at least: a larger decode batch cannot happen, and its graph's
+        memory would be wasted); with tensor parallelism every rank of the stage must call this at once (they hold
+        the same number of blocks and sizes)."""
         from .cuda_graph import DecodeGraphs
 
         max_batch_size = min(max_batch_size, self.num_blocks)
@@ -174,7 +176,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size, max_blocks,
                                        self.kv_heads, hidden=hidden, last_stage=m.is_last_stage,
                                        distributed=m.world_size > 1, adapters=self.adapters,
-                                       max_cross_blocks=self.max_cross_blocks)
+                                       max_cross_blocks=self.max_cross_blocks,
+                                       batch_sizes=self.cuda_graph_batch_sizes)
             if self.spec is not None and m.world_size == 1 and self.adapters is None:
                 self.spec.capture_graphs(self.model, self.kv_caches, self.tokens_per_block, max_batch_size,
                                          max_blocks)

@@ -9,6 +9,8 @@ import signal
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..bench import batch_sizes
+
 logger = logging.getLogger("llmapi.serve")
 
 
@@ -56,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-async-scheduling", action="store_true")
     m.add_argument("--attn-backend", choices=("triton", "flash"), default=None,
                    help="flash: prefill rows through torch's FlashAttention (LLM(attn_backend='flash'))")
+    m.add_argument("--cuda-graph-batch-sizes", type=batch_sizes, default=None, metavar="B[,B...]",
+                   help="the decode batch sizes captured as CUDA graphs (LLM(cuda_graph_batch_sizes=[...]))")
     m.add_argument("--step-timeout", type=float, default=None)
     m.add_argument("--cache-dir", default=None, help="the engine cache (default $LLMAPI_CACHE_DIR)")
     lora = p.add_argument_group("LoRA adapters")
@@ -71,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _LLM_OPTIONS = ("tokenizer", "dtype", "load_format", "revision", "device", "quant", "tensor_parallel_size",
                 "pipeline_parallel_size", "max_seq_len", "max_num_tokens", "max_batch_size", "tokens_per_block",
                 "max_logprobs", "step_timeout", "cache_dir", "max_loras", "max_lora_rank", "max_cpu_loras",
-                "attn_backend")
+                "attn_backend", "cuda_graph_batch_sizes")
 
 
 def llm_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
