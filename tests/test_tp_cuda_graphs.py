@@ -3,6 +3,7 @@ batch's graph from the batch alone; on GPUs (marked gpu, two of them) TP=2 with 
 greedy tokens, and the graphs were replayed. On the CPU the same path runs with eager replays
 (LLMAPI_DECODE_GRAPHS_ON_CPU=1): padded static buffers, collectives at the graph's size on both ranks."""
 
+import argparse
 import json
 import random
 
@@ -82,6 +83,25 @@ def test_decode_graph_path_on_cpu_equals_eager_one_rank(tp, pp, tiny_llama_dir, 
     assert got == want
     # Every decode step (micro-batch, at PP=2) of 7 requests ran in a graph: all steps but the prefills.
     assert stats["graph_steps"] >= stats["steps"] - 4 * pp and stats["graph_steps"] >= 10
+
+
+def test_cuda_graph_batch_sizes_options():
+    # `llmapi bench` and `llmapi serve` take --cuda-graph-batch-sizes to LLM(cuda_graph_batch_sizes=[...]).
+    from llmapi.bench import add_arguments as bench_arguments
+    from llmapi.serve.cli import add_arguments as serve_arguments, llm_kwargs
+
+    for add, rest in ((bench_arguments, []), (serve_arguments, ["m"])):
+        p = argparse.ArgumentParser()
+        add(p)
+        assert p.parse_args(rest).cuda_graph_batch_sizes is None
+        assert p.parse_args(rest + ["--cuda-graph-batch-sizes", "64,8,16"]).cuda_graph_batch_sizes == [64, 8, 16]
+        for bad in ("0", "8,x", ""):
+            with pytest.raises(SystemExit):
+                p.parse_args(rest + ["--cuda-graph-batch-sizes", bad])
+        if add is serve_arguments:
+            a = p.parse_args(rest + ["--cuda-graph-batch-sizes", "4,2"])
+            assert llm_kwargs(a)["cuda_graph_batch_sizes"] == [4, 2]
+            assert "cuda_graph_batch_sizes" not in llm_kwargs(p.parse_args(rest))
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["one-rank", "tp2"])
