@@ -208,7 +208,7 @@ class LlmArgs:
     cuda_graph_batch_sizes: Optional[List[int]] = None
     """The decode batch sizes captured as CUDA graphs (TensorRT-LLM's `cuda_graph_config.batch_sizes`), up to
     max_batch_size: a decode step of R requests replays the smallest one >= R (padded), a larger one runs eagerly.
-    Default: 1 to 2,048, finer past 256 (steps of 64 to 512, of 128 to 1,024, then of 256; GRAPH_BATCH_SIZES in
+    Default: 1 to 2,048, finer past 256 (steps of 64 to 384, of 128 to 1,024, then of 256; GRAPH_BATCH_SIZES in
     llmapi.runtime.cuda_graph)."""
     async_scheduling: bool = True
     """Schedule and stage step N+1 on the host while the device runs step N (at every world size): the

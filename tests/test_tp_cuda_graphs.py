@@ -37,12 +37,14 @@ def test_batch_size_ladder_and_bucketing():
 
 def test_large_decode_batches_pad_little():
     # Past 256 rows a decode step's GEMMs are bound by FLOPs, not by reading the weights: a padded row costs what a
-    # real one does, so no batch of more than 256 requests runs in a graph that is a fifth padding or more.
+    # real one does, so no batch of more than 256 requests runs in a graph that is a quarter padding or more (385
+    # to 447 requests take the 512-row graph: the 448-row one ran slower on an H100).
     sizes = graph_sizes(2048)
     assert sizes[-1] == 2048
     for r in range(257, 2049):
         g = graph_size(sizes, 8, r, r, 3)
-        assert r <= g and (g - r) / g < 0.2, (r, g)
+        assert r <= g and (g - r) / g < 0.25, (r, g)
+    assert max((g - r) / g for r in range(513, 2049) for g in [graph_size(sizes, 8, r, r, 3)]) < 0.2
 
 
 def test_cuda_graph_batch_sizes_setting():
