@@ -2,7 +2,9 @@
 `--prefill`: the packed (prefill) attention kernel's FLOP rate on the long-prompt steps of the throughput grid, for
 each tile configuration in PREFILL_CONFIGS, beside torch's flash attention on the same causal prompts; `--gemv`: one
 token through each Llama-3.1-8B linear, bfloat16 (F.linear and the Triton GEMV) and int4 weight-only (per channel
-and group 128), in CUDA graphs, as bandwidth."""
+and group 128), in CUDA graphs, as bandwidth; `--fp8-gemm`: each Llama-3.1-8B linear in FP8 (the runner's
+fp8_linear: torch._scaled_mm) at the decode graphs' row counts, in CUDA graphs, as FLOP rate, with the row counts
+that take longer than a larger one flagged (a graph padded to such a size loses time)."""
 
 from __future__ import annotations
 
@@ -29,9 +31,15 @@ def main(argv=None) -> int:
     p.add_argument("--kv-dtype", choices=["bfloat16", "fp8"], default="bfloat16", help="the cache's dtype")
     p.add_argument("--gemv", action="store_true",
                    help="bs 1 linears: bfloat16 (cuBLAS, Triton) and int4 weight-only, as bandwidth")
+    p.add_argument("--fp8-gemm", action="store_true",
+                   help="FP8 linears at the decode graphs' row counts (past 256), as FLOP rate")
+    p.add_argument("--rows", type=_rows, default=None, metavar="M[,M...]",
+                   help="--fp8-gemm's row counts (default: the graph ladder's from 256 up, and 448)")
     a = p.parse_args(argv)
     if a.gemv:
         return gemv_sweep()
+    if a.fp8_gemm:
+        return fp8_gemm_sweep(a.rows or FP8_GEMM_ROWS)
     if a.prefill:
         return prefill_sweep(a)
     if a.decode_sweep:
@@ -318,6 +326,66 @@ def gemv_sweep() -> int:
             print(f"    {label:26s}: {us:8.1f} us  {rate / 1e12:.2f} TB/s = {100 * rate / bandwidth:.0f}% of the copy")
         del ws, packed, kinds
         torch.cuda.empty_cache()
+    return 0
+
+
+def _rows(text: str) -> list[int]:
+    from llmapi.bench import batch_sizes
+
+    return sorted(set(batch_sizes(text)))
+
+
+def _default_fp8_rows() -> tuple:
+    from llmapi.runtime.cuda_graph import GRAPH_BATCH_SIZES
+
+    return tuple(sorted({m for m in GRAPH_BATCH_SIZES if m >= 256} | {448}))
+
+
+FP8_GEMM_ROWS = _default_fp8_rows()
+"""--fp8-gemm's default row counts: the decode graph ladder's from 256 up, and 448 (out of it since an H100 ran 440
+requests slower in the 448-row graph than in the 512-row one)."""
+
+
+def slower_than_larger(us_by_rows: dict) -> list:
+    """The row counts whose time is above that of some larger row count, smallest first: a decode graph of that
+    size costs more than padding on to the larger one."""
+    rows = sorted(us_by_rows)
+    return [m for i, m in enumerate(rows) if any(us_by_rows[b] < us_by_rows[m] for b in rows[i + 1:])]
+
+
+def fp8_gemm_sweep(rows) -> int:
+    """Each GEMV_SHAPES linear but the head (bfloat16 in the runner) through fp8_linear with a static input scale
+    (the "FP8" recipe: the input quantized, then torch._scaled_mm), at each of `rows`, on enough distinct copies
+    of the weights back to back in a CUDA graph that no call finds its weights in the L2: microseconds a call and
+    TFLOP/s, then a layer's four linears summed, with the row counts that take longer than a larger one."""
+    from llmapi._kernels.fp8_linear import fp8_linear, quantize_fp8_weight
+
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)}: FP8 linears (static input scale, torch._scaled_mm), "
+          f"rows {', '.join(map(str, rows))}")
+    g = torch.Generator(device=dev).manual_seed(0)
+    layer = {m: 0.0 for m in rows}
+    for name, n, k in GEMV_SHAPES[:-1]:
+        copies = max(1, -(-(256 << 20) // (n * k)))  # 256 MiB of E4M3 weights: 5x the L2
+        weights = [quantize_fp8_weight(torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) * 0.02,
+                                       per_channel=False) for _ in range(copies)]
+        act_scale = torch.tensor([0.02], device=dev)
+        us = {}
+        for m in rows:
+            x = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16)
+            us[m] = graph_us([lambda w=w, s=s: fp8_linear(x, w, s, None, act_scale) for w, s in weights], dev)
+            layer[m] += us[m]
+        print(f"  {name} {n} x {k} ({copies} copies)")
+        for m in rows:
+            print(f"    {m:5d} rows: {us[m]:8.1f} us  {2 * m * n * k / (us[m] * 1e-6) / 1e12:6.0f} TFLOP/s  "
+                  f"{us[m] / m * 1e3:6.1f} ns a row")
+        print(f"    slower than a larger row count: {slower_than_larger(us) or 'none'}")
+        del weights
+        torch.cuda.empty_cache()
+    print("  a layer's four linears:")
+    for m in rows:
+        print(f"    {m:5d} rows: {layer[m]:8.1f} us  {layer[m] / m * 1e3:6.1f} ns a row")
+    print(f"    slower than a larger row count: {slower_than_larger(layer) or 'none'}")
     return 0
 
 
