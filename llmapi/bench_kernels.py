@@ -12,6 +12,8 @@ import argparse
 
 import torch
 
+from llmapi.runtime.cuda_graph import GRAPH_BATCH_SIZES
+
 
 def main(argv=None) -> int:
     import triton.testing
@@ -335,13 +337,7 @@ def _rows(text: str) -> list[int]:
     return sorted(set(batch_sizes(text)))
 
 
-def _default_fp8_rows() -> tuple:
-    from llmapi.runtime.cuda_graph import GRAPH_BATCH_SIZES
-
-    return tuple(sorted({m for m in GRAPH_BATCH_SIZES if m >= 256} | {448}))
-
-
-FP8_GEMM_ROWS = _default_fp8_rows()
+FP8_GEMM_ROWS = tuple(sorted({m for m in GRAPH_BATCH_SIZES if m >= 256} | {448}))
 """--fp8-gemm's default row counts: the decode graph ladder's from 256 up, and 448 (out of it since an H100 ran 440
 requests slower in the 448-row graph than in the 512-row one)."""
 
