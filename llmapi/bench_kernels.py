@@ -361,11 +361,11 @@ def fp8_gemm_sweep(rows) -> int:
           f"rows {', '.join(map(str, rows))}")
     g = torch.Generator(device=dev).manual_seed(0)
     layer = {m: 0.0 for m in rows}
+    act_scale = torch.tensor([5.0 / 448], device=dev)  # randn inputs: |x| < 5 fits E4M3's range
     for name, n, k in GEMV_SHAPES[:-1]:
         copies = max(1, -(-(256 << 20) // (n * k)))  # 256 MiB of E4M3 weights: 5x the L2
         weights = [quantize_fp8_weight(torch.randn(n, k, device=dev, generator=g, dtype=torch.bfloat16) * 0.02,
                                        per_channel=False) for _ in range(copies)]
-        act_scale = torch.tensor([5.0 / 448], device=dev)  # randn inputs: |x| < 5 fits E4M3's range
         us = {}
         for m in rows:
             x = torch.randn(m, k, device=dev, generator=g, dtype=torch.bfloat16)

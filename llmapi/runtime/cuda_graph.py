@@ -34,7 +34,8 @@ GRAPHS_ON_CPU_ENV = "LLMAPI_DECODE_GRAPHS_ON_CPU"
 # capture faster. Past a few hundred rows the FP8 / bf16 GEMMs are bound by their FLOPs instead, and a padded row
 # costs what a real one does (885 requests in the 1,024 graph: 16% more GEMM work), so the ladder is finer there.
 # No 448: on an H100 (FP8 128/2048) 440 requests ran 8% slower in a 448-row graph than in the 512-row one, where
-# 300 in 320 rows, 600 in 640 and 880 in 896 each ran 2-5% faster than in the next coarser graph.
+# 300 in 320 rows, 600 in 640 and 880 in 896 each ran 2-5% faster than in the next coarser graph; at 448 rows the
+# FP8 GEMM cuBLASLt picks for gate_up runs at half its neighbours' rate (bench_kernels --fp8-gemm).
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 320, 384, 512, 640, 768, 896, 1024, 1280, 1536,
                      1792, 2048)
 
