@@ -114,13 +114,36 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stride_xm,
 
 
 @triton.jit
+def _quad_x(q0, q1, J: tl.constexpr):
+    """float32 of feature J (0-7) of the eight bfloat16 held by int64 words q0 (features 0-3) and q1 (4-7),
+    little-endian: a bfloat16 is the top half of a float32, so a shift or a mask converts it."""
+    if J < 4:
+        q = q0
+    else:
+        q = q1
+    if J % 4 < 2:
+        v = q.to(tl.int32)
+    else:
+        v = (q >> 32).to(tl.int32)
+    if J % 2 == 0:
+        v = v << 16
+    else:
+        v = v & -65536
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn, magic,
                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_QUADS: tl.constexpr = False,
+                     PREFETCH: tl.constexpr = False):
     # One token, per-channel scales (batch-1 decode): each thread keeps its partial products over the whole of K in
     # registers and the block reduces once at the end, instead of a cross-thread reduction per chunk. Packed int4
     # is read as int32 words of 8 codes (nibble j of word c is feature 8c + j, little-endian): wide weight loads,
     # and x read as 8 contiguous slices rather than even/odd gathers (measured 18% faster on Llama's linears).
+    # X_QUADS (int4, bfloat16 x, 8-byte aligned): each word's eight x read as two int64 words rather than eight
+    # 2-byte gathers, converted by a shift or a mask. PREFETCH: the next chunk's weights (and quads) are loaded
+    # before this chunk's products, so that a program's loads overlap its arithmetic.
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_n = rows_n < N
@@ -128,14 +151,36 @@ def _gemv_row_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_wn
     cols = tl.arange(0, WIDTH)
     acc = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
     x_acc = tl.zeros((WIDTH,), dtype=tl.float32)  # zero points: sum of x over K
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + cols[None, :]  # [BN, WIDTH]: the first chunk
+    quads = x_ptr.to(tl.pointer_type(tl.int64)) + 2 * cols  # [WIDTH]: word c's features 8c..8c+3 (+1: 8c+4..)
+    if PREFETCH:
+        w_next = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+        if X_QUADS:
+            q0_next = tl.load(quads)
+            q1_next = tl.load(quads + 1)
     for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + rows_n[:, None] * stride_wn + (k0 // BLOCK_K * WIDTH + cols)[None, :],
-                    mask=mask_n[:, None], other=0).to(tl.int32)  # [BN, WIDTH]
+        if PREFETCH:
+            more = k0 + BLOCK_K < K
+            w = w_next.to(tl.int32)
+            w_next = tl.load(w_ptrs + (k0 // BLOCK_K + 1) * WIDTH, mask=mask_n[:, None] & more, other=0)
+            if X_QUADS:
+                q0 = q0_next
+                q1 = q1_next
+                q0_next = tl.load(quads + (k0 + BLOCK_K) // 4, mask=more, other=0)
+                q1_next = tl.load(quads + (k0 + BLOCK_K) // 4 + 1, mask=more, other=0)
+        else:
+            w = tl.load(w_ptrs + k0 // BLOCK_K * WIDTH, mask=mask_n[:, None], other=0).to(tl.int32)  # [BN, WIDTH]
+            if X_QUADS:
+                q0 = tl.load(quads + k0 // 4)
+                q1 = tl.load(quads + k0 // 4 + 1)
         if BITS == 4:
             w = w ^ SIGN_BITS
             w_hi = w >> 12
             for j in tl.static_range(8):
-                xj = tl.load(x_ptr + k0 + 8 * cols + j).to(tl.float32)  # [WIDTH] features 8c + j
+                if X_QUADS:
+                    xj = _quad_x(q0, q1, j)
+                else:
+                    xj = tl.load(x_ptr + k0 + 8 * cols + j).to(tl.float32)  # [WIDTH] features 8c + j
                 acc += _field(w, w_hi, j, magic) * _field_x(xj, j)[None, :]  # nibble j, signed
                 if HAS_ZERO:
                     x_acc += xj
@@ -219,15 +264,21 @@ def _config(k: int, group: int, bits: int, block_k: int | None = None, block_n: 
 
 
 def _row_config(k: int, n: int, bits: int, block_k: int | None = None, block_n: int | None = None,
-                num_warps: int = 4):
-    """(BLOCK_K, BLOCK_N, num_warps) of the one-token per-channel kernel, by default the best of a sweep over
-    Llama-3.1-8B's four linears on an H100 (int4: 2048-feature chunks on long rows, 16 rows a program on wide
-    outputs)."""
+                num_warps: int = 4, x_quads: bool = False, prefetch: bool = False):
+    """(BLOCK_K, BLOCK_N, num_warps, X_QUADS, PREFETCH) of the one-token per-channel kernel, by default the best of
+    a sweep over Llama-3.1-8B's four linears on an H100 (int4: 2048-feature chunks on long rows, 16 rows a program
+    on wide outputs). X_QUADS is asked for, not promised: weight_only_gemv drops it where x does not allow it."""
     if block_k is None:
         sizes = ((2048,) if bits == 4 and k > 4096 else ()) + (1024, 512, 256, 128)
         block_k = _block_k(k, 0, bits) if bits != 4 else next((size for size in sizes if k % size == 0), 128)
     assert k % block_k == 0, (k, block_k)
-    return block_k, block_n or (16 if bits == 4 and n >= 16384 else 8), num_warps
+    return block_k, block_n or (16 if bits == 4 and n >= 16384 else 8), num_warps, x_quads, prefetch
+
+
+def quads_allowed(x: torch.Tensor, bits: int) -> bool:
+    """Whether the one-token kernel may read x as int64 words of four bfloat16 (X_QUADS): int4 codes, bfloat16 x
+    whose row starts on an 8-byte boundary (its chunks, multiples of 128 features, then do too)."""
+    return bits == 4 and x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0
 
 
 def _row_group_config(k: int, group: int, block_k: int | None = None, block_n: int = 8,
@@ -262,7 +313,7 @@ def weight_only_gemv(
     bits: int,
     group_size: int | None = None,
     zero_point: torch.Tensor | None = None,  # shaped as scale: w = (q - zero_point) * scale
-    **tune,  # block_k / block_n / num_warps overrides (for tuning)
+    **tune,  # block_k / block_n / num_warps (one token, per channel: x_quads / prefetch too) overrides, for tuning
 ) -> torch.Tensor:  # [M, N] in x's dtype
     m, k = x.shape
     n = qweight.shape[0]
@@ -282,12 +333,13 @@ def weight_only_gemv(
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return out
     if m == 1:
-        block_k, block_n, warps = _row_config(k, n, bits, **tune)
+        block_k, block_n, warps, x_quads, prefetch = _row_config(k, n, bits, **tune)
         w = qweight.view(torch.int32) if bits == 4 else qweight  # int4: words of 8 codes
         _gemv_row_kernel[(triton.cdiv(n, block_n),)](
             x, w, scale, zero, x if bias is None else bias, out, n, k, w.stride(0), MAGIC,
             BITS=bits, HAS_ZERO=zero_point is not None, HAS_BIAS=bias is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            BLOCK_N=block_n, BLOCK_K=block_k, X_QUADS=x_quads and quads_allowed(x, bits), PREFETCH=prefetch,
+            num_warps=warps)
         return out
     block_k, block_n, warps = _config(k, group, bits, **tune)
     _gemv_kernel[(triton.cdiv(n, block_n),)](

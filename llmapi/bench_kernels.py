@@ -9,6 +9,7 @@ that take longer than a larger one flagged (a graph padded to such a size loses 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
@@ -268,9 +269,12 @@ GEMV_SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
 GEMV_TILINGS = ((8, 1024, 4), (4, 1024, 4), (16, 1024, 8), (8, 512, 4), (8, 2048, 8))
 """(BLOCK_N, BLOCK_K, num_warps) of the bf16 Triton GEMV that --gemv times."""
 
-INT4_ROW_TILINGS = ((8, 1024, 4), (16, 1024, 4), (16, 1024, 8), (32, 1024, 8), (4, 1024, 2), (8, 512, 4),
-                    (16, 512, 4), (8, 2048, 4), (8, 2048, 8), (16, 2048, 8), (32, 2048, 8), (8, 1024, 8))
-"""(BLOCK_N, BLOCK_K, num_warps) of the one-token int4 per-channel kernel that --gemv times beside its default."""
+INT4_ROW_TILINGS = ((8, 1024, 4), (16, 1024, 4), (16, 1024, 8), (32, 1024, 8), (8, 2048, 4), (16, 2048, 8),
+                    (8, 512, 4), (4, 1024, 4))
+"""(BLOCK_N, BLOCK_K, num_warps) of the one-token int4 per-channel kernel that --gemv times beside its default on
+the layers' linears, each with x read as quads or not and with the next chunk prefetched or not."""
+INT4_ROW_MODES = ((False, False), (True, False), (False, True), (True, True))
+"""(x_quads, prefetch) of the one-token int4 per-channel kernel that --gemv times at each INT4_ROW_TILINGS."""
 
 
 def graph_us(fns, dev: torch.device, replays: int = 20) -> float:
@@ -325,12 +329,14 @@ def gemv_sweep() -> int:
             kinds.append((f"int4 {'group 128' if group else 'channel'}", moved,
                           [lambda qw=qw, scale=scale, group=group: weight_only_gemv(x, qw, scale, None, 4, group)
                            for qw, scale in packed]))
-            for bn, bk, warps in () if group else INT4_ROW_TILINGS:
+            tilings = () if group or name == "head" else itertools.product(INT4_ROW_TILINGS, INT4_ROW_MODES)
+            for (bn, bk, warps), (quads, prefetch) in tilings:
                 if k % bk == 0:
-                    kinds.append((f"int4 channel {bn}x{bk} w{warps}", moved,
-                                  [lambda qw=qw, scale=scale, bn=bn, bk=bk, warps=warps: weight_only_gemv(
-                                      x, qw, scale, None, 4, block_n=bn, block_k=bk, num_warps=warps)
-                                   for qw, scale in packed]))
+                    kinds.append((f"int4 channel {bn}x{bk} w{warps}{' quads' * quads}{' prefetch' * prefetch}",
+                                  moved, [lambda qw=qw, scale=scale, tune=dict(block_n=bn, block_k=bk,
+                                                                                num_warps=warps, x_quads=quads,
+                                                                                prefetch=prefetch):
+                                          weight_only_gemv(x, qw, scale, None, 4, **tune) for qw, scale in packed]))
         print(f"  {name} {n} x {k} ({copies} copies; triton GEMV's largest difference from float32: {err:.1e})")
         for label, moved, fns in kinds:
             us = graph_us(fns, dev)

@@ -63,6 +63,10 @@ def weight_only_kernels():
               "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
     yield ("int4 gemv row", _gemv_row_kernel, dict(common, magic="i32"),
            dict(BITS=4, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=16, BLOCK_K=2048), dict(num_warps=4))
+    # x read as int64 quads of bfloat16, the next chunk prefetched (aligned as at launch: K a multiple of 16)
+    yield ("int4 gemv row quads prefetch", _gemv_row_kernel, dict(common, magic="i32"),
+           dict(BITS=4, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, X_QUADS=True, PREFETCH=True),
+           dict(num_warps=4, divisible=("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "K", "stride_wn")))
     yield ("int4 gemv row group", _gemv_row_group_kernel, dict(common, stride_sn="i32", magic="i32"),
            dict(BITS=4, GROUP=128, HAS_ZERO=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024), dict(num_warps=8))
     # The float GEMV at Llama-3.1-8B's qkv shape, aligned as at launch (torch's allocations, K a multiple of 16).
@@ -222,6 +226,9 @@ if __name__ == "__main__":
             # SGXT per code: 192 for 272 FFMA in the one-token kernel; none now)
             ops = sass_ops(kernel.asm["cubin"])
             assert ops["SGXT"] <= ops["FFMA"] / 8, f"{name}: {ops['SGXT']} SGXT for {ops['FFMA']} FFMA"
+        if name == "int4 gemv row quads prefetch":  # x read 8 bytes a load, not 2
+            sass = sass_text(kernel.asm["cubin"])
+            assert "LDG.E.64" in sass and "LDG.E.U16" not in sass, f"{name}: 2-byte x loads"
         if name == "bf16 gemv":  # the weights read 16 bytes a load, not 2
             sass = sass_text(kernel.asm["cubin"])
             assert "LDG.E.128" in sass and "LDG.E.U16" not in sass, f"{name}: scalar weight loads"

@@ -12,7 +12,7 @@ from llmapi.quantization.weight_only import WeightOnlyLinear
 triton = pytest.importorskip("triton")
 
 from llmapi._kernels.weight_only_dequant import dequantize_weight  # noqa: E402
-from llmapi._kernels.weight_only_gemv import gemv_supported, weight_only_gemv  # noqa: E402
+from llmapi._kernels.weight_only_gemv import gemv_supported, quads_allowed, weight_only_gemv  # noqa: E402
 from llmapi._kernels.weight_only_matmul import matmul_preferred, matmul_supported, weight_only_matmul  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
@@ -31,7 +31,7 @@ CASES = [  # rows, out features, in features, bits, group size, zero points, bia
 ]
 
 
-def check(rows, n, k, bits, group, zero, bias, dtype, seed=0, kernel="gemv"):
+def check(rows, n, k, bits, group, zero, bias, dtype, seed=0, kernel="gemv", **tune):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     q, scale = quantize_weight_ref(w, bits, group)
@@ -45,7 +45,7 @@ def check(rows, n, k, bits, group, zero, bias, dtype, seed=0, kernel="gemv"):
     dev = (lambda t: None if t is None else t.to(DEVICE))
     if kernel == "gemv":
         assert gemv_supported(rows, k, bits, group)
-        out = weight_only_gemv(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp))
+        out = weight_only_gemv(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp), **tune)
     else:
         assert matmul_supported(k, bits, group)
         out = weight_only_matmul(dev(x), dev(q), dev(scale), dev(b), bits, group, dev(zp))
@@ -57,6 +57,39 @@ def check(rows, n, k, bits, group, zero, bias, dtype, seed=0, kernel="gemv"):
 @pytest.mark.parametrize("case", CASES)
 def test_weight_only_gemv_interpreted(case):
     check(*case)
+
+
+ROW_MODE_CASES = [  # one token, per channel, with X_QUADS and / or PREFETCH asked for: (case, tune)
+    ((1, 40, 256, 4, None, False, False, torch.bfloat16), {}),  # one chunk: the prefetch of a chunk past K masked
+    ((1, 24, 6144, 4, None, True, True, torch.bfloat16), {}),  # three 2048-feature chunks, zero points, bias
+    ((1, 20, 2048, 4, None, True, False, torch.bfloat16), {"block_k": 512, "block_n": 16}),  # four chunks
+    ((1, 24, 6144, 4, None, True, True, torch.float32), {}),  # float32 x: no quads (dropped), prefetch kept
+    ((1, 20, 256, 8, None, True, True, torch.float16), {"block_k": 128}),  # int8: prefetch only
+]
+
+
+def row_modes(case, tune):
+    for x_quads, prefetch in ((True, False), (False, True), (True, True)):
+        check(*case, x_quads=x_quads, prefetch=prefetch, **tune)
+
+
+@interpreted
+@pytest.mark.parametrize("case,tune", ROW_MODE_CASES)
+def test_weight_only_gemv_row_modes_interpreted(case, tune):
+    row_modes(case, tune)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,tune", ROW_MODE_CASES + [((1, 6144, 4096, 4, None, False, False, torch.bfloat16), {}),
+                                                       ((1, 4096, 14336, 4, None, True, False, torch.bfloat16), {})])
+def test_weight_only_gemv_row_modes_gpu(case, tune):
+    row_modes(case, tune)
+
+
+def test_quads_allowed_needs_bfloat16_int4_and_8_byte_alignment():
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    assert quads_allowed(x, 4) and not quads_allowed(x, 8) and not quads_allowed(x.half(), 4)
+    assert not quads_allowed(torch.zeros(300, dtype=torch.bfloat16)[1:257].view(1, 256), 4)  # 2-byte offset
 
 
 @pytest.mark.gpu
