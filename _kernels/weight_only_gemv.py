@@ -5,6 +5,8 @@ reading the weights, so reading 4 (or 8) bits per weight instead of 16 is the wh
 the fused matmul (weight_only_matmul.py) or dequantize + cuBLAS.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -263,11 +265,31 @@ def _config(k: int, group: int, bits: int, block_k: int | None = None, block_n: 
     return block_k, block_n, num_warps or (8 if group else 4)
 
 
+ROW_MODES_ENV = "LLMAPI_INT4_GEMV_MODES"
+ROW_MODES = ("quads", "prefetch")
+
+
+def row_modes() -> tuple[bool, bool]:
+    """(x_quads, prefetch) of the one-token per-channel kernel by ROW_MODES_ENV, a comma-separated subset of
+    ROW_MODES (unset or empty: neither); ValueError naming a value that is not one."""
+    chosen = [mode.strip() for mode in os.environ.get(ROW_MODES_ENV, "").split(",") if mode.strip()]
+    bad = [mode for mode in chosen if mode not in ROW_MODES]
+    if bad:
+        raise ValueError(f"{ROW_MODES_ENV}={os.environ[ROW_MODES_ENV]!r} is invalid: {', '.join(map(repr, bad))} "
+                         f"{'is' if len(bad) == 1 else 'are'} not among {', '.join(ROW_MODES)}")
+    return "quads" in chosen, "prefetch" in chosen
+
+
 def _row_config(k: int, n: int, bits: int, block_k: int | None = None, block_n: int | None = None,
-                num_warps: int = 4, x_quads: bool = False, prefetch: bool = False):
+                num_warps: int = 4, x_quads: bool | None = None, prefetch: bool | None = None):
     """(BLOCK_K, BLOCK_N, num_warps, X_QUADS, PREFETCH) of the one-token per-channel kernel, by default the best of
     a sweep over Llama-3.1-8B's four linears on an H100 (int4: 2048-feature chunks on long rows, 16 rows a program
-    on wide outputs). X_QUADS is asked for, not promised: weight_only_gemv drops it where x does not allow it."""
+    on wide outputs) and row_modes(). X_QUADS is asked for, not promised: weight_only_gemv drops it where x does
+    not allow it."""
+    if x_quads is None or prefetch is None:
+        env_quads, env_prefetch = row_modes()
+        x_quads = env_quads if x_quads is None else x_quads
+        prefetch = env_prefetch if prefetch is None else prefetch
     if block_k is None:
         sizes = ((2048,) if bits == 4 and k > 4096 else ()) + (1024, 512, 256, 128)
         block_k = _block_k(k, 0, bits) if bits != 4 else next((size for size in sizes if k % size == 0), 128)

@@ -12,7 +12,8 @@ from llmapi.quantization.weight_only import WeightOnlyLinear
 triton = pytest.importorskip("triton")
 
 from llmapi._kernels.weight_only_dequant import dequantize_weight  # noqa: E402
-from llmapi._kernels.weight_only_gemv import gemv_supported, quads_allowed, weight_only_gemv  # noqa: E402
+from llmapi._kernels.weight_only_gemv import (ROW_MODES_ENV, gemv_supported, quads_allowed, row_modes,  # noqa: E402
+                                              weight_only_gemv)
 from llmapi._kernels.weight_only_matmul import matmul_preferred, matmul_supported, weight_only_matmul  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
@@ -68,7 +69,7 @@ ROW_MODE_CASES = [  # one token, per channel, with X_QUADS and / or PREFETCH ask
 ]
 
 
-def row_modes(case, tune):
+def check_row_modes(case, tune):
     for x_quads, prefetch in ((True, False), (False, True), (True, True)):
         check(*case, x_quads=x_quads, prefetch=prefetch, **tune)
 
@@ -76,14 +77,24 @@ def row_modes(case, tune):
 @interpreted
 @pytest.mark.parametrize("case,tune", ROW_MODE_CASES)
 def test_weight_only_gemv_row_modes_interpreted(case, tune):
-    row_modes(case, tune)
+    check_row_modes(case, tune)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case,tune", ROW_MODE_CASES + [((1, 6144, 4096, 4, None, False, False, torch.bfloat16), {}),
                                                        ((1, 4096, 14336, 4, None, True, False, torch.bfloat16), {})])
 def test_weight_only_gemv_row_modes_gpu(case, tune):
-    row_modes(case, tune)
+    check_row_modes(case, tune)
+
+
+def test_row_modes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(ROW_MODES_ENV, raising=False)
+    assert row_modes() == (False, False)
+    monkeypatch.setenv(ROW_MODES_ENV, "prefetch, quads")
+    assert row_modes() == (True, True)
+    monkeypatch.setenv(ROW_MODES_ENV, "quads,prefech")
+    with pytest.raises(ValueError, match="'prefech' is not among quads, prefetch"):
+        row_modes()
 
 
 def test_quads_allowed_needs_bfloat16_int4_and_8_byte_alignment():
