@@ -269,32 +269,39 @@ ROW_MODES_ENV = "LLMAPI_INT4_GEMV_MODES"
 ROW_MODES = ("quads", "prefetch")
 
 
-def row_modes() -> tuple[bool, bool]:
-    """(x_quads, prefetch) of the one-token per-channel kernel by ROW_MODES_ENV, a comma-separated subset of
-    ROW_MODES (unset or empty: neither); ValueError naming a value that is not one."""
-    chosen = [mode.strip() for mode in os.environ.get(ROW_MODES_ENV, "").split(",") if mode.strip()]
-    bad = [mode for mode in chosen if mode not in ROW_MODES]
+def row_modes() -> tuple[bool, bool] | None:
+    """(x_quads, prefetch) of the one-token int4 per-channel kernel as ROW_MODES_ENV sets them: a comma-separated
+    subset of ROW_MODES, or "none"; None where it is unset or empty (_row_config's defaults). ValueError naming a
+    value that is not one."""
+    text = os.environ.get(ROW_MODES_ENV, "").strip()
+    if not text:
+        return None
+    chosen = [mode.strip() for mode in text.split(",") if mode.strip()]
+    bad = [mode for mode in chosen if mode not in ROW_MODES and not (mode == "none" and len(chosen) == 1)]
     if bad:
-        raise ValueError(f"{ROW_MODES_ENV}={os.environ[ROW_MODES_ENV]!r} is invalid: {', '.join(map(repr, bad))} "
-                         f"{'is' if len(bad) == 1 else 'are'} not among {', '.join(ROW_MODES)}")
+        raise ValueError(f"{ROW_MODES_ENV}={text!r} is invalid: {', '.join(map(repr, bad))} "
+                         f"{'is' if len(bad) == 1 else 'are'} not among {', '.join(ROW_MODES)} (or 'none' alone)")
     return "quads" in chosen, "prefetch" in chosen
 
 
 def _row_config(k: int, n: int, bits: int, block_k: int | None = None, block_n: int | None = None,
-                num_warps: int = 4, x_quads: bool | None = None, prefetch: bool | None = None):
-    """(BLOCK_K, BLOCK_N, num_warps, X_QUADS, PREFETCH) of the one-token per-channel kernel, by default the best of
-    a sweep over Llama-3.1-8B's four linears on an H100 (int4: 2048-feature chunks on long rows, 16 rows a program
-    on wide outputs) and row_modes(). X_QUADS is asked for, not promised: weight_only_gemv drops it where x does
-    not allow it."""
-    if x_quads is None or prefetch is None:
-        env_quads, env_prefetch = row_modes()
-        x_quads = env_quads if x_quads is None else x_quads
-        prefetch = env_prefetch if prefetch is None else prefetch
+                num_warps: int | None = None, x_quads: bool | None = None, prefetch: bool | None = None):
+    """(BLOCK_K, BLOCK_N, num_warps, X_QUADS, PREFETCH) of the one-token per-channel kernel. For int4 the defaults
+    are the best of a sweep over Llama-3.1-8B's four linears on an H100 (--gemv, CUDA graphs): x read as quads
+    (qkv 9.4 -> 7.9 us, o 8.1 -> 6.3 with the prefetch); 1024-feature chunks and 8 rows a program, but on long rows
+    (K > 4096, down) 2048-feature chunks, 16 rows and 8 warps (16.9 -> 13.7 us with the prefetch); the next chunk
+    prefetched except on wide outputs (N >= 16384, gate_up: 24.9 us without it, 26.3 with), whose many programs
+    hide the loads' latency instead. ROW_MODES_ENV overrides the two modes. X_QUADS is asked for, not promised:
+    weight_only_gemv drops it where x does not allow it. int8: 512-feature chunks where they tile K, 8 rows, 4 warps, neither mode."""
+    long_rows = bits == 4 and k > 4096
     if block_k is None:
-        sizes = ((2048,) if bits == 4 and k > 4096 else ()) + (1024, 512, 256, 128)
+        sizes = ((2048,) if long_rows else ()) + (1024, 512, 256, 128)
         block_k = _block_k(k, 0, bits) if bits != 4 else next((size for size in sizes if k % size == 0), 128)
     assert k % block_k == 0, (k, block_k)
-    return block_k, block_n or (16 if bits == 4 and n >= 16384 else 8), num_warps, x_quads, prefetch
+    modes = row_modes() if bits == 4 else (False, False)
+    default_quads, default_prefetch = modes if modes is not None else (True, n < 16384)
+    return (block_k, block_n or (16 if long_rows else 8), num_warps or (8 if long_rows else 4),
+            default_quads if x_quads is None else x_quads, default_prefetch if prefetch is None else prefetch)
 
 
 def quads_allowed(x: torch.Tensor, bits: int) -> bool:

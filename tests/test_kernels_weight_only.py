@@ -12,8 +12,8 @@ from llmapi.quantization.weight_only import WeightOnlyLinear
 triton = pytest.importorskip("triton")
 
 from llmapi._kernels.weight_only_dequant import dequantize_weight  # noqa: E402
-from llmapi._kernels.weight_only_gemv import (ROW_MODES_ENV, gemv_supported, quads_allowed, row_modes,  # noqa: E402
-                                              weight_only_gemv)
+from llmapi._kernels.weight_only_gemv import (ROW_MODES_ENV, _row_config, gemv_supported, quads_allowed,  # noqa: E402
+                                              row_modes, weight_only_gemv)
 from llmapi._kernels.weight_only_matmul import matmul_preferred, matmul_supported, weight_only_matmul  # noqa: E402
 
 interpreted = pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU the kernel runs compiled: pytest -m gpu")
@@ -89,12 +89,19 @@ def test_weight_only_gemv_row_modes_gpu(case, tune):
 
 def test_row_modes_from_the_environment(monkeypatch):
     monkeypatch.delenv(ROW_MODES_ENV, raising=False)
-    assert row_modes() == (False, False)
+    assert row_modes() is None  # the defaults: quads on, the prefetch on all but wide outputs
+    assert _row_config(4096, 6144, 4)[3:] == (True, True) and _row_config(4096, 28672, 4)[3:] == (True, False)
+    assert _row_config(14336, 4096, 4) == (2048, 16, 8, True, True)
+    assert _row_config(4096, 6144, 8)[3:] == (False, False)  # int8: neither
     monkeypatch.setenv(ROW_MODES_ENV, "prefetch, quads")
     assert row_modes() == (True, True)
-    monkeypatch.setenv(ROW_MODES_ENV, "quads,prefech")
-    with pytest.raises(ValueError, match="'prefech' is not among quads, prefetch"):
-        row_modes()
+    monkeypatch.setenv(ROW_MODES_ENV, "none")
+    assert row_modes() == (False, False) and _row_config(4096, 6144, 4)[3:] == (False, False)
+    assert _row_config(4096, 6144, 4, x_quads=True)[3:] == (True, False)  # an argument beats the environment
+    for bad, named in (("quads,prefech", "'prefech' is not"), ("none,quads", "'none' is not")):
+        monkeypatch.setenv(ROW_MODES_ENV, bad)
+        with pytest.raises(ValueError, match=named):
+            row_modes()
 
 
 def test_quads_allowed_needs_bfloat16_int4_and_8_byte_alignment():
