@@ -292,7 +292,8 @@ def _row_config(k: int, n: int, bits: int, block_k: int | None = None, block_n: 
     (K > 4096, down) 2048-feature chunks, 16 rows and 8 warps (16.9 -> 13.7 us with the prefetch); the next chunk
     prefetched except on wide outputs (N >= 16384, gate_up: 24.9 us without it, 26.3 with), whose many programs
     hide the loads' latency instead. ROW_MODES_ENV overrides the two modes. X_QUADS is asked for, not promised:
-    weight_only_gemv drops it where x does not allow it. int8: 512-feature chunks where they tile K, 8 rows, 4 warps, neither mode."""
+    weight_only_gemv drops it where x does not allow it. int8: 512-feature chunks where they tile K, 8 rows, 4
+    warps, neither mode."""
     long_rows = bits == 4 and k > 4096
     if block_k is None:
         sizes = ((2048,) if long_rows else ()) + (1024, 512, 256, 128)
