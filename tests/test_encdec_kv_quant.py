@@ -127,16 +127,38 @@ def _kv_projections(hf):
     return out
 
 
-def _fake_quant(x: torch.Tensor, scale: float, algo: str) -> torch.Tensor:
-    """What a cached value reads back as: codes x * (1 / scale) (float32 reciprocal), int8 rounded half to even and
-    clamped to +-127, or E4M3 (clamped to +-448 first), times the scale."""
-    inv = 1.0 / torch.tensor(scale, dtype=torch.float32)
-    y = x.float() * inv
+def _codes(y: torch.Tensor, algo: str) -> torch.Tensor:
+    """The cache's codes of y (values in units of the scale), as float32: int8 rounded half to even and clamped to
+    +-127, or E4M3 (clamped to +-448 first)."""
     if algo == "INT8":
-        codes = torch.round(y).clamp(-127, 127)
-    else:
-        codes = y.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+        return torch.round(y).clamp(-127, 127)
+    return y.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+
+
+def _fake_quant(x: torch.Tensor, scale: float, algo: str, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """What a cached value reads back as: the codes of x * (1 / scale) (float32 reciprocal) times the scale; where
+    `flip` is set, the code on the other side of the rounding boundary instead (see _near_ties)."""
+    y = x.float() * (1.0 / torch.tensor(scale, dtype=torch.float32))
+    codes = _codes(y, algo)
+    if flip is not None:
+        codes = torch.where(flip, _codes(2 * y - codes, algo), codes)
     return (codes * torch.tensor(scale, dtype=torch.float32)).to(x.dtype)
+
+
+TIE = 2e-4
+"""A K/V value this close to a rounding boundary (a fraction of the step between the two codes beside it) may round
+either way in the engine: its K/V and transformers' differ by float32 reordering (a code of 100 moves by ~1e-4 at
+a relative 1e-6), and one int8 code flipped moves a tiny model's logprobs by ~1e-3."""
+MAX_TIES = 10
+
+
+def _near_ties(x: torch.Tensor, scale: float, algo: str) -> torch.Tensor:
+    """Where x * (1 / scale) lies within TIE of the midpoint between its code and the code on the other side."""
+    y = x.float() * (1.0 / torch.tensor(scale, dtype=torch.float32))
+    codes = _codes(y, algo)
+    other = _codes(2 * y - codes, algo)
+    step = (other - codes).abs()
+    return (step > 0) & ((y - (codes + other) / 2).abs() < TIE * step)
 
 
 def _noise(x: torch.Tensor, scale: float, algo: str, g: torch.Generator) -> torch.Tensor:
@@ -168,6 +190,42 @@ def _hf_logprobs(hf, requests, tokens, start, change=None) -> list[torch.Tensor]
         for handle in handles:
             handle.remove()
     return out
+
+
+def _tie_resolved_error(hf, request, toks, start, scales, algo, ours: torch.Tensor, enough: float) -> float:
+    """The largest |logprob difference| over one request's tokens between `ours` and transformers' with every
+    decoder K/V fake-quantized with the engine's scales: the smallest over the ways of rounding the values that lie
+    within TIE of a rounding boundary (_near_ties), each either way, when the plain rounding alone is not under
+    `enough`. A wrong scale moves every value, so no choice of those few comes close."""
+    ties = []
+
+    def find(layer, kind, which, out):
+        scale = scales[layer, kind][0 if which == "k" else 1]
+        ties.append(_near_ties(out, scale, algo))
+        return _fake_quant(out, scale, algo)
+
+    best = float((_hf_logprobs(hf, [request], [toks], start, find)[0] - ours).abs().max())
+    spots = [(call, int(i)) for call, mask in enumerate(ties) for i in mask.flatten().nonzero()[:, 0]]
+    if best < enough or not spots:
+        return best
+    assert len(spots) <= MAX_TIES, f"{len(spots)} K/V values within {TIE} of a rounding boundary"
+    for choice in range(1, 2 ** len(spots)):
+        chosen = [spot for b, spot in enumerate(spots) if choice >> b & 1]
+        calls = iter(range(len(ties)))
+
+        def flipped(layer, kind, which, out):
+            call = next(calls)
+            flip = torch.zeros(out.numel(), dtype=torch.bool)
+            flip[[i for c, i in chosen if c == call]] = True
+            return _fake_quant(out, scales[layer, kind][0 if which == "k" else 1], algo, flip.view(out.shape))
+
+        best = min(best, float((_hf_logprobs(hf, [request], [toks], start, flipped)[0] - ours).abs().max()))
+    return best
+
+
+def _chosen(logprobs, tokens) -> list[torch.Tensor]:
+    """Each request's logprobs of its generated tokens (from the runs' top-2 dictionaries)."""
+    return [torch.tensor([step[t] for step, t in zip(steps, toks)]) for steps, toks in zip(logprobs, tokens)]
 
 
 def _engine_scales(engine, num_layers) -> dict:
@@ -238,18 +296,22 @@ def test_logprobs_equal_transformers_with_quantized_kv(saved, runs, name, algo):
     """Greedy logprobs through the quantized caches (prefill, then decode steps reading both caches) equal
     transformers' teacher-forced logprobs of the same tokens when every decoder K/V it computes is replaced by what
     its cache would read back with the engine's scales: the codes are written and read with the right scale in
-    every layer, self and cross. Without the quantization the difference is far larger (the check can fail)."""
+    every layer, self and cross, within the float32 reordering the float cache shows against transformers' plain
+    model (or 2e-5). Without the quantization the difference is far larger (the check can fail)."""
     path, hf, _ = saved[name]
     tokens, logprobs, engine, _, config = runs(name, algo)
+    f_tokens, f_logprobs, *_ = runs(name, None)
     scales = _engine_scales(engine, config["num_hidden_layers"])
     requests, start = _requests(hf), hf.config.decoder_start_token_id
-    ours = [torch.tensor([step[t] for step, t in zip(steps, toks)]) for steps, toks in zip(logprobs, tokens)]
-    quantized = _hf_logprobs(hf, requests, tokens, start, lambda layer, kind, which, out: _fake_quant(
-        out, scales[layer, kind][0 if which == "k" else 1], algo))
+    ours = _chosen(logprobs, tokens)
     plain = _hf_logprobs(hf, requests, tokens, start)
-    err = max(float((a - b).abs().max()) for a, b in zip(ours, quantized))
+    reordering = max(float((a - b).abs().max())
+                     for a, b in zip(_chosen(f_logprobs, f_tokens), _hf_logprobs(hf, requests, f_tokens, start)))
+    bound = max(2e-5, reordering)
+    err = max(_tie_resolved_error(hf, request, toks, start, scales, algo, mine, bound)
+              for request, toks, mine in zip(requests, tokens, ours))
     err_float = max(float((a - b).abs().max()) for a, b in zip(ours, plain))
-    assert err < 2e-5, err  # float32 reordering only (measured <= 2.3e-6)
+    assert err < bound, (err, reordering)  # measured: 2e-7 to 2.2e-5, the float cache's to 1.4e-4
     assert err_float > 10 * err, (err, err_float)
 
 
