@@ -127,21 +127,23 @@ def _kv_projections(hf):
     return out
 
 
-def _codes(y: torch.Tensor, algo: str) -> torch.Tensor:
-    """The cache's codes of y (values in units of the scale), as float32: int8 rounded half to even and clamped to
-    +-127, or E4M3 (clamped to +-448 first)."""
-    if algo == "INT8":
-        return torch.round(y).clamp(-127, 127)
-    return y.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+def _codes(x: torch.Tensor, scale: float, algo: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = x * (1 / scale) (float32 reciprocal), the cache's codes of y as float32 (int8 rounded half to even and
+    clamped to +-127, or E4M3 clamped to +-448 first), and the code on the other side of y's rounding boundary."""
+    def code(v):
+        return torch.round(v).clamp(-127, 127) if algo == "INT8" else v.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+
+    y = x.float() * (1.0 / torch.tensor(scale, dtype=torch.float32))
+    codes = code(y)
+    return y, codes, code(2 * y - codes)
 
 
 def _fake_quant(x: torch.Tensor, scale: float, algo: str, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """What a cached value reads back as: the codes of x * (1 / scale) (float32 reciprocal) times the scale; where
-    `flip` is set, the code on the other side of the rounding boundary instead (see _near_ties)."""
-    y = x.float() * (1.0 / torch.tensor(scale, dtype=torch.float32))
-    codes = _codes(y, algo)
+    """What a cached value reads back as: its code times the scale; where `flip` is set, the code on the other side
+    of the rounding boundary instead (see _near_ties)."""
+    _, codes, other = _codes(x, scale, algo)
     if flip is not None:
-        codes = torch.where(flip, _codes(2 * y - codes, algo), codes)
+        codes = torch.where(flip, other, codes)
     return (codes * torch.tensor(scale, dtype=torch.float32)).to(x.dtype)
 
 
@@ -154,9 +156,7 @@ MAX_TIES = 10
 
 def _near_ties(x: torch.Tensor, scale: float, algo: str) -> torch.Tensor:
     """Where x * (1 / scale) lies within TIE of the midpoint between its code and the code on the other side."""
-    y = x.float() * (1.0 / torch.tensor(scale, dtype=torch.float32))
-    codes = _codes(y, algo)
-    other = _codes(2 * y - codes, algo)
+    y, codes, other = _codes(x, scale, algo)
     step = (other - codes).abs()
     return (step > 0) & ((y - (codes + other) / 2).abs() < TIE * step)
 
