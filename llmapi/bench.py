@@ -562,12 +562,20 @@ def capacity_policy(a) -> str:
     return "max_utilization" if a.grid is None else "guaranteed_no_evict"
 
 
+def kv_cache_fraction(a) -> float:
+    """--kv-cache-free-gpu-memory-fraction, else LLM's default (0.9), or with --grid TensorRT-LLM's benchmark
+    setting (0.95): the fraction of what is free once the weights are loaded and the largest step has run."""
+    if a.kv_cache_free_gpu_memory_fraction is not None:
+        return a.kv_cache_free_gpu_memory_fraction
+    return 0.9 if a.grid is None else 0.95
+
+
 def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
     """LLM() arguments from the bench's options (dtype, quantization, batch and token limits, KV cache share,
     parallelism, scheduling) for sequences of up to `seq_len` tokens; `text`: prompts need the tokenizer."""
     return dict(dtype=a.dtype, load_format=a.load_format, device=a.device, skip_tokenizer_init=not text,
                 tokenizer=a.tokenizer, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens,
-                kv_cache_config={"free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction,
+                kv_cache_config={"free_gpu_memory_fraction": kv_cache_fraction(a),
                                  "use_fp8_context_fmha": a.use_fp8_context_fmha},
                 max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
@@ -827,7 +835,10 @@ def add_arguments(p) -> None:
     p.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=2048)
     p.add_argument("--max-num-tokens", type=int, default=8192)
-    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None,
+                   help="the KV cache's share of the GPU memory free once the weights are loaded and the largest "
+                   "step has run (KvCacheConfig(free_gpu_memory_fraction=...)); default 0.9, with --grid 0.95 "
+                   "(TensorRT-LLM's benchmarks)")
     p.add_argument("--use-fp8-context-fmha", action="store_true",
                    help="with --kv-cache-dtype fp8: prefill attention on E4M3 operands (LLM(kv_cache_config="
                    "KvCacheConfig(use_fp8_context_fmha=True)), TensorRT-LLM's FP8 context FMHA)")

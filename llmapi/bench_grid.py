@@ -250,7 +250,8 @@ def check_grid_args(a) -> None:
 def run_grid(a) -> int:
     """--grid: every selected row through one LLM built for the longest of them; the table; --json after each
     row (a run cut short keeps the rows done)."""
-    from .bench import _is_encoder_decoder, _start_llm, kv_blocks, offline_llm_kwargs, resolve_bench_model
+    from .bench import (_is_encoder_decoder, _start_llm, kv_blocks, kv_cache_fraction, offline_llm_kwargs,
+                        resolve_bench_model)
 
     rows = select_rows(a.grid, a.grid_rows)
     scale = check_scale(a.grid_requests_scale if a.grid_requests_scale is not None else 1.0)
@@ -266,7 +267,7 @@ def run_grid(a) -> int:
                "reference_device": reference, "model": a.model, "dtype": llm.engine_info.config["dtype"],
                "quant": a.quant, "kv_cache_dtype": a.kv_cache_dtype, "max_seq_len": seq_len,
                "max_batch_size": a.max_batch_size, "max_num_tokens": a.max_num_tokens,
-               "kv_cache_free_gpu_memory_fraction": a.kv_cache_free_gpu_memory_fraction,
+               "kv_cache_free_gpu_memory_fraction": kv_cache_fraction(a),
                "use_fp8_context_fmha": a.use_fp8_context_fmha, "attn_backend": a.attn_backend,
                "cuda_graph_batch_sizes": a.cuda_graph_batch_sizes,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
@@ -276,7 +277,7 @@ def run_grid(a) -> int:
                "rows": []}
     print(f"grid {a.grid}: {GRID_SOURCE}; device {results['device']}, TensorRT-LLM's figures for "
           f"{reference or 'it: none (H100 and H200 SXM only)'}; max_seq_len {seq_len}, {results['kv_blocks']} KV "
-          f"blocks, attention {a.attn_backend}{' + FP8 context FMHA' if a.use_fp8_context_fmha else ''}, "
+          f"blocks (fraction {results['kv_cache_free_gpu_memory_fraction']}), attention {a.attn_backend}{' + FP8 context FMHA' if a.use_fp8_context_fmha else ''}, "
           f"{a.capacity_scheduler_policy}, startup {startup:.1f} s", flush=True)
     no_evict = a.capacity_scheduler_policy == "guaranteed_no_evict"
     for i, row in enumerate(rows):

@@ -77,7 +77,11 @@ class KvCacheConfig:
     """How much memory the paged KV cache gets, and whether its blocks are reused across requests."""
 
     free_gpu_memory_fraction: float = 0.9
-    """On GPU: the fraction of the memory free after loading weights that the KV cache takes."""
+    """On GPU: the fraction that the KV cache takes of the memory free once the weights are loaded and a profile
+    step has run, as TensorRT-LLM sizes it: the largest step the scheduler can form (max_num_tokens tokens over up
+    to max_batch_size requests, each row's logits and a top-k / top-p draw) runs first, and its peak stays free for
+    the steps. The rest (1 - the fraction) holds the decode CUDA graphs and the allocator's slack: TensorRT-LLM's
+    benchmarks run 0.95. Encoder-decoder models take the fraction of what is free after the weights."""
     max_tokens: Optional[int] = None
     """Cap on the KV cache size in tokens. On CPU it sizes the cache (default 32768 tokens,
     at most a quarter of the available RAM)."""

@@ -155,13 +155,15 @@ class LLM:
                                                        args.tokens_per_block, load_format=load_format,
                                                        max_batch_size=args.max_batch_size, speculative=speculative,
                                                        adapters=adapters, attn_backend=args.attn_backend,
-                                                       cuda_graph_batch_sizes=args.cuda_graph_batch_sizes)
+                                                       cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
+                                                       max_num_tokens=args.max_num_tokens)
                 else:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
                                 kv_cache_config=dataclasses.asdict(args.kv_cache_config),
                                 tokens_per_block=args.tokens_per_block, load_format=load_format,
                                 max_batch_size=args.max_batch_size,  # the decode graphs' largest batch
+                                max_num_tokens=args.max_num_tokens,  # the profile step's (the cache's sizing)
                                 adapters=adapters, attn_backend=args.attn_backend,
                                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
                                 speculative=None if speculative is None else speculative.to_dict())

@@ -139,11 +139,23 @@ def test_grid_runs_guaranteed_no_evict_by_default(long_llama_dir, tmp_path):
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["capacity_scheduler_policy"] == "guaranteed_no_evict"
+    assert result["kv_cache_free_gpu_memory_fraction"] == 0.95
     held = result["kv_blocks"] // math.ceil((2048 + 128) / 32)
     (r,) = result["rows"]
     assert 0 < held < 1536 // 3 and r["requests"] == math.ceil(0.5 * 3 * held)
     assert r["max_in_flight"] <= held and r["preemptions"] == 0
     assert r["output_tokens"] == r["requests"] * 128
+
+
+@pytest.mark.parametrize("grid,given,fraction", [(None, None, 0.9), ("trtllm", None, 0.95), ("trtllm", 0.8, 0.8),
+                                                   (None, 0.97, 0.97)])
+def test_kv_cache_fraction_defaults_to_trtllm_benchmarks_on_the_grid(grid, given, fraction):
+    # The grid's cache takes TensorRT-LLM's benchmark share (0.95), the rest LLM's default (0.9); a given one wins.
+    from types import SimpleNamespace
+
+    from llmapi.bench import kv_cache_fraction
+
+    assert kv_cache_fraction(SimpleNamespace(grid=grid, kv_cache_free_gpu_memory_fraction=given)) == fraction
 
 
 @pytest.mark.parametrize("quant,kv,like", [

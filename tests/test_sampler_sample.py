@@ -240,3 +240,38 @@ def test_cuda_matches_cpu():
     cpu = sample(**args)
     gpu = sample(**{k: v.cuda() for k, v in args.items()})
     assert torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.parametrize("filters", ["none", "top_k_top_p", "min_p"])
+def test_chunked_draw_gives_each_row_its_own_token(monkeypatch, filters):
+    # A large batch is drawn in chunks of rows (bounded temporaries); each row's token must be what the whole batch
+    # drawn at once gives it, with greedy rows, suppressed ids and per-row settings mixed in.
+    import llmapi.runtime.sampler as sampler
+
+    g = torch.Generator().manual_seed(11)
+    rows, vocab = 37, 301
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    temperature = torch.rand(rows, generator=g) + 0.3
+    temperature[::5] = 0.0  # greedy rows
+    top_k = torch.randint(0, 40, (rows,), generator=g) if filters == "top_k_top_p" else 0
+    top_p = torch.rand(rows, generator=g) * 0.6 + 0.4 if filters == "top_k_top_p" else 1.0
+    suppress = [[int(logits[r].argmax()), r % vocab] if r % 3 == 0 else [] for r in range(rows)]
+    kwargs = _batch(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seeds=torch.arange(rows) * 7919, output_index=torch.arange(rows) % 4, suppress=suppress)
+    if filters == "min_p":
+        kwargs["min_p"] = torch.rand(rows, generator=g) * 0.2
+    any_filter = filters == "top_k_top_p"
+    whole = sample(**{**kwargs, "logits": logits.clone()}, any_top_k_top_p=any_filter)
+    for chunk_rows in (1, 4, 16):
+        monkeypatch.setattr(sampler, "SAMPLE_CHUNK_LOGITS", chunk_rows * vocab)
+        chunked = sample(**{**kwargs, "logits": logits.clone()}, any_top_k_top_p=any_filter)
+        assert torch.equal(chunked, whole), chunk_rows
+    for r, ids in enumerate(suppress):
+        assert int(whole[r]) not in ids
+    greedy = temperature < 1e-5
+    assert torch.equal(whole[greedy], logits.masked_fill(
+        torch.zeros_like(logits, dtype=torch.bool).index_put_(
+            (torch.tensor([r for r, ids in enumerate(suppress) for _ in ids], dtype=torch.long),
+             torch.tensor([i for ids in suppress for i in ids], dtype=torch.long)), torch.tensor(True)),
+        float("-inf")).argmax(-1)[greedy])
+    assert not torch.equal(whole[~greedy], logits.argmax(-1)[~greedy])  # rows were drawn, not all argmax

@@ -131,7 +131,9 @@ class RankWorker:
                                       comm=GroupComm(session.tp_group, mapping.tp_size),
                                       speculative=None if drafter and not self.samples else self.speculative,
                                       adapters=init.get("adapters"), attn_backend=init.get("attn_backend", "triton"),
-                                      cuda_graph_batch_sizes=init.get("cuda_graph_batch_sizes"))
+                                      cuda_graph_batch_sizes=init.get("cuda_graph_batch_sizes"),
+                                      max_batch_size=int(init.get("max_batch_size") or 1024),
+                                      max_num_tokens=int(init.get("max_num_tokens") or 0))
         except Exception as e:  # e.g. its file fails its checksum: every rank must learn it, or they hang
             error = e
         _agree_loaded(session, error)

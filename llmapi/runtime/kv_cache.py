@@ -32,17 +32,24 @@ def _available_ram() -> int:
 
 def num_kv_blocks(engine_config: dict, cfg: KvCacheConfig, device: torch.device, dtype: torch.dtype,
                   tokens_per_block: int, num_layers: int, num_kv_heads: int | None = None,
-                  extra_bytes_per_token: int = 0) -> int:
+                  extra_bytes_per_token: int = 0, step_peak_bytes: int = 0) -> int:
     """Blocks the cache gets: a fraction of free GPU memory, or a token count / byte size on CPU.
 
-    extra_bytes_per_token: what else each cached token holds (a speculative drafter's KV, the target's hidden
-    states for an EAGLE head), in the same blocks."""
+    On a GPU the fraction is of the memory free once the weights are loaded and the largest step has run, as
+    TensorRT-LLM sizes it: `step_peak_bytes` is what that step took at its peak beyond the weights (the runner's
+    profile step), so a step never finds the cache in its way, even at a fraction of 1. extra_bytes_per_token: what
+    else each cached token holds (a speculative drafter's KV, the target's hidden states for an EAGLE head), in the
+    same blocks."""
     per_block = (bytes_per_token(engine_config, dtype, num_layers, num_kv_heads) + extra_bytes_per_token) \
         * tokens_per_block
     per_token = per_block // tokens_per_block
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * cfg.free_gpu_memory_fraction)
+        if step_peak_bytes >= free:
+            raise LLMAPIError(f"the KV cache gets no memory: the largest step takes {step_peak_bytes / 2**30:.2f} "
+                              f"GiB at its peak and {free / 2**30:.2f} GiB are free once the weights are loaded; "
+                              "lower max_num_tokens or max_batch_size")
+        budget = int((free - step_peak_bytes) * cfg.free_gpu_memory_fraction)
     elif cfg.max_tokens is None:
         budget = min(CPU_DEFAULT_TOKENS * per_token, _available_ram() // 4)
     else:

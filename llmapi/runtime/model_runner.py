@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -55,6 +56,22 @@ class StepStats:
         return dict(vars(self))
 
 
+def profile_query_lens(num_tokens: int, num_rows: int, max_len: int) -> np.ndarray:
+    """The query lengths [R] of the largest step the scheduler can form: `num_tokens` tokens (max_num_tokens, and
+    never more than `num_rows` requests of `max_len` hold) over `num_rows` requests (max_batch_size, and never more
+    than the tokens): single tokens first, as decode rows come, then the fewest prompts of at most `max_len`
+    tokens (the model's positions) that take the rest, evenly."""
+    num_rows = max(1, min(num_rows, num_tokens))
+    num_tokens = min(num_tokens, num_rows * max_len)
+    prompts = 1
+    while num_rows - prompts + prompts * max_len < num_tokens:
+        prompts += 1
+    decodes = num_rows - prompts
+    rest = num_tokens - decodes
+    lens = [rest // prompts + (i < rest % prompts) for i in range(prompts)]
+    return np.array([1] * decodes + lens, np.int32)
+
+
 class ModelRunner:
     """The executor calls `submit(batch)` then `collect(handle)` from its loop thread.
 
@@ -79,7 +96,8 @@ class ModelRunner:
                  kv_cache_config: KvCacheConfig, tokens_per_block: int, load_format: str = "auto",
                  max_batch_size: int = 1024, cuda_graphs: bool = True,
                  mapping: Optional[Mapping] = None, comm=None, speculative=None, adapters: Optional[dict] = None,
-                 attn_backend: str = "triton", cuda_graph_batch_sizes: Optional[Sequence[int]] = None):
+                 attn_backend: str = "triton", cuda_graph_batch_sizes: Optional[Sequence[int]] = None,
+                 max_num_tokens: int = 0):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -121,17 +139,23 @@ class ModelRunner:
         logger.info("weights loaded in %.2f s", time.perf_counter() - started)
         self.layers = self.mapping.stage_layers(engine_config["num_hidden_layers"])
         self.kv_heads = local_kv_heads(engine_config["num_key_value_heads"], self.mapping.tp_size)
-        self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.kv_dtype,
-                                        tokens_per_block, len(self.layers), self.kv_heads,
-                                        extra_bytes_per_token=0 if self.spec is None else
-                                        self.spec.extra_bytes_per_token)
         self.kv_caches: List[torch.Tensor] = []
-        self.allocate_kv_caches(self.num_blocks)
         self.encoder_decoder = bool(engine_config.get("is_encoder_decoder"))
         # Encoder-decoder decode graphs hold each row's cross blocks, up to the longest encoder input's.
         self.max_cross_blocks = -(-int(engine_config.get("max_encoder_input_len") or 1024) // tokens_per_block) \
             if self.encoder_decoder else 0
         self.stager = InputStager(device, tokens_per_block, encoder_decoder=self.encoder_decoder)
+        # On a GPU the cache gets its fraction of what is free after the largest step (KvCacheConfig); an
+        # encoder-decoder step (its encoder inputs and cross blocks) is not profiled: its cache gets the fraction
+        # of what is free after the weights.
+        self.step_peak_bytes = 0
+        if device.type == "cuda" and max_num_tokens > 0 and not self.encoder_decoder:
+            self.step_peak_bytes = self._profile_step(max_num_tokens, max_batch_size)
+        self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.kv_dtype,
+                                        tokens_per_block, len(self.layers), self.kv_heads,
+                                        extra_bytes_per_token=0 if self.spec is None else
+                                        self.spec.extra_bytes_per_token, step_peak_bytes=self.step_peak_bytes)
+        self.allocate_kv_caches(self.num_blocks)
         self.state = RequestState(engine_config["vocab_size"], device)
         self.logits_processors: Dict[int, Callable] = {}
         self.records = LogitsRecords()
@@ -182,6 +206,62 @@ class ModelRunner:
                 self.spec.capture_graphs(self.model, self.kv_caches, self.tokens_per_block, max_batch_size,
                                          max_blocks)
         logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
+
+    @torch.inference_mode()
+    def _profile_step(self, num_tokens: int, num_rows: int) -> int:
+        """Before the cache is allocated: run the largest step the scheduler can form (profile_query_lens) on a
+        cache of just its blocks, and return the device memory it took at its peak beyond what it leaves allocated
+        (bytes; CUDA's allocator counts them, 0 elsewhere). On the last pipeline stage the step ends in every row's
+        float32 logits and a top-k / top-p draw, the costliest sampling. With several ranks every rank of a stage
+        calls it at once (the collectives); a stage after the first takes zeros for its input."""
+        cfg = self.config
+        query_lens = profile_query_lens(num_tokens, num_rows, int(cfg["max_position_embeddings"]))
+        num_tokens, num_rows = int(query_lens.sum()), len(query_lens)
+        tpb = self.tokens_per_block
+        blocks = -(-query_lens // tpb)  # [R]
+        width = int(blocks.max())
+        tables = np.zeros((num_rows, width), np.int32)
+        starts = np.concatenate([[0], np.cumsum(blocks)])
+        for r in range(num_rows):
+            tables[r, :blocks[r]] = np.arange(starts[r], starts[r + 1])
+        positions = np.concatenate([np.arange(q) for q in query_lens]).astype(np.int32)
+        rows = np.repeat(np.arange(num_rows), query_lens)
+        slots = (tables[rows, positions // tpb].astype(np.int64) * tpb + positions % tpb)
+        batch = SimpleNamespace(
+            num_tokens=num_tokens, num_requests=num_rows, input_ids=(np.arange(num_tokens) % cfg["vocab_size"])
+            .astype(np.int32), positions=positions, slot_mapping=slots, query_lens=query_lens,
+            context_lens=query_lens.copy(), block_tables=tables, prev_rows=np.full(num_tokens, -1, np.int32),
+            seeds=np.arange(num_rows, dtype=np.int64), top_k=np.full(num_rows, 50, np.int32),
+            output_index=np.zeros(num_rows, np.int32), suppress_offsets=np.zeros(num_rows + 1, np.int32),
+            suppress_ids=np.zeros(0, np.int32), temperature=np.ones(num_rows, np.float32),
+            top_p=np.full(num_rows, 0.9, np.float32))
+        cuda = self.device.type == "cuda"
+        self.allocate_kv_caches(int(starts[-1]))
+        try:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            inputs = self.stager.stage(batch)
+            m = self.mapping
+            hidden = None if m.is_first_stage else \
+                torch.zeros(num_tokens, cfg["hidden_size"], dtype=self.dtype, device=self.device)
+            hidden = self.forward(inputs, hidden)
+            if m.is_last_stage:
+                self.sample(inputs, self.logits(inputs, hidden))
+            del inputs, hidden
+            if not cuda:
+                return 0
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        finally:
+            self.kv_caches = []
+            if self.spec is not None:
+                self.spec.allocate(0)
+            if cuda:
+                torch.cuda.empty_cache()
+        logger.info("profile step: %d tokens over %d requests took %.2f GiB at its peak", num_tokens, num_rows,
+                    peak / 2**30)
+        return int(peak)
 
     def allocate_kv_caches(self, num_blocks: int) -> None:
         """(Re)allocate the cache of this rank's layers with `num_blocks` blocks (ranks agree on the smallest)."""

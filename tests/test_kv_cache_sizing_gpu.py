@@ -1,0 +1,53 @@
+"""On a GPU the KV cache leaves the largest step its peak: near a fraction of 1 no step runs out of memory."""
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+FRACTION = 0.997
+ROWS = 2048  # max_batch_size: one step draws 2,048 rows of a 32K vocabulary with top-k and top-p
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_dir(tmp_path_factory):
+    from tiny_models import make_tiny_llama
+
+    path = tmp_path_factory.mktemp("wide-vocab-llama")
+    make_tiny_llama(path, vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, std=0.08)
+    return path
+
+
+def _run(path, fraction):
+    """(the profile step's peak, the cache's bytes, the memory free when the cache was sized), and every request's
+    tokens: 2,048 sampled rows in one step, then four prompts of 2,047 tokens in one 8,188-token step."""
+    from llmapi import LLM, SamplingParams
+    from llmapi.config import KvCacheConfig
+
+    short = [[(7 * i + j) % 31999 + 1 for j in range(4)] for i in range(ROWS)]
+    long = [[(13 * i + j) % 31999 + 1 for j in range(2047)] for i in range(4)]
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_p=0.9, top_k=100, seed=i, ignore_eos=True,
+                             detokenize=False) for i in range(ROWS + 4)]
+    with LLM(str(path), dtype="bfloat16", device="cuda", skip_tokenizer_init=True, max_num_tokens=8192,
+             max_batch_size=ROWS, cuda_graph_batch_sizes=[1, 2, 4, 8],
+             kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=fraction, enable_block_reuse=False)) as llm:
+        runner = llm._runner
+        cache = sum(c.numel() * c.element_size() for c in runner.kv_caches)
+        outs = llm.generate(short, params[:ROWS], use_tqdm=False) + \
+            llm.generate(long, params[ROWS:], use_tqdm=False)
+    return (runner.step_peak_bytes, cache), [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_near_a_fraction_of_one_the_largest_steps_still_run(wide_vocab_dir):
+    (peak, cache), tokens = _run(wide_vocab_dir, FRACTION)
+    # What the cache leaves free: (free - peak) * (1 - FRACTION) + peak. Sized by free memory alone (the rule
+    # before the profile step) it would have left (1 - FRACTION) * free, less than the step's peak: these steps
+    # would have run out of memory.
+    free = peak + cache / FRACTION
+    assert peak > (1 - FRACTION) * free, (peak, free)
+    assert all(len(t) == 3 for t in tokens)
+    # The same seeded requests through a cache at the default fraction: the same tokens (a seeded request draws the
+    # same tokens in any batch; the cache's size changes neither).
+    (_, default_cache), reference = _run(wide_vocab_dir, 0.9)
+    assert default_cache < cache
+    assert tokens == reference
