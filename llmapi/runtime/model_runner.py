@@ -212,7 +212,9 @@ class ModelRunner:
         """Before the cache is allocated: run the largest step the scheduler can form (profile_query_lens) on a
         cache of just its blocks, and return the device memory it took at its peak beyond what it leaves allocated
         (bytes; CUDA's allocator counts them, 0 elsewhere). On the last pipeline stage the step ends in every row's
-        float32 logits and a top-k / top-p draw, the costliest sampling. With several ranks every rank of a stage
+        float32 logits (with speculative decoding every token's, as a verify step has) and a top-k / top-p draw of
+        each, the costliest sampling. Not in it: prompt logprobs and context logits, which take the logits of
+        every prompt position of the requests that ask. With several ranks every rank of a stage
         calls it at once (the collectives); a stage after the first takes zeros for its input."""
         cfg = self.config
         query_lens = profile_query_lens(num_tokens, num_rows, int(cfg["max_position_embeddings"]))
@@ -247,7 +249,16 @@ class ModelRunner:
                 torch.zeros(num_tokens, cfg["hidden_size"], dtype=self.dtype, device=self.device)
             hidden = self.forward(inputs, hidden)
             if m.is_last_stage:
-                self.sample(inputs, self.logits(inputs, hidden))
+                # A speculative verify step takes every token's logits (each row's 1 + k), others each row's last.
+                logits = self.model.compute_logits(hidden if self.spec is not None else hidden[inputs.last_rows],
+                                                   float32=True)  # [N, V]
+                n, dev = logits.shape[0], self.device
+                sample(logits, temperature=torch.ones(n, device=dev), top_k=torch.full((n,), 50, device=dev),
+                       top_p=torch.full((n,), 0.9, device=dev), seeds=torch.arange(n, device=dev),
+                       output_index=torch.zeros(n, dtype=torch.int32, device=dev),
+                       suppress_offsets=torch.zeros(n + 1, dtype=torch.int32, device=dev),
+                       suppress_ids=torch.zeros(0, dtype=torch.int32, device=dev))
+                del logits
             del inputs, hidden
             if not cuda:
                 return 0
