@@ -156,7 +156,8 @@ class LLM:
                                                        max_batch_size=args.max_batch_size, speculative=speculative,
                                                        adapters=adapters, attn_backend=args.attn_backend,
                                                        cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
-                                                       max_num_tokens=args.max_num_tokens)
+                                                       max_num_tokens=args.max_num_tokens,
+                                                       max_seq_len=self.max_seq_len)
                 else:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
@@ -164,6 +165,7 @@ class LLM:
                                 tokens_per_block=args.tokens_per_block, load_format=load_format,
                                 max_batch_size=args.max_batch_size,  # the decode graphs' largest batch
                                 max_num_tokens=args.max_num_tokens,  # the profile step's (the cache's sizing)
+                                max_seq_len=self.max_seq_len,
                                 adapters=adapters, attn_backend=args.attn_backend,
                                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
                                 speculative=None if speculative is None else speculative.to_dict())

@@ -70,18 +70,25 @@ def test_profile_step_runs_through_the_model_and_the_sampler(tiny_llama_dir):
              max_num_tokens=600, max_batch_size=16) as llm:
         runner = llm._runner
         cache = runner.kv_caches
-        calls = []
-        forward = runner.forward
+        calls, heads = [], []
+        forward, compute_logits = runner.forward, runner.model.compute_logits
         runner.forward = lambda inputs, hidden=None: calls.append(
             (int(inputs.input_ids.shape[0]), int(inputs.last_rows.shape[0]), int(inputs.positions.max()))) or \
             forward(inputs, hidden)
+        runner.model.compute_logits = lambda hidden, **kw: heads.append(int(hidden.shape[0])) or \
+            compute_logits(hidden, **kw)
         try:
             assert runner._profile_step(600, 16) == 0
+            assert runner._profile_step(600, 16, max_seq_len=100) == 0
+            runner._verify_logits = True  # speculative decoding: a verify step takes every token's logits
+            assert runner._profile_step(600, 16) == 0
         finally:
-            runner.forward = forward
-            runner.kv_caches = cache
-        # 600 tokens over 16 rows, 256 positions: 13 decode rows and three prompts of 196, 196 and 195 tokens.
-        assert calls == [(600, 16, 195)]
+            runner.forward, runner.model.compute_logits = forward, compute_logits
+            runner.kv_caches, runner._verify_logits = cache, False
+        # 600 tokens over 16 rows, 256 positions: 13 decode rows and three prompts of 196, 196 and 195 tokens; with
+        # prompts of at most 100 tokens (LLM(max_seq_len=100)): 10 decode rows and six prompts of 98 or 99.
+        assert calls == [(600, 16, 195), (600, 16, 98), (600, 16, 195)]
+        assert heads == [16, 16, 600]  # each row's logits, then every token's
         out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
                                                     detokenize=False), use_tqdm=False)[0].outputs[0].token_ids
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32)

@@ -97,7 +97,7 @@ class ModelRunner:
                  max_batch_size: int = 1024, cuda_graphs: bool = True,
                  mapping: Optional[Mapping] = None, comm=None, speculative=None, adapters: Optional[dict] = None,
                  attn_backend: str = "triton", cuda_graph_batch_sizes: Optional[Sequence[int]] = None,
-                 max_num_tokens: int = 0):
+                 max_num_tokens: int = 0, max_seq_len: int = 0, verify_logits: Optional[bool] = None):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -149,8 +149,11 @@ class ModelRunner:
         # encoder-decoder step (its encoder inputs and cross blocks) is not profiled: its cache gets the fraction
         # of what is free after the weights.
         self.step_peak_bytes = 0
+        # Whether steps verify drafts (every token's logits): the same on every rank of a stage, for the head's
+        # all-gather, also where only the sampling rank holds the drafter (`speculative` None on the others).
+        self._verify_logits = speculative is not None if verify_logits is None else verify_logits
         if device.type == "cuda" and max_num_tokens > 0 and not self.encoder_decoder:
-            self.step_peak_bytes = self._profile_step(max_num_tokens, max_batch_size)
+            self.step_peak_bytes = self._profile_step(max_num_tokens, max_batch_size, max_seq_len)
         self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.kv_dtype,
                                         tokens_per_block, len(self.layers), self.kv_heads,
                                         extra_bytes_per_token=0 if self.spec is None else
@@ -208,16 +211,19 @@ class ModelRunner:
         logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     @torch.inference_mode()
-    def _profile_step(self, num_tokens: int, num_rows: int) -> int:
-        """Before the cache is allocated: run the largest step the scheduler can form (profile_query_lens) on a
-        cache of just its blocks, and return the device memory it took at its peak beyond what it leaves allocated
-        (bytes; CUDA's allocator counts them, 0 elsewhere). On the last pipeline stage the step ends in every row's
-        float32 logits (with speculative decoding every token's, as a verify step has) and a top-k / top-p draw of
-        each, the costliest sampling. Not in it: prompt logprobs and context logits, which take the logits of
-        every prompt position of the requests that ask. With several ranks every rank of a stage
-        calls it at once (the collectives); a stage after the first takes zeros for its input."""
+    def _profile_step(self, num_tokens: int, num_rows: int, max_seq_len: int = 0) -> int:
+        """Before the cache is allocated: run the largest step the scheduler can form (profile_query_lens; prompts of
+        at most `max_seq_len` tokens, 0: the model's positions) on a cache of just its blocks, and return the device
+        memory it took at its peak beyond what it leaves allocated (bytes; CUDA's allocator counts them, 0 elsewhere).
+
+        On the last pipeline stage the step ends in every row's float32 logits (with speculative decoding every
+        token's, as a verify step has) and a top-k / top-p draw of each, the costliest sampling. Not in it: prompt
+        logprobs and context logits, which take the logits of every prompt position of the requests that ask. With
+        several ranks every rank of a stage calls it at once (the collectives); a stage after the first takes zeros
+        for its input."""
         cfg = self.config
-        query_lens = profile_query_lens(num_tokens, num_rows, int(cfg["max_position_embeddings"]))
+        positions = int(cfg["max_position_embeddings"])  # a prompt is never longer than the LLM's max_seq_len
+        query_lens = profile_query_lens(num_tokens, num_rows, min(max_seq_len, positions) if max_seq_len else positions)
         num_tokens, num_rows = int(query_lens.sum()), len(query_lens)
         tpb = self.tokens_per_block
         blocks = -(-query_lens // tpb)  # [R]
@@ -250,7 +256,7 @@ class ModelRunner:
             hidden = self.forward(inputs, hidden)
             if m.is_last_stage:
                 # A speculative verify step takes every token's logits (each row's 1 + k), others each row's last.
-                logits = self.model.compute_logits(hidden if self.spec is not None else hidden[inputs.last_rows],
+                logits = self.model.compute_logits(hidden if self._verify_logits else hidden[inputs.last_rows],
                                                    float32=True)  # [N, V]
                 n, dev = logits.shape[0], self.device
                 sample(logits, temperature=torch.ones(n, device=dev), top_k=torch.full((n,), 50, device=dev),
