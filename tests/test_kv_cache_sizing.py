@@ -94,3 +94,25 @@ def test_profile_step_runs_through_the_model_and_the_sampler(tiny_llama_dir):
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32)
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
     assert list(out) == ref
+
+
+def test_a_profile_step_out_of_memory_is_a_clear_error(tiny_llama_dir):
+    # Where the largest step does not fit beside the weights, LLM() fails with a typed error that names the limits
+    # to lower, not with the allocator's message from inside a layer.
+    from llmapi import LLM
+
+    with LLM(str(tiny_llama_dir), dtype="float32", device="cpu", skip_tokenizer_init=True) as llm:
+        runner = llm._runner
+        cache, forward = runner.kv_caches, runner.forward
+
+        def out_of_memory(inputs, hidden=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        runner.forward = out_of_memory
+        try:
+            with pytest.raises(LLMAPIError, match=r"the largest step \(300 tokens over 4 requests.*lower "
+                                                  r"max_num_tokens or max_batch_size") as raised:
+                runner._profile_step(300, 4)
+        finally:
+            runner.forward, runner.kv_caches = forward, cache
+        assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)

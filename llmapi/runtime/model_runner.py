@@ -17,6 +17,7 @@ from ..config import KvCacheConfig
 from ..distributed.mapping import Mapping, local_kv_heads
 from ..distributed.sharding import build_rank_model, load_rank_model
 from ..engine.format import rank_file
+from ..errors import LLMAPIError
 from ..layers.linear import one_token_gemv, use_triton_gemv
 from ..quantization.kv_cache import check_kv_cache_device, kv_cache_dtype
 from .decode import StepOutput, decode
@@ -270,6 +271,10 @@ class ModelRunner:
                 return 0
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        except torch.OutOfMemoryError as e:
+            raise LLMAPIError(f"the largest step ({num_tokens} tokens over {num_rows} requests, with their logits) "
+                              "does not fit in the GPU memory left after the weights: lower max_num_tokens or "
+                              "max_batch_size") from e
         finally:
             self.kv_caches = []
             if self.spec is not None:
