@@ -48,8 +48,9 @@ class GridRow:
 # Request counts under MAX_UTILIZATION: 3x the most requests its admission rule (first come first served while the
 # step's token budget, the batch slots and the KV blocks last; preemption of the latest admitted when a running
 # request lacks a block) holds at once for the row, at the bench's defaults (FP8 weights and KV cache,
-# max_batch_size 2048, max_num_tokens 8192, 0.9 of free memory for the cache: about 1.0M cached tokens on an H100,
-# 1.9M on an H200), the larger of the two devices, rounded up to a multiple of 128. That peak, from a step-by-step
+# max_batch_size 2048, max_num_tokens 8192, 0.9 of free memory for the cache, as before e2e15bb: about 1.0M cached
+# tokens on an H100, 1.9M on an H200; the grid's 0.95 after the profile step since held 3% more on an H200), the larger
+# of the two devices, rounded up to a multiple of 128. That peak, from a step-by-step
 # simulation of the rule: 2048 (max_batch_size: short prompts are all admitted before the cache fills) for 128/x and
 # 500/2000; 1,698 for 1000/x (the H200's cache; 955 on an H100); 494 for 2048/128 (the token budget: four prompts a
 # step against 128 steps a request); 884 for 2048/2048; 376 for 5000/500; 96 for 20000/2000. Under
@@ -277,7 +278,8 @@ def run_grid(a) -> int:
                "rows": []}
     print(f"grid {a.grid}: {GRID_SOURCE}; device {results['device']}, TensorRT-LLM's figures for "
           f"{reference or 'it: none (H100 and H200 SXM only)'}; max_seq_len {seq_len}, {results['kv_blocks']} KV "
-          f"blocks (fraction {results['kv_cache_free_gpu_memory_fraction']}), attention {a.attn_backend}{' + FP8 context FMHA' if a.use_fp8_context_fmha else ''}, "
+          f"blocks (fraction {results['kv_cache_free_gpu_memory_fraction']}), attention {a.attn_backend}"
+          f"{' + FP8 context FMHA' if a.use_fp8_context_fmha else ''}, "
           f"{a.capacity_scheduler_policy}, startup {startup:.1f} s", flush=True)
     no_evict = a.capacity_scheduler_policy == "guaranteed_no_evict"
     for i, row in enumerate(rows):
