@@ -37,9 +37,9 @@ def num_kv_blocks(engine_config: dict, cfg: KvCacheConfig, device: torch.device,
 
     On a GPU the fraction is of the memory free once the weights are loaded and the largest step has run, as
     TensorRT-LLM sizes it: `step_peak_bytes` is what that step took at its peak beyond the weights (the runner's
-    profile step), so a step never finds the cache in its way, even at a fraction of 1. extra_bytes_per_token: what
-    else each cached token holds (a speculative drafter's KV, the target's hidden states for an EAGLE head), in the
-    same blocks."""
+    profile step), which stays free beside the cache whatever the fraction. extra_bytes_per_token: what else each
+    cached token holds (a speculative drafter's KV, the target's hidden states for an EAGLE head), in the same
+    blocks."""
     per_block = (bytes_per_token(engine_config, dtype, num_layers, num_kv_heads) + extra_bytes_per_token) \
         * tokens_per_block
     per_token = per_block // tokens_per_block

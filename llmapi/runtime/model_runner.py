@@ -61,7 +61,7 @@ def profile_query_lens(num_tokens: int, num_rows: int, max_len: int) -> np.ndarr
     """The query lengths [R] of the largest step the scheduler can form: `num_tokens` tokens (max_num_tokens, and
     never more than `num_rows` requests of `max_len` hold) over `num_rows` requests (max_batch_size, and never more
     than the tokens): single tokens first, as decode rows come, then the fewest prompts of at most `max_len`
-    tokens (the model's positions) that take the rest, evenly."""
+    tokens (the LLM's max_seq_len) that take the rest, evenly."""
     num_rows = max(1, min(num_rows, num_tokens))
     num_tokens = min(num_tokens, num_rows * max_len)
     prompts = 1
@@ -223,8 +223,10 @@ class ModelRunner:
         several ranks every rank of a stage calls it at once (the collectives); a stage after the first takes zeros
         for its input."""
         cfg = self.config
-        positions = int(cfg["max_position_embeddings"])  # a prompt is never longer than the LLM's max_seq_len
-        query_lens = profile_query_lens(num_tokens, num_rows, min(max_seq_len, positions) if max_seq_len else positions)
+        max_len = int(cfg["max_position_embeddings"])
+        if max_seq_len:  # a prompt is never longer than the LLM's max_seq_len
+            max_len = min(max_len, max_seq_len)
+        query_lens = profile_query_lens(num_tokens, num_rows, max_len)
         num_tokens, num_rows = int(query_lens.sum()), len(query_lens)
         tpb = self.tokens_per_block
         blocks = -(-query_lens // tpb)  # [R]
