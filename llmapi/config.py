@@ -81,7 +81,7 @@ class KvCacheConfig:
     step has run, as TensorRT-LLM sizes it: the largest step the scheduler can form (max_num_tokens tokens over up
     to max_batch_size requests, each row's logits and a top-k / top-p draw) runs first, and its peak stays free for
     the steps. The rest (1 - the fraction) holds the decode CUDA graphs and the allocator's slack: TensorRT-LLM's
-    benchmarks run 0.95. Encoder-decoder models take the fraction of what is free after the weights."""
+    benchmarks run 0.95."""
     max_tokens: Optional[int] = None
     """Cap on the KV cache size in tokens. On CPU it sizes the cache (default 32768 tokens,
     at most a quarter of the available RAM)."""

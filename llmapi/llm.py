@@ -157,7 +157,8 @@ class LLM:
                                                        adapters=adapters, attn_backend=args.attn_backend,
                                                        cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
                                                        max_num_tokens=args.max_num_tokens,
-                                                       max_seq_len=self.max_seq_len)
+                                                       max_seq_len=self.max_seq_len,
+                                                       max_encoder_input_len=self._encdec_input_len())
                 else:
                     init = dict(engine_dir=str(info.path), engine_config=cfg, mapping=mapping.to_dict(),
                                 device_type=self.device.type,
@@ -165,7 +166,7 @@ class LLM:
                                 tokens_per_block=args.tokens_per_block, load_format=load_format,
                                 max_batch_size=args.max_batch_size,  # the decode graphs' largest batch
                                 max_num_tokens=args.max_num_tokens,  # the profile step's (the cache's sizing)
-                                max_seq_len=self.max_seq_len,
+                                max_seq_len=self.max_seq_len, max_encoder_input_len=self._encdec_input_len(),
                                 adapters=adapters, attn_backend=args.attn_backend,
                                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
                                 speculative=None if speculative is None else speculative.to_dict())
@@ -231,6 +232,10 @@ class LLM:
         if not args.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(args.tokenizer or info.path)
         return info
+
+    def _encdec_input_len(self) -> int:
+        """The longest encoder input (encoder-decoder models; 0 for others): the profile step's."""
+        return 0 if self._encdec is None else self._encdec.max_encoder_input_len
 
     def _speculative_setup(self, target_config: dict):
         """The drafter's engine or EAGLE head for LlmArgs.speculative_config (None without it); the draft model's

@@ -116,3 +116,38 @@ def test_a_profile_step_out_of_memory_is_a_clear_error(tiny_llama_dir):
         finally:
             runner.forward, runner.kv_caches = forward, cache
         assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+
+
+@pytest.mark.parametrize("variant", ["bart", "t5"])
+def test_encoder_decoder_profile_step_runs_encoders_and_first_tokens(tmp_path, variant):
+    # An encoder-decoder step's largest form: encoder inputs of at most max_encoder_input_len tokens (BART's 128
+    # positions; T5 takes max_num_tokens - 1 here), each with its first decoder token, beside single decoding rows;
+    # it runs through the real encoder, cross-attention and sampler, and the model translates as before after it.
+    import encdec_models as em
+
+    from llmapi import LLM, SamplingParams
+
+    hf = em.bart() if variant == "bart" else em.t5("t5")
+    hf.save_pretrained(tmp_path)
+    source = [5, 17, 42, 9, 60, 3, 2] if variant == "bart" else [5, 17, 42, 9, 60, 3, 1]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, detokenize=False)
+    with LLM(str(tmp_path), dtype="float32", device="cpu", skip_tokenizer_init=True, max_num_tokens=600,
+             max_batch_size=16, max_encoder_input_len=None if variant == "bart" else 200) as llm:
+        runner = llm._runner
+        before = llm.generate([source], params, use_tqdm=False)[0].outputs[0].token_ids
+        cache, forward = runner.kv_caches, runner.forward
+        seen = []
+        runner.forward = lambda inputs, hidden=None: seen.append(
+            (int(inputs.input_ids.shape[0]), inputs.attn.cross.num_encoder_tokens,
+             int(inputs.attn.cross.encoder_start_loc.diff().max()))) or forward(inputs, hidden)
+        try:
+            # As the LLM sizes its cache: with its max_encoder_input_len (BART: the model's 128).
+            assert runner._profile_step(600, 16, max_encoder_input_len=llm._encdec_input_len()) == 0
+        finally:
+            runner.forward, runner.kv_caches = forward, cache
+        after = llm.generate([source], params, use_tqdm=False)[0].outputs[0].token_ids
+    # 16 decoder tokens; the encoder inputs take what is left of the 600, at most max_encoder_input_len each (BART's
+    # 128: four starting rows hold at most 12 + 4 * 129 = 528 tokens, so five, 117, 117, 117, 117 and 116 encoder
+    # tokens beside 11 decoding rows; T5 at LLM(max_encoder_input_len=200): three, 195, 195 and 194, beside 13).
+    assert seen == [(16, 584, 117) if variant == "bart" else (16, 584, 195)]
+    assert after == before

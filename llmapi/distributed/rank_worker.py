@@ -135,7 +135,8 @@ class RankWorker:
                                       max_batch_size=int(init.get("max_batch_size") or 1024),
                                       max_num_tokens=int(init.get("max_num_tokens") or 0),
                                       max_seq_len=int(init.get("max_seq_len") or 0),
-                                      verify_logits=self.speculative is not None)
+                                      verify_logits=self.speculative is not None,
+                                      max_encoder_input_len=int(init.get("max_encoder_input_len") or 0))
         except Exception as e:  # e.g. its file fails its checksum: every rank must learn it, or they hang
             error = e
         _agree_loaded(session, error)

@@ -73,6 +73,22 @@ def profile_query_lens(num_tokens: int, num_rows: int, max_len: int) -> np.ndarr
     return np.array([1] * decodes + lens, np.int32)
 
 
+def _block_tables(blocks: np.ndarray, first: int) -> tuple[np.ndarray, int]:
+    """Block tables [R, max blocks] (padded with 0) for rows of `blocks` [R] blocks each, numbered from `first` on;
+    and the next free block."""
+    tables = np.zeros((len(blocks), max(int(blocks.max()), 1)), np.int32)
+    starts = first + np.concatenate([[0], np.cumsum(blocks)])
+    for r in range(len(blocks)):
+        tables[r, :blocks[r]] = np.arange(starts[r], starts[r + 1])
+    return tables, int(starts[-1])
+
+
+def _slots(tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, tokens_per_block: int) -> np.ndarray:
+    """[N] int64 cache slots of tokens at `positions` of the rows `rows` of `tables`."""
+    return tables[rows, positions // tokens_per_block].astype(np.int64) * tokens_per_block + \
+        positions % tokens_per_block
+
+
 class ModelRunner:
     """The executor calls `submit(batch)` then `collect(handle)` from its loop thread.
 
@@ -98,7 +114,8 @@ class ModelRunner:
                  max_batch_size: int = 1024, cuda_graphs: bool = True,
                  mapping: Optional[Mapping] = None, comm=None, speculative=None, adapters: Optional[dict] = None,
                  attn_backend: str = "triton", cuda_graph_batch_sizes: Optional[Sequence[int]] = None,
-                 max_num_tokens: int = 0, max_seq_len: int = 0, verify_logits: Optional[bool] = None):
+                 max_num_tokens: int = 0, max_seq_len: int = 0, verify_logits: Optional[bool] = None,
+                 max_encoder_input_len: int = 0):
         started = time.perf_counter()
         self.config = engine_config
         self.device = device
@@ -146,15 +163,14 @@ class ModelRunner:
         self.max_cross_blocks = -(-int(engine_config.get("max_encoder_input_len") or 1024) // tokens_per_block) \
             if self.encoder_decoder else 0
         self.stager = InputStager(device, tokens_per_block, encoder_decoder=self.encoder_decoder)
-        # On a GPU the cache gets its fraction of what is free after the largest step (KvCacheConfig); an
-        # encoder-decoder step (its encoder inputs and cross blocks) is not profiled: its cache gets the fraction
-        # of what is free after the weights.
+        # On a GPU the cache gets its fraction of what is free after the largest step (KvCacheConfig).
         self.step_peak_bytes = 0
         # Whether steps verify drafts (every token's logits): the same on every rank of a stage, for the head's
         # all-gather, also where only the sampling rank holds the drafter (`speculative` None on the others).
         self._verify_logits = speculative is not None if verify_logits is None else verify_logits
-        if device.type == "cuda" and max_num_tokens > 0 and not self.encoder_decoder:
-            self.step_peak_bytes = self._profile_step(max_num_tokens, max_batch_size, max_seq_len)
+        if device.type == "cuda" and max_num_tokens > 0:
+            self.step_peak_bytes = self._profile_step(max_num_tokens, max_batch_size, max_seq_len,
+                                                      max_encoder_input_len)
         self.num_blocks = num_kv_blocks(engine_config, kv_cache_config, device, self.kv_dtype,
                                         tokens_per_block, len(self.layers), self.kv_heads,
                                         extra_bytes_per_token=0 if self.spec is None else
@@ -212,10 +228,13 @@ class ModelRunner:
         logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     @torch.inference_mode()
-    def _profile_step(self, num_tokens: int, num_rows: int, max_seq_len: int = 0) -> int:
+    def _profile_step(self, num_tokens: int, num_rows: int, max_seq_len: int = 0,
+                      max_encoder_input_len: int = 0) -> int:
         """Before the cache is allocated: run the largest step the scheduler can form (profile_query_lens; prompts of
-        at most `max_seq_len` tokens, 0: the model's positions) on a cache of just its blocks, and return the device
-        memory it took at its peak beyond what it leaves allocated (bytes; CUDA's allocator counts them, 0 elsewhere).
+        at most `max_seq_len` tokens, 0: the model's positions; for an encoder-decoder model, encoder inputs of at
+        most `max_encoder_input_len` tokens, 0: the model's, each with its first decoder token) on a cache of just
+        its blocks, and return the device memory it took at its peak beyond what it leaves allocated (bytes; CUDA's
+        allocator counts them, 0 elsewhere).
 
         On the last pipeline stage the step ends in every row's float32 logits (with speculative decoding every
         token's, as a verify step has) and a top-k / top-p draw of each, the costliest sampling. Not in it: prompt
@@ -223,31 +242,41 @@ class ModelRunner:
         several ranks every rank of a stage calls it at once (the collectives); a stage after the first takes zeros
         for its input."""
         cfg = self.config
-        max_len = int(cfg["max_position_embeddings"])
-        if max_seq_len:  # a prompt is never longer than the LLM's max_seq_len
-            max_len = min(max_len, max_seq_len)
-        query_lens = profile_query_lens(num_tokens, num_rows, max_len)
-        num_tokens, num_rows = int(query_lens.sum()), len(query_lens)
         tpb = self.tokens_per_block
-        blocks = -(-query_lens // tpb)  # [R]
-        width = int(blocks.max())
-        tables = np.zeros((num_rows, width), np.int32)
-        starts = np.concatenate([[0], np.cumsum(blocks)])
-        for r in range(num_rows):
-            tables[r, :blocks[r]] = np.arange(starts[r], starts[r + 1])
+        if self.encoder_decoder:
+            # A starting row runs its encoder input (at most max_encoder_input_len tokens, in the step's budget) and
+            # one decoder token; a decoding row its one token over one cross key.
+            max_encoder = min(max_encoder_input_len or int(cfg.get("max_encoder_input_len") or 1024),
+                              num_tokens - 1)
+            lens = profile_query_lens(num_tokens, num_rows, max_encoder + 1)
+            encoder_lens = np.where(lens > 1, lens - 1, 0).astype(np.int32)
+            query_lens, cross_lens = np.ones(len(lens), np.int32), np.maximum(encoder_lens, 1)
+        else:
+            max_len = int(cfg["max_position_embeddings"])
+            if max_seq_len:  # a prompt is never longer than the LLM's max_seq_len
+                max_len = min(max_len, max_seq_len)
+            query_lens = profile_query_lens(num_tokens, num_rows, max_len)
+        num_tokens, num_rows = int(query_lens.sum()), len(query_lens)
+        tables, used = _block_tables(-(-query_lens // tpb), 0)
         positions = np.concatenate([np.arange(q) for q in query_lens]).astype(np.int32)
         rows = np.repeat(np.arange(num_rows), query_lens)
-        slots = (tables[rows, positions // tpb].astype(np.int64) * tpb + positions % tpb)
         batch = SimpleNamespace(
             num_tokens=num_tokens, num_requests=num_rows, input_ids=(np.arange(num_tokens) % cfg["vocab_size"])
-            .astype(np.int32), positions=positions, slot_mapping=slots, query_lens=query_lens,
-            context_lens=query_lens.copy(), block_tables=tables, prev_rows=np.full(num_tokens, -1, np.int32),
-            seeds=np.arange(num_rows, dtype=np.int64), top_k=np.full(num_rows, 50, np.int32),
-            output_index=np.zeros(num_rows, np.int32), suppress_offsets=np.zeros(num_rows + 1, np.int32),
-            suppress_ids=np.zeros(0, np.int32), temperature=np.ones(num_rows, np.float32),
-            top_p=np.full(num_rows, 0.9, np.float32))
+            .astype(np.int32), positions=positions, slot_mapping=_slots(tables, rows, positions, tpb),
+            query_lens=query_lens, context_lens=query_lens.copy(), block_tables=tables,
+            prev_rows=np.full(num_tokens, -1, np.int32), seeds=np.arange(num_rows, dtype=np.int64),
+            top_k=np.full(num_rows, 50, np.int32), output_index=np.zeros(num_rows, np.int32),
+            suppress_offsets=np.zeros(num_rows + 1, np.int32), suppress_ids=np.zeros(0, np.int32),
+            temperature=np.ones(num_rows, np.float32), top_p=np.full(num_rows, 0.9, np.float32))
+        if self.encoder_decoder:
+            cross_tables, used = _block_tables(-(-cross_lens // tpb), used)
+            encoder_positions = np.concatenate([np.arange(n) for n in encoder_lens]).astype(np.int32)
+            encoder_rows = np.repeat(np.arange(num_rows), encoder_lens)
+            batch.encoder_lens, batch.cross_lens, batch.cross_block_tables = encoder_lens, cross_lens, cross_tables
+            batch.encoder_input_ids = (np.arange(len(encoder_rows)) % cfg["encoder"]["vocab_size"]).astype(np.int32)
+            batch.cross_slot_mapping = _slots(cross_tables, encoder_rows, encoder_positions, tpb)
         cuda = self.device.type == "cuda"
-        self.allocate_kv_caches(int(starts[-1]))
+        self.allocate_kv_caches(used)
         try:
             if cuda:
                 torch.cuda.synchronize(self.device)
