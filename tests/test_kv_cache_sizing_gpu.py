@@ -6,27 +6,38 @@ pytestmark = pytest.mark.gpu
 
 FRACTION = 0.997
 ROWS = 2048  # max_batch_size: one step draws 2,048 rows of a 32K vocabulary with top-k and top-p
+VOCAB = 32000
 
 
-@pytest.fixture(scope="module")
-def wide_vocab_dir(tmp_path_factory):
-    from tiny_models import make_tiny_llama
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def wide_vocab_dir(request, tmp_path_factory):
+    """A decoder-only model (2,048 positions) and an encoder-decoder one (encoder inputs up to 1,024 tokens)."""
+    path = tmp_path_factory.mktemp(f"wide-vocab-{request.param}")
+    if request.param == "llama":
+        from tiny_models import make_tiny_llama
 
-    path = tmp_path_factory.mktemp("wide-vocab-llama")
-    make_tiny_llama(path, vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, std=0.08)
+        make_tiny_llama(path, vocab_size=VOCAB, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, std=0.08)
+    else:
+        import transformers
+
+        config = transformers.T5Config(vocab_size=VOCAB, d_model=256, d_kv=64, d_ff=1024, num_layers=2,
+                                       num_decoder_layers=2, num_heads=4, feed_forward_proj="relu", dropout_rate=0.0,
+                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        transformers.T5ForConditionalGeneration(config).save_pretrained(path)
     return path
 
 
 def _run(path, fraction):
     """(the profile step's peak, the cache's bytes) and every request's tokens: 2,048 sampled rows in one step, then
-    four prompts of 2,045 tokens in one 8,180-token step (with their 3 output tokens within the model's 2,048
-    positions)."""
+    four prompts (encoder inputs for T5) of 2,045 tokens in one step (a decoder's 3 output tokens within its 2,048
+    positions; T5's encoder inputs at most its 1,024: four of 1,020)."""
     from llmapi import LLM, SamplingParams
     from llmapi.config import KvCacheConfig
 
-    short = [[(7 * i + j) % 31999 + 1 for j in range(4)] for i in range(ROWS)]
-    long = [[(13 * i + j) % 31999 + 1 for j in range(2045)] for i in range(4)]
+    long_len = 1020 if "t5" in str(path) else 2045
+    short = [[(7 * i + j) % (VOCAB - 2) + 2 for j in range(4)] for i in range(ROWS)]
+    long = [[(13 * i + j) % (VOCAB - 2) + 2 for j in range(long_len)] for i in range(4)]
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_p=0.9, top_k=100, seed=i, ignore_eos=True,
                              detokenize=False) for i in range(ROWS + 4)]
     with LLM(str(path), dtype="bfloat16", device="cuda", skip_tokenizer_init=True, max_num_tokens=8192,
