@@ -151,3 +151,27 @@ def test_encoder_decoder_profile_step_runs_encoders_and_first_tokens(tmp_path, v
     # tokens beside 11 decoding rows; T5 at LLM(max_encoder_input_len=200): three, 195, 195 and 194, beside 13).
     assert seen == [(16, 584, 117) if variant == "bart" else (16, 584, 195)]
     assert after == before
+
+
+def test_decode_graphs_out_of_memory_is_a_clear_error(tiny_llama_dir, monkeypatch):
+    # What the fraction leaves holds the decode graphs: where they do not fit, the error names the settings to lower.
+    import llmapi.runtime.cuda_graph as cuda_graph
+    from llmapi import LLM, SamplingParams
+
+    monkeypatch.setenv(cuda_graph.GRAPHS_ON_CPU_ENV, "1")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, detokenize=False)
+    with LLM(str(tiny_llama_dir), dtype="float32", device="cpu", skip_tokenizer_init=True, max_batch_size=16) as llm:
+        runner = llm._runner
+        assert runner.graphs is not None
+        want = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
+
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+        monkeypatch.setattr(cuda_graph, "DecodeGraphs", out_of_memory)
+        with pytest.raises(LLMAPIError, match=r"decode CUDA graphs \(up to 16 rows\) do not fit .* lower "
+                                              r"kv_cache_config.free_gpu_memory_fraction") as raised:
+            runner.capture_graphs(16)
+        assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+        assert runner.graphs is None  # no half-captured graphs: decode steps run eagerly, with the same tokens
+        assert llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids == want

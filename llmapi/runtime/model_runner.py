@@ -216,15 +216,21 @@ class ModelRunner:
         hidden = None if m.is_first_stage else (self.config["hidden_size"], self.dtype)
         captured = time.perf_counter()
         self.graphs = None  # a new capture's memory comes after the old graphs are gone
-        with torch.inference_mode():
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size, max_blocks,
-                                       self.kv_heads, hidden=hidden, last_stage=m.is_last_stage,
-                                       distributed=m.world_size > 1, adapters=self.adapters,
-                                       max_cross_blocks=self.max_cross_blocks,
-                                       batch_sizes=self.cuda_graph_batch_sizes)
-            if self.spec is not None and m.world_size == 1 and self.adapters is None:
-                self.spec.capture_graphs(self.model, self.kv_caches, self.tokens_per_block, max_batch_size,
-                                         max_blocks)
+        try:
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self.model, self.kv_caches, self.stager, max_batch_size, max_blocks,
+                                           self.kv_heads, hidden=hidden, last_stage=m.is_last_stage,
+                                           distributed=m.world_size > 1, adapters=self.adapters,
+                                           max_cross_blocks=self.max_cross_blocks,
+                                           batch_sizes=self.cuda_graph_batch_sizes)
+                if self.spec is not None and m.world_size == 1 and self.adapters is None:
+                    self.spec.capture_graphs(self.model, self.kv_caches, self.tokens_per_block, max_batch_size,
+                                             max_blocks)
+        except torch.OutOfMemoryError as e:
+            self.graphs = None
+            raise LLMAPIError(f"the decode CUDA graphs (up to {max_batch_size} rows) do not fit in what the KV cache "
+                              "leaves: lower kv_cache_config.free_gpu_memory_fraction, max_batch_size or "
+                              "cuda_graph_batch_sizes") from e
         logger.info("decode graphs captured in %.2f s", time.perf_counter() - captured)
 
     @torch.inference_mode()
