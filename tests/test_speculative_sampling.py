@@ -112,9 +112,15 @@ def test_the_chi_square_tells_the_draft_from_the_target(models):
     assert _p_value(counts, draft[1].numpy()) < 1e-6
 
 
-def test_a_draft_equal_to_the_target_gives_plain_sampling_tokens(models):
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_a_draft_equal_to_the_target_gives_plain_sampling_tokens(models, monkeypatch, chunk_rows):
     """The drafter samples with the noise plain sampling uses at that output position, and p = q accepts every
-    draft: seeded outputs are plain sampling's, token for token."""
+    draft: seeded outputs are plain sampling's, token for token; also where the target's distribution is computed
+    in chunks of rows (chunk_rows: a large batch's, here 2 rows of the 16-token vocabulary)."""
+    if chunk_rows is not None:
+        import llmapi.runtime.sampler as sampler
+
+        monkeypatch.setattr(sampler, "SAMPLE_CHUNK_LOGITS", chunk_rows * VOCAB)
     params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=seed, ignore_eos=True) for seed in
               range(40)]
     prompts = [PROMPT] * len(params)
@@ -126,3 +132,24 @@ def test_a_draft_equal_to_the_target_gives_plain_sampling_tokens(models):
         stats = llm.get_stats()
     assert got == want
     assert stats["num_accepted_draft_tokens"] == stats["num_draft_tokens"] > 0
+
+
+def test_chunked_verification_gives_the_same_tokens(models, monkeypatch):
+    """A draft unlike the target (rejections, corrections from the residual, bonus tokens): the verification in
+    chunks of rows (the target's distribution computed a few rows at a time, as a large batch's is) decides every
+    token as the whole-batch one does, for the same seeds."""
+    import llmapi.runtime.sampler as sampler
+
+    params = [SamplingParams(max_tokens=10, temperature=0.8, top_k=6 if seed % 2 else 0, top_p=0.9, seed=seed,
+                             ignore_eos=True) for seed in range(48)]
+    prompts = [PROMPT] * len(params)
+    spec = DraftTargetDecodingConfig(speculative_model=str(models / "draft"), max_draft_len=K)
+    runs = []
+    for chunk_rows in (None, 3):
+        if chunk_rows is not None:
+            monkeypatch.setattr(sampler, "SAMPLE_CHUNK_LOGITS", chunk_rows * VOCAB)
+        with LLM(str(models / "target"), skip_tokenizer_init=True, speculative_config=spec) as llm:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            stats = llm.get_stats()
+        assert 0 < stats["num_accepted_draft_tokens"] < stats["num_draft_tokens"]  # some drafts rejected
+    assert runs[0] == runs[1]

@@ -245,7 +245,8 @@ class ModelRunner:
         On the last pipeline stage the step ends in every row's float32 logits (with speculative decoding every
         token's, as a verify step has) and a top-k / top-p draw of each, the costliest sampling. Not in it: prompt
         logprobs and context logits, which take the logits of every prompt position of the requests that ask, and a
-        sampled verify step's rejection sampling (the target's probabilities of every token). With
+        sampled verify step's [rows, vocabulary] distributions (the target's and the residual at each row's final
+        position, a draft model's at each draft). With
         several ranks every rank of a stage calls it at once (the collectives); a stage after the first takes zeros
         for its input."""
         cfg = self.config

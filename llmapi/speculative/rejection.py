@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..runtime import sampler
 from ..runtime.logits_processing import apply_logit_bias_
 from ..runtime.sampler import (GREEDY_TEMPERATURE_EPS, _fmix32, _sorted_top_k_top_p, apply_min_p_, gumbel_noise,
                                row_keys, sample, suppress_)
@@ -148,6 +149,25 @@ def draft_tokens(settings: RowSettings, logits: torch.Tensor, owner: np.ndarray,
     return torch.where(settings.greedy[own], greedy_ids, sampled), q
 
 
+def _target_probs_at(settings: RowSettings, logits: torch.Tensor, own: torch.Tensor, rows: torch.Tensor,
+                     ids: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(p, p[rows, ids]) for the target's sampling distribution p = softmax(filtered(logits)) [N, V]. Past one of
+    sample()'s chunks of logits (sampler.SAMPLE_CHUNK_LOGITS) p is computed chunk by chunk of rows, so that the
+    filtering's [N, V] temporaries (a sort's values and int64 ids) stay bounded, and not returned (None)."""
+    n, vocab = logits.shape
+    chunk = max(1, sampler.SAMPLE_CHUNK_LOGITS // max(vocab, 1))
+    if n <= chunk:
+        p = settings.filtered(logits, own).softmax(dim=-1)
+        return p, p[rows, ids]
+    out = torch.zeros(rows.shape, dtype=torch.float32, device=logits.device)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        p = settings.filtered(logits[a:b], own[a:b]).softmax(dim=-1)  # [b - a, V]
+        inside = (rows >= a) & (rows < b)  # no host sync: every entry is read, the others' from a valid row
+        out = torch.where(inside, p[(rows - a).clamp(0, b - a - 1), ids], out)
+    return None, out
+
+
 @dataclass
 class Verified:
     """The verification of S speculating rows."""
@@ -183,10 +203,9 @@ def verify(settings: RowSettings, logits: torch.Tensor, num_draft: np.ndarray, d
     accept = drafts == target_ids[judged]  # greedy rows: the draft is the target's own argmax
     own = torch.tensor(owner, dtype=torch.long, device=dev)
     first_index = settings.output_index.unsqueeze(1) + torch.arange(kmax, device=dev).unsqueeze(0)  # [S, kmax]
-    p = None
+    p = None  # [N, V] the target's sampling distribution, where one chunk of rows holds it (else its rows on demand)
     if not settings.all_greedy:
-        p = settings.filtered(logits, own).softmax(dim=-1)  # [N, V] the target's sampling distribution
-        p_draft = p[judged, safe_drafts]  # [S, kmax]
+        p, p_draft = _target_probs_at(settings, logits, own, judged, safe_drafts)  # p_draft [S, kmax]
         q_draft = (torch.ones_like(p_draft) if draft_probs is None
                    else draft_probs.gather(2, safe_drafts.unsqueeze(2)).squeeze(2))
         u = uniform(settings.seeds.unsqueeze(1).expand(-1, kmax), SALT_ACCEPT, first_index)
@@ -199,10 +218,12 @@ def verify(settings: RowSettings, logits: torch.Tensor, num_draft: np.ndarray, d
     base_t = torch.tensor(base, device=dev)
     final_pos = base_t + accepted  # [S] the position whose distribution gives the last token
     final = target_ids[final_pos]  # greedy rows: the target's argmax
-    if p is not None:
+    if not settings.all_greedy:
         d = torch.tensor(num_draft, device=dev)
         rejected = accepted < d
-        p_final = p[final_pos]  # [S, V]
+        # [S, V]: the filtering is row by row, so the final rows' own distribution equals those rows of p.
+        p_final = p[final_pos] if p is not None else \
+            settings.filtered(logits[final_pos], own[final_pos]).softmax(dim=-1)
         column = accepted.clamp(max=kmax - 1).unsqueeze(1)
         if draft_probs is None:  # one-hot q: the rejected draft's probability goes to the rest
             q_final = torch.zeros_like(p_final).scatter_(1, safe_drafts.gather(1, column), 1.0)
