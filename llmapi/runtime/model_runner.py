@@ -236,55 +236,20 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_step(self, num_tokens: int, num_rows: int, max_seq_len: int = 0,
                       max_encoder_input_len: int = 0) -> int:
-        """Before the cache is allocated: run the largest step the scheduler can form (profile_query_lens; prompts of
-        at most `max_seq_len` tokens, 0: the model's positions; for an encoder-decoder model, encoder inputs of at
-        most `max_encoder_input_len` tokens, 0: the model's, each with its first decoder token) on a cache of just
-        its blocks, and return the device memory it took at its peak beyond what it leaves allocated (bytes; CUDA's
-        allocator counts them, 0 elsewhere).
+        """Before the cache is allocated: run the largest step the scheduler can form (_profile_batch) on a cache of
+        just its blocks, and return the device memory it took at its peak beyond what it leaves allocated (bytes;
+        CUDA's allocator counts them, 0 elsewhere).
 
         On the last pipeline stage the step ends in every row's float32 logits (with speculative decoding every
         token's, as a verify step has) and a top-k / top-p draw of each, the costliest sampling. Not in it: prompt
         logprobs and context logits, which take the logits of every prompt position of the requests that ask, and a
         sampled verify step's [rows, vocabulary] distributions (the target's and the residual at each row's final
-        position, a draft model's at each draft). With
-        several ranks every rank of a stage calls it at once (the collectives); a stage after the first takes zeros
-        for its input."""
-        cfg = self.config
-        tpb = self.tokens_per_block
-        if self.encoder_decoder:
-            # A starting row runs its encoder input (at most max_encoder_input_len tokens, in the step's budget) and
-            # one decoder token; a decoding row its one token over one cross key.
-            max_encoder = min(max_encoder_input_len or int(cfg.get("max_encoder_input_len") or 1024),
-                              num_tokens - 1)
-            lens = profile_query_lens(num_tokens, num_rows, max_encoder + 1)
-            encoder_lens = np.where(lens > 1, lens - 1, 0).astype(np.int32)
-            query_lens, cross_lens = np.ones(len(lens), np.int32), np.maximum(encoder_lens, 1)
-        else:
-            max_len = int(cfg["max_position_embeddings"])
-            if max_seq_len:  # a prompt is never longer than the LLM's max_seq_len
-                max_len = min(max_len, max_seq_len)
-            query_lens = profile_query_lens(num_tokens, num_rows, max_len)
-        num_tokens, num_rows = int(query_lens.sum()), len(query_lens)
-        tables, used = _block_tables(-(-query_lens // tpb), 0)
-        positions = np.concatenate([np.arange(q) for q in query_lens]).astype(np.int32)
-        rows = np.repeat(np.arange(num_rows), query_lens)
-        batch = SimpleNamespace(
-            num_tokens=num_tokens, num_requests=num_rows, input_ids=(np.arange(num_tokens) % cfg["vocab_size"])
-            .astype(np.int32), positions=positions, slot_mapping=_slots(tables, rows, positions, tpb),
-            query_lens=query_lens, context_lens=query_lens.copy(), block_tables=tables,
-            prev_rows=np.full(num_tokens, -1, np.int32), seeds=np.arange(num_rows, dtype=np.int64),
-            top_k=np.full(num_rows, 50, np.int32), output_index=np.zeros(num_rows, np.int32),
-            suppress_offsets=np.zeros(num_rows + 1, np.int32), suppress_ids=np.zeros(0, np.int32),
-            temperature=np.ones(num_rows, np.float32), top_p=np.full(num_rows, 0.9, np.float32))
-        if self.encoder_decoder:
-            cross_tables, used = _block_tables(-(-cross_lens // tpb), used)
-            encoder_positions = np.concatenate([np.arange(n) for n in encoder_lens]).astype(np.int32)
-            encoder_rows = np.repeat(np.arange(num_rows), encoder_lens)
-            batch.encoder_lens, batch.cross_lens, batch.cross_block_tables = encoder_lens, cross_lens, cross_tables
-            batch.encoder_input_ids = (np.arange(len(encoder_rows)) % cfg["encoder"]["vocab_size"]).astype(np.int32)
-            batch.cross_slot_mapping = _slots(cross_tables, encoder_rows, encoder_positions, tpb)
+        position, a draft model's at each draft). With several ranks every rank of a stage calls it at once (the
+        collectives); a stage after the first takes zeros for its input."""
+        batch, blocks = self._profile_batch(num_tokens, num_rows, max_seq_len, max_encoder_input_len)
+        num_tokens, num_rows = batch.num_tokens, batch.num_requests
         cuda = self.device.type == "cuda"
-        self.allocate_kv_caches(used)
+        self.allocate_kv_caches(blocks)
         try:
             if cuda:
                 torch.cuda.synchronize(self.device)
@@ -292,7 +257,7 @@ class ModelRunner:
             inputs = self.stager.stage(batch)
             m = self.mapping
             hidden = None if m.is_first_stage else \
-                torch.zeros(num_tokens, cfg["hidden_size"], dtype=self.dtype, device=self.device)
+                torch.zeros(num_tokens, self.config["hidden_size"], dtype=self.dtype, device=self.device)
             hidden = self.forward(inputs, hidden)
             if m.is_last_stage:
                 # A speculative verify step takes every token's logits (each row's 1 + k), others each row's last.
@@ -323,6 +288,47 @@ class ModelRunner:
         logger.info("profile step: %d tokens over %d requests took %.2f GiB at its peak", num_tokens, num_rows,
                     peak / 2**30)
         return int(peak)
+
+    def _profile_batch(self, num_tokens: int, num_rows: int, max_seq_len: int,
+                       max_encoder_input_len: int) -> tuple[SimpleNamespace, int]:
+        """The profile step's batch (the fields of a Batch that staging reads) and the blocks it takes: decode rows
+        and prompts (profile_query_lens) of at most `max_seq_len` tokens (0: the model's positions), every request
+        sampled with top-k and top-p; for an encoder-decoder model, decoding rows (one token over one cross key) and
+        starting rows (an encoder input of at most `max_encoder_input_len` tokens, 0: the model's, in the step's
+        budget, with one decoder token)."""
+        cfg = self.config
+        tpb = self.tokens_per_block
+        if self.encoder_decoder:
+            max_encoder = min(max_encoder_input_len or int(cfg.get("max_encoder_input_len") or 1024),
+                              num_tokens - 1)
+            lens = profile_query_lens(num_tokens, num_rows, max_encoder + 1)
+            encoder_lens = np.where(lens > 1, lens - 1, 0).astype(np.int32)
+            query_lens, cross_lens = np.ones(len(lens), np.int32), np.maximum(encoder_lens, 1)
+        else:
+            max_len = int(cfg["max_position_embeddings"])
+            if max_seq_len:  # a prompt is never longer than the LLM's max_seq_len
+                max_len = min(max_len, max_seq_len)
+            query_lens = profile_query_lens(num_tokens, num_rows, max_len)
+        num_tokens, num_rows = int(query_lens.sum()), len(query_lens)
+        tables, used = _block_tables(-(-query_lens // tpb), 0)
+        positions = np.concatenate([np.arange(q) for q in query_lens]).astype(np.int32)
+        rows = np.repeat(np.arange(num_rows), query_lens)
+        batch = SimpleNamespace(
+            num_tokens=num_tokens, num_requests=num_rows, input_ids=(np.arange(num_tokens) % cfg["vocab_size"])
+            .astype(np.int32), positions=positions, slot_mapping=_slots(tables, rows, positions, tpb),
+            query_lens=query_lens, context_lens=query_lens.copy(), block_tables=tables,
+            prev_rows=np.full(num_tokens, -1, np.int32), seeds=np.arange(num_rows, dtype=np.int64),
+            top_k=np.full(num_rows, 50, np.int32), output_index=np.zeros(num_rows, np.int32),
+            suppress_offsets=np.zeros(num_rows + 1, np.int32), suppress_ids=np.zeros(0, np.int32),
+            temperature=np.ones(num_rows, np.float32), top_p=np.full(num_rows, 0.9, np.float32))
+        if self.encoder_decoder:
+            cross_tables, used = _block_tables(-(-cross_lens // tpb), used)
+            encoder_positions = np.concatenate([np.arange(n) for n in encoder_lens]).astype(np.int32)
+            encoder_rows = np.repeat(np.arange(num_rows), encoder_lens)
+            batch.encoder_lens, batch.cross_lens, batch.cross_block_tables = encoder_lens, cross_lens, cross_tables
+            batch.encoder_input_ids = (np.arange(len(encoder_rows)) % cfg["encoder"]["vocab_size"]).astype(np.int32)
+            batch.cross_slot_mapping = _slots(cross_tables, encoder_rows, encoder_positions, tpb)
+        return batch, used
 
     def allocate_kv_caches(self, num_blocks: int) -> None:
         """(Re)allocate the cache of this rank's layers with `num_blocks` blocks (ranks agree on the smallest)."""
