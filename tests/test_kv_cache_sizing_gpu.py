@@ -10,8 +10,9 @@ VOCAB = 32000
 
 
 @pytest.fixture(scope="module", params=["llama", "t5"])
-def wide_vocab_dir(request, tmp_path_factory):
-    """A decoder-only model (2,048 positions) and an encoder-decoder one (encoder inputs up to 1,024 tokens)."""
+def wide_vocab_model(request, tmp_path_factory):
+    """(the longest prompt the test sends, the model's directory): a decoder-only model (2,048 positions: prompts of
+    2,045 leave its 3 output tokens room) and an encoder-decoder one (encoder inputs of up to 1,024 tokens)."""
     path = tmp_path_factory.mktemp(f"wide-vocab-{request.param}")
     if request.param == "llama":
         from tiny_models import make_tiny_llama
@@ -25,17 +26,17 @@ def wide_vocab_dir(request, tmp_path_factory):
                                        num_decoder_layers=2, num_heads=4, feed_forward_proj="relu", dropout_rate=0.0,
                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
         transformers.T5ForConditionalGeneration(config).save_pretrained(path)
-    return path
+    return (2045 if request.param == "llama" else 1020), path
 
 
-def _run(path, fraction):
+def _run(model, fraction):
     """(the profile step's peak, the cache's bytes) and every request's tokens: 2,048 sampled rows in one step, then
     four prompts (encoder inputs for T5) of 2,045 tokens in one step (a decoder's 3 output tokens within its 2,048
     positions; T5's encoder inputs at most its 1,024: four of 1,020)."""
     from llmapi import LLM, SamplingParams
     from llmapi.config import KvCacheConfig
 
-    long_len = 1020 if "t5" in str(path) else 2045
+    long_len, path = model
     short = [[(7 * i + j) % (VOCAB - 2) + 2 for j in range(4)] for i in range(ROWS)]
     long = [[(13 * i + j) % (VOCAB - 2) + 2 for j in range(long_len)] for i in range(4)]
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_p=0.9, top_k=100, seed=i, ignore_eos=True,
@@ -52,8 +53,8 @@ def _run(path, fraction):
     return (runner.step_peak_bytes, cache), [list(o.outputs[0].token_ids) for o in outs]
 
 
-def test_near_a_fraction_of_one_the_largest_steps_still_run(wide_vocab_dir):
-    (peak, cache), tokens = _run(wide_vocab_dir, FRACTION)
+def test_near_a_fraction_of_one_the_largest_steps_still_run(wide_vocab_model):
+    (peak, cache), tokens = _run(wide_vocab_model, FRACTION)
     # What the cache leaves free: (free - peak) * (1 - FRACTION) + peak. Sized by free memory alone (the rule
     # before the profile step) it would have left (1 - FRACTION) * free, less than the step's peak: these steps
     # would have run out of memory.
@@ -61,6 +62,6 @@ def test_near_a_fraction_of_one_the_largest_steps_still_run(wide_vocab_dir):
     assert peak > (1 - FRACTION) * free, (peak, free)
     # The same seeded requests through a cache at the default fraction: the same tokens (a seeded request draws the
     # same tokens in any batch; the cache's size changes neither).
-    (_, default_cache), reference = _run(wide_vocab_dir, 0.9)
+    (_, default_cache), reference = _run(wide_vocab_model, 0.9)
     assert default_cache < cache
     assert tokens == reference
