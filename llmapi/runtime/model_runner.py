@@ -261,8 +261,8 @@ class ModelRunner:
             hidden = self.forward(inputs, hidden)
             if m.is_last_stage:
                 # A speculative verify step takes every token's logits (each row's 1 + k), others each row's last.
-                logits = self.model.compute_logits(hidden if self._verify_logits else hidden[inputs.last_rows],
-                                                   float32=True)  # [N, V]
+                logits = self.model.compute_logits(hidden, float32=True) if self._verify_logits else \
+                    self.logits(inputs, hidden)  # [N, V] float32
                 n, dev = logits.shape[0], self.device
                 sample(logits, temperature=torch.ones(n, device=dev), top_k=torch.full((n,), 50, device=dev),
                        top_p=torch.full((n,), 0.9, device=dev), seeds=torch.arange(n, device=dev),
