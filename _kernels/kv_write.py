@@ -3,6 +3,7 @@
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from .kv_quant import is_quantized
 
@@ -107,3 +108,72 @@ def write_kv(
         k, v, k_cache, v_cache, slot_mapping, scale_ptr, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NKV=nkv, HD=hd, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(hd), KV_QUANT=kv_quant,
     )
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """float32 x rounded to nearest even on the bfloat16 grid, still float32 (its cast to bfloat16 is exact): what
+    the cast does on a GPU, where Triton's interpreter truncates."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gather_kv_kernel(src_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, out_k_ptr, out_v_ptr, k_scale, v_scale,
+                      k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+                      NKV: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                      KV_QUANT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    t = tl.program_id(0)
+    src = tl.load(src_ptr + t).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NKV) & (d < HD)
+    cached = src >= 0  # a cache slot; -1 - j: this step's key j
+    row = tl.where(cached, 0, -1 - src)
+    at = tl.where(cached, src, 0) * (NKV * HD) + h * HD + d  # [BLOCK_H, BLOCK_D]: the cache is [slots, nkv, hd]
+    k = tl.load(k_cache_ptr + at, mask=mask & cached).to(tl.float32)
+    v = tl.load(v_cache_ptr + at, mask=mask & cached).to(tl.float32)
+    if KV_QUANT != 0:
+        k = k * k_scale
+        v = v * v_scale
+    fresh_k = tl.load(k_ptr + row * k_stride_t + h * k_stride_h + d, mask=mask & ~cached).to(tl.float32)
+    fresh_v = tl.load(v_ptr + row * v_stride_t + h * v_stride_h + d, mask=mask & ~cached).to(tl.float32)
+    k = tl.where(cached, k, fresh_k)
+    v = tl.where(cached, v, fresh_v)
+    if ROUND_BF16:
+        k = _round_to_bf16(k)
+        v = _round_to_bf16(v)
+    dst = t.to(tl.int64) * (NKV * HD) + h * HD + d
+    tl.store(out_k_ptr + dst, k.to(out_k_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_v_ptr + dst, v.to(out_v_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_kv(
+    k: torch.Tensor,  # [T, nkv, hd], last axis contiguous: this step's keys
+    v: torch.Tensor,  # [T, nkv, hd]: this step's values
+    k_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    v_cache: torch.Tensor,  # [num_blocks, block, nkv, hd] contiguous
+    src: torch.Tensor,  # [N] int64: a cache slot, or -1 - j for this step's key j
+    kv_scales: tuple[float, float] | None = None,  # (K, V) scales of an int8 / fp8 cache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, nkv, hd], [N, nkv, hd]) in k's dtype: row i is the cache's slot src[i] (its codes times the scale for
+    a quantized cache, rounded once to k's dtype) or this step's key and value -1 - src[i]; one program per row
+    (what flash_prefill copies out of the cache and beside the step's keys, in one pass)."""
+    n = src.shape[0]
+    _, nkv, hd = k.shape
+    assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    quant = KV_QUANT.get(k_cache.dtype, 0)
+    if quant and kv_scales is None:
+        raise ValueError("a quantized KV cache needs kv_scales, its (K, V) scales")
+    out_k = torch.empty((n, nkv, hd), dtype=k.dtype, device=k.device)
+    out_v = torch.empty((n, nkv, hd), dtype=v.dtype, device=v.device)
+    if n:
+        k_scale, v_scale = kv_scales if quant else (1.0, 1.0)
+        _gather_kv_kernel[(n,)](
+            src, k, v, k_cache, v_cache, out_k, out_v, float(k_scale), float(v_scale), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), NKV=nkv, HD=hd, BLOCK_H=triton.next_power_of_2(nkv),
+            BLOCK_D=triton.next_power_of_2(hd), KV_QUANT=quant,
+            ROUND_BF16=bool(knobs.runtime.interpret) and k.dtype == torch.bfloat16,
+        )
+    return out_k, out_v

@@ -108,6 +108,16 @@ def reference_call(monkeypatch):
         monkeypatch.setattr(fp, "flash_varlen", varlen_reference)
 
 
+@pytest.fixture(params=["torch", "triton"] if DEVICE != "cuda" else ["triton"])
+def copy_path(request, monkeypatch):
+    """Which ops build the copy and the E4M3 output: torch's (the CPU path) or the Triton kernels (CUDA tensors;
+    here on the CPU under Triton's interpreter)."""
+    import llmapi.layers.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", request.param == "triton")
+    return request.param
+
+
 def test_context_plan():
     # Each row's earlier context (C - L positions) from the cache at block_tables[r][p // B] * B + p % B, then its
     # L fresh keys, request after request; whole prompts need no copy.
@@ -157,26 +167,72 @@ def test_which_steps_take_the_copy():
     assert fp.MIN_QUERY == LONG_QUERY  # the packed kernel's long tiling starts where the copy does
 
 
-@pytest.mark.usefixtures("reference_call")
+@pytest.mark.usefixtures("reference_call", "copy_path")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] + ([torch.float32] if DEVICE != "cuda" else []))
 def test_flash_prefill_float_cache(dtype):
     # Whole prompts, a chunk after earlier context (ending mid-block), a one-token row; GQA group 2.
     check([7, 23, 1, 9], [7, 60, 30, 9], nh=4, nkv=2, hd=16, block=4, dtype=dtype, seed=1)
 
 
-@pytest.mark.usefixtures("reference_call")
+@pytest.mark.usefixtures("reference_call", "copy_path")
 @pytest.mark.parametrize("cache", [FP8, torch.int8])
 def test_flash_prefill_quantized_cache(cache):
     # The codes dequantized into the copy: K's scale in the softmax scale, V's on the output.
     check([7, 23, 1], [7, 60, 30], nh=4, nkv=2, hd=16, block=4, dtype=torch.bfloat16, seed=2, cache=cache)
 
 
-@pytest.mark.usefixtures("reference_call")
+@pytest.mark.usefixtures("reference_call", "copy_path")
 def test_flash_prefill_rows_after_decodes_and_e4m3_output():
     # A mixed step's prefill rows (after two decodes) only, their output as the next FP8 linear's E4M3 input.
     check([1, 1, 12, 5], [9, 30, 12, 40], nh=4, nkv=1, hd=16, block=4, dtype=torch.bfloat16, seed=3, first=2)
     check([1, 1, 12, 5], [9, 30, 12, 40], nh=4, nkv=1, hd=16, block=4, dtype=torch.bfloat16, seed=3, first=2,
           quant_out=True, cache=FP8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cache", [None, FP8, torch.int8])
+def test_gather_kv_is_the_torch_copy(dtype, cache):
+    # The Triton copy (one kernel for K and V) against the torch one it replaces, bit for bit: each key of a
+    # chunk's earlier context read from its cache slot (codes times the scale, rounded once to the model dtype),
+    # the step's own keys at their places; one row per request, K and V each.
+    from llmapi._kernels.kv_write import gather_kv
+
+    query_lens, ctx_lens = [7, 23, 1, 9], [7, 60, 30, 9]
+    q, kc, vc, qsl, ctx, tables = paged_case(query_lens, ctx_lens, 4, 2, 16, 4, torch.float32, 8)
+    g = torch.Generator().manual_seed(9)
+    k = torch.randn(sum(query_lens), 2, 16, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(sum(query_lens), 2, 16, generator=g).to(dtype).to(DEVICE)
+    scales = None
+    if cache is not None:
+        scales = (0.013, 0.029)
+        kc, vc = (kc / 0.013 * 8).clamp(-127, 127), (vc / 0.029 * 8).clamp(-127, 127)
+        kc, vc = (kc.to(FP8), vc.to(FP8)) if cache == FP8 else (kc.round().to(torch.int8), vc.round().to(torch.int8))
+    else:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+    attn = _metadata(query_lens, ctx_lens, tables, 4, qsl, ctx)
+    plan = fp.context_plan(attn, 0, len(k))
+    got_k, got_v = gather_kv(k, v, kc, vc, plan.src, scales)
+    for got, fresh, c, i in ((got_k, k, kc, 0), (got_v, v, vc, 1)):
+        want = fp._with_context(fresh, c, plan, None if scales is None else scales[i])
+        assert got.dtype == dtype and torch.equal(got.cpu(), want.cpu())
+    if cache is not None:
+        with pytest.raises(ValueError, match="needs kv_scales"):
+            gather_kv(k, v, kc, vc, plan.src)
+
+
+def test_quantize_fp8_rows_into_a_given_buffer():
+    # The static one-pass quantization into rows of a larger buffer (a mixed step's prefill rows after its
+    # decodes), equal to quantize_fp8's codes; the rows before stay as they were.
+    from llmapi._kernels.fp8_quant import quantize_fp8_rows
+
+    x = (torch.randn(6, 40, generator=torch.Generator().manual_seed(4)) * 3).to(DEVICE)
+    scale = torch.tensor([0.02], device=DEVICE)
+    buf = torch.zeros(9, 40, dtype=FP8, device=DEVICE)
+    codes, s = quantize_fp8_rows(x, scale, out=buf[3:])
+    assert codes.data_ptr() == buf[3:].data_ptr() and torch.equal(s, scale)
+    want = quantize_fp8(x.cpu(), scale.cpu())
+    assert torch.equal(buf[3:].cpu().view(torch.uint8), want.view(torch.uint8))
+    assert not buf[:3].cpu().view(torch.uint8).any()
 
 
 @interpreted

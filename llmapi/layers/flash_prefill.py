@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from llmapi._kernels.fp8_linear import quantize_fp8
+from llmapi.layers.dispatch import use_triton
 
 BACKENDS = ("triton", "flash")
 """LlmArgs.attn_backend's values: the Triton kernels for every step, or FlashAttention for prefill rows."""
@@ -90,6 +91,9 @@ class ContextPlan(NamedTuple):
     """[R'+1] int32: the rows' query offsets from row first's."""
     total: int
     """Keys in the copy: the rows' whole contexts."""
+    src: torch.Tensor | None
+    """[total] int64: where each key of the copy comes from, a cache slot or -1 - j for this step's key j (the
+    Triton copy, kv_write.gather_kv); None when P = 0."""
 
 
 def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
@@ -109,7 +113,7 @@ def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
         prefix_total = total - query_tokens
         if prefix_total == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
-            attn.scratch[key] = ContextPlan(empty, empty, None, cu_q, longest, cu_q, total)
+            attn.scratch[key] = ContextPlan(empty, empty, None, cu_q, longest, cu_q, total, None)
             return attn.scratch[key]
         ctx = attn.context_lens[first:first + rows]
         qlens = attn.query_lens[first:first + rows]
@@ -125,14 +129,18 @@ def context_plan(attn, first: int, query_tokens: int) -> ContextPlan:
         prefix_dst = cu_k[req_p].long() + pos_p
         block = attn.tokens_per_block
         slots = attn.block_tables[first:first + rows][req_p, pos_p // block].long() * block + pos_p % block
-        attn.scratch[key] = ContextPlan(slots, prefix_dst, fresh_dst, cu_k, longest, cu_q, total)
+        src = torch.empty(total, dtype=torch.int64, device=device)
+        src[prefix_dst] = slots
+        src[fresh_dst] = -1 - torch.arange(query_tokens, device=device)
+        attn.scratch[key] = ContextPlan(slots, prefix_dst, fresh_dst, cu_k, longest, cu_q, total, src)
     return attn.scratch[key]
 
 
 def _with_context(fresh: torch.Tensor, cache: torch.Tensor, plan: ContextPlan, scale: float | None
                   ) -> torch.Tensor:
     """[plan.total, nkv, hd] in fresh's dtype: the cached context (codes times `scale` for a quantized cache) and the
-    step's `fresh` keys or values, each at its place in the copy."""
+    step's `fresh` keys or values, each at its place in the copy (in torch: the reference of gather_kv, which the
+    Triton path takes)."""
     nkv, hd = cache.shape[-2], cache.shape[-1]
     raw = cache.view(torch.uint8) if cache.element_size() == 1 else cache  # one-byte codes gathered as bytes
     context = raw.view(-1, nkv, hd).index_select(0, plan.prefix_slots).view(cache.dtype).to(fresh.dtype)
@@ -151,15 +159,29 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     keys `k` (rotated) and values `v` [Tq, nkv, hd], row first's first token at index 0) over their whole
     contexts: earlier context from the paged `kv_cache` [2, blocks, block, nkv, hd] (`kv_scales` (K, V)
     dequantize an int8 / fp8 cache), this step's keys from `k` and `v`. With `quant_scale` the result is the
-    E4M3 codes quantize_fp8 gives. Written into `out` [Tq, nh, hd] when given."""
+    E4M3 codes quantize_fp8 gives. Written into `out` [Tq, nh, hd] when given. With the Triton kernels (CUDA
+    tensors) the copy is one kernel for K and V (gather_kv) and the E4M3 codes one pass straight into `out`
+    (quantize_fp8_rows); torch's ops do both otherwise."""
     plan = context_plan(attn, first, q.shape[0])
+    triton_path = use_triton(q)
     if plan.fresh_dst is None:  # whole prompts: their keys are this step's
         keys, values = k, v
+    elif triton_path:
+        from llmapi._kernels.kv_write import gather_kv
+
+        keys, values = gather_kv(k, v, kv_cache[0], kv_cache[1], plan.src, kv_scales)
     else:
         keys = _with_context(k, kv_cache[0], plan, None if kv_scales is None else kv_scales[0])
         values = _with_context(v, kv_cache[1], plan, None if kv_scales is None else kv_scales[1])
     q = q if q.stride(-1) == 1 else q.contiguous()
     result = flash_varlen(q, keys, values, plan.cu_q, plan.cu_k, attn.max_query_len, plan.max_k, scale)
+    if quant_scale is not None and triton_path:
+        from llmapi._kernels.fp8_quant import quantize_fp8_rows
+
+        rows = result.shape[0]
+        codes, _ = quantize_fp8_rows(result.reshape(rows, -1), quant_scale.float(),
+                                     out=None if out is None else out.view(rows, -1))
+        return codes.view(result.shape) if out is None else out
     if quant_scale is not None:
         result = quantize_fp8(result, quant_scale)
     if out is None:
