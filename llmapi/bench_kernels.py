@@ -1,6 +1,7 @@
 """Paged decode attention vs device memory bandwidth: `python -m llmapi.bench_kernels [--batch 64 --context 1024]`;
 `--prefill`: the packed (prefill) attention kernel's FLOP rate on the long-prompt steps of the throughput grid, for
-each tile configuration in PREFILL_CONFIGS, beside torch's flash attention on the same causal prompts; `--gemv`: one
+each tile configuration in PREFILL_CONFIGS, beside torch's flash attention and cuDNN's fused attention on the same
+causal prompts; `--gemv`: one
 token through each Llama-3.1-8B linear, bfloat16 (F.linear and the Triton GEMV) and int4 weight-only (per channel
 and group 128), in CUDA graphs, as bandwidth; `--fp8-gemm`: each Llama-3.1-8B linear in FP8 (the runner's
 fp8_linear: torch._scaled_mm) at the decode graphs' row counts, in CUDA graphs, as FLOP rate, with the row counts
@@ -182,8 +183,9 @@ def prefill_sweep(a) -> int:
     """Each PREFILL_STEPS step through paged_packed_attention at each PREFILL_CONFIGS tiling (over an fp8 cache,
     also with fp8_attention): microseconds, TFLOP/s (4 * heads * head_dim per query-key pair seen) and the largest
     difference from the first config's output; then attn_backend="flash" (flash_prefill: the step's own keys with
-    earlier context copied beside them, and torch's FlashAttention varlen call), and torch's
-    scaled_dot_product_attention (bfloat16, contiguous K/V, causal) per prompt."""
+    earlier context copied beside them, and torch's FlashAttention varlen call), cuDNN's fused attention over
+    the same copy (cudnn_varlen), and torch's scaled_dot_product_attention (bfloat16, contiguous K/V, causal) per
+    prompt."""
     import numpy as np
     import torch.nn.functional as F
     import triton.testing
@@ -248,6 +250,7 @@ def prefill_sweep(a) -> int:
                   f"max diff {diff:.2e}")
         except Exception as e:
             print(f"  flash backend: failed ({type(e).__name__}: {str(e)[:120]})")
+        cudnn_varlen(q, fresh_k, fresh_v, k_cache, v_cache, attn, scales, a.head_dim**-0.5, flops, first)
         # torch's flash attention over the same prompts (whole prompts from position 0 only: ctx == query)
         if all(ql == c for ql, c in zip(q_lens, ctx_lens)):
             qs = [t.transpose(0, 1).unsqueeze(0) for t in q.split(q_lens)]
@@ -259,6 +262,37 @@ def prefill_sweep(a) -> int:
             ms = triton.testing.do_bench(sdpa, warmup=10, rep=100, return_mode="median")
             print(f"  torch sdpa (bf16, per prompt): {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s")
     return 0
+
+
+def cudnn_varlen(q, fresh_k, fresh_v, k_cache, v_cache, attn, scales, scale: float, flops: int, first) -> None:
+    """--prefill: torch's cuDNN fused attention (its varlen entry, causal) over the flash backend's copy of the
+    step's keys, GQA heads as they are and, where cuDNN refuses those, expanded: microseconds, TFLOP/s and the
+    largest difference from the packed kernel's output (a chunk after earlier context shows whether its causal
+    mask is aligned to the bottom right, as the step needs)."""
+    import triton.testing
+
+    from llmapi._kernels.kv_write import gather_kv
+    from llmapi.layers.flash_prefill import context_plan
+
+    plan = context_plan(attn, 0, q.shape[0])
+    keys, values = (fresh_k, fresh_v) if plan.src is None else \
+        gather_kv(fresh_k, fresh_v, k_cache, v_cache, plan.src, scales)
+    group = q.shape[1] // keys.shape[1]
+    for label, kk, vv in (("GQA", keys, values), ("K/V heads expanded", keys.repeat_interleave(group, 1),
+                                                  values.repeat_interleave(group, 1))):
+        def cudnn():
+            return torch.ops.aten._cudnn_attention_forward(q, kk, vv, None, plan.cu_q, plan.cu_k, attn.max_query_len,
+                                                           plan.max_k, False, 0.0, True, False, scale=scale)[0]
+        try:
+            out = cudnn()
+            ms = triton.testing.do_bench(cudnn, warmup=10, rep=100, return_mode="median")
+        except Exception as e:  # not in this torch / cuDNN build, or not for these shapes: say so and go on
+            print(f"  cuDNN varlen ({label}): failed ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        diff = (out.float() - first.float()).abs().max().item() if first is not None else float("nan")
+        print(f"  cuDNN varlen ({label}): {ms * 1e3:9.1f} us  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s  "
+              f"max diff {diff:.2e}")
+        return
 
 
 # (name, out features, in features) of Llama-3.1-8B's linears, the head last.
