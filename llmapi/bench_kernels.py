@@ -1,11 +1,10 @@
 """Paged decode attention vs device memory bandwidth: `python -m llmapi.bench_kernels [--batch 64 --context 1024]`;
-`--prefill`: the packed (prefill) attention kernel's FLOP rate on the long-prompt steps of the throughput grid, for
-each tile configuration in PREFILL_CONFIGS, beside torch's flash attention and cuDNN's fused attention on the same
-causal prompts; `--gemv`: one
-token through each Llama-3.1-8B linear, bfloat16 (F.linear and the Triton GEMV) and int4 weight-only (per channel
-and group 128), in CUDA graphs, as bandwidth; `--fp8-gemm`: each Llama-3.1-8B linear in FP8 (the runner's
-fp8_linear: torch._scaled_mm) at the decode graphs' row counts, in CUDA graphs, as FLOP rate, with the row counts
-that take longer than a larger one flagged (a graph padded to such a size loses time)."""
+`--prefill`: the packed (prefill) attention kernel's FLOP rate on the long-prompt steps of the throughput grid, for each
+tile configuration in PREFILL_CONFIGS, beside torch's flash attention and cuDNN's fused attention on the same causal
+prompts; `--gemv`: one token through each Llama-3.1-8B linear, bfloat16 (F.linear and the Triton GEMV) and int4
+weight-only (per channel and group 128), in CUDA graphs, as bandwidth; `--fp8-gemm`: each Llama-3.1-8B linear in FP8
+(the runner's fp8_linear: torch._scaled_mm) at the decode graphs' row counts, in CUDA graphs, as FLOP rate, with the row
+counts that take longer than a larger one flagged (a graph padded to such a size loses time)."""
 
 from __future__ import annotations
 
