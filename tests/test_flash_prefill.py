@@ -189,19 +189,16 @@ def test_flash_prefill_rows_after_decodes_and_e4m3_output():
           quant_out=True, cache=FP8)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("cache", [None, FP8, torch.int8])
-def test_gather_kv_is_the_torch_copy(dtype, cache):
-    # The Triton copy (one kernel for K and V) against the torch one it replaces, bit for bit: each key of a
-    # chunk's earlier context read from its cache slot (codes times the scale, rounded once to the model dtype),
-    # the step's own keys at their places; one row per request, K and V each.
+def check_gather(query_lens, ctx_lens, nh, nkv, hd, block, dtype, cache, seed):
+    """The Triton copy (one kernel for K and V) against the torch one it replaces, bit for bit: each key of a
+    chunk's earlier context read from its cache slot (codes times the scale, rounded once to the model dtype),
+    the step's own keys at their places; K and V each."""
     from llmapi._kernels.kv_write import gather_kv
 
-    query_lens, ctx_lens = [7, 23, 1, 9], [7, 60, 30, 9]
-    q, kc, vc, qsl, ctx, tables = paged_case(query_lens, ctx_lens, 4, 2, 16, 4, torch.float32, 8)
-    g = torch.Generator().manual_seed(9)
-    k = torch.randn(sum(query_lens), 2, 16, generator=g).to(dtype).to(DEVICE)
-    v = torch.randn(sum(query_lens), 2, 16, generator=g).to(dtype).to(DEVICE)
+    q, kc, vc, qsl, ctx, tables = paged_case(query_lens, ctx_lens, nh, nkv, hd, block, torch.float32, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    k = torch.randn(sum(query_lens), nkv, hd, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(sum(query_lens), nkv, hd, generator=g).to(dtype).to(DEVICE)
     scales = None
     if cache is not None:
         scales = (0.013, 0.029)
@@ -209,7 +206,7 @@ def test_gather_kv_is_the_torch_copy(dtype, cache):
         kc, vc = (kc.to(FP8), vc.to(FP8)) if cache == FP8 else (kc.round().to(torch.int8), vc.round().to(torch.int8))
     else:
         kc, vc = kc.to(dtype), vc.to(dtype)
-    attn = _metadata(query_lens, ctx_lens, tables, 4, qsl, ctx)
+    attn = _metadata(query_lens, ctx_lens, tables, block, qsl, ctx)
     plan = fp.context_plan(attn, 0, len(k))
     got_k, got_v = gather_kv(k, v, kc, vc, plan.src, scales)
     for got, fresh, c, i in ((got_k, k, kc, 0), (got_v, v, vc, 1)):
@@ -218,6 +215,23 @@ def test_gather_kv_is_the_torch_copy(dtype, cache):
     if cache is not None:
         with pytest.raises(ValueError, match="needs kv_scales"):
             gather_kv(k, v, kc, vc, plan.src)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cache", [None, FP8, torch.int8])
+def test_gather_kv_is_the_torch_copy(dtype, cache):
+    # Whole prompts, a chunk after earlier context (ending mid-block), a one-token row over context; GQA.
+    check_gather([7, 23, 1, 9], [7, 60, 30, 9], nh=4, nkv=2, hd=16, block=4, dtype=dtype, cache=cache, seed=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache", [None, FP8, torch.int8])
+def test_gather_kv_gpu(dtype, cache):
+    # Llama-3.1-8B's K/V heads, 32-token blocks, chunks after long contexts.
+    check_gather([300, 1000, 1, 2048], [300, 3000, 64, 4096], nh=32, nkv=8, hd=128, block=32, dtype=dtype,
+                 cache=cache, seed=10)
 
 
 def test_quantize_fp8_rows_into_a_given_buffer():
