@@ -277,8 +277,10 @@ def cudnn_varlen(q, fresh_k, fresh_v, k_cache, v_cache, attn, scales, scale: flo
     keys, values = (fresh_k, fresh_v) if plan.src is None else \
         gather_kv(fresh_k, fresh_v, k_cache, v_cache, plan.src, scales)
     group = q.shape[1] // keys.shape[1]
-    for label, kk, vv in (("GQA", keys, values), ("K/V heads expanded", keys.repeat_interleave(group, 1),
-                                                  values.repeat_interleave(group, 1))):
+    for label in ("GQA", "K/V heads expanded"):  # the expanded copy only where cuDNN refuses GQA heads
+        kk, vv = (keys, values) if label == "GQA" else (keys.repeat_interleave(group, 1),
+                                                        values.repeat_interleave(group, 1))
+
         def cudnn():
             return torch.ops.aten._cudnn_attention_forward(q, kk, vv, None, plan.cu_q, plan.cu_k, attn.max_query_len,
                                                            plan.max_k, False, 0.0, True, False, scale=scale)[0]
