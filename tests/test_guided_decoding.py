@@ -309,7 +309,9 @@ def test_min_tokens_keeps_the_output_inside_the_grammar(llm):
     for o in outs:
         assert len(o.outputs[0].token_ids) >= 10 + 1  # the EOS that ends it comes after min_tokens
         assert re.fullmatch("[a-z]{1,30}", o.outputs[0].text)
-    short = llm.generate_async("hello", SamplingParams(max_tokens=20, min_tokens=8,
+    # The longest choice, "maybe so", is 8 bytes, so at most 8 tokens: min_tokens=9 outlasts every choice.
+    assert max(len(c.encode()) for c in CHOICES) == 8
+    short = llm.generate_async("hello", SamplingParams(max_tokens=20, min_tokens=9,
                                                        guided_decoding=CHECKS["choice"][0]))
     plain = llm.generate_async("hello", SamplingParams(max_tokens=5, temperature=0))
     with pytest.raises(GuidedDecodingError, match="min_tokens"):
