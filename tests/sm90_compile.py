@@ -216,21 +216,37 @@ def lora_kernels():
                     SPLIT_P=16), {})
 
 
+def kernels() -> list:
+    """(name, kernel, signature, constexprs, options) of every kernel compiled here."""
+    return list(itertools.chain(attention_kernels(), encdec_attention_kernels(), other_kernels(), lora_kernels(),
+                                weight_only_kernels()))
+
+
+def check(index: int) -> str:
+    """Kernel `index` of kernels() compiled for sm_90, with the checks on its code that some kernels have: its
+    line of output."""
+    name, fn, signature, constexprs, options = kernels()[index]
+    kernel = compile_for_sm90(fn, signature, constexprs, **options)
+    if name.startswith("int4 gemv"):  # the codes become floats by bit operations, not conversions
+        assert "cvt.rn.f32.s32" not in kernel.asm["ptx"], f"{name}: an int-to-float conversion per code"
+        # ... masked in place (_scaled_nibble), not shifted down and sign-extended one by one (that took an
+        # SGXT per code: 192 for 272 FFMA in the one-token kernel; none now)
+        ops = sass_ops(kernel.asm["cubin"])
+        assert ops["SGXT"] <= ops["FFMA"] / 8, f"{name}: {ops['SGXT']} SGXT for {ops['FFMA']} FFMA"
+    if name == "int4 gemv row quads prefetch":  # x read 8 bytes a load; 2-byte loads for the scales and zero
+        sass = sass_text(kernel.asm["cubin"])  # points only (x by 2-byte gathers: eight or more a chunk)
+        assert "LDG.E.64" in sass and sass.count("LDG.E.U16") <= 4, f"{name}: 2-byte x loads"
+    if name == "bf16 gemv":  # the weights read 16 bytes a load, not 2
+        sass = sass_text(kernel.asm["cubin"])
+        assert "LDG.E.128" in sass and "LDG.E.U16" not in sass, f"{name}: scalar weight loads"
+    return f"{name}: {len(kernel.asm['cubin'])} bytes"
+
+
 if __name__ == "__main__":
-    for name, fn, signature, constexprs, options in itertools.chain(attention_kernels(), encdec_attention_kernels(),
-                                                                    other_kernels(), lora_kernels(),
-                                                                    weight_only_kernels()):
-        kernel = compile_for_sm90(fn, signature, constexprs, **options)
-        if name.startswith("int4 gemv"):  # the codes become floats by bit operations, not conversions
-            assert "cvt.rn.f32.s32" not in kernel.asm["ptx"], f"{name}: an int-to-float conversion per code"
-            # ... masked in place (_scaled_nibble), not shifted down and sign-extended one by one (that took an
-            # SGXT per code: 192 for 272 FFMA in the one-token kernel; none now)
-            ops = sass_ops(kernel.asm["cubin"])
-            assert ops["SGXT"] <= ops["FFMA"] / 8, f"{name}: {ops['SGXT']} SGXT for {ops['FFMA']} FFMA"
-        if name == "int4 gemv row quads prefetch":  # x read 8 bytes a load; 2-byte loads for the scales and zero
-            sass = sass_text(kernel.asm["cubin"])  # points only (x by 2-byte gathers: eight or more a chunk)
-            assert "LDG.E.64" in sass and sass.count("LDG.E.U16") <= 4, f"{name}: 2-byte x loads"
-        if name == "bf16 gemv":  # the weights read 16 bytes a load, not 2
-            sass = sass_text(kernel.asm["cubin"])
-            assert "LDG.E.128" in sass and "LDG.E.U16" not in sass, f"{name}: scalar weight loads"
-        print(f"{name}: {len(kernel.asm['cubin'])} bytes", flush=True)
+    import multiprocessing
+    import os
+
+    # Each kernel compiles on its own (Triton's front end, then ptxas): one process a core, in kernels()'s order.
+    with multiprocessing.get_context("fork").Pool(min(len(os.sched_getaffinity(0)), 4)) as pool:
+        for line in pool.imap(check, range(len(kernels()))):
+            print(line, flush=True)

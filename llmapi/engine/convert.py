@@ -193,12 +193,13 @@ def _read_gguf(source: ModelSource, out_dir: Path, dummy: bool, check) -> tuple[
     from llmapi.engine import gguf
 
     state_dict = None
-    if dummy:
-        hf_config, generation = gguf.load_gguf_config(source.path)
-        check(hf_config)
-    else:  # the architecture is checked before any tensor is dequantized
-        hf_config, state_dict, generation = gguf.load_gguf(source.path, check_config=check)
-    gguf.save_gguf_tokenizer(source.path, out_dir, generation)
+    with gguf.parsed_once():  # the config, the tensors and the tokenizer from one parse of the file
+        if dummy:
+            hf_config, generation = gguf.load_gguf_config(source.path)
+            check(hf_config)
+        else:  # the architecture is checked before any tensor is dequantized
+            hf_config, state_dict, generation = gguf.load_gguf(source.path, check_config=check)
+        gguf.save_gguf_tokenizer(source.path, out_dir, generation)
     fmt.write_json(out_dir / "generation_config.json", generation)
     return hf_config, state_dict, generation
 

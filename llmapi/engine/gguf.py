@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -27,6 +30,35 @@ def _hf_config(parsed_config: dict):
     if arch is None:
         raise UnsupportedModelError(f"GGUF model type {model_type!r} has no causal-LM class in transformers")
     return AutoConfig.for_model(model_type, architectures=[arch], **fields)
+
+
+_SHARING = threading.Lock()
+
+
+@contextlib.contextmanager
+def parsed_once() -> Iterator[None]:
+    """Within this block transformers' GGUF calls share what they would each build anew from the `gguf` package:
+    one reader per file (the config, the tensors and the tokenizer each open one, and a reader parses every
+    metadata field in Python: seconds for a 49K-token vocabulary) and one tensor-name map per architecture and
+    layer count (built once per module of the model otherwise). Both are read-only once built. One block at a
+    time: the names are the gguf module's own, restored on the way out."""
+    import gguf
+
+    with _SHARING:
+        reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers = {}
+
+        def shared_reader(path, *args, **kwargs):
+            key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+            if key not in readers:
+                readers[key] = reader(path, *args, **kwargs)
+            return readers[key]
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.cache(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _read(path: Path, **kwargs) -> dict:
