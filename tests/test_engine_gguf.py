@@ -12,8 +12,35 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, smollm2_gguf):
-    return build_engine(smollm2_gguf, device_type="cpu", cache_dir=tmp_path_factory.mktemp("gguf-cache"))
+def built(tmp_path_factory, smollm2_gguf):
+    """The engine built from the GGUF, and the paths the build opened with gguf's reader."""
+    import gguf
+
+    opened, init = [], gguf.GGUFReader.__init__
+
+    def counting(self, path, *args, **kwargs):
+        opened.append(path)
+        init(self, path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf.GGUFReader, "__init__", counting)
+        engine = build_engine(smollm2_gguf, device_type="cpu", cache_dir=tmp_path_factory.mktemp("gguf-cache"))
+    return engine, opened
+
+
+@pytest.fixture(scope="module")
+def engine(built):
+    return built[0]
+
+
+def test_gguf_engine_reads_the_file_once(built, smollm2_gguf):
+    """transformers' config, tensor and tokenizer calls share one reader of the file (each opened its own before),
+    and gguf's names are its own again after the build."""
+    import gguf
+
+    engine, opened = built
+    assert engine.built and [str(p) for p in opened] == [str(smollm2_gguf)]
+    assert isinstance(gguf.GGUFReader, type) and gguf.get_tensor_name_map.__module__ == "gguf.tensor_mapping"
 
 
 def test_gguf_engine_config(engine):
