@@ -145,7 +145,7 @@ def test_fuzzed_requests_fail_alone_and_by_name(llm):
     baseline = llm.generate(PROMPT, greedy).outputs[0].token_ids
     outcomes = {"ok": 0, "ValueError": 0, "TypeError": 0, "LLMAPIError": 0}
 
-    @settings(max_examples=5000, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=3000, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.data())
     def fuzz(data):

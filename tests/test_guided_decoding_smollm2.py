@@ -1,4 +1,4 @@
-"""Structured outputs on the bundled real model (SmolLM2-135M-Instruct): 50 sampled generations under each of a
+"""Structured outputs on the bundled real model (SmolLM2-135M-Instruct): 30 sampled generations under each of a
 JSON schema, a regex, an EBNF grammar and a choice list end at the grammar's end (at least 90%, not max_tokens)
 and every one that ends validates by an independent check; min_tokens and stop strings behave as documented;
 plain greedy requests beside guided ones get their tokens alone; an invalid schema or regex raises before
@@ -14,7 +14,7 @@ from llmapi import LLM, GuidedDecodingError, GuidedDecodingParams, SamplingParam
 
 pytestmark = pytest.mark.slow
 
-SAMPLES = 50
+SAMPLES = 30
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 10},
     "age": {"type": "integer", "minimum": 18, "maximum": 90},
