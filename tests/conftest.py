@@ -19,6 +19,16 @@ def _isolated_engine_cache(tmp_path_factory):
             os.environ[k] = v
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (the README's `-n 2`) each worker keeps torch, and what it starts, to one CPU thread, so
+    # the workers share the machine's cores instead of each spinning as many threads as there are cores.
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     # GPU tests run on a GPU machine (pytest -m gpu); without CUDA they are reported as skipped.
     import torch
