@@ -196,8 +196,9 @@ class KernelProfile:
     def __exit__(self, *exc):
         return self._prof.__exit__(*exc)
 
-    def summary(self, top: int = 15) -> dict:
-        """{"kernel_ms": summed self time of every kernel, "top": [{"name", "calls", "ms"}] by time}."""
+    def summary(self, top: Optional[int] = 15) -> dict:
+        """{"kernel_ms": summed self time of every kernel, "top": [{"name", "calls", "ms"}] by time (all of them
+        with top=None)}."""
         rows = []
         for event in self._prof.key_averages():
             if self.cuda:
@@ -209,6 +210,15 @@ class KernelProfile:
                 rows.append({"name": event.key, "calls": int(event.count), "ms": us / 1e3})
         rows.sort(key=lambda r: -r["ms"])
         return {"kernel_ms": sum(r["ms"] for r in rows), "top": rows[:top]}
+
+    def span_ms(self) -> float:
+        """From the first recorded kernel's start to the last one's end, in ms (on the CPU, of its ops); 0.0 when
+        none ran: the kernels' sum against it says how busy the device was while they ran."""
+        from torch.autograd import DeviceType
+
+        kind = DeviceType.CUDA if self.cuda else DeviceType.CPU
+        ranges = [e.time_range for e in self._prof.events() if e.device_type == kind]
+        return (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1e3 if ranges else 0.0
 
 
 def format_profile(profile: dict, wall_s: float) -> str:
@@ -901,4 +911,10 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--profile", action="store_true",
                    help="run the timed requests under torch.profiler and print the kernels that took the most "
-                   "device time (CPU ops on the CPU), with their total against the wall time")
+                   "device time (CPU ops on the CPU), with their total against the wall time; with --grid, each "
+                   "row's steps in sampled windows (--profile-steps, --profile-every), the kernels against the "
+                   "windows' span")
+    p.add_argument("--profile-steps", type=int, default=None, metavar="N",
+                   help="--grid --profile: executor steps in a profiled window (default 16)")
+    p.add_argument("--profile-every", type=int, default=None, metavar="N",
+                   help="--grid --profile: a window starts every N steps of a row, from its first (default 128)")

@@ -3,6 +3,7 @@ one LLM, each row's output tok/s beside TensorRT-LLM's figure for the device, wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -154,6 +155,107 @@ class InFlightSampler:
         self._thread.join()
 
 
+class SampledProfile:
+    """--profile with --grid: the row's kernels in windows of `steps` executor steps, one window starting every
+    `every` steps from the row's first (a systematic sample of all its steps: prompts, mixed and decode steps in
+    the row's own proportions), each under torch.profiler (KernelProfile); the windows' kernels summed by name,
+    and their span on the device (each window's first kernel's start to its last one's end) for how busy the
+    device was while they ran.
+
+    A thread reads get_stats()'s num_steps (published after every executor step) every `interval_s` and starts or
+    stops the profiler as the count crosses a window's edges: a window covers at least its steps, more when the
+    steps are shorter than the interval (the steps it covered are counted). Only a window's own steps pay the
+    profiler's cost; the parsing of its events runs on this thread while the engine goes on."""
+
+    def __init__(self, llm, steps: int, every: int, interval_s: float = 0.001):
+        self.llm, self.steps, self.every, self.interval_s = llm, steps, every, interval_s
+        self.windows = self.covered = 0
+        self.span_ms = 0.0
+        self.kernels: dict = {}  # name -> [calls, ms]
+        self.error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmapi-bench-profile", daemon=True)
+
+    def _count(self) -> int:
+        return int(self.llm.get_stats()["num_steps"])
+
+    def _add(self, profile, first: int, last: int) -> None:
+        for k in profile.summary(top=None)["top"]:
+            entry = self.kernels.setdefault(k["name"], [0, 0.0])
+            entry[0] += k["calls"]
+            entry[1] += k["ms"]
+        self.span_ms += profile.span_ms()
+        self.windows += 1
+        self.covered += last - first
+
+    def _run(self) -> None:
+        from .bench import KernelProfile
+        from .errors import LLMAPIError
+
+        profile, first = None, 0
+        try:
+            base = self._count()
+            while not self._stop.wait(self.interval_s):
+                step = self._count() - base
+                if profile is None and step % self.every < self.steps:
+                    profile, first = KernelProfile(self.llm.device).__enter__(), step
+                elif profile is not None and step - first >= self.steps:
+                    profile.__exit__(None, None, None)
+                    self._add(profile, first, step)
+                    profile = None
+            if profile is not None:  # the row ended inside a window: counted if any of its steps ran
+                profile.__exit__(None, None, None)
+                last = self._count() - base
+                if last > first:
+                    self._add(profile, first, last)
+        except LLMAPIError:  # the LLM died: the run itself reports why
+            pass
+        except Exception as e:  # noqa: BLE001 - reported with the row, not lost on a daemon thread
+            self.error = e
+
+    def __enter__(self) -> "SampledProfile":
+        from .bench import KernelProfile
+
+        with KernelProfile(self.llm.device):  # the profiler's first start, on this thread: later ones run on ours
+            pass
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, top: int = 15) -> dict:
+        """{"steps", "every", "windows", "steps_profiled", "kernel_ms", "span_ms", "top": [{"name", "calls",
+        "ms"}] by time}; RuntimeError when the profiler failed."""
+        if self.error is not None:
+            raise RuntimeError(f"--profile failed during the row: {self.error!r}") from self.error
+        rows = sorted(({"name": n, "calls": c, "ms": ms} for n, (c, ms) in self.kernels.items()),
+                      key=lambda r: -r["ms"])
+        return {"steps": self.steps, "every": self.every, "windows": self.windows, "steps_profiled": self.covered,
+                "kernel_ms": sum(r["ms"] for r in rows), "span_ms": self.span_ms, "top": rows[:top]}
+
+
+def format_row_profile(p: dict, device: bool) -> str:
+    """A row's SampledProfile summary: the windows, the kernels' sum against their span, the top kernels."""
+    what = "device kernels" if device else "CPU ops"
+    busy = f" ({100 * p['kernel_ms'] / p['span_ms']:.0f}% busy)" if p["span_ms"] > 0 else ""
+    lines = [f"    profile: {p['steps']} of every {p['every']} steps ({p['steps_profiled']:,} steps in "
+             f"{p['windows']} windows): {what} {p['kernel_ms']:,.1f} ms over their span of {p['span_ms']:,.1f} ms"
+             f"{busy}"]
+    for k in p["top"]:
+        share = 100 * k["ms"] / p["kernel_ms"] if p["kernel_ms"] > 0 else 0.0
+        lines.append(f"    {k['ms']:11,.2f} ms {share:5.1f}% {k['calls']:9,d} calls  {k['name'][:90]}")
+    return "\n".join(lines)
+
+
+def format_row_host(st: dict, wall_s: float) -> str:
+    """A row's runner stats: its steps, the host's time in submit and waiting for the device, against the wall."""
+    return (f"    host: {st['steps']:,} steps ({st['graph_steps']:,} from CUDA graphs); in submit {st['submit_s']:.2f} s "
+            f"(eager steps {st['eager_submit_s']:.2f} s, the longest {1e3 * st['max_submit_s']:.0f} ms), waiting "
+            f"for the device {st['wait_s']:.2f} s, of a {wall_s:.1f} s wall")
+
+
 def row_workload(row: GridRow, requests: int, seed: int, warmup: bool):
     """Random token ids of the row's lengths. The seed covers the row and the warm-up, so no two rows or warm-ups
     share prompts (or cached prefix blocks)."""
@@ -165,9 +267,11 @@ def row_workload(row: GridRow, requests: int, seed: int, warmup: bool):
     return Workload(row.isl, row.osl, requests, 0, seed=row_seed)
 
 
-def run_row(llm, row: GridRow, requests: int, seed: int, warmup: int) -> dict:
+def run_row(llm, row: GridRow, requests: int, seed: int, warmup: int, profile: Optional[tuple] = None) -> dict:
     """One row: `warmup` untimed requests, then `requests` all at once (as fast as the engine takes them), timed
-    by the wall clock while the most requests in flight are sampled."""
+    by the wall clock while the most requests in flight are sampled; with `profile` (steps, every), the row's
+    kernels in sampled windows (SampledProfile). The in-process runner's stats of the timed requests go with it
+    ("runner_steps")."""
     from .bench import _drive, summarize
     from .sampling_params import SamplingParams
 
@@ -178,18 +282,27 @@ def run_row(llm, row: GridRow, requests: int, seed: int, warmup: int) -> dict:
         _drive(llm, row_workload(row, warmup, seed, True).prompts(llm.vocab_size), warm, 0)
     prompts = row_workload(row, requests, seed, False).prompts(llm.vocab_size)
     lengths = [len(p) for p in prompts]
+    runner = llm._runner  # the in-process runner; None with several ranks (theirs run in the MPI job)
+    if runner is not None:
+        runner.stats = type(runner.stats)()
     before = llm.get_stats()
-    with InFlightSampler(llm) as sampler:
+    sampled = SampledProfile(llm, *profile) if profile else contextlib.nullcontext()
+    with InFlightSampler(llm) as sampler, sampled:
         start = time.perf_counter()
         timings = _drive(llm, prompts, params, 0)
         wall = time.perf_counter() - start
     after = llm.get_stats()
-    return {"row": row.name, "isl": row.isl, "osl": row.osl, **summarize(timings, wall),
-           "max_in_flight": sampler.most, "steady_state": requests >= STEADY_FACTOR * sampler.most,
-           "prompt_tokens": [min(lengths), max(lengths)],
-           "output_tokens_per_request": [min(t.num_tokens for t in timings), max(t.num_tokens for t in timings)],
-           "steps": after["num_steps"] - before["num_steps"],
-           "preemptions": after["num_preemptions"] - before["num_preemptions"]}
+    result = {"row": row.name, "isl": row.isl, "osl": row.osl, **summarize(timings, wall),
+              "max_in_flight": sampler.most, "steady_state": requests >= STEADY_FACTOR * sampler.most,
+              "prompt_tokens": [min(lengths), max(lengths)],
+              "output_tokens_per_request": [min(t.num_tokens for t in timings), max(t.num_tokens for t in timings)],
+              "steps": after["num_steps"] - before["num_steps"],
+              "preemptions": after["num_preemptions"] - before["num_preemptions"], "profiled": bool(profile)}
+    if runner is not None:
+        result["runner_steps"] = runner.stats.as_dict()
+    if profile:
+        result["profile"] = sampled.summary()
+    return result
 
 
 def device_name(llm) -> Optional[str]:
@@ -223,8 +336,17 @@ def fp8_like_reference(a) -> bool:
     return config is not None and config.quant_algo in FP8_ALGOS and config.kv_cache_quant_algo == "FP8"
 
 
+DEFAULT_PROFILE_STEPS, DEFAULT_PROFILE_EVERY = 16, 128
+"""--grid --profile: windows of 16 steps, one every 128 (an eighth of each row's steps under the profiler)."""
+
+
 def check_grid_args(a) -> None:
-    """ValueError for flags that --grid does not take (it sets the lengths, counts and concurrency itself)."""
+    """ValueError for flags that --grid does not take (it sets the lengths, counts and concurrency itself), and
+    for --profile-steps / --profile-every without --grid --profile or out of range."""
+    windows = [f for f, on in (("--profile-steps", a.profile_steps is not None),
+                               ("--profile-every", a.profile_every is not None)) if on]
+    if windows and (a.grid is None or not a.profile):
+        raise ValueError(f"{' and '.join(windows)} {'needs' if len(windows) == 1 else 'need'} --grid trtllm --profile")
     if a.grid is None:
         used = [f for f, on in (("--grid-rows", a.grid_rows is not None),
                                 ("--grid-requests-scale", a.grid_requests_scale is not None)) if on]
@@ -232,6 +354,14 @@ def check_grid_args(a) -> None:
             raise ValueError(f"{' and '.join(used)} {'needs' if len(used) == 1 else 'need'} --grid trtllm")
         return
     check_scale(a.grid_requests_scale if a.grid_requests_scale is not None else 1.0)
+    a.profile_steps = DEFAULT_PROFILE_STEPS if a.profile_steps is None else a.profile_steps
+    a.profile_every = DEFAULT_PROFILE_EVERY if a.profile_every is None else a.profile_every
+    if not 1 <= a.profile_steps <= a.profile_every:
+        raise ValueError(f"--profile-steps={a.profile_steps} with --profile-every={a.profile_every} is invalid: "
+                         "a window is 1 to --profile-every steps")
+    if a.profile and a.tensor_parallel_size * a.pipeline_parallel_size > 1:
+        raise ValueError("--grid --profile records the kernels of this process's rank: it needs one rank "
+                         "(--tp 1 --pp 1)")
     if a.warmup < 0:
         raise ValueError(f"--warmup={a.warmup} is invalid: must be >= 0")
     fixed = [f for f, on in (("--backend openai", a.backend == "openai"), ("--isl", a.isl is not None),
@@ -286,19 +416,26 @@ def run_grid(a) -> int:
         requests = row_requests(row, a.max_batch_size, scale, results["kv_blocks"] if no_evict else None,
                                 llm.args.tokens_per_block)
         print(f"[{i + 1}/{len(rows)}] {row.name}: {requests:,} requests", flush=True)
-        r = run_row(llm, row, requests, a.seed, a.warmup)
+        r = run_row(llm, row, requests, a.seed, a.warmup, (a.profile_steps, a.profile_every) if a.profile else None)
         figure = row.figure(reference)
         r.update(requests=requests, trtllm_output_tok_s=figure,
                  ratio=None if figure is None else r["output_tok_s"] / figure)
         results["rows"].append(r)
         print(f"[{i + 1}/{len(rows)}] {row.name}: {r['output_tok_s']:,.1f} output tok/s, max in flight "
               f"{r['max_in_flight']:,}, {r['preemptions']:,} preemptions, wall {r['wall_s']:.1f} s", flush=True)
+        if "runner_steps" in r:
+            print(format_row_host(r["runner_steps"], r["wall_s"]), flush=True)
+        if a.profile:
+            print(format_row_profile(r["profile"], llm.device.type == "cuda"), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=1))
     device = llm.device
     llm.shutdown()
     del llm
     print(format_table(results["rows"], reference))
+    if a.profile:
+        print(f"note: every row ran under --profile ({a.profile_steps} of every {a.profile_every} steps profiled): "
+              "its output tok/s includes the profiler's cost")
     if reference and not results["fp8_like_reference"]:
         print("note: TensorRT-LLM's figures are for FP8 weights and KV cache (--quant fp8 --kv-cache-dtype fp8); "
               f"this run: --quant {a.quant}, --kv-cache-dtype {a.kv_cache_dtype}, dtype {results['dtype']}")

@@ -1,7 +1,7 @@
 """`llmapi bench --grid trtllm` on CPU: a tiny Llama through two rows of the grid (request counts, lengths, output
 tokens, the most requests in flight against the scheduler's admission, the steady-state check and its warning,
-the JSON, transformers on the 128/128 row only), TensorRT-LLM's figure and ratio for an H100, the device names that
-pick a reference, and refused rows, scales and flags."""
+the JSON, transformers on the 128/128 row only), TensorRT-LLM's figure and ratio for an H100, each row's runner
+stats and sampled profile, the device names that pick a reference, and refused rows, scales and flags."""
 
 import json
 import math
@@ -147,6 +147,34 @@ def test_grid_runs_guaranteed_no_evict_by_default(long_llama_dir, tmp_path):
     assert r["output_tokens"] == r["requests"] * 128
 
 
+def test_grid_profiles_sampled_windows_of_each_row(long_llama_dir, tmp_path, capsys):
+    # --profile on the grid: windows of 4 steps, one starting every 16 of the row's steps, under torch.profiler
+    # (CPU ops here), and the runner's stats of the row's timed requests alone (the warm-up's are not counted).
+    out = tmp_path / "grid.json"
+    rc = main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm", "--grid-rows",
+               "128/128", "--grid-requests-scale", "0.01", "--warmup", "1", "--profile", "--profile-steps", "4",
+               "--profile-every", "16", "--json", str(out)])
+    assert rc == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    # ceil(0.01 x 3 x 113): the CPU cache's 1,024 blocks hold 113 requests of 257 positions (9 blocks) to the end.
+    assert r["requests"] == 4 and r["profiled"] is True
+    # Every step of the row went through the in-process runner: one prompt of 128 tokens (sampling the first
+    # output token) and 127 decode tokens a request.
+    st = r["runner_steps"]
+    assert st["steps"] == r["steps"] >= 128 and st["tokens"] == 4 * (128 + 127)
+    p = r["profile"]
+    assert (p["steps"], p["every"]) == (4, 16)
+    # One window per 16 steps at most, each covering its 4 steps at least (the last may be cut by the row's end).
+    assert 1 <= p["windows"] <= math.ceil(r["steps"] / 16)
+    assert 4 * (p["windows"] - 1) <= p["steps_profiled"] <= r["steps"]
+    assert 0 < p["kernel_ms"] and 0 < p["span_ms"] and sum(k["ms"] for k in p["top"]) <= p["kernel_ms"] + 1e-6
+    assert any(k["name"] in ("aten::mm", "aten::addmm") for k in p["top"])  # the linears
+    printed = capsys.readouterr().out
+    assert f"profile: 4 of every 16 steps ({p['steps_profiled']:,} steps in {p['windows']} windows): CPU ops" in printed
+    assert f"host: {st['steps']:,} steps (0 from CUDA graphs)" in printed
+    assert "note: every row ran under --profile (4 of every 16 steps profiled)" in printed
+
+
 @pytest.mark.parametrize("grid,given,fraction", [(None, None, 0.9), ("trtllm", None, 0.95), ("trtllm", 0.8, 0.8),
                                                    (None, 0.97, 0.97)])
 def test_kv_cache_fraction_defaults_to_trtllm_benchmarks_on_the_grid(grid, given, fraction):
@@ -183,6 +211,10 @@ def test_fp8_like_reference(quant, kv, like):
     (["--ngram"], "drop --speculative-model / --eagle-model / --ngram"),
     (["--num-loras", "2"], "drop --num-loras"),
     (["--warmup", "-1"], "--warmup=-1 is invalid"),
+    (["--profile", "--profile-steps", "0"], "--profile-steps=0 with --profile-every=128 is invalid"),
+    (["--profile", "--profile-steps", "20", "--profile-every", "16"], "--profile-steps=20 with --profile-every=16"),
+    (["--profile-every", "16"], "--profile-every needs --grid trtllm --profile"),
+    (["--profile", "--tp", "2"], "--grid --profile records the kernels of this process's rank: it needs one rank"),
 ])
 def test_grid_refuses_bad_rows_scales_and_flags(long_llama_dir, capsys, flags, message):
     assert main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid", "trtllm", *flags]) == 2
@@ -192,6 +224,9 @@ def test_grid_refuses_bad_rows_scales_and_flags(long_llama_dir, capsys, flags, m
 def test_grid_options_need_grid(long_llama_dir, capsys):
     assert main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--grid-rows", "128/128"]) == 2
     assert "--grid-rows needs --grid trtllm" in capsys.readouterr().err
+    assert main(["bench", "--model", str(long_llama_dir), "--device", "cpu", "--profile", "--profile-steps", "8",
+                 "--profile-every", "64"]) == 2
+    assert "--profile-steps and --profile-every need --grid trtllm --profile" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not a grid, not a number
         main(["bench", "--model", str(long_llama_dir), "--grid", "vllm"])
     with pytest.raises(SystemExit):
