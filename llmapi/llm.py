@@ -96,7 +96,9 @@ class LLM:
         self.world_size = mapping.world_size
         launched = sessions.current()
         remote = None
-        if mapping.world_size > 1 and launched is None:
+        import os as _os
+        self._proto_remote = bool(_os.environ.get("PROTO_REMOTE"))
+        if (mapping.world_size > 1 or self._proto_remote) and launched is None:
             from .distributed.remote import RemoteExecutor
             from .distributed.spawn import refuse_bare_mpirun
 
@@ -148,7 +150,7 @@ class LLM:
             if speculative is not None:
                 executor_kwargs.update(speculative.executor_kwargs())
             try:
-                if mapping.world_size == 1:
+                if mapping.world_size == 1 and remote is None:
                     from .runtime.model_runner import ModelRunner
 
                     runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
@@ -191,7 +193,7 @@ class LLM:
         held = runner if remote is None else remote
         if adapters:  # installs go to the in-process runner, rank 0's runner, or the spawned job's rank 0
             self._res.adapters = start_adapters(args, cfg, held.queue_adapter, self._res)
-        if mapping.world_size == 1:
+        if mapping.world_size == 1 and remote is None:
             self._res.processors, self._res.records = runner.logits_processors, runner.records
         else:
             self._res.processors, self._res.records = held.processors, held.records
