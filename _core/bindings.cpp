@@ -634,6 +634,9 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const ExecutorConfig&>(), "config"_a)
+      // The rules Executor.enqueue checks a request against (RequestError naming the rule): what a process that
+      // hands its requests to another process's executor checks before it sends them.
+      .def_static("check_request", &Scheduler::check_request, "config"_a, "request"_a)
       .def("add", [](Scheduler& s, const Request& r) { s.add(r); }, "request"_a)
       .def("schedule", &Scheduler::schedule)
       .def("update", [](Scheduler& s, const SchedulerOutput& o, const py::object& result) {

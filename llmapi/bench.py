@@ -590,7 +590,7 @@ def offline_llm_kwargs(a, seq_len: int, text: bool = False) -> dict:
                 max_seq_len=seq_len, tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size, quant=bench_quant(a.quant, a.kv_cache_dtype),
                 async_scheduling=not a.no_async_scheduling, attn_backend=a.attn_backend,
-                cuda_graph_batch_sizes=a.cuda_graph_batch_sizes,
+                cuda_graph_batch_sizes=a.cuda_graph_batch_sizes, engine_process=a.engine_process,
                 scheduler_config={"capacity_scheduler_policy": capacity_policy(a)})
 
 
@@ -627,6 +627,7 @@ def bench_offline(a, scratch: Path) -> int:
                "osl": a.osl, "num_requests": a.num_requests, "concurrency": a.concurrency,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
                "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
+               "engine_process": a.engine_process,
                "use_fp8_context_fmha": a.use_fp8_context_fmha, "attn_backend": a.attn_backend,
                "cuda_graph_batch_sizes": a.cuda_graph_batch_sizes,
                "speculative_config": speculative_dict(speculative), "kv_blocks": kv_blocks(llm)}
@@ -859,6 +860,8 @@ def add_arguments(p) -> None:
                    "llmapi's ladder up to --max-batch-size)")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="schedule each step only after the last one is collected (LLM(async_scheduling=False))")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the engine in a process of its own at one rank too (LLM(engine_process=True))")
     p.add_argument("--capacity-scheduler-policy", choices=["max_utilization", "guaranteed_no_evict"],
                    default=None,
                    help="admission against the KV cache (LLM(scheduler_config=SchedulerConfig("

@@ -359,9 +359,9 @@ def check_grid_args(a) -> None:
     if not 1 <= a.profile_steps <= a.profile_every:
         raise ValueError(f"--profile-steps={a.profile_steps} with --profile-every={a.profile_every} is invalid: "
                          "a window is 1 to --profile-every steps")
-    if a.profile and a.tensor_parallel_size * a.pipeline_parallel_size > 1:
+    if a.profile and (a.tensor_parallel_size * a.pipeline_parallel_size > 1 or a.engine_process):
         raise ValueError("--grid --profile records the kernels of this process's rank: it needs one rank "
-                         "(--tp 1 --pp 1)")
+                         "(--tp 1 --pp 1) in this process (no --engine-process)")
     if a.warmup < 0:
         raise ValueError(f"--warmup={a.warmup} is invalid: must be >= 0")
     fixed = [f for f, on in (("--backend openai", a.backend == "openai"), ("--isl", a.isl is not None),
@@ -403,6 +403,7 @@ def run_grid(a) -> int:
                "cuda_graph_batch_sizes": a.cuda_graph_batch_sizes,
                "tensor_parallel_size": a.tensor_parallel_size, "pipeline_parallel_size": a.pipeline_parallel_size,
                "async_scheduling": not a.no_async_scheduling, "capacity_scheduler_policy": a.capacity_scheduler_policy,
+               "engine_process": a.engine_process,
                "requests_scale": scale, "warmup": a.warmup,
                "fp8_like_reference": fp8_like_reference(a), "startup_s": startup, "kv_blocks": kv_blocks(llm),
                "rows": []}

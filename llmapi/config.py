@@ -174,6 +174,11 @@ class LlmArgs:
     pipeline_parallel_size: int = 1
     """Number of pipeline-parallel stages (`pp=N` for short). With tp x pp > 1 the ranks run as an MPI job (see
     README)."""
+    engine_process: bool = False
+    """Run the engine (executor and model runner) in a process of its own at one rank too, as the one rank of an
+    MPI job this process spawns (with tp x pp > 1 the ranks always run so): this process keeps the requests'
+    Python side only, so what else it runs (a server's HTTP work) never waits for the engine's host work on the
+    interpreter lock, nor the engine for it. Needs mpiexec, as several ranks do (see README)."""
     embedding_sharding_dim: int = 0
     """With tensor parallelism, split the embedding along the vocabulary (0) or the hidden size (1)."""
     max_batch_size: int = 2048
@@ -264,8 +269,8 @@ class LlmArgs:
                f"must be one of {_LOAD_FORMATS}")
         _check(self.guided_decoding_backend in _GUIDED_DECODING_BACKENDS, "guided_decoding_backend",
                self.guided_decoding_backend, f"must be one of {_GUIDED_DECODING_BACKENDS}")
-        _check(isinstance(self.async_scheduling, bool), "async_scheduling", self.async_scheduling,
-               "must be True or False")
+        for name in ("async_scheduling", "engine_process"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
         _check(self.attn_backend in ("triton", "flash"), "attn_backend", self.attn_backend,
                "must be one of ('triton', 'flash')")
         sizes = self.cuda_graph_batch_sizes
@@ -296,10 +301,12 @@ class LlmArgs:
         from .speculative.config import EagleDecodingConfig, resolve_speculative_config
 
         self.speculative_config = resolve_speculative_config(self.speculative_config)
-        if isinstance(self.speculative_config, EagleDecodingConfig) and self.world_size > 1:
-            raise ValueError(f"speculative_config=EagleDecodingConfig(...) is invalid with tensor_parallel_size * "
-                             f"pipeline_parallel_size = {self.world_size}: an EAGLE head runs on one rank only "
-                             "(n-gram and draft-model speculative decoding run at every world size)")
+        if isinstance(self.speculative_config, EagleDecodingConfig) and (self.world_size > 1 or self.engine_process):
+            where = (f"tensor_parallel_size * pipeline_parallel_size = {self.world_size}" if self.world_size > 1
+                     else "engine_process=True")
+            raise ValueError(f"speculative_config=EagleDecodingConfig(...) is invalid with {where}: an EAGLE head "
+                             "runs on one rank only, in this process (n-gram and draft-model speculative decoding run "
+                             "at every world size)")
         from .quantization.config import SMOOTHQUANT_ALGOS, resolve_quant
 
         self.quant = resolve_quant(self.quant)  # None or a QuantConfig; bad values raise ValueError naming quant

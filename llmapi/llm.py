@@ -96,9 +96,10 @@ class LLM:
         self.world_size = mapping.world_size
         launched = sessions.current()
         remote = None
-        import os as _os
-        self._proto_remote = bool(_os.environ.get("PROTO_REMOTE"))
-        if (mapping.world_size > 1 or self._proto_remote) and launched is None:
+        # Requests and their logits processors cross to another process: rank 0 of a spawned job, or the
+        # sampling rank of several.
+        self._ranks_apart = mapping.world_size > 1 or (args.engine_process and launched is None)
+        if self._ranks_apart and launched is None:
             from .distributed.remote import RemoteExecutor
             from .distributed.spawn import refuse_bare_mpirun
 
@@ -308,7 +309,7 @@ class LLM:
                               vocab_size=self.vocab_size, max_logprobs=self.args.max_logprobs,
                               max_batch_size=self.args.max_batch_size,
                               max_num_tokens=self.args.max_num_tokens, tokenizer=self.tokenizer)
-        if self.world_size > 1:
+        if self._ranks_apart:
             check_multi_rank(params)
         if params.use_beam_search and self.args.speculative_config is not None:
             raise field_error("use_beam_search", True, "beam search cannot run with speculative decoding "
@@ -420,9 +421,9 @@ class LLM:
                                                   abort_seq=functools.partial(self._res.abort, rid),
                                                   speculative=self.args.speculative_config is not None)
                     if processor is not None:
-                        if self.world_size > 1 and id(params) not in pickled:
+                        if self._ranks_apart and id(params) not in pickled:
                             pickled[id(params)] = pickled_processor(processor)
-                        processors[rid] = processor if self.world_size == 1 else pickled[id(params)]
+                        processors[rid] = pickled[id(params)] if self._ranks_apart else processor
                     if (params.prompt_logprobs is not None or params.return_context_logits
                             or params.return_generation_logits):
                         records.open(rid)

@@ -1,5 +1,5 @@
-"""Every decoding setting over 2 MPI ranks on the CPU (TP=2 and PP=2, spelt tp= / pp=) gives the tokens one
-rank gives, and logprobs, prompt logprobs and logits outputs within 1e-5 (relative): n / best_of, beam search, each
+"""Every decoding setting over 2 MPI ranks on the CPU (TP=2 and PP=2, spelt tp= / pp=), and over one rank in a
+process of its own (engine_process=True), gives the tokens one rank in the caller's process gives, and logprobs, prompt logprobs and logits outputs within 1e-5 (relative): n / best_of, beam search, each
 penalty, min_p, bad words, logit bias, Python logits processors (importable by name; a closure is refused, a
 failing one fails its request alone), and all of them in one batch under preemption."""
 
@@ -29,11 +29,14 @@ def one_rank(tiny_llama_dir):
         yield llm
 
 
-@pytest.fixture(scope="module", params=[(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.fixture(scope="module", params=[(2, 1, False), (1, 2, False), (1, 1, True)],
+                ids=["tp2", "pp2", "engine-process"])
 def two_ranks(request, tiny_llama_dir):
-    tp, pp = request.param
-    with LLM(str(tiny_llama_dir), tp=tp, pp=pp, **SETTINGS) as llm:
+    """Two ranks, or one in a process of its own (engine_process=True): ranks of a spawned MPI job either way."""
+    tp, pp, apart = request.param
+    with LLM(str(tiny_llama_dir), tp=tp, pp=pp, engine_process=apart, **SETTINGS) as llm:
         assert (llm.args.tensor_parallel_size, llm.args.pipeline_parallel_size) == (tp, pp)
+        assert llm._runner is None and llm._executor.rank_pids  # the executor runs in the job's rank 0
         yield llm
 
 

@@ -1,5 +1,6 @@
-"""`llmapi serve --tensor-parallel-size 2` (two CPU ranks) answers as one rank does; SIGTERM mid-stream drains:
-a short stream finishes, a long one ends with "abort" at the drain timeout, the process exits and no rank is left."""
+"""`llmapi serve --tensor-parallel-size 2` (two CPU ranks) and `llmapi serve --engine-process` (one rank in a process
+of its own) answer as one rank in the server's process does; SIGTERM mid-stream drains: a short stream finishes, a
+long one ends with "abort" at the drain timeout, the process exits and no rank is left."""
 
 import asyncio
 import json
@@ -35,11 +36,14 @@ def one_rank(long_llama_dir):
         yield llm
 
 
-@pytest.fixture(scope="module")
-def tp2_server(one_rank, long_llama_dir, tmp_path_factory):
-    proc = ServerProcess(long_llama_dir, "--device", "cpu", "--tensor-parallel-size", 2, "--tokens-per-block", 8,
+@pytest.fixture(scope="module", params=[("--tensor-parallel-size", 2), ("--engine-process",)],
+                ids=["tp2", "engine-process"])
+def tp2_server(request, one_rank, long_llama_dir, tmp_path_factory):
+    """Two CPU ranks, or one rank in a process of its own (LLM(engine_process=True)): either way an MPI job that
+    the server's process spawned."""
+    proc = ServerProcess(long_llama_dir, "--device", "cpu", *request.param, "--tokens-per-block", 8,
                          "--served-model-name", "tiny", "--drain-timeout", DRAIN_S,
-                         log=tmp_path_factory.mktemp("serve-tp2") / "server.log")
+                         log=tmp_path_factory.mktemp("serve-ranks") / "server.log")
     yield proc
     proc.stop()
 

@@ -49,6 +49,15 @@ def response_tuple(r) -> RemoteResponse:
     return RemoteResponse(*(getattr(r, name) for name in RemoteResponse._fields))
 
 
+def error_response(fields: dict, error: str) -> RemoteResponse:
+    """The response that ends a request (its request_fields) with finish_reason "error" before any step."""
+    return RemoteResponse(
+        request_id=fields["request_id"], seq_index=0, token_ids=[], finished=True, request_finished=True,
+        finish_reason="error", stop_reason=-1, error=error, num_prompt_tokens=len(fields["prompt_token_ids"]),
+        num_cached_tokens=0, num_top_logprobs=-1, logprobs=[], ranks=[], top_ids=[], top_logprobs=[],
+        cumulative_logprob=0.0, num_draft_tokens=0, num_accepted_draft_tokens=0)
+
+
 def request_fields(request) -> dict:
     """A _core.Request's constructor arguments."""
     fields = {name: getattr(request, name) for name in REQUEST_FIELDS}

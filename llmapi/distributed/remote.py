@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Optional
 
-from llmapi import errors
+from llmapi import _core, errors
 from llmapi.distributed import channel
 from llmapi.distributed.session import MASTER_ADDR_ENV
 from llmapi.distributed.spawn import MpiJob
@@ -142,6 +142,8 @@ class RemoteExecutor:
                 raise error(f"{msg[3]} (the ranks did not load the engine; log {self.job.log_path})")
             raise LaunchError(f"the ranks did not load the engine: {msg[1]}\n{self._wait_describe()}")
         _, self.num_blocks, pids = msg
+        # Rank 0's executor settings: each request is checked here against its rules before it is sent.
+        self._config = _core.ExecutorConfig(num_blocks=self.num_blocks, **executor_kwargs)
         self.job.rank_pids = list(pids)
         self.job.remember_segments()
         self._reader = threading.Thread(target=self._read, name="llmapi-rank0-reader", daemon=True)
@@ -258,22 +260,32 @@ class RemoteExecutor:
         return call.value
 
     def enqueue(self, request) -> int:
-        return self._track([request], "enqueue", channel.request_fields(request))
+        return self._send_requests([request])[0]
 
     def enqueue_many(self, requests) -> list:
-        return self._track(requests, "enqueue_many", [channel.request_fields(r) for r in requests])
+        return self._send_requests(list(requests))
 
-    def _track(self, requests, kind: str, payload):
-        """A call that enqueues `requests` (with their logits processors): pending for the watchdog until their
-        last response."""
+    def _send_requests(self, requests: list) -> list:
+        """Enqueue `requests` (with their logits processors) on rank 0 without waiting for it: each is checked
+        here against the executor's rules first (RequestError, as Executor.enqueue raises it), all or nothing,
+        and a request rank 0 refuses after all ends with an "error" response. A round trip per request would
+        wait on rank 0's interpreter lock, which its engine holds for a step's host work: a server's requests
+        would queue behind the steps. They stay pending for the watchdog until their last response."""
+        with self._cv:
+            if self._dead is not None:
+                self._raise_dead()
+        for request in requests:
+            _core.Scheduler.check_request(self._config, request)
         ids = [r.request_id for r in requests]
         processors = {rid: self.processors[rid] for rid in ids if rid in self.processors}
+        payload = [channel.request_fields(r) for r in requests]
         self._outstanding.update(ids)
         try:
-            return self._call(kind, payload, processors)
-        except BaseException:
-            self._outstanding.difference_update(ids)
-            raise
+            with self._send_lock:
+                self._conn.send(("enqueue_many", None, payload, processors))
+        except OSError:
+            pass  # the reader sees the closed connection: every pending request fails with WorkerDiedError
+        return ids
 
     def queue_adapter(self, install) -> None:
         """An adapter (llmapi.lora.runtime.AdapterInstall) for rank 0 to hand every rank before its next step;

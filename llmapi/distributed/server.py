@@ -125,16 +125,14 @@ def _serve_calls(conn, executor, runner: DistributedRunner, send) -> None:
             logger.warning("the user's process went away; stopping the job")
             return
         kind = msg[0]
-        if kind in ("enqueue", "enqueue_many"):
-            requests = [msg[2]] if kind == "enqueue" else msg[2]
+        if kind == "enqueue_many":  # sent without waiting: the user's process checked them (RemoteExecutor)
+            requests = msg[2]
             _register(runner, requests, msg[3])
             try:
-                made = [_core.Request(**fields) for fields in requests]
-                ids = executor.enqueue(made[0]) if kind == "enqueue" else list(executor.enqueue_many(made))
-                send(("reply", msg[1], None, ids))
-            except LLMAPIError as e:
+                executor.enqueue_many([_core.Request(**fields) for fields in requests])
+            except LLMAPIError as e:  # e.g. the executor died meanwhile: each request ends with the error
                 _unregister(runner, requests)
-                send(("reply", msg[1], (type(e).__name__, str(e)), None))
+                send(("responses", [channel.error_response(f, f"{type(e).__name__}: {e}") for f in requests], {}))
         elif kind == "adapter":
             from llmapi.lora.runtime import AdapterInstall
 

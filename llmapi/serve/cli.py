@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None)
     m.add_argument("--no-enable-prefix-caching", action="store_true", help="KvCacheConfig(enable_block_reuse=False)")
     m.add_argument("--no-async-scheduling", action="store_true")
+    m.add_argument("--engine-process", action="store_true",
+                   help="run the engine in a process of its own at one rank too (LLM(engine_process=True)): the "
+                   "HTTP side and the engine's host work never wait for each other's interpreter lock")
     m.add_argument("--attn-backend", choices=("triton", "flash"), default=None,
                    help="flash: prefill rows through torch's FlashAttention (LLM(attn_backend='flash'))")
     m.add_argument("--cuda-graph-batch-sizes", type=batch_sizes, default=None, metavar="B[,B...]",
@@ -94,6 +97,8 @@ def llm_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
         kw["async_scheduling"] = False
     if a.skip_tokenizer_init:
         kw["skip_tokenizer_init"] = True
+    if a.engine_process:
+        kw["engine_process"] = True
     if a.enable_lora or a.lora_modules:
         kw["enable_lora"] = True
         if a.lora_modules and a.max_cpu_loras is None:  # every served adapter stays loaded: no disk read in a request
