@@ -283,6 +283,12 @@ PYBIND11_MODULE(_core, m) {
         "N-gram drafts: the tokens after the most recent earlier occurrence of the longest suffix of "
         "`tokens` (max_ngram_size tokens down to 1), at most max_draft_len of them.");
 
+  m.def("encode_responses", [](const std::vector<Response>& responses) {
+    return py::bytes(encode_responses(responses));
+  }, "responses"_a, "Responses as one byte string for another process (decode_responses reads it).");
+  m.def("decode_responses", [](const py::bytes& data) { return decode_responses(std::string(data)); }, "data"_a,
+        "The Responses encode_responses wrote (ValueError for bytes that are not such).");
+
   py::class_<ExecutorConfig>(m, "ExecutorConfig")
       .def(py::init([](int32_t max_batch_size, int32_t max_num_tokens, int32_t max_seq_len,
                        int32_t tokens_per_block, int32_t num_blocks, bool enable_prefix_caching,

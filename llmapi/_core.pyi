@@ -409,6 +409,9 @@ class SchedulerOutput:
     @property
     def block_copies(self) -> List[int]: ...  # flat (source, destination) pairs
 
+def encode_responses(responses: List[Response]) -> bytes: ...  # for another process
+def decode_responses(data: bytes) -> List[Response]: ...  # ValueError for bytes that are not encoded responses
+
 class Scheduler:
     """The executor's scheduler, standalone (no runner, no thread) for tests and tools."""
 

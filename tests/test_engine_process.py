@@ -128,3 +128,51 @@ def test_rank0_ends_the_requests_it_refuses_with_error_responses():
         assert r.finished and r.request_finished and r.finish_reason == "error"
         assert r.error == "ExecutorDeadError: the executor is dead: a step failed"
         assert r.num_prompt_tokens == prompt and r.num_top_logprobs == -1
+
+
+def test_responses_cross_as_bytes_field_for_field():
+    # A step's responses as rank 0 sends them (one byte string) read back equal in every field: tokens, logprobs
+    # with their ranks and top ids, the finish, an error's text, the counters.
+    from llmapi import _core
+    from llmapi._core import Executor, ExecutorConfig, Request
+    from llmapi.distributed.channel import RemoteResponse
+
+    import numpy as np
+
+    from llmapi.runtime.decode import StepOutput
+
+    class Runner:  # samples token 7 with logprob -0.5 (rank 1), top-2 7, 9 (-0.5, -1.5); request 2 fails
+        def submit(self, batch):
+            r = int(batch.num_requests)
+            rows = list(np.asarray(batch.request_ids))
+            return StepOutput(tokens=np.full((r, 1), 7, np.int32), logprobs=np.full((r, 1), -0.5, np.float32),
+                              ranks=np.ones((r, 1), np.int32), top_ids=np.tile(np.int32([7, 9]), (r, 1)),
+                              top_logprobs=np.tile(np.float32([-0.5, -1.5]), (r, 1)),
+                              errors={rows.index(2): "ValueError: row 2 fails"} if 2 in rows else None)
+
+        def collect(self, handle):
+            return handle
+
+    with pytest.raises(ValueError, match="cut short"):
+        _core.decode_responses(b"\x01\x00")
+    config = ExecutorConfig(max_batch_size=4, max_num_tokens=32, max_seq_len=16, tokens_per_block=4, num_blocks=16)
+    ex = Executor(config, Runner())
+    try:
+        ex.enqueue_many([Request(1, [3, 4, 5], 3, ignore_eos=True, logprobs=2), Request(2, [3], 2, ignore_eos=True)])
+        responses = []
+        while sum(r.request_finished for r in responses) < 2:
+            responses += ex.await_responses(5.0)
+    finally:
+        ex.shutdown()
+    data = _core.encode_responses(responses)
+    back = _core.decode_responses(data)
+    fields = RemoteResponse._fields
+    assert [tuple(getattr(r, f) for f in fields) for r in back] == [tuple(getattr(r, f) for f in fields)
+                                                                    for r in responses]
+    first = next(r for r in back if r.request_id == 1 and r.token_ids)
+    assert first.token_ids == [7] and first.logprobs == [-0.5] and first.ranks == [1]
+    assert first.top_ids == [7, 9] and first.top_logprobs == [-0.5, -1.5] and first.num_top_logprobs == 2
+    assert sorted((r.request_id, r.finish_reason, r.error) for r in back if r.finished) == [
+        (1, "length", ""), (2, "error", "ValueError: row 2 fails")]
+    with pytest.raises(ValueError, match="bytes past their last response"):
+        _core.decode_responses(data + b"\x00")

@@ -14,7 +14,8 @@ from multiprocessing.connection import Client, Connection, Listener
 ADDRESS_ENV = "LLMAPI_SESSION_ADDRESS"
 KEY_ENV = "LLMAPI_SESSION_KEY"
 
-# What rank 0 sends for each _core.Response: plain values only.
+# A _core.Response's fields as plain values: what rank 0 sends for a request it refuses (error_response); a step's
+# responses cross as _core.encode_responses' bytes.
 RemoteResponse = namedtuple("RemoteResponse", [
     "request_id", "seq_index", "token_ids", "finished", "request_finished", "finish_reason", "stop_reason",
     "error", "num_prompt_tokens", "num_cached_tokens", "num_top_logprobs", "logprobs", "ranks", "top_ids",
@@ -43,10 +44,6 @@ def connect_from_env() -> Connection:
     host, port = os.environ[ADDRESS_ENV].rsplit(":", 1)
     key = bytes.fromhex(os.environ.pop(KEY_ENV))  # not inherited by anything this rank starts
     return Client((host, int(port)), family="AF_INET", authkey=key)
-
-
-def response_tuple(r) -> RemoteResponse:
-    return RemoteResponse(*(getattr(r, name) for name in RemoteResponse._fields))
 
 
 def error_response(fields: dict, error: str) -> RemoteResponse:

@@ -189,8 +189,9 @@ class RemoteExecutor:
                     continue
                 msg = self._conn.recv()
                 kind = msg[0]
-                if kind == "responses":
-                    responses = [channel.RemoteResponse(*t) for t in msg[1]]
+                if kind == "responses":  # a step's, encoded (_core.encode_responses); or refused requests' errors
+                    responses = _core.decode_responses(msg[1]) if isinstance(msg[1], bytes) else \
+                        [channel.RemoteResponse(*t) for t in msg[1]]
                     self.records.arrive(msg[2])  # before the responses that finish their requests
                     self._outstanding.difference_update(r.request_id for r in responses if r.request_finished)
                     self._responses_seen += 1

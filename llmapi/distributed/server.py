@@ -60,8 +60,7 @@ def serve_user(session: Session) -> None:
                     os._exit(1)
             if responses:
                 try:
-                    send(("responses", [channel.response_tuple(r) for r in responses],
-                          _finished_records(runner, responses)))
+                    send(("responses", _core.encode_responses(responses), _finished_records(runner, responses)))
                 except OSError:
                     return  # the user's process is gone; the main loop sees it too
 

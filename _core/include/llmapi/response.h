@@ -38,4 +38,10 @@ struct Response {
   static Response of(const Request& request);
 };
 
+// Responses as bytes (a flat little-endian layout, every field), for another process: rank 0 of a spawned job
+// sends each step's responses to the user's process so, in one piece instead of a Python object per field.
+std::string encode_responses(const std::vector<Response>& responses);
+// The responses encode_responses wrote; std::invalid_argument if `data` is not such bytes (cut short, or longer).
+std::vector<Response> decode_responses(const std::string& data);
+
 }  // namespace llmapi
