@@ -178,7 +178,8 @@ class LlmArgs:
     """Run the engine (executor and model runner) in a process of its own at one rank too, as the one rank of an
     MPI job this process spawns (with tp x pp > 1 the ranks always run so): this process keeps the requests'
     Python side only, so what else it runs (a server's HTTP work) never waits for the engine's host work on the
-    interpreter lock, nor the engine for it. Needs mpiexec, as several ranks do (see README)."""
+    interpreter lock, nor the engine for it. Needs mpiexec, as several ranks do (see README); under llmapi-launch
+    the ranks are the launcher's job, and this changes nothing."""
     embedding_sharding_dim: int = 0
     """With tensor parallelism, split the embedding along the vocabulary (0) or the hidden size (1)."""
     max_batch_size: int = 2048
