@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,12 +374,76 @@ async def _drive_openai(base_url: str, model: str, api_key, prompts, osl: int, c
         return await asyncio.gather(*(one(p) for p in prompts))
 
 
-def run_openai_workload(base_url: str, model: str, api_key, workload: Workload, vocab_size: int) -> dict:
-    """The workload through a running server's streamed /v1/completions (token-id prompts, ignore_eos)."""
+CLIENT_START_TIMEOUT_S = 300.0  # a client process importing the library (torch) on a loaded machine
+
+
+def run_openai_workload(base_url: str, model: str, api_key, workload: Workload, vocab_size: int,
+                        processes: int = 1) -> dict:
+    """The workload through a running server's streamed /v1/completions (token-id prompts, ignore_eos), from one
+    asyncio client, or from `processes` of them (each its share of the prompts, round-robin, and of the
+    concurrency), so that the client's own interpreter does not bound what a fast server is measured at."""
     prompts = workload.prompts(vocab_size)
+    if processes > 1:
+        timings, wall = _drive_openai_processes(base_url, model, api_key, prompts, workload.osl,
+                                                workload.concurrency, processes)
+        return summarize(timings, wall)
     start = time.perf_counter()
     timings = asyncio.run(_drive_openai(base_url, model, api_key, prompts, workload.osl, workload.concurrency))
     return summarize(timings, time.perf_counter() - start)
+
+
+def _client_process(base_url, model, api_key, prompts, osl, concurrency, ready, results) -> None:
+    """One of --client-processes: waits at `ready` until every one has started, then streams its prompts and
+    puts ("ok", timings) or ("error", message) on `results`."""
+    try:
+        ready.wait(CLIENT_START_TIMEOUT_S)
+        results.put(("ok", asyncio.run(_drive_openai(base_url, model, api_key, prompts, osl, concurrency))))
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _drive_openai_processes(base_url, model, api_key, prompts, osl: int, concurrency: int,
+                            processes: int) -> tuple[list[Timing], float]:
+    """(timings, wall s) of `processes` client processes started together (a barrier once each has imported
+    what it runs); RuntimeError naming a client that failed or died."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")  # no copy of this process's threads or sockets
+    shares = [part for part in (prompts[i::processes] for i in range(processes)) if part]
+    share = -(-concurrency // len(shares)) if concurrency else 0
+    ready, results = ctx.Barrier(len(shares) + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client_process, daemon=True, name=f"llmapi-bench-client-{i}",
+                         args=(base_url, model, api_key, part, osl, share, ready, results))
+             for i, part in enumerate(shares)]
+    for proc in procs:
+        proc.start()
+    try:
+        try:
+            ready.wait(CLIENT_START_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"the {len(procs)} client processes did not all start within "
+                               f"{CLIENT_START_TIMEOUT_S:.0f} s") from None
+        start, timings, pending = time.perf_counter(), [], len(procs)
+        while pending:
+            try:
+                kind, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"client process {dead[0]} died (exit code "
+                                       f"{next(p.exitcode for p in procs if p.name == dead[0])})") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"a client process failed: {value}")
+            timings += value
+            pending -= 1
+        return timings, time.perf_counter() - start
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
 
 
 def _served_model(base_url: str, api_key) -> str:
@@ -406,12 +471,16 @@ def main_openai(a) -> int:
     model = a.model or _served_model(a.base_url, api_key)
     isl = 128 if a.isl is None else a.isl
     workload = Workload(isl, a.osl, a.num_requests, a.concurrency, a.seed)
+    if a.client_processes < 1:
+        raise ValueError(f"--client-processes={a.client_processes} is invalid: must be >= 1")
     results = {"backend": "openai", "base_url": a.base_url, "model": model, "isl": isl, "osl": a.osl,
-               "num_requests": a.num_requests, "concurrency": a.concurrency, "vocab_size": a.vocab_size}
+               "num_requests": a.num_requests, "concurrency": a.concurrency, "vocab_size": a.vocab_size,
+               "client_processes": a.client_processes}
     if a.warmup:
         run_openai_workload(a.base_url, model, api_key, Workload(isl, a.osl, a.warmup, a.concurrency, a.seed + 1),
-                            a.vocab_size)
-    ours = results["openai"] = run_openai_workload(a.base_url, model, api_key, workload, a.vocab_size)
+                            a.vocab_size, a.client_processes)
+    ours = results["openai"] = run_openai_workload(a.base_url, model, api_key, workload, a.vocab_size,
+                                                   a.client_processes)
     print(format_report("openai", ours))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
@@ -537,6 +606,8 @@ def main(a) -> int:
     from .bench_grid import check_grid_args, run_grid
 
     check_grid_args(a)
+    if a.client_processes != 1 and a.backend != "openai":
+        raise ValueError("--client-processes needs --backend openai (the offline run has no client)")
     a.capacity_scheduler_policy = capacity_policy(a)
     if a.grid is not None:
         if a.model is None:
@@ -818,6 +889,9 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=["llmapi", "openai"], default="llmapi",
                    help="llmapi: an LLM in this process; openai: a running server's streamed /v1/completions")
     p.add_argument("--base-url", default=None, help="--backend openai: the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--client-processes", type=int, default=1, metavar="N",
+                   help="--backend openai: stream from N client processes (each a share of the requests and of "
+                   "the concurrency), so that one client's interpreter does not bound a fast server (default 1)")
     p.add_argument("--api-key", default=None, help="--backend openai: the server's key (default: $LLMAPI_API_KEY, "
                    "$OPENAI_API_KEY)")
     p.add_argument("--vocab-size", type=int, default=1000,

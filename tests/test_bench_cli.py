@@ -443,6 +443,9 @@ def test_accept_all_drafts_is_refused_where_it_cannot_run(tiny_llama_dir, capsys
     (["--speculative-compare-plain"], "--speculative-compare-plain needs --speculative-model"),
     (["--ngram", "--speculative-compare-plain", "--num-loras", "2"], "compare one thing a run"),
     (["--backend", "openai", "--base-url", "http://x", "--model", "m", "--num-loras", "1"], "run offline only"),
+    (["--client-processes", "2"], "--client-processes needs --backend openai"),
+    (["--backend", "openai", "--base-url", "http://x", "--model", "m", "--client-processes", "0"],
+     "--client-processes=0 is invalid: must be >= 1"),
 ])
 def test_bench_refuses_flags_that_do_not_go_together(tiny_llama_dir, capsys, flags, message):
     model = [] if "--backend" in flags else ["--model", str(tiny_llama_dir)]
@@ -513,3 +516,13 @@ def test_hf_warmup_stops_early_and_timed_run_gives_every_token(tiny_llama_dir):
         with torch.inference_mode():
             assert bench_hf._timed_generate(model, ids, 7, compile=False, stop_after=2) > 0
             assert bench_hf._timed_generate(model, ids, 7, compile=False) > 0
+
+
+def test_a_failing_client_process_is_reported():
+    # Nothing listens on the port: each client process fails to connect, and the bench says so instead of waiting.
+    from serve_process import free_port
+
+    from llmapi.bench import Workload, run_openai_workload
+
+    with pytest.raises(RuntimeError, match="a client process failed: ConnectError"):
+        run_openai_workload(f"http://127.0.0.1:{free_port()}", "m", None, Workload(4, 2, 4, 0), 320, processes=2)

@@ -173,16 +173,20 @@ def test_backpressure_answers_503_with_retry_after(llm):
         assert _settled(app.state.serve, llm)
 
 
-def test_bench_drives_the_server(served, llm, tmp_path, capsys):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bench_drives_the_server(served, llm, tmp_path, capsys, processes):
+    # From one client, or from two client processes (four requests each, two in flight each).
     from llmapi.cli import main
 
     url, state, _ = served
     out = tmp_path / "bench.json"
     rc = main(["bench", "--backend", "openai", "--base-url", f"{url}/v1", "--vocab-size", "320", "--isl", "6",
-               "--osl", "5", "--num-requests", "8", "--concurrency", "3", "--warmup", "2", "--json", str(out)])
+               "--osl", "5", "--num-requests", "8", "--concurrency", "3", "--warmup", "2", "--json", str(out),
+               "--client-processes", str(processes)])
     assert rc == 0
     result = json.loads(out.read_text())
     r = result["openai"]
+    assert result["client_processes"] == processes
     assert result["model"] == "tiny" and r["requests"] == 8 and r["output_tokens"] == 40  # ignore_eos: 8 x 5
     assert 0 < r["ttft_ms_p50"] <= r["ttft_ms_p99"] <= 1e3 * r["wall_s"] and 0 < r["tpot_ms_p50"] <= r["tpot_ms_p99"]
     assert "output tok/s" in capsys.readouterr().out
