@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,11 +391,12 @@ def run_openai_workload(base_url: str, model: str, api_key, workload: Workload, 
     return summarize(timings, time.perf_counter() - start)
 
 
-def _client_process(base_url, model, api_key, prompts, osl, concurrency, ready, results) -> None:
-    """One of --client-processes: waits at `ready` until every one has started, then streams its prompts and
-    puts ("ok", timings) or ("error", message) on `results`."""
+def _client_process(base_url, model, api_key, prompts, osl, concurrency, go, results) -> None:
+    """One of --client-processes: says it is ready (what it runs is imported), waits for `go`, streams its
+    prompts, and puts ("ok", timings) or ("error", message) on `results`."""
     try:
-        ready.wait(CLIENT_START_TIMEOUT_S)
+        results.put(("ready", None))
+        go.wait()
         results.put(("ok", asyncio.run(_drive_openai(base_url, model, api_key, prompts, osl, concurrency))))
     except BaseException as e:  # noqa: BLE001 - the parent reports it
         results.put(("error", f"{type(e).__name__}: {e}"))
@@ -404,46 +404,53 @@ def _client_process(base_url, model, api_key, prompts, osl, concurrency, ready, 
 
 def _drive_openai_processes(base_url, model, api_key, prompts, osl: int, concurrency: int,
                             processes: int) -> tuple[list[Timing], float]:
-    """(timings, wall s) of `processes` client processes started together (a barrier once each has imported
-    what it runs); RuntimeError naming a client that failed or died."""
+    """(timings, wall s) of `processes` client processes that start streaming together, once each has said it
+    is ready; RuntimeError naming a client that failed, died or did not start in CLIENT_START_TIMEOUT_S."""
     import multiprocessing
     import queue
 
     ctx = multiprocessing.get_context("spawn")  # no copy of this process's threads or sockets
     shares = [part for part in (prompts[i::processes] for i in range(processes)) if part]
     share = -(-concurrency // len(shares)) if concurrency else 0
-    ready, results = ctx.Barrier(len(shares) + 1), ctx.Queue()
+    go, results = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_client_process, daemon=True, name=f"llmapi-bench-client-{i}",
-                         args=(base_url, model, api_key, part, osl, share, ready, results))
+                         args=(base_url, model, api_key, part, osl, share, go, results))
              for i, part in enumerate(shares)]
-    for proc in procs:
-        proc.start()
-    try:
-        try:
-            ready.wait(CLIENT_START_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            raise RuntimeError(f"the {len(procs)} client processes did not all start within "
-                               f"{CLIENT_START_TIMEOUT_S:.0f} s") from None
-        start, timings, pending = time.perf_counter(), [], len(procs)
-        while pending:
+
+    def take(deadline: Optional[float]):
+        """The next (kind, value) from a client; RuntimeError if one failed or died, or past `deadline`."""
+        while True:
             try:
                 kind, value = results.get(timeout=1.0)
             except queue.Empty:
-                dead = [p.name for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"client process {dead[0]} died (exit code "
-                                       f"{next(p.exitcode for p in procs if p.name == dead[0])})") from None
+                dead = next((p for p in procs if p.exitcode not in (None, 0)), None)
+                if dead is not None:
+                    raise RuntimeError(f"client process {dead.name} died (exit code {dead.exitcode})") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RuntimeError(f"the {len(procs)} client processes did not all start within "
+                                       f"{CLIENT_START_TIMEOUT_S:.0f} s") from None
                 continue
             if kind == "error":
                 raise RuntimeError(f"a client process failed: {value}")
-            timings += value
-            pending -= 1
+            return kind, value
+
+    for proc in procs:
+        proc.start()
+    try:
+        deadline = time.monotonic() + CLIENT_START_TIMEOUT_S
+        for _ in procs:
+            take(deadline)  # "ready"
+        start, timings = time.perf_counter(), []
+        go.set()
+        for _ in procs:
+            timings += take(None)[1]
         return timings, time.perf_counter() - start
-    finally:
+    finally:  # after a failure the others are stopped: their connections close, the server aborts their requests
         for proc in procs:
-            proc.join(5)
+            proc.join(5 if go.is_set() else 0)
             if proc.is_alive():
                 proc.kill()
+                proc.join()
 
 
 def _served_model(base_url: str, api_key) -> str:
@@ -558,6 +565,9 @@ def check_bench_args(a) -> None:
     if a.speculative_compare_plain and a.num_loras:
         raise ValueError("--speculative-compare-plain and --num-loras: the plain run would lack the adapters too; "
                          "compare one thing a run")
+    if a.profile and a.engine_process:
+        raise ValueError("--profile records the kernels of this process, and --engine-process runs the engine in "
+                         "another: drop one")
 
 
 def _start_llm(model: str, kwargs: dict):

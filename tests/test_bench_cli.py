@@ -444,6 +444,7 @@ def test_accept_all_drafts_is_refused_where_it_cannot_run(tiny_llama_dir, capsys
     (["--ngram", "--speculative-compare-plain", "--num-loras", "2"], "compare one thing a run"),
     (["--backend", "openai", "--base-url", "http://x", "--model", "m", "--num-loras", "1"], "run offline only"),
     (["--client-processes", "2"], "--client-processes needs --backend openai"),
+    (["--profile", "--engine-process"], "--profile records the kernels of this process, and --engine-process"),
     (["--backend", "openai", "--base-url", "http://x", "--model", "m", "--client-processes", "0"],
      "--client-processes=0 is invalid: must be >= 1"),
 ])
