@@ -40,17 +40,21 @@ def test_dropped_llms_are_collected_with_their_threads_and_processes(tiny_llama_
         running.abort()  # a no-op now
 
 
+def _interrupt_at_third_token(output_ids, logits):
+    """A logits processor that presses Ctrl-C (KeyboardInterrupt in the main thread) as its request's third token
+    is sampled: at a known step, with the other requests of the call far from done."""
+    if len(output_ids) == 2:
+        _thread.interrupt_main()
+    return logits
+
+
 def test_ctrl_c_in_generate_leaves_no_request_of_that_call(tiny_llama_dir):
     with LLM(str(tiny_llama_dir), tokens_per_block=4) as llm:
         prompts = [[3 + i, 4 + i, 5 + i] for i in range(12)]
-        params = SamplingParams(max_tokens=200, ignore_eos=True)
-        first_steps = llm.get_stats()["num_steps"]
-
-        def interrupt_when_running():
-            _wait_until(lambda: llm.get_stats()["num_steps"] > first_steps + 2, 30)
-            _thread.interrupt_main()  # KeyboardInterrupt in the main thread, as Ctrl-C
-
-        threading.Thread(target=interrupt_when_running, daemon=True).start()
+        # The first request ends after 5 tokens and wakes generate(), which waits for it first: the interrupt is
+        # raised there, with the other 11 requests some 190 steps from their end.
+        params = [SamplingParams(max_tokens=5, ignore_eos=True, logits_processor=_interrupt_at_third_token)]
+        params += [SamplingParams(max_tokens=200, ignore_eos=True)] * 11
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, params, use_tqdm=False)
         stats = llm.get_stats()
