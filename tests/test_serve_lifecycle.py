@@ -38,7 +38,7 @@ def one_rank(long_llama_dir):
 
 @pytest.fixture(scope="module", params=[("--tensor-parallel-size", 2), ("--engine-process",)],
                 ids=["tp2", "engine-process"])
-def tp2_server(request, one_rank, long_llama_dir, tmp_path_factory):
+def spawned_server(request, one_rank, long_llama_dir, tmp_path_factory):
     """Two CPU ranks, or one rank in a process of its own (LLM(engine_process=True)): either way an MPI job that
     the server's process spawned."""
     proc = ServerProcess(long_llama_dir, "--device", "cpu", *request.param, "--tokens-per-block", 8,
@@ -48,8 +48,8 @@ def tp2_server(request, one_rank, long_llama_dir, tmp_path_factory):
     proc.stop()
 
 
-def test_tp2_server_answers_as_one_rank(tp2_server, one_rank):
-    client = openai.OpenAI(base_url=f"{tp2_server.url}/v1", api_key="none", max_retries=0)
+def test_spawned_ranks_answer_as_one_rank(spawned_server, one_rank):
+    client = openai.OpenAI(base_url=f"{spawned_server.url}/v1", api_key="none", max_retries=0)
     want = one_rank.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
     got = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=12, temperature=0)
     assert [c.text for c in got.choices] == [w.outputs[0].text for w in want]
@@ -82,8 +82,8 @@ async def _stream(url: str, max_tokens: int, started: asyncio.Event) -> dict:
     return {"finish": finish, "usage": usage, "done": done}
 
 
-def test_sigterm_mid_stream_drains_then_exits_leaving_no_rank(tp2_server):
-    proc = tp2_server
+def test_sigterm_mid_stream_drains_then_exits_leaving_no_rank(spawned_server):
+    proc = spawned_server
     ranks = descendants(proc.proc.pid)
     assert len(ranks) >= 2  # mpiexec and its ranks
 
