@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from .bench_profile import KernelProfile, format_profile
+
 KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
 CODE_REWRITE_ISL = 512
 """--workload code-rewrite's default --isl: its most prompt tokens (max_seq_len is --isl + --osl + 1)."""
@@ -169,65 +171,6 @@ def timed(llm, prompts, params, concurrency: int, loras=None, outputs=None) -> d
     start = time.perf_counter()
     timings = _drive(llm, prompts, params, concurrency, loras, outputs)
     return summarize(timings, time.perf_counter() - start)
-
-
-class KernelProfile:
-    """--profile: the timed run under torch.profiler, device kernels only (CUDA; on the CPU, torch's CPU ops), for
-    where the time goes: each kernel's summed time and calls, and their total against the run's wall time."""
-
-    def __init__(self, device):
-        from torch.profiler import ProfilerActivity, profile
-
-        self.cuda = device.type == "cuda"
-        extra = {}
-        if not self.cuda:  # the steps run on the executor's thread: CPU ops are recorded per thread
-            from torch._C._profiler import _ExperimentalConfig
-
-            try:
-                extra["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
-            except TypeError:  # an older torch: the calling thread's ops only
-                pass
-        self._prof = profile(activities=[ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU], **extra)
-
-    def __enter__(self):
-        self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._prof.__exit__(*exc)
-
-    def summary(self, top: Optional[int] = 15) -> dict:
-        """{"kernel_ms": summed self time of every kernel, "top": [{"name", "calls", "ms"}] by time (all of them
-        with top=None)}."""
-        rows = []
-        for event in self._prof.key_averages():
-            if self.cuda:
-                us = getattr(event, "self_device_time_total", None)
-                us = event.self_cuda_time_total if us is None else us
-            else:
-                us = event.self_cpu_time_total
-            if us > 0:
-                rows.append({"name": event.key, "calls": int(event.count), "ms": us / 1e3})
-        rows.sort(key=lambda r: -r["ms"])
-        return {"kernel_ms": sum(r["ms"] for r in rows), "top": rows[:top]}
-
-    def span_ms(self) -> float:
-        """From the first recorded kernel's start to the last one's end, in ms (on the CPU, of its ops); 0.0 when
-        none ran: the kernels' sum against it says how busy the device was while they ran."""
-        from torch.autograd import DeviceType
-
-        kind = DeviceType.CUDA if self.cuda else DeviceType.CPU
-        ranges = [e.time_range for e in self._prof.events() if e.device_type == kind]
-        return (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1e3 if ranges else 0.0
-
-
-def format_profile(profile: dict, wall_s: float) -> str:
-    what = "device kernels" if profile.get("device", True) else "CPU ops"
-    lines = [f"profile: {what} {profile['kernel_ms']:.1f} ms over a {1e3 * wall_s:.1f} ms run "
-             f"({100 * profile['kernel_ms'] / (1e3 * wall_s):.0f}% busy if nothing overlaps)"]
-    for row in profile["top"]:
-        lines.append(f"  {row['ms']:9.2f} ms {row['calls']:7d} calls  {row['name'][:100]}")
-    return "\n".join(lines)
 
 
 def measure_bandwidth(device) -> float:

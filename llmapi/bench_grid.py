@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .bench_profile import SampledProfile, format_row_profile
+
 GRID_SOURCE = "TensorRT-LLM v1.0 performance overview, PyTorch backend, Llama-3.1-8B-Instruct-FP8, TP1"
 STEADY_FACTOR = 3
 """A row is a steady state when its request count is at least this many times its most requests in flight."""
@@ -155,105 +157,12 @@ class InFlightSampler:
         self._thread.join()
 
 
-class SampledProfile:
-    """--profile with --grid: the row's kernels in windows of `steps` executor steps, one window starting every
-    `every` steps from the row's first (a systematic sample of all its steps: prompts, mixed and decode steps in
-    the row's own proportions), each under torch.profiler (KernelProfile); the windows' kernels summed by name,
-    and their span on the device (each window's first kernel's start to its last one's end) for how busy the
-    device was while they ran.
-
-    A thread reads get_stats()'s num_steps (published after every executor step) every `interval_s` and starts or
-    stops the profiler as the count crosses a window's edges: a window covers at least its steps, more when the
-    steps are shorter than the interval (the steps it covered are counted). Only a window's own steps pay the
-    profiler's cost; the parsing of its events runs on this thread while the engine goes on."""
-
-    def __init__(self, llm, steps: int, every: int, interval_s: float = 0.001):
-        self.llm, self.steps, self.every, self.interval_s = llm, steps, every, interval_s
-        self.windows = self.covered = 0
-        self.span_ms = 0.0
-        self.kernels: dict = {}  # name -> [calls, ms]
-        self.error: Optional[BaseException] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llmapi-bench-profile", daemon=True)
-
-    def _count(self) -> int:
-        return int(self.llm.get_stats()["num_steps"])
-
-    def _add(self, profile, first: int, last: int) -> None:
-        for k in profile.summary(top=None)["top"]:
-            entry = self.kernels.setdefault(k["name"], [0, 0.0])
-            entry[0] += k["calls"]
-            entry[1] += k["ms"]
-        self.span_ms += profile.span_ms()
-        self.windows += 1
-        self.covered += last - first
-
-    def _run(self) -> None:
-        from .bench import KernelProfile
-        from .errors import LLMAPIError
-
-        profile, first = None, 0
-        try:
-            base = self._count()
-            while not self._stop.wait(self.interval_s):
-                step = self._count() - base
-                if profile is None and step % self.every < self.steps:
-                    profile, first = KernelProfile(self.llm.device).__enter__(), step
-                elif profile is not None and step - first >= self.steps:
-                    profile.__exit__(None, None, None)
-                    self._add(profile, first, step)
-                    profile = None
-            if profile is not None:  # the row ended inside a window: counted if any of its steps ran
-                profile.__exit__(None, None, None)
-                last = self._count() - base
-                if last > first:
-                    self._add(profile, first, last)
-        except LLMAPIError:  # the LLM died: the run itself reports why
-            pass
-        except Exception as e:  # noqa: BLE001 - reported with the row, not lost on a daemon thread
-            self.error = e
-
-    def __enter__(self) -> "SampledProfile":
-        from .bench import KernelProfile
-
-        with KernelProfile(self.llm.device):  # the profiler's first start, on this thread: later ones run on ours
-            pass
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self, top: int = 15) -> dict:
-        """{"steps", "every", "windows", "steps_profiled", "kernel_ms", "span_ms", "top": [{"name", "calls",
-        "ms"}] by time}; RuntimeError when the profiler failed."""
-        if self.error is not None:
-            raise RuntimeError(f"--profile failed during the row: {self.error!r}") from self.error
-        rows = sorted(({"name": n, "calls": c, "ms": ms} for n, (c, ms) in self.kernels.items()),
-                      key=lambda r: -r["ms"])
-        return {"steps": self.steps, "every": self.every, "windows": self.windows, "steps_profiled": self.covered,
-                "kernel_ms": sum(r["ms"] for r in rows), "span_ms": self.span_ms, "top": rows[:top]}
-
-
-def format_row_profile(p: dict, device: bool) -> str:
-    """A row's SampledProfile summary: the windows, the kernels' sum against their span, the top kernels."""
-    what = "device kernels" if device else "CPU ops"
-    busy = f" ({100 * p['kernel_ms'] / p['span_ms']:.0f}% busy)" if p["span_ms"] > 0 else ""
-    lines = [f"    profile: {p['steps']} of every {p['every']} steps ({p['steps_profiled']:,} steps in "
-             f"{p['windows']} windows): {what} {p['kernel_ms']:,.1f} ms over their span of {p['span_ms']:,.1f} ms"
-             f"{busy}"]
-    for k in p["top"]:
-        share = 100 * k["ms"] / p["kernel_ms"] if p["kernel_ms"] > 0 else 0.0
-        lines.append(f"    {k['ms']:11,.2f} ms {share:5.1f}% {k['calls']:9,d} calls  {k['name'][:90]}")
-    return "\n".join(lines)
-
-
 def format_row_host(st: dict, wall_s: float) -> str:
     """A row's runner stats: its steps, the host's time in submit and waiting for the device, against the wall."""
-    return (f"    host: {st['steps']:,} steps ({st['graph_steps']:,} from CUDA graphs); in submit {st['submit_s']:.2f} s "
-            f"(eager steps {st['eager_submit_s']:.2f} s, the longest {1e3 * st['max_submit_s']:.0f} ms), waiting "
-            f"for the device {st['wait_s']:.2f} s, of a {wall_s:.1f} s wall")
+    return (f"    host: {st['steps']:,} steps ({st['graph_steps']:,} from CUDA graphs); in submit "
+            f"{st['submit_s']:.2f} s (eager steps {st['eager_submit_s']:.2f} s, the longest "
+            f"{1e3 * st['max_submit_s']:.0f} ms), waiting for the device {st['wait_s']:.2f} s, of a "
+            f"{wall_s:.1f} s wall")
 
 
 def row_workload(row: GridRow, requests: int, seed: int, warmup: bool):

@@ -1,7 +1,8 @@
 """Every decoding setting over 2 MPI ranks on the CPU (TP=2 and PP=2, spelt tp= / pp=), and over one rank in a
-process of its own (engine_process=True), gives the tokens one rank in the caller's process gives, and logprobs, prompt logprobs and logits outputs within 1e-5 (relative): n / best_of, beam search, each
-penalty, min_p, bad words, logit bias, Python logits processors (importable by name; a closure is refused, a
-failing one fails its request alone), and all of them in one batch under preemption."""
+process of its own (engine_process=True), gives the tokens one rank in the caller's process gives, and logprobs,
+prompt logprobs and logits outputs within 1e-5 (relative): n / best_of, beam search, each penalty, min_p, bad
+words, logit bias, Python logits processors (importable by name; a closure is refused, a failing one fails its
+request alone), and all of them in one batch under preemption."""
 
 import json
 import math
