@@ -151,7 +151,7 @@ class LLM:
             if speculative is not None:
                 executor_kwargs.update(speculative.executor_kwargs())
             try:
-                if mapping.world_size == 1 and remote is None:
+                if not self._ranks_apart:  # one rank, in this process
                     from .runtime.model_runner import ModelRunner
 
                     runner = self._local = ModelRunner(info.path, cfg, self.device, args.kv_cache_config,
@@ -194,7 +194,7 @@ class LLM:
         held = runner if remote is None else remote
         if adapters:  # installs go to the in-process runner, rank 0's runner, or the spawned job's rank 0
             self._res.adapters = start_adapters(args, cfg, held.queue_adapter, self._res)
-        if mapping.world_size == 1 and remote is None:
+        if not self._ranks_apart:
             self._res.processors, self._res.records = runner.logits_processors, runner.records
         else:
             self._res.processors, self._res.records = held.processors, held.records
